@@ -1,0 +1,77 @@
+// The one description of a call that the Python layer hands to every compiled kernel.
+//
+// The Python layer (ral/_compiled.py) checks every tensor, allocates every output and scratch
+// buffer with torch, and fills this struct with raw device/host addresses, shapes and element
+// strides. Kernels never allocate. Entry points re-check what they rely on (check_params).
+#pragma once
+#include <cstdint>
+
+namespace ral {
+
+enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum Divergence : int32_t { kJSD = 0, kKL = 1, kReverseKL = 2 };
+
+// A strided view: element (i0, i1, i2, i3) lives at ptr + sum(i_n * stride[n]) elements.
+// The last dimension of q, k, v, q_ref, k_ref, out, dout is contiguous (stride 1).
+struct View {
+  uintptr_t ptr = 0;
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+struct AttentionKLParams {
+  // ---- shapes -------------------------------------------------------------------------------
+  int64_t batch = 0;          // B
+  int64_t heads = 0;          // H     (query heads of the current model)
+  int64_t kv_heads = 0;       // Hkv   (H % Hkv == 0; query head h reads kv head h / (H / Hkv))
+  int64_t q_len = 0;          // Sq
+  int64_t k_len = 0;          // Sk    (Sq <= Sk when causal; row i sits at key position Sk - Sq + i)
+  int64_t head_dim = 0;       // D
+  int64_t v_head_dim = 0;     // Dv    (0 when there is no v)
+  int64_t ref_heads = 0;      // Hr
+  int64_t ref_kv_heads = 0;   // Hrkv
+  int64_t ref_head_dim = 0;   // Dr
+  // ---- options ------------------------------------------------------------------------------
+  int32_t dtype = kFloat32;      // of q, k, v, out, dout
+  int32_t ref_dtype = kFloat32;  // of q_ref, k_ref
+  int32_t divergence = kJSD;
+  bool heads_each = false;       // false: one policy per row from the head mean ("mean")
+  bool exclude_self = true;
+  bool causal = true;
+  bool has_v = false;
+  bool has_ref_stats = false;    // true: ref_stats_in holds the reference's [lse_A, lse_P]
+  bool has_key_padding_mask = false;
+  bool has_row_mask = false;
+  float scale = 1.f;
+  float ref_scale = 1.f;
+  int32_t num_threads = 1;       // CPU only
+  // ---- inputs (strided) ---------------------------------------------------------------------
+  View q, k, v, q_ref, k_ref;    // (B,H,Sq,D) (B,Hkv,Sk,D) (B,Hkv,Sk,Dv) (B,Hr,Sq,Dr) (B,Hrkv,Sk,Dr)
+  View ref_stats_in;             // (B,Hr,Sq,2) fp32, when has_ref_stats
+  View key_padding_mask;         // (B,Sk) uint8/bool, nonzero = real key   (uses stride[0], stride[1])
+  View row_mask;                 // (B,Sq) uint8/bool, zero = row gets div 0 (uses stride[0], stride[1])
+  // ---- forward outputs (contiguous, allocated by Python) ------------------------------------
+  uintptr_t out = 0;             // (B,H,Sq,Dv) in `dtype`, when has_v
+  uintptr_t div = 0;             // (B,Sq) "mean" | (B,H,Sq) "each", fp32
+  uintptr_t stats = 0;           // (B,H,Sq,2) fp32: [lse_A, lse_P] per head
+  uintptr_t ref_stats_out = 0;   // (B,Hr,Sq,2) fp32, written when !has_ref_stats
+  uintptr_t gbar = 0;            // (B,Sq) "mean" | (B,H,Sq) "each", fp32: sum_P pi_j g_j
+  uintptr_t cbar = 0;            // (B,H,Sq) fp32: c_h of SPEC section 3 (0 for "each")
+  // Rows with row_mask False or an empty policy support get div = gbar = cbar = 0 (written).
+  // ---- backward (contiguous, allocated by Python) -------------------------------------------
+  // The backward reads q, k, v, q_ref, k_ref, stats, gbar and the reference statistics
+  // (ref_stats_in when has_ref_stats, else ref_stats_out) again. Per head h and row i:
+  //   dS[h,i,k] = a[h,i,k] * (dP[h,i,k] - delta[h,i])  +  [k in P(i)] * w_i * dS_div[h,i,k]
+  //   dS_div = (a[h,i,k] / H) * G_k  ("mean"),  a[h,i,k] * G^h_k = pi[h,i,k] * (g - gbar)  ("each")
+  // where the Python layer already folded the c_h term into delta (delta += w * c_h / H).
+  uintptr_t dout = 0;            // (B,H,Sq,Dv) in `dtype`, when has_v
+  uintptr_t ddiv = 0;            // w: like div, fp32; 0 on rows with row_mask False or empty P.
+                                 //    Kernels skip a row's divergence term where w == 0 (select, not multiply).
+  uintptr_t delta = 0;           // (B,H,Sq) fp32: rowsum(dout * out) + w * c_h / H
+  uintptr_t dq = 0;              // (B,H,Sq,D) fp32
+  uintptr_t dk = 0;              // (B,Hkv,Sk,D) fp32, zero-filled by Python
+  uintptr_t dv = 0;              // (B,Hkv,Sk,Dv) fp32, zero-filled by Python, when has_v
+  uintptr_t scratch = 0;         // backend-specific bounded scratch (documented by the backend)
+  int64_t scratch_bytes = 0;
+};
+
+}  // namespace ral

@@ -1,0 +1,18 @@
+// CUDA kernels (csrc/cuda), compiled by nvcc when setup.py finds it (RAL_WITH_CUDA defined).
+// They run on the stream the Python layer passes (torch's current stream) and use only buffers
+// that the Python layer allocated. Each returns a cudaError_t as int: 0 on success.
+#pragma once
+#include <cstdint>
+
+#include "common/params.h"
+
+namespace ral::cuda {
+
+int forward(const AttentionKLParams& p, uintptr_t stream);
+int64_t backward_scratch_bytes(const AttentionKLParams& p);
+int backward(const AttentionKLParams& p, uintptr_t stream);
+const char* error_string(int code);
+// Which dtypes / head dims these kernels take; other calls are routed elsewhere by Python.
+bool supports(const AttentionKLParams& p);
+
+}  // namespace ral::cuda

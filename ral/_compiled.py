@@ -1,0 +1,123 @@
+"""Launchers for the compiled kernels in ``ral._C`` (csrc/): shared by the cpu and cuda backends.
+
+The compiled module links no libtorch: this layer allocates every output and scratch buffer with
+torch and hands the kernels an ``AttentionKLParams`` (csrc/common/params.h) of addresses, shapes
+and element strides, plus (on CUDA) torch's current stream.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .backends import Call
+
+try:
+    from . import _C
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as err:  # not built (e.g. a source checkout without pip install -e .)
+    _C = None
+    _IMPORT_ERROR = f"the compiled module ral._C is not built ({err})"
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DIVERGENCE_CODES = {"jsd": 0, "kl": 1, "reverse_kl": 2}
+
+
+def import_error() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def _inner_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Kernels take any strides but need the last dimension contiguous."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
+
+
+def _view(t: Optional[Tensor]):
+    view = _C.View()
+    if t is not None:
+        view.ptr = t.data_ptr()
+        view.stride = list(t.stride()) + [0] * (4 - t.dim())
+    return view
+
+
+def params(call: Call, num_threads: int = 1):
+    """An AttentionKLParams with the inputs, shapes and options of `call` (no outputs yet)."""
+    q, k, v, q_ref, k_ref = (_inner_contiguous(t) for t in (call.q, call.k, call.v, call.q_ref, call.k_ref))
+    opts = call.options
+    p = _C.AttentionKLParams()
+    p.batch, p.heads, p.q_len, p.head_dim = q.shape
+    p.kv_heads, p.k_len = k.shape[1], k.shape[2]
+    p.v_head_dim = v.shape[3] if v is not None else 0
+    p.ref_heads, p.ref_kv_heads, p.ref_head_dim = q_ref.shape[1], k_ref.shape[1], q_ref.shape[3]
+    p.dtype, p.ref_dtype = _DTYPE_CODES[q.dtype], _DTYPE_CODES[q_ref.dtype]
+    p.divergence = _DIVERGENCE_CODES[opts.divergence]
+    p.heads_each, p.exclude_self, p.causal = opts.heads_each, opts.exclude_self, opts.causal
+    p.scale, p.ref_scale = opts.scale, opts.ref_scale
+    p.has_v = v is not None
+    p.has_ref_stats = call.ref_stats is not None
+    p.has_key_padding_mask = call.key_padding_mask is not None
+    p.has_row_mask = call.row_mask is not None
+    p.num_threads = num_threads
+    p.q, p.k, p.v, p.q_ref, p.k_ref = (_view(t) for t in (q, k, v, q_ref, k_ref))
+    p.ref_stats_in = _view(call.ref_stats)
+    p.key_padding_mask = _view(call.key_padding_mask)
+    p.row_mask = _view(call.row_mask)
+    # keep the (possibly copied) tensors alive as long as p
+    p_tensors = (q, k, v, q_ref, k_ref)
+    return p, p_tensors
+
+
+def forward(call: Call, launch: Callable, num_threads: int = 1):
+    """Allocate the forward outputs, fill the params, run `launch(p)`. Returns the six outputs
+    described in ral.backends."""
+    q = call.q
+    batch, n_heads, q_len, _ = q.shape
+    f32 = dict(dtype=torch.float32, device=q.device)
+    row_shape = (batch, n_heads, q_len) if call.options.heads_each else (batch, q_len)
+    out = (torch.empty((batch, n_heads, q_len, call.v.shape[3]), dtype=q.dtype, device=q.device)
+           if call.v is not None else q.new_empty((0,)))
+    div, gbar = torch.empty(row_shape, **f32), torch.empty(row_shape, **f32)
+    stats = torch.empty((batch, n_heads, q_len, 2), **f32)
+    cbar = torch.empty((batch, n_heads, q_len), **f32)
+    ref_stats_out = (torch.empty((batch, call.q_ref.shape[1], q_len, 2), **f32)
+                     if call.ref_stats is None else q.new_empty((0,), dtype=torch.float32))
+    p, keep = params(call, num_threads)
+    p.out = out.data_ptr() if call.v is not None else 0
+    p.div, p.stats, p.gbar, p.cbar = div.data_ptr(), stats.data_ptr(), gbar.data_ptr(), cbar.data_ptr()
+    p.ref_stats_out = ref_stats_out.data_ptr() if call.ref_stats is None else 0
+    launch(p)
+    del keep
+    return out, div, stats, ref_stats_out, gbar, cbar
+
+
+def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Callable,
+             scratch_bytes: Callable, num_threads: int = 1):
+    """Allocate fp32 gradient buffers (and the kernel's scratch), run `launch(p)`, cast the
+    gradients to the input dtypes. Returns (dq, dk, dv)."""
+    q, k, v = call.q, call.k, call.v
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.zeros(q.shape, **f32)
+    dk = torch.zeros(k.shape, **f32)
+    dv = torch.zeros(v.shape, **f32) if v is not None else None
+    p, keep = params(call, num_threads)
+    p.has_ref_stats = True  # the backward always reads the reference statistics the forward used
+    p.ref_stats_in = _view(ref_stats)
+    stats, gbar, ddiv, delta = (t.contiguous() for t in (stats, gbar, ddiv, delta))
+    p.stats, p.gbar, p.ddiv, p.delta = stats.data_ptr(), gbar.data_ptr(), ddiv.data_ptr(), delta.data_ptr()
+    # the forward-only outputs are not read by the backward; give the re-check non-null addresses
+    p.div, p.cbar = gbar.data_ptr(), delta.data_ptr()
+    p.dq, p.dk = dq.data_ptr(), dk.data_ptr()
+    if v is not None:
+        dout = dout.contiguous()
+        p.dout, p.dv, p.out = dout.data_ptr(), dv.data_ptr(), dout.data_ptr()
+    nbytes = int(scratch_bytes(p))
+    scratch = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=q.device)
+    p.scratch, p.scratch_bytes = scratch.data_ptr(), nbytes
+    launch(p)
+    del keep
+    return (dq.to(q.dtype), dk.to(k.dtype),
+            dv.to(v.dtype) if v is not None else q.new_empty((0,)))

@@ -1,0 +1,31 @@
+"""backend="cpu": the tiled, multithreaded C++ kernels of csrc/cpu (see ral.backends for the
+interface). Extra memory: O(B·H·Sq) row statistics, plus a backward scratch of per-thread fp32
+dK/dV partials (threads × B·Hkv·Sk·(D+Dv) floats): linear in Sk, never Sq × Sk."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _compiled
+from .backends import Call
+
+
+def unavailable_reason() -> Optional[str]:
+    return _compiled.import_error()
+
+
+def unsupported_reason(call: Call) -> Optional[str]:
+    if call.q.device.type != "cpu":
+        return f"needs CPU tensors, got {call.q.device}"
+    return None
+
+
+def forward(call: Call):
+    return _compiled.forward(call, _compiled._C.cpu_forward, torch.get_num_threads())
+
+
+def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
+    return _compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar, _compiled._C.cpu_backward,
+                              _compiled._C.cpu_backward_scratch_bytes, torch.get_num_threads())

@@ -1,0 +1,47 @@
+"""backend="cuda": the CUDA C++ kernels of csrc/cuda (see ral.backends for the interface).
+
+They take float16 and bfloat16 inputs; float32 CUDA calls are routed by backend="auto" to the
+Triton backend (an explicit backend="cuda" with float32 raises ValueError)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _compiled
+from .backends import Call
+
+
+def unavailable_reason() -> Optional[str]:
+    if _compiled.import_error() is not None:
+        return _compiled.import_error()
+    if not getattr(_compiled._C, "has_cuda", False):
+        return "ral._C was built without the CUDA kernels (nvcc was not found at install time)"
+    return None
+
+
+def unsupported_reason(call: Call) -> Optional[str]:
+    if not call.q.is_cuda:
+        return f"needs CUDA tensors, got {call.q.device}"
+    p, _ = _compiled.params(call)
+    if not _compiled._C.cuda_supports(p):
+        return (f"the CUDA kernels take float16/bfloat16 with head dims in {_compiled._C.cuda_head_dims()}, "
+                f"got {call.q.dtype} with D={call.q.shape[-1]}, Dr={call.q_ref.shape[-1]}")
+    return None
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def forward(call: Call):
+    with torch.cuda.device(call.q.device):
+        return _compiled.forward(call, lambda p: _compiled._C.cuda_forward(p, _stream()))
+
+
+def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
+    with torch.cuda.device(call.q.device):
+        return _compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar,
+                                  lambda p: _compiled._C.cuda_backward(p, _stream()),
+                                  _compiled._C.cuda_backward_scratch_bytes)

@@ -1,0 +1,132 @@
+"""Backend registry and selection for ``ral.ops.attention_kl``.
+
+A kernel backend is a module with
+
+    unavailable_reason() -> str | None          why it cannot run at all here (None: it can)
+    unsupported_reason(call: Call) -> str | None why it cannot take this call (device, dtype, head dim)
+    forward(call: Call) -> (out, div, stats, ref_stats_out, gbar, cbar)
+    backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar) -> (dq, dk, dv)
+
+Shapes (all outputs contiguous, allocated by the backend with torch):
+    out (B, H, Sq, Dv) in q's dtype, or an empty (0,) tensor when v is None
+    div, gbar (B, Sq) for "mean" | (B, H, Sq) for "each", fp32
+    stats (B, H, Sq, 2) fp32; ref_stats_out (B, Hr, Sq, 2) fp32, or (0,) when ref_stats was given
+    cbar (B, H, Sq) fp32 (zeros for "each")
+    dq, dk, dv in the dtypes of q, k, v (dv an empty (0,) tensor when v is None)
+The backward's `delta` (B, H, Sq) fp32 is rowsum(dout * out) + w * c_h / H, and `ddiv` (w) is
+already 0 on rows with row_mask False or an empty policy support (see ral.ops).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+KERNEL_BACKENDS = ("triton", "cuda", "cpu")
+
+_MODULES = {"cpu": "ral._cpu", "cuda": "ral._cuda", "triton": "ral_kernels.attention_kl"}
+_HOW_TO_GET = {
+    "cpu": "reinstall ral with a C++17 compiler present: pip install -e .",
+    "cuda": "reinstall ral on a machine with nvcc (CUDA 12+) and without RAL_SKIP_CUDA_BUILD: pip install -e .",
+    "triton": "pip install triton (Linux x86_64), and use CUDA tensors, or set TRITON_INTERPRET=1 for CPU tensors",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The scalar options of a call, already resolved (scale filled in, strings checked)."""
+
+    divergence: str = "jsd"
+    heads_each: bool = False
+    exclude_self: bool = True
+    causal: bool = True
+    scale: float = 1.0
+    ref_scale: float = 1.0
+
+
+@dataclass
+class Call:
+    """The tensors of a checked call. Shapes: q (B,H,Sq,D), k (B,Hkv,Sk,D), v (B,Hkv,Sk,Dv) | None,
+    q_ref (B,Hr,Sq,Dr), k_ref (B,Hrkv,Sk,Dr), ref_stats (B,Hr,Sq,2) fp32 | None,
+    key_padding_mask (B,Sk) bool | None, row_mask (B,Sq) bool | None."""
+
+    q: Tensor
+    k: Tensor
+    v: Optional[Tensor]
+    q_ref: Tensor
+    k_ref: Tensor
+    ref_stats: Optional[Tensor]
+    key_padding_mask: Optional[Tensor]
+    row_mask: Optional[Tensor]
+    options: Options
+
+
+def module(name: str):
+    """The backend module `name` (imported on first use)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None when backend `name` can run on this machine, else why not and how to get it."""
+    if name == "reference":
+        return None
+    try:
+        reason = module(name).unavailable_reason()
+    except ImportError as err:  # e.g. triton not installed
+        reason = str(err)
+    return None if reason is None else f"{reason}; to get it: {_HOW_TO_GET[name]}"
+
+
+def available() -> list[str]:
+    """Backends that can run on this machine (whatever the device of the tensors)."""
+    return [name for name in ("cuda", "triton", "cpu", "reference") if unavailable_reason(name) is None]
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(requested: str, call: Call) -> str:
+    """The backend that serves `call`: `requested` if it can, else raise ValueError saying why.
+
+    "auto": CUDA tensors take "cuda" if built and it supports the call, else "triton";
+    CPU tensors take "cpu" if built, else "reference"; float64 tensors take "reference".
+    """
+    if call.q.dtype == torch.float64:
+        if requested not in ("auto", "reference"):
+            raise TypeError(f"q: float64 is only supported by backend='reference' (the oracle), "
+                            f"got backend={requested!r}; use float32, float16 or bfloat16")
+        return "reference"
+    if requested == "reference":
+        return "reference"
+    if requested == "auto":
+        order = ("cuda", "triton") if call.q.is_cuda else ("cpu", "reference")
+        reasons = []
+        for name in order:
+            why = _why_not(name, call)
+            if why is None:
+                return name
+            reasons.append(f"{name}: {why}")
+        raise ValueError("backend='auto' found no backend for this call: " + "; ".join(reasons))
+    why = _why_not(requested, call)
+    if why is not None:
+        raise ValueError(f"backend={requested!r} cannot run this call: {why}")
+    return requested
+
+
+def _why_not(name: str, call: Call) -> Optional[str]:
+    if name == "reference":
+        return None
+    why = unavailable_reason(name)
+    return why if why is not None else module(name).unsupported_reason(call)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

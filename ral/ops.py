@@ -1,0 +1,284 @@
+"""The public op: fused attention + per-row attention divergence against a cached reference.
+
+``attention_kl`` checks its inputs (SPEC section 6), picks a backend (SPEC section 5) and calls
+the ``torch.library`` custom ops ``ral::attention_kl`` / ``ral::attention_kl_backward``, which
+have fake (meta) functions and a registered autograd formula, so ``torch.compile(fullgraph=True)``
+traces through them. ``backend="reference"`` runs ``ral.reference`` directly under autograd.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .backends import BACKENDS, Call, Options
+from .reference import DIVERGENCES, HEADS_MODES, AttentionKL
+
+__all__ = ["attention_kl", "AttentionKL"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ALL_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
+                 ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
+                 exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
+                 ref_scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
+                 row_mask: Optional[Tensor] = None, backend: str = "auto") -> AttentionKL:
+    """Attention output and the divergence of its attention policy from a reference's.
+
+    Args:
+        q: (B, H, Sq, D) queries after rotary embedding; float32, float16 or bfloat16
+            (float64 runs on backend="reference" only).
+        k: (B, Hkv, Sk, D) keys; H % Hkv == 0 (query head h reads kv head h // (H // Hkv)).
+        v: (B, Hkv, Sk, Dv) values, or None to skip the attention output.
+        q_ref, k_ref: (B, Hr, Sq, Dr), (B, Hrkv, Sk, Dr): the cached reference (old policy or
+            teacher). Never receive gradients. Cast to q's dtype if theirs differs.
+        ref_stats: (B, Hr, Sq, 2) float32 reference row statistics (the ``stats`` this op returned
+            when q_ref/k_ref were the current model, with the same masks and flags), or None.
+        divergence: "jsd" (JSD(pi||rho)), "kl" (KL(pi||rho)) or "reverse_kl" (KL(rho||pi)).
+        heads: "mean": one policy per row from the head-averaged attention (the paper);
+            "each": one per head (needs Hr == H).
+        exclude_self: drop the row's own position from the policy support and renormalise.
+        causal: bottom-right aligned causal mask; query row i sits at key position Sk - Sq + i.
+        scale, ref_scale: softmax scales; default 1/sqrt(D) and 1/sqrt(Dr).
+        key_padding_mask: (B, Sk) bool, True for real keys.
+        row_mask: (B, Sq) bool; rows where False get div = 0 and no divergence gradient.
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+
+    Returns:
+        AttentionKL(out, div, stats): out (B, H, Sq, Dv) in q's dtype or None; div (B, Sq)
+        ("mean") or (B, H, Sq) ("each") float32; stats (B, H, Sq, 2) float32 = per head the LSE
+        over the attended keys and over the policy support. Gradients reach q, k, v from out and div.
+    """
+    call = _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_self, causal,
+                         scale, ref_scale, key_padding_mask, row_mask, backend)
+    chosen = backends.resolve(backend, call)
+    if chosen == "reference":
+        return reference.attention_kl(
+            q, k, v, q_ref=call.q_ref, k_ref=call.k_ref, ref_stats=ref_stats, divergence=divergence,
+            heads=heads, exclude_self=exclude_self, causal=causal, scale=call.options.scale,
+            ref_scale=call.options.ref_scale, key_padding_mask=key_padding_mask, row_mask=row_mask)
+    opts = call.options
+    out, div, stats, _, _, _ = torch.ops.ral.attention_kl(
+        call.q, call.k, call.v, call.q_ref, call.k_ref, call.ref_stats, call.key_padding_mask,
+        call.row_mask, opts.divergence, opts.heads_each, opts.exclude_self, opts.causal, opts.scale,
+        opts.ref_scale, chosen)
+    return AttentionKL(out if v is not None else None, div, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (SPEC section 6): every misuse raises before any kernel runs, naming the argument.
+# ----------------------------------------------------------------------------------------------
+
+def _tensor(name: str, t, ndim: int, layout: str, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _scale(name: str, value, head_dim: int) -> float:
+    if value is None:
+        return backends.default_scale(head_dim)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a positive finite float, got {value}")
+    return value
+
+
+def _same(name: str, got: int, what: str, expected: int, shape) -> None:
+    if got != expected:
+        raise ValueError(f"{name}: {what} must be {expected}, got {got} (shape {tuple(shape)})")
+
+
+def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_self, causal, scale,
+                  ref_scale, key_padding_mask, row_mask, backend) -> Call:
+    _choice("divergence", divergence, DIVERGENCES)
+    _choice("heads", heads, HEADS_MODES)
+    _choice("backend", backend, BACKENDS)
+    _flag("exclude_self", exclude_self)
+    _flag("causal", causal)
+    _tensor("q", q, 4, "(B, H, Sq, D)")
+    _tensor("k", k, 4, "(B, Hkv, Sk, D)")
+    _tensor("v", v, 4, "(B, Hkv, Sk, Dv)", optional=True)
+    _tensor("q_ref", q_ref, 4, "(B, Hr, Sq, Dr)")
+    _tensor("k_ref", k_ref, 4, "(B, Hrkv, Sk, Dr)")
+    _tensor("ref_stats", ref_stats, 4, "(B, Hr, Sq, 2)", optional=True)
+    _tensor("key_padding_mask", key_padding_mask, 2, "(B, Sk)", optional=True)
+    _tensor("row_mask", row_mask, 2, "(B, Sq)", optional=True)
+
+    if q.dtype not in _ALL_DTYPES:
+        raise TypeError(f"q: dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t is not None and t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype must match q's ({q.dtype}), got {t.dtype}")
+    if q_ref.dtype not in _ALL_DTYPES:
+        raise TypeError(f"q_ref: dtype must be float32, float16 or bfloat16, got {q_ref.dtype}")
+    if k_ref.dtype != q_ref.dtype:
+        raise TypeError(f"k_ref: dtype must match q_ref's ({q_ref.dtype}), got {k_ref.dtype}")
+    if ref_stats is not None and ref_stats.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"ref_stats: dtype must be float32, got {ref_stats.dtype}")
+    for name, t in (("key_padding_mask", key_padding_mask), ("row_mask", row_mask)):
+        if t is not None and t.dtype != torch.bool:
+            raise TypeError(f"{name}: dtype must be torch.bool (True = keep), got {t.dtype}")
+    for name, t in (("k", k), ("v", v), ("q_ref", q_ref), ("k_ref", k_ref), ("ref_stats", ref_stats),
+                    ("key_padding_mask", key_padding_mask), ("row_mask", row_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name}: must be on q's device ({q.device}), got {t.device}")
+
+    batch, n_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    ref_heads, ref_dim = q_ref.shape[1], q_ref.shape[3]
+    for name, t in (("k", k), ("v", v), ("q_ref", q_ref), ("k_ref", k_ref), ("ref_stats", ref_stats),
+                    ("key_padding_mask", key_padding_mask), ("row_mask", row_mask)):
+        if t is not None:
+            _same(name, t.shape[0], "batch size B (q.shape[0])", batch, t.shape)
+    _same("k", k.shape[3], "head dim D (q.shape[3])", head_dim, k.shape)
+    if n_heads % kv_heads:
+        raise ValueError(f"k: q's head count H={n_heads} must be a multiple of k's Hkv={kv_heads}")
+    if v is not None:
+        _same("v", v.shape[1], "kv heads Hkv (k.shape[1])", kv_heads, v.shape)
+        _same("v", v.shape[2], "key length Sk (k.shape[2])", k_len, v.shape)
+    _same("q_ref", q_ref.shape[2], "query length Sq (q.shape[2])", q_len, q_ref.shape)
+    _same("k_ref", k_ref.shape[2], "key length Sk (k.shape[2])", k_len, k_ref.shape)
+    _same("k_ref", k_ref.shape[3], "head dim Dr (q_ref.shape[3])", ref_dim, k_ref.shape)
+    if ref_heads % k_ref.shape[1]:
+        raise ValueError(f"k_ref: q_ref's head count Hr={ref_heads} must be a multiple of "
+                         f"k_ref's Hrkv={k_ref.shape[1]}")
+    if heads == "each" and ref_heads != n_heads:
+        raise ValueError(f"q_ref: heads='each' needs as many reference heads as q's (H={n_heads}), "
+                         f"got Hr={ref_heads}; use heads='mean'")
+    if ref_stats is not None and tuple(ref_stats.shape) != (batch, ref_heads, q_len, 2):
+        raise ValueError(f"ref_stats: shape must be (B, Hr, Sq, 2) = {(batch, ref_heads, q_len, 2)}, "
+                         f"got {tuple(ref_stats.shape)}")
+    if key_padding_mask is not None:
+        _same("key_padding_mask", key_padding_mask.shape[1], "key length Sk (k.shape[2])", k_len,
+              key_padding_mask.shape)
+    if row_mask is not None:
+        _same("row_mask", row_mask.shape[1], "query length Sq (q.shape[2])", q_len, row_mask.shape)
+    if causal and q_len > k_len:
+        raise ValueError(f"q: causal attention needs Sq <= Sk, got Sq={q_len} > Sk={k_len}")
+
+    options = Options(divergence=divergence, heads_each=heads == "each", exclude_self=exclude_self,
+                      causal=causal, scale=_scale("scale", scale, head_dim),
+                      ref_scale=_scale("ref_scale", ref_scale, ref_dim))
+    if q_ref.dtype != q.dtype and q.dtype != torch.float64:
+        q_ref, k_ref = q_ref.to(q.dtype), k_ref.to(q.dtype)
+    if ref_stats is not None:
+        ref_stats = ref_stats.to(torch.float32)
+    return Call(q, k, v, q_ref.detach(), k_ref.detach(), ref_stats, key_padding_mask, row_mask, options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: one forward and one backward, for every kernel backend; the backend is an argument.
+# ----------------------------------------------------------------------------------------------
+
+def _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
+          exclude_self, causal, scale, ref_scale) -> Call:
+    return Call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask,
+                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale))
+
+
+@torch.library.custom_op("ral::attention_kl", mutates_args=())
+def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k_ref: Tensor,
+                     ref_stats: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                     row_mask: Optional[Tensor], divergence: str, heads_each: bool, exclude_self: bool,
+                     causal: bool, scale: float, ref_scale: float, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq)."""
+    call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
+                 exclude_self, causal, scale, ref_scale)
+    return backends.module(backend).forward(call)
+
+
+@_attention_kl_op.register_fake
+def _attention_kl_fake(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence,
+                       heads_each, exclude_self, causal, scale, ref_scale, backend):
+    batch, n_heads, q_len, _ = q.shape
+    f32 = dict(dtype=torch.float32)
+    row_shape = (batch, n_heads, q_len) if heads_each else (batch, q_len)
+    out = q.new_empty((batch, n_heads, q_len, v.shape[-1])) if v is not None else q.new_empty((0,))
+    ref_out = q.new_empty((batch, q_ref.shape[1], q_len, 2) if ref_stats is None else (0,), **f32)
+    return (out, q.new_empty(row_shape, **f32), q.new_empty((batch, n_heads, q_len, 2), **f32), ref_out,
+            q.new_empty(row_shape, **f32), q.new_empty((batch, n_heads, q_len), **f32))
+
+
+@torch.library.custom_op("ral::attention_kl_backward", mutates_args=())
+def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tensor, q: Tensor, k: Tensor,
+                              v: Optional[Tensor], q_ref: Tensor, k_ref: Tensor, stats: Tensor,
+                              ref_stats: Tensor, gbar: Tensor, key_padding_mask: Optional[Tensor],
+                              divergence: str, heads_each: bool, exclude_self: bool, causal: bool,
+                              scale: float, ref_scale: float, backend: str
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes."""
+    call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, None, divergence, heads_each,
+                 exclude_self, causal, scale, ref_scale)
+    return backends.module(backend).backward(call, dout, ddiv, delta, stats, ref_stats, gbar)
+
+
+@_attention_kl_backward_op.register_fake
+def _attention_kl_backward_fake(dout, ddiv, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
+                                key_padding_mask, divergence, heads_each, exclude_self, causal, scale,
+                                ref_scale, backend):
+    return (torch.empty_like(q), torch.empty_like(k),
+            torch.empty_like(v) if v is not None else q.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
+     exclude_self, causal, scale, ref_scale, backend) = inputs
+    out, _, stats, ref_stats_out, gbar, cbar = output
+    ctx.save_for_backward(q, k, v, q_ref, k_ref, ref_stats if ref_stats is not None else ref_stats_out,
+                          key_padding_mask, row_mask, out if v is not None else None, stats, gbar, cbar)
+    ctx.flags = (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend)
+
+
+def _backward(ctx, dout, ddiv, *unused):
+    q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar = ctx.saved_tensors
+    divergence, heads_each, exclude_self, causal, scale, ref_scale, backend = ctx.flags
+    n_heads = q.shape[1]
+    # w: the upstream gradient of div, 0 on rows that carry no divergence (row_mask False, empty P).
+    lse_support = stats[..., 1] if heads_each else stats[:, 0, :, 1]
+    live = ~torch.isneginf(lse_support)
+    if row_mask is not None:
+        live = live & (row_mask[:, None] if heads_each else row_mask)
+    w = ddiv.float() if ddiv is not None else torch.zeros_like(gbar)
+    w = torch.where(live, w, torch.zeros_like(w))
+    # delta = rowsum(dout * out) + w * c_h / H: the c_h term has the shape of the softmax's Delta.
+    if v is not None:
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)
+    else:
+        dout, delta = None, torch.zeros_like(cbar)
+    if not heads_each:
+        delta = delta + w[:, None, :] * cbar / n_heads
+    dq, dk, dv = torch.ops.ral.attention_kl_backward(
+        dout, w.contiguous(), delta.contiguous(), q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
+        key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend)
+    return (dq, dk, dv if v is not None else None) + (None,) * 12
+
+
+_attention_kl_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,181 @@
+"""Shared test machinery: random problems, running a backend forward + backward, and the
+FlashAttention-style accuracy rule against the float64 reference.
+
+The rule: for every output and gradient, a backend's max error against the float64 reference
+is at most ``FACTOR`` times the error of plain PyTorch (ral.reference) run on the same
+low-precision inputs, plus a small per-dtype floor scaled by the reference's magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import ral
+from ral import reference
+
+FACTOR = 2.0
+# absolute floor, relative to max|reference|, for when PyTorch's own error is ~0
+FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+NAMES = ("out", "div", "stats", "dq", "dk", "dv")
+
+
+@dataclass
+class Problem:
+    """A random attention_kl call. Shapes follow ral.ops.attention_kl."""
+
+    batch: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    q_len: int = 17
+    k_len: int = 17
+    head_dim: int = 16
+    v_head_dim: Optional[int] = 16       # None: no v
+    ref_heads: Optional[int] = None      # default: heads
+    ref_kv_heads: Optional[int] = None   # default: ref_heads
+    ref_head_dim: Optional[int] = None   # default: head_dim
+    dtype: torch.dtype = torch.float32
+    left_pad: tuple = ()                 # per batch: number of padded keys on the left
+    right_pad: tuple = ()                # per batch: number of padded keys on the right
+    row_mask: bool = False               # mask a random subset of rows
+    with_ref_stats: bool = False         # pass the reference's stats as ref_stats
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # divergence, heads, exclude_self, causal, scale...
+
+    def make(self, device="cpu") -> dict:
+        """Keyword arguments for attention_kl, in float64 on `device` (cast with `cast`)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        hr = self.ref_heads or self.heads
+        hrkv = self.ref_kv_heads or hr
+        dr = self.ref_head_dim or self.head_dim
+
+        def rand(*shape, sd=1.0):
+            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * sd).to(device)
+
+        kw = dict(q=rand(self.batch, self.heads, self.q_len, self.head_dim),
+                  k=rand(self.batch, self.kv_heads, self.k_len, self.head_dim),
+                  v=(rand(self.batch, self.kv_heads, self.k_len, self.v_head_dim)
+                     if self.v_head_dim else None),
+                  q_ref=rand(self.batch, hr, self.q_len, dr, sd=1.3),
+                  k_ref=rand(self.batch, hrkv, self.k_len, dr))
+        if self.left_pad or self.right_pad:
+            mask = torch.ones(self.batch, self.k_len, dtype=torch.bool)
+            for b, n in enumerate(self.left_pad):
+                mask[b, :n] = False
+            for b, n in enumerate(self.right_pad):
+                if n:
+                    mask[b, self.k_len - n:] = False
+            kw["key_padding_mask"] = mask.to(device)
+        if self.row_mask:
+            kw["row_mask"] = (torch.rand(self.batch, self.q_len, generator=gen) > 0.3).to(device)
+        opts = dict(self.options)
+        if self.with_ref_stats:
+            ref_kw = {key: kw[key] for key in ("key_padding_mask",) if key in kw}
+            for key in ("exclude_self", "causal"):
+                if key in opts:
+                    ref_kw[key] = opts[key]
+            kw["ref_stats"] = reference.attention_kl(
+                kw["q_ref"], kw["k_ref"], q_ref=kw["q_ref"], k_ref=kw["k_ref"], scale=opts.get("ref_scale"),
+                **ref_kw).stats.float()
+        kw.update(opts)
+        return kw
+
+
+def cast(kw: dict, dtype: torch.dtype, device=None) -> dict:
+    """Cast the float tensors of q, k, v, q_ref, k_ref to dtype (masks and ref_stats untouched)."""
+    out = dict(kw)
+    for key in ("q", "k", "v", "q_ref", "k_ref"):
+        if out.get(key) is not None:
+            out[key] = out[key].to(device=device or out[key].device, dtype=dtype)
+    for key in ("key_padding_mask", "row_mask", "ref_stats"):
+        if out.get(key) is not None and device is not None:
+            out[key] = out[key].to(device)
+    return out
+
+
+def upstream(kw: dict, seed: int = 1):
+    """Random upstream gradients (dout, ddiv) for the call `kw`, float64 on CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    q = kw["q"]
+    batch, heads, q_len = q.shape[:3]
+    dout = (torch.randn(batch, heads, q_len, kw["v"].shape[-1], generator=gen, dtype=torch.float64)
+            if kw.get("v") is not None else None)
+    each = kw.get("heads", "mean") == "each"
+    ddiv = torch.randn(*((batch, heads, q_len) if each else (batch, q_len)), generator=gen,
+                       dtype=torch.float64)
+    return dout, ddiv
+
+
+def run(kw: dict, backend: str, dout=None, ddiv=None) -> dict:
+    """Forward + backward of attention_kl. Returns float64 CPU copies of out, div, stats, dq, dk, dv."""
+    kw = dict(kw)
+    for key in ("q", "k", "v"):
+        if kw.get(key) is not None:
+            kw[key] = kw[key].detach().clone().requires_grad_(True)
+    res = ral.attention_kl(backend=backend, **kw)
+    loss = 0
+    if dout is not None and res.out is not None:
+        loss = loss + (res.out.double() * dout.to(res.out.device)).sum()
+    if ddiv is not None:
+        loss = loss + (res.div.double() * ddiv.to(res.div.device)).sum()
+    loss.backward()
+    grads = {name: (kw[key].grad if kw.get(key) is not None else None)
+             for name, key in (("dq", "q"), ("dk", "k"), ("dv", "v"))}
+    got = dict(out=res.out, div=res.div, stats=res.stats, **grads)
+    return {name: (None if t is None else t.detach().double().cpu()) for name, t in got.items()}
+
+
+def _err(a, b) -> float:
+    """Max abs error, with matching infinities (empty-set statistics) counted as exact."""
+    both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    diff = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: float = FACTOR) -> dict:
+    """Assert the accuracy rule for `backend` on `problem`; returns the errors for reporting."""
+    base = problem.make()
+    dout, ddiv = upstream(base)
+    want = run(base, "reference", dout, ddiv)                              # float64 oracle
+    torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv)   # PyTorch in the same dtype
+    got = run(cast(base, problem.dtype, device), backend, dout, ddiv)
+    errors = {}
+    for name in names:
+        if want[name] is None:
+            assert got[name] is None, f"{name}: expected None"
+            continue
+        assert got[name] is not None, f"{name}: backend returned None"
+        assert got[name].shape == want[name].shape, f"{name}: shape {got[name].shape} != {want[name].shape}"
+        nan_want, nan_got = torch.isnan(want[name]), torch.isnan(got[name])
+        assert torch.equal(nan_want, nan_got), f"{name}: NaN pattern differs from the reference"
+        finite = torch.isfinite(want[name])
+        scale = float(want[name][finite].abs().max()) if finite.any() else 1.0
+        err_backend = _err(got[name], want[name])
+        err_torch = _err(torch_same[name], want[name])
+        bound = factor * err_torch + FLOOR[problem.dtype] * max(scale, 1e-3)
+        errors[name] = (err_backend, err_torch, bound)
+        assert err_backend <= bound, (
+            f"{name}: {backend} error {err_backend:.3g} > bound {bound:.3g} "
+            f"(PyTorch {problem.dtype} error {err_torch:.3g}, |ref| max {scale:.3g}) for {problem}")
+    return errors
+
+
+def option_grid():
+    """divergence x heads x exclude_self x causal: the 24 combinations of SPEC section 2."""
+    for divergence in ("jsd", "kl", "reverse_kl"):
+        for heads in ("mean", "each"):
+            for exclude_self in (True, False):
+                for causal in (True, False):
+                    yield dict(divergence=divergence, heads=heads, exclude_self=exclude_self, causal=causal)
+
+
+def option_id(opts: dict) -> str:
+    return "-".join([opts["divergence"], opts["heads"], "xself" if opts["exclude_self"] else "self",
+                     "causal" if opts["causal"] else "full"])
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)
