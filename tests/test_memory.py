@@ -1,0 +1,68 @@
+"""The memory contract (SPEC section 4): the cpu backend allocates nothing that grows as Sq x Sk.
+
+Each measurement runs in a fresh subprocess: inputs are allocated, the resident-set peak is
+reset (/proc/self/clear_refs), forward + backward run, and the peak growth is reported. A control
+run that materialises one S x S fp32 matrix shows the harness would catch such a buffer.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ral import backends
+
+S = 8192
+SXS_BYTES = S * S * 4  # one fp32 S x S matrix: 256 MiB
+
+SCRIPT = r"""
+import json, sys, torch, ral
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+
+S, what = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+make = lambda: torch.randn(1, 1, S, 64)
+q, k, v = (make().requires_grad_(True) for _ in range(3))
+q_ref, k_ref = make(), make()
+# warm up on a small problem so code loading and thread pools are not counted
+small = [t[:, :, :64].detach().clone().requires_grad_(True) for t in (q, k, v)]
+ral.attention_kl(*small, q_ref=q_ref[:, :, :64], k_ref=k_ref[:, :, :64], backend="cpu").div.sum().backward()
+open("/proc/self/clear_refs", "w").write("5")
+base = rss()
+if what == "ral":
+    res = ral.attention_kl(q, k, v, q_ref=q_ref, k_ref=k_ref, backend="cpu")
+    (res.div.sum() + res.out.sum()).backward()
+else:  # control: one materialised S x S score matrix
+    scores = q.detach()[0, 0] @ k.detach()[0, 0].T
+    del scores
+print(json.dumps({"growth": peak() - base}))
+"""
+
+
+def measure(what: str) -> int:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(S), what], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read the RSS peak")
+def test_cpu_backend_never_holds_an_s_by_s_buffer():
+    assert backends.unavailable_reason("cpu") is None, backends.unavailable_reason("cpu")
+    control = measure("control")
+    assert control >= 0.9 * SXS_BYTES, f"the harness missed a materialised S x S matrix ({control} bytes)"
+    growth = measure("ral")
+    # outputs + gradients + stats + scratch are O(S * D): a few MiB; one S x S fp32 matrix is 256 MiB
+    assert growth < SXS_BYTES / 8, f"forward + backward grew the RSS peak by {growth / 2**20:.1f} MiB at S={S}"
