@@ -97,14 +97,10 @@ def resolve(requested: str, call: Call) -> str:
     """The backend that serves `call`: `requested` if it can, else raise ValueError saying why.
 
     "auto": CUDA tensors take "cuda" if built and it supports the call, else "triton";
-    CPU tensors take "cpu" if built, else "reference"; float64 tensors take "reference".
+    CPU tensors take "cpu" if built, else "reference"; float64 tensors take "reference"
+    (ral.ops sends those to ral.reference before any custom op runs).
     """
-    if call.q.dtype == torch.float64:
-        if requested not in ("auto", "reference"):
-            raise TypeError(f"q: float64 is only supported by backend='reference' (the oracle), "
-                            f"got backend={requested!r}; use float32, float16 or bfloat16")
-        return "reference"
-    if requested == "reference":
+    if requested == "reference" or call.q.dtype == torch.float64:
         return "reference"
     if requested == "auto":
         order = ("cuda", "triton") if call.q.is_cuda else ("cpu", "reference")

@@ -57,8 +57,7 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
     """
     call = _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_self, causal,
                          scale, ref_scale, key_padding_mask, row_mask, backend)
-    chosen = backends.resolve(backend, call)
-    if chosen == "reference":
+    if _runs_reference(backend, q):
         return reference.attention_kl(
             q, k, v, q_ref=call.q_ref, k_ref=call.k_ref, ref_stats=ref_stats, divergence=divergence,
             heads=heads, exclude_self=exclude_self, causal=causal, scale=call.options.scale,
@@ -67,8 +66,24 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
     out, div, stats, _, _, _ = torch.ops.ral.attention_kl(
         call.q, call.k, call.v, call.q_ref, call.k_ref, call.ref_stats, call.key_padding_mask,
         call.row_mask, opts.divergence, opts.heads_each, opts.exclude_self, opts.causal, opts.scale,
-        opts.ref_scale, chosen)
+        opts.ref_scale, backend)
     return AttentionKL(out if v is not None else None, div, stats)
+
+
+def _runs_reference(backend: str, q: Tensor) -> bool:
+    """Whether the call runs ral.reference under autograd instead of a kernel custom op.
+
+    Decided from constants only, so torch.compile traces it; the kernel backend itself
+    ("auto" included) is resolved inside the custom ops, which torch.compile does not trace."""
+    if q.dtype == torch.float64:
+        if backend not in ("auto", "reference"):
+            raise TypeError(f"q: float64 is only supported by backend='reference' (the oracle), "
+                            f"got backend={backend!r}; use float32, float16 or bfloat16")
+        return True
+    return backend == "reference" or (backend == "auto" and q.device.type == "cpu" and not _CPU_BUILT)
+
+
+_CPU_BUILT = backends.unavailable_reason("cpu") is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +226,7 @@ def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k
     """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq)."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
                  exclude_self, causal, scale, ref_scale)
-    return backends.module(backend).forward(call)
+    return backends.module(backends.resolve(backend, call)).forward(call)
 
 
 @_attention_kl_op.register_fake
@@ -236,7 +251,8 @@ def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tenso
     """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, None, divergence, heads_each,
                  exclude_self, causal, scale, ref_scale)
-    return backends.module(backend).backward(call, dout, ddiv, delta, stats, ref_stats, gbar)
+    return backends.module(backends.resolve(backend, call)).backward(call, dout, ddiv, delta, stats, ref_stats,
+                                                                     gbar)
 
 
 @_attention_kl_backward_op.register_fake
