@@ -1,0 +1,861 @@
+"""backend="triton": fused attention + attention-divergence kernels in Triton (SPEC sections 2-4).
+
+Implements the backend interface of ``ral.backends`` (``unavailable_reason``, ``unsupported_reason``,
+``forward``, ``backward``); kernels and their launchers sit side by side below.
+
+Forward, one launch, grid (cdiv(Sq, BLOCK_M), B) for heads="mean" | (cdiv(Sq, BLOCK_M), B*H) for "each".
+A program owns BLOCK_M query rows of one batch and every head of the row ("mean": the policy
+couples all heads) or one head ("each": head h of both models).
+  pass 1, per head, one key sweep: online softmax in log2 units -> lse_A, lse_P (over the support,
+          with its own running max, so it never comes from 1 - a_self) and `out`; the same for the
+          reference heads unless ref_stats is given. Statistics are written to `stats` /
+          `ref_stats_out` and read back after a barrier (no register file of H rows needed).
+  pass 2, one key sweep: per key tile, log pi = logsumexp_h(s_h - lse_A_h) - log sum_h Z_h (an
+          online logsumexp over the heads, one exp2 per element and head) and log rho likewise;
+          f and g of the divergence -> div, gbar; then ("mean") a second loop over the heads
+          recomputes a_h and accumulates u_h = sum_P a_h g in a (BLOCK_M, H_PAD) register tile,
+          giving cbar_h = (u_h - gbar Z_h) / Z at the end. Rows with row_mask False or an empty
+          support get div = gbar = cbar = 0; a block without live rows skips pass 2.
+Backward (FlashAttention-2 style: recompute from the LSE; Delta comes from ral.ops), one launch,
+grid (cdiv(Sk, BLOCK_N), B) for "mean" | (cdiv(Sk, BLOCK_N), B*Hkv) for "each". A program owns
+BLOCK_N keys of one batch and all kv heads ("mean") or one kv head ("each"), and sweeps the query
+blocks that see them: per query block ("mean") it first rebuilds log pi, log rho and g on the tile
+from all H + Hr heads (skipped when no row of the block has w != 0), then per kv head and query head
+recomputes a = exp2(s - lse_A), dP = dO V^T, dS = a (dP - delta) + [k in P] w T and accumulates
+dV += a^T dO, dK += dS^T Q in registers, and dQ += dS K with fp32 atomics.
+
+Memory: no Sq x Sk buffer. Beyond inputs and outputs: the fp32 gradient buffers dq (B,H,Sq,D),
+dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv) (cast to the input dtypes at the end; with heads="mean" and
+Hkv > 1 dk/dv are accumulated there in place, program-exclusive, instead of in registers).
+No other scratch.
+
+Interpreter: triton decides at *decoration* time whether ``@triton.jit`` builds a compiled or an
+interpreted function (``TRITON_INTERPRET``, read through ``triton.knobs.runtime.interpret``), and
+``import triton`` already decorated triton.language.standard (tl.sum, tl.max, tl.zeros, ...). So
+(1) the kernels call only triton builtins (tl.reduce with combine functions chosen per mode, tl.full)
+and this module's own jit functions; (2) this module records the mode it was built in, and when a
+launch happens under the other mode the launchers use a private copy of this module executed under
+the current mode (``_kernels()``). The backend is then right whether TRITON_INTERPRET was set before
+or after triton or this module was first imported (one pytest process can run interpreted CPU tests
+and compiled CUDA tests). Under the interpreter one small fixed config runs (no autotuning), and bf16
+operands are upcast to fp32 before ``tl.dot`` (triton 3.9's interpreter computes bf16 dots wrongly,
+SPEC section 5).
+
+GPU configs: autotuned over a few (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90, pruned by
+head dim; RAL_TRITON_AUTOTUNE=0 takes the first config that fits (each config of these kernels
+takes tens of seconds to compile).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as err:  # pragma: no cover - exercised only where triton is missing
+    _IMPORT_ERROR = f"triton is not importable ({type(err).__name__}: {err})"
+
+    class _Stub:
+        """Just enough of triton / triton.language for this module's definitions to import."""
+
+        constexpr = staticmethod(lambda x=None: x)
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()
+
+from ral.backends import Call
+
+MAX_HEAD_DIM = 256
+_DIVERGENCE_CODES = {"jsd": 0, "kl": 1, "reverse_kl": 2}
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+def _interpreting() -> bool:
+    """Whether a @triton.jit decorated now would give an interpreted kernel."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older triton: the environment variable
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_BUILT_INTERPRETED = _IMPORT_ERROR is None and _interpreting()
+
+
+def _import_code_generator() -> None:
+    """triton 3.9 imports triton.compiler.code_generator (and gluon) at the first compile, and that
+    import asserts that triton.language.standard was built compiled unless the interpreter is on.
+    When `import triton` ran under TRITON_INTERPRET=1, import it now with the interpreter on, so
+    that compiled kernels still work in this process once TRITON_INTERPRET is unset."""
+    std = getattr(tl, "standard", None)
+    if std is None or "triton.compiler.code_generator" in sys.modules:
+        return
+    from triton.runtime.jit import JITFunction
+    if isinstance(std.cdiv, JITFunction):
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("triton.compiler.code_generator")
+    except Exception:  # pragma: no cover - best effort
+        pass
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+if _IMPORT_ERROR is None:
+    _import_code_generator()
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _add_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+if _BUILT_INTERPRETED:
+    # The interpreter reduces with numpy when it recognises triton's own combine functions
+    # (they are never called, so it does not matter in which mode `import triton` built them).
+    _SUM_COMBINE = tl.standard._sum_combine
+    _MAX_COMBINE = tl.standard._elementwise_max
+else:
+    # Compiled: our own combine functions, built in this mode even if triton.language.standard's
+    # were built for the interpreter (TRITON_INTERPRET set when triton was imported).
+    _SUM_COMBINE = _add_combine
+    _MAX_COMBINE = _max_combine
+
+
+@triton.jit
+def _rsum(x, axis: tl.constexpr):
+    """tl.sum(x, axis) through the core builtin tl.reduce: the kernels call no jit function of
+    triton.language.standard (tl.sum, tl.max, tl.zeros), which triton builds for one interpret
+    mode at import time; see _kernels()."""
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MAX_COMBINE)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST (interpreter + bf16 only) computes in fp32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _load_tile(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c):
+    """(len(offs_r), len(offs_c)) tile of a strided 2-D view, zero outside (n_r, n_c); int64 offsets."""
+    ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :].to(tl.int64) * stride_c
+    return tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+
+
+@triton.jit
+def _load_row(base, offs, stride, n, other):
+    """(len(offs),) fp32 vector of a strided 1-D view, `other` outside n."""
+    return tl.load(base + offs.to(tl.int64) * stride, mask=offs < n, other=other).to(tl.float32)
+
+
+@triton.jit
+def _finite(x):
+    """-inf (an empty set's LSE) -> 0, so that s - lse stays finite."""
+    return tl.where(x == NEG_INF, 0.0, x)
+
+
+@triton.jit
+def _key_ok(KPM_b, stride_kpn, offs_n, Sk, HAS_KPM: tl.constexpr):
+    """(BLOCK_N,) bool: real keys (inside Sk and key_padding_mask True)."""
+    ok = offs_n < Sk
+    if HAS_KPM:
+        ok = ok & (tl.load(KPM_b + offs_n.to(tl.int64) * stride_kpn, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _key_sets(offs_m, offs_n, key_ok, Sq, Sk, CAUSAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    """Attended keys A and policy support P on a (BLOCK_M, BLOCK_N) tile; row i sits at Sk - Sq + i."""
+    pos = offs_m + (Sk - Sq)
+    att = (offs_m[:, None] < Sq) & key_ok[None, :]
+    if CAUSAL:
+        att = att & (offs_n[None, :] <= pos[:, None])
+    sup = att
+    if EXCLUDE_SELF:
+        sup = att & (offs_n[None, :] != pos[:, None])
+    return att, sup
+
+
+@triton.jit
+def _scores(Qh, Kh, sqm, sqd, skn, skd, offs_m, offs_n, Sq, Sk, D, scale2,
+            D_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scores of one head in log2 units: scale * log2(e) * q k^T."""
+    offs_d = tl.arange(0, D_PAD)
+    q = _load_tile(Qh, offs_m, offs_d, sqm, sqd, Sq, D)
+    k = _load_tile(Kh, offs_n, offs_d, skn, skd, Sk, D)
+    return _dot(q, tl.trans(k), UPCAST, PREC) * scale2
+
+
+@triton.jit
+def _head_softmax(Qh, Kh, Vh, Oh, sqm, sqd, skn, skd, svn, svd, som, sod, KPM_b, skpn,
+                  offs_m, Sq, Sk, D, DV, scale2, n_end,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                  DV_PAD: tl.constexpr, HAS_V: tl.constexpr, HAS_KPM: tl.constexpr,
+                  CAUSAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, UPCAST: tl.constexpr,
+                  PREC: tl.constexpr):
+    """Pass 1 for one head: one sweep over keys [0, n_end). Returns (lse_A, lse_P), (BLOCK_M,) each
+    in log2 units (-inf for an empty set), and writes out = softmax_A(s) v (0 for an empty A)."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_tile(Qh, offs_m, offs_d, sqm, sqd, Sq, D)
+    m_a = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    l_a = tl.full([BLOCK_M], 0.0, tl.float32)
+    m_p = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    l_p = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, DV_PAD], 0.0, tl.float32)
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(Kh, offs_n, offs_d, skn, skd, Sk, D)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * scale2
+        att, sup = _key_sets(offs_m, offs_n, _key_ok(KPM_b, skpn, offs_n, Sk, HAS_KPM), Sq, Sk,
+                             CAUSAL, EXCLUDE_SELF)
+        s_a = tl.where(att, s, NEG_INF)
+        m_new = tl.maximum(m_a, _rmax(s_a, 1))
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.exp2(m_a - m_use)
+        p = tl.exp2(s_a - m_use[:, None])
+        l_a = l_a * alpha + _rsum(p, 1)
+        if HAS_V:
+            v = _load_tile(Vh, offs_n, offs_dv, svn, svd, Sk, DV)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+        m_a = m_new
+        if EXCLUDE_SELF:
+            s_p = tl.where(sup, s, NEG_INF)
+            mp_new = tl.maximum(m_p, _rmax(s_p, 1))
+            mp_use = tl.where(mp_new == NEG_INF, 0.0, mp_new)
+            l_p = l_p * tl.exp2(m_p - mp_use) + _rsum(tl.exp2(s_p - mp_use[:, None]), 1)
+            m_p = mp_new
+    lse_a = tl.where(l_a > 0, m_a + tl.log2(tl.where(l_a > 0, l_a, 1.0)), NEG_INF)
+    if EXCLUDE_SELF:
+        lse_p = tl.where(l_p > 0, m_p + tl.log2(tl.where(l_p > 0, l_p, 1.0)), NEG_INF)
+    else:
+        lse_p = lse_a
+    if HAS_V:
+        o = acc / tl.where(l_a > 0, l_a, 1.0)[:, None]
+        ptrs = Oh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :].to(tl.int64) * sod
+        tl.store(ptrs, o.to(Oh.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
+    return lse_a, lse_p
+
+
+@triton.jit
+def _log_zsum(Sb, ssh, ssm, ssc, h0, NH, offs_m, Sq, BLOCK_M: tl.constexpr):
+    """log2 sum_h Z_h over heads h0 .. h0+NH-1, Z_h = exp(lse_P - lse_A) read from the (natural-log)
+    statistics at Sb; (BLOCK_M,), -inf where the support is empty."""
+    mx = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    sm = tl.full([BLOCK_M], 0.0, tl.float32)
+    for hh in range(NH):
+        h = h0 + hh
+        la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
+        lp = _load_row(Sb + h * ssh + ssc, offs_m, ssm, Sq, NEG_INF) * LOG2E
+        x = tl.where(lp == NEG_INF, NEG_INF, lp - la)
+        m_new = tl.maximum(mx, x)
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        sm = sm * tl.exp2(mx - m_use) + tl.exp2(x - m_use)
+        mx = m_new
+    return tl.where(sm > 0, mx + tl.log2(tl.where(sm > 0, sm, 1.0)), NEG_INF)
+
+
+@triton.jit
+def _log_policy(Qb, Kb, Sb, sqh, sqm, sqd, skh, skn, skd, ssh, ssm, ssc, h0, NH, G,
+                offs_m, offs_n, Sq, Sk, D, scale2, log_z,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                HEADS_EACH: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """log2 of the policy on a (BLOCK_M, BLOCK_N) tile (meaningful on P only).
+    "each" (head h0): s - lse_P. "mean" (heads h0..h0+NH-1, kv head h // G):
+    logsumexp_h(s_h - lse_A_h) - log_z, with log_z = log2 sum_h Z_h (the 1/H cancels)."""
+    if HEADS_EACH:
+        s = _scores(Qb + h0 * sqh, Kb + (h0 // G) * skh, sqm, sqd, skn, skd, offs_m, offs_n,
+                    Sq, Sk, D, scale2, D_PAD, UPCAST, PREC)
+        lp = _load_row(Sb + h0 * ssh + ssc, offs_m, ssm, Sq, 0.0) * LOG2E
+        res = s - _finite(lp)[:, None]
+    else:
+        mx = tl.full([BLOCK_M, BLOCK_N], NEG_INF, tl.float32)
+        sm = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for hh in range(NH):
+            h = h0 + hh
+            s = _scores(Qb + h * sqh, Kb + (h // G) * skh, sqm, sqd, skn, skd, offs_m, offs_n,
+                        Sq, Sk, D, scale2, D_PAD, UPCAST, PREC)
+            la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
+            x = s - _finite(la)[:, None]
+            # online logsumexp with one exp2: the larger of (running max, x) costs nothing
+            d = x - mx
+            e = tl.exp2(-tl.abs(d))
+            sm = tl.where(d > 0, sm * e + 1.0, sm + e)
+            mx = tl.maximum(mx, x)
+        res = mx + tl.log2(sm) - log_z[:, None]
+    return res
+
+
+@triton.jit
+def _div_terms(lpi2, lrho2, DIVERGENCE: tl.constexpr):
+    """Elementwise f(pi, rho), g = df/dpi and pi*g (natural log) from log2 pi and log2 rho."""
+    pi = tl.exp2(lpi2)
+    rho = tl.exp2(lrho2)
+    if DIVERGENCE == 0:  # jsd: m = (pi + rho) / 2
+        lm2 = tl.maximum(lpi2, lrho2) + tl.log2(1.0 + tl.exp2(-tl.abs(lpi2 - lrho2))) - 1.0
+        dp = (lpi2 - lm2) * LN2
+        dr = (lrho2 - lm2) * LN2
+        f = 0.5 * (pi * dp + rho * dr)
+        g = 0.5 * dp
+        pig = pi * g
+    elif DIVERGENCE == 1:  # kl(pi || rho)
+        d = (lpi2 - lrho2) * LN2
+        f = pi * d
+        g = d + 1.0
+        pig = pi * g
+    else:  # reverse kl: kl(rho || pi)
+        d = (lrho2 - lpi2) * LN2
+        f = rho * d
+        g = -tl.exp2(lrho2 - lpi2)
+        pig = -rho
+    return f, g, pig
+
+
+@triton.jit
+def _times_g(lc2, g, lpi2, lrho2, DIVERGENCE: tl.constexpr):
+    """c * g for c = exp2(lc2) <= pi (up to the head count); for reverse_kl in log space,
+    -exp2(lc2 + lrho2 - lpi2), so that a tiny pi never makes inf * 0."""
+    if DIVERGENCE == 2:
+        res = -tl.exp2(lc2 + lrho2 - lpi2)
+    else:
+        res = tl.exp2(lc2) * g
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kernel(Q, K, V, QR, KR, RS, KPM, RM, OUT, STATS, DIV, GBAR, CBAR,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                srqb, srqh, srqm, srqd, srkb, srkh, srkn, srkd, srsb, srsh, srsm, srsc,
+                skpb, skpn, srmb, srmm, sob, soh, som, sod, ssb, ssh, ssm, ssc,
+                sdb, sdh, sdm, scb, sch, scm,
+                H, G, HR, GR, Sq, Sk, D, DV, DR, scale2, ref_scale2, len_bucket,
+                DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_REF_STATS: tl.constexpr,
+                HAS_KPM: tl.constexpr, HAS_RM: tl.constexpr, D_PAD: tl.constexpr,
+                DV_PAD: tl.constexpr, DR_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M query rows of batch b, all heads ("mean") or head h ("each").
+    Writes OUT (B,H,Sq,Dv), STATS (B,H,Sq,2), RS (B,Hr,Sq,2) unless HAS_REF_STATS (then read),
+    DIV/GBAR (B,Sq) | (B,H,Sq) and CBAR (B,H,Sq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    if HEADS_EACH:
+        b = pid_bh // H
+        h0 = pid_bh % H
+        NH = 1
+        NHR = 1
+    else:
+        b = pid_bh
+        h0 = pid_bh * 0
+        NH = H
+        NHR = HR
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Sq
+    if CAUSAL:
+        n_end = tl.minimum(Sk, Sk - Sq + (pid_m + 1) * BLOCK_M)
+    else:
+        n_end = Sk
+    Qb = Q + b * sqb
+    Kb = K + b * skb
+    Vb = V + b * svb
+    QRb = QR + b * srqb
+    KRb = KR + b * srkb
+    Sb = STATS + b * ssb
+    RSb = RS + b * srsb
+    KPMb = KPM + b * skpb
+    Ob = OUT + b * sob
+
+    # ---- pass 1: row statistics (and out) per head ---------------------------------------
+    for hh in range(NH):
+        h = h0 + hh
+        lse_a, lse_p = _head_softmax(Qb + h * sqh, Kb + (h // G) * skh, Vb + (h // G) * svh, Ob + h * soh,
+                                     sqm, sqd, skn, skd, svn, svd, som, sod, KPMb, skpn, offs_m, Sq, Sk,
+                                     D, DV, scale2, n_end, BLOCK_M, BLOCK_N, D_PAD, DV_PAD, HAS_V,
+                                     HAS_KPM, CAUSAL, EXCLUDE_SELF, UPCAST, PREC)
+        ptrs = Sb + h * ssh + offs_m.to(tl.int64) * ssm
+        tl.store(ptrs, lse_a * LN2, mask=row_ok)
+        tl.store(ptrs + ssc, lse_p * LN2, mask=row_ok)
+    if not HAS_REF_STATS:
+        for rr in range(NHR):
+            r = h0 + rr
+            lse_a, lse_p = _head_softmax(QRb + r * srqh, KRb + (r // GR) * srkh, QRb, QRb,
+                                         srqm, srqd, srkn, srkd, 0, 0, 0, 0, KPMb, skpn, offs_m, Sq,
+                                         Sk, DR, 0, ref_scale2, n_end, BLOCK_M, BLOCK_N, DR_PAD, 16,
+                                         False, HAS_KPM, CAUSAL, EXCLUDE_SELF, UPCAST, PREC)
+            ptrs = RSb + r * srsh + offs_m.to(tl.int64) * srsm
+            tl.store(ptrs, lse_a * LN2, mask=row_ok)
+            tl.store(ptrs + srsc, lse_p * LN2, mask=row_ok)
+    tl.debug_barrier()  # pass 2 reads the statistics that other threads of this program wrote
+
+    # ---- pass 2: policy, reference, divergence -------------------------------------------
+    log_z = _log_zsum(Sb, ssh, ssm, ssc, h0, NH, offs_m, Sq, BLOCK_M)
+    log_zr = _log_zsum(RSb, srsh, srsm, srsc, h0, NHR, offs_m, Sq, BLOCK_M)
+    live = row_ok & (log_z != NEG_INF)
+    if HAS_RM:
+        live = live & (tl.load(RM + b * srmb + offs_m.to(tl.int64) * srmm, mask=row_ok, other=0) != 0)
+    log_z = tl.where(live, log_z, 0.0)
+    log_zr = _finite(log_zr)
+    n_end2 = tl.where(_rmax(live.to(tl.int32), 0) > 0, n_end, 0)
+    div = tl.full([BLOCK_M], 0.0, tl.float32)
+    gbar = tl.full([BLOCK_M], 0.0, tl.float32)
+    u = tl.full([BLOCK_M, H_PAD], 0.0, tl.float32)
+    cols = tl.arange(0, H_PAD)
+    for start_n in range(0, n_end2, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        att, sup = _key_sets(offs_m, offs_n, _key_ok(KPMb, skpn, offs_n, Sk, HAS_KPM), Sq, Sk,
+                             CAUSAL, EXCLUDE_SELF)
+        keep = sup & live[:, None]
+        lpi = _log_policy(Qb, Kb, Sb, sqh, sqm, sqd, skh, skn, skd, ssh, ssm, ssc, h0, NH, G,
+                          offs_m, offs_n, Sq, Sk, D, scale2, log_z,
+                          BLOCK_M, BLOCK_N, D_PAD, HEADS_EACH, UPCAST, PREC)
+        lrho = _log_policy(QRb, KRb, RSb, srqh, srqm, srqd, srkh, srkn, srkd, srsh, srsm, srsc, h0,
+                           NHR, GR, offs_m, offs_n, Sq, Sk, DR, ref_scale2, log_zr,
+                           BLOCK_M, BLOCK_N, DR_PAD, HEADS_EACH, UPCAST, PREC)
+        f, g, pig = _div_terms(lpi, lrho, DIVERGENCE)
+        div += _rsum(tl.where(keep, f, 0.0), 1)
+        gbar += _rsum(tl.where(keep, pig, 0.0), 1)
+        if not HEADS_EACH:
+            for hh in range(NH):
+                h = h0 + hh
+                s = _scores(Qb + h * sqh, Kb + (h // G) * skh, sqm, sqd, skn, skd, offs_m, offs_n,
+                            Sq, Sk, D, scale2, D_PAD, UPCAST, PREC)
+                la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
+                ag = _times_g(s - _finite(la)[:, None], g, lpi, lrho, DIVERGENCE)
+                uh = _rsum(tl.where(keep, ag, 0.0), 1)
+                u += tl.where(cols[None, :] == hh, uh[:, None], 0.0)
+
+    div = tl.where(live, div, 0.0)
+    gbar = tl.where(live, gbar, 0.0)
+    rows = offs_m.to(tl.int64) * sdm
+    tl.store(DIV + b * sdb + h0 * sdh + rows, div, mask=row_ok)
+    tl.store(GBAR + b * sdb + h0 * sdh + rows, gbar, mask=row_ok)
+    crow = CBAR + b * scb + offs_m.to(tl.int64) * scm
+    if HEADS_EACH:
+        tl.store(crow + h0 * sch, tl.full([BLOCK_M], 0.0, tl.float32), mask=row_ok)
+    else:
+        inv_z = H * tl.exp2(-log_z)  # 1 / Z, Z = (1/H) sum_h Z_h
+        for hh in range(NH):
+            h = h0 + hh
+            uh = _rsum(tl.where(cols[None, :] == hh, u, 0.0), 1)
+            la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
+            lp = _load_row(Sb + h * ssh + ssc, offs_m, ssm, Sq, NEG_INF) * LOG2E
+            z_h = tl.where(lp == NEG_INF, 0.0, tl.exp2(lp - _finite(la)))
+            c = (uh - gbar * z_h) * inv_z
+            tl.store(crow + h * sch, tl.where(live, c, 0.0), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernel
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_kernel(Q, K, V, QR, KR, RS, KPM, DO, W, DELTA, STATS, GBAR, GQ, GK, GV,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                srqb, srqh, srqm, srqd, srkb, srkh, srkn, srkd, srsb, srsh, srsm, srsc,
+                skpb, skpn, sdob, sdoh, sdom, sdod, swb, swh, swm, sdlb, sdlh, sdlm,
+                ssb, ssh, ssm, ssc, sdqb, sdqh, sdqm, sdqd, sdkb, sdkh, sdkn, sdkd,
+                sdvb, sdvh, sdvn, sdvd,
+                H, G, HKV, HR, GR, Sq, Sk, D, DV, DR, scale, scale2, ref_scale2, len_bucket,
+                DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_KPM: tl.constexpr,
+                ACC_IN_REGS: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                DR_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_N keys of batch b, all kv heads ("mean") or kv head kvh ("each").
+    dS = a (dP - delta) + [k in P] w T; GK/GV (fp32 dk/dv, zero-filled) get dS^T Q and a^T dO,
+    GQ (fp32 dq, zero-filled) gets dS K by atomic adds."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1).to(tl.int64)
+    if HEADS_EACH:
+        b = pid_bk // HKV
+        kv0 = pid_bk % HKV
+        NKV = 1
+    else:
+        b = pid_bk
+        kv0 = pid_bk * 0
+        NKV = HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    Qb = Q + b * sqb
+    Kb = K + b * skb
+    Vb = V + b * svb
+    QRb = QR + b * srqb
+    KRb = KR + b * srkb
+    Sb = STATS + b * ssb
+    RSb = RS + b * srsb
+    DOb = DO + b * sdob
+    DLb = DELTA + b * sdlb
+    Wb = W + b * swb
+    Gb = GBAR + b * swb
+    DQb = GQ + b * sdqb
+    DKb = GK + b * sdkb
+    DVb = GV + b * sdvb
+    key_ok = _key_ok(KPM + b * skpb, skpn, offs_n, Sk, HAS_KPM)
+    if CAUSAL:
+        m_start = (tl.maximum(pid_n * BLOCK_N - (Sk - Sq), 0) // BLOCK_M) * BLOCK_M
+    else:
+        m_start = 0
+    dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
+    dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
+    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < D)
+    v_mask = (offs_n[:, None] < Sk) & (offs_dv[None, :] < DV)
+    for start_m in range(m_start, Sq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Sq
+        att, sup = _key_sets(offs_m, offs_n, key_ok, Sq, Sk, CAUSAL, EXCLUDE_SELF)
+        if not HEADS_EACH:
+            # the divergence tile couples every head: log pi, log rho and g from all H + Hr heads
+            w = _load_row(Wb, offs_m, swm, Sq, 0.0)
+            gb = _load_row(Gb, offs_m, swm, Sq, 0.0)
+            keep = sup & (w != 0.0)[:, None]
+            log_z = _finite(_log_zsum(Sb, ssh, ssm, ssc, kv0, H, offs_m, Sq, BLOCK_M))
+            if _rmax((w != 0.0).to(tl.int32), 0) > 0:
+                log_zr = _finite(_log_zsum(RSb, srsh, srsm, srsc, kv0, HR, offs_m, Sq, BLOCK_M))
+                lpi = _log_policy(Qb, Kb, Sb, sqh, sqm, sqd, skh, skn, skd, ssh, ssm, ssc, kv0, H, G,
+                                  offs_m, offs_n, Sq, Sk, D, scale2, log_z,
+                                  BLOCK_M, BLOCK_N, D_PAD, False, UPCAST, PREC)
+                lrho = _log_policy(QRb, KRb, RSb, srqh, srqm, srqd, srkh, srkn, srkd, srsh, srsm, srsc,
+                                   kv0, HR, GR, offs_m, offs_n, Sq, Sk, DR, ref_scale2, log_zr,
+                                   BLOCK_M, BLOCK_N, DR_PAD, False, UPCAST, PREC)
+                f, g, pig = _div_terms(lpi, lrho, DIVERGENCE)
+            else:
+                lpi = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                lrho = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                g = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for kk in range(NKV):
+            kvh = kv0 + kk
+            k = _load_tile(Kb + kvh * skh, offs_n, offs_d, skn, skd, Sk, D)
+            if HAS_V:
+                v = _load_tile(Vb + kvh * svh, offs_n, offs_dv, svn, svd, Sk, DV)
+            if not ACC_IN_REGS:
+                tl.debug_barrier()  # the previous query block's store of this tile is visible
+                dk_ptrs = DKb + kvh * sdkh + offs_n[:, None].to(tl.int64) * sdkn + offs_d[None, :] * sdkd
+                dv_ptrs = DVb + kvh * sdvh + offs_n[:, None].to(tl.int64) * sdvn + offs_dv[None, :] * sdvd
+                dk_acc = tl.load(dk_ptrs, mask=kv_mask, other=0.0)
+                if HAS_V:
+                    dv_acc = tl.load(dv_ptrs, mask=v_mask, other=0.0)
+            for hh in range(G):
+                h = kvh * G + hh
+                q = _load_tile(Qb + h * sqh, offs_m, offs_d, sqm, sqd, Sq, D)
+                s = _dot(q, tl.trans(k), UPCAST, PREC) * scale2
+                la = _finite(_load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E)
+                a = tl.where(att, tl.exp2(s - la[:, None]), 0.0)
+                delta = _load_row(DLb + h * sdlh, offs_m, sdlm, Sq, 0.0)
+                if HAS_V:
+                    do = _load_tile(DOb + h * sdoh, offs_m, offs_dv, sdom, sdod, Sq, DV)
+                    dp = _dot(do, tl.trans(v), UPCAST, PREC)
+                    ds = a * (dp - delta[:, None])
+                    dv_acc += _dot(tl.trans(a.to(do.dtype)), do, UPCAST, PREC)
+                else:
+                    ds = -a * delta[:, None]
+                if HEADS_EACH:
+                    w = _load_row(Wb + h * swh, offs_m, swm, Sq, 0.0)
+                    gb = _load_row(Gb + h * swh, offs_m, swm, Sq, 0.0)
+                    keep = sup & (w != 0.0)[:, None]
+                    lp = _finite(_load_row(Sb + h * ssh + ssc, offs_m, ssm, Sq, 0.0) * LOG2E)
+                    lrp = _finite(_load_row(RSb + h * srsh + srsc, offs_m, srsm, Sq, 0.0) * LOG2E)
+                    sr = _scores(QRb + h * srqh, KRb + (h // GR) * srkh, srqm, srqd, srkn, srkd,
+                                 offs_m, offs_n, Sq, Sk, DR, ref_scale2, DR_PAD, UPCAST, PREC)
+                    lpi = s - lp[:, None]
+                    lrho = sr - lrp[:, None]
+                    f, g, pig = _div_terms(lpi, lrho, DIVERGENCE)
+                    lc = lpi  # T = pi (g - gbar)
+                else:
+                    lc = s - la[:, None] - log_z[:, None]  # T = (a / H) (g - gbar) / Z
+                t = _times_g(lc, g, lpi, lrho, DIVERGENCE) - tl.exp2(lc) * gb[:, None]
+                ds += tl.where(keep, w[:, None] * t, 0.0)
+                ds = ds * scale
+                dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PREC)
+                dq = _dot(ds.to(k.dtype), k, UPCAST, PREC)
+                dq_ptrs = DQb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqm + offs_d[None, :] * sdqd
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+            if not ACC_IN_REGS:
+                tl.store(dk_ptrs, dk_acc, mask=kv_mask)
+                if HAS_V:
+                    tl.store(dv_ptrs, dv_acc, mask=v_mask)
+    if ACC_IN_REGS:
+        dk_ptrs = DKb + kv0 * sdkh + offs_n[:, None].to(tl.int64) * sdkn + offs_d[None, :] * sdkd
+        tl.store(dk_ptrs, dk_acc, mask=kv_mask)
+        if HAS_V:
+            dv_ptrs = DVb + kv0 * sdvh + offs_n[:, None].to(tl.int64) * sdvn + offs_dv[None, :] * sdvd
+            tl.store(dv_ptrs, dv_acc, mask=v_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: autotuned on GPU (sm_80 / sm_90), one small fixed config under the interpreter
+# ----------------------------------------------------------------------------------------------
+
+_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _head_dim(args: dict) -> int:
+    return max(int(args.get("D_PAD", 16)), int(args.get("DV_PAD", 16)), int(args.get("DR_PAD", 16)))
+
+
+def _fits(cfg, big_head: bool, backward: bool) -> bool:
+    """Shared-memory budget, measured by compiling for sm_80 / sm_90 (164 / 228 KB per block):
+    the backward stages K, V (and K_ref) tiles of BLOCK_N x D in several operand layouts, so
+    BLOCK_N = 64 at D = 256 needs ~210 KB; BLOCK_N = 32 needs ~115 KB."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if backward:
+        return bn <= 32 if big_head else bn <= 64
+    return bm * bn <= 64 * 64 if big_head else True
+
+
+def _pruner(backward: bool):
+    def prune(configs, named_args, **kwargs):
+        """Keep the configs that fit this call's head dims; RAL_TRITON_AUTOTUNE=0 keeps only the
+        first (no benchmarking: each config of these kernels takes tens of seconds to compile)."""
+        big_head = _head_dim({**named_args, **kwargs}) > 128
+        kept = [cfg for cfg in configs if _fits(cfg, big_head, backward)] or configs[-1:]
+        if os.environ.get("RAL_TRITON_AUTOTUNE", "1") in ("0", ""):
+            kept = kept[:1]
+        return kept
+    return prune
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_80 and sm_90, best guess first; the pruner
+# drops what does not fit the head dim. Not tuned on hardware yet (no GPU in the session that
+# wrote them); every config compiles for sm_80 and sm_90 at D = 128 (fwd and bwd) and the
+# D = 256 ones within the shared-memory budget.
+_FWD_SHAPES = [(64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
+_BWD_SHAPES = [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
+_FWD_KEY = ["H", "HR", "G", "GR", "D", "DV", "DR", "len_bucket", "DIVERGENCE", "HEADS_EACH",
+            "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_REF_STATS"]
+_BWD_KEY = ["H", "HR", "G", "GR", "D", "DV", "DR", "len_bucket", "DIVERGENCE", "HEADS_EACH",
+            "EXCLUDE_SELF", "CAUSAL", "HAS_V"]
+
+if _IMPORT_ERROR is None and not _BUILT_INTERPRETED:
+    _fwd = triton.autotune(_configs(_FWD_SHAPES), key=_FWD_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(False)})(_fwd_kernel)
+    _bwd = triton.autotune(_configs(_BWD_SHAPES), key=_BWD_KEY, reset_to_zero=["GQ", "GK", "GV"],
+                           prune_configs_by={"early_config_prune": _pruner(True)})(_bwd_kernel)
+else:
+    _fwd, _bwd = _fwd_kernel, _bwd_kernel
+
+
+_SIBLINGS: dict = {}
+
+
+def _kernels():
+    """This module if its kernels were built in the current interpret mode, else a private copy
+    of it executed under the current mode (see the module docstring)."""
+    mode = _interpreting()
+    if mode == _BUILT_INTERPRETED:
+        return sys.modules[__name__]
+    sibling = _SIBLINGS.get(mode)
+    if sibling is None:
+        name = f"{__name__}._interpreted" if mode else f"{__name__}._compiled"
+        spec = importlib.util.spec_from_file_location(name, __file__)
+        sibling = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sibling)
+        _SIBLINGS[mode] = sibling
+    return sibling
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend interface (ral.backends)
+# ----------------------------------------------------------------------------------------------
+
+def unavailable_reason() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def unsupported_reason(call: Call) -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = call.q.device
+    if device.type == "cpu":
+        if not _interpreting():
+            return ("CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 "
+                    "(slow; meant for tests), or use CUDA tensors")
+    elif device.type != "cuda":
+        return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    dims = {"D (q.shape[3])": call.q.shape[3], "Dr (q_ref.shape[3])": call.q_ref.shape[3]}
+    if call.v is not None:
+        dims["Dv (v.shape[3])"] = call.v.shape[3]
+    for name, dim in dims.items():
+        if dim > MAX_HEAD_DIM:
+            return f"head dim {name} = {dim} is above the Triton kernels' limit of {MAX_HEAD_DIM}"
+    for name, t in (("q", call.q), ("q_ref", call.q_ref)):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}"
+    return None
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _s(t, n: int = 4) -> list:
+    """The first n strides of t (0 for a missing tensor)."""
+    return list(t.stride()) if t is not None else [0] * n
+
+
+def _flags(call: Call) -> dict:
+    q, q_ref = call.q, call.q_ref
+    interp = q.device.type == "cpu" or _interpreting()
+    dtypes = (q.dtype, q_ref.dtype)
+    return dict(
+        D_PAD=_pad(q.shape[3]), DV_PAD=_pad(call.v.shape[3] if call.v is not None else 16),
+        DR_PAD=_pad(q_ref.shape[3]),
+        UPCAST=bool(interp and torch.bfloat16 in dtypes),
+        PREC="ieee" if torch.float32 in dtypes else "tf32",
+    )
+
+
+def _blocks(kern) -> dict:
+    """The fixed tile sizes when `kern` is not autotuned (the interpreter)."""
+    return {} if hasattr(kern, "configs") else dict(_INTERPRETER_BLOCKS)
+
+
+def _mask_u8(mask):
+    """A bool mask viewed as uint8 (no copy), or a dummy."""
+    return mask.view(torch.uint8) if mask is not None else None
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def forward(call: Call):
+    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq).
+    div and gbar are (B,Sq) for "mean" and (B,H,Sq) for "each"; all fp32 but out."""
+    q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
+    opts = call.options
+    batch, n_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    ref_heads, ref_kv_heads, ref_dim = q_ref.shape[1], k_ref.shape[1], q_ref.shape[3]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    each = opts.heads_each
+    row_shape = (batch, n_heads, q_len) if each else (batch, q_len)
+    out = (torch.empty((batch, n_heads, q_len, v.shape[3]), dtype=q.dtype, device=q.device)
+           if v is not None else q.new_empty((0,)))
+    div, gbar = torch.empty(row_shape, **f32), torch.empty(row_shape, **f32)
+    stats = torch.empty((batch, n_heads, q_len, 2), **f32)
+    cbar = torch.empty((batch, n_heads, q_len), **f32)
+    has_ref_stats = call.ref_stats is not None
+    ref_stats_out = (q.new_empty((0,), dtype=torch.float32) if has_ref_stats
+                     else torch.empty((batch, ref_heads, q_len, 2), **f32))
+    rs = call.ref_stats if has_ref_stats else ref_stats_out
+    kpm, rm = _mask_u8(call.key_padding_mask), _mask_u8(call.row_mask)
+    row_strides = list(div.stride()) if each else [div.stride(0), 0, div.stride(1)]
+
+    kern = _kernels()._fwd
+    flags = _flags(call)
+    flags.update(_blocks(kern))
+    h_pad = 1 if each else triton.next_power_of_2(n_heads)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * (n_heads if each else 1))  # noqa: E731
+    with _device_guard(q):
+        kern[grid](
+            q, k, v if v is not None else q, q_ref, k_ref, rs,
+            kpm if kpm is not None else stats, rm if rm is not None else stats,
+            out if v is not None else q, stats, div, gbar, cbar,
+            *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(rs),
+            *_s(kpm, 2), *_s(rm, 2), *_s(out if v is not None else None), *_s(stats),
+            *row_strides, *_s(cbar, 3),
+            n_heads, n_heads // kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
+            head_dim, v.shape[3] if v is not None else 0, ref_dim,
+            opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
+            triton.next_power_of_2(max(q_len, k_len)),
+            DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
+            EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
+            HAS_REF_STATS=has_ref_stats, HAS_KPM=kpm is not None, HAS_RM=rm is not None,
+            H_PAD=h_pad, **flags)
+    return out, div, stats, ref_stats_out, gbar, cbar
+
+
+def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
+    """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes.
+    ddiv (w) and gbar like div; delta (B,H,Sq) = rowsum(dout*out) + w*cbar/H; stats (B,H,Sq,2);
+    ref_stats (B,Hr,Sq,2): the reference statistics the forward used."""
+    q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
+    opts = call.options
+    batch, n_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    ref_heads, ref_kv_heads, ref_dim = q_ref.shape[1], k_ref.shape[1], q_ref.shape[3]
+    each = opts.heads_each
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.zeros(q.shape, **f32)
+    dk = torch.zeros(k.shape, **f32)
+    dv = torch.zeros(v.shape, **f32) if v is not None else None
+    w, gbar = ddiv.to(torch.float32).contiguous(), gbar.to(torch.float32).contiguous()
+    row_strides = list(w.stride()) if each else [w.stride(0), 0, w.stride(1)]
+    kpm = _mask_u8(call.key_padding_mask)
+
+    kern = _kernels()._bwd
+    flags = _flags(call)
+    flags.update(_blocks(kern))
+    acc_in_regs = each or kv_heads == 1
+    grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * (kv_heads if each else 1))  # noqa: E731
+    with _device_guard(q):
+        kern[grid](
+            q, k, v if v is not None else q, q_ref, k_ref, ref_stats,
+            kpm if kpm is not None else stats, dout if v is not None else q, w, delta, stats, gbar,
+            dq, dk, dv if v is not None else dk,
+            *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(ref_stats), *_s(kpm, 2),
+            *_s(dout if v is not None else None), *row_strides, *_s(delta, 3), *_s(stats),
+            *_s(dq), *_s(dk), *_s(dv),
+            n_heads, n_heads // kv_heads, kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
+            head_dim, v.shape[3] if v is not None else 0, ref_dim, opts.scale,
+            opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
+            triton.next_power_of_2(max(q_len, k_len)),
+            DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
+            EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
+            HAS_KPM=kpm is not None, ACC_IN_REGS=acc_in_regs, **flags)
+    return (dq.to(q.dtype), dk.to(k.dtype),
+            dv.to(v.dtype) if v is not None else q.new_empty((0,)))

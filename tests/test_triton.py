@@ -1,0 +1,193 @@
+"""backend="triton" against the float64 reference (tests/oracle.py's accuracy rule).
+
+On CPU the kernels run under the Triton interpreter: every CPU test sets TRITON_INTERPRET=1 for
+its own duration (an autouse fixture) and ``ral_kernels.attention_kl`` picks kernels built for the
+current mode at launch time, so this file works in one pytest process with any other test file,
+whatever imported triton or ral_kernels first. The 24 option combinations each run once, on a
+rotation of small problems that covers, pairwise, the shape and layout features (Sq in {1, 17} and
+Sq < Sk, head dims 16 / 24 / 80, GQA and MQA, Hr != H and Dr != D with "mean", left padding +
+row_mask, ref_stats, fp32 / fp16, non-contiguous inputs, no v). Larger shapes and bf16 run on CUDA
+only (marked `cuda`, skipped without a GPU).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from oracle import Problem, cast, check, option_grid, option_id
+
+triton = pytest.importorskip("triton")
+
+import ral  # noqa: E402
+from ral import backends  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# The interpreter evaluates masked-out lanes too (exp2 overflow, inf * 0) before tl.where drops them.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+@pytest.fixture(autouse=True)
+def _triton_mode(request, monkeypatch):
+    """CPU tests: the interpreter. CUDA tests: compiled kernels, whatever the environment says."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+class StridedProblem(Problem):
+    """A Problem whose q, k, v, q_ref, k_ref are (B, S, H, D) buffers viewed as (B, H, S, D)."""
+
+    def make(self, device="cpu") -> dict:
+        kw = super().make(device)
+        for key in ("q", "k", "v", "q_ref", "k_ref"):
+            if kw.get(key) is not None:
+                kw[key] = kw[key].transpose(1, 2).contiguous().transpose(1, 2)
+        return kw
+
+
+# A rotation of small problems; option combination n takes variant n % len(VARIANTS).
+# "mean_only" fields (Hr != H, Dr != D, a reference GQA) are dropped for heads="each".
+VARIANTS = [
+    dict(batch=2, heads=4, kv_heads=4, q_len=17, k_len=17, head_dim=16, dtype=torch.float32),
+    dict(batch=2, heads=4, kv_heads=2, q_len=1, k_len=19, head_dim=24, dtype=torch.float16,
+         with_ref_stats=True),
+    dict(batch=1, heads=4, kv_heads=1, q_len=17, k_len=33, head_dim=16, dtype=torch.float32,
+         mean_only=dict(ref_heads=2, ref_kv_heads=1, ref_head_dim=32), with_ref_stats=True),
+    dict(batch=2, heads=2, kv_heads=2, q_len=17, k_len=20, head_dim=16, dtype=torch.float16,
+         left_pad=(0, 5), row_mask=True, v_head_dim=None),
+    dict(batch=1, heads=4, kv_heads=2, q_len=17, k_len=24, head_dim=80, v_head_dim=32,
+         dtype=torch.float32, strided=True, mean_only=dict(ref_heads=6, ref_kv_heads=3, ref_head_dim=24)),
+    dict(batch=2, heads=3, kv_heads=1, q_len=16, k_len=17, head_dim=16, dtype=torch.float32,
+         left_pad=(3, 0), right_pad=(0, 2), row_mask=True, with_ref_stats=True,
+         options=dict(scale=0.9)),
+]
+
+
+def make_problem(variant: dict, opts: dict, seed: int = 0) -> Problem:
+    fields = {key: val for key, val in variant.items() if key not in ("mean_only", "strided", "options")}
+    if opts["heads"] == "mean":
+        fields.update(variant.get("mean_only", {}))
+    options = {**opts, **variant.get("options", {})}
+    cls = StridedProblem if variant.get("strided") else Problem
+    return cls(options=options, seed=seed, **fields)
+
+
+GRID = list(option_grid())
+
+
+@pytest.mark.parametrize("index", range(len(GRID)), ids=[option_id(o) for o in GRID])
+def test_option_grid_interpreted(index):
+    opts = GRID[index]
+    problem = make_problem(VARIANTS[index % len(VARIANTS)], opts, seed=index)
+    check(problem, "triton")
+
+
+def test_strided_inputs_are_not_copied(monkeypatch):
+    """A (B, S, H, D) tensor viewed as (B, H, S, D) reaches the kernel as is, with its strides."""
+    mod = backends.module("triton")
+    seen = {}
+
+    class Recorder:
+        configs = ()  # looks autotuned: the launcher passes no block sizes
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.setdefault("args", args)
+
+    monkeypatch.setattr(mod, "_kernels", lambda: types.SimpleNamespace(_fwd=Recorder()))
+    kw = cast(StridedProblem(dtype=torch.float32).make(), torch.float32)
+    call = ral.ops._checked_call(kw["q"], kw["k"], kw["v"], kw["q_ref"], kw["k_ref"], None, "jsd", "mean",
+                                 True, True, None, None, None, None, "triton")
+    mod.forward(call)
+    for i, key in enumerate(("q", "k", "v", "q_ref", "k_ref")):
+        got = seen["args"][i]
+        assert got.data_ptr() == kw[key].data_ptr() and got.stride() == kw[key].stride()
+        assert not got.is_contiguous()
+
+
+def test_bf16_interpreted_upcast():
+    """bf16 under the interpreter runs with fp32 dots (triton 3.9 interpreter bug, SPEC section 5)."""
+    opts = dict(divergence="jsd", heads="mean", exclude_self=True, causal=True)
+    check(Problem(batch=1, heads=2, kv_heads=1, q_len=9, k_len=12, dtype=torch.bfloat16, options=opts),
+          "triton")
+
+
+def test_peaky_self_attention_log_space():
+    """A row that attends almost only to itself: Z is tiny but lse_P must stay exact, no NaN."""
+    opts = dict(divergence="reverse_kl", heads="mean", exclude_self=True, causal=True, scale=8.0)
+    problem = Problem(batch=1, heads=2, kv_heads=2, q_len=8, k_len=8, options=opts)
+    base = problem.make()
+    base["k"] = base["q"].clone()  # s_ii = 8 |q_i|^2 dominates every row
+    res = ral.attention_kl(backend="triton", **cast(base, torch.float32))
+    want = ral.attention_kl(backend="reference", **base)
+    assert torch.isfinite(res.div).all()
+    torch.testing.assert_close(res.div.double(), want.div, rtol=1e-4, atol=1e-6)
+    finite = torch.isfinite(want.stats)
+    torch.testing.assert_close(res.stats.double()[finite], want.stats[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kw = cast(Problem(batch=1, heads=2, kv_heads=2, q_len=4, k_len=4).make(), torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        ral.attention_kl(backend="triton", **kw)
+
+
+def test_head_dim_limit():
+    kw = cast(Problem(batch=1, heads=1, kv_heads=1, q_len=2, k_len=2, head_dim=272).make(), torch.float32)
+    with pytest.raises(ValueError, match="256"):
+        ral.attention_kl(backend="triton", **kw)
+
+
+def test_kernels_follow_the_interpret_mode_at_launch(monkeypatch):
+    """Built in one mode, launched in the other: the launcher uses a copy built in the current mode."""
+    mod = backends.module("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def kind(m):
+        return isinstance(getattr(m._fwd, "fn", m._fwd), InterpretedFunction) or isinstance(m._fwd, InterpretedFunction)
+
+    assert kind(mod._kernels())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kind(mod._kernels())
+    assert backends.unavailable_reason("triton") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: compiled kernels, larger shapes, bf16
+# ----------------------------------------------------------------------------------------------
+
+CUDA_CASES = [
+    dict(batch=2, heads=8, kv_heads=2, q_len=300, k_len=300, head_dim=64, dtype=torch.bfloat16),
+    dict(batch=1, heads=6, kv_heads=6, q_len=129, k_len=400, head_dim=128, dtype=torch.float16,
+         left_pad=(37,), row_mask=True),
+    dict(batch=2, heads=4, kv_heads=1, q_len=200, k_len=257, head_dim=80, dtype=torch.float32,
+         with_ref_stats=True),
+    dict(batch=1, heads=4, kv_heads=2, q_len=96, k_len=96, head_dim=256, dtype=torch.bfloat16),
+    dict(batch=1, heads=4, kv_heads=4, q_len=1, k_len=513, head_dim=96, dtype=torch.float16),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", range(len(CUDA_CASES)))
+@pytest.mark.parametrize("opts", [GRID[0], GRID[6], GRID[13], GRID[19], GRID[22]],
+                         ids=lambda o: option_id(o))
+def test_cuda_larger(case, opts):
+    fields = dict(CUDA_CASES[case])
+    if opts["heads"] == "mean" and case == 0:
+        fields.update(ref_heads=4, ref_kv_heads=4, ref_head_dim=128)
+    check(Problem(options=opts, seed=case, **fields), "triton", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_strided_bf16():
+    opts = dict(divergence="jsd", heads="mean", exclude_self=True, causal=True)
+    problem = StridedProblem(batch=2, heads=8, kv_heads=4, q_len=190, k_len=190, head_dim=64,
+                             dtype=torch.bfloat16, options=opts)
+    check(problem, "triton", device="cuda")
