@@ -42,7 +42,9 @@ RAL_HD void lse_merge(float& m, float& l, float m2, float l2) {
 // log of the sum: -inf for an empty set.
 RAL_HD float lse_value(float m, float l) { return m == neg_inf() ? neg_inf() : m + logf(l); }
 
+// log(exp(a) + exp(b)); NaN in, NaN out (fmaxf alone would drop it).
 RAL_HD float logaddexp(float a, float b) {
+  if (a != a || b != b) return a + b;
   float hi = fmaxf(a, b), lo = fminf(a, b);
   if (hi == neg_inf()) return neg_inf();
   return hi + log1pf(expf(lo - hi));
@@ -110,6 +112,28 @@ RAL_HD uint16_t float_to_bf16_bits(float f) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
+}
+
+// Round-to-nearest-even fp32 -> fp16 bits: overflow gives inf, NaN stays a (quiet) NaN, values
+// below the normal range become fp16 subnormals (or signed zero).
+RAL_HD uint16_t float_to_fp16_bits(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof(bits));
+  const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((magnitude >> 13) & 0x3ffu));
+  if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
+  if (magnitude >= 0x38800000u) {                                               // normal fp16
+    const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+    return static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13));      // rebias 127 -> 15
+  }
+  const uint32_t exponent = magnitude >> 23;
+  if (exponent < 102u) return static_cast<uint16_t>(sign);                      // < 2^-25: rounds to 0
+  // subnormal fp16: count of 2^-24 units = mantissa (with its implicit bit) >> (126 - exponent)
+  const uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u, shift = 126u - exponent;
+  uint32_t units = mantissa >> shift;
+  const uint32_t rest = mantissa & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  if (rest > half || (rest == half && (units & 1u))) ++units;
+  return static_cast<uint16_t>(sign | units);
 }
 
 }  // namespace ral

@@ -1,0 +1,372 @@
+// CPU backward: dq, dk, dv of attention + divergence (SPEC section 3, params.h).
+//
+// Per work item (batch b, BM query rows, every head) and key block, recompute the scores
+// of both models and form, per head h,
+//   a   = exp(s - lse_A)                          (0 outside A)
+//   dS  = a (dP - delta) + [k in P] w T,          dP = dout v^T, delta from Python,
+//   T   = (a / H) (g - gbar) / Z   ("mean"),   pi_h (g_h - gbar_h)   ("each"),
+// skipping T (select) on rows with w == 0; then dq += scale dS k, dk += dS^T (scale q),
+// dv += a^T dout. The reference's scores are only recomputed for blocks with a row of w != 0.
+//
+// Scratch (Python-allocated, backward_scratch_bytes): per thread, fp32 dK and dV partial sums
+// for one batch element, (Hkv, Sk, Dp) + (Hkv, Sk, Dvp) floats (D, Dv padded to kLanes): linear
+// in Sk, never Sq x Sk. A thread adds its partials into dk/dv (under a per-batch lock) when it
+// moves to another batch element and when it is done. dq rows belong to one item: written
+// directly.
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "common/check.h"
+#include "cpu/api.h"
+#include "cpu/tiles.h"
+
+namespace ral::cpu {
+namespace {
+
+int64_t partial_floats(const AttentionKLParams& p, const Geometry& geo) {
+  return p.kv_heads * p.k_len * (geo.dp + geo.dvp);
+}
+
+class Backward {
+ public:
+  Backward(const AttentionKLParams& p, float* partial, std::vector<std::mutex>& batch_locks)
+      : p_(p),
+        geo_(p),
+        bm_(geo_.block_m),
+        heads_(p.heads),
+        ref_heads_(p.ref_heads),
+        batch_locks_(batch_locks),
+        dk_partial_(partial),
+        dv_partial_(partial + p.kv_heads * p.k_len * geo_.dp),
+        q_(heads_ * bm_ * geo_.dp),
+        dout_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
+        q_ref_(ref_heads_ * bm_ * geo_.drp),
+        k_(p.kv_heads * kBlockN * geo_.dp),
+        k_t_(p.kv_heads * geo_.dp * kBlockN),
+        v_t_(p.kv_heads * std::max<int64_t>(geo_.dvp, 1) * kBlockN),
+        k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
+        rows_tmp_(kBlockN * std::max({geo_.dvp, geo_.drp, int64_t{1}})),
+        s_(heads_ * bm_ * kBlockN),
+        s_ref_(ref_heads_ * bm_ * kBlockN),
+        ds_(heads_ * bm_ * kBlockN),
+        dq_(heads_ * bm_ * geo_.dp),
+        row_(bm_ * (6 * heads_ + 2 * ref_heads_ + 2)),
+        w_live_(heads_ * bm_) {
+    std::memset(partial, 0, sizeof(float) * partial_floats(p, geo_));
+  }
+
+  void run(int64_t item) {
+    const QueryBlock qb(p_, geo_, item);
+    if (qb.b != batch_) {
+      flush();
+      batch_ = qb.b;
+    }
+    load_rows(qb);
+    const int64_t key_end = qb.key_end(p_);
+    for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
+      kb_.init(p_, qb.b, key0);
+      if (kb_.any_valid) tile(qb);
+    }
+    float* dq = reinterpret_cast<float*>(p_.dq);
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        const float* src = dq_ + (h * bm_ + r) * geo_.dp;
+        float* dst = dq + ((qb.b * heads_ + h) * p_.q_len + qb.start + r) * p_.head_dim;
+        for (int64_t d = 0; d < p_.head_dim; ++d) dst[d] = p_.scale * src[d];
+      }
+  }
+
+  // Adds this thread's dK/dV partials into dk/dv of the current batch element, and clears them.
+  void flush() {
+    if (batch_ < 0 || touched_ == 0) return;
+    std::lock_guard<std::mutex> hold(batch_locks_[batch_]);
+    add_partial(dk_partial_, geo_.dp, reinterpret_cast<float*>(p_.dk), p_.head_dim);
+    if (p_.has_v) add_partial(dv_partial_, geo_.dvp, reinterpret_cast<float*>(p_.dv), p_.v_head_dim);
+    touched_ = 0;
+  }
+
+ private:
+  // per (head, row) scalars, each (heads, BM)
+  float* lse_a() { return row_; }
+  float* lse_p() { return row_ + heads_ * bm_; }
+  float* delta() { return row_ + 2 * heads_ * bm_; }
+  float* w() { return row_ + 3 * heads_ * bm_; }     // (BM) "mean" | (heads, BM) "each"
+  float* gbar() { return row_ + 4 * heads_ * bm_; }  // likewise
+  float* ref_lse_a() { return row_ + 5 * heads_ * bm_; }
+  float* ref_lse_p() { return ref_lse_a() + ref_heads_ * bm_; }
+  float* log_z() { return ref_lse_p() + ref_heads_ * bm_; }  // (BM), "mean"
+  float* log_z_ref() { return log_z() + bm_; }
+
+  void add_partial(float* partial, int64_t ld, float* grad, int64_t dim) {
+    for (int64_t h = 0; h < p_.kv_heads; ++h)
+      for (int64_t j = 0; j < touched_; ++j) {
+        float* src = partial + (h * p_.k_len + j) * ld;
+        float* dst = grad + ((batch_ * p_.kv_heads + h) * p_.k_len + j) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
+        std::fill(src, src + ld, 0.f);
+      }
+  }
+
+  void load_rows(const QueryBlock& qb) {
+    const int64_t n_each = p_.heads_each ? heads_ : 1;
+    for (int64_t h = 0; h < heads_; ++h)
+      load_tile(p_.q, p_.dtype, qb.b, h, qb.start, bm_, qb.rows, p_.head_dim, p_.scale,
+                q_ + h * bm_ * geo_.dp, geo_.dp);
+    if (p_.has_v) {
+      View dout;
+      dout.ptr = p_.dout;
+      dout.stride[0] = heads_ * p_.q_len * p_.v_head_dim;
+      dout.stride[1] = p_.q_len * p_.v_head_dim;
+      dout.stride[2] = p_.v_head_dim;
+      dout.stride[3] = 1;
+      for (int64_t h = 0; h < heads_; ++h)
+        load_tile(dout, p_.dtype, qb.b, h, qb.start, bm_, qb.rows, p_.v_head_dim, 1.f,
+                  dout_ + h * bm_ * geo_.dvp, geo_.dvp);
+    }
+    std::fill(row_.get(), row_ + bm_ * (6 * heads_ + 2 * ref_heads_ + 2), 0.f);
+    const float* stats = reinterpret_cast<const float*>(p_.stats);
+    const float* delta_in = reinterpret_cast<const float*>(p_.delta);
+    const float* w_in = reinterpret_cast<const float*>(p_.ddiv);
+    const float* gbar_in = reinterpret_cast<const float*>(p_.gbar);
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        const int64_t row = (qb.b * heads_ + h) * p_.q_len + qb.start + r;
+        lse_a()[h * bm_ + r] = stats[2 * row];
+        lse_p()[h * bm_ + r] = stats[2 * row + 1];
+        delta()[h * bm_ + r] = delta_in[row];
+      }
+    for (int64_t h = 0; h < n_each; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        const int64_t row = (qb.b * n_each + h) * p_.q_len + qb.start + r;
+        w()[h * bm_ + r] = w_in[row];
+        gbar()[h * bm_ + r] = gbar_in[row];
+      }
+    const View& ref = p_.ref_stats_in;
+    const float* ref_base = reinterpret_cast<const float*>(ref.ptr);
+    for (int64_t h = 0; h < ref_heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        const float* src = ref_base + qb.b * ref.stride[0] + h * ref.stride[1] + (qb.start + r) * ref.stride[2];
+        ref_lse_a()[h * bm_ + r] = src[0];
+        ref_lse_p()[h * bm_ + r] = src[ref.stride[3]];
+      }
+    // rows whose divergence term is live: w != 0 (Python already zeroed w on dead rows)
+    need_div_ = false;
+    for (int64_t h = 0; h < n_each; ++h)
+      for (int64_t r = 0; r < bm_; ++r) {
+        const bool live = r < qb.rows && w()[h * bm_ + r] != 0.f;
+        w_live_[h * bm_ + r] = live;
+        need_div_ = need_div_ || live;
+      }
+    if (!p_.heads_each)
+      for (int64_t r = 0; r < qb.rows; ++r)
+        if (w_live_[r]) {
+          log_z()[r] = log_support_mass(lse_a() + r, lse_p() + r, heads_, bm_, geo_.log_heads);
+          log_z_ref()[r] = log_support_mass(ref_lse_a() + r, ref_lse_p() + r, ref_heads_, bm_,
+                                            geo_.log_ref_heads);
+        }
+    if (need_div_)
+      for (int64_t h = 0; h < ref_heads_; ++h)
+        load_tile(p_.q_ref, p_.ref_dtype, qb.b, h, qb.start, bm_, qb.rows, p_.ref_head_dim, p_.ref_scale,
+                  q_ref_ + h * bm_ * geo_.drp, geo_.drp);
+    // rows past Sq never get written by the GEMMs below: keep their a and dS at 0
+    for (int64_t h = 0; h < heads_; ++h) {
+      std::fill(s_ + (h * bm_ + qb.rows) * kBlockN, s_ + (h + 1) * bm_ * kBlockN, 0.f);
+      std::fill(ds_ + (h * bm_ + qb.rows) * kBlockN, ds_ + (h + 1) * bm_ * kBlockN, 0.f);
+    }
+    std::fill(dq_.get(), dq_ + heads_ * bm_ * geo_.dp, 0.f);
+  }
+
+  void tile(const QueryBlock& qb) {
+    const bool full = qb.tile_is_full(p_, kb_);
+    const int64_t plane = bm_ * kBlockN;
+    for (int64_t h = 0; h < p_.kv_heads; ++h) {
+      float* k = k_ + h * kBlockN * geo_.dp;
+      load_tile(p_.k, p_.dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.head_dim, 1.f, k, geo_.dp);
+      transpose_tile(k, kBlockN, geo_.dp, k_t_ + h * geo_.dp * kBlockN, kBlockN);
+      if (p_.has_v) {
+        load_tile(p_.v, p_.dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.v_head_dim, 1.f, rows_tmp_, geo_.dvp);
+        transpose_tile(rows_tmp_, kBlockN, geo_.dvp, v_t_ + h * geo_.dvp * kBlockN, kBlockN);
+      }
+    }
+    for (int64_t h = 0; h < heads_; ++h) {
+      const int64_t kv = h / geo_.group;
+      gemm<false>(s_ + h * plane, kBlockN, {q_ + h * bm_ * geo_.dp, geo_.dp, 1}, k_t_ + kv * geo_.dp * kBlockN,
+                  kBlockN, qb.rows, kBlockN, p_.head_dim);
+      if (p_.has_v)
+        gemm<false>(ds_ + h * plane, kBlockN, {dout_ + h * bm_ * geo_.dvp, geo_.dvp, 1},
+                    v_t_ + kv * geo_.dvp * kBlockN, kBlockN, qb.rows, kBlockN, p_.v_head_dim);
+      else
+        std::fill(ds_ + h * plane, ds_ + h * plane + qb.rows * kBlockN, 0.f);
+    }
+    if (need_div_) {
+      for (int64_t h = 0; h < p_.ref_kv_heads; ++h) {
+        load_tile(p_.k_ref, p_.ref_dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.ref_head_dim, 1.f, rows_tmp_,
+                  geo_.drp);
+        transpose_tile(rows_tmp_, kBlockN, geo_.drp, k_ref_t_ + h * geo_.drp * kBlockN, kBlockN);
+      }
+      for (int64_t h = 0; h < ref_heads_; ++h)
+        gemm<false>(s_ref_ + h * plane, kBlockN, {q_ref_ + h * bm_ * geo_.drp, geo_.drp, 1},
+                    k_ref_t_ + (h / geo_.ref_group) * geo_.drp * kBlockN, kBlockN, qb.rows, kBlockN,
+                    p_.ref_head_dim);
+    }
+
+    // s_ <- a, ds_ <- dS
+    if (p_.heads_each)
+      grad_tile_each(qb, full);
+    else
+      grad_tile_mean(qb, full);
+
+    const int64_t group_rows = geo_.group * bm_;  // the query heads of a kv head, stacked
+    for (int64_t kv = 0; kv < p_.kv_heads; ++kv) {
+      const int64_t h0 = kv * geo_.group;
+      if (p_.has_v)
+        gemm<true>(dv_partial_ + (kv * p_.k_len + kb_.start) * geo_.dvp, geo_.dvp, {s_ + h0 * plane, 1, kBlockN},
+                   dout_ + h0 * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, group_rows);
+      gemm<true>(dk_partial_ + (kv * p_.k_len + kb_.start) * geo_.dp, geo_.dp, {ds_ + h0 * plane, 1, kBlockN},
+                 q_ + h0 * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, group_rows);
+    }
+    for (int64_t h = 0; h < heads_; ++h)
+      gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane, kBlockN, 1},
+                 k_ + (h / geo_.group) * kBlockN * geo_.dp, geo_.dp, qb.rows, geo_.dp, kb_.count);
+    touched_ = std::max(touched_, kb_.start + kb_.count);
+  }
+
+  // heads="mean". With x_h = s_h - lse_A_h and e_h = exp(x_h - max_h x):
+  //   a_h = e_h exp(max x),  log pi = max x + log sum_h e_h - log H - log Z,
+  //   w T_h = e_h * w exp(max x - log H - log Z) (g - gbar)   (the factor is <= pi, never overflows).
+  void grad_tile_mean(const QueryBlock& qb, bool full) {
+    const int64_t plane = bm_ * kBlockN;
+    for (int64_t r = 0; r < qb.rows; ++r) {
+      const int64_t pos = qb.first_pos + r;
+      float* s_row = s_ + r * kBlockN;
+      float* ds_row = ds_ + r * kBlockN;
+      if (!w_live_[r]) {
+        for (int64_t c = 0; c < kBlockN; c += kLanes) {
+          const vmask attended = full ? vmask{} : lane_masks(p_, kb_, c, pos, true).attended;
+          for (int64_t h = 0; h < heads_; ++h) {
+            const int64_t at = h * plane + c;
+            vfloat a = vexp(vload(s_row + at) - lse_a()[h * bm_ + r]);
+            if (!full) a = vselect(attended, a, vfloat{});
+            vstore(s_row + at, a);
+            vstore(ds_row + at, a * (vload(ds_row + at) - delta()[h * bm_ + r]));
+          }
+        }
+        continue;
+      }
+      const float log_norm = geo_.log_heads + log_z()[r], log_norm_ref = geo_.log_ref_heads + log_z_ref()[r];
+      const float w_row = w()[r], gbar_row = gbar()[r];
+      for (int64_t c = 0; c < kBlockN; c += kLanes) {
+        vfloat x_max = vbroadcast(-kInf);
+        for (int64_t h = 0; h < heads_; ++h) {
+          const vfloat x = vload(s_row + h * plane + c) - lse_a()[h * bm_ + r];
+          vstore(s_row + h * plane + c, x);
+          x_max = vmax(x_max, x);
+        }
+        vfloat e_sum{};
+        for (int64_t h = 0; h < heads_; ++h) {
+          const vfloat e = vexp(vload(s_row + h * plane + c) - x_max);
+          vstore(s_row + h * plane + c, e);
+          e_sum += e;
+        }
+        const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
+        const float* sr = s_ref_ + r * kBlockN + c;
+        vfloat xr_max = vbroadcast(-kInf);
+        for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a()[h * bm_ + r]);
+        vfloat er_sum{};
+        for (int64_t h = 0; h < ref_heads_; ++h)
+          er_sum += vexp(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
+        const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
+
+        const vfloat g = vdivergence_grad(p_.divergence, log_pi, log_rho);
+        const vfloat coef = w_row * vexp(x_max - log_norm) * (g - gbar_row);
+        const vfloat a_scale = vexp(x_max);
+        LaneMasks mask{};
+        if (!full) mask = lane_masks(p_, kb_, c, pos, true);
+        for (int64_t h = 0; h < heads_; ++h) {
+          const int64_t at = h * plane + c;
+          const vfloat e = vload(s_row + at);
+          vfloat a = e * a_scale, term = e * coef;
+          if (!full) {
+            a = vselect(mask.attended, a, vfloat{});
+            term = vselect(mask.support, term, vfloat{});
+          }
+          vstore(s_row + at, a);
+          vstore(ds_row + at, a * (vload(ds_row + at) - delta()[h * bm_ + r]) + term);
+        }
+      }
+    }
+  }
+
+  // heads="each": w T = w pi (g - gbar_h) with log pi = s - lse_P, log rho = s_ref - lse_P_ref.
+  void grad_tile_each(const QueryBlock& qb, bool full) {
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        const int64_t i = h * bm_ + r, pos = qb.first_pos + r;
+        float* s_row = s_ + i * kBlockN;
+        float* ds_row = ds_ + i * kBlockN;
+        const float* sr_row = s_ref_ + i * kBlockN;
+        const bool live = w_live_[i];
+        for (int64_t c = 0; c < kBlockN; c += kLanes) {
+          LaneMasks mask{};
+          if (!full) mask = lane_masks(p_, kb_, c, pos, true);
+          const vfloat s = vload(s_row + c);
+          vfloat a = vexp(s - lse_a()[i]);
+          if (!full) a = vselect(mask.attended, a, vfloat{});
+          vfloat ds = a * (vload(ds_row + c) - delta()[i]);
+          if (live) {
+            const vfloat log_pi = s - lse_p()[i], log_rho = vload(sr_row + c) - ref_lse_p()[i];
+            vfloat term = w()[i] * vexp(log_pi) * (vdivergence_grad(p_.divergence, log_pi, log_rho) - gbar()[i]);
+            if (!full) term = vselect(mask.support, term, vfloat{});
+            ds += term;
+          }
+          vstore(s_row + c, a);
+          vstore(ds_row + c, ds);
+        }
+      }
+  }
+
+  const AttentionKLParams& p_;
+  const Geometry geo_;
+  const int64_t bm_;  // query rows per work item
+  const int64_t heads_, ref_heads_;
+  std::vector<std::mutex>& batch_locks_;
+  float* dk_partial_;          // (Hkv, Sk, Dp), in the scratch
+  float* dv_partial_;          // (Hkv, Sk, Dvp), in the scratch
+  Floats q_, dout_, q_ref_;    // (H, BM, Dp) scaled, (H, BM, Dvp), (Hr, BM, Drp) scaled
+  Floats k_, k_t_, v_t_;       // (Hkv, kBlockN, Dp), (Hkv, Dp, kBlockN), (Hkv, Dvp, kBlockN)
+  Floats k_ref_t_, rows_tmp_;  // (Hrkv, Drp, kBlockN); a tile before transposition
+  Floats s_, s_ref_, ds_;      // (H | Hr, BM, kBlockN): scores, then a; dP, then dS
+  Floats dq_;                  // (H, BM, Dp) unscaled dq accumulator
+  Floats row_;                 // per-row scalars (see the accessors)
+  std::vector<char> w_live_;   // (heads, BM): the row's divergence term is live
+  bool need_div_ = false;
+  int64_t batch_ = -1, touched_ = 0;  // partials hold batch_'s keys [0, touched_)
+  KeyBlock kb_;
+};
+
+}  // namespace
+
+int64_t backward_scratch_bytes(const AttentionKLParams& p) {
+  check_params(p, /*backward=*/false);
+  return static_cast<int64_t>(sizeof(float)) * worker_count(p) * partial_floats(p, Geometry(p));
+}
+
+void backward(const AttentionKLParams& p) {
+  check_params(p, /*backward=*/true);
+  const Geometry geo(p);
+  const int n_threads = worker_count(p);
+  require(p.scratch_bytes >= backward_scratch_bytes(p), "scratch_bytes is smaller than backward_scratch_bytes()");
+  std::vector<std::mutex> batch_locks(p.batch);
+  WorkQueue queue(p.batch * geo.m_blocks);
+  float* scratch = reinterpret_cast<float*>(p.scratch);
+  run_threads(n_threads, [&](int t) {
+    Backward kernel(p, scratch + t * partial_floats(p, geo), batch_locks);
+    int64_t item;
+    while (queue.pop(item)) kernel.run(item);
+    kernel.flush();
+  });
+}
+
+}  // namespace ral::cpu

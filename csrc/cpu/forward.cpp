@@ -1,0 +1,432 @@
+// CPU forward: attention output, row statistics and the divergence (SPEC section 3).
+//
+// Per work item (batch b, BM = Geometry::block_m query rows, every head):
+//   pass 1 over key blocks: per head an online softmax over the support P, with the self key
+//          kept aside, gives lse_P, lse_A = logaddexp(lse_P, s_self) and out (P V, then the self
+//          row added with its own weight, so lse_P never comes from 1 - a_self); the same for
+//          the reference heads unless ref_stats is given;
+//   pass 2 over key blocks: recompute the scores of both models, log pi and log rho in log
+//          space, and accumulate div = sum_P f, gbar = sum_P pi g and c_h.
+// Memory: per thread O(H * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
+// tiles; nothing grows with Sq x Sk.
+#include <cmath>
+#include <vector>
+
+#include "common/check.h"
+#include "cpu/api.h"
+#include "cpu/tiles.h"
+
+namespace ral::cpu {
+namespace {
+
+// Per head and row, the online softmax state over the support (m, l) and the self score.
+struct SoftmaxState {
+  float* max;   // (heads, BM)
+  float* sum;   // (heads, BM): sum_P exp(s - max)
+  float* self;  // (heads, BM): the self key's score, -inf when it is not attended / not excluded
+
+  void reset(int64_t n) {
+    std::fill(max, max + n, -kInf);
+    std::fill(sum, sum + n, 0.f);
+    std::fill(self, self + n, -kInf);
+  }
+};
+
+// One key tile of the online softmax, rows of one head: s (rows x kBlockN) becomes exp(s - max)
+// (0 outside P), the state is updated, and the rows of o (if given) are rescaled.
+void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full,
+                  float* s, float* row_max, float* row_sum, float* self, float* o, int64_t ldo) {
+  for (int64_t r = 0; r < qb.rows; ++r) {
+    float* row = s + r * kBlockN;
+    const int64_t pos = qb.first_pos + r;
+    if (!full) {
+      const int64_t self_col = pos - kb.start;
+      if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = row[self_col];
+      for (int64_t c = 0; c < kBlockN; c += kLanes)
+        vstore(row + c, vselect(lane_masks(p, kb, c, pos, true).support, vload(row + c), vbroadcast(-kInf)));
+    }
+    vfloat tile_max = vbroadcast(-kInf);
+    for (int64_t c = 0; c < kBlockN; c += kLanes) tile_max = vmax(tile_max, vload(row + c));
+    const float old_max = row_max[r], tmax = hmax(tile_max);
+    const float new_max = old_max < tmax ? tmax : old_max;
+    const float shift = new_max == -kInf ? 0.f : new_max;
+    const float alpha = std::exp(old_max - shift);
+    vfloat total{};
+    for (int64_t c = 0; c < kBlockN; c += kLanes) {
+      const vfloat e = vexp(vload(row + c) - shift);
+      vstore(row + c, e);
+      total += e;
+    }
+    row_sum[r] = row_sum[r] * alpha + hsum(total);
+    row_max[r] = new_max;
+    if (o && alpha != 1.f)
+      for (int64_t d = 0; d < ldo; d += kLanes) vstore(o + r * ldo + d, vload(o + r * ldo + d) * alpha);
+  }
+}
+
+// lse_P and lse_A of each (head, row) from the final softmax state.
+void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p) {
+  for (int64_t i = 0; i < n; ++i) {
+    // an empty support has sum 0; a NaN score makes sum NaN (with max possibly still -inf)
+    const float lp = st.sum[i] == 0.f ? -kInf : st.max[i] + std::log(st.sum[i]);
+    lse_p[i] = lp;
+    if (st.self[i] == -kInf)
+      lse_a[i] = lp;
+    else if (std::isnan(lp) || std::isnan(st.self[i]))
+      lse_a[i] = lp + st.self[i];  // NaN
+    else
+      lse_a[i] = logaddexp(lp, st.self[i]);
+  }
+}
+
+class Forward {
+ public:
+  explicit Forward(const AttentionKLParams& p)
+      : p_(p),
+        geo_(p),
+        bm_(geo_.block_m),
+        heads_(p.heads),
+        ref_heads_(p.ref_heads),
+        q_(heads_ * bm_ * geo_.dp),
+        q_ref_(ref_heads_ * bm_ * geo_.drp),
+        k_rows_(kBlockN * std::max({geo_.dp, geo_.drp})),
+        k_t_(p.kv_heads * geo_.dp * kBlockN),
+        k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
+        v_(p.kv_heads * kBlockN * std::max<int64_t>(geo_.dvp, 1)),
+        s_(heads_ * bm_ * kBlockN),
+        s_ref_(ref_heads_ * bm_ * kBlockN),
+        o_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
+        v_self_(std::max<int64_t>(geo_.dvp, 1)),
+        state_(3 * heads_ * bm_),
+        ref_state_(3 * ref_heads_ * bm_),
+        lse_(2 * heads_ * bm_),
+        ref_lse_(2 * ref_heads_ * bm_),
+        row_(2 * bm_),
+        acc_(bm_ * (2 * heads_ + 2) * kLanes),
+        live_(bm_) {}
+
+  void run(int64_t item) {
+    const QueryBlock qb(p_, geo_, item);
+    counts_.update(p_, qb.b);
+    load_queries(qb);
+    pass_statistics(qb);
+    pass_divergence(qb);
+  }
+
+ private:
+  float* lse_a(int64_t h) { return lse_ + h * bm_; }
+  float* lse_p(int64_t h) { return lse_ + (heads_ + h) * bm_; }
+  float* ref_lse_a(int64_t h) { return ref_lse_ + h * bm_; }
+  float* ref_lse_p(int64_t h) { return ref_lse_ + (ref_heads_ + h) * bm_; }
+
+  void load_queries(const QueryBlock& qb) {
+    for (int64_t h = 0; h < heads_; ++h)
+      load_tile(p_.q, p_.dtype, qb.b, h, qb.start, bm_, qb.rows, p_.head_dim, p_.scale,
+                q_ + h * bm_ * geo_.dp, geo_.dp);
+    for (int64_t h = 0; h < ref_heads_; ++h)
+      load_tile(p_.q_ref, p_.ref_dtype, qb.b, h, qb.start, bm_, qb.rows, p_.ref_head_dim, p_.ref_scale,
+                q_ref_ + h * bm_ * geo_.drp, geo_.drp);
+  }
+
+  // K^T (dim_padded x kBlockN) of every kv head of a model, for the key block.
+  void load_keys_transposed(const View& k, int32_t dtype, int64_t kv_heads, int64_t dim, int64_t dim_padded,
+                            const QueryBlock& qb, const KeyBlock& kb, float* dst) {
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      load_tile(k, dtype, qb.b, h, kb.start, kBlockN, kb.count, dim, 1.f, k_rows_, dim_padded);
+      transpose_tile(k_rows_, kBlockN, dim_padded, dst + h * dim_padded * kBlockN, kBlockN);
+    }
+  }
+
+  // scores (heads x BM x kBlockN) = Q K^T for the block's rows (scale folded into Q).
+  void scores(const float* q, const float* k_t, int64_t heads, int64_t group, int64_t dim,
+                     int64_t dim_padded, int64_t rows, float* s) {
+    for (int64_t h = 0; h < heads; ++h)
+      gemm<false>(s + h * bm_ * kBlockN, kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
+                  k_t + (h / group) * dim_padded * kBlockN, kBlockN, rows, kBlockN, dim);
+  }
+
+  // ---- pass 1: lse_A, lse_P (both models) and out -------------------------------------------
+  void pass_statistics(const QueryBlock& qb) {
+    const bool need_ref = !p_.has_ref_stats;
+    const int64_t n = heads_ * bm_, n_ref = ref_heads_ * bm_;
+    SoftmaxState st{state_, state_ + n, state_ + 2 * n};
+    SoftmaxState ref{ref_state_, ref_state_ + n_ref, ref_state_ + 2 * n_ref};
+    st.reset(n);
+    ref.reset(n_ref);
+    if (p_.has_v) std::fill(o_.get(), o_ + heads_ * bm_ * geo_.dvp, 0.f);
+
+    const int64_t key_end = qb.key_end(p_);
+    for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
+      kb_.init(p_, qb.b, key0);
+      if (!kb_.any_valid) continue;
+      const bool full = qb.tile_is_full(p_, kb_);
+      load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+      if (p_.has_v)
+        for (int64_t h = 0; h < p_.kv_heads; ++h)
+          load_tile(p_.v, p_.dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.v_head_dim, 1.f,
+                    v_ + h * kBlockN * geo_.dvp, geo_.dvp);
+      scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+      for (int64_t h = 0; h < heads_; ++h) {
+        float* s = s_ + h * bm_ * kBlockN;
+        float* o = p_.has_v ? o_ + h * bm_ * geo_.dvp : nullptr;
+        softmax_tile(p_, qb, kb_, full, s, st.max + h * bm_, st.sum + h * bm_, st.self + h * bm_,
+                     o, geo_.dvp);
+        if (o)
+          gemm<true>(o, geo_.dvp, {s, kBlockN, 1}, v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp,
+                     qb.rows, geo_.dvp, kb_.count);
+      }
+      if (need_ref) {
+        load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
+                             k_ref_t_);
+        scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
+        for (int64_t h = 0; h < ref_heads_; ++h)
+          softmax_tile(p_, qb, kb_, full, s_ref_ + h * bm_ * kBlockN, ref.max + h * bm_,
+                       ref.sum + h * bm_, ref.self + h * bm_, nullptr, 0);
+      }
+    }
+
+    finish_stats(st, n, lse_, lse_ + n);
+    float* stats = reinterpret_cast<float*>(p_.stats);
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        float* dst = stats + ((qb.b * heads_ + h) * p_.q_len + qb.start + r) * 2;
+        dst[0] = lse_a(h)[r];
+        dst[1] = lse_p(h)[r];
+      }
+    if (p_.has_v) write_out(qb, st);
+
+    if (need_ref) {
+      finish_stats(ref, n_ref, ref_lse_, ref_lse_ + n_ref);
+      float* ref_stats = reinterpret_cast<float*>(p_.ref_stats_out);
+      for (int64_t h = 0; h < ref_heads_; ++h)
+        for (int64_t r = 0; r < qb.rows; ++r) {
+          float* dst = ref_stats + ((qb.b * ref_heads_ + h) * p_.q_len + qb.start + r) * 2;
+          dst[0] = ref_lse_a(h)[r];
+          dst[1] = ref_lse_p(h)[r];
+        }
+    } else {
+      const View& in = p_.ref_stats_in;
+      const float* base = reinterpret_cast<const float*>(in.ptr);
+      for (int64_t h = 0; h < ref_heads_; ++h)
+        for (int64_t r = 0; r < qb.rows; ++r) {
+          const float* src = base + qb.b * in.stride[0] + h * in.stride[1] + (qb.start + r) * in.stride[2];
+          ref_lse_a(h)[r] = src[0];
+          ref_lse_p(h)[r] = src[in.stride[3]];
+        }
+    }
+  }
+
+  // out = (P V / l) * exp(lse_P - lse_A) + exp(s_self - lse_A) * v_self, per head and row.
+  void write_out(const QueryBlock& qb, const SoftmaxState& st) {
+    const int64_t dv = p_.v_head_dim, bytes = dtype_bytes(p_.dtype);
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        const int64_t i = h * bm_ + r;
+        const float la = lse_a(h)[r], lp = lse_p(h)[r], self = st.self[i];
+        const float w_support = lp == -kInf ? 0.f : std::exp(lp - la) / st.sum[i];
+        float* o = o_ + i * geo_.dvp;
+        for (int64_t d = 0; d < dv; ++d) o[d] *= w_support;
+        if (self != -kInf) {
+          const float w_self = std::exp(self - la);
+          load_row(row_address(p_.v, p_.dtype, qb.b, h / geo_.group, qb.first_pos + r), p_.dtype, dv, 1.f,
+                   v_self_);
+          for (int64_t d = 0; d < dv; ++d) o[d] += w_self * v_self_[d];
+        }
+        char* dst = reinterpret_cast<char*>(p_.out) + bytes * ((qb.b * heads_ + h) * p_.q_len + qb.start + r) * dv;
+        store_row(dst, p_.dtype, o, dv);
+      }
+  }
+
+  // ---- pass 2: div, gbar, cbar -------------------------------------------------------------
+  void pass_divergence(const QueryBlock& qb) {
+    // live rows: row_mask True and a non-empty support
+    char* live = live_.data();
+    bool any_live = false;
+    const uint8_t* row_mask = reinterpret_cast<const uint8_t*>(p_.row_mask.ptr);
+    for (int64_t r = 0; r < qb.rows; ++r) {
+      live[r] = counts_.support_nonempty(p_, qb.first_pos + r) &&
+                (!p_.has_row_mask ||
+                 row_mask[qb.b * p_.row_mask.stride[0] + (qb.start + r) * p_.row_mask.stride[1]] != 0);
+      any_live = any_live || live[r];
+    }
+    // per row: log Z and log Z_ref ("mean")
+    float* log_z = row_;
+    float* log_z_ref = row_ + bm_;
+    if (!p_.heads_each)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        log_z[r] = live[r] ? log_support_mass(lse_a(0) + r, lse_p(0) + r, heads_, bm_, geo_.log_heads) : 0.f;
+        log_z_ref[r] = live[r] ? log_support_mass(ref_lse_a(0) + r, ref_lse_p(0) + r, ref_heads_, bm_,
+                                                  geo_.log_ref_heads)
+                               : 0.f;
+      }
+    const int64_t acc_rows = p_.heads_each ? heads_ : 1;
+    float* div_acc = acc_;                               // (acc_rows, BM, kLanes)
+    float* gbar_acc = acc_ + acc_rows * bm_ * kLanes;  // (acc_rows, BM, kLanes)
+    float* u_acc = gbar_acc + acc_rows * bm_ * kLanes;  // (BM, heads, kLanes), "mean"
+    std::fill(acc_.get(), acc_ + bm_ * (2 * heads_ + 2) * kLanes, 0.f);
+
+    if (any_live) {
+      const int64_t key_end = qb.key_end(p_);
+      for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
+        kb_.init(p_, qb.b, key0);
+        if (!kb_.any_valid) continue;
+        const bool full = qb.tile_is_full(p_, kb_);
+        load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+        load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
+                             k_ref_t_);
+        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+        scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
+        if (p_.heads_each)
+          divergence_tile_each(qb, full, div_acc, gbar_acc);
+        else
+          divergence_tile_mean(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+      }
+    }
+    write_divergence(qb, log_z, div_acc, gbar_acc, u_acc);
+  }
+
+  // heads="mean": log pi_j = logsumexp_h(s_hj - lse_A_h) - log H - log Z (likewise log rho);
+  // accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j per row.
+  void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
+                            float* div_acc, float* gbar_acc, float* u_acc) {
+    const int64_t plane = bm_ * kBlockN;
+    for (int64_t r = 0; r < qb.rows; ++r) {
+      if (!live_[r]) continue;
+      const float log_norm = geo_.log_heads + log_z[r], log_norm_ref = geo_.log_ref_heads + log_z_ref[r];
+      vfloat div_sum = vload(div_acc + r * kLanes), gbar_sum = vload(gbar_acc + r * kLanes);
+      float* u_row = u_acc + r * heads_ * kLanes;
+      for (int64_t c = 0; c < kBlockN; c += kLanes) {
+        float* s = s_ + r * kBlockN + c;
+        // current model: x_h = s_h - lse_A_h, e_h = exp(x_h - max_h x) kept in place of s
+        vfloat x_max = vbroadcast(-kInf);
+        for (int64_t h = 0; h < heads_; ++h) {
+          const vfloat x = vload(s + h * plane) - lse_a(h)[r];
+          vstore(s + h * plane, x);
+          x_max = vmax(x_max, x);
+        }
+        vfloat e_sum{};
+        for (int64_t h = 0; h < heads_; ++h) {
+          const vfloat e = vexp(vload(s + h * plane) - x_max);
+          vstore(s + h * plane, e);
+          e_sum += e;
+        }
+        const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
+        // reference model
+        const float* sr = s_ref_ + r * kBlockN + c;
+        vfloat xr_max = vbroadcast(-kInf);
+        for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a(h)[r]);
+        vfloat er_sum{};
+        for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(sr + h * plane) - ref_lse_a(h)[r] - xr_max);
+        const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
+
+        const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
+        // a_hj / Z = e_h * exp(x_max - log Z): the factor is at most H * pi_j, never overflows
+        vfloat g_scaled = t.g * vexp(x_max - log_z[r]);
+        vfloat f = t.f, pi_g = t.pi * t.g;
+        vmask support{};
+        if (!full) {
+          support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
+          f = vselect(support, f, vfloat{});
+          pi_g = vselect(support, pi_g, vfloat{});
+          g_scaled = vselect(support, g_scaled, vfloat{});
+        }
+        div_sum += f;
+        gbar_sum += pi_g;
+        for (int64_t h = 0; h < heads_; ++h) {
+          vfloat term = vload(s + h * plane) * g_scaled;
+          if (!full) term = vselect(support, term, vfloat{});  // e_h is NaN outside A
+          vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
+        }
+      }
+      vstore(div_acc + r * kLanes, div_sum);
+      vstore(gbar_acc + r * kLanes, gbar_sum);
+    }
+  }
+
+  // heads="each": log pi = s - lse_P, log rho = s_ref - lse_P_ref, per head.
+  void divergence_tile_each(const QueryBlock& qb, bool full, float* div_acc, float* gbar_acc) {
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        if (!live_[r]) continue;
+        const int64_t i = h * bm_ + r;
+        vfloat div_sum = vload(div_acc + i * kLanes), gbar_sum = vload(gbar_acc + i * kLanes);
+        const float* s = s_ + i * kBlockN;
+        const float* sr = s_ref_ + i * kBlockN;
+        for (int64_t c = 0; c < kBlockN; c += kLanes) {
+          const VDivergenceTerm t =
+              vdivergence_term(p_.divergence, vload(s + c) - lse_p(h)[r], vload(sr + c) - ref_lse_p(h)[r]);
+          vfloat f = t.f, pi_g = t.pi * t.g;
+          if (!full) {
+            const vmask support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
+            f = vselect(support, f, vfloat{});
+            pi_g = vselect(support, pi_g, vfloat{});
+          }
+          div_sum += f;
+          gbar_sum += pi_g;
+        }
+        vstore(div_acc + i * kLanes, div_sum);
+        vstore(gbar_acc + i * kLanes, gbar_sum);
+      }
+  }
+
+  void write_divergence(const QueryBlock& qb, const float* log_z, const float* div_acc, const float* gbar_acc,
+                        const float* u_acc) {
+    float* div = reinterpret_cast<float*>(p_.div);
+    float* gbar = reinterpret_cast<float*>(p_.gbar);
+    float* cbar = reinterpret_cast<float*>(p_.cbar);
+    for (int64_t r = 0; r < qb.rows; ++r) {
+      const int64_t i = qb.start + r;
+      if (p_.heads_each) {
+        for (int64_t h = 0; h < heads_; ++h) {
+          const int64_t out = (qb.b * heads_ + h) * p_.q_len + i, acc = (h * bm_ + r) * kLanes;
+          div[out] = live_[r] ? hsum(vload(div_acc + acc)) : 0.f;
+          gbar[out] = live_[r] ? hsum(vload(gbar_acc + acc)) : 0.f;
+          cbar[out] = 0.f;
+        }
+        continue;
+      }
+      const float g = live_[r] ? hsum(vload(gbar_acc + r * kLanes)) : 0.f;
+      div[qb.b * p_.q_len + i] = live_[r] ? hsum(vload(div_acc + r * kLanes)) : 0.f;
+      gbar[qb.b * p_.q_len + i] = g;
+      // c_h = (u_h - gbar Z_h) / Z, with u_h / Z accumulated and Z_h / Z = exp(lse_P - lse_A - log Z)
+      for (int64_t h = 0; h < heads_; ++h)
+        cbar[(qb.b * heads_ + h) * p_.q_len + i] =
+            live_[r] ? hsum(vload(u_acc + (r * heads_ + h) * kLanes)) -
+                           g * std::exp(lse_p(h)[r] - lse_a(h)[r] - log_z[r])
+                     : 0.f;
+    }
+  }
+
+  const AttentionKLParams& p_;
+  const Geometry geo_;
+  const int64_t bm_;  // query rows per work item
+  const int64_t heads_, ref_heads_;
+  Floats q_, q_ref_;          // (H, BM, Dp), (Hr, BM, Drp): scaled queries
+  Floats k_rows_;             // (kBlockN, max(Dp, Drp)): a key tile before transposition
+  Floats k_t_, k_ref_t_;      // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
+  Floats v_;                  // (Hkv, kBlockN, Dvp)
+  Floats s_, s_ref_;          // (H, BM, kBlockN), (Hr, BM, kBlockN): scores
+  Floats o_, v_self_;         // (H, BM, Dvp) output accumulator; (Dvp,)
+  Floats state_, ref_state_;  // SoftmaxState of both models
+  Floats lse_, ref_lse_;      // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
+  Floats row_;                // (2, BM): log Z and log Z_ref per row
+  Floats acc_;                // pass-2 accumulators: div, gbar (and u_h for "mean")
+  std::vector<char> live_;    // (BM,): row_mask True and a non-empty support
+  KeyBlock kb_;
+  KeyCounts counts_;
+};
+
+}  // namespace
+
+void forward(const AttentionKLParams& p) {
+  check_params(p, /*backward=*/false);
+  const Geometry geo(p);
+  WorkQueue queue(p.batch * geo.m_blocks);
+  run_threads(worker_count(p), [&](int) {
+    Forward kernel(p);
+    int64_t item;
+    while (queue.pop(item)) kernel.run(item);
+  });
+}
+
+}  // namespace ral::cpu

@@ -1,0 +1,90 @@
+// Register-blocked fp32 GEMM for the small tiles of the CPU kernels.
+//
+//   C (M x N) = or += A (M x K) * B (K x N)
+//
+// B is row-major with N contiguous (N a multiple of kLanes); A is read one scalar at a time
+// through (a_row, a_col) strides, so the same kernel does Q K^T (A = Q, B = K^T packed),
+// P V, dS K, and dS^T Q (A = dS read transposed: a_row = 1, a_col = BN).
+// The micro-kernel keeps an RM x (NV * kLanes) block of C in registers and streams K.
+#pragma once
+#include <cstdint>
+
+#include "cpu/simd.h"
+
+namespace ral::cpu {
+
+// Register block of the micro-kernel: kGemmRows x (kGemmVectors * kLanes) accumulators.
+// AVX-512 has 32 vector registers (6 x 4 = 24 accumulators); AVX2/SSE have 16 (4 x 2 = 8).
+constexpr int kGemmRows = kLanes == 16 ? 6 : 4;
+constexpr int kGemmVectors = kLanes == 16 ? 4 : 2;
+
+struct MatA {
+  const float* ptr;
+  int64_t row;  // stride between rows of A (the M index)
+  int64_t col;  // stride between columns of A (the K index)
+};
+
+template <int RM, int NV, bool kAccumulate>
+inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* __restrict__ b,
+                       int64_t ldb, int64_t k_len) {
+  vfloat acc[RM][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RM; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? vload(c + r * ldc + v * kLanes) : vfloat{};
+  const float* a_ptr = a.ptr;
+  for (int64_t k = 0; k < k_len; ++k, a_ptr += a.col, b += ldb) {
+    vfloat b_vec[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b_vec[v] = vload(b + v * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < RM; ++r) {
+      const vfloat a_val = vbroadcast(a_ptr[r * a.row]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += a_val * b_vec[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RM; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kLanes, acc[r][v]);
+}
+
+namespace detail {
+
+template <int RM, bool kAccumulate>
+inline void gemm_rows(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t n, int64_t k_len) {
+  int64_t col = 0;
+  for (; col + kGemmVectors * kLanes <= n; col += kGemmVectors * kLanes)
+    micro_gemm<RM, kGemmVectors, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len);
+  switch ((n - col) / kLanes) {
+    case 3: micro_gemm<RM, 3, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len); break;
+    case 2: micro_gemm<RM, 2, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len); break;
+    case 1: micro_gemm<RM, 1, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len); break;
+    default: break;
+  }
+}
+
+}  // namespace detail
+
+// C (m x n, row stride ldc) = or += A (m x k_len) * B (k_len x n, row stride ldb); n % kLanes == 0.
+template <bool kAccumulate>
+inline void gemm(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t m, int64_t n,
+                 int64_t k_len) {
+  constexpr int kRM = kGemmRows;
+  static_assert(kRM <= 6, "the row tail below handles up to 5 rows");
+  int64_t row = 0;
+  for (; row + kRM <= m; row += kRM)
+    detail::gemm_rows<kRM, kAccumulate>(c + row * ldc, ldc, {a.ptr + row * a.row, a.row, a.col}, b, ldb, n, k_len);
+  const MatA rest{a.ptr + row * a.row, a.row, a.col};
+  switch (m - row) {
+    case 5: detail::gemm_rows<5, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
+    case 4: detail::gemm_rows<4, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
+    case 3: detail::gemm_rows<3, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
+    case 2: detail::gemm_rows<2, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
+    case 1: detail::gemm_rows<1, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
+    default: break;
+  }
+}
+
+}  // namespace ral::cpu

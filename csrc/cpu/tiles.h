@@ -1,0 +1,291 @@
+// Shared machinery of the CPU forward and backward: block geometry, strided tile loads with
+// dtype conversion, key-block masks, per-row statistics and the thread pool.
+//
+// Work item = (batch b, query block of Geometry::block_m rows), all heads of the row together (heads="mean"
+// couples them). Key blocks of kBlockN keys are swept inside the item. Head dims are padded to
+// a multiple of kLanes with zeros in the packed fp32 tiles, so every GEMM is vector-aligned.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "common/math.h"
+#include "common/params.h"
+#include "cpu/gemm.h"
+#include "cpu/simd.h"
+
+namespace ral::cpu {
+
+constexpr int64_t kBlockN = 64;  // keys per tile (a multiple of kLanes)
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// ---- geometry -------------------------------------------------------------------------------
+// Query rows per work item: the largest of 128, 64, 32 that still gives every thread a few work
+// items. Larger blocks stream each key tile once for more rows (and K^T is packed once per tile).
+inline int64_t choose_block_m(const AttentionKLParams& p) {
+  for (int64_t rows : {128, 64}) {
+    const int64_t items = p.batch * ((p.q_len + rows - 1) / rows);
+    if (items >= 4 * static_cast<int64_t>(p.num_threads)) return rows;
+  }
+  return 32;
+}
+
+struct Geometry {
+  int64_t block_m;           // query rows per work item
+  int64_t group, ref_group;  // query heads per kv head: H / Hkv, Hr / Hrkv
+  int64_t dp, dvp, drp;      // D, Dv, Dr padded to a multiple of kLanes (dvp = 0 without v)
+  int64_t m_blocks;          // query blocks per batch element
+  int64_t offset;            // Sk - Sq: row i sits at key position offset + i
+  float log_heads, log_ref_heads;
+
+  explicit Geometry(const AttentionKLParams& p)
+      : block_m(choose_block_m(p)),
+        group(p.heads / p.kv_heads),
+        ref_group(p.ref_heads / p.ref_kv_heads),
+        dp(round_up(p.head_dim, kLanes)),
+        dvp(p.has_v ? round_up(p.v_head_dim, kLanes) : 0),
+        drp(round_up(p.ref_head_dim, kLanes)),
+        m_blocks((p.q_len + block_m - 1) / block_m),
+        offset(p.k_len - p.q_len),
+        log_heads(std::log(static_cast<float>(p.heads))),
+        log_ref_heads(std::log(static_cast<float>(p.ref_heads))) {}
+};
+
+// Threads actually used: no more than work items.
+inline int worker_count(const AttentionKLParams& p) {
+  const int64_t items = p.batch * Geometry(p).m_blocks;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, items)));
+}
+
+// ---- aligned fp32 buffers ---------------------------------------------------------------------
+class Floats {
+ public:
+  explicit Floats(int64_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * 4, 64));
+    data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!data_) throw std::bad_alloc();
+  }
+  ~Floats() { std::free(data_); }
+  Floats(const Floats&) = delete;
+  Floats& operator=(const Floats&) = delete;
+  float* get() const { return data_; }
+  operator float*() const { return data_; }
+
+ private:
+  float* data_ = nullptr;
+};
+
+// ---- strided loads / stores with dtype conversion ---------------------------------------------
+inline int64_t dtype_bytes(int32_t dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// Address of row (i0, i1, i2, :) of a strided 4-d view.
+inline const char* row_address(const View& v, int32_t dtype, int64_t i0, int64_t i1, int64_t i2) {
+  return reinterpret_cast<const char*>(v.ptr) +
+         dtype_bytes(dtype) * (i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2]);
+}
+
+// dst[0:n] = scale * src[0:n] in fp32.
+inline void load_row(const char* src, int32_t dtype, int64_t n, float scale, float* dst) {
+  if (dtype == kFloat32) {
+    const float* s = reinterpret_cast<const float*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = s[i] * scale;
+  } else {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    if (dtype == kFloat16)
+      for (int64_t i = 0; i < n; ++i) dst[i] = fp16_bits_to_float(s[i]) * scale;
+    else
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]) * scale;
+  }
+}
+
+// dst[0:n] (in `dtype`) = src[0:n], rounding to nearest even.
+inline void store_row(char* dst, int32_t dtype, const float* src, int64_t n) {
+  if (dtype == kFloat32) {
+    std::copy(src, src + n, reinterpret_cast<float*>(dst));
+  } else {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    if (dtype == kFloat16)
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_fp16_bits(src[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_bits(src[i]);
+  }
+}
+
+// A (rows x dim) slice of head (b, h) of a (B, Hx, S, dim) view, rows [row0, row0 + rows) of
+// which the first `valid` exist, into dst (rows x ld, ld >= dim), scaled. Missing rows and the
+// columns past dim are zero.
+inline void load_tile(const View& v, int32_t dtype, int64_t b, int64_t h, int64_t row0, int64_t rows,
+                      int64_t valid, int64_t dim, float scale, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = dst + r * ld;
+    if (r < valid) {
+      load_row(row_address(v, dtype, b, h, row0 + r), dtype, dim, scale, out);
+      std::fill(out + dim, out + ld, 0.f);
+    } else {
+      std::fill(out, out + ld, 0.f);
+    }
+  }
+}
+
+// The transpose of load_tile's result: dst[d * ld + r] (ld >= rows), from the packed rows `tile`.
+inline void transpose_tile(const float* tile, int64_t rows, int64_t dim_padded, float* dst, int64_t ld) {
+  for (int64_t d = 0; d < dim_padded; ++d)
+    for (int64_t r = 0; r < rows; ++r) dst[d * ld + r] = tile[r * dim_padded + d];
+}
+
+// ---- key blocks and masks -------------------------------------------------------------------
+// Keys [start, start + kBlockN) of one batch element; valid[n] = -1 for a real (existing,
+// unpadded) key, 0 otherwise.
+struct KeyBlock {
+  int64_t start = 0, count = 0;  // count: keys that exist (< Sk)
+  bool all_valid = false, any_valid = false;
+  alignas(64) int32_t valid[kBlockN];
+
+  void init(const AttentionKLParams& p, int64_t b, int64_t key0) {
+    start = key0;
+    count = std::min(kBlockN, p.k_len - key0);
+    all_valid = count == kBlockN;
+    any_valid = false;
+    const uint8_t* mask = reinterpret_cast<const uint8_t*>(p.key_padding_mask.ptr);
+    for (int64_t n = 0; n < kBlockN; ++n) {
+      bool ok = n < count;
+      if (ok && p.has_key_padding_mask)
+        ok = mask[b * p.key_padding_mask.stride[0] + (key0 + n) * p.key_padding_mask.stride[1]] != 0;
+      valid[n] = ok ? -1 : 0;
+      all_valid = all_valid && ok;
+      any_valid = any_valid || ok;
+    }
+  }
+};
+
+// Query rows [start, start + rows) of one batch element (rows <= block_m; the tile has block_m).
+struct QueryBlock {
+  int64_t b, start, rows, block_m;
+  int64_t first_pos, last_pos;  // key positions of the first and last row
+
+  QueryBlock(const AttentionKLParams& p, const Geometry& geo, int64_t item) {
+    b = item / geo.m_blocks;
+    // heavy (late, causal) blocks first: better balance under dynamic scheduling
+    block_m = geo.block_m;
+    start = (geo.m_blocks - 1 - item % geo.m_blocks) * block_m;
+    rows = std::min(block_m, p.q_len - start);
+    first_pos = geo.offset + start;
+    last_pos = first_pos + rows - 1;
+  }
+  // One past the last key any row of the block attends.
+  int64_t key_end(const AttentionKLParams& p) const {
+    return p.causal ? std::min(p.k_len, last_pos + 1) : p.k_len;
+  }
+  // Whether every element of the (query block, key block) tile is in every row's support P(i),
+  // so that the tile needs no masking (a partial query block always takes the masked path).
+  bool tile_is_full(const AttentionKLParams& p, const KeyBlock& kb) const {
+    const int64_t key_last = kb.start + kBlockN - 1;
+    if (!kb.all_valid || rows < block_m) return false;
+    if (p.causal && key_last > first_pos) return false;
+    if (p.exclude_self && kb.start <= last_pos && key_last >= first_pos) return false;
+    return true;
+  }
+};
+
+// Lanes [c, c + kLanes) of a key block, for the query row at key position `pos`: which keys are
+// attended (A) and in the support (P).
+struct LaneMasks {
+  vmask attended, support;
+};
+
+inline LaneMasks lane_masks(const AttentionKLParams& p, const KeyBlock& kb, int64_t c, int64_t pos,
+                            bool row_exists) {
+  vmask valid;
+  memcpy(&valid, kb.valid + c, sizeof(valid));
+  const vmask key = iota() + static_cast<int32_t>(kb.start + c);
+  const int32_t pos32 = static_cast<int32_t>(std::max<int64_t>(pos, -1));
+  LaneMasks m;
+  m.attended = row_exists ? valid : vmask{};
+  if (p.causal) m.attended &= key <= pos32;
+  m.support = p.exclude_self ? (m.attended & (key != pos32)) : m.attended;
+  return m;
+}
+
+// Per batch element: count_prefix[j] = number of real keys among [0, j). Gives each row's
+// support size without touching the scores (a row with an empty P gets div 0, never NaN).
+struct KeyCounts {
+  int64_t batch = -1;
+  std::vector<int64_t> prefix;
+
+  void update(const AttentionKLParams& p, int64_t b) {
+    if (b == batch) return;
+    batch = b;
+    prefix.assign(p.k_len + 1, 0);
+    const uint8_t* mask = reinterpret_cast<const uint8_t*>(p.key_padding_mask.ptr);
+    for (int64_t j = 0; j < p.k_len; ++j) {
+      const bool ok = !p.has_key_padding_mask ||
+                      mask[b * p.key_padding_mask.stride[0] + j * p.key_padding_mask.stride[1]] != 0;
+      prefix[j + 1] = prefix[j] + (ok ? 1 : 0);
+    }
+  }
+  bool is_real(int64_t j) const { return prefix[j + 1] != prefix[j]; }
+  // |P(i)| > 0 for the row at key position pos.
+  bool support_nonempty(const AttentionKLParams& p, int64_t pos) const {
+    const int64_t end = p.causal ? std::min(p.k_len, pos + 1) : p.k_len;
+    int64_t n = end > 0 ? prefix[end] : 0;
+    if (p.exclude_self && pos >= 0 && pos < p.k_len && is_real(pos)) n -= 1;
+    return n > 0;
+  }
+};
+
+// log Z = logsumexp_h(lse_P[h] - lse_A[h]) - log H: the support's share of the head-mean attention.
+inline float log_support_mass(const float* lse_a, const float* lse_p, int64_t heads, int64_t stride,
+                              float log_heads) {
+  float m = neg_inf(), l = 0.f;
+  for (int64_t h = 0; h < heads; ++h) lse_push(m, l, lse_p[h * stride] - lse_a[h * stride]);
+  return lse_value(m, l) - log_heads;
+}
+
+// ---- threads ----------------------------------------------------------------------------------
+// Runs worker(thread_index) on n_threads threads (the caller is thread 0); rethrows the first
+// exception any of them threw.
+template <class Worker>
+void run_threads(int n_threads, Worker&& worker) {
+  std::exception_ptr error;
+  std::mutex error_lock;
+  auto guarded = [&](int t) {
+    try {
+      worker(t);
+    } catch (...) {
+      std::lock_guard<std::mutex> hold(error_lock);
+      if (!error) error = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(n_threads - 1);
+  for (int t = 1; t < n_threads; ++t) threads.emplace_back(guarded, t);
+  guarded(0);
+  for (auto& th : threads) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+// Hands out work items 0, 1, ... to whichever thread asks first.
+class WorkQueue {
+ public:
+  explicit WorkQueue(int64_t n_items) : n_items_(n_items) {}
+  bool pop(int64_t& item) {
+    item = next_.fetch_add(1, std::memory_order_relaxed);
+    return item < n_items_;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  int64_t n_items_;
+};
+
+}  // namespace ral::cpu

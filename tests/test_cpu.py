@@ -1,0 +1,236 @@
+"""backend="cpu" (csrc/cpu, ral._C) against the float64 reference: out, div, stats, dq, dk, dv.
+
+Every axis of the grid (options, lengths, head dims, head counts, masks, dtypes, strides) is
+covered pairwise-style rather than as a full product, to keep the file at a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracle import Problem, check, option_grid, option_id, run, upstream  # noqa: E402
+
+import ral  # noqa: E402
+from ral import _compiled  # noqa: E402
+
+pytestmark = pytest.mark.skipif(_compiled.import_error() is not None,
+                                reason=f"ral._C not built: {_compiled.import_error()}")
+
+OPTIONS = list(option_grid())
+# (Sq, Sk) pairs, Sk >= Sq; 113 rows span several query blocks, 150/300 keys several key blocks
+LENGTHS = [(17, 17), (1, 9), (113, 113), (17, 40), (1, 2), (113, 150), (17, 300)]
+# (H, Hkv, D, Dv)
+HEADS_DIMS = [(4, 4, 16, 16), (8, 2, 64, 48), (6, 1, 80, 80), (4, 4, 128, 32), (8, 2, 16, None), (6, 1, 64, 64)]
+
+
+@pytest.fixture
+def threads():
+    """Run with the given torch thread count (the cpu backend's worker count), then restore."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("index", range(len(OPTIONS)), ids=[option_id(o) for o in OPTIONS])
+def test_option_grid(index):
+    """divergence x heads x exclude_self x causal, each on a different length / head layout."""
+    opts = OPTIONS[index]
+    q_len, k_len = LENGTHS[index % len(LENGTHS)]
+    heads, kv_heads, dim, v_dim = HEADS_DIMS[index % len(HEADS_DIMS)]
+    check(Problem(batch=2, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=dim,
+                  v_head_dim=v_dim, seed=index, options=opts), "cpu")
+
+
+SHAPES = [
+    # D in {16, 64, 80, 128}, Dv != D, no v, GQA / MQA for both models
+    dict(heads=4, kv_heads=4, head_dim=16, v_head_dim=16, q_len=113, k_len=113),
+    dict(heads=8, kv_heads=2, head_dim=64, v_head_dim=96, q_len=17, k_len=130),
+    dict(heads=6, kv_heads=1, head_dim=80, v_head_dim=16, q_len=113, k_len=200),
+    dict(heads=4, kv_heads=2, head_dim=128, v_head_dim=None, q_len=17, k_len=17),
+    dict(heads=6, kv_heads=3, head_dim=24, v_head_dim=40, q_len=1, k_len=70),  # dims not a multiple of 16
+    # the reference with other head counts / dims ("mean" only)
+    dict(heads=8, kv_heads=2, head_dim=64, v_head_dim=64, ref_heads=4, ref_kv_heads=1, ref_head_dim=32,
+         q_len=113, k_len=113),
+    dict(heads=4, kv_heads=4, head_dim=16, v_head_dim=16, ref_heads=6, ref_kv_heads=2, ref_head_dim=80,
+         q_len=17, k_len=65),
+    dict(heads=6, kv_heads=1, head_dim=128, v_head_dim=64, ref_heads=12, ref_kv_heads=12, ref_head_dim=16,
+         q_len=33, k_len=64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("divergence,heads,causal", [("jsd", "mean", True), ("kl", "mean", False),
+                                                     ("reverse_kl", "each", True)])
+def test_shapes(shape, divergence, heads, causal):
+    if heads == "each" and shape.get("ref_heads", shape["heads"]) != shape["heads"]:
+        pytest.skip("heads='each' needs Hr == H")
+    check(Problem(batch=2, **shape, options=dict(divergence=divergence, heads=heads, causal=causal,
+                                                  exclude_self=True)), "cpu")
+
+
+MASKS = [
+    dict(left_pad=(0, 5)),
+    dict(left_pad=(70, 0), row_mask=True),          # a whole key block padded
+    dict(left_pad=(3, 40)),                         # batch 1: fully padded (Sk = 40)
+    dict(right_pad=(4, 0), row_mask=True),
+    dict(row_mask=True, with_ref_stats=True),
+    dict(left_pad=(11, 2), with_ref_stats=True),
+]
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()))
+@pytest.mark.parametrize("opts_index", [0, 7, 13, 22], ids=lambda i: option_id(OPTIONS[i]))
+def test_masks(mask, opts_index):
+    """Left-padded keys (including a fully padded batch element), row_mask, cached ref_stats."""
+    k_len = 40 if mask.get("left_pad") == (3, 40) else 90
+    check(Problem(batch=2, heads=4, kv_heads=2, q_len=33, k_len=k_len, head_dim=32, v_head_dim=16,
+                  seed=opts_index, **mask, options=OPTIONS[opts_index]), "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", range(4))
+def test_dtypes(dtype, case):
+    opts = OPTIONS[[0, 5, 10, 19][case]]
+    heads, kv_heads, dim, v_dim = HEADS_DIMS[case]
+    q_len, k_len = [(17, 17), (113, 120), (17, 64), (1, 30)][case]
+    check(Problem(batch=2, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=dim,
+                  v_head_dim=v_dim, dtype=dtype, left_pad=(0, 3) if case % 2 else (), row_mask=case == 2,
+                  seed=case, options=opts), "cpu")
+
+
+def _strided_copy(t):
+    """The same values as (B, S, H, D) memory viewed as (B, H, S, D): non-contiguous, last dim dense."""
+    return None if t is None else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("opts_index", [0, 15])
+def test_non_contiguous_inputs(opts_index):
+    """(B, S, H, D) tensors viewed as (B, H, S, D) and a strided mask give the contiguous results."""
+    problem = Problem(batch=2, heads=6, kv_heads=2, q_len=40, k_len=70, head_dim=32, v_head_dim=24,
+                      left_pad=(5, 0), options=OPTIONS[opts_index])
+    check(problem, "cpu")
+    kw = {key: (val.float() if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
+          for key, val in problem.make().items()}
+    dout, ddiv = upstream(kw)
+    want = run(kw, "cpu", dout, ddiv)
+    strided = dict(kw)
+    for key in ("q", "k", "v", "q_ref", "k_ref"):
+        strided[key] = _strided_copy(kw[key])
+        assert not strided[key].is_contiguous()
+    wide = torch.zeros(2, 2 * kw["key_padding_mask"].shape[1], dtype=torch.bool)
+    wide[:, ::2] = kw["key_padding_mask"]
+    strided["key_padding_mask"] = wide[:, ::2]
+    got = run(strided, "cpu", dout, ddiv)
+    for name, t in want.items():
+        # dk/dv add per-thread partials in scheduling order: equal up to summation order
+        tol = 1e-6 if name in ("dk", "dv") else 0.0
+        torch.testing.assert_close(got[name], t, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("n_threads,batch,q_len,k_len", [(1, 4, 200, 260), (1, 2, 113, 130), (3, 3, 100, 130)],
+                         ids=["block128", "block64", "block32-3threads"])
+def test_thread_counts_and_blocks(threads, n_threads, batch, q_len, k_len):
+    """Every query-block size (128 / 64 / 32 rows, chosen from the work per thread) and several
+    batch elements across threads (the per-thread dK/dV partials are flushed per batch)."""
+    threads(n_threads)
+    check(Problem(batch=batch, heads=4, kv_heads=2, q_len=q_len, k_len=k_len, head_dim=16, v_head_dim=16,
+                  left_pad=(0, 7, 30, 0)[:batch], row_mask=True, options=OPTIONS[2]), "cpu")
+    check(Problem(batch=batch, heads=4, kv_heads=4, q_len=q_len, k_len=k_len, head_dim=16, v_head_dim=16,
+                  options=OPTIONS[9]), "cpu")
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_nan_stays_in_its_row(heads):
+    """A NaN in one query row of one head gives NaN only in that row's out/div/stats/dq."""
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=50, k_len=50, head_dim=16, v_head_dim=16,
+                      options=dict(heads=heads, causal=True))
+    kw = {key: (val.float() if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
+          for key, val in problem.make().items()}
+    dout, ddiv = upstream(kw)
+    clean = run(kw, "cpu", dout, ddiv)
+    kw["q"] = kw["q"].clone()
+    kw["q"][1, 2, 20] = float("nan")
+    got = run(kw, "cpu", dout, ddiv)
+    assert torch.isnan(got["stats"][1, 2, 20]).all() and torch.isnan(got["out"][1, 2, 20]).all()
+    touched_div = (1, 2, 20) if heads == "each" else (1, 20)
+    assert torch.isnan(got["div"][touched_div]).all()
+    for name in ("out", "stats", "div", "dq"):
+        t, ref = got[name].clone(), clean[name].clone()
+        if name == "div" and heads == "mean":
+            t[1, 20], ref[1, 20] = 0, 0
+        elif name == "div":
+            t[1, 2, 20], ref[1, 2, 20] = 0, 0
+        elif name in ("out", "stats") or heads == "each":
+            t[1, 2, 20], ref[1, 2, 20] = 0, 0
+        else:  # "mean": the row's heads are coupled, so every head's dq of that row may be NaN
+            t[1, :, 20], ref[1, :, 20] = 0, 0
+        assert not torch.isnan(t).any(), f"{name}: NaN outside the touched row"
+        torch.testing.assert_close(t, ref, rtol=1e-5, atol=1e-6, msg=name)
+    # batch element 0 never sees the NaN, gradients included
+    for name in ("dk", "dv"):
+        torch.testing.assert_close(got[name][0], clean[name][0], rtol=1e-5, atol=1e-6)
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+
+if given is not None:
+    @settings(max_examples=12, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_random_problems(data):
+        opts = data.draw(st.sampled_from(OPTIONS))
+        kv_heads = data.draw(st.integers(1, 3))
+        heads = kv_heads * data.draw(st.integers(1, 3))
+        k_len = data.draw(st.integers(1, 150))
+        q_len = data.draw(st.integers(1, k_len)) if opts["causal"] else data.draw(st.integers(1, 150))
+        mean = opts["heads"] == "mean"
+        ref_kv = data.draw(st.integers(1, 3)) if mean else kv_heads
+        ref_heads = ref_kv * data.draw(st.integers(1, 2)) if mean else heads
+        if ref_heads % ref_kv or (not mean and ref_heads != heads):
+            ref_kv = 1
+        batch = data.draw(st.integers(1, 2))
+        pad = tuple(data.draw(st.integers(0, k_len)) for _ in range(batch)) if data.draw(st.booleans()) else ()
+        problem = Problem(
+            batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len,
+            head_dim=data.draw(st.sampled_from([8, 16, 40, 64])),
+            v_head_dim=data.draw(st.sampled_from([None, 16, 24])),
+            ref_heads=ref_heads, ref_kv_heads=ref_kv,
+            ref_head_dim=data.draw(st.sampled_from([16, 32])) if mean else None,
+            dtype=data.draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])),
+            left_pad=pad, row_mask=data.draw(st.booleans()), with_ref_stats=data.draw(st.booleans()),
+            seed=data.draw(st.integers(0, 1000)), options=opts)
+        check(problem, "cpu")
+
+
+# ---- the binding itself -----------------------------------------------------------------------
+
+def test_binding_rechecks_params():
+    """ral._C re-checks what the kernels rely on: a bad params struct raises ValueError, never crashes."""
+    C = _compiled._C
+    with pytest.raises(ValueError, match="positive"):
+        C.cpu_forward(C.AttentionKLParams())
+    problem = Problem(batch=1, heads=2, kv_heads=1, q_len=4, k_len=4, head_dim=8, v_head_dim=8)
+    kw = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in problem.make().items()}
+    call = ral.ops._checked_call(kw["q"], kw["k"], kw["v"], kw["q_ref"], kw["k_ref"], None, "jsd", "mean",
+                                 True, True, None, None, None, None, "cpu")
+    p, keep = _compiled.params(call)
+    with pytest.raises(ValueError, match="div"):
+        C.cpu_forward(p)  # no output addresses
+    p.kv_heads = 3
+    with pytest.raises(ValueError, match="multiple"):
+        C.cpu_backward_scratch_bytes(p)
+    view = C.View()
+    view.stride = [1, 2, 3]
+    assert view.stride == [1, 2, 3, 0]
+    with pytest.raises(ValueError):
+        view.stride = [1, 2, 3, 4, 5]
+    assert isinstance(C.has_cuda, bool)
+    del keep
