@@ -26,8 +26,10 @@ def unsupported_reason(call: Call) -> Optional[str]:
         return f"needs CUDA tensors, got {call.q.device}"
     p, _ = _compiled.params(call)
     if not _compiled._C.cuda_supports(p):
-        return (f"the CUDA kernels take float16/bfloat16 with head dims in {_compiled._C.cuda_head_dims()}, "
-                f"got {call.q.dtype} with D={call.q.shape[-1]}, Dr={call.q_ref.shape[-1]}")
+        dims = _compiled._C.cuda_head_dims()
+        return (f"the CUDA kernels take float16/bfloat16 with head dims D, Dr, Dv in {dims[0]}..{dims[-1]} "
+                f"(step {dims[1] - dims[0]}), got {call.q.dtype} with D={call.q.shape[-1]}, "
+                f"Dr={call.q_ref.shape[-1]}" + (f", Dv={call.v.shape[-1]}" if call.v is not None else ""))
     return None
 
 

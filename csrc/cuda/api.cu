@@ -1,0 +1,88 @@
+// Entry points of csrc/cuda/api.h: re-check the params, query the current device, dispatch on dtype.
+// Nothing here touches CUDA before the first call (the module must import without a GPU).
+#include <stdexcept>
+
+#include "common/check.h"
+#include "cuda/api.h"
+#include "cuda/kernel_utils.cuh"
+#include "cuda/launch.cuh"
+
+namespace ral::cuda {
+
+namespace {
+
+bool dim_ok(int64_t d) { return d > 0 && d <= kMaxHeadDim && d % 8 == 0; }
+
+cudaError_t device_info(DeviceInfo& dev) {
+  cudaError_t err = cudaGetDevice(&dev.id);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, dev.id)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&dev.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev.id)))
+    return err;
+  int major = 0;
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.id))) return err;
+  return major >= 8 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
+}
+
+void check_supported(const AttentionKLParams& p) {
+  require(supports(p), "the CUDA kernels take float16/bfloat16 (q_ref in q's dtype) and head dims D, Dr, Dv "
+                       "that are multiples of 8 up to 256");
+}
+
+}  // namespace
+
+int vec_bits(const AttentionKLParams& p) {
+  int bits = 0;
+  if (view_vec_ok(p.q, 2)) bits |= kVecQ;
+  if (view_vec_ok(p.k, 2)) bits |= kVecK;
+  if (p.has_v && view_vec_ok(p.v, 2)) bits |= kVecV;
+  if (view_vec_ok(p.q_ref, 2)) bits |= kVecQRef;
+  if (view_vec_ok(p.k_ref, 2)) bits |= kVecKRef;
+  if (p.dout % 16 == 0) bits |= kVecDout;  // contiguous (B, H, Sq, Dv) with Dv % 8 == 0
+  return bits;
+}
+
+int key_splits(const AttentionKLParams& p, int64_t blocks, const DeviceInfo& dev) {
+  const int64_t k_tiles = (p.k_len + kBlockN - 1) / kBlockN;
+  const int64_t want = (2 * int64_t(dev.sms) + blocks - 1) / blocks;
+  return int(want < 1 ? 1 : want > k_tiles ? k_tiles : want > 65535 ? 65535 : want);
+}
+
+bool supports(const AttentionKLParams& p) {
+  return (p.dtype == kFloat16 || p.dtype == kBFloat16) && p.ref_dtype == p.dtype && dim_ok(p.head_dim) &&
+         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim));
+}
+
+std::vector<int> head_dims() {
+  std::vector<int> dims;
+  for (int d = 8; d <= kMaxHeadDim; d += 8) dims.push_back(d);
+  return dims;
+}
+
+int forward(const AttentionKLParams& p, uintptr_t stream) {
+  check_params(p, false);
+  check_supported(p);
+  DeviceInfo dev;
+  cudaError_t err = device_info(dev);
+  if (err != cudaSuccess) return int(err);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  err = p.dtype == kFloat16 ? launch_forward<__half>(p, s, dev) : launch_forward<__nv_bfloat16>(p, s, dev);
+  return int(err);
+}
+
+int64_t backward_scratch_bytes(const AttentionKLParams&) { return 0; }  // no scratch: atomics into dq/dk/dv
+
+int backward(const AttentionKLParams& p, uintptr_t stream) {
+  check_params(p, true);
+  check_supported(p);
+  DeviceInfo dev;
+  cudaError_t err = device_info(dev);
+  if (err != cudaSuccess) return int(err);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  err = p.dtype == kFloat16 ? launch_backward<__half>(p, s, dev) : launch_backward<__nv_bfloat16>(p, s, dev);
+  return int(err);
+}
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace ral::cuda

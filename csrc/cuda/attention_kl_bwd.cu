@@ -1,0 +1,360 @@
+// Backward of attention_kl on sm_80+ (params.h, SPEC section 3): everything is recomputed tile
+// by tile from q, k, v, q_ref, k_ref and the row statistics; nothing grows as Sq x Sk.
+//
+// Grid (q tiles, B, key splits); a block owns 64 query rows of every head (the "mean" policy
+// couples all heads of a row) and a range of key tiles. Per key tile j:
+//   "mean": Hr ref steps  S_ref = q_ref k_ref^T -> log rho (log-sum over ref heads, per element)
+//           H  cur steps  S = q k^T            -> log pi; then per element the coefficient
+//                          gl = g (or log rho/pi for reverse_kl) on P for rows with w != 0
+//           H  full steps  per head h: S, P = exp(S - lse_A), dP = dO v^T,
+//                          dS = P (dP - delta) + [P, w != 0] w (exp(S - lse_A - log HZ) (g - gbar))
+//   "each": per head: ref step (log rho = S_ref - lse_P,ref) then the full step, where
+//           log pi = S - lse_P and the divergence term is pi (g - gbar).
+// The full step writes P and dS (input dtype) to shared memory and adds, with fp32 atomics,
+//   dV[keys] += P^T dO,  dK[keys] += scale dS^T Q  (warp w: keys 16w..16w+15),
+//   dQ[rows] += scale dS K                           (warp w: its 16 rows),
+// into the zero-filled fp32 buffers of params.h, 64 output columns at a time.
+//
+// smem: stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][72],
+// ld = max(D16, Dr16) + 8, ldv = Dv16 + 8; two stages when they fit (D <= 128 on A100/H100).
+#include "cuda/kernel_utils.cuh"
+#include "cuda/launch.cuh"
+
+namespace ral::cuda {
+namespace {
+
+constexpr int kLdP = kBlockN + 8;
+
+enum BwdStep : int { kBwdRef = 0, kBwdCur = 1, kBwdFull = 2 };
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    bwd_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3, g = lane >> 2;
+  const bool each = p.heads_each, has_v = p.has_v;
+  const int64_t H = p.heads, Hr = p.ref_heads, Sq = p.q_len, Sk = p.k_len;
+  const int64_t q0 = int64_t(blockIdx.x) * kBlockM, b = blockIdx.y;
+  const int kind = p.divergence;
+  const int dim = int(p.head_dim), dv = has_v ? int(p.v_head_dim) : 0;
+  const int d16 = round_up16(dim), dr16 = round_up16(int(p.ref_head_dim)), dv16 = round_up16(dv);
+  const int ld = max(d16, dr16) + 8, ldv = has_v ? dv16 + 8 : 0;
+  const int stage_elems = 2 * kBlockM * ld + 2 * kBlockM * ldv;
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  T* sP = smem + stages * stage_elems;  // [64][kLdP]
+  T* sdS = sP + kBlockM * kLdP;         // [64][kLdP]
+
+  int64_t jb, je;
+  key_tile_range(p, q0, blockIdx.z, nsplit, jb, je);
+  const RowPos rp = row_pos(p, q0, warp, lane);
+  const float* w_in = reinterpret_cast<const float*>(p.ddiv);
+  // Does any row of the block carry a divergence gradient? If not, only the full steps run.
+  bool any_w = false;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!rp.valid[r]) continue;
+    const int64_t row = q0 + warp * 16 + g + 8 * r;
+    if (each) {
+      for (int64_t h = 0; h < H && !any_w; ++h) any_w = w_in[(b * H + h) * Sq + row] != 0.f;
+    } else {
+      any_w = any_w || w_in[b * Sq + row] != 0.f;
+    }
+  }
+  const bool div_on = __syncthreads_or(any_w) != 0;
+  const int64_t spj = !div_on ? H : each ? 2 * H : Hr + 2 * H;  // steps per key tile
+
+  auto decode = [&](int64_t tt, int& k, int64_t& head) {
+    if (!div_on) { k = kBwdFull; head = tt; return; }
+    if (each) { k = (tt & 1) ? kBwdFull : kBwdRef; head = tt >> 1; return; }
+    if (tt < Hr) { k = kBwdRef; head = tt; }
+    else if (tt < Hr + H) { k = kBwdCur; head = tt - Hr; }
+    else { k = kBwdFull; head = tt - Hr - H; }
+  };
+  auto issue = [&](int64_t step, int buf) {
+    const int64_t j0 = (jb + step / spj) * kBlockN;
+    int k; int64_t head;
+    decode(step % spj, k, head);
+    const bool r = k == kBwdRef;
+    const View& qv = r ? p.q_ref : p.q;
+    const View& kv = r ? p.k_ref : p.k;
+    const int64_t kvh = r ? head / (Hr / p.ref_kv_heads) : head / (H / p.kv_heads);
+    const int d = int(r ? p.ref_head_dim : p.head_dim), dpad = r ? dr16 : d16;
+    const int qrows = int(min64(Sq - q0, 64)), krows = int(min64(Sk - j0, 64));
+    T* st = smem + buf * stage_elems;
+    const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + head * qv.stride[1] + q0 * qv.stride[2];
+    const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1] + j0 * kv.stride[2];
+    load_tile(st, ld, gq, qv.stride[2], qrows, d, dpad, vec & (r ? kVecQRef : kVecQ));
+    load_tile(st + kBlockM * ld, ld, gk, kv.stride[2], krows, d, dpad, vec & (r ? kVecKRef : kVecK));
+    if (k == kBwdFull && has_v) {
+      const T* gv = reinterpret_cast<const T*>(p.v.ptr) + b * p.v.stride[0] + kvh * p.v.stride[1] + j0 * p.v.stride[2];
+      const T* gdo = reinterpret_cast<const T*>(p.dout) + ((b * H + head) * Sq + q0) * dv;
+      load_tile(st + 2 * kBlockM * ld, ldv, gv, p.v.stride[2], krows, dv, dv16, vec & kVecV);
+      load_tile(st + 2 * kBlockM * ld + kBlockM * ldv, ldv, gdo, int64_t(dv), qrows, dv, dv16, vec & kVecDout);
+    }
+  };
+
+  // ---- per-row constants
+  const float* stats = reinterpret_cast<const float*>(p.stats);
+  const float* rstats = reinterpret_cast<const float*>(p.has_ref_stats ? p.ref_stats_in.ptr : p.ref_stats_out);
+  const int64_t rs0 = p.has_ref_stats ? p.ref_stats_in.stride[0] : Hr * Sq * 2;
+  const int64_t rs1 = p.has_ref_stats ? p.ref_stats_in.stride[1] : Sq * 2;
+  const int64_t rs2 = p.has_ref_stats ? p.ref_stats_in.stride[2] : 2;
+  const int64_t rs3 = p.has_ref_stats ? p.ref_stats_in.stride[3] : 1;
+  const float* gbar_in = reinterpret_cast<const float*>(p.gbar);
+  const float* delta_in = reinterpret_cast<const float*>(p.delta);
+  int64_t row[2];
+  float lz[2], lzr[2], w[2], gb[2];  // "mean" only: log(H Z), log(Hr Zr), w, gbar
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row[r] = q0 + warp * 16 + g + 8 * r;
+    lz[r] = lzr[r] = neg_inf();
+    w[r] = gb[r] = 0.f;
+    if (!rp.valid[r] || each) continue;
+    lz[r] = log_hz(stats + (b * H * Sq + row[r]) * 2, Sq * 2, H);
+    float m = neg_inf(), l = 0.f;
+    for (int64_t hr = 0; hr < Hr; ++hr) {
+      const float* rst = rstats + b * rs0 + hr * rs1 + row[r] * rs2;
+      if (rst[rs3] != neg_inf()) lse_push(m, l, rst[rs3] - rst[0]);
+    }
+    lzr[r] = lse_value(m, l);
+    w[r] = w_in[b * Sq + row[r]];
+    gb[r] = gbar_in[b * Sq + row[r]];
+  }
+  // "mean": rows whose divergence term is on (select, never multiply by a zero w)
+  const uint32_t mean_rows = (w[0] != 0.f ? 0x33333333u : 0u) | (w[1] != 0.f ? 0xccccccccu : 0u);
+
+  float gl[8][4];   // log rho, then the per-element g (or log rho/pi for reverse_kl)
+  float s[8][4], ds[8][4];
+
+  // One full step for head h: P, dP, dS -> dV, dK, dQ. `act`: elements with a divergence term;
+  // for "each", gl holds log rho and the term is built here.
+  auto full_step = [&](int64_t h, int buf, const TileMask& tm, uint32_t act, int64_t j0) {
+    const T* sQ = smem + buf * stage_elems;
+    const T* sK = sQ + kBlockM * ld;
+    const T* sV = sK + kBlockN * ld;
+    const T* sdO = sV + kBlockN * ldv;
+    gemm_abt<T>(s, sQ, sK, ld, d16 / 16, warp, lane);
+    if (has_v) gemm_abt<T>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
+    else zero(ds);
+    float lse_a[2], x[2], delta[2], wh[2], gbh[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = (b * H + h) * Sq + row[r];
+      const bool v = rp.valid[r];
+      lse_a[r] = v ? stats[i * 2] : 0.f;
+      delta[r] = v ? delta_in[i] : 0.f;
+      if (each) {
+        x[r] = v ? stats[i * 2 + 1] : 0.f;  // log Z_h + lse_A: exp(S - x) = pi_h
+        wh[r] = v ? w_in[i] : 0.f;
+        gbh[r] = v ? gbar_in[i] : 0.f;
+      } else {
+        x[r] = lse_a[r] + lz[r];           // exp(S - x) = a_h / (H Z)
+        wh[r] = w[r];
+        gbh[r] = gb[r];
+      }
+    }
+    if (each) {  // gl: log rho -> g (or log rho/pi), with log pi_h = S - lse_P,h
+      act = tm.p & ((wh[0] != 0.f ? 0x33333333u : 0u) | (wh[1] != 0.f ? 0xccccccccu : 0u));
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!((act >> (4 * nb + e)) & 1u)) continue;
+          const float lpi = s[nb][e] * p.scale - x[e >> 1];
+          gl[nb][e] = g_or_log_ratio(kind, lpi, gl[nb][e], divergence_term(kind, lpi, gl[nb][e]).g);
+        }
+    }
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float sc = s[nb][e] * p.scale;
+        const float pa = ((tm.a >> (4 * nb + e)) & 1u) ? fexp(sc - lse_a[r]) : 0.f;
+        float d = pa * (ds[nb][e] - delta[r]);
+        if ((act >> (4 * nb + e)) & 1u) {
+          const float lw = sc - x[r];
+          d += wh[r] * (weighted_g(kind, lw, gl[nb][e]) - gbh[r] * fexp(lw));
+        }
+        s[nb][e] = pa;
+        ds[nb][e] = d;
+      }
+    // P and dS -> shared (rows 16 warp + g (+8), keys 8nb + 2t)
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int off = (warp * 16 + g + 8 * r) * kLdP + nb * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(sP + off) = Dtype<T>::pack(s[nb][2 * r], s[nb][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(sdS + off) = Dtype<T>::pack(ds[nb][2 * r], ds[nb][2 * r + 1]);
+      }
+    __syncthreads();
+    const int64_t kvh = h / (H / p.kv_heads);
+    float acc[8][4];
+    // dV[key][c] += sum_i P[i][key] dO[i][c]
+    if (has_v) {
+      float* dvg = reinterpret_cast<float*>(p.dv) + (b * p.kv_heads + kvh) * Sk * dv;
+      for (int c0 = 0; c0 < dv; c0 += 64) {
+        zero(acc);
+        gemm_at_b<T>(acc, sP, kLdP, sdO, ldv, c0, dv16, warp, lane);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t key = j0 + warp * 16 + g + 8 * r;
+          if (key >= Sk) continue;
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb) {
+            const int col = c0 + nb * 8 + 2 * t;
+            if (col < dv) atomic_add2(dvg + key * dv + col, acc[nb][2 * r], acc[nb][2 * r + 1]);
+          }
+        }
+      }
+    }
+    // dK[key][c] += scale sum_i dS[i][key] Q[i][c]
+    float* dkg = reinterpret_cast<float*>(p.dk) + (b * p.kv_heads + kvh) * Sk * dim;
+    for (int c0 = 0; c0 < dim; c0 += 64) {
+      zero(acc);
+      gemm_at_b<T>(acc, sdS, kLdP, sQ, ld, c0, d16, warp, lane);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t key = j0 + warp * 16 + g + 8 * r;
+        if (key >= Sk) continue;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = c0 + nb * 8 + 2 * t;
+          if (col < dim) atomic_add2(dkg + key * dim + col, acc[nb][2 * r] * p.scale, acc[nb][2 * r + 1] * p.scale);
+        }
+      }
+    }
+    // dQ[i][c] += scale sum_key dS[i][key] K[key][c]   (dS from registers, this warp's rows)
+    float* dqg = reinterpret_cast<float*>(p.dq) + (b * H + h) * Sq * dim;
+    for (int c0 = 0; c0 < dim; c0 += 64) {
+      zero(acc);
+      gemm_c_v<T>(acc, ds, sK, ld, c0, d16, lane);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (!rp.valid[r]) continue;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = c0 + nb * 8 + 2 * t;
+          if (col < dim)
+            atomic_add2(dqg + row[r] * dim + col, acc[nb][2 * r] * p.scale, acc[nb][2 * r + 1] * p.scale);
+        }
+      }
+    }
+  };
+
+  Pipeline pipe{stages, 0, (je - jb) * spj};
+  pipe.start(issue);
+  for (int64_t j = jb; j < je; ++j) {
+    const int64_t j0 = j * kBlockN;
+    const TileMask tm = tile_mask(p, rp, key_bits(p, b, j0, lane), j0, lane);
+    if (!div_on) {  // out gradient only (w == 0 on every row of the block)
+      for (int64_t h = 0; h < H; ++h) {
+        const int buf = pipe.begin(issue);
+        full_step(h, buf, tm, 0u, j0);
+        pipe.end(issue);
+      }
+      continue;
+    }
+    if (each) {
+      for (int64_t h = 0; h < H; ++h) {
+        int buf = pipe.begin(issue);
+        gemm_abt<T>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp, lane);
+        float lse_p[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) lse_p[r] = rp.valid[r] ? rstats[b * rs0 + h * rs1 + row[r] * rs2 + rs3] : 0.f;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) gl[nb][e] = s[nb][e] * p.ref_scale - lse_p[e >> 1];
+        pipe.end(issue);
+        buf = pipe.begin(issue);
+        full_step(h, buf, tm, 0u, j0);
+        pipe.end(issue);
+      }
+      continue;
+    }
+    const uint32_t act = tm.p & mean_rows;
+    {
+      float em[8][4], el[8][4];
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) { em[nb][e] = neg_inf(); el[nb][e] = 0.f; }
+      for (int64_t hr = 0; hr < Hr; ++hr) {
+        const int buf = pipe.begin(issue);
+        gemm_abt<T>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp, lane);
+        float lse_a[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? rstats[b * rs0 + hr * rs1 + row[r] * rs2] : 0.f;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if ((act >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.ref_scale - lse_a[e >> 1]);
+        pipe.end(issue);
+      }
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          gl[nb][e] = lse_value(em[nb][e], el[nb][e]) - lzr[e >> 1];
+          em[nb][e] = neg_inf();
+          el[nb][e] = 0.f;
+        }
+      for (int64_t h = 0; h < H; ++h) {
+        const int buf = pipe.begin(issue);
+        gemm_abt<T>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, d16 / 16, warp, lane);
+        float lse_a[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? stats[((b * H + h) * Sq + row[r]) * 2] : 0.f;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if ((act >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.scale - lse_a[e >> 1]);
+        pipe.end(issue);
+      }
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!((act >> (4 * nb + e)) & 1u)) continue;
+          const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl[nb][e];
+          gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
+        }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const int buf = pipe.begin(issue);
+      full_step(h, buf, tm, act, j0);
+      pipe.end(issue);
+    }
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_backward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev) {
+  if (p.batch > 65535) return cudaErrorInvalidConfiguration;
+  const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
+  const int64_t ldv = p.has_v ? round_up16(int(p.v_head_dim)) + 8 : 0;
+  const int64_t stage = 2 * int64_t(kBlockM) * (ld + ldv) * int64_t(sizeof(T));
+  const int64_t fixed = 2 * int64_t(kBlockM) * kLdP * int64_t(sizeof(T));
+  const int stages = fixed + 2 * stage <= dev.smem_optin ? 2 : 1;
+  const int64_t bytes = fixed + stages * stage;
+  auto kernel = bwd_kernel<T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t q_tiles = (p.q_len + kBlockM - 1) / kBlockM;
+  const int nsplit = key_splits(p, q_tiles * p.batch, dev);
+  kernel<<<dim3(unsigned(q_tiles), unsigned(p.batch), unsigned(nsplit)), kThreads, bytes, stream>>>(
+      p, stages, nsplit, vec_bits(p));
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_backward<__half>(const AttentionKLParams&, cudaStream_t, const DeviceInfo&);
+template cudaError_t launch_backward<__nv_bfloat16>(const AttentionKLParams&, cudaStream_t, const DeviceInfo&);
+
+}  // namespace ral::cuda

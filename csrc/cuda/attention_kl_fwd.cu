@@ -1,0 +1,457 @@
+// Forward of attention_kl on sm_80+ (SPEC section 3), three kernels on one stream:
+//
+//   1. stats_kernel  (per head, per 64-row query tile): online softmax over the key tiles ->
+//      stats = [lse_A, lse_P] and, with v, out = softmax_A(s) v.  Run for the current heads and,
+//      without ref_stats, once more for the reference heads (no v) -> ref_stats_out.
+//   2. div_kernel    (per 64-row query tile, all heads for "mean" / one head for "each", key tiles
+//      optionally split across blocks): recomputes the score tiles head by head to get log pi and
+//      log rho per element, then f, g -> div, gbar and u_h = sum_P a_hj g_j, accumulated with
+//      atomics into div, gbar, cbar (zeroed first).
+//   3. finalize_kernel (per row): cbar_h = (u_h - gbar Z_h) / Z ("mean"); zeros on dead rows.
+//
+// Tiles: 64 query rows x 64 keys, 4 warps (16 rows each), mma.sync m16n8k16 with fp32
+// accumulation; key-side tiles (and in pass 2 the query-side tiles) are double-buffered with
+// cp.async when two stages fit in shared memory.
+#include "cuda/kernel_utils.cuh"
+#include "cuda/launch.cuh"
+
+namespace ral::cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Pass 1. Grid (q tiles, heads, B). smem: sQ [64][ld] + stages x (sK [64][ld] + sV [64][ldv]).
+// DVP: 0 (no v) or the width (64, 128) of the out columns [c_off, c_off + DVP) this launch
+// computes; Dv > 128 takes two launches (c_off = 0, 128), the second with write_stats = false.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int DVP>
+__global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLParams p, const bool ref, const int stages,
+                                                            const int vec, const int c_off, const bool write_stats) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr bool kHasV = DVP > 0;
+  constexpr int kChunks = kHasV ? DVP / 64 : 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3;
+  const int64_t q0 = int64_t(blockIdx.x) * kBlockM, h = blockIdx.y, b = blockIdx.z;
+
+  const View& qv = ref ? p.q_ref : p.q;
+  const View& kv = ref ? p.k_ref : p.k;
+  const int64_t n_heads = ref ? p.ref_heads : p.heads;
+  const int64_t kvh = h / (n_heads / (ref ? p.ref_kv_heads : p.kv_heads));
+  const int dim = int(ref ? p.ref_head_dim : p.head_dim), dim16 = round_up16(dim);
+  const int dv_all = kHasV ? int(p.v_head_dim) : 0;
+  const int dv = kHasV ? min(dv_all - c_off, DVP) : 0, dv16 = round_up16(dv);  // this launch's columns
+  const float scale2 = (ref ? p.ref_scale : p.scale) * kLog2e;  // scores in log2 units
+  const int ld = dim16 + 8, ldv = kHasV ? dv16 + 8 : 0;
+  const bool vq = vec & (ref ? kVecQRef : kVecQ), vk = vec & (ref ? kVecKRef : kVecK), vv = vec & kVecV;
+
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * ld;              // [stages][64][ld]
+  T* sV = sK + stages * kBlockN * ld;     // [stages][64][ldv]
+
+  const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + h * qv.stride[1] + q0 * qv.stride[2];
+  const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1];
+  const T* gv =
+      kHasV ? reinterpret_cast<const T*>(p.v.ptr) + b * p.v.stride[0] + kvh * p.v.stride[1] + c_off : nullptr;
+
+  int64_t jb, je;
+  key_tile_range(p, q0, 0, 1, jb, je);
+  const RowPos rp = row_pos(p, q0, warp, lane);
+
+  auto issue = [&](int64_t step, int buf) {
+    const int64_t j0 = (jb + step) * kBlockN;
+    load_tile(sK + buf * kBlockN * ld, ld, gk + j0 * kv.stride[2], kv.stride[2], int(min64(p.k_len - j0, 64)),
+              dim, dim16, vk);
+    if (kHasV)
+      load_tile(sV + buf * kBlockN * ldv, ldv, gv + j0 * p.v.stride[2], p.v.stride[2],
+                int(min64(p.k_len - j0, 64)), dv, dv16, vv);
+  };
+  load_tile(sQ, ld, gq, qv.stride[2], int(min64(p.q_len - q0, 64)), dim, dim16, vq);
+  Pipeline pipe{stages, 0, je - jb};
+  pipe.start(issue);  // sQ rides in the first group
+
+  float m[2] = {neg_inf(), neg_inf()}, la[2] = {0.f, 0.f}, lp[2] = {0.f, 0.f};
+  float o[kChunks][8][4];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) zero(o[c]);
+
+  for (int64_t j = jb; j < je; ++j) {
+    const int buf = pipe.begin(issue);
+    float s[8][4];
+    gemm_abt<T>(s, sQ, sK + buf * kBlockN * ld, ld, dim16 / 16, warp, lane);
+    const TileMask tm = tile_mask(p, rp, key_bits(p, b, j * kBlockN, lane), j * kBlockN, lane);
+
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nb][e] = ((tm.a >> (4 * nb + e)) & 1u) ? s[nb][e] * scale2 : neg_inf();
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
+      }
+    float mu[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      mu[r] = mx[r] == neg_inf() ? 0.f : mx[r];
+      const float corr = exp2f(m[r] - mu[r]);  // 0 while the row was empty
+      la[r] *= corr;
+      lp[r] *= corr;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          o[c][nb][2 * r] *= corr;
+          o[c][nb][2 * r + 1] *= corr;
+        }
+      m[r] = mx[r];
+    }
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = exp2f(s[nb][e] - mu[e >> 1]);  // masked: exp2(-inf) = 0
+        la[e >> 1] += pe;
+        lp[e >> 1] += ((tm.p >> (4 * nb + e)) & 1u) ? pe : 0.f;
+        s[nb][e] = pe;
+      }
+    if constexpr (kHasV) {
+      const T* sVb = sV + buf * kBlockN * ldv;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) gemm_c_v<T>(o[c], s, sVb, ldv, c * 64, dv16, lane);
+    }
+    pipe.end(issue);
+  }
+  cp_async_wait<0>();  // nothing in flight at exit (empty key range: sQ's group)
+
+  float* stats = reinterpret_cast<float*>(ref ? p.ref_stats_out : p.stats);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sa = quad_sum(la[r]), sp = quad_sum(lp[r]);
+    const int64_t row = q0 + warp * 16 + (lane >> 2) + 8 * r;
+    if (!rp.valid[r]) continue;
+    if (t == 0 && write_stats) {
+      const float lse_a = sa == 0.f ? neg_inf() : (m[r] + log2f(sa)) * kLn2;
+      const float lse_p = sp == 0.f ? neg_inf() : (m[r] + log2f(sp)) * kLn2;
+      *reinterpret_cast<float2*>(stats + ((b * n_heads + h) * p.q_len + row) * 2) = make_float2(lse_a, lse_p);
+    }
+    if constexpr (kHasV) {
+      const float inv = sa == 0.f ? 0.f : 1.f / sa;  // empty rows: out = 0
+      T* out = reinterpret_cast<T*>(p.out) + ((b * n_heads + h) * p.q_len + row) * dv_all + c_off;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = c * 64 + nb * 8 + 2 * t;
+          if (col < dv)
+            *reinterpret_cast<uint32_t*>(out + col) =
+                Dtype<T>::pack(o[c][nb][2 * r] * inv, o[c][nb][2 * r + 1] * inv);
+        }
+    }
+  }
+}
+
+// Step kinds of pass 2 / the backward within one key tile.
+enum StepKind : int { kRefStep = 0, kCurStep = 1, kLastStep = 2 };
+
+// ------------------------------------------------------------------------------------------------
+// Pass 2. Grid (q tiles, B x G, splits) with G = 1 ("mean") or H ("each": one head per block).
+// Steps per key tile: "mean": Hr ref + H cur (log-sum over heads) + H last (u_h); "each": ref, cur.
+// smem: stages x (sA [64][ld] + sB [64][ld]), ld = max(D16, Dr16) + 8.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    div_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3;
+  const bool each = p.heads_each;
+  const int64_t H = p.heads, Hr = p.ref_heads;
+  const int64_t groups = each ? H : 1;
+  const int64_t q0 = int64_t(blockIdx.x) * kBlockM, b = blockIdx.y / groups, he = blockIdx.y % groups;
+  const int kind = p.divergence;
+  const int d16 = round_up16(int(p.head_dim)), dr16 = round_up16(int(p.ref_head_dim));
+  const int ld = max(d16, dr16) + 8;
+  T* sA = reinterpret_cast<T*>(smem_raw);   // [stages][64][ld]
+  T* sB = sA + stages * kBlockM * ld;       // [stages][64][ld]
+
+  int64_t jb, je;
+  key_tile_range(p, q0, blockIdx.z, nsplit, jb, je);
+  const RowPos rp = row_pos(p, q0, warp, lane);
+  const int64_t spj = each ? 2 : Hr + 2 * H;  // steps per key tile
+
+  auto decode = [&](int64_t tt, int& k, int64_t& head) {
+    if (each) { k = tt == 0 ? kRefStep : kCurStep; head = he; return; }
+    if (tt < Hr) { k = kRefStep; head = tt; }
+    else if (tt < Hr + H) { k = kCurStep; head = tt - Hr; }
+    else { k = kLastStep; head = tt - Hr - H; }
+  };
+  auto issue = [&](int64_t step, int buf) {
+    const int64_t j0 = (jb + step / spj) * kBlockN;
+    int k; int64_t head;
+    decode(step % spj, k, head);
+    const bool r = k == kRefStep;
+    const View& qv = r ? p.q_ref : p.q;
+    const View& kv = r ? p.k_ref : p.k;
+    const int64_t kvh = r ? head / (Hr / p.ref_kv_heads) : head / (H / p.kv_heads);
+    const int dim = int(r ? p.ref_head_dim : p.head_dim), dim16 = r ? dr16 : d16;
+    const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + head * qv.stride[1] + q0 * qv.stride[2];
+    const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1] + j0 * kv.stride[2];
+    load_tile(sA + buf * kBlockM * ld, ld, gq, qv.stride[2], int(min64(p.q_len - q0, 64)), dim, dim16,
+              vec & (r ? kVecQRef : kVecQ));
+    load_tile(sB + buf * kBlockN * ld, ld, gk, kv.stride[2], int(min64(p.k_len - j0, 64)), dim, dim16,
+              vec & (r ? kVecKRef : kVecK));
+  };
+
+  // ---- per-row constants: the log normalisers of pi and rho, and whether the row is live
+  const float* stats = reinterpret_cast<const float*>(p.stats);
+  const float* rstats = reinterpret_cast<const float*>(p.has_ref_stats ? p.ref_stats_in.ptr : p.ref_stats_out);
+  const int64_t rs0 = p.has_ref_stats ? p.ref_stats_in.stride[0] : Hr * p.q_len * 2;
+  const int64_t rs1 = p.has_ref_stats ? p.ref_stats_in.stride[1] : p.q_len * 2;
+  const int64_t rs2 = p.has_ref_stats ? p.ref_stats_in.stride[2] : 2;
+  const int64_t rs3 = p.has_ref_stats ? p.ref_stats_in.stride[3] : 1;
+  const uint8_t* rmask = reinterpret_cast<const uint8_t*>(p.row_mask.ptr);
+  int64_t row[2];
+  float lz[2], lzr[2];   // "mean": log(H Z), log(Hr Zr); "each": lse_P of head he (current, reference)
+  bool live[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row[r] = q0 + warp * 16 + (lane >> 2) + 8 * r;
+    lz[r] = lzr[r] = neg_inf();
+    live[r] = false;
+    if (!rp.valid[r]) continue;
+    const float* st = stats + (b * H * p.q_len + row[r]) * 2;
+    const float* rst = rstats + b * rs0 + row[r] * rs2;
+    if (each) {
+      lz[r] = st[he * p.q_len * 2 + 1];
+      lzr[r] = rst[he * rs1 + rs3];
+    } else {
+      lz[r] = log_hz(st, p.q_len * 2, H);
+      float m = neg_inf(), l = 0.f;
+      for (int64_t hr = 0; hr < Hr; ++hr) {
+        const float lse_a = rst[hr * rs1], lse_p = rst[hr * rs1 + rs3];
+        if (lse_p != neg_inf()) lse_push(m, l, lse_p - lse_a);
+      }
+      lzr[r] = lse_value(m, l);
+    }
+    live[r] = lz[r] != neg_inf() &&
+              (!p.has_row_mask || rmask[b * p.row_mask.stride[0] + row[r] * p.row_mask.stride[1]] != 0);
+  }
+
+  Pipeline pipe{stages, 0, (je - jb) * spj};
+  pipe.start(issue);
+  float dacc[2] = {0.f, 0.f}, gacc[2] = {0.f, 0.f};
+  float gl[8][4];   // log rho, then g (or log rho/pi for reverse_kl), per element of the tile
+  for (int64_t j = jb; j < je; ++j) {
+    const int64_t j0 = j * kBlockN;
+    TileMask tm = tile_mask(p, rp, key_bits(p, b, j0, lane), j0, lane);
+    tm.p &= (live[0] ? 0x33333333u : 0u) | (live[1] ? 0xccccccccu : 0u);  // only live rows count
+    float s[8][4];
+    if (each) {
+      int buf = pipe.begin(issue);
+      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dr16 / 16, warp, lane);
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) gl[nb][e] = s[nb][e] * p.ref_scale - lzr[e >> 1];
+      pipe.end(issue);
+      buf = pipe.begin(issue);
+      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!((tm.p >> (4 * nb + e)) & 1u)) continue;
+          const float lpi = s[nb][e] * p.scale - lz[e >> 1], lrho = gl[nb][e];
+          const DivergenceTerm dt = divergence_term(kind, lpi, lrho);
+          dacc[e >> 1] += dt.f;
+          gacc[e >> 1] += weighted_g(kind, lpi, g_or_log_ratio(kind, lpi, lrho, dt.g));
+        }
+      pipe.end(issue);
+      continue;
+    }
+    // "mean": log rho = logsumexp_hr(s_ref - lse_A,hr) - log(Hr Zr), likewise log pi
+    float em[8][4], el[8][4];
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) { em[nb][e] = neg_inf(); el[nb][e] = 0.f; }
+    for (int64_t hr = 0; hr < Hr; ++hr) {
+      const int buf = pipe.begin(issue);
+      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dr16 / 16, warp, lane);
+      float lse_a[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? rstats[b * rs0 + hr * rs1 + row[r] * rs2] : 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.ref_scale - lse_a[e >> 1]);
+      pipe.end(issue);
+    }
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        gl[nb][e] = lse_value(em[nb][e], el[nb][e]) - lzr[e >> 1];
+        em[nb][e] = neg_inf();
+        el[nb][e] = 0.f;
+      }
+    for (int64_t h = 0; h < H; ++h) {
+      const int buf = pipe.begin(issue);
+      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
+      float lse_a[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] : 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.scale - lse_a[e >> 1]);
+      pipe.end(issue);
+    }
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (!((tm.p >> (4 * nb + e)) & 1u)) continue;
+        const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl[nb][e];
+        const DivergenceTerm dt = divergence_term(kind, lpi, lrho);
+        gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, dt.g);
+        dacc[e >> 1] += dt.f;
+        gacc[e >> 1] += weighted_g(kind, lpi, gl[nb][e]);
+      }
+    // u_h = sum_P a_hj g_j, one head at a time, into cbar (finalized by finalize_kernel)
+    for (int64_t h = 0; h < H; ++h) {
+      const int buf = pipe.begin(issue);
+      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
+      float lse_a[2], u[2] = {0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] : 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if ((tm.p >> (4 * nb + e)) & 1u) u[e >> 1] += weighted_g(kind, s[nb][e] * p.scale - lse_a[e >> 1], gl[nb][e]);
+      pipe.end(issue);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        u[r] = quad_sum(u[r]);
+        if (t == 0 && live[r]) atomicAdd(reinterpret_cast<float*>(p.cbar) + (b * H + h) * p.q_len + row[r], u[r]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  float* div = reinterpret_cast<float*>(p.div);
+  float* gbar = reinterpret_cast<float*>(p.gbar);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float d = quad_sum(dacc[r]), g = quad_sum(gacc[r]);
+    if (t == 0 && live[r] && je > jb) {
+      const int64_t idx = (b * groups + he) * p.q_len + row[r];
+      atomicAdd(div + idx, d);
+      atomicAdd(gbar + idx, g);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pass 3, one thread per row (b, i) ("mean") or (b, h, i) ("each"): dead rows (row_mask False or
+// empty P) get div = gbar = 0 (and cbar = 0); live "mean" rows get cbar_h = H (u_h - gbar Z_h) / (H Z).
+// ------------------------------------------------------------------------------------------------
+__global__ void finalize_kernel(const AttentionKLParams p) {
+  const int64_t H = p.heads, groups = p.heads_each ? H : 1;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.batch * groups * p.q_len) return;
+  const int64_t row = idx % p.q_len, bg = idx / p.q_len, b = bg / groups, he = bg % groups;
+  const float* stats = reinterpret_cast<const float*>(p.stats) + (b * H * p.q_len + row) * 2;
+  float* div = reinterpret_cast<float*>(p.div);
+  float* gbar = reinterpret_cast<float*>(p.gbar);
+  float* cbar = reinterpret_cast<float*>(p.cbar) + b * H * p.q_len + row;
+  const uint8_t* rmask = reinterpret_cast<const uint8_t*>(p.row_mask.ptr);
+  bool live = !p.has_row_mask || rmask[b * p.row_mask.stride[0] + row * p.row_mask.stride[1]] != 0;
+  const float lz = p.heads_each ? stats[he * p.q_len * 2 + 1] : log_hz(stats, p.q_len * 2, H);
+  live = live && lz != neg_inf();
+  if (!live) {
+    div[idx] = 0.f;
+    gbar[idx] = 0.f;
+    if (!p.heads_each)
+      for (int64_t h = 0; h < H; ++h) cbar[h * p.q_len] = 0.f;
+    return;
+  }
+  if (p.heads_each) return;  // cbar stays 0 (zero-filled)
+  const float gb = gbar[idx], inv_z = float(H) * fexp(-lz);
+  for (int64_t h = 0; h < H; ++h) {
+    const float lse_a = stats[h * p.q_len * 2], lse_p = stats[h * p.q_len * 2 + 1];
+    const float z_h = lse_p == neg_inf() ? 0.f : fexp(lse_p - lse_a);
+    cbar[h * p.q_len] = (cbar[h * p.q_len] - gb * z_h) * inv_z;
+  }
+}
+
+int64_t bucket(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+template <typename Kernel>
+cudaError_t set_smem(Kernel kernel, int64_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+template <typename T, int DVP>
+cudaError_t launch_stats(const AttentionKLParams& p, bool ref, cudaStream_t stream, const DeviceInfo& dev,
+                         int c_off = 0, bool write_stats = true) {
+  const int64_t dim16 = round_up16(int(ref ? p.ref_head_dim : p.head_dim));
+  const int64_t ldv = DVP > 0 ? round_up16(int(min64(p.v_head_dim - c_off, DVP))) + 8 : 0, ld = dim16 + 8;
+  const int64_t stage = int64_t(kBlockN) * (ld + ldv) * int64_t(sizeof(T));
+  const int64_t fixed = int64_t(kBlockM) * ld * int64_t(sizeof(T));
+  const int stages = fixed + 2 * stage <= dev.smem_optin ? 2 : 1;
+  const int64_t bytes = fixed + stages * stage;
+  auto kernel = stats_kernel<T, DVP>;
+  cudaError_t err = set_smem(kernel, bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned((p.q_len + kBlockM - 1) / kBlockM), unsigned(ref ? p.ref_heads : p.heads),
+                  unsigned(p.batch));
+  kernel<<<grid, kThreads, bytes, stream>>>(p, ref, stages, vec_bits(p), c_off, write_stats);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev) {
+  if (p.heads > 65535 || p.ref_heads > 65535 || p.batch > 65535 || p.batch * p.heads > 65535)
+    return cudaErrorInvalidConfiguration;
+  // pass 1: current heads (with out), then the reference heads unless their stats were given
+  cudaError_t err;
+  if (!p.has_v) err = launch_stats<T, 0>(p, false, stream, dev);
+  else if (bucket(p.v_head_dim) == 64) err = launch_stats<T, 64>(p, false, stream, dev);
+  else if (bucket(p.v_head_dim) == 128) err = launch_stats<T, 128>(p, false, stream, dev);
+  else if ((err = launch_stats<T, 128>(p, false, stream, dev)) == cudaSuccess)
+    err = launch_stats<T, 128>(p, false, stream, dev, 128, false);  // out columns 128 .. Dv
+  if (err != cudaSuccess) return err;
+  if (!p.has_ref_stats && (err = launch_stats<T, 0>(p, true, stream, dev)) != cudaSuccess) return err;
+
+  // pass 2: div, gbar and u_h accumulate atomically into zeroed buffers
+  const int64_t groups = p.heads_each ? p.heads : 1;
+  const int64_t rows = p.batch * groups * p.q_len;
+  if ((err = cudaMemsetAsync(reinterpret_cast<void*>(p.div), 0, rows * sizeof(float), stream)) ||
+      (err = cudaMemsetAsync(reinterpret_cast<void*>(p.gbar), 0, rows * sizeof(float), stream)) ||
+      (err = cudaMemsetAsync(reinterpret_cast<void*>(p.cbar), 0, p.batch * p.heads * p.q_len * sizeof(float),
+                             stream)))
+    return err;
+  const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
+  const int64_t stage = 2 * int64_t(kBlockM) * ld * int64_t(sizeof(T));
+  const int stages = 2 * stage <= dev.smem_optin ? 2 : 1;
+  const int64_t q_tiles = (p.q_len + kBlockM - 1) / kBlockM;
+  const int nsplit = key_splits(p, q_tiles * p.batch * groups, dev);
+  auto kernel = div_kernel<T>;
+  if ((err = set_smem(kernel, stages * stage)) != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(q_tiles), unsigned(p.batch * groups), unsigned(nsplit)), kThreads, stages * stage, stream>>>(
+      p, stages, nsplit, vec_bits(p));
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  // pass 3
+  const int threads = 256;
+  finalize_kernel<<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_forward<__half>(const AttentionKLParams&, cudaStream_t, const DeviceInfo&);
+template cudaError_t launch_forward<__nv_bfloat16>(const AttentionKLParams&, cudaStream_t, const DeviceInfo&);
+
+}  // namespace ral::cuda

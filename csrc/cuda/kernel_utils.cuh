@@ -1,0 +1,361 @@
+// CUDA-only building blocks of the attention_kl kernels: mma.sync m16n8k16 (fp16/bf16 in, fp32
+// accumulate), ldmatrix, cp.async, tile loads into shared memory, and the per-element masks.
+//
+// Conventions used by every kernel here (sm_80+):
+//   * a block has 4 warps (128 threads) and owns a tile of kBlockM = 64 query rows; warp w owns
+//     rows 16w .. 16w+15 of the tile; a key tile has kBlockN = 64 keys.
+//   * an S fragment float s[8][4] is the warp's 16 x 64 tile in mma C layout: with lane = 4g + t,
+//     s[nb][0..1] = rows g,   keys 8nb + 2t + {0,1};  s[nb][2..3] = row g+8, same keys.
+//   * shared tiles are row-major [64][ld] in the input dtype, ld = padded width + 8 halves (16 B),
+//     which makes every ldmatrix of 8 rows x 16 B conflict-free.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/math.h"
+#include "common/params.h"
+
+namespace ral::cuda {
+
+constexpr int kBlockM = 64;   // query rows per block
+constexpr int kBlockN = 64;   // keys per key tile
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxHeadDim = 256;
+
+__host__ __device__ constexpr int round_up16(int x) { return (x + 15) / 16 * 16; }
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---- dtype traits -------------------------------------------------------------------------------
+template <typename T> struct Dtype;
+template <> struct Dtype<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+};
+template <> struct Dtype<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+
+// c (16x8 fp32) += a (16x16, row) * b (16x8, col)
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m, and lane 4g+t gets
+// (row g, cols 2t, 2t+1) of matrix m in r[m] (.trans: (rows 2t, 2t+1, col g)).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// 16-byte global -> shared copy; zero-fills the destination when !valid (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ float fexp(float x) { return exp2f(x * kLog2e); }
+
+// sum / max over the 4 lanes of a quad (the lanes holding one row of an mma C fragment)
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// ---- tile loads -----------------------------------------------------------------------------------
+// Rows 0..63 of a strided global tile -> shared s[64][ld]: row r (r < rows) comes from
+// g + r * row_stride, columns [0, cols) (cols % 8 == 0); columns [cols, cols_pad) and rows >= rows
+// are zero-filled. `vec`: g and row_stride allow 16-byte cp.async; otherwise plain loads (synchronous).
+template <typename T>
+__device__ __forceinline__ void load_tile(T* s, int ld, const T* g, int64_t row_stride, int rows, int cols,
+                                          int cols_pad, bool vec) {
+  const int chunks = cols_pad / 8;
+  for (int idx = threadIdx.x; idx < kBlockM * chunks; idx += kThreads) {
+    const int r = idx / chunks, c = (idx - r * chunks) * 8;
+    const bool valid = r < rows && c < cols;
+    T* dst = s + r * ld + c;
+    const T* src = valid ? g + r * row_stride + c : g;
+    if (vec) {
+      cp_async16(dst, src, valid);
+    } else {
+      uint16_t v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = valid ? reinterpret_cast<const uint16_t*>(src)[e] : uint16_t(0);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+    }
+  }
+}
+
+// Whether a view's base and row strides allow 16-byte vector loads of rows (last dim contiguous).
+inline bool view_vec_ok(const View& v, int64_t elem_bytes) {
+  if (v.ptr % 16) return false;
+  for (int d = 0; d < 3; ++d)
+    if ((v.stride[d] * elem_bytes) % 16) return false;
+  return true;
+}
+
+// ---- S = A * B^T for one warp ---------------------------------------------------------------------
+// sA: [64][ld] rows of the query side, sB: [64][ld] rows of the key side; ksteps = padded dim / 16.
+// acc = the warp's 16 x 64 tile (rows 16*warp ..), in C layout.
+template <typename T>
+__device__ __forceinline__ void gemm_abt(float (&acc)[8][4], const T* sA, const T* sB, int ld, int ksteps,
+                                         int warp, int lane) {
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+  const T* pa = sA + (warp * 16 + (lane & 15)) * ld + (lane >> 4) * 8;
+  const T* pb = sB + ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
+  for (int ks = 0; ks < ksteps; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, pa + ks * 16);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, pb + np * 16 * ld + ks * 16);
+      mma16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// A fragment (16 x 16, k = keys 16kk..16kk+15) from a C-layout fp32 tile held in registers.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&x)[8][4], int kk) {
+  a[0] = Dtype<T>::pack(x[2 * kk][0], x[2 * kk][1]);
+  a[1] = Dtype<T>::pack(x[2 * kk][2], x[2 * kk][3]);
+  a[2] = Dtype<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+  a[3] = Dtype<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
+// acc[16 x 64 cols c0..c0+63] += X (warp's 16 rows x 64 keys, registers) * sV[keys][c0 ..]
+// (sV row-major [64 keys][ld]); column pairs at or beyond `cols16` (a multiple of 16) are skipped.
+template <typename T>
+__device__ __forceinline__ void gemm_c_v(float (&acc)[8][4], const float (&x)[8][4], const T* sV, int ld, int c0,
+                                         int cols16, int lane) {
+  const T* pv = sV + ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + c0 + (lane >> 4) * 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, x, kk);
+#pragma unroll
+    for (int dp = 0; dp < 4; ++dp) {
+      if (c0 + dp * 16 < cols16) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, pv + kk * 16 * ld + dp * 16);
+        mma16816<T>(acc[2 * dp], a, b[0], b[1]);
+        mma16816<T>(acc[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[16 keys (16*warp ..) x 64 cols c0 ..] += sX^T * sY: sX row-major [64 queries][ldx] (keys in
+// columns), sY row-major [64 queries][ldy]; the sum runs over the 64 queries.
+template <typename T>
+__device__ __forceinline__ void gemm_at_b(float (&acc)[8][4], const T* sX, int ldx, const T* sY, int ldy, int c0,
+                                          int cols16, int warp, int lane) {
+  const T* px = sX + ((lane & 7) + ((lane >> 4) << 3)) * ldx + warp * 16 + ((lane >> 3) & 1) * 8;
+  const T* py = sY + ((lane & 7) + (((lane >> 3) & 1) << 3)) * ldy + c0 + (lane >> 4) * 8;
+#pragma unroll
+  for (int kq = 0; kq < 4; ++kq) {
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, px + kq * 16 * ldx);
+#pragma unroll
+    for (int dp = 0; dp < 4; ++dp) {
+      if (c0 + dp * 16 < cols16) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, py + kq * 16 * ldy + dp * 16);
+        mma16816<T>(acc[2 * dp], a, b[0], b[1]);
+        mma16816<T>(acc[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[8][4]) {
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+}
+
+// ---- masks ----------------------------------------------------------------------------------------
+// Per thread: the 16 keys it holds in a key tile (key = j0 + 8nb + 2t + e, bit 2nb + e) that exist
+// and are not padding.
+__device__ __forceinline__ uint32_t key_bits(const AttentionKLParams& p, int64_t b, int64_t j0, int lane) {
+  const int t = lane & 3;
+  const uint8_t* kpm = reinterpret_cast<const uint8_t*>(p.key_padding_mask.ptr);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t key = j0 + nb * 8 + 2 * t + e;
+      bool ok = key < p.k_len;
+      if (ok && p.has_key_padding_mask)
+        ok = kpm[b * p.key_padding_mask.stride[0] + key * p.key_padding_mask.stride[1]] != 0;
+      bits |= uint32_t(ok) << (2 * nb + e);
+    }
+  }
+  return bits;
+}
+
+// Per row: its key position (Sk - Sq + i) and whether it exists.
+struct RowPos {
+  int64_t pos[2];
+  bool valid[2];
+};
+
+__device__ __forceinline__ RowPos row_pos(const AttentionKLParams& p, int64_t q0, int warp, int lane) {
+  RowPos r;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = q0 + warp * 16 + (lane >> 2) + 8 * h;
+    r.pos[h] = p.k_len - p.q_len + row;
+    r.valid[h] = row < p.q_len;
+  }
+  return r;
+}
+
+// Element masks of a key tile: bit (4nb + e) for element s[nb][e] (row half e >> 1).
+struct TileMask {
+  uint32_t a;  // in A(i): attended
+  uint32_t p;  // in P(i): policy support
+};
+
+__device__ __forceinline__ TileMask tile_mask(const AttentionKLParams& p, const RowPos& rp, uint32_t kbits,
+                                              int64_t j0, int lane) {
+  const int t = lane & 3;
+  int rel[2];  // row position relative to the tile's first key, clamped to [-1, 64]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) rel[h] = int(rp.pos[h] - j0 < -1 ? -1 : rp.pos[h] - j0 > 64 ? 64 : rp.pos[h] - j0);
+  TileMask m{0u, 0u};
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1, key = nb * 8 + 2 * t + (e & 1);
+      const bool in_a = ((kbits >> (2 * nb + (e & 1))) & 1u) && rp.valid[h] && (!p.causal || key <= rel[h]);
+      const bool in_p = in_a && !(p.exclude_self && key == rel[h]);
+      m.a |= uint32_t(in_a) << (4 * nb + e);
+      m.p |= uint32_t(in_p) << (4 * nb + e);
+    }
+  }
+  return m;
+}
+
+// Key tiles [j_begin, j_end) that a query tile starting at row q0 reads, split z of nsplit.
+__device__ __forceinline__ void key_tile_range(const AttentionKLParams& p, int64_t q0, int z, int nsplit,
+                                               int64_t& j_begin, int64_t& j_end) {
+  int64_t n = (p.k_len + kBlockN - 1) / kBlockN;
+  if (p.causal) {
+    const int64_t last_key = p.k_len - p.q_len + min64(q0 + kBlockM, p.q_len) - 1;  // of the tile's last row
+    n = last_key < 0 ? 0 : min64(n, last_key / kBlockN + 1);
+  }
+  const int64_t per = (n + nsplit - 1) / nsplit;
+  j_begin = min64(n, per * z);
+  j_end = min64(n, j_begin + per);
+}
+
+// logsumexp_h (lse_P - lse_A) over the heads of a stats tensor (log of H * Z; -inf for empty P)
+__device__ __forceinline__ float log_hz(const float* stats, int64_t s_head, int64_t n_heads) {
+  float m = neg_inf(), l = 0.f;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    const float lse_a = stats[h * s_head], lse_p = stats[h * s_head + 1];
+    if (lse_p != neg_inf()) lse_push(m, l, lse_p - lse_a);
+  }
+  return lse_value(m, l);
+}
+
+// exp(lw) * g_j where pi may underflow: `gl` holds g_j (jsd, kl) or log(rho_j / pi_j) (reverse_kl,
+// whose g = -rho/pi would overflow), so that the product is -exp(lw + gl) there.
+__device__ __forceinline__ float weighted_g(int32_t kind, float lw, float gl) {
+  return kind == kReverseKL ? -fexp(lw + gl) : fexp(lw) * gl;
+}
+// What weighted_g expects in `gl`, from log pi, log rho and g.
+__device__ __forceinline__ float g_or_log_ratio(int32_t kind, float lpi, float lrho, float g) {
+  return kind == kReverseKL ? lrho - lpi : g;
+}
+
+// dst[0..1] += (a, b) for 8-byte aligned dst (one vector atomic on sm_90)
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// Step pipeline over shared-memory stages (1 or 2): begin() waits for step s's tiles (and with
+// two stages first issues step s+1's into the other buffer), end() releases the buffer.
+struct Pipeline {
+  int stages;
+  int64_t s, n;
+  template <typename Issue>
+  __device__ __forceinline__ void start(Issue&& issue) {
+    if (n > 0) issue(int64_t(0), 0);
+    cp_async_commit();
+  }
+  template <typename Issue>
+  __device__ __forceinline__ int begin(Issue&& issue) {
+    if (stages == 2) {
+      if (s + 1 < n) issue(s + 1, int((s + 1) & 1));
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    return stages == 2 ? int(s & 1) : 0;
+  }
+  template <typename Issue>
+  __device__ __forceinline__ void end(Issue&& issue) {
+    __syncthreads();
+    if (stages == 1 && s + 1 < n) {
+      issue(s + 1, 0);
+      cp_async_commit();
+    }
+    ++s;
+  }
+};
+
+}  // namespace ral::cuda

@@ -1,0 +1,133 @@
+"""backend="cuda" (csrc/cuda) against the float64 reference, with the accuracy rule of tests/oracle.py.
+
+Needs a CUDA device and ral._C built with nvcc; skips cleanly otherwise.
+"""
+
+import pytest
+import torch
+
+from oracle import Problem, check, option_grid, option_id
+
+import ral
+from ral import backends
+
+
+def _cuda_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return backends.unavailable_reason("cuda")
+
+
+_REASON = _cuda_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cuda backend unavailable: {_REASON}")
+
+DTYPES = [torch.float16, torch.bfloat16]
+OPTIONS = list(option_grid())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=option_id)
+def test_option_grid(opts, dtype):
+    check(Problem(q_len=113, k_len=113, head_dim=64, v_head_dim=64, dtype=dtype, options=opts), "cuda", "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_head_dims(head_dim, heads, dtype):
+    opts = dict(divergence="jsd", heads=heads, exclude_self=True, causal=True)
+    check(Problem(batch=1, heads=3, kv_heads=3, q_len=70, k_len=70, head_dim=head_dim, v_head_dim=head_dim,
+                  dtype=dtype, options=opts), "cuda", "cuda")
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (1, 77), (17, 17), (17, 130), (113, 200), (1023, 1023)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_lengths(q_len, k_len, causal):
+    opts = dict(divergence="kl", heads="mean", exclude_self=True, causal=causal)
+    check(Problem(batch=1, heads=2, kv_heads=1, q_len=q_len, k_len=k_len, head_dim=64, v_head_dim=64,
+                  dtype=torch.float16, options=opts), "cuda", "cuda")
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
+def test_non_causal_more_queries_than_keys(divergence):
+    opts = dict(divergence=divergence, heads="mean", exclude_self=True, causal=False)
+    check(Problem(q_len=90, k_len=40, dtype=torch.bfloat16, head_dim=64, v_head_dim=64, options=opts),
+          "cuda", "cuda")
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+@pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
+def test_gqa_mqa(divergence, heads):
+    opts = dict(divergence=divergence, heads=heads, exclude_self=True, causal=True)
+    for kv_heads, ref_kv_heads in ((2, 4), (1, 1)):
+        check(Problem(heads=4, kv_heads=kv_heads, ref_kv_heads=ref_kv_heads, q_len=80, k_len=96, head_dim=64,
+                      v_head_dim=64, dtype=torch.float16, options=opts), "cuda", "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
+def test_teacher_shapes(divergence, dtype):
+    """heads="mean" with a reference of another head count and head dim (distillation)."""
+    opts = dict(divergence=divergence, heads="mean", exclude_self=True, causal=True)
+    check(Problem(heads=4, kv_heads=2, ref_heads=6, ref_kv_heads=3, ref_head_dim=128, q_len=100, k_len=100,
+                  head_dim=64, v_head_dim=64, dtype=dtype, options=opts), "cuda", "cuda")
+
+
+@pytest.mark.parametrize("opts", OPTIONS[::3], ids=option_id)
+def test_masks_and_ref_stats(opts):
+    check(Problem(q_len=75, k_len=75, head_dim=80, v_head_dim=80, dtype=torch.bfloat16, left_pad=(5, 0),
+                  right_pad=(0, 9), row_mask=True, with_ref_stats=True, options=opts), "cuda", "cuda")
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_without_v(heads):
+    opts = dict(divergence="jsd", heads=heads, exclude_self=True, causal=True)
+    check(Problem(q_len=65, k_len=65, head_dim=96, v_head_dim=None, dtype=torch.float16, options=opts),
+          "cuda", "cuda")
+
+
+def test_v_head_dim_differs():
+    opts = dict(divergence="kl", heads="mean", exclude_self=False, causal=True)
+    check(Problem(q_len=50, k_len=60, head_dim=64, v_head_dim=192, dtype=torch.float16, options=opts),
+          "cuda", "cuda")
+
+
+def test_strided_inputs_match_contiguous():
+    """(B, S, H, D) storage seen as (B, H, S, D), and an odd row stride from a slice."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, H, S, D = 2, 4, 97, 64
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float16)
+
+    q = rand(B, S, H, D).transpose(1, 2)
+    k = rand(B, S, H, D).transpose(1, 2)
+    v = rand(B, S, H, D + 8)[..., :D].transpose(1, 2)   # padded rows
+    q_ref = rand(B, S, H, D).transpose(1, 2)
+    k_ref = rand(B, H, S, 2 * D)[..., 1:D + 1]           # misaligned base: the plain-load path
+    kw = dict(q_ref=q_ref, k_ref=k_ref, divergence="jsd", heads="mean", backend="cuda")
+    args = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    contiguous = [t.detach().contiguous().requires_grad_(True) for t in (q, k, v)]
+    got = ral.attention_kl(*args, **kw)
+    want = ral.attention_kl(*contiguous, **dict(kw, q_ref=q_ref.contiguous(), k_ref=k_ref.contiguous()))
+    torch.testing.assert_close(got.out, want.out, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(got.div, want.div, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.stats, want.stats, atol=1e-4, rtol=1e-4)
+    (got.out.float().sum() + got.div.sum()).backward()
+    (want.out.float().sum() + want.div.sum()).backward()
+    for a, b in zip(args, contiguous):
+        torch.testing.assert_close(a.grad, b.grad, atol=5e-3, rtol=5e-3)
+
+
+def test_float32_raises():
+    q = torch.randn(1, 2, 8, 64, device="cuda")
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        ral.attention_kl(q, q, q, q_ref=q, k_ref=q, backend="cuda")
+
+
+def test_auto_routes_float32_elsewhere():
+    if backends.unavailable_reason("triton") is not None:
+        pytest.skip("triton backend unavailable")
+    q = torch.randn(1, 2, 8, 64, device="cuda")
+    assert backends.resolve("auto", ral.ops._checked_call(
+        q, q, q, q, q, None, "jsd", "mean", True, True, None, None, None, None, "auto")) == "triton"
