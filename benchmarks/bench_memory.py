@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""The main job: peak memory (and time) of the final-layer attention + attention-divergence,
+ral against the paper's eager attention and against SDPA, swept over the sequence length.
+
+    python benchmarks/bench_memory.py            # CPU: S = 512..8192, fwd / bwd / full, ~3 min
+    python benchmarks/bench_memory.py --quick    # S = 256..1024, full only, < 30 s
+    python benchmarks/bench_memory.py --device cuda   # GPU: S = 1k..32k, bf16
+
+Providers: ``eager`` (materialise both models' attention, average heads, drop self, renormalise,
+JSD, backward), ``sdpa`` (torch SDPA, output only: the floor), and ``ral-<backend>`` for every
+ral kernel backend this machine has (see providers.py). Each CPU point runs in a fresh process
+(forked from a server that has only imported torch and ral): its resident-set peak above the
+resident set once the inputs exist is the point's memory. On GPU, points run in this process and
+memory is ``torch.cuda.max_memory_allocated`` after a reset, above the inputs. A point that runs
+out of memory, or that is predicted (from S^2 and the smaller points) to exceed ``--max-gb`` or
+``--point-budget`` seconds, is recorded as OOM / SKIP and the sweep goes on.
+
+Writes <out-dir>/<tag>.json, .csv, _memory.png and _time.png (tag: bench_memory_<device>, with
+a _quick suffix for --quick) and prints a table and the goal ratios at S=4096 (CPU) or S=4k/16k (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import shlex
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import providers as P  # noqa: E402
+import report  # noqa: E402
+
+CPU_SEQS = [512, 1024, 2048, 4096, 8192]
+GPU_SEQS = [1024, 2048, 4096, 8192, 16384, 32768]
+QUICK_CPU_SEQS = [256, 512, 1024]
+QUICK_GPU_SEQS = [1024, 4096, 16384]
+QUADRATIC_MEMORY = ("eager", "ral-reference")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    ap.add_argument("--providers", default=None,
+                    help="comma list of eager, sdpa, ral-cpu, ral-triton, ral-cuda, ral-reference "
+                         "(default: eager, sdpa and every ral kernel backend available here)")
+    ap.add_argument("--modes", default=None, help="comma list of fwd, bwd, full (default all; --quick: full)")
+    ap.add_argument("--seqlens", default=None,
+                    help=f"comma list (default CPU {CPU_SEQS}, GPU {GPU_SEQS})")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=None, help="query heads H (default CPU 8, GPU 28)")
+    ap.add_argument("--kv-heads", type=int, default=None, help="kv heads Hkv (default CPU = H, GPU 4)")
+    ap.add_argument("--head-dim", type=int, default=None, help="D (default CPU 64, GPU 128)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="default float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--divergence", default="jsd", choices=["jsd", "kl", "reverse_kl"])
+    ap.add_argument("--heads-mode", default="mean", choices=["mean", "each"])
+    ap.add_argument("--no-causal", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="at most this many timed repeats per point (default CPU 5, GPU 25)")
+    ap.add_argument("--min-time", type=float, default=None,
+                    help="stop repeating once this many seconds were timed (default 1.0; --quick 0.2)")
+    ap.add_argument("--max-gb", type=float, default=None,
+                    help="skip a point predicted to need more (default CPU min(8, 60%% of MemAvailable); "
+                         "GPU 4x the device's memory, so that points really run out of memory there)")
+    ap.add_argument("--point-budget", type=float, default=None,
+                    help="skip a point predicted to take longer, in s (default CPU 40, GPU 120)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per point (default torch's)")
+    ap.add_argument("--isolate", default=None, choices=["process", "none"],
+                    help="fresh process per point (default on CPU) or all in this process (default on GPU)")
+    ap.add_argument("--metric", default="memory", choices=["memory", "speed"],
+                    help="memory: peak + time, a fresh process per point (CPU); speed: time and TFLOP/s only, "
+                         "in this process (what bench_speed.py runs)")
+    ap.add_argument("--quick", action="store_true", help="a small sweep in under 30 s")
+    ap.add_argument("--summary-seq", type=int, default=4096, help="S of the CPU goal ratios")
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tag", default=None, help="file stem (default bench_memory_<device>[_quick])")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def mem_available() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * P.GIB
+
+
+def resolve(args):
+    device = P.pick_device(args.device)
+    gpu = device.startswith("cuda")
+    heads = args.heads or (28 if gpu else 8)
+    kv_heads = args.kv_heads or (4 if gpu else heads)
+    head_dim = args.head_dim or (128 if gpu else 64)
+    cfg = P.Config(batch=args.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                   dtype=args.dtype or P.default_dtype(device), device=device, causal=not args.no_causal,
+                   divergence=args.divergence, heads_mode=args.heads_mode)
+    providers = args.providers.split(",") if args.providers else P.default_providers(device)
+    modes = args.modes.split(",") if args.modes else (["full"] if args.quick else list(P.MODES))
+    for m in modes:
+        if m not in P.MODES:
+            raise SystemExit(f"--modes: unknown mode {m!r}; choose from {P.MODES}")
+    if args.seqlens:
+        seqs = [int(s) for s in args.seqlens.split(",")]
+    else:
+        seqs = (QUICK_GPU_SEQS if gpu else QUICK_CPU_SEQS) if args.quick else (GPU_SEQS if gpu else CPU_SEQS)
+    if args.max_gb is not None:
+        max_bytes = args.max_gb * P.GIB
+    elif gpu:  # on a GPU an OOM is cheap and clean: let points really run out (4x: only absurd ones skip)
+        max_bytes = 4 * torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        max_bytes = min(8 * P.GIB, 0.6 * mem_available())
+    budget = args.point_budget or (120.0 if gpu else (10.0 if args.quick else 40.0))
+    min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.0)
+    if args.repeats is None:
+        args.repeats = 25 if gpu else 5
+    isolate = args.isolate or ("none" if gpu or args.metric == "speed" else "process")
+    tag = args.tag or f"bench_{args.metric}_{device.split(':')[0]}" + ("_quick" if args.quick else "")
+    return cfg, providers, modes, sorted(seqs), max_bytes, budget, min_time, isolate, tag
+
+
+class Runner:
+    """Runs points in fresh processes (forkserver: only torch and ral are imported beforehand)."""
+
+    def __init__(self, isolate: str, threads, repeats: int, min_time: float, budget: float,
+                 measure_memory: bool = True):
+        self.isolate = isolate
+        self.measure_memory = measure_memory
+        self.opts = dict(threads=threads, repeats=repeats, min_time=min_time)
+        self.timeout = max(120.0, 4 * budget)
+        self.ctx = None
+        if isolate == "process":
+            import multiprocessing as mp
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            self.ctx = mp.get_context(method)
+            if method == "forkserver":
+                self.ctx.set_forkserver_preload(["torch", "ral", "providers"])
+
+    def run(self, provider: str, mode: str, seq: int, cfg: P.Config) -> dict:
+        if self.isolate != "process":
+            if self.opts["threads"]:
+                torch.set_num_threads(self.opts["threads"])
+            res = P.run_point(provider, mode, seq, cfg, repeats=self.opts["repeats"],
+                              min_time=self.opts["min_time"], measure_memory=self.measure_memory)
+            gc.collect()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return res
+        parent, child = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=P.worker, args=(child, provider, mode, seq, cfg.asdict(), self.opts))
+        proc.start()
+        child.close()
+        res = None
+        if parent.poll(self.timeout):
+            try:
+                res = parent.recv()
+            except EOFError:
+                res = None
+        else:
+            proc.kill()
+            proc.join()
+            return dict(status="timeout", peak_bytes=None, time_s=None, times=[],
+                        note=f"killed after {self.timeout:.0f} s")
+        proc.join()
+        if res is None:  # died without answering: the OOM killer (-9) or a crash
+            status = "oom" if proc.exitcode in (-9, 137) else "error"
+            return dict(status=status, peak_bytes=None, time_s=None, times=[],
+                        note=f"worker exited with {proc.exitcode} (killed: out of memory?)")
+        return res
+
+
+def expected_runs(t: float, repeats: int, min_time: float) -> float:
+    """Runs a point makes: the measured first run, then timed repeats until min_time (>= 1)."""
+    timed = max(1, min(repeats, math.ceil(min_time / max(t, 1e-9))))
+    return 1 + timed
+
+
+def predict(history: list, provider: str, mode: str, seq: int, cfg: P.Config):
+    """(bytes, seconds per run) predicted for the point from the largest smaller measured point."""
+    a_priori = P.predicted_bytes(provider, mode, seq, cfg)
+    if not history:
+        return a_priori, None
+    s0, peak0, t0 = history[-1]
+    ratio = seq / s0
+    mem = a_priori
+    if peak0:
+        mem = max(peak0 * ratio ** (2 if provider in QUADRATIC_MEMORY else 1), 0.0)
+        if provider in QUADRATIC_MEMORY:
+            mem = max(mem, a_priori)
+    return mem, t0 * ratio ** 2 if t0 else None
+
+
+def sweep(args) -> tuple:
+    cfg, providers, modes, seqs, max_bytes, budget, min_time, isolate, tag = resolve(args)
+    runner = Runner(isolate, args.threads, args.repeats, min_time, budget, measure_memory=args.metric == "memory")
+    rows = []
+    points = [(m, s, p) for m in modes for p in providers for s in seqs]
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(points), disable=args.no_progress, unit="pt", dynamic_ncols=True, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    history, failed = {}, {}
+    for mode in modes:
+        for p in providers:
+            for s in seqs:
+                key = (p, mode)
+                if bar is not None:
+                    bar.set_description(f"{p} {mode} S={s}")
+                row = dict(provider=p, backend=P.backend_label(p, cfg.device), mode=mode, S=s, B=cfg.batch,
+                           H=cfg.heads, Hkv=cfg.kv_heads, D=cfg.head_dim, dtype=cfg.dtype, device=cfg.device,
+                           causal=cfg.causal, divergence=cfg.divergence, heads_mode=cfg.heads_mode,
+                           **P.versions())
+                mem, t = predict(history.get(key, []), p, mode, s, cfg)
+                if key in failed:
+                    res = dict(status="skip", note=f"a smaller S was {failed[key]}")
+                elif mem > max_bytes:
+                    res = dict(status="skip", note=f"predicted {P.fmt_bytes(mem)} > --max-gb {max_bytes / P.GIB:.1f}")
+                elif t is not None and t * expected_runs(t, args.repeats, min_time) > budget:
+                    res = dict(status="skip", note=f"predicted {t * expected_runs(t, args.repeats, min_time):.0f} s "
+                                                   f"> --point-budget {budget:.0f} s")
+                else:
+                    res = runner.run(p, mode, s, cfg)
+                row.update(status=res["status"], peak_bytes=res.get("peak_bytes"), time_s=res.get("time_s"),
+                           repeats=len(res.get("times") or []), times=res.get("times") or [],
+                           note=res.get("note", ""))
+                if res["status"] == "ok":
+                    history.setdefault(key, []).append((s, row["peak_bytes"], row["time_s"]))
+                    if row["time_s"]:
+                        fa = P.attention_flops(mode, s, cfg)
+                        extra = P.divergence_flops(mode, s, cfg) if p.startswith("ral-") else 0.0
+                        row["tflops_attn"] = fa / row["time_s"] / 1e12
+                        row["tflops_total"] = (fa + extra) / row["time_s"] / 1e12
+                else:
+                    failed.setdefault(key, f"{res['status'].upper()} at S={s}")
+                rows.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{res['status']} {P.fmt_bytes(row['peak_bytes'])} {P.fmt_time(row['time_s'])}")
+    if bar is not None:
+        bar.close()
+    return rows, cfg, providers, modes, tag, dict(max_bytes=max_bytes, point_budget_s=budget, min_time_s=min_time,
+                                                   repeats=args.repeats, isolate=isolate)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    load_start = P.load_average()
+    rows, cfg, providers, modes, tag, run_opts = sweep(args)
+    wall = time.time() - t_start
+    gpu = cfg.device.startswith("cuda")
+    seqs = sorted({r["S"] for r in rows})
+    summary_seq = args.summary_seq
+    if summary_seq not in seqs:  # e.g. --quick: the largest S where eager, sdpa and a ral backend all ran
+        full = [r for r in rows if r["mode"] == "full" and r["status"] == "ok"]
+        common = [s for s in seqs if {"eager", "sdpa"} <= {r["provider"] for r in full if r["S"] == s}
+                  and any(r["provider"].startswith("ral-") for r in full if r["S"] == s)]
+        summary_seq = common[-1] if common else seqs[-1]
+    summary = ((report.summary_gpu(rows, metric=args.metric, cfg=cfg) if gpu else [])
+               + report.summary_cpu(rows, seq=summary_seq, metric=args.metric))
+    meta = dict(
+        command=f"python benchmarks/{os.path.basename(sys.argv[0]) or 'bench_memory.py'}"
+                + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:])), metric=args.metric,
+        date=datetime.datetime.now().isoformat(timespec="seconds"), config=cfg.asdict(), providers=providers,
+        modes=modes, device_description=P.device_description(cfg.device), cpu_count=os.cpu_count(),
+        load_average_start=load_start, load_average_end=P.load_average(), wall_s=round(wall, 1),
+        ral_backends_available=P.ral.backends.available(), memory_meter=None if args.metric == "speed" else (
+            "torch.cuda.max_memory_allocated above the inputs" if gpu else
+            "VmHWM (reset via /proc/self/clear_refs) above VmRSS once the inputs exist, fresh process per point"),
+        flop_count=("FlashAttention's: 4*B*H*S*S*D fwd, x2.5 bwd, halved causal (tflops_attn); tflops_total "
+                    "adds the divergence's score products for ral (providers.divergence_flops)"),
+        **run_opts, **P.versions())
+    print(f"\nral {meta['ral_version']}, torch {meta['torch_version']}, {meta['device_description']}; "
+          f"ral backends here: {meta['ral_backends_available']}")
+    print(f"B={cfg.batch} H={cfg.heads} Hkv={cfg.kv_heads} D={cfg.head_dim} {cfg.dtype} "
+          f"{'causal' if cfg.causal else 'non-causal'} {cfg.divergence} heads={cfg.heads_mode}; "
+          f"load average {load_start} -> {meta['load_average_end']}")
+    print(report.table(rows, providers, modes, args.metric))
+    skipped = [r for r in rows if r["status"] != "ok"]
+    if skipped:
+        print("\nnot measured:")
+        for r in skipped:
+            print(f"  {r['provider']:>14} {r['mode']:>4} S={r['S']:<6} {r['status'].upper()}: {r['note']}")
+    print()
+    for line in summary:
+        print(line)
+    files = report.write_files(rows, meta, summary, args.out_dir, tag)
+    if not args.no_plot:
+        for metric in (("memory", "time") if args.metric == "memory" else ("time", "tflops")):
+            path = report.plot(rows, meta, os.path.join(args.out_dir, f"{tag}_{metric}.png"), metric, modes, providers)
+            if path:
+                files.append(path)
+    print(f"\nwrote {', '.join(os.path.relpath(f) for f in files)}  ({wall:.0f} s)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,531 @@
+"""What the benchmarks compare, and how one point is measured. Shared by bench_memory.py,
+bench_speed.py and the pytest-benchmark suite (test_bench_ops.py).
+
+Providers (all compute the final-layer attention output; all but ``sdpa`` also the per-row
+divergence of the head-averaged attention policy from a reference's, and its gradient):
+
+    eager     the paper's way: materialise both models' (B, H, S, S) attention probabilities
+              (as transformers' ``eager_attention_forward`` does), average the heads, drop the
+              self position, renormalise, JSD; backward through all of it.
+    sdpa      torch.nn.functional.scaled_dot_product_attention, output only: the floor (it does
+              not compute any divergence).
+    ral-<b>   ral.ops.attention_kl(..., backend=<b>) for every kernel backend this machine has
+              (cpu, triton, cuda); ``ral-reference`` (the materialising oracle) on request only.
+
+Modes: ``fwd`` (forward, no autograd graph), ``bwd`` (backward only, after a forward outside the
+measurement), ``full`` (forward + backward).
+
+Memory: CPU = resident-set peak (VmHWM, reset through /proc/self/clear_refs) above the resident
+set once the inputs exist; run each point in a fresh process (bench_memory.py does). GPU =
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` above
+``memory_allocated`` once the inputs exist. Both include the outputs and the gradients.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:  # an installed ral (pip install -e .) wins; a bare source checkout works too
+    import ral  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, REPO)
+    import ral  # noqa: F401
+
+import torch
+import torch.nn.functional as F
+
+import ral.backends
+import ral.ops
+
+MODES = ("fwd", "bwd", "full")
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and inputs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """The shape and options of a sweep; S varies per point. Hr = H and Dr = D (same model)."""
+
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    causal: bool = True
+    divergence: str = "jsd"
+    heads_mode: str = "mean"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(cfg: Config, seq: int, seed: int = 0) -> dict:
+    """q, k, v (requiring grad), the reference q_ref, k_ref, and the upstream gradients dout, ddiv."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dt, dev = cfg.torch_dtype, cfg.device
+
+    def rand(*shape, grad=False, scale=1.0):
+        t = (torch.randn(*shape, generator=gen) * scale).to(device=dev, dtype=dt)
+        return t.requires_grad_(grad)
+
+    b, h, hkv, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
+    div_shape = (b, seq) if cfg.heads_mode == "mean" else (b, h, seq)
+    return dict(
+        q=rand(b, h, seq, d, grad=True), k=rand(b, hkv, seq, d, grad=True), v=rand(b, hkv, seq, d, grad=True),
+        q_ref=rand(b, h, seq, d), k_ref=rand(b, hkv, seq, d),
+        dout=rand(b, h, seq, d, scale=0.1),
+        ddiv=(torch.randn(*div_shape, generator=gen)).to(device=dev, dtype=torch.float32),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' repeat_kv: (B, Hkv, S, D) -> (B, Hkv * n_rep, S, D)."""
+    if n_rep == 1:
+        return x
+    b, hkv, s, d = x.shape
+    return x[:, :, None].expand(b, hkv, n_rep, s, d).reshape(b, hkv * n_rep, s, d)
+
+
+def eager_attention(q, k, v=None, causal: bool = True, scale: Optional[float] = None):
+    """transformers' ``eager_attention_forward`` (Qwen2), returning the (B, H, S, S) probabilities.
+
+    scores = q k^T * scale + additive causal mask; softmax in fp32; out = probs @ v (None without v).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = _repeat_kv(k, n_rep)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if causal:
+        sq, sk = q.shape[2], k.shape[2]
+        mask = torch.full((sq, sk), torch.finfo(scores.dtype).min, dtype=scores.dtype, device=q.device)
+        mask = torch.triu(mask, diagonal=sk - sq + 1)
+        scores = scores + mask[None, None]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = None if v is None else torch.matmul(probs, _repeat_kv(v, n_rep))
+    return out, probs
+
+
+def eager_policy(probs: torch.Tensor, heads_mode: str = "mean", eps: float = 1e-12) -> torch.Tensor:
+    """The paper's Eq. 2 from materialised probabilities: head mean, drop self, renormalise.
+
+    (B, H, Sq, Sk) -> (B, Sq, Sk) ("mean") or (B, H, Sq, Sk) ("each"), fp32.
+    """
+    p = probs.float()
+    if heads_mode == "mean":
+        p = p.mean(1)
+    sq, sk = p.shape[-2], p.shape[-1]
+    rows = torch.arange(sq, device=p.device)[:, None] + (sk - sq)   # bottom-right aligned
+    self_pos = rows == torch.arange(sk, device=p.device)[None, :]
+    p = p.masked_fill(self_pos, 0.0)
+    return p / p.sum(-1, keepdim=True).clamp_min(eps)
+
+
+def eager_divergence(p: torch.Tensor, r: torch.Tensor, divergence: str = "jsd", eps: float = 1e-12):
+    """Row divergence of two materialised distributions (natural log); eps keeps log(0) finite."""
+    lp, lr = torch.log(p + eps), torch.log(r + eps)
+    if divergence == "kl":
+        return (p * (lp - lr)).sum(-1)
+    if divergence == "reverse_kl":
+        return (r * (lr - lp)).sum(-1)
+    lm = torch.log(0.5 * (p + r) + eps)
+    return 0.5 * (p * (lp - lm)).sum(-1) + 0.5 * (r * (lr - lm)).sum(-1)
+
+
+def forward_eager(inp: dict, cfg: Config):
+    out, probs = eager_attention(inp["q"], inp["k"], inp["v"], cfg.causal)
+    with torch.no_grad():
+        _, ref_probs = eager_attention(inp["q_ref"], inp["k_ref"], None, cfg.causal)
+        rho = eager_policy(ref_probs, cfg.heads_mode)
+        del ref_probs
+    pi = eager_policy(probs, cfg.heads_mode)
+    return out, eager_divergence(pi, rho, cfg.divergence)
+
+
+def forward_sdpa(inp: dict, cfg: Config):
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=gqa)
+    return out, None
+
+
+def forward_ral(backend: str) -> Callable:
+    def fwd(inp: dict, cfg: Config):
+        res = ral.ops.attention_kl(inp["q"], inp["k"], inp["v"], q_ref=inp["q_ref"], k_ref=inp["k_ref"],
+                                   divergence=cfg.divergence, heads=cfg.heads_mode, exclude_self=True,
+                                   causal=cfg.causal, backend=backend)
+        return res.out, res.div
+    return fwd
+
+
+def provider_fn(name: str) -> Callable:
+    if name == "eager":
+        return forward_eager
+    if name == "sdpa":
+        return forward_sdpa
+    if name.startswith("ral-"):
+        return forward_ral(name[4:])
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def ral_backends_for(device: str) -> list:
+    """The ral kernel backends that can run on `device` here (never the reference)."""
+    have = ral.backends.available()
+    if device.startswith("cuda"):
+        return [b for b in ("cuda", "triton") if b in have]
+    return [b for b in ("cpu",) if b in have]
+
+
+def default_providers(device: str) -> list:
+    return ["eager", "sdpa"] + [f"ral-{b}" for b in ral_backends_for(device)]
+
+
+def backend_label(provider: str, device: str) -> str:
+    """What actually runs: the torch path for eager/sdpa, the ral backend otherwise."""
+    if provider == "eager":
+        return "torch-matmul-softmax"
+    if provider == "sdpa":
+        return "torch-sdpa"
+    return provider[4:]
+
+
+def backward(out, div, inp: dict, retain_graph: bool = False) -> None:
+    tensors, grads = [out], [inp["dout"]]
+    if div is not None:
+        tensors.append(div)
+        grads.append(inp["ddiv"])
+    torch.autograd.backward(tensors, grads, retain_graph=retain_graph)
+
+
+def clear_grads(inp: dict) -> None:
+    for name in ("q", "k", "v"):
+        inp[name].grad = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory meters
+# ----------------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc) so they are not reused invisibly to RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssMeter:
+    """Resident-set peak above a baseline, Linux: VmHWM after resetting it via /proc/self/clear_refs.
+
+    Elsewhere falls back to ru_maxrss (a process-lifetime peak: only honest in a fresh process).
+    """
+
+    def __init__(self):
+        self.exact = os.path.exists("/proc/self/clear_refs") and _status_kib("VmHWM") is not None
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        if self.exact:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.base = _status_kib("VmRSS") * 1024
+        else:  # pragma: no cover
+            import resource
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def peak(self) -> int:
+        if self.exact:
+            return max(0, _status_kib("VmHWM") * 1024 - self.base)
+        import resource  # pragma: no cover
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) - self.base)
+
+
+class CudaMeter:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+
+
+def meter_for(device: str):
+    return CudaMeter(device) if device.startswith("cuda") else RssMeter()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    if hasattr(torch.cuda, "OutOfMemoryError") and isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# One point
+# ----------------------------------------------------------------------------------------------
+
+def run_point(provider: str, mode: str, seq: int, cfg: Config, *, repeats: int = 5, min_time: float = 1.0,
+              measure_memory: bool = True, warmup_small: bool = True, seed: int = 0) -> dict:
+    """Measure one (provider, mode, S): peak bytes of the first run, then the median time of repeats.
+
+    Returns {"status": "ok", "peak_bytes", "time_s", "times"} or {"status": "oom"|"error", "note"}.
+    On CPU the first run after the baseline is the one measured for memory (and serves as the
+    timing warm-up); on GPU a full warm-up run (compilation, autotuning) precedes it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    fwd = provider_fn(provider)
+    on_gpu = cfg.device.startswith("cuda")
+    try:
+        if warmup_small:  # thread pools, dispatch caches, the custom op, code loading
+            tiny = make_inputs(cfg, min(64, seq), seed)
+            out, div = fwd(tiny, cfg)
+            backward(out, div, tiny)
+            del tiny, out, div
+        inp = make_inputs(cfg, seq, seed)
+        if on_gpu:  # compile / autotune at the real shape before measuring (only what the mode runs)
+            if mode == "fwd":
+                with torch.no_grad():
+                    out, div = fwd(inp, cfg)
+            else:
+                out, div = fwd(inp, cfg)
+                backward(out, div, inp)
+            del out, div
+            clear_grads(inp)
+        meter = meter_for(cfg.device)
+        peak = None
+        graph = None
+        if mode == "fwd":
+            if measure_memory:
+                meter.start()
+            with torch.no_grad():
+                out, div = fwd(inp, cfg)
+            sync(cfg.device)
+            peak = meter.peak() if measure_memory else None
+            del out, div
+
+            def step():
+                with torch.no_grad():
+                    fwd(inp, cfg)
+        elif mode == "full":
+            if measure_memory:
+                meter.start()
+            out, div = fwd(inp, cfg)
+            backward(out, div, inp)
+            sync(cfg.device)
+            peak = meter.peak() if measure_memory else None
+            del out, div
+
+            def step():
+                clear_grads(inp)
+                o, d = fwd(inp, cfg)
+                backward(o, d, inp)
+        else:  # bwd: one forward kept (retain_graph), the backward measured and timed
+            graph = fwd(inp, cfg)
+            sync(cfg.device)
+            if measure_memory:
+                meter.start()
+            backward(*graph, inp, retain_graph=True)
+            sync(cfg.device)
+            peak = meter.peak() if measure_memory else None
+
+            def step():
+                clear_grads(inp)
+                backward(*graph, inp, retain_graph=True)
+
+        times = []
+        total = 0.0
+        while len(times) < max(1, repeats) and (len(times) < 1 or total < min_time):
+            clear_grads(inp)
+            sync(cfg.device)
+            t0 = time.perf_counter()
+            step()
+            sync(cfg.device)
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            total += dt
+        del graph
+        return dict(status="ok", peak_bytes=peak, time_s=statistics.median(times), times=times)
+    except Exception as err:  # noqa: BLE001 - recorded, not raised: a sweep goes on
+        status = "oom" if is_oom(err) else "error"
+        return dict(status=status, peak_bytes=None, time_s=None, times=[],
+                    note=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions (to skip points that would not fit) and FLOP counts
+# ----------------------------------------------------------------------------------------------
+
+def predicted_bytes(provider: str, mode: str, seq: int, cfg: Config) -> float:
+    """A rough a-priori peak for a point (only eager and ral-reference grow as S^2)."""
+    elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
+    b, h, d = cfg.batch, cfg.heads, cfg.head_dim
+    linear = 12 * b * h * seq * d * elem + 64 * b * h * seq
+    if provider in ("eager", "ral-reference"):
+        ss = b * h * seq * seq * max(elem, 4)
+        # measured here (fp32, S=512): eager holds ~4.5 / 5.6 / 9.8 score-sized tensors at its peak
+        n = {"fwd": 5.0, "bwd": 6.0, "full": 10.0}[mode] if provider == "eager" else 12.0
+        return n * ss + linear
+    return linear
+
+
+def attention_flops(mode: str, seq: int, cfg: Config) -> float:
+    """FlashAttention's count: 4·B·H·Sq·Sk·D forward (QK^T and PV), 2.5x that backward, halved causal."""
+    f = 4.0 * cfg.batch * cfg.heads * seq * seq * cfg.head_dim
+    if cfg.causal:
+        f /= 2
+    return {"fwd": f, "bwd": 2.5 * f, "full": 3.5 * f}[mode]
+
+
+def divergence_flops(mode: str, seq: int, cfg: Config) -> float:
+    """The divergence's extra matmul work in ral's fused kernels, counted like attention_flops.
+
+    One Sq×Sk×D score product costs 2·B·H·Sq·Sk·D (halved causal). The forward of a two-sweep
+    divergence (jsd or heads="mean": the row normalisers come first) adds, beyond attention's own
+    QK^T: the current scores again in the second sweep (1 product) and the reference's scores in
+    both sweeps (2 products; Hr = H, Dr = D here). A one-sweep divergence (kl / reverse_kl with
+    heads="each") adds only the reference's scores (1 product). The backward recomputes the
+    reference's scores once (1 product); its dS term rides on attention's dQ/dK products.
+    """
+    one = 2.0 * cfg.batch * cfg.heads * seq * seq * cfg.head_dim
+    if cfg.causal:
+        one /= 2
+    two_sweeps = cfg.divergence == "jsd" or cfg.heads_mode == "mean"
+    fwd = (3 if two_sweeps else 1) * one
+    bwd = 1 * one
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def load_average() -> Optional[list]:
+    try:
+        return list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        return None
+
+
+def versions() -> dict:
+    return dict(ral_version=getattr(ral, "__version__", "?"), torch_version=torch.__version__)
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if n >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+def fmt_time(t: Optional[float]) -> str:
+    if t is None:
+        return "-"
+    if t >= 1:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.1f} ms"
+    return f"{t * 1e6:.0f} us"
+
+
+def seq_label(s: int) -> str:
+    return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
+
+
+def default_dtype(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+__all__ = ["Config", "MODES", "make_inputs", "provider_fn", "default_providers", "ral_backends_for",
+           "run_point", "predicted_bytes", "attention_flops", "divergence_flops"]
+
+
+def worker(conn, provider: str, mode: str, seq: int, cfg_dict: dict, opts: dict) -> None:
+    """Entry point of a fresh per-point process (bench_memory.py): measure, send the result back."""
+    try:
+        if opts.get("threads"):
+            torch.set_num_threads(int(opts["threads"]))
+        cfg = Config(**cfg_dict)
+        res = run_point(provider, mode, seq, cfg, repeats=opts.get("repeats", 5),
+                        min_time=opts.get("min_time", 1.0), measure_memory=True)
+    except BaseException as err:  # noqa: BLE001
+        res = dict(status="error", peak_bytes=None, time_s=None, times=[], note=f"{type(err).__name__}: {err}")
+    conn.send(res)
+    conn.close()
