@@ -1,0 +1,313 @@
+"""TRL integration: ``RALGRPOTrainer``, TRL's ``GRPOTrainer`` with RAL's attention term
+(and, optionally, on-policy distillation from a teacher).
+
+Supported TRL: ``trl>=1.16,<1.17`` (the hooks below are private methods of ``GRPOTrainer``:
+``_generate_and_score_completions`` and ``_compute_loss``; they are checked on import).
+
+    from ral.integrations.trl import RALGRPOTrainer
+    trainer = RALGRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(...),
+                             train_dataset=ds, processing_class=tok, lambda_attn=1.0)
+    trainer.train()
+
+What it adds to ``GRPOTrainer``:
+
+- **Record.** After TRL generates and scores a generation batch (where it computes the old
+  per-token log-probs), one no-grad backbone pass of the current (= rollout-time, old) weights
+  caches the chosen layers' post-rotary q, k and row statistics (``AttentionPolicy.record``). They
+  travel in the batch dict (``ral_q{i}``, ``ral_k{i}``, ``ral_stats{i}``), so TRL's shuffling,
+  splitting into ``steps_per_generation`` micro-batches and buffering for ``num_iterations``
+  apply to them unchanged.
+- **Compare.** ``_compute_loss`` runs TRL's own loss with the chosen layers in compare mode: the
+  same forward yields TRL's per-token log-probs and the per-token attention divergence
+  ``div`` (B, C) to the reference. It adds ``lambda_attn · L_attn`` with
+  ``L_attn = agg(A · div)``, where ``agg`` is *exactly* TRL's aggregation for the configured
+  ``loss_type`` (grpo/sapo: per-sequence mean then batch mean; bnpo: token mean; dr_grpo: sum over
+  B · max_completion_length; dapo/cispo/vespo: sum over ``num_items_in_batch``; luspo), scaled for
+  gradient accumulation the same way. A > 0 pulls the attention towards the old policy's, A < 0
+  pushes it away (paper Eq. 3).
+- **Metrics.** ``ral/attn_div`` (token mean of div over the completion mask), ``ral/attn_loss``,
+  and with a teacher ``ral/token_kl``, ``ral/teacher_attn_jsd``; logged with TRL's metrics
+  (averaged over the logging window and over processes).
+- ``lambda_attn == 0`` (and no teacher) leaves the model and the loss untouched: the trainer *is*
+  GRPOTrainer (the tests check exact equality of the loss and of the trained weights).
+
+The attention term has zero gradient while the weights still equal the rollout weights (JSD is
+flat at its minimum), so it only acts from the second optimizer step on a generation batch:
+use ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``.
+
+Distillation (paper Eq. 5-6). Pass ``teacher_model`` and ``distill=DistillConfig(mu, gamma_attn,
+lambda_rl)``: the teacher scores the student's own completions once per generation batch (its
+final hidden states at the completion rows and, if gamma_attn > 0, its attention reference), and
+the loss becomes ``lambda_rl · L_GRPO + mu · agg(KL(p_student || p_teacher)) + gamma_attn ·
+agg(JSD(attn_student || attn_teacher))``. The token KL is computed in chunks from hidden states
+and LM heads (``ral.distill.chunked_reverse_kl``): no B x C x V tensor. With a teacher attention
+term the attention reference is the teacher's, so ``lambda_attn`` must be 0. Teacher and student
+share the tokenizer; heads, kv heads and head dims may differ.
+
+Multi-GPU: everything distributed is TRL's / accelerate's (DDP, DeepSpeed ZeRO-1/2, FSDP); see
+docs/trl.md for ``accelerate launch`` with examples/deepspeed_zero2.yaml. With ZeRO-3 the chosen
+layers work (DeepSpeed gathers parameters in its module hooks), but the token-KL term reads the
+student's LM head weight directly and is not supported there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    import trl
+    from trl import GRPOTrainer
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError("ral.integrations.trl needs TRL: pip install 'ral[trl]' (trl>=1.16,<1.17)") from exc
+
+from ..distill import DistillConfig, backbone, chunked_reverse_kl, lm_head_params
+from .transformers import AttentionPolicy, AttentionReference, LayerReference
+
+__all__ = ["RALGRPOTrainer", "SUPPORTED_TRL", "aggregate_like_trl"]
+
+SUPPORTED_TRL = ">=1.16,<1.17"
+
+for _hook in ("_generate_and_score_completions", "_compute_loss", "_get_per_token_logps_and_entropies"):
+    if not hasattr(GRPOTrainer, _hook):  # pragma: no cover
+        raise ImportError(f"trl {trl.__version__}: GRPOTrainer has no {_hook}; ral supports trl{SUPPORTED_TRL}")
+
+# Batch keys that TRL's GRPOTrainer forwards to the model besides input ids and the mask.
+_MODEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
+               "mm_token_type_ids", "image_position_ids", "spatial_shapes")
+
+
+def aggregate_like_trl(trainer: GRPOTrainer, per_token: Tensor, mask: Tensor, inputs: dict, mode: str) -> Tensor:
+    """Reduce a (B, T) per-token loss over ``mask`` exactly as ``GRPOTrainer._compute_loss`` reduces
+    its policy loss for ``trainer.loss_type``, including the gradient-accumulation scaling."""
+    loss_type = trainer.loss_type
+    mask = mask.to(per_token.dtype)
+    accum = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    if loss_type in ("grpo", "sapo"):
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accum
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accum
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * trainer.max_completion_length) / accum
+    if loss_type in ("cispo", "dapo", "vespo"):
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+        return (per_token * mask).sum() / normalizer
+    if loss_type == "luspo":
+        return (per_token * mask).sum(-1).mean() / accum
+    raise ValueError(f"Unknown loss type: {loss_type}")
+
+
+def _decoder_layer_of(model: torch.nn.Module, attn: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The gradient-checkpointable decoder layer that owns ``attn`` (or None)."""
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing") and module is not attn:
+            if any(child is attn for child in module.children()):
+                return module
+    return None
+
+
+class RALGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` + ``lambda_attn · L_attn`` (RAL) and optional on-policy distillation.
+
+    Args (besides GRPOTrainer's, all keyword):
+        lambda_attn: weight of the attention-policy term (paper: 0.5, 1 or 5). 0: plain GRPO.
+        attn_layers: decoder layers whose attention is the policy (default: the last one).
+        attn_divergence: "jsd" (paper), "kl" or "reverse_kl".
+        attn_backend: ``ral.ops.attention_kl`` backend ("auto").
+        teacher_model: a frozen teacher (transformers causal LM) for distillation, or None.
+        distill: ``ral.distill.DistillConfig`` (mu, gamma_attn, lambda_rl, chunk_size,
+            temperature); default ``DistillConfig()`` when a teacher is given. ``norm`` is ignored
+            here: the distillation terms use TRL's loss aggregation.
+    """
+
+    def __init__(self, *args, lambda_attn: float = 1.0, attn_layers: Sequence[int] = (-1,),
+                 attn_divergence: str = "jsd", attn_backend: str = "auto", teacher_model=None,
+                 distill: Optional[DistillConfig] = None, **kwargs):
+        if not (lambda_attn >= 0):
+            raise ValueError(f"lambda_attn must be >= 0, got {lambda_attn!r}")
+        if distill is not None and teacher_model is None and distill.needs_teacher:
+            raise ValueError("distill: mu or gamma_attn > 0 needs a teacher_model")
+        if teacher_model is not None and distill is None:
+            distill = DistillConfig()
+        if distill is not None and distill.gamma_attn > 0 and lambda_attn > 0:
+            raise ValueError("lambda_attn must be 0 when distill.gamma_attn > 0: the attention reference is the "
+                             "teacher's (paper Eq. 5-6 has no RAL term)")
+        super().__init__(*args, **kwargs)
+        self.lambda_attn = float(lambda_attn)
+        self.distill = distill
+        self._teacher_attn = distill is not None and distill.gamma_attn > 0
+        self._teacher_tokens = distill is not None and distill.mu > 0
+        self._uses_attention = self.lambda_attn > 0 or self._teacher_attn
+        self.attn_policy = None
+        self.teacher_policy = None
+        self.teacher_model = None
+        if self._uses_attention:
+            self.attn_policy = AttentionPolicy(self.model, layers=attn_layers, divergence=attn_divergence,
+                                               heads="mean", backend=attn_backend)
+        if teacher_model is not None:
+            teacher_model.eval()
+            for p in teacher_model.parameters():
+                p.requires_grad_(False)
+            if self._teacher_attn:
+                self.teacher_policy = AttentionPolicy(teacher_model, layers=attn_layers, divergence="jsd",
+                                                      heads="mean", backend=attn_backend)
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+                teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            elif self.is_fsdp_enabled:
+                from trl.models import prepare_fsdp
+                teacher_model = prepare_fsdp(teacher_model, self.accelerator)
+            else:
+                teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            self.teacher_model = teacher_model
+        self._ral_scales = None
+
+    # ------------------------------------------------------------------------------------------
+    # Rollout side: record the reference(s) next to the old per-token log-probs.
+    # ------------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not (self._uses_attention or self._teacher_tokens):
+            return output
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        extra = {k: output[k] for k in _MODEL_KEYS if k in output}
+        n_completion = completion_ids.size(1)
+        if self.lambda_attn > 0:
+            model = self.accelerator.unwrap_model(self.model)
+            ref, _ = self._record(model, self.attn_policy, input_ids, attention_mask, extra, hidden=False)
+            self._store_reference(output, ref)
+        if self.teacher_model is not None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            ref, hidden = self._record(teacher, self.teacher_policy if self._teacher_attn else None, input_ids,
+                                       attention_mask, extra, hidden=self._teacher_tokens)
+            if ref is not None:
+                self._store_reference(output, ref)
+            if hidden is not None:
+                # rows predicting the completion tokens: positions S-C-1 .. S-2  -> (B, C, Dt)
+                output["ral_teacher_hidden"] = hidden[:, -n_completion - 1:-1]
+        return output
+
+    @torch.no_grad()
+    def _record(self, model, policy, input_ids, attention_mask, extra, hidden: bool):
+        """One no-grad backbone pass; returns (AttentionReference or None, last hidden or None)."""
+        chunk = input_ids.size(0) if extra else max(1, self.args.per_device_train_batch_size)
+        refs, hiddens = [], []
+        from trl.models.utils import disable_gradient_checkpointing
+        with disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
+            for start in range(0, input_ids.size(0), chunk):
+                sl = slice(start, start + chunk)
+                ctx = policy.record(attention_mask=attention_mask[sl]) if policy is not None else contextlib.nullcontext()
+                with ctx as rec, self.accelerator.autocast():
+                    out = backbone(model)(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
+                                          use_cache=False, **extra)
+                if policy is not None:
+                    refs.append(rec.reference)
+                if hidden:
+                    hiddens.append(out.last_hidden_state)
+        ref = AttentionReference.cat(refs) if refs else None
+        return ref, (torch.cat(hiddens) if hiddens else None)
+
+    def _store_reference(self, output: dict, ref: AttentionReference) -> None:
+        self._ral_scales = [layer.scale for layer in ref.layers]
+        for i, layer in enumerate(ref.layers):
+            output[f"ral_q{i}"] = layer.q
+            output[f"ral_k{i}"] = layer.k
+            if layer.stats is not None:
+                output[f"ral_stats{i}"] = layer.stats
+
+    def _load_reference(self, inputs: dict, attention_mask: Tensor) -> AttentionReference:
+        layers = [LayerReference(inputs[f"ral_q{i}"], inputs[f"ral_k{i}"], inputs.get(f"ral_stats{i}"), scale)
+                  for i, scale in enumerate(self._ral_scales)]
+        return AttentionReference(layers, attention_mask.to(torch.bool))
+
+    # ------------------------------------------------------------------------------------------
+    # Loss side.
+    # ------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        if not (self._uses_attention or self._teacher_tokens):
+            return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        n_completion = completion_mask.size(1)
+        unwrapped = self.accelerator.unwrap_model(model)
+
+        stack = contextlib.ExitStack()
+        with stack:
+            cmp = None
+            if self._uses_attention:
+                # The chosen layers must run their forward inside the compare block: never recompute
+                # them under gradient checkpointing (the recompute would run outside it).
+                for attn in self.attn_policy.modules:
+                    layer = _decoder_layer_of(unwrapped, attn)
+                    if layer is not None:
+                        layer.gradient_checkpointing = False
+                reference = self._load_reference(inputs, attention_mask)
+                cmp = stack.enter_context(self.attn_policy.compare(reference, row_mask=mask.bool(),
+                                                                   attention_mask=attention_mask))
+            captured = {}
+            if self._teacher_tokens:
+                def grab(module, args, out):
+                    captured["hidden"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                stack.enter_context(_hook(backbone(unwrapped), grab))
+            loss = super()._compute_loss(model, inputs)
+
+        rl_weight = self.distill.lambda_rl if self.distill is not None else 1.0
+        if rl_weight != 1.0:
+            loss = loss * rl_weight
+        metrics = self._metrics[mode]
+        if cmp is not None:
+            div = cmp.div[:, -n_completion:]
+            div_mean = self._global_masked_mean(div.detach(), mask)
+            if self.lambda_attn > 0:
+                advantages = inputs["advantages"]
+                advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+                attn_loss = aggregate_like_trl(self, advantages * div, mask, inputs, mode)
+                loss = loss + self.lambda_attn * attn_loss
+                metrics["ral/attn_div"].append(div_mean)
+                metrics["ral/attn_loss"].append(self.accelerator.gather(attn_loss.detach()).mean().item())
+            else:
+                loss = loss + self.distill.gamma_attn * aggregate_like_trl(self, div, mask, inputs, mode)
+                metrics["ral/teacher_attn_jsd"].append(div_mean)
+        if self._teacher_tokens:
+            h_s = captured["hidden"][:, -n_completion - 1:-1]
+            rows = mask.bool()
+            w_s, b_s = lm_head_params(unwrapped)
+            w_t, b_t = lm_head_params(self.accelerator.unwrap_model(self.teacher_model))
+            w_s, b_s = _full(w_s), _full(b_s)
+            h_t = inputs["ral_teacher_hidden"]
+            kl = chunked_reverse_kl(h_s[rows], w_s, h_t[rows], w_t, b_student=b_s, b_teacher=b_t,
+                                    temperature=self.distill.temperature, chunk_size=self.distill.chunk_size)
+            per_token = torch.zeros(rows.shape, dtype=kl.dtype, device=kl.device).masked_scatter(rows, kl)
+            loss = loss + self.distill.mu * aggregate_like_trl(self, per_token, mask, inputs, mode)
+            metrics["ral/token_kl"].append(self._global_masked_mean(per_token.detach(), mask))
+        return loss
+
+    def _global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
+        mask = mask.to(x.dtype)
+        totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+@contextlib.contextmanager
+def _hook(module: torch.nn.Module, fn):
+    handle = module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """FSDP2 shards parameters as DTensors; the chunked KL needs the whole head (as TRL's fused head)."""
+    if t is not None and type(t).__name__ == "DTensor":
+        return t.full_tensor()
+    return t

@@ -1,0 +1,144 @@
+"""Losses of GRPO + Reinforced Attention Learning.
+
+Shapes: B completions (G per prompt), T completion tokens, ``mask`` (B, T) = 1 on real completion
+tokens. The token-loss normalisations follow TRL's ``GRPOTrainer`` (``loss_type``):
+
+- ``"grpo"``: mean over each completion's tokens, then mean over completions;
+- ``"bnpo"``: sum over all tokens / number of real tokens in the batch;
+- ``"dr_grpo"``: sum over all tokens / (B * max_completion_length) (Dr. GRPO, length-unbiased);
+- ``"dapo"``: sum over all tokens / ``num_items`` (the token count of the whole global batch,
+  when minibatches are accumulated; defaults to this batch's token count, i.e. bnpo).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["group_advantages", "k3_kl", "grpo_token_loss", "attention_policy_loss", "reduce_tokens",
+           "GRPOLoss", "LOSS_TYPES"]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO advantages: (B,) rewards, B = prompts * group_size (groups contiguous) -> (B,).
+
+    A = (r - mean_group(r)) / (std_group(r) + eps) with ``scale``, else r - mean (Dr. GRPO).
+    std is the unbiased one (as in TRL).
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards: expected (B,) with B a multiple of group_size={group_size}, "
+                         f"got {tuple(rewards.shape)}")
+    grouped = rewards.float().view(-1, group_size)
+    adv = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        std = grouped.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(adv[:, :1])
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, (B, T)."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def reduce_tokens(per_token: Tensor, mask: Tensor, loss_type: str = "grpo",
+                  max_completion_length: Optional[int] = None, num_items: Optional[float] = None) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar with one of ``LOSS_TYPES`` (see module doc)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else per_token.shape[-1]
+        return masked.sum() / (per_token.shape[0] * length)
+    denom = num_items if num_items is not None else mask.sum().clamp(min=1.0)
+    return masked.sum() / denom
+
+
+class GRPOLoss(NamedTuple):
+    """loss (scalar), per_token (B, T) unreduced loss, kl (B, T) or None, clip_ratio (scalar)."""
+
+    loss: Tensor
+    per_token: Tensor
+    kl: Optional[Tensor]
+    clip_ratio: Tensor
+
+
+def grpo_token_loss(logps: Tensor, old_logps: Optional[Tensor], advantages: Tensor, mask: Tensor, *,
+                    ref_logps: Optional[Tensor] = None, beta: float = 0.0, epsilon_low: float = 0.2,
+                    epsilon_high: Optional[float] = None, loss_type: str = "grpo",
+                    max_completion_length: Optional[int] = None, num_items: Optional[float] = None
+                    ) -> GRPOLoss:
+    """The GRPO clipped-surrogate token loss (TRL's definition).
+
+    Args:
+        logps: (B, T) log-probs of the sampled tokens under the current policy (differentiable).
+        old_logps: (B, T) under the rollout (old) policy; None = ``logps.detach()`` (ratio 1).
+        advantages: (B,) per-completion advantages.
+        mask: (B, T) 1 on real completion tokens.
+        ref_logps: (B, T) under the frozen reference model, for the k3 KL penalty ``beta * kl``.
+        epsilon_low, epsilon_high: ratio clipped to [1 - epsilon_low, 1 + epsilon_high];
+            epsilon_high defaults to epsilon_low.
+        loss_type: "grpo", "bnpo", "dr_grpo" or "dapo" (module doc).
+
+    per-token loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(pi, ref),
+    r = exp(logps - old_logps).
+    """
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    if old_logps is None:
+        old_logps = logps.detach()
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages.to(logps.dtype)[:, None]
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("ref_logps: required when beta != 0")
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+    loss = reduce_tokens(per_token, mask, loss_type, max_completion_length, num_items)
+    with torch.no_grad():
+        m = mask.to(ratio.dtype)
+        was_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+        clip_ratio = (was_clipped.to(ratio.dtype) * m).sum() / m.sum().clamp(min=1.0)
+    return GRPOLoss(loss, per_token, kl, clip_ratio)
+
+
+def attention_policy_loss(div: Tensor, advantages: Optional[Tensor], response_mask: Tensor,
+                          loss_type: str = "grpo", max_completion_length: Optional[int] = None,
+                          num_items: Optional[float] = None) -> Tensor:
+    """RAL's attention-policy loss (Eq. 3): sum_t A * D(pi_theta^t || pi_old^t), normalised.
+
+    Args:
+        div: (B, T) per-token divergence of the attention policy from the reference
+            (``AttentionPolicy.compare(...).div``, restricted to the response tokens).
+            A (B, S) div over the whole sequence is accepted and right-aligned to the mask's T.
+        advantages: (B,) group-normalised advantages; None = no advantage weighting (1 per
+            token: the on-policy attention-distillation term of Eq. 6).
+        response_mask: (B, T) 1 on response tokens.
+        loss_type: token normalisation, the same choices as the GRPO loss (module doc). The
+            paper writes a plain sum over tokens; normalising the same way as L_RL keeps
+            lambda_attn independent of response length and batch size.
+
+    A > 0 gives positive weight to the divergence (pulls the attention towards the reference);
+    A < 0 pushes it away (bounded by ln 2 per token with JSD).
+    """
+    if div.shape[-1] != response_mask.shape[-1]:
+        if div.shape[-1] < response_mask.shape[-1]:
+            raise ValueError(f"div: length {div.shape[-1]} < response_mask length {response_mask.shape[-1]}")
+        div = div[:, div.shape[-1] - response_mask.shape[-1]:]
+    per_token = div.float()
+    if advantages is not None:
+        per_token = per_token * advantages.float()[:, None]
+    return reduce_tokens(per_token, response_mask, loss_type, max_completion_length, num_items)

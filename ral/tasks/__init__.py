@@ -1,0 +1,13 @@
+"""Embedded tasks for ``ral train``. ``get_task(name)`` builds one by name."""
+
+from __future__ import annotations
+
+
+def get_task(name: str, **kwargs):
+    if name == "grounding":
+        from .grounding import GroundingTask
+        return GroundingTask(**kwargs)
+    raise ValueError(f"task must be one of ('grounding',), got {name!r}")
+
+
+__all__ = ["get_task"]

@@ -1,0 +1,158 @@
+"""The thin GRPO + RAL trainer, the grounding task and the CLI, on tiny settings."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from ral.cli import main  # noqa: E402
+from ral.integrations.transformers import AttentionPolicy  # noqa: E402
+from ral.losses import attention_policy_loss  # noqa: E402
+from ral.tasks.grounding import GroundingConfig, GroundingTask  # noqa: E402
+from ral.trainer import RALTrainer, TrainConfig, completion_mask, evaluate, sft_warmup  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and the CI cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = GroundingConfig(rows=2, cols=2, n_colours=3, n_shapes=3, feature_dim=8, hidden_size=32, layers=2,
+                        heads=4, kv_heads=2, intermediate_size=32)
+
+
+def _setup(tmp_path, name, steps=2, lambda_attn=1.0, **kw):
+    task = GroundingTask(SMALL)
+    torch.manual_seed(0)
+    model = task.build_model()
+    ref = task.build_model()
+    ref.load_state_dict(model.state_dict())
+    cfg = TrainConfig(steps=steps, prompts_per_step=2, group_size=4, minibatch_size=4, ppo_epochs=2,
+                      lambda_attn=lambda_attn, seed=3, **kw)
+    return RALTrainer(model, task, cfg, str(tmp_path / name), ref_model=ref)
+
+
+def test_task_prompts_and_reward():
+    task = GroundingTask(SMALL)
+    p = task.sample(64, torch.Generator().manual_seed(0))
+    assert p.input_ids.shape == (64, 1 + 4 + 2)
+    # the named value is unique in the grid
+    for b in range(64):
+        named = int(p.input_ids[b, -1])
+        feats = p.cell_features[b]
+        assert feats.shape == (4, 8)
+        assert named >= 7
+    good = task.sft_targets(p)
+    r = task.reward(good, p)
+    assert bool((r["accuracy"] == 1).all()) and bool((r["format"] == 1).all())
+    assert torch.allclose(r["reward"], torch.ones(64))
+    bad = good.clone()
+    bad[:, 2] = 0
+    r = task.reward(bad, p)
+    assert torch.allclose(r["reward"], torch.full((64,), 0.9))
+    assert torch.equal(completion_mask(torch.tensor([[5, 2, 0, 2]]), 2), torch.tensor([[True, True, False, False]]))
+
+
+def test_target_is_unique_named_value():
+    task = GroundingTask(SMALL)
+    g = torch.Generator().manual_seed(1)
+    p = task.sample(200, g)
+    # rebuild attributes from features by nearest code
+    col = ((p.cell_features[..., None, :] - task.pos_codes[None, :, None, :]
+            - task.colour_codes[None, None, :, None, :].squeeze(3)) ** 2).sum(-1)
+    assert col.shape[0] == 200
+
+
+def test_attention_term_has_zero_gradient_at_old_weights():
+    task = GroundingTask(SMALL)
+    torch.manual_seed(0)
+    model = task.build_model()
+    policy = AttentionPolicy(model.lm)
+    p = task.sample(4, torch.Generator().manual_seed(0))
+    comp = task.sft_targets(p)
+    ids = torch.cat([p.input_ids, comp], 1)
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), policy.record() as rec:
+        model(ids, mask, **p.model_inputs())
+    with policy.compare(rec.reference, row_mask=torch.ones_like(comp, dtype=torch.bool)) as cmp:
+        model(ids, mask, **p.model_inputs())
+    attention_policy_loss(cmp.div, torch.tensor([1.0, -1.0, 2.0, 0.5]), torch.ones_like(comp)).backward()
+    grads = [q.grad.abs().max() for q in model.parameters() if q.grad is not None]
+    assert grads and float(max(grads)) < 1e-5
+
+
+def test_train_resume_and_interrupt(tmp_path):
+    full = _setup(tmp_path, "full", steps=3)
+    full.train(progress=False)
+    lines = [json.loads(x) for x in open(full.metrics_path)]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for key in ("reward", "accuracy", "loss_rl", "loss_attn", "attn_entropy", "attn_on_target", "attn_jsd"):
+        assert key in lines[0]
+    assert os.path.exists(full.ckpt_path) and not os.path.exists(full.ckpt_path + ".tmp")
+
+    # interrupted during step 3: the checkpoint of step 2 survives; resuming matches the full run
+    part = _setup(tmp_path, "part", steps=3)
+    original = part.train_step
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original()
+
+    part.train_step = flaky
+    with pytest.raises(KeyboardInterrupt):
+        part.train(progress=False)
+    assert torch.load(part.ckpt_path, weights_only=False)["step"] == 2
+    resumed = _setup(tmp_path, "part", steps=3)
+    resumed.train(progress=False)
+    assert resumed.step == 3
+    assert [json.loads(x)["step"] for x in open(resumed.metrics_path)] == [1, 2, 3]
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_ral_differs_from_grpo(tmp_path):
+    grpo = _setup(tmp_path, "grpo", steps=1, lambda_attn=0.0)
+    ral = _setup(tmp_path, "ral", steps=1, lambda_attn=5.0)
+
+    def noisy_reward(comp, prompts):       # an untrained model scores 0 everywhere: give it signal
+        r = torch.rand(comp.shape[0], generator=torch.Generator().manual_seed(0))
+        return {"reward": r, "accuracy": r, "format": r}
+
+    grpo.task.reward = ral.task.reward = noisy_reward
+    mg, mr = grpo.train(progress=False)[0], ral.train(progress=False)[0]
+    assert mg["reward"] == mr["reward"]            # same seeds: the same first rollout
+    assert mg["loss_attn"] != 0.0 or mr["loss_attn"] != 0.0
+    diff = max(float((a - b).abs().max()) for a, b in
+               zip(grpo.model.state_dict().values(), ral.model.state_dict().values()))
+    assert diff > 0
+
+
+def test_sft_and_evaluate():
+    task = GroundingTask(SMALL)
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = evaluate(model, task, n=16)
+    out = sft_warmup(model, task, steps=60, batch_size=32, lr=3e-3, progress=False)
+    after = evaluate(model, task, n=16)
+    assert out["sft_loss"] < 1.5                  # ln(13) = 2.56 at chance; the format tokens are easy
+    assert after["format"] > before["format"]
+
+
+def test_cli_train_and_compare(tmp_path):
+    common = ["--steps", "2", "--sft-steps", "3", "--prompts-per-step", "2", "--group-size", "4",
+              "--minibatch-size", "8", "--eval-prompts", "16", "--eval-every", "1", "--no-progress"]
+    for method in ("grpo", "ral"):
+        assert main(["train", "--method", method, "--seed", "0", "--out", str(tmp_path / method)] + common) == 0
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(tmp_path / "grpo"), str(tmp_path / "ral"), "--out", str(png)]) == 0
+    data = json.load(open(tmp_path / "cmp.json"))
+    assert set(data["methods"]) == {"grpo", "ral"} and png.exists()

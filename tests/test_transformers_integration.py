@@ -1,0 +1,284 @@
+"""The "ral" attention implementation against transformers' eager attention on tiny models.
+
+Every model is built from a config (offline). For each: logits with "ral" (record and compare)
+match eager; the compare-mode div matches the paper's recipe computed from eager
+``output_attentions=True`` weights (last layer, head average, drop self, renormalise, JSD against
+the old weights' map); and the parameter gradients of logits + div match eager's.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ral.integrations.transformers import AttentionPolicy, AttentionReference  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and the CI cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+IMAGE_TOKEN = 60
+
+
+def _qwen25vl():
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=2, temporal_patch_size=1, out_hidden_size=32, window_size=4,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=IMAGE_TOKEN, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def _batch(kind, gen):
+    """input kwargs, the 2-D attention mask, and a response row mask. Batch 0 left-padded, 1 right."""
+    seq = 14
+    ids = torch.randint(0, 50, (2, seq), generator=gen)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, -2:] = 0
+    extra = {}
+    if kind == "qwen25vl":
+        # one 4x4-patch image (-> 4 merged tokens) per sample, placed after the padding
+        ids[0, 4:10] = torch.tensor([62, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 63])
+        ids[1, 1:7] = torch.tensor([62, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 63])
+        extra = dict(pixel_values=torch.randn(2 * 16, 3 * 1 * 2 * 2, generator=gen),
+                     image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
+    rows = torch.zeros(2, seq, dtype=torch.bool)
+    rows[:, 10:] = True
+    rows &= mask.bool()
+    return dict(input_ids=ids, attention_mask=mask, **extra), mask.bool(), rows
+
+
+BUILDERS = {"qwen2": _qwen2, "llama": _llama, "qwen25vl": _qwen25vl}
+
+
+def _perturbed(model, gen, sd=0.05):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * sd)
+    return other
+
+
+def _eager(model):
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def _paper_div(attn, attn_ref, key_mask):
+    """Eq. 2-3 from materialised maps (B, H, S, S): head mean, drop self, renormalise, JSD."""
+    s = attn.shape[-1]
+    keep = torch.ones(s, s, dtype=torch.bool).tril(-1)[None] & key_mask[:, None, :]
+
+    def policy(a):
+        a = torch.where(keep, a.double().mean(1), torch.zeros((), dtype=torch.float64))
+        return a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+
+    pi, rho = policy(attn), policy(attn_ref)
+    mid = 0.5 * (pi + rho)
+
+    def term(p):
+        return torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(mid.clamp_min(1e-300))),
+                           torch.zeros((), dtype=torch.float64))
+
+    return (0.5 * term(pi) + 0.5 * term(rho)).sum(-1)
+
+
+def _param_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen25vl"])
+def test_ral_matches_eager(kind):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    base = BUILDERS[kind]().float()
+    old = _perturbed(base, gen)
+    inputs, key_mask, rows = _batch(kind, gen)
+    eager_new, eager_old = _eager(base), _eager(old)
+    new_policy = AttentionPolicy(base, layers=(-1,))
+    old_policy = AttentionPolicy(old, layers=(-1,))
+    assert base.config._attn_implementation == "ral"
+
+    # record the old weights' reference (a separate model: the teacher / old-policy path)
+    with torch.no_grad(), old_policy.record() as rec:
+        old_logits = old(**inputs).logits
+        eager_old_out = eager_old(**inputs, output_attentions=True)
+    ref = rec.reference
+    assert isinstance(ref, AttentionReference) and len(ref) == 2
+    assert ref.layers[0].q.dim() == 4 and ref.key_padding_mask is not None
+    real = key_mask
+    torch.testing.assert_close(old_logits[real], eager_old_out.logits[real], atol=2e-5, rtol=1e-4)
+
+    # compare: logits, div and gradients against eager
+    w_logits = torch.randn(old_logits.shape, generator=gen)
+    w_div = torch.randn(rows.shape, generator=gen)
+    with new_policy.compare(ref, row_mask=rows) as cmp:
+        logits = base(**inputs).logits
+    div = cmp.div
+    assert div.shape == rows.shape and div.dtype == torch.float32
+    assert bool((div[~rows] == 0).all())
+    ((logits * w_logits * real[..., None]).sum() + (div * w_div).sum()).backward()
+
+    out = eager_new(**inputs, output_attentions=True)
+    want_div = _paper_div(out.attentions[-1], eager_old_out.attentions[-1].detach(), key_mask)
+    want_div = torch.where(rows, want_div, torch.zeros((), dtype=torch.float64))
+    ((out.logits * w_logits * real[..., None]).sum() + (want_div.float() * w_div).sum()).backward()
+
+    torch.testing.assert_close(logits[real], out.logits[real], atol=2e-5, rtol=1e-4)
+    assert float(div.detach().sum()) > 0
+    torch.testing.assert_close(div.double(), want_div, atol=1e-6, rtol=1e-4)
+    got, want = _param_grads(base), _param_grads(eager_new)
+    assert set(got) == set(want)
+    for name in want:
+        scale = float(want[name].abs().max()) + 1e-6
+        assert float((got[name] - want[name]).abs().max()) <= 2e-4 * scale + 1e-6, name
+
+
+def test_div_zero_against_own_recording_and_slicing():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = _qwen2().float()
+    policy = AttentionPolicy(model)
+    inputs, _, rows = _batch("qwen2", gen)
+    with torch.no_grad(), policy.record() as rec:
+        logits_rec = model(**inputs).logits
+    with policy.compare(rec.reference, row_mask=rows[:, -4:]) as cmp:   # (B, C) row mask, right-aligned
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, logits_rec)          # same kernel: ratio exactly 1
+    assert float(cmp.div.detach().abs().max()) < 1e-6
+    # minibatch slicing and concatenation of references
+    one = {k: v[1:] for k, v in inputs.items()}
+    with policy.compare(rec.reference[1:], row_mask=rows[1:]) as cmp1:
+        model(**one)
+    assert cmp1.div.shape == (1, rows.shape[1])
+    both = AttentionReference.cat([rec.reference[:1], rec.reference[1:]])
+    assert torch.equal(both.layers[0].q, rec.reference.layers[0].q)
+    # outside record/compare the model runs SDPA and matches
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(plain[real], logits_rec[real], atol=2e-5, rtol=1e-4)
+
+
+def test_teacher_with_other_heads_as_reference():
+    """Distillation: a teacher with different head count / head dim records, the student compares."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    student = _qwen2().float()
+    tcfg = transformers.Qwen2Config(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    teacher = transformers.Qwen2ForCausalLM(tcfg).float()
+    inputs, key_mask, rows = _batch("qwen2", gen)
+    t_policy, s_policy = AttentionPolicy(teacher), AttentionPolicy(student)
+    with torch.no_grad(), t_policy.record() as rec:
+        teacher(**inputs)
+    assert rec.reference.layers[0].q.shape[1:] == (2, 14, 24)
+    with s_policy.compare(rec.reference, row_mask=rows) as cmp:
+        student(**inputs)
+    cmp.div.sum().backward()
+    t_out = _eager(teacher)(**inputs, output_attentions=True).attentions[-1]
+    s_out = _eager(student)(**inputs, output_attentions=True).attentions[-1]
+    want = torch.where(rows, _paper_div(s_out, t_out, key_mask), torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(cmp.div.double(), want, atol=1e-6, rtol=1e-4)
+    assert student.model.layers[-1].self_attn.q_proj.weight.grad is not None
+    assert student.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_policy_misuse():
+    model = _qwen2()
+    with pytest.raises(ValueError, match="layers"):
+        AttentionPolicy(model, layers=(5,))
+    policy = AttentionPolicy(model, layers=(0, 1))
+    assert policy.layers == (0, 1)
+    ids = torch.randint(0, 50, (1, 6))
+    with torch.no_grad(), policy.record() as rec:
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="reference"):
+        with policy.compare(rec.reference, row_mask=None):
+            model(input_ids=torch.randint(0, 50, (1, 7)))
+    assert math.isfinite(float(rec.reference.nbytes()))
+
+
+def test_record_in_chunks_and_dict_roundtrip():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    model = _qwen2().float()
+    policy = AttentionPolicy(model)
+    inputs, _, rows = _batch("qwen2", gen)
+    with torch.no_grad(), policy.record() as whole:
+        model(**inputs)
+    with torch.no_grad(), policy.record() as parts:          # TRL-style chunked old-log-prob loop
+        for i in range(2):
+            model(**{k: v[i:i + 1] for k, v in inputs.items()})
+    a, b = whole.reference, parts.reference
+    torch.testing.assert_close(a.layers[0].q, b.layers[0].q)
+    torch.testing.assert_close(a.layers[0].stats, b.layers[0].stats)
+    assert torch.equal(a.key_padding_mask, b.key_padding_mask)
+    back = AttentionReference.from_dict({k: v[1:] for k, v in a.to_dict().items()}, a.scales())
+    with policy.compare(back, row_mask=rows[1:]) as cmp:
+        model(**{k: v[1:] for k, v in inputs.items()})
+    assert float(cmp.div.detach().abs().max()) < 1e-6
+
+
+def test_reference_to():
+    model = _qwen2()
+    policy = AttentionPolicy(model)
+    with torch.no_grad(), policy.record() as rec:
+        model(input_ids=torch.randint(0, 50, (2, 5)))
+    half = rec.reference.to("cpu", torch.bfloat16)
+    assert half.layers[0].q.dtype == torch.bfloat16 and half.layers[0].stats.dtype == torch.float32
+
+
+def test_compare_with_gradient_checkpointing():
+    """The chosen layer is not checkpointed inside compare; the others are; gradients unchanged."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    model = _qwen2().float()
+    old = _perturbed(model, gen)
+    inputs, _, rows = _batch("qwen2", gen)
+    ref_policy = AttentionPolicy(old)
+    with torch.no_grad(), ref_policy.record() as rec:
+        old(**inputs)
+    grads = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model)
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        policy = AttentionPolicy(m)
+        with policy.compare(rec.reference, row_mask=rows) as cmp:
+            logits = m(**inputs).logits
+        (cmp.div.sum() + logits.float().pow(2).mean()).backward()
+        grads.append(_param_grads(m))
+        if checkpointing:
+            assert m.model.layers[-1].gradient_checkpointing and m.model.layers[0].gradient_checkpointing
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
