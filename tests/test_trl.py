@@ -1,0 +1,143 @@
+"""RALGRPOTrainer: real TRL training steps on a tiny random Qwen2 (from config, offline, tokenizer
+built in code) with a rule-based reward, on CPU. lambda_attn = 0 must be GRPOTrainer exactly."""
+
+import os
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+pytest.importorskip("datasets")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from ral.distill import DistillConfig  # noqa: E402
+from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + list("abcdefghijklmnop")
+
+
+def tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def qwen2(hidden=32, heads=4, kv_heads=2, layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return Qwen2ForCausalLM(cfg)
+
+
+def dataset():
+    return Dataset.from_dict({"prompt": ["a b c", "d e f", "g h", "i j k l", "a a", "m n o", "p b", "c d"]})
+
+
+def count_a(completions, **_):
+    """Rule-based reward: how many 'a' tokens the completion has."""
+    return [float(c.split().count("a")) for c in completions]
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=6, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to="none",
+                use_cpu=True, save_strategy="no", seed=0, num_iterations=2, gradient_accumulation_steps=2,
+                gradient_checkpointing=False, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def saved_qwen2(path):
+    """A saved checkpoint path: with beta > 0 TRL loads its reference model from it (offline)."""
+    if not (path / "config.json").exists():
+        qwen2().save_pretrained(path)
+    return str(path)
+
+
+def train(cls, tmp_path, cfg_kw=None, **kw):
+    trainer = cls(model=saved_qwen2(tmp_path.parent / "init"), reward_funcs=count_a, args=config(tmp_path, **{"model_init_kwargs": {"dtype": torch.float32}, **(cfg_kw or {})}),
+                  train_dataset=dataset(), processing_class=tokenizer(), **kw)
+    trainer.train()
+    return trainer
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_lambda_zero_is_grpo_exactly(tmp_path, loss_type):
+    cfg = {"loss_type": loss_type, "beta": 0.04}
+    base = train(GRPOTrainer, tmp_path / "grpo", cfg)
+    ral = train(RALGRPOTrainer, tmp_path / "ral", cfg, lambda_attn=0.0)
+    assert ral.attn_policy is None
+    assert losses(ral) == losses(base) and len(losses(base)) == 3
+    for (name, p), (_, q) in zip(base.model.named_parameters(), ral.model.named_parameters()):
+        assert torch.equal(p, q), name
+    # and the loss of one batch, bit for bit
+    inputs = base._buffered_inputs[0]
+    assert torch.equal(GRPOTrainer._compute_loss(base, base.model, inputs), ral._compute_loss(ral.model, inputs))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_ral_steps_and_normalisation(tmp_path, loss_type):
+    trainer = train(RALGRPOTrainer, tmp_path, {"loss_type": loss_type}, lambda_attn=1.0)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert all("ral/attn_div" in h and "ral/attn_loss" in h for h in logs)
+    assert any(h["ral/attn_div"] > 0 for h in logs[1:])       # the weights moved off the rollout's
+    assert trainer.model.config._attn_implementation == "ral"
+
+    # The added term is lambda * agg(A * div), with TRL's aggregation for this loss_type.
+    inputs = trainer._buffered_inputs[1]
+    model = trainer.model
+    trainer.lambda_attn = 1.0
+    l1 = trainer._compute_loss(model, inputs)
+    attn = trainer._metrics["train"]["ral/attn_loss"][-1]
+    trainer.lambda_attn = 3.0
+    l3 = trainer._compute_loss(model, inputs)
+    assert abs((l3 - l1).item() - 2 * attn) < 1e-6 * max(1.0, abs(l1.item()))
+
+    mask = inputs["completion_mask"].float()
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad(), trainer.attn_policy.compare(trainer._load_reference(inputs, attention_mask),
+                                                      row_mask=mask.bool(), attention_mask=attention_mask) as cmp:
+        model(input_ids=ids, attention_mask=attention_mask)
+    per_token = inputs["advantages"][:, None] * cmp.div[:, -mask.shape[1]:]
+    accum = trainer.current_gradient_accumulation_steps
+    if loss_type == "grpo":
+        expected = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean() / accum
+    elif loss_type == "bnpo":
+        expected = (per_token * mask).sum() / mask.sum() / accum
+    elif loss_type == "dr_grpo":
+        expected = (per_token * mask).sum() / (mask.shape[0] * trainer.max_completion_length) / accum
+    else:
+        norm = inputs["num_items_in_batch"] * accum / trainer.args.steps_per_generation
+        expected = (per_token * mask).sum() / norm
+    assert abs(attn - expected.item()) < 1e-6 + 1e-4 * abs(expected.item())
+    assert torch.allclose(aggregate_like_trl(trainer, per_token, mask, inputs, "train"), expected)
+
+
+def test_ral_with_gradient_checkpointing(tmp_path):
+    trainer = train(RALGRPOTrainer, tmp_path, {"gradient_checkpointing": True, "max_steps": 2}, lambda_attn=1.0)
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses(trainer))
+
+
+def test_distillation_terms(tmp_path):
+    teacher = qwen2(hidden=48, heads=6, kv_heads=3, layers=3, seed=1)   # other head count / dim / depth
+    trainer = train(RALGRPOTrainer, tmp_path, {"max_steps": 2}, lambda_attn=0.0, teacher_model=teacher,
+                    distill=DistillConfig(mu=1.0, gamma_attn=1.0, lambda_rl=1.0, chunk_size=8))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("ral/token_kl" in h and "ral/teacher_attn_jsd" in h for h in logs)
+    assert all(h["ral/token_kl"] > 0 and h["ral/teacher_attn_jsd"] > 0 for h in logs)
+    with pytest.raises(ValueError, match="lambda_attn must be 0"):
+        RALGRPOTrainer(model=qwen2(), reward_funcs=count_a, args=config(tmp_path), train_dataset=dataset(),
+                       processing_class=tokenizer(), lambda_attn=1.0, teacher_model=teacher,
+                       distill=DistillConfig(gamma_attn=1.0))
