@@ -190,6 +190,19 @@ def _finite(x):
 
 
 @triton.jit
+def _nonzero(l):
+    """A softmax sum with 0 (an empty set) -> 1, so it can divide or go into log2; NaN passes."""
+    return tl.where(l == 0.0, 1.0, l)
+
+
+@triton.jit
+def _lse2(m, l):
+    """log2 sum from a running max and sum: -inf for an empty set (l == 0), NaN for NaN (a NaN input
+    must not turn its row into an empty one)."""
+    return tl.where(l == 0.0, NEG_INF, m + tl.log2(_nonzero(l)))
+
+
+@triton.jit
 def _key_ok(KPM_b, stride_kpn, offs_n, Sk, HAS_KPM: tl.constexpr):
     """(BLOCK_N,) bool: real keys (inside Sk and key_padding_mask True)."""
     ok = offs_n < Sk
@@ -260,13 +273,13 @@ def _head_softmax(Qh, Kh, Vh, Oh, sqm, sqd, skn, skd, svn, svd, som, sod, KPM_b,
             mp_use = tl.where(mp_new == NEG_INF, 0.0, mp_new)
             l_p = l_p * tl.exp2(m_p - mp_use) + _rsum(tl.exp2(s_p - mp_use[:, None]), 1)
             m_p = mp_new
-    lse_a = tl.where(l_a > 0, m_a + tl.log2(tl.where(l_a > 0, l_a, 1.0)), NEG_INF)
+    lse_a = _lse2(m_a, l_a)
     if EXCLUDE_SELF:
-        lse_p = tl.where(l_p > 0, m_p + tl.log2(tl.where(l_p > 0, l_p, 1.0)), NEG_INF)
+        lse_p = _lse2(m_p, l_p)
     else:
         lse_p = lse_a
     if HAS_V:
-        o = acc / tl.where(l_a > 0, l_a, 1.0)[:, None]
+        o = acc / _nonzero(l_a)[:, None]
         ptrs = Oh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :].to(tl.int64) * sod
         tl.store(ptrs, o.to(Oh.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
     return lse_a, lse_p
@@ -287,7 +300,7 @@ def _log_zsum(Sb, ssh, ssm, ssc, h0, NH, offs_m, Sq, BLOCK_M: tl.constexpr):
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
         sm = sm * tl.exp2(mx - m_use) + tl.exp2(x - m_use)
         mx = m_new
-    return tl.where(sm > 0, mx + tl.log2(tl.where(sm > 0, sm, 1.0)), NEG_INF)
+    return _lse2(mx, sm)
 
 
 @triton.jit
@@ -358,6 +371,148 @@ def _times_g(lc2, g, lpi2, lrho2, DIVERGENCE: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
+# Forward, heads="each" with kl / reverse_kl: one key sweep
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _online(m, l, x):
+    """One tile of an online softmax in log2 units; x (BLOCK_M, BLOCK_N) is -inf off the set.
+    -> (m_new, l_new, alpha, e, shift): shift = m_new, or 0 while the set is still empty;
+    e = exp2(x - shift) and alpha = exp2(m - shift) rescales the sums carried so far."""
+    m_new = tl.maximum(m, _rmax(x, 1))
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2(m - shift)
+    e = tl.exp2(x - shift[:, None])
+    return m_new, l * alpha + _rsum(e, 1), alpha, e, shift
+
+
+@triton.jit
+def _each_one_sweep(Qh, Kh, Vh, Oh, QRh, KRh, Sh, RSh, KPMb, RMb,
+                    sqm, sqd, skn, skd, svn, svd, srqm, srqd, srkn, srkd, som, sod,
+                    ssm, ssc, srsm, srsc, skpn, srmm, offs_m, Sq, Sk, D, DV, DR,
+                    scale2, ref_scale2, n_end,
+                    DIVERGENCE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_V: tl.constexpr, HAS_REF_STATS: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HAS_RM: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                    DR_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """heads="each", kl / reverse_kl: everything in one key sweep of head h (pointers at the head).
+    Online softmax of s over A (-> lse_A, out) and over P (-> lse_P), of s_ref over A and P (unless
+    ref_stats gives lse_RP; then its shift is that constant), and the divergence sum carried with
+    the weights of the distribution that weighs it, in shifted log space (log2 units):
+      kl:         T = sum_P e^(s - m) [(s - m) - (s_ref - m_r)],   weights pi:  div = T / l - log l + log l_r
+      reverse_kl: T = sum_P e^(s_ref - m_r) [(s_ref - m_r) - (s - m)], weights rho:
+                  div = T / l_r - log l_r + log l   (with ref_stats: m_r = lse_RP, l_r = sum rho ~ 1)
+    m, l / m_r, l_r: the running max and sum over P of the current model / reference; every term is
+    relative to the running maxes (never s - lse of two large numbers), and when a max moves the
+    carried T gets alpha * l_old * (shift change) besides the rescale alpha. gbar = div + 1 (kl),
+    -sum_P rho (reverse_kl: -1 on non-empty rows); cbar = 0. Returns (div, gbar, live) in natural log,
+    0 on rows that are not live (row_mask False or an empty P)."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_dr = tl.arange(0, DR_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    row_ok = offs_m < Sq
+    q = _load_tile(Qh, offs_m, offs_d, sqm, sqd, Sq, D)
+    qr = _load_tile(QRh, offs_m, offs_dr, srqm, srqd, Sq, DR)
+    zero = tl.full([BLOCK_M], 0.0, tl.float32)
+    ninf = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    m_a = ninf
+    l_a = zero
+    m_p = ninf
+    l_p = zero
+    m_ra = ninf
+    l_ra = zero
+    l_r = zero
+    t = zero
+    acc = tl.full([BLOCK_M, DV_PAD], 0.0, tl.float32)
+    if HAS_REF_STATS:
+        # the given normaliser is the reference's fixed shift: e^(s_ref - m_r) = rho exactly
+        m_r = _finite(_load_row(RSh + srsc, offs_m, srsm, Sq, NEG_INF) * LOG2E)
+    else:
+        m_r = ninf
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        att, sup = _key_sets(offs_m, offs_n, _key_ok(KPMb, skpn, offs_n, Sk, HAS_KPM), Sq, Sk,
+                             CAUSAL, EXCLUDE_SELF)
+        k = _load_tile(Kh, offs_n, offs_d, skn, skd, Sk, D)
+        s = _dot(q, tl.trans(k), UPCAST, PREC) * scale2
+        kr = _load_tile(KRh, offs_n, offs_dr, srkn, srkd, Sk, DR)
+        sr = _dot(qr, tl.trans(kr), UPCAST, PREC) * ref_scale2
+        # current model over A (and out)
+        p_old = _finite(m_p)
+        lp_old = l_p
+        m_a, l_a, alpha_a, e_a, sh_a = _online(m_a, l_a, tl.where(att, s, NEG_INF))
+        if HAS_V:
+            v = _load_tile(Vh, offs_n, offs_dv, svn, svd, Sk, DV)
+            acc = acc * alpha_a[:, None] + _dot(e_a.to(v.dtype), v, UPCAST, PREC)
+        # current model over P
+        if EXCLUDE_SELF:
+            m_p, l_p, alpha_p, e_p, sh_p = _online(m_p, l_p, tl.where(sup, s, NEG_INF))
+        else:
+            m_p, l_p, alpha_p, e_p, sh_p = m_a, l_a, alpha_a, e_a, sh_a
+        # reference over A and P (only the P shift / sums when ref_stats is given)
+        r_old = _finite(m_r)
+        lr_old = l_r
+        if HAS_REF_STATS:
+            sh_r = m_r
+            if DIVERGENCE == 2:
+                e_r = tl.exp2(tl.where(sup, sr, NEG_INF) - sh_r[:, None])
+                alpha_r = tl.full([BLOCK_M], 1.0, tl.float32)
+                l_r = l_r + _rsum(e_r, 1)
+        else:
+            m_ra, l_ra, alpha_ra, e_ra, sh_ra = _online(m_ra, l_ra, tl.where(att, sr, NEG_INF))
+            if EXCLUDE_SELF:
+                m_r, l_r, alpha_r, e_r, sh_r = _online(m_r, l_r, tl.where(sup, sr, NEG_INF))
+            else:
+                m_r, l_r, alpha_r, e_r, sh_r = m_ra, l_ra, alpha_ra, e_ra, sh_ra
+        # the divergence sum, weighted by pi (kl) or rho (reverse_kl)
+        if DIVERGENCE == 1:
+            x = (s - sh_p[:, None]) - (sr - sh_r[:, None])
+            t = alpha_p * (t + lp_old * ((p_old - sh_p) + (sh_r - r_old))) \
+                + _rsum(tl.where(sup, e_p * x, 0.0), 1)
+        else:
+            x = (sr - sh_r[:, None]) - (s - sh_p[:, None])
+            t = alpha_r * (t + lr_old * ((r_old - sh_r) + (sh_p - p_old))) \
+                + _rsum(tl.where(sup, e_r * x, 0.0), 1)
+
+    lse_a = _lse2(m_a, l_a)
+    lse_p = _lse2(m_p, l_p)
+    tl.store(Sh + offs_m.to(tl.int64) * ssm, lse_a * LN2, mask=row_ok)
+    tl.store(Sh + offs_m.to(tl.int64) * ssm + ssc, lse_p * LN2, mask=row_ok)
+    if not HAS_REF_STATS:
+        lse_ra = _lse2(m_ra, l_ra)
+        lse_rp = _lse2(m_r, l_r)
+        tl.store(RSh + offs_m.to(tl.int64) * srsm, lse_ra * LN2, mask=row_ok)
+        tl.store(RSh + offs_m.to(tl.int64) * srsm + srsc, lse_rp * LN2, mask=row_ok)
+    if HAS_V:
+        o = acc / _nonzero(l_a)[:, None]
+        ptrs = Oh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :].to(tl.int64) * sod
+        tl.store(ptrs, o.to(Oh.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
+
+    live = row_ok & (lse_p != NEG_INF)
+    if HAS_RM:
+        live = live & (tl.load(RMb + offs_m.to(tl.int64) * srmm, mask=row_ok, other=0) != 0)
+    l_safe = _nonzero(l_p)
+    if DIVERGENCE == 1:
+        if HAS_REF_STATS:
+            ref_off = zero  # log(sum_P e^(s_ref - lse_RP)) = 0: the reference enters through m_r
+        else:
+            ref_off = tl.log2(_nonzero(l_r))
+        div = (t / l_safe - tl.log2(l_safe) + ref_off) * LN2
+        gbar = div + 1.0
+    else:
+        lr_safe = _nonzero(l_r)
+        if HAS_REF_STATS:
+            div = (t + tl.log2(l_safe)) * LN2  # the weights e^(s_ref - lse_RP) are rho already
+            gbar = -l_r
+        else:
+            div = (t / lr_safe - tl.log2(lr_safe) + tl.log2(l_safe)) * LN2
+            gbar = -l_r / lr_safe
+    return tl.where(live, div, 0.0), tl.where(live, gbar, 0.0)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------
 
@@ -405,83 +560,97 @@ def _fwd_kernel(Q, K, V, QR, KR, RS, KPM, RM, OUT, STATS, DIV, GBAR, CBAR,
     KPMb = KPM + b * skpb
     Ob = OUT + b * sob
 
-    # ---- pass 1: row statistics (and out) per head ---------------------------------------
-    for hh in range(NH):
-        h = h0 + hh
-        lse_a, lse_p = _head_softmax(Qb + h * sqh, Kb + (h // G) * skh, Vb + (h // G) * svh, Ob + h * soh,
-                                     sqm, sqd, skn, skd, svn, svd, som, sod, KPMb, skpn, offs_m, Sq, Sk,
-                                     D, DV, scale2, n_end, BLOCK_M, BLOCK_N, D_PAD, DV_PAD, HAS_V,
-                                     HAS_KPM, CAUSAL, EXCLUDE_SELF, UPCAST, PREC)
-        ptrs = Sb + h * ssh + offs_m.to(tl.int64) * ssm
-        tl.store(ptrs, lse_a * LN2, mask=row_ok)
-        tl.store(ptrs + ssc, lse_p * LN2, mask=row_ok)
-    if not HAS_REF_STATS:
-        for rr in range(NHR):
-            r = h0 + rr
-            lse_a, lse_p = _head_softmax(QRb + r * srqh, KRb + (r // GR) * srkh, QRb, QRb,
-                                         srqm, srqd, srkn, srkd, 0, 0, 0, 0, KPMb, skpn, offs_m, Sq,
-                                         Sk, DR, 0, ref_scale2, n_end, BLOCK_M, BLOCK_N, DR_PAD, 16,
-                                         False, HAS_KPM, CAUSAL, EXCLUDE_SELF, UPCAST, PREC)
-            ptrs = RSb + r * srsh + offs_m.to(tl.int64) * srsm
-            tl.store(ptrs, lse_a * LN2, mask=row_ok)
-            tl.store(ptrs + srsc, lse_p * LN2, mask=row_ok)
-    tl.debug_barrier()  # pass 2 reads the statistics that other threads of this program wrote
-
-    # ---- pass 2: policy, reference, divergence -------------------------------------------
-    log_z = _log_zsum(Sb, ssh, ssm, ssc, h0, NH, offs_m, Sq, BLOCK_M)
-    log_zr = _log_zsum(RSb, srsh, srsm, srsc, h0, NHR, offs_m, Sq, BLOCK_M)
-    live = row_ok & (log_z != NEG_INF)
-    if HAS_RM:
-        live = live & (tl.load(RM + b * srmb + offs_m.to(tl.int64) * srmm, mask=row_ok, other=0) != 0)
-    log_z = tl.where(live, log_z, 0.0)
-    log_zr = _finite(log_zr)
-    n_end2 = tl.where(_rmax(live.to(tl.int32), 0) > 0, n_end, 0)
-    div = tl.full([BLOCK_M], 0.0, tl.float32)
-    gbar = tl.full([BLOCK_M], 0.0, tl.float32)
-    u = tl.full([BLOCK_M, H_PAD], 0.0, tl.float32)
-    cols = tl.arange(0, H_PAD)
-    for start_n in range(0, n_end2, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        att, sup = _key_sets(offs_m, offs_n, _key_ok(KPMb, skpn, offs_n, Sk, HAS_KPM), Sq, Sk,
-                             CAUSAL, EXCLUDE_SELF)
-        keep = sup & live[:, None]
-        lpi = _log_policy(Qb, Kb, Sb, sqh, sqm, sqd, skh, skn, skd, ssh, ssm, ssc, h0, NH, G,
-                          offs_m, offs_n, Sq, Sk, D, scale2, log_z,
-                          BLOCK_M, BLOCK_N, D_PAD, HEADS_EACH, UPCAST, PREC)
-        lrho = _log_policy(QRb, KRb, RSb, srqh, srqm, srqd, srkh, srkn, srkd, srsh, srsm, srsc, h0,
-                           NHR, GR, offs_m, offs_n, Sq, Sk, DR, ref_scale2, log_zr,
-                           BLOCK_M, BLOCK_N, DR_PAD, HEADS_EACH, UPCAST, PREC)
-        f, g, pig = _div_terms(lpi, lrho, DIVERGENCE)
-        div += _rsum(tl.where(keep, f, 0.0), 1)
-        gbar += _rsum(tl.where(keep, pig, 0.0), 1)
-        if not HEADS_EACH:
-            for hh in range(NH):
-                h = h0 + hh
-                s = _scores(Qb + h * sqh, Kb + (h // G) * skh, sqm, sqd, skn, skd, offs_m, offs_n,
-                            Sq, Sk, D, scale2, D_PAD, UPCAST, PREC)
-                la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
-                ag = _times_g(s - _finite(la)[:, None], g, lpi, lrho, DIVERGENCE)
-                uh = _rsum(tl.where(keep, ag, 0.0), 1)
-                u += tl.where(cols[None, :] == hh, uh[:, None], 0.0)
-
-    div = tl.where(live, div, 0.0)
-    gbar = tl.where(live, gbar, 0.0)
-    rows = offs_m.to(tl.int64) * sdm
-    tl.store(DIV + b * sdb + h0 * sdh + rows, div, mask=row_ok)
-    tl.store(GBAR + b * sdb + h0 * sdh + rows, gbar, mask=row_ok)
-    crow = CBAR + b * scb + offs_m.to(tl.int64) * scm
-    if HEADS_EACH:
-        tl.store(crow + h0 * sch, tl.full([BLOCK_M], 0.0, tl.float32), mask=row_ok)
+    if HEADS_EACH and DIVERGENCE != 0:
+        div, gbar = _each_one_sweep(
+            Qb + h0 * sqh, Kb + (h0 // G) * skh, Vb + (h0 // G) * svh, Ob + h0 * soh,
+            QRb + h0 * srqh, KRb + (h0 // GR) * srkh, Sb + h0 * ssh, RSb + h0 * srsh, KPMb, RM + b * srmb,
+            sqm, sqd, skn, skd, svn, svd, srqm, srqd, srkn, srkd, som, sod,
+            ssm, ssc, srsm, srsc, skpn, srmm, offs_m, Sq, Sk, D, DV, DR, scale2, ref_scale2, n_end,
+            DIVERGENCE, EXCLUDE_SELF, CAUSAL, HAS_V, HAS_REF_STATS, HAS_KPM, HAS_RM, D_PAD, DV_PAD,
+            DR_PAD, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        rows = offs_m.to(tl.int64) * sdm
+        tl.store(DIV + b * sdb + h0 * sdh + rows, div, mask=row_ok)
+        tl.store(GBAR + b * sdb + h0 * sdh + rows, gbar, mask=row_ok)
+        tl.store(CBAR + b * scb + h0 * sch + offs_m.to(tl.int64) * scm, tl.full([BLOCK_M], 0.0, tl.float32),
+                 mask=row_ok)
     else:
-        inv_z = H * tl.exp2(-log_z)  # 1 / Z, Z = (1/H) sum_h Z_h
+        # ---- pass 1: row statistics (and out) per head ---------------------------------------
         for hh in range(NH):
             h = h0 + hh
-            uh = _rsum(tl.where(cols[None, :] == hh, u, 0.0), 1)
-            la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
-            lp = _load_row(Sb + h * ssh + ssc, offs_m, ssm, Sq, NEG_INF) * LOG2E
-            z_h = tl.where(lp == NEG_INF, 0.0, tl.exp2(lp - _finite(la)))
-            c = (uh - gbar * z_h) * inv_z
-            tl.store(crow + h * sch, tl.where(live, c, 0.0), mask=row_ok)
+            lse_a, lse_p = _head_softmax(Qb + h * sqh, Kb + (h // G) * skh, Vb + (h // G) * svh, Ob + h * soh,
+                                         sqm, sqd, skn, skd, svn, svd, som, sod, KPMb, skpn, offs_m, Sq, Sk,
+                                         D, DV, scale2, n_end, BLOCK_M, BLOCK_N, D_PAD, DV_PAD, HAS_V,
+                                         HAS_KPM, CAUSAL, EXCLUDE_SELF, UPCAST, PREC)
+            ptrs = Sb + h * ssh + offs_m.to(tl.int64) * ssm
+            tl.store(ptrs, lse_a * LN2, mask=row_ok)
+            tl.store(ptrs + ssc, lse_p * LN2, mask=row_ok)
+        if not HAS_REF_STATS:
+            for rr in range(NHR):
+                r = h0 + rr
+                lse_a, lse_p = _head_softmax(QRb + r * srqh, KRb + (r // GR) * srkh, QRb, QRb,
+                                             srqm, srqd, srkn, srkd, 0, 0, 0, 0, KPMb, skpn, offs_m, Sq,
+                                             Sk, DR, 0, ref_scale2, n_end, BLOCK_M, BLOCK_N, DR_PAD, 16,
+                                             False, HAS_KPM, CAUSAL, EXCLUDE_SELF, UPCAST, PREC)
+                ptrs = RSb + r * srsh + offs_m.to(tl.int64) * srsm
+                tl.store(ptrs, lse_a * LN2, mask=row_ok)
+                tl.store(ptrs + srsc, lse_p * LN2, mask=row_ok)
+        tl.debug_barrier()  # pass 2 reads the statistics that other threads of this program wrote
+
+        # ---- pass 2: policy, reference, divergence -------------------------------------------
+        log_z = _log_zsum(Sb, ssh, ssm, ssc, h0, NH, offs_m, Sq, BLOCK_M)
+        log_zr = _log_zsum(RSb, srsh, srsm, srsc, h0, NHR, offs_m, Sq, BLOCK_M)
+        live = row_ok & (log_z != NEG_INF)
+        if HAS_RM:
+            live = live & (tl.load(RM + b * srmb + offs_m.to(tl.int64) * srmm, mask=row_ok, other=0) != 0)
+        log_z = tl.where(live, log_z, 0.0)
+        log_zr = _finite(log_zr)
+        n_end2 = tl.where(_rmax(live.to(tl.int32), 0) > 0, n_end, 0)
+        div = tl.full([BLOCK_M], 0.0, tl.float32)
+        gbar = tl.full([BLOCK_M], 0.0, tl.float32)
+        u = tl.full([BLOCK_M, H_PAD], 0.0, tl.float32)
+        cols = tl.arange(0, H_PAD)
+        for start_n in range(0, n_end2, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            att, sup = _key_sets(offs_m, offs_n, _key_ok(KPMb, skpn, offs_n, Sk, HAS_KPM), Sq, Sk,
+                                 CAUSAL, EXCLUDE_SELF)
+            keep = sup & live[:, None]
+            lpi = _log_policy(Qb, Kb, Sb, sqh, sqm, sqd, skh, skn, skd, ssh, ssm, ssc, h0, NH, G,
+                              offs_m, offs_n, Sq, Sk, D, scale2, log_z,
+                              BLOCK_M, BLOCK_N, D_PAD, HEADS_EACH, UPCAST, PREC)
+            lrho = _log_policy(QRb, KRb, RSb, srqh, srqm, srqd, srkh, srkn, srkd, srsh, srsm, srsc, h0,
+                               NHR, GR, offs_m, offs_n, Sq, Sk, DR, ref_scale2, log_zr,
+                               BLOCK_M, BLOCK_N, DR_PAD, HEADS_EACH, UPCAST, PREC)
+            f, g, pig = _div_terms(lpi, lrho, DIVERGENCE)
+            div += _rsum(tl.where(keep, f, 0.0), 1)
+            gbar += _rsum(tl.where(keep, pig, 0.0), 1)
+            if not HEADS_EACH:
+                for hh in range(NH):
+                    h = h0 + hh
+                    s = _scores(Qb + h * sqh, Kb + (h // G) * skh, sqm, sqd, skn, skd, offs_m, offs_n,
+                                Sq, Sk, D, scale2, D_PAD, UPCAST, PREC)
+                    la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
+                    ag = _times_g(s - _finite(la)[:, None], g, lpi, lrho, DIVERGENCE)
+                    uh = _rsum(tl.where(keep, ag, 0.0), 1)
+                    u += tl.where(cols[None, :] == hh, uh[:, None], 0.0)
+
+        div = tl.where(live, div, 0.0)
+        gbar = tl.where(live, gbar, 0.0)
+        rows = offs_m.to(tl.int64) * sdm
+        tl.store(DIV + b * sdb + h0 * sdh + rows, div, mask=row_ok)
+        tl.store(GBAR + b * sdb + h0 * sdh + rows, gbar, mask=row_ok)
+        crow = CBAR + b * scb + offs_m.to(tl.int64) * scm
+        if HEADS_EACH:
+            tl.store(crow + h0 * sch, tl.full([BLOCK_M], 0.0, tl.float32), mask=row_ok)
+        else:
+            inv_z = H * tl.exp2(-log_z)  # 1 / Z, Z = (1/H) sum_h Z_h
+            for hh in range(NH):
+                h = h0 + hh
+                uh = _rsum(tl.where(cols[None, :] == hh, u, 0.0), 1)
+                la = _load_row(Sb + h * ssh, offs_m, ssm, Sq, 0.0) * LOG2E
+                lp = _load_row(Sb + h * ssh + ssc, offs_m, ssm, Sq, NEG_INF) * LOG2E
+                z_h = tl.where(lp == NEG_INF, 0.0, tl.exp2(lp - _finite(la)))
+                c = (uh - gbar * z_h) * inv_z
+                tl.store(crow + h * sch, tl.where(live, c, 0.0), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------

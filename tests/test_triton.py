@@ -158,6 +158,78 @@ def test_kernels_follow_the_interpret_mode_at_launch(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# heads="each" with kl / reverse_kl: the single-sweep forward
+# ----------------------------------------------------------------------------------------------
+
+ONE_SWEEP = [dict(divergence=d, heads="each", exclude_self=x, causal=c)
+             for d in ("kl", "reverse_kl") for x in (True, False) for c in (True, False)]
+# Sq < Sk over several key tiles (the running maxes move between tiles), left and right padding
+# (a fully padded row in batch 0), row_mask, kv and reference GQA with different group sizes.
+ONE_SWEEP_VARIANT = dict(batch=2, heads=2, kv_heads=1, ref_kv_heads=2, q_len=13, k_len=37,
+                         head_dim=16, left_pad=(0, 7), right_pad=(25, 0), row_mask=True)
+
+
+@pytest.mark.parametrize("with_ref_stats", [False, True], ids=["own_ref", "ref_stats"])
+@pytest.mark.parametrize("opts", ONE_SWEEP, ids=option_id)
+def test_each_one_sweep(opts, with_ref_stats):
+    dtype = torch.float16 if opts["causal"] and not opts["exclude_self"] else torch.float32
+    problem = Problem(options=opts, with_ref_stats=with_ref_stats, dtype=dtype, seed=3,
+                      **ONE_SWEEP_VARIANT)
+    check(problem, "triton")
+
+
+class PeakyProblem(Problem):
+    """Every row attends almost only to itself (k = q, large scale); the reference too when
+    `peaky_ref` (then pi and rho are both near one-hot and the divergence sums cancel hardest)."""
+
+    peaky_ref: bool = False
+
+    def make(self, device="cpu") -> dict:
+        kw = super().make(device)
+        kw["k"] = kw["q"].clone()
+        if self.peaky_ref:
+            kw["k_ref"] = kw["q_ref"].clone() + 0.05 * kw["k_ref"]
+        return kw
+
+
+@pytest.mark.parametrize("peaky_ref", [False, True], ids=["diffuse_ref", "peaky_ref"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_each_one_sweep_peaky_self(divergence, peaky_ref):
+    opts = dict(divergence=divergence, heads="each", exclude_self=True, causal=True, scale=6.0,
+                ref_scale=6.0 if peaky_ref else None)
+    problem = PeakyProblem(batch=1, heads=2, kv_heads=2, q_len=24, k_len=24, options=opts, seed=5)
+    problem.peaky_ref = peaky_ref
+    check(problem, "triton")
+    kw = cast(problem.make(), torch.float32)
+    res = ral.attention_kl(backend="triton", **kw)
+    assert torch.isfinite(res.div).all() and torch.isfinite(res.stats[..., 1][:, :, 1:]).all()
+
+
+@pytest.mark.parametrize("divergence,heads", [("kl", "each"), ("reverse_kl", "each"), ("jsd", "each"),
+                                             ("reverse_kl", "mean")])
+def test_row_rules_nan_empty_masked(divergence, heads):
+    """NaN stays in its row (stats and div, not an empty row's 0); empty supports, masked rows and
+    fully padded rows give 0. Single-sweep ("each" kl / reverse_kl) and two-sweep paths."""
+    opts = dict(divergence=divergence, heads=heads, exclude_self=True, causal=True)
+    base = Problem(batch=2, heads=2, kv_heads=1, q_len=9, k_len=20, left_pad=(0, 14), row_mask=True,
+                   options=opts, seed=7).make()
+    base["row_mask"][0, 4] = True
+    base["q"][0, 1, 4] = float("nan")
+    base["q"][1, 0, 6] = float("nan")
+    base["row_mask"][1, 6] = False
+    res = ral.attention_kl(backend="triton", **cast(base, torch.float32))
+    want = ral.attention_kl(backend="reference", **base)
+    nan_row = (0, 1, 4) if heads == "each" else (0, 4)
+    assert torch.isnan(res.div).sum() == 1 and torch.isnan(res.div[nan_row])
+    assert torch.isnan(res.stats[0, 1, 4]).all() and torch.isnan(res.stats[1, 0, 6]).all()
+    assert torch.isnan(res.stats).sum() == 4
+    assert (res.div[1, ..., :5] == 0).all()  # batch 1: rows 0-4 see only padding or only themselves
+    ok = ~torch.isnan(want.div)
+    assert torch.equal(torch.isnan(res.div), ~ok)
+    torch.testing.assert_close(res.div.double()[ok], want.div[ok], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
 # CUDA: compiled kernels, larger shapes, bf16
 # ----------------------------------------------------------------------------------------------
 

@@ -295,14 +295,22 @@ __device__ __forceinline__ void key_tile_range(const AttentionKLParams& p, int64
   j_end = min64(n, j_begin + per);
 }
 
-// logsumexp_h (lse_P - lse_A) over the heads of a stats tensor (log of H * Z; -inf for empty P)
-__device__ __forceinline__ float log_hz(const float* stats, int64_t s_head, int64_t n_heads) {
+// logsumexp_h (lse_P - lse_A) over the heads of a stats tensor: log(H Z) for "mean" (H Z_h summed),
+// -inf for an empty P. `st` points at head 0's lse_A of the row; head h's pair is at st + h * s_head,
+// its lse_P at offset `p_off`. lse_P is -inf exactly when P is empty (pass 1 derives emptiness from the
+// masks, never from the values), so any other non-finite term (NaN / inf inputs) makes the result NaN:
+// the row stays live and its NaN reaches div and the gradients (SPEC section 6).
+__device__ __forceinline__ float log_hz(const float* st, int64_t s_head, int64_t p_off, int64_t n_heads) {
   float m = neg_inf(), l = 0.f;
+  bool bad = false;
   for (int64_t h = 0; h < n_heads; ++h) {
-    const float lse_a = stats[h * s_head], lse_p = stats[h * s_head + 1];
-    if (lse_p != neg_inf()) lse_push(m, l, lse_p - lse_a);
+    const float lse_a = st[h * s_head], lse_p = st[h * s_head + p_off];
+    if (lse_p == neg_inf()) continue;
+    const float x = lse_p - lse_a;
+    if (!isfinite(x)) bad = true;
+    else lse_push(m, l, x);
   }
-  return lse_value(m, l);
+  return bad ? __int_as_float(0x7fc00000) : lse_value(m, l);
 }
 
 // exp(lw) * g_j where pi may underflow: `gl` holds g_j (jsd, kl) or log(rho_j / pi_j) (reverse_kl,
