@@ -6,6 +6,20 @@ Implements the backend interface of ``ral.backends`` (``unavailable_reason``, ``
 Forward, one launch, grid (cdiv(Sq, BLOCK_M), B) for heads="mean" | (cdiv(Sq, BLOCK_M), B*H) for "each".
 A program owns BLOCK_M query rows of one batch and every head of the row ("mean": the policy
 couples all heads) or one head ("each": head h of both models).
+heads="each" with kl / reverse_kl: ONE key sweep (``_each_one_sweep``). Per key tile: s = q k^T and
+  s_ref = q_ref k_ref^T; online softmax of s over A (-> lse_A, `out`) and over P (-> lse_P, its own
+  running max, so Z never comes from 1 - a_self), of s_ref over A and P (-> ref_stats_out; with
+  ref_stats given, lse_RP is read and serves as the reference's fixed shift), and the divergence sum
+  carried by online rescaling, weighted by the distribution the divergence averages over:
+    kl:         T = sum_P e^(s-m) [(s-m) - (s_ref-m_r)]          div = T/l - log l + log l_r
+    reverse_kl: T = sum_P e^(s_ref-m_r) [(s_ref-m_r) - (s-m)]    div = T/l_r - log l_r + log l
+  (m, l / m_r, l_r: running max and sum over P of the model / the reference; with ref_stats,
+  m_r = lse_RP and l_r = sum_P rho, and the log l_r of kl is 0.) Every term is relative to the
+  running maxes, so no difference of two large log-normalisers appears; when a max moves, T gets
+  alpha (T + l_old (shift change)). gbar = div + 1 (kl: sum_P pi (log pi/rho + 1)), gbar = -sum_P rho
+  (reverse_kl: -1 on a non-empty row), cbar = 0.
+jsd (either heads mode) and heads="mean" (any divergence): two sweeps inside the launch, because the
+  divergence of a key needs the row's normalisers (jsd: log((pi + rho)/2); "mean": log sum_h Z_h).
   pass 1, per head, one key sweep: online softmax in log2 units -> lse_A, lse_P (over the support,
           with its own running max, so it never comes from 1 - a_self) and `out`; the same for the
           reference heads unless ref_stats is given. Statistics are written to `stats` /
@@ -14,8 +28,10 @@ couples all heads) or one head ("each": head h of both models).
           online logsumexp over the heads, one exp2 per element and head) and log rho likewise;
           f and g of the divergence -> div, gbar; then ("mean") a second loop over the heads
           recomputes a_h and accumulates u_h = sum_P a_h g in a (BLOCK_M, H_PAD) register tile,
-          giving cbar_h = (u_h - gbar Z_h) / Z at the end. Rows with row_mask False or an empty
-          support get div = gbar = cbar = 0; a block without live rows skips pass 2.
+          giving cbar_h = (u_h - gbar Z_h) / Z at the end.
+Row rules (both paths): rows with row_mask False or an empty support get div = gbar = cbar = 0 (a
+block without live rows skips pass 2); a NaN input gives NaN statistics and div in the rows it
+touches (an empty set is l == 0, not "l > 0 fails").
 Backward (FlashAttention-2 style: recompute from the LSE; Delta comes from ral.ops), one launch,
 grid (cdiv(Sk, BLOCK_N), B) for "mean" | (cdiv(Sk, BLOCK_N), B*Hkv) for "each". A program owns
 BLOCK_N keys of one batch and all kv heads ("mean") or one kv head ("each"), and sweeps the query
@@ -23,6 +39,21 @@ blocks that see them: per query block ("mean") it first rebuilds log pi, log rho
 from all H + Hr heads (skipped when no row of the block has w != 0), then per kv head and query head
 recomputes a = exp2(s - lse_A), dP = dO V^T, dS = a (dP - delta) + [k in P] w T and accumulates
 dV += a^T dO, dK += dS^T Q in registers, and dQ += dS K with fp32 atomics.
+
+Cost, counted in (BLOCK_M x BLOCK_N x head dim) tile matmuls per head and key tile, with H = Hr and
+v given (without v drop the P V and dP, dV terms; causal halves every path alike). SDPA flash:
+forward 2 (QK^T, PV) + backward 5 (QK^T, dO V^T, dV, dK, dQ) = 7.
+  path                              forward                     backward                      total  / SDPA
+  "each" kl / reverse_kl (1 sweep)  3: QK, PV, QrKr             6: QK, QrKr, dOV, dV, dK, dQ  9      1.29x
+  "each" jsd                        5: QK, PV, QrKr | QK, QrKr  6                             11     1.57x
+    with ref_stats                  4                           6                             10     1.43x
+  "mean", any divergence            6: pass 1 QK, PV, QrKr |    7: per query block QK, QrKr   13     1.86x
+                                       pass 2 QK, QrKr, QK (u_h)   (div tile) + QK, dOV, dV,
+                                                                   dK, dQ
+    with ref_stats                  5                           7                             12     1.71x
+(before the single sweep, "each" kl / reverse_kl took the jsd path: 11, 1.57x.) These are counts, not
+GPU timings; the exp2s (one per element and online softmax: up to 4 per element in the single sweep,
+A and P of both models, with exclude_self and no ref_stats) are extra cost that the count leaves out.
 
 Memory: no Sq x Sk buffer. Beyond inputs and outputs: the fp32 gradient buffers dq (B,H,Sq,D),
 dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv) (cast to the input dtypes at the end; with heads="mean" and

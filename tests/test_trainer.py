@@ -14,13 +14,7 @@ from ral.losses import attention_policy_loss  # noqa: E402
 from ral.tasks.grounding import GroundingConfig, GroundingTask  # noqa: E402
 from ral.trainer import RALTrainer, TrainConfig, completion_mask, evaluate, sft_warmup  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and the CI cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = GroundingConfig(rows=2, cols=2, n_colours=3, n_shapes=3, feature_dim=8, hidden_size=32, layers=2,

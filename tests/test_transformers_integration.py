@@ -19,13 +19,7 @@ from ral.integrations.transformers import AttentionPolicy, AttentionReference  #
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and the CI cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qwen2():
