@@ -6,7 +6,7 @@ Needs a CUDA device and ral._C built with nvcc; skips cleanly otherwise.
 import pytest
 import torch
 
-from oracle import Problem, check, option_grid, option_id
+from oracle import Problem, cast, check, option_grid, option_id, run, upstream
 
 import ral
 from ral import backends
@@ -131,3 +131,80 @@ def test_auto_routes_float32_elsewhere():
     q = torch.randn(1, 2, 8, 64, device="cuda")
     assert backends.resolve("auto", ral.ops._checked_call(
         q, q, q, q, q, None, "jsd", "mean", True, True, None, None, None, None, "auto")) == "triton"
+
+
+class _PeakyProblem(Problem):
+    """Every row attends almost only to itself (k = q, large scale): with exclude_self the policy
+    support's share Z is tiny (below fp32's range for some rows), so lse_P must be its own log-sum."""
+
+    def make(self, device="cpu") -> dict:
+        kw = super().make(device)
+        kw["k"] = kw["q"].clone()
+        return kw
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+@pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
+def test_peaky_self_attention(divergence, heads):
+    """The self score beats every other key by far more than 87 nats in many rows: lse_P stays exact
+    and finite (never 1 - a_self, never underflowed through lse_A's max), div and gradients finite."""
+    opts = dict(divergence=divergence, heads=heads, exclude_self=True, causal=True, scale=8.0)
+    problem = _PeakyProblem(batch=1, heads=2, kv_heads=2, q_len=90, k_len=90, head_dim=64, v_head_dim=64,
+                            dtype=torch.float16, options=opts)
+    kw = cast(problem.make(), torch.float16, "cuda")
+    res = ral.attention_kl(backend="cuda", **kw)
+    want = ral.attention_kl(backend="reference", **cast(kw, torch.float64))
+    gap = (want.stats[..., 0] - want.stats[..., 1])[:, :, 1:]
+    assert float(gap.max()) > 100.0, "the problem is not peaky enough to test the lse_P underflow"
+    assert torch.isfinite(res.stats[..., 1][:, :, 1:]).all() and torch.isfinite(res.div[..., 1:]).all()
+    torch.testing.assert_close(res.stats.double().cpu(), want.stats.cpu(), rtol=1e-4, atol=1e-3)
+    check(problem, "cuda", "cuda")
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_nan_stays_in_its_row(heads):
+    """A NaN in one query row of one head gives NaN in that row's out/stats/div/dq, and nowhere else
+    (SPEC section 6); it never turns the row's div into 0."""
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=150, k_len=150, head_dim=64, v_head_dim=64,
+                      options=dict(heads=heads, causal=True))
+    kw = cast(problem.make(), torch.float16, "cuda")
+    dout, ddiv = upstream(kw)
+    clean = run(kw, "cuda", dout, ddiv)
+    kw["q"] = kw["q"].clone()
+    kw["q"][1, 2, 90] = float("nan")
+    got = run(kw, "cuda", dout, ddiv)
+    assert torch.isnan(got["stats"][1, 2, 90]).all() and torch.isnan(got["out"][1, 2, 90]).all()
+    touched_div = (1, 2, 90) if heads == "each" else (1, 90)
+    assert torch.isnan(got["div"][touched_div]).all()
+    for name in ("out", "stats", "div", "dq"):
+        t, ref = got[name].clone(), clean[name].clone()
+        if name == "div" and heads == "mean":
+            t[1, 90], ref[1, 90] = 0, 0
+        elif name == "div":
+            t[1, 2, 90], ref[1, 2, 90] = 0, 0
+        elif name in ("out", "stats") or heads == "each":
+            t[1, 2, 90], ref[1, 2, 90] = 0, 0
+        else:  # "mean": the row's heads are coupled
+            t[1, :, 90], ref[1, :, 90] = 0, 0
+        assert not torch.isnan(t).any(), f"{name}: NaN outside the touched row"
+        # atomics make the order of the fp32 sums vary between runs
+        torch.testing.assert_close(t, ref, rtol=1e-4, atol=1e-4, msg=name)
+    for name in ("dk", "dv"):  # batch element 0 never sees the NaN
+        torch.testing.assert_close(got[name][0], clean[name][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_dead_rows_are_exactly_zero(heads):
+    """Empty supports (first position with exclude_self, fully padded rows) and row_mask False give
+    div == 0 exactly and no divergence gradient, whatever the values."""
+    opts = dict(divergence="reverse_kl", heads=heads, exclude_self=True, causal=True)
+    problem = Problem(batch=2, heads=2, kv_heads=1, q_len=70, k_len=100, head_dim=64, v_head_dim=64,
+                      left_pad=(0, 40), row_mask=True, options=opts, seed=3)
+    kw = cast(problem.make(), torch.bfloat16, "cuda")
+    res = ral.attention_kl(backend="cuda", **kw)
+    div = res.div if heads == "each" else res.div[:, None]
+    assert (div[1, :, :11] == 0).all()  # batch 1: rows 0-10 sit at keys 30-40, padding or only themselves
+    assert (div[~kw["row_mask"][:, None].expand_as(div)] == 0).all()
+    assert torch.isneginf(res.stats[1, :, :10]).all() and torch.isneginf(res.stats[1, :, 10, 1]).all()
+    assert torch.isfinite(res.div).all()
+    check(problem, "cuda", "cuda")

@@ -11,9 +11,17 @@
 //   "each": per head: ref step (log rho = S_ref - lse_P,ref) then the full step, where
 //           log pi = S - lse_P and the divergence term is pi (g - gbar).
 // The full step writes P and dS (input dtype) to shared memory and adds, with fp32 atomics,
+//   dQ[rows] += scale dS K                           (warp w: its 16 rows, dS from registers),
 //   dV[keys] += P^T dO,  dK[keys] += scale dS^T Q  (warp w: keys 16w..16w+15),
-//   dQ[rows] += scale dS K                           (warp w: its 16 rows),
-// into the zero-filled fp32 buffers of params.h, 64 output columns at a time.
+// into the zero-filled fp32 buffers of params.h, 64 output columns at a time. dS is 0 (a select)
+// off A(i), so a non-finite dP there stays out of the sums.
+//
+// Registers: the kernel is templated on the heads mode, the "mean" head reductions run on half a
+// key tile at a time, and the score gemms unroll their k loop by 2; together they keep both modes
+// under 255 registers with no spill on sm_80 and sm_90a (ptxas -v).
+//
+// Non-finite inputs: a row's divergence term is selected by w != 0 (the Python layer zeroes w only
+// on dead rows: row_mask False or empty P); log(H Z) keeps NaN (log_hz), so NaN stays in its rows.
 //
 // smem: stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][72],
 // ld = max(D16, Dr16) + 8, ldv = Dv16 + 8; two stages when they fit (D <= 128 on A100/H100).
@@ -27,12 +35,15 @@ constexpr int kLdP = kBlockN + 8;
 
 enum BwdStep : int { kBwdRef = 0, kBwdCur = 1, kBwdFull = 2 };
 
-template <typename T>
+// kEach: heads="each" (a compile-time split: one kernel for both modes needs more than 255
+// registers and spills).
+template <typename T, bool kEach>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3, g = lane >> 2;
-  const bool each = p.heads_each, has_v = p.has_v;
+  constexpr bool each = kEach;
+  const bool has_v = p.has_v;
   const int64_t H = p.heads, Hr = p.ref_heads, Sq = p.q_len, Sk = p.k_len;
   const int64_t q0 = int64_t(blockIdx.x) * kBlockM, b = blockIdx.y;
   const int kind = p.divergence;
@@ -110,13 +121,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     lz[r] = lzr[r] = neg_inf();
     w[r] = gb[r] = 0.f;
     if (!rp.valid[r] || each) continue;
-    lz[r] = log_hz(stats + (b * H * Sq + row[r]) * 2, Sq * 2, H);
-    float m = neg_inf(), l = 0.f;
-    for (int64_t hr = 0; hr < Hr; ++hr) {
-      const float* rst = rstats + b * rs0 + hr * rs1 + row[r] * rs2;
-      if (rst[rs3] != neg_inf()) lse_push(m, l, rst[rs3] - rst[0]);
-    }
-    lzr[r] = lse_value(m, l);
+    lz[r] = log_hz(stats + (b * H * Sq + row[r]) * 2, Sq * 2, 1, H);  // NaN stays NaN (live row)
+    lzr[r] = log_hz(rstats + b * rs0 + row[r] * rs2, rs1, rs3, Hr);
     w[r] = w_in[b * Sq + row[r]];
     gb[r] = gbar_in[b * Sq + row[r]];
   }
@@ -133,8 +139,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* sK = sQ + kBlockM * ld;
     const T* sV = sK + kBlockN * ld;
     const T* sdO = sV + kBlockN * ldv;
-    gemm_abt<T>(s, sQ, sK, ld, d16 / 16, warp, lane);
-    if (has_v) gemm_abt<T>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
+    gemm_abt<T, 2>(s, sQ, sK, ld, d16 / 16, warp, lane);
+    if (has_v) gemm_abt<T, 2>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
     else zero(ds);
     float lse_a[2], x[2], delta[2], wh[2], gbh[2];
 #pragma unroll
@@ -170,8 +176,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const float sc = s[nb][e] * p.scale;
-        const float pa = ((tm.a >> (4 * nb + e)) & 1u) ? fexp(sc - lse_a[r]) : 0.f;
-        float d = pa * (ds[nb][e] - delta[r]);
+        const bool in_a = (tm.a >> (4 * nb + e)) & 1u;
+        const float pa = in_a ? fexp(sc - lse_a[r]) : 0.f;
+        float d = in_a ? pa * (ds[nb][e] - delta[r]) : 0.f;  // select: a non-finite dP off A stays out
         if ((act >> (4 * nb + e)) & 1u) {
           const float lw = sc - x[r];
           d += wh[r] * (weighted_g(kind, lw, gl[nb][e]) - gbh[r] * fexp(lw));
@@ -191,6 +198,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     const int64_t kvh = h / (H / p.kv_heads);
     float acc[8][4];
+    // dQ[i][c] += scale sum_key dS[i][key] K[key][c]   (dS from registers, this warp's rows;
+    // first, so that ds is dead in the dV / dK loops)
+    float* dqg = reinterpret_cast<float*>(p.dq) + (b * H + h) * Sq * dim;
+    for (int c0 = 0; c0 < dim; c0 += 64) {
+      zero(acc);
+      gemm_c_v<T>(acc, ds, sK, ld, c0, d16, lane);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (!rp.valid[r]) continue;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = c0 + nb * 8 + 2 * t;
+          if (col < dim)
+            atomic_add2(dqg + row[r] * dim + col, acc[nb][2 * r] * p.scale, acc[nb][2 * r + 1] * p.scale);
+        }
+      }
+    }
     // dV[key][c] += sum_i P[i][key] dO[i][c]
     if (has_v) {
       float* dvg = reinterpret_cast<float*>(p.dv) + (b * p.kv_heads + kvh) * Sk * dv;
@@ -225,22 +249,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    // dQ[i][c] += scale sum_key dS[i][key] K[key][c]   (dS from registers, this warp's rows)
-    float* dqg = reinterpret_cast<float*>(p.dq) + (b * H + h) * Sq * dim;
-    for (int c0 = 0; c0 < dim; c0 += 64) {
-      zero(acc);
-      gemm_c_v<T>(acc, ds, sK, ld, c0, d16, lane);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (!rp.valid[r]) continue;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          const int col = c0 + nb * 8 + 2 * t;
-          if (col < dim)
-            atomic_add2(dqg + row[r] * dim + col, acc[nb][2 * r] * p.scale, acc[nb][2 * r + 1] * p.scale);
-        }
-      }
-    }
   };
 
   Pipeline pipe{stages, 0, (je - jb) * spj};
@@ -259,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (each) {
       for (int64_t h = 0; h < H; ++h) {
         int buf = pipe.begin(issue);
-        gemm_abt<T>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp, lane);
+        gemm_abt<T, 2>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp, lane);
         float lse_p[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) lse_p[r] = rp.valid[r] ? rstats[b * rs0 + h * rs1 + row[r] * rs2 + rs3] : 0.f;
@@ -283,15 +291,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int e = 0; e < 4; ++e) { em[nb][e] = neg_inf(); el[nb][e] = 0.f; }
       for (int64_t hr = 0; hr < Hr; ++hr) {
         const int buf = pipe.begin(issue);
-        gemm_abt<T>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp, lane);
         float lse_a[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? rstats[b * rs0 + hr * rs1 + row[r] * rs2] : 0.f;
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
+        for (int hf = 0; hf < 2; ++hf) {  // half a key tile at a time (register pressure)
+          float sh[4][4];
+          gemm_abt_half<T>(sh, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp,
+                           lane, hf);
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if ((act >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.ref_scale - lse_a[e >> 1]);
+          for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if ((act >> (4 * (4 * hf + nb) + e)) & 1u)
+                lse_push(em[4 * hf + nb][e], el[4 * hf + nb][e], sh[nb][e] * p.ref_scale - lse_a[e >> 1]);
+        }
         pipe.end(issue);
       }
 #pragma unroll
@@ -304,15 +318,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       for (int64_t h = 0; h < H; ++h) {
         const int buf = pipe.begin(issue);
-        gemm_abt<T>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, d16 / 16, warp, lane);
         float lse_a[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? stats[((b * H + h) * Sq + row[r]) * 2] : 0.f;
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
+        for (int hf = 0; hf < 2; ++hf) {
+          float sh[4][4];
+          gemm_abt_half<T>(sh, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, d16 / 16, warp,
+                           lane, hf);
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if ((act >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.scale - lse_a[e >> 1]);
+          for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if ((act >> (4 * (4 * hf + nb) + e)) & 1u)
+                lse_push(em[4 * hf + nb][e], el[4 * hf + nb][e], sh[nb][e] * p.scale - lse_a[e >> 1]);
+        }
         pipe.end(issue);
       }
 #pragma unroll
@@ -344,7 +364,7 @@ cudaError_t launch_backward(const AttentionKLParams& p, cudaStream_t stream, con
   const int64_t fixed = 2 * int64_t(kBlockM) * kLdP * int64_t(sizeof(T));
   const int stages = fixed + 2 * stage <= dev.smem_optin ? 2 : 1;
   const int64_t bytes = fixed + stages * stage;
-  auto kernel = bwd_kernel<T>;
+  auto kernel = p.heads_each ? bwd_kernel<T, true> : bwd_kernel<T, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
   const int64_t q_tiles = (p.q_len + kBlockM - 1) / kBlockM;

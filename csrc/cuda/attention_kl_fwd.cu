@@ -5,9 +5,13 @@
 //      without ref_stats, once more for the reference heads (no v) -> ref_stats_out.
 //   2. div_kernel    (per 64-row query tile, all heads for "mean" / one head for "each", key tiles
 //      optionally split across blocks): recomputes the score tiles head by head to get log pi and
-//      log rho per element, then f, g -> div, gbar and u_h = sum_P a_hj g_j, accumulated with
-//      atomics into div, gbar, cbar (zeroed first).
-//   3. finalize_kernel (per row): cbar_h = (u_h - gbar Z_h) / Z ("mean"); zeros on dead rows.
+//      log rho per element, then f, g -> div, gbar and u_h = sum_P a_hj g_j / (H Z), accumulated
+//      with atomics into div, gbar, cbar (zeroed first).
+//   3. finalize_kernel (per row): c_h = H (u_h - gbar Z_h / (H Z)) ("mean"); zeros on dead rows.
+//
+// Non-finite inputs (SPEC section 6): a row is dead (div = gbar = cbar = 0) only by row_mask or an
+// empty P, both read from the masks; pass 1 writes lse = -inf for an empty set and NaN for a
+// non-empty one whose scores are non-finite, so NaN stays in the rows it touches.
 //
 // Tiles: 64 query rows x 64 keys, 4 warps (16 rows each), mma.sync m16n8k16 with fp32
 // accumulation; key-side tiles (and in pass 2 the query-side tiles) are double-buffered with
@@ -68,33 +72,68 @@ __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLPar
   Pipeline pipe{stages, 0, je - jb};
   pipe.start(issue);  // sQ rides in the first group
 
-  float m[2] = {neg_inf(), neg_inf()}, la[2] = {0.f, 0.f}, lp[2] = {0.f, 0.f};
+  // Row statistics, per row half r, in log2 units. P = A minus the self key (exclude_self), so P
+  // and A differ by at most that one key: the P sum keeps its own running max mp (lse_P never
+  // comes from the A sum, which may be all self), and A's max is ma = max(mp, self score).
+  //   lp = sum_P exp2(s - mp),   la = sum_A exp2(s - ma) = lp exp2(mp - ma) + exp2(s_self - ma)
+  // One exp per element: P keys take exp2(s - mp) (scaled by f = exp2(mp - ma) for o and la), the
+  // self key exp2(s - ma). o accumulates with base ma. Emptiness comes from the masks (`seen`),
+  // never from a zero sum: a non-empty set whose sum is 0 or NaN (non-finite inputs) gets NaN.
+  float ma[2] = {neg_inf(), neg_inf()}, mp[2] = {neg_inf(), neg_inf()};
+  float la[2] = {0.f, 0.f}, lp[2] = {0.f, 0.f};
+  uint32_t seen = 0;  // bit r: row half r has an A key (this lane); bit 2 + r: a P key
   float o[kChunks][8][4];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) zero(o[c]);
+  // key positions of this warp's rows: [pos_lo, pos_lo + 15]
+  const int64_t pos_lo = p.k_len - p.q_len + q0 + warp * 16;
 
   for (int64_t j = jb; j < je; ++j) {
     const int buf = pipe.begin(issue);
     float s[8][4];
     gemm_abt<T>(s, sQ, sK + buf * kBlockN * ld, ld, dim16 / 16, warp, lane);
-    const TileMask tm = tile_mask(p, rp, key_bits(p, b, j * kBlockN, lane), j * kBlockN, lane);
-
-    float mx[2] = {m[0], m[1]};
+    const int64_t j0 = j * kBlockN;
+    const TileMask tm = tile_mask(p, rp, key_bits(p, b, j0, lane), j0, lane);
+    seen |= ((tm.a & 0x33333333u) ? 1u : 0u) | ((tm.a & 0xccccccccu) ? 2u : 0u) |
+            ((tm.p & 0x33333333u) ? 4u : 0u) | ((tm.p & 0xccccccccu) ? 8u : 0u);
+    // warp-uniform: may this tile hold the self key of one of the warp's rows?
+    const bool diag = p.exclude_self && pos_lo <= j0 + kBlockN - 1 && pos_lo + 15 >= j0;
+    const uint32_t self_bits = tm.a & ~tm.p;
+    float sv[2] = {0.f, 0.f}, sn[2] = {0.f, 0.f};  // self score (log2 units) and its count, this lane
+    if (diag) {
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if ((self_bits >> (4 * nb + e)) & 1u) {
+            sv[e >> 1] = s[nb][e] * scale2;
+            sn[e >> 1] = 1.f;
+          }
+    }
+    float mx[2] = {mp[0], mp[1]};
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nb][e] = ((tm.a >> (4 * nb + e)) & 1u) ? s[nb][e] * scale2 : neg_inf();
+        s[nb][e] = ((tm.p >> (4 * nb + e)) & 1u) ? s[nb][e] * scale2 : neg_inf();  // P keys only
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
       }
-    float mu[2];
+    float mu_p[2], mu_a[2], f[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
-      mu[r] = mx[r] == neg_inf() ? 0.f : mx[r];
-      const float corr = exp2f(m[r] - mu[r]);  // 0 while the row was empty
+      float ma_new = fmaxf(ma[r], mx[r]);
+      if (diag) {
+        const float ssum = quad_sum(sv[r]), scnt = quad_sum(sn[r]);  // NaN-preserving (a sum)
+        if (scnt > 0.f) ma_new = fmaxf(ma_new, ssum);                  // a NaN self score: see below
+        sv[r] = ssum;
+        sn[r] = scnt;
+      }
+      mu_p[r] = mx[r] == neg_inf() ? 0.f : mx[r];
+      mu_a[r] = ma_new == neg_inf() ? 0.f : ma_new;
+      lp[r] *= exp2f(mp[r] - mu_p[r]);  // 0 while P was empty
+      const float corr = exp2f(ma[r] - mu_a[r]);
       la[r] *= corr;
-      lp[r] *= corr;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c)
 #pragma unroll
@@ -102,17 +141,31 @@ __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLPar
           o[c][nb][2 * r] *= corr;
           o[c][nb][2 * r + 1] *= corr;
         }
-      m[r] = mx[r];
+      f[r] = exp2f(mx[r] - mu_a[r]);  // exp2(mp - ma) <= 1 (0 while P is empty)
+      mp[r] = mx[r];
+      ma[r] = ma_new;
     }
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(s[nb][e] - mu[e >> 1]);  // masked: exp2(-inf) = 0
-        la[e >> 1] += pe;
-        lp[e >> 1] += ((tm.p >> (4 * nb + e)) & 1u) ? pe : 0.f;
-        s[nb][e] = pe;
+        const int r = e >> 1;
+        const float pe = exp2f(s[nb][e] - mu_p[r]);  // non-P keys: exp2(-inf) = 0
+        lp[r] += pe;
+        s[nb][e] = pe * f[r];
+        la[r] += s[nb][e];
       }
+    if (diag) {  // the self key: weight exp2(s_self - ma) in la and o (a NaN score gives NaN)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if ((self_bits >> (4 * nb + e)) & 1u) {
+            const float w = exp2f(sv[e >> 1] - mu_a[e >> 1]);
+            la[e >> 1] += w;
+            s[nb][e] = w;
+          }
+    }
     if constexpr (kHasV) {
       const T* sVb = sV + buf * kBlockN * ldv;
 #pragma unroll
@@ -123,18 +176,21 @@ __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLPar
   cp_async_wait<0>();  // nothing in flight at exit (empty key range: sQ's group)
 
   float* stats = reinterpret_cast<float*>(ref ? p.ref_stats_out : p.stats);
+  const float nan = __int_as_float(0x7fc00000);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sa = quad_sum(la[r]), sp = quad_sum(lp[r]);
+    const float any_a = quad_sum(float((seen >> r) & 1u)), any_p = quad_sum(float((seen >> (2 + r)) & 1u));
     const int64_t row = q0 + warp * 16 + (lane >> 2) + 8 * r;
     if (!rp.valid[r]) continue;
     if (t == 0 && write_stats) {
-      const float lse_a = sa == 0.f ? neg_inf() : (m[r] + log2f(sa)) * kLn2;
-      const float lse_p = sp == 0.f ? neg_inf() : (m[r] + log2f(sp)) * kLn2;
+      // sa, sp >= 1 for a non-empty set of finite scores (its max contributes exp2(0))
+      const float lse_a = any_a == 0.f ? neg_inf() : sa > 0.f ? (ma[r] + log2f(sa)) * kLn2 : nan;
+      const float lse_p = any_p == 0.f ? neg_inf() : sp > 0.f ? (mp[r] + log2f(sp)) * kLn2 : nan;
       *reinterpret_cast<float2*>(stats + ((b * n_heads + h) * p.q_len + row) * 2) = make_float2(lse_a, lse_p);
     }
     if constexpr (kHasV) {
-      const float inv = sa == 0.f ? 0.f : 1.f / sa;  // empty rows: out = 0
+      const float inv = any_a == 0.f ? 0.f : 1.f / sa;  // empty rows: out = 0; a zero sum: NaN
       T* out = reinterpret_cast<T*>(p.out) + ((b * n_heads + h) * p.q_len + row) * dv_all + c_off;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c)
@@ -223,13 +279,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       lz[r] = st[he * p.q_len * 2 + 1];
       lzr[r] = rst[he * rs1 + rs3];
     } else {
-      lz[r] = log_hz(st, p.q_len * 2, H);
-      float m = neg_inf(), l = 0.f;
-      for (int64_t hr = 0; hr < Hr; ++hr) {
-        const float lse_a = rst[hr * rs1], lse_p = rst[hr * rs1 + rs3];
-        if (lse_p != neg_inf()) lse_push(m, l, lse_p - lse_a);
-      }
-      lzr[r] = lse_value(m, l);
+      lz[r] = log_hz(st, p.q_len * 2, 1, H);
+      lzr[r] = log_hz(rst, rs1, rs3, Hr);
     }
     live[r] = lz[r] != neg_inf() &&
               (!p.has_row_mask || rmask[b * p.row_mask.stride[0] + row[r] * p.row_mask.stride[1]] != 0);
@@ -318,18 +369,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         dacc[e >> 1] += dt.f;
         gacc[e >> 1] += weighted_g(kind, lpi, gl[nb][e]);
       }
-    // u_h = sum_P a_hj g_j, one head at a time, into cbar (finalized by finalize_kernel)
+    // u_h = sum_P a_hj g_j / (H Z), one head at a time, into cbar (finalized by finalize_kernel);
+    // normalised by H Z per element (never 1/Z afterwards: Z may underflow when a row attends
+    // almost only to itself)
     for (int64_t h = 0; h < H; ++h) {
       const int buf = pipe.begin(issue);
       gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
-      float lse_a[2], u[2] = {0.f, 0.f};
+      float x[2], u[2] = {0.f, 0.f};  // exp(s - x) = a_hj / (H Z)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] : 0.f;
+      for (int r = 0; r < 2; ++r) x[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] + lz[r] : 0.f;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if ((tm.p >> (4 * nb + e)) & 1u) u[e >> 1] += weighted_g(kind, s[nb][e] * p.scale - lse_a[e >> 1], gl[nb][e]);
+          if ((tm.p >> (4 * nb + e)) & 1u) u[e >> 1] += weighted_g(kind, s[nb][e] * p.scale - x[e >> 1], gl[nb][e]);
       pipe.end(issue);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -354,7 +407,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ------------------------------------------------------------------------------------------------
 // Pass 3, one thread per row (b, i) ("mean") or (b, h, i) ("each"): dead rows (row_mask False or
-// empty P) get div = gbar = 0 (and cbar = 0); live "mean" rows get cbar_h = H (u_h - gbar Z_h) / (H Z).
+// empty P) get div = gbar = 0 (and cbar = 0); live "mean" rows get
+// c_h = (sum_P a_hj g_j - gbar Z_h) / Z = H (u_h - gbar Z_h / (H Z)) with u_h = sum_P a_hj g_j / (H Z).
+// Liveness: row_mask and the emptiness of P (lse_P = -inf exactly for an empty P; a NaN row stays live).
 // ------------------------------------------------------------------------------------------------
 __global__ void finalize_kernel(const AttentionKLParams p) {
   const int64_t H = p.heads, groups = p.heads_each ? H : 1;
@@ -367,7 +422,7 @@ __global__ void finalize_kernel(const AttentionKLParams p) {
   float* cbar = reinterpret_cast<float*>(p.cbar) + b * H * p.q_len + row;
   const uint8_t* rmask = reinterpret_cast<const uint8_t*>(p.row_mask.ptr);
   bool live = !p.has_row_mask || rmask[b * p.row_mask.stride[0] + row * p.row_mask.stride[1]] != 0;
-  const float lz = p.heads_each ? stats[he * p.q_len * 2 + 1] : log_hz(stats, p.q_len * 2, H);
+  const float lz = p.heads_each ? stats[he * p.q_len * 2 + 1] : log_hz(stats, p.q_len * 2, 1, H);
   live = live && lz != neg_inf();
   if (!live) {
     div[idx] = 0.f;
@@ -377,11 +432,11 @@ __global__ void finalize_kernel(const AttentionKLParams p) {
     return;
   }
   if (p.heads_each) return;  // cbar stays 0 (zero-filled)
-  const float gb = gbar[idx], inv_z = float(H) * fexp(-lz);
+  const float gb = gbar[idx];
   for (int64_t h = 0; h < H; ++h) {
     const float lse_a = stats[h * p.q_len * 2], lse_p = stats[h * p.q_len * 2 + 1];
-    const float z_h = lse_p == neg_inf() ? 0.f : fexp(lse_p - lse_a);
-    cbar[h * p.q_len] = (cbar[h * p.q_len] - gb * z_h) * inv_z;
+    const float zn = fexp(lse_p - lse_a - lz);  // Z_h / (H Z)
+    cbar[h * p.q_len] = float(H) * (cbar[h * p.q_len] - gb * zn);
   }
 }
 

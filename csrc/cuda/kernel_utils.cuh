@@ -137,19 +137,50 @@ inline bool view_vec_ok(const View& v, int64_t elem_bytes) {
 
 // ---- S = A * B^T for one warp ---------------------------------------------------------------------
 // sA: [64][ld] rows of the query side, sB: [64][ld] rows of the key side; ksteps = padded dim / 16.
-// acc = the warp's 16 x 64 tile (rows 16*warp ..), in C layout.
+// acc = the warp's 16 x 64 tile (rows 16*warp ..), in C layout. kUnroll: 0 lets the compiler unroll
+// the k loop as it likes; the backward asks for 2 (a deeper unroll there costs spills).
 template <typename T>
+__device__ __forceinline__ void gemm_abt_kstep(float (&acc)[8][4], const T* pa, const T* pb, int ld) {
+  uint32_t a[4];
+  ldmatrix_x4(a, pa);
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {
+    uint32_t b[4];
+    ldmatrix_x4(b, pb + np * 16 * ld);
+    mma16816<T>(acc[2 * np], a, b[0], b[1]);
+    mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
+template <typename T, int kUnroll = 0>
 __device__ __forceinline__ void gemm_abt(float (&acc)[8][4], const T* sA, const T* sB, int ld, int ksteps,
                                          int warp, int lane) {
 #pragma unroll
   for (int nb = 0; nb < 8; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
   const T* pa = sA + (warp * 16 + (lane & 15)) * ld + (lane >> 4) * 8;
   const T* pb = sB + ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
+  if constexpr (kUnroll == 0) {
+    for (int ks = 0; ks < ksteps; ++ks) gemm_abt_kstep<T>(acc, pa + ks * 16, pb + ks * 16, ld);
+  } else {
+#pragma unroll kUnroll
+    for (int ks = 0; ks < ksteps; ++ks) gemm_abt_kstep<T>(acc, pa + ks * 16, pb + ks * 16, ld);
+  }
+}
+
+// Half of gemm_abt: keys 32 hf .. 32 hf + 31 of the tile, acc[nb] = acc's n-block 4 hf + nb (used
+// where the full 16 x 64 accumulator would not fit next to other per-element state).
+template <typename T>
+__device__ __forceinline__ void gemm_abt_half(float (&acc)[4][4], const T* sA, const T* sB, int ld, int ksteps,
+                                              int warp, int lane, int hf) {
+#pragma unroll
+  for (int nb = 0; nb < 4; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+  const T* pa = sA + (warp * 16 + (lane & 15)) * ld + (lane >> 4) * 8;
+  const T* pb = sB + (32 * hf + (lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
   for (int ks = 0; ks < ksteps; ++ks) {
     uint32_t a[4];
     ldmatrix_x4(a, pa + ks * 16);
 #pragma unroll
-    for (int np = 0; np < 4; ++np) {
+    for (int np = 0; np < 2; ++np) {
       uint32_t b[4];
       ldmatrix_x4(b, pb + np * 16 * ld + ks * 16);
       mma16816<T>(acc[2 * np], a, b[0], b[1]);
