@@ -179,3 +179,33 @@ def option_id(opts: dict) -> str:
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def check_nan_stays_in_its_row(backend: str, heads: str, dtype=torch.float32, device="cpu", q_len: int = 50,
+                               head_dim: int = 16, tol: float = 1e-5) -> None:
+    """SPEC section 6: a NaN in one query row of one head gives NaN in that row's out, stats, div
+    and dq, and nowhere else (batch element 0 never sees it, gradients included)."""
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=q_len, k_len=q_len, head_dim=head_dim,
+                      v_head_dim=head_dim, options=dict(heads=heads, causal=True))
+    kw = cast(problem.make(), dtype, device)
+    dout, ddiv = upstream(kw)
+    clean = run(kw, backend, dout, ddiv)
+    row = q_len // 2
+    kw["q"] = kw["q"].clone()
+    kw["q"][1, 2, row] = float("nan")
+    got = run(kw, backend, dout, ddiv)
+    assert torch.isnan(got["stats"][1, 2, row]).all() and torch.isnan(got["out"][1, 2, row]).all()
+    assert torch.isnan(got["div"][(1, 2, row) if heads == "each" else (1, row)]).all()
+    for name in ("out", "stats", "div", "dq"):
+        t, ref = got[name].clone(), clean[name].clone()
+        if name == "div":
+            touched = (1, 2, row) if heads == "each" else (1, row)
+        elif name in ("out", "stats") or heads == "each":
+            touched = (1, 2, row)
+        else:  # "mean": the row's heads are coupled, so every head's dq of that row may be NaN
+            touched = (1, slice(None), row)
+        t[touched], ref[touched] = 0, 0
+        assert not torch.isnan(t).any(), f"{name}: NaN outside the touched row"
+        torch.testing.assert_close(t, ref, rtol=tol, atol=tol, msg=name)
+    for name in ("dk", "dv"):
+        torch.testing.assert_close(got[name][0], clean[name][0], rtol=tol, atol=tol)
