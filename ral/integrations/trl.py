@@ -45,7 +45,7 @@ term the attention reference is the teacher's, so ``lambda_attn`` must be 0. Tea
 share the tokenizer; heads, kv heads and head dims may differ.
 
 Multi-GPU: everything distributed is TRL's / accelerate's (DDP, DeepSpeed ZeRO-1/2, FSDP); see
-docs/trl.md for ``accelerate launch`` with examples/deepspeed_zero2.yaml. With ZeRO-3 the chosen
+the README (section "Scaling out with TRL") for ``accelerate launch`` with examples/deepspeed_zero2.yaml. With ZeRO-3 the chosen
 layers work (DeepSpeed gathers parameters in its module hooks), but the token-KL term reads the
 student's LM head weight directly and is not supported there.
 """
