@@ -114,6 +114,17 @@ class Forward {
   }
 
  private:
+  // Writes [lse_A, lse_P] of `heads` heads for qb's rows into a (B, heads, Sq, 2) statistics
+  // buffer; `lse` holds lse_A of every head, then lse_P of every head, bm_ floats each.
+  void store_stats(const float* lse, int64_t heads, const QueryBlock& qb, uintptr_t out) const {
+    float* stats = reinterpret_cast<float*>(out);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        float* dst = stats + ((qb.b * heads + h) * p_.q_len + qb.start + r) * 2;
+        dst[0] = lse[h * bm_ + r];
+        dst[1] = lse[(heads + h) * bm_ + r];
+      }
+  }
   float* lse_a(int64_t h) { return lse_ + h * bm_; }
   float* lse_p(int64_t h) { return lse_ + (heads_ + h) * bm_; }
   float* ref_lse_a(int64_t h) { return ref_lse_ + h * bm_; }
@@ -186,24 +197,12 @@ class Forward {
     }
 
     finish_stats(st, n, lse_, lse_ + n);
-    float* stats = reinterpret_cast<float*>(p_.stats);
-    for (int64_t h = 0; h < heads_; ++h)
-      for (int64_t r = 0; r < qb.rows; ++r) {
-        float* dst = stats + ((qb.b * heads_ + h) * p_.q_len + qb.start + r) * 2;
-        dst[0] = lse_a(h)[r];
-        dst[1] = lse_p(h)[r];
-      }
+    store_stats(lse_, heads_, qb, p_.stats);
     if (p_.has_v) write_out(qb, st);
 
     if (need_ref) {
       finish_stats(ref, n_ref, ref_lse_, ref_lse_ + n_ref);
-      float* ref_stats = reinterpret_cast<float*>(p_.ref_stats_out);
-      for (int64_t h = 0; h < ref_heads_; ++h)
-        for (int64_t r = 0; r < qb.rows; ++r) {
-          float* dst = ref_stats + ((qb.b * ref_heads_ + h) * p_.q_len + qb.start + r) * 2;
-          dst[0] = ref_lse_a(h)[r];
-          dst[1] = ref_lse_p(h)[r];
-        }
+      store_stats(ref_lse_, ref_heads_, qb, p_.ref_stats_out);
     } else {
       const View& in = p_.ref_stats_in;
       const float* base = reinterpret_cast<const float*>(in.ptr);
