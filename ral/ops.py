@@ -286,7 +286,7 @@ def _backward(ctx, dout, ddiv, *unused):
     # delta = rowsum(dout * out) + w * c_h / H: the c_h term has the shape of the softmax's Delta.
     if v is not None:
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1)
+        delta = _rowwise_dot(dout, out)
     else:
         dout, delta = None, torch.zeros_like(cbar)
     if not heads_each:
@@ -298,3 +298,11 @@ def _backward(ctx, dout, ddiv, *unused):
 
 
 _attention_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _rowwise_dot(a: Tensor, b: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """sum(a * b, -1) in fp32 for (B, H, S, Dv) tensors, upcasting one slice of heads at a time so
+    that no fp32 copy of a whole low-precision tensor is held: (B, H, S, Dv) x 2 -> (B, H, S)."""
+    heads_per_chunk = max(1, chunk_elements // max(1, a[:, :1].numel()))
+    return torch.cat([(a[:, h:h + heads_per_chunk].float() * b[:, h:h + heads_per_chunk].float()).sum(-1)
+                      for h in range(0, a.shape[1], heads_per_chunk)], dim=1)
