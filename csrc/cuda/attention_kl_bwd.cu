@@ -81,6 +81,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     else if (tt < Hr + H) { k = kBwdCur; head = tt - Hr; }
     else { k = kBwdFull; head = tt - Hr - H; }
   };
+  // The Q/K tile issue stays inline here rather than going through load_qk_tiles (as div_kernel
+  // does): that call costs 2-5 registers in this kernel (measured with ptxas), and the "mean"
+  // backward has 3 of 255 to spare before it spills.
   auto issue = [&](int64_t step, int buf) {
     const int64_t j0 = (jb + step / spj) * kBlockN;
     int k; int64_t head;

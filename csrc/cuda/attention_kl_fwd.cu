@@ -243,17 +243,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t j0 = (jb + step / spj) * kBlockN;
     int k; int64_t head;
     decode(step % spj, k, head);
-    const bool r = k == kRefStep;
-    const View& qv = r ? p.q_ref : p.q;
-    const View& kv = r ? p.k_ref : p.k;
-    const int64_t kvh = r ? head / (Hr / p.ref_kv_heads) : head / (H / p.kv_heads);
-    const int dim = int(r ? p.ref_head_dim : p.head_dim), dim16 = r ? dr16 : d16;
-    const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + head * qv.stride[1] + q0 * qv.stride[2];
-    const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1] + j0 * kv.stride[2];
-    load_tile(sA + buf * kBlockM * ld, ld, gq, qv.stride[2], int(min64(p.q_len - q0, 64)), dim, dim16,
-              vec & (r ? kVecQRef : kVecQ));
-    load_tile(sB + buf * kBlockN * ld, ld, gk, kv.stride[2], int(min64(p.k_len - j0, 64)), dim, dim16,
-              vec & (r ? kVecKRef : kVecK));
+    load_qk_tiles(p, k == kRefStep, b, head, q0, j0, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16, dr16,
+                  vec);
   };
 
   // ---- per-row constants: the log normalisers of pi and rho, and whether the row is live

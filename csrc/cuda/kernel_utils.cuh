@@ -18,6 +18,7 @@
 
 #include "common/math.h"
 #include "common/params.h"
+#include "cuda/launch.cuh"
 
 namespace ral::cuda {
 
@@ -125,6 +126,24 @@ __device__ __forceinline__ void load_tile(T* s, int ld, const T* g, int64_t row_
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
     }
   }
+}
+
+// The Q and K tiles of one score step -> shared sq, sk ([64][ld]): q_ref, k_ref (`ref`) or q, k of
+// head `head` of batch b (K: the head's GQA kv head), query rows q0.., keys j0..; columns padded to
+// dr16 (ref) or d16. `vec`: VecBits. Returns the kv head.
+template <typename T>
+__device__ __forceinline__ int64_t load_qk_tiles(const AttentionKLParams& p, bool ref, int64_t b, int64_t head,
+                                                 int64_t q0, int64_t j0, T* sq, T* sk, int ld, int d16, int dr16,
+                                                 int vec) {
+  const View& qv = ref ? p.q_ref : p.q;
+  const View& kv = ref ? p.k_ref : p.k;
+  const int64_t kvh = ref ? head / (p.ref_heads / p.ref_kv_heads) : head / (p.heads / p.kv_heads);
+  const int dim = int(ref ? p.ref_head_dim : p.head_dim), dim16 = ref ? dr16 : d16;
+  const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + head * qv.stride[1] + q0 * qv.stride[2];
+  const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1] + j0 * kv.stride[2];
+  load_tile(sq, ld, gq, qv.stride[2], int(min64(p.q_len - q0, 64)), dim, dim16, vec & (ref ? kVecQRef : kVecQ));
+  load_tile(sk, ld, gk, kv.stride[2], int(min64(p.k_len - j0, 64)), dim, dim16, vec & (ref ? kVecKRef : kVecK));
+  return kvh;
 }
 
 // Whether a view's base and row strides allow 16-byte vector loads of rows (last dim contiguous).
