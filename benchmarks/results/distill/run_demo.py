@@ -18,7 +18,7 @@
 
 Writes ``distill_demo.json`` and ``distill_demo.png`` next to this file.
 
-    PYTHONPATH=. python benchmarks/results/distill/run_demo.py --seeds 0 1 2 3 4 --steps 200
+    PYTHONPATH=. python benchmarks/results/distill/run_demo.py --seeds 0 1 2 3 4 --steps 300
     PYTHONPATH=. python benchmarks/results/distill/run_demo.py --plot-only     # re-plot from the JSON
 """
 import argparse
@@ -38,6 +38,8 @@ METHODS = ("kd", "distill")
 LABELS = {"kd": "KD (token reverse KL)", "distill": "KD + attention distillation"}
 COLOURS = {"kd": "tab:blue", "distill": "tab:red"}
 
+# per-step keys kept in the JSON (the full rows stay in each run's metrics.jsonl)
+KEEP = ("step", "reward", "accuracy", "token_kl", "attn_jsd", "time_s", "eval_accuracy", "eval_reward")
 TEACHER = dict(hidden_size=128, layers=3, heads=8, kv_heads=4, intermediate_size=256)
 STUDENT = dict(hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128)
 
@@ -154,7 +156,7 @@ def analyse(a, t_state, s_state, cmds):
         m.load_state_dict(torch.load(os.path.join(out, "student.pt"), map_location="cpu", weights_only=False)["model"])
         students[key] = m.eval()
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            runs[key] = [json.loads(line) for line in f]
+            runs[key] = [{k: v for k, v in json.loads(line).items() if k in KEEP} for line in f]
     attn = attention_analysis(teacher, t_task, students, s_task)
     return runs, attn
 
@@ -191,6 +193,16 @@ def summarise(out):
         d = [x - y for x, y in zip(rows["distill"][m]["values"], rows["kd"][m]["values"])]
         paired[m] = {"mean": _mean(d), "std": _std(d), "distill_higher": sum(x > 0 for x in d), "n": len(d)}
     return {"methods": rows, "distill_minus_kd": paired}
+
+
+def _round(obj, digits=4):
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
 
 
 def _mean(v):
@@ -239,8 +251,8 @@ def plot(out, path):
     axes[0].set_ylabel("accuracy")
     axes[0].set_ylim(0, 1.02)
     axes[1].set_ylim(0, 1.0)
-    axes[2].set_yscale("log")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[2].set_ylim(bottom=0)
+    axes[0].legend(fontsize=8, loc="upper left")
     # final attention: JSD to teacher and target mass, per seed (dots) and mean (bar)
     ax = axes[3]
     s = out["summary"]["methods"]
@@ -256,11 +268,12 @@ def plot(out, path):
                yerr=[s[method][m]["std"] for m, _ in metrics], capsize=3, label=LABELS[method])
         for i, (m, _) in enumerate(metrics):
             ax.scatter([x[i] + j * width] * len(s[method][m]["values"]), s[method][m]["values"], color="k", s=6, zorder=3)
-    ax.scatter(x[2:] + width / 2, [att["teacher"]["attn_on_target"]], marker="_", s=900, color="k", zorder=4,
-               label="teacher")
-    ax.set_xticks(x + width / 2 - width / 2, [lbl for _, lbl in metrics], fontsize=8)
+    ax.hlines(att["teacher"]["attn_on_target"], x[2] - 1.6 * width, x[2] + 1.6 * width, color="k", ls="--", lw=1.2,
+              label="teacher (mass on target)")
+    ax.set_xticks(x, [lbl for _, lbl in metrics], fontsize=8)
+    ax.set_ylim(0, max(0.6, att["teacher"]["attn_on_target"] * 1.25))
     ax.set_title("final last-layer attention (head mean, teacher-forced)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(alpha=0.3, axis="y")
     t, st = out["teacher"]["config"], out["student"]["config"]
     fig.suptitle(f"On-policy distillation on the grounding task: teacher {t['hidden_size']}d/{t['layers']}L/"
@@ -274,18 +287,19 @@ def plot(out, path):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--teacher-sft-steps", type=int, default=4000)
-    p.add_argument("--teacher-sft-lr", type=float, default=2e-3)
+    p.add_argument("--teacher-sft-steps", type=int, default=1000)
+    p.add_argument("--teacher-sft-lr", type=float, default=1e-3)
     p.add_argument("--student-sft-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gamma-attn", type=float, default=1.0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "distill_demo"))
+    p.add_argument("--out-name", default="distill_demo", help="JSON / PNG name next to this file")
     p.add_argument("--plot-only", action="store_true")
     a = p.parse_args()
-    json_path, png_path = os.path.join(HERE, "distill_demo.json"), os.path.join(HERE, "distill_demo.png")
+    json_path, png_path = os.path.join(HERE, a.out_name + ".json"), os.path.join(HERE, a.out_name + ".png")
     if a.plot_only:
         with open(json_path) as f:
             plot(json.load(f), png_path)
@@ -305,12 +319,13 @@ def main():
     out = {"teacher": {"config": t_state["task"], "eval": t_state["eval"], "sft": t_state.get("sft")},
            "student": {"config": s_state["task"], "start_eval": s_state["eval"], "sft": s_state.get("sft")},
            "args": {k: v for k, v in vars(a).items() if k != "work"},
-           "commands": {k: " ".join(shlex.quote(x) for x in c) for k, (_, c) in cmds.items()},
+           "commands": {k: " ".join(shlex.quote(x) for x in c).replace(ROOT + os.sep, "")   # repo-relative
+                        for k, (_, c) in cmds.items()},
            "attention": attn, "runs": runs}
     out["summary"] = summarise(out)
     out["wall_s"] = time.time() - t0
-    with open(json_path, "w") as f:
-        json.dump(out, f, indent=1)
+    with open(json_path, "w") as f:                 # compact: every step of every run
+        json.dump(_round(out), f, separators=(",", ":"))
     plot(out, png_path)
     print(json.dumps(out["summary"], indent=1))
     print(f"analysis {time.time() - t_train:.0f}s, total {time.time() - t0:.0f}s")
