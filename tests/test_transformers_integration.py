@@ -156,12 +156,17 @@ def test_ral_matches_eager(kind):
         assert float((got[name] - want[name]).abs().max()) <= 2e-4 * scale + 1e-6, name
 
 
-def test_div_zero_against_own_recording_and_slicing():
+def _qwen2_with_policy(seed: int):
+    """A float32 tiny Qwen2 with an AttentionPolicy on its last layer, and a padded batch."""
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
     model = _qwen2().float()
     policy = AttentionPolicy(model)
-    inputs, _, rows = _batch("qwen2", gen)
+    inputs, _, rows = _batch("qwen2", torch.Generator().manual_seed(seed))
+    return model, policy, inputs, rows
+
+
+def test_div_zero_against_own_recording_and_slicing():
+    model, policy, inputs, rows = _qwen2_with_policy(seed=1)
     with torch.no_grad(), policy.record() as rec:
         logits_rec = model(**inputs).logits
     with policy.compare(rec.reference, row_mask=rows[:, -4:]) as cmp:   # (B, C) row mask, right-aligned
@@ -222,11 +227,7 @@ def test_policy_misuse():
 
 
 def test_record_in_chunks_and_dict_roundtrip():
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(4)
-    model = _qwen2().float()
-    policy = AttentionPolicy(model)
-    inputs, _, rows = _batch("qwen2", gen)
+    model, policy, inputs, rows = _qwen2_with_policy(seed=4)
     with torch.no_grad(), policy.record() as whole:
         model(**inputs)
     with torch.no_grad(), policy.record() as parts:          # TRL-style chunked old-log-prob loop
