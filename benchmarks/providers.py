@@ -507,8 +507,13 @@ def default_dtype(device: str) -> str:
 
 
 def pick_device(requested: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; exits with a clear message when a
+    CUDA device is asked for and torch cannot see one."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {requested}: torch {torch.__version__} sees no CUDA device "
+                         "(a CPU-only torch build, or no GPU/driver here); use --device cpu")
     return requested
 
 

@@ -136,3 +136,10 @@ def test_bench_cuda(benchmark, provider, mode):
         _, e_div = P.forward_eager(e_inp, P.Config(**dict(cfg.asdict(), dtype="float32")))
         _, r_div = fwd(r_inp, cfg)
         torch.testing.assert_close(r_div.float(), e_div.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_device_without_gpu_is_a_clear_exit():
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        P.pick_device("cuda")
+    assert P.pick_device("auto") == "cpu"
