@@ -3,7 +3,8 @@
 Implements the backend interface of ``ral.backends`` (``unavailable_reason``, ``unsupported_reason``,
 ``forward``, ``backward``); kernels and their launchers sit side by side below.
 
-Forward, one launch, grid (cdiv(Sq, BLOCK_M), B) for heads="mean" | (cdiv(Sq, BLOCK_M), B*H) for "each".
+Forward, one launch, a 1-D grid of cdiv(Sq, BLOCK_M) x B programs for heads="mean" | x B*H for "each"
+(query blocks fastest; axis 0 because axis 1 stops at 65535).
 A program owns BLOCK_M query rows of one batch and every head of the row ("mean": the policy
 couples all heads) or one head ("each": head h of both models).
 heads="each" with kl / reverse_kl: ONE key sweep (``_each_one_sweep``). Per key tile: s = q k^T and
@@ -33,7 +34,7 @@ Row rules (both paths): rows with row_mask False or an empty support get div = g
 block without live rows skips pass 2); a NaN input gives NaN statistics and div in the rows it
 touches (an empty set is l == 0, not "l > 0 fails").
 Backward (FlashAttention-2 style: recompute from the LSE; Delta comes from ral.ops), one launch,
-grid (cdiv(Sk, BLOCK_N), B) for "mean" | (cdiv(Sk, BLOCK_N), B*Hkv) for "each". A program owns
+1-D grid of cdiv(Sk, BLOCK_N) x B programs for "mean" | x B*Hkv for "each". A program owns
 BLOCK_N keys of one batch and all kv heads ("mean") or one kv head ("each"), and sweeps the query
 blocks that see them: per query block ("mean") it first rebuilds log pi, log rho and g on the tile
 from all H + Hr heads (skipped when no row of the block has w != 0), then per kv head and query head
@@ -72,9 +73,11 @@ and compiled CUDA tests). Under the interpreter one small fixed config runs (no 
 operands are upcast to fp32 before ``tl.dot`` (triton 3.9's interpreter computes bf16 dots wrongly,
 SPEC section 5).
 
-GPU configs: autotuned over a few (BLOCK_M, BLOCK_N, warps, stages) for sm_80 / sm_90, pruned by
-head dim; RAL_TRITON_AUTOTUNE=0 takes the first config that fits (each config of these kernels
-takes tens of seconds to compile).
+GPU configs: autotuned over a few (BLOCK_M, BLOCK_N, warps, stages) per head-dim class (_FWD_TABLE,
+_BWD_TABLE), all checked to compile and fit sm_80 / sm_90a shared memory without a GPU by
+tests/test_triton_compile.py; RAL_TRITON_AUTOTUNE=0 takes the first of the class (the one with
+the fewest register spills), with no benchmarking. ``forward_launch`` / ``backward_launch`` build
+a launch without running it (that test compiles exactly those arguments).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -563,8 +566,10 @@ def _fwd_kernel(Q, K, V, QR, KR, RS, KPM, RM, OUT, STATS, DIV, GBAR, CBAR,
     """One program: BLOCK_M query rows of batch b, all heads ("mean") or head h ("each").
     Writes OUT (B,H,Sq,Dv), STATS (B,H,Sq,2), RS (B,Hr,Sq,2) unless HAS_REF_STATS (then read),
     DIV/GBAR (B,Sq) | (B,H,Sq) and CBAR (B,H,Sq)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    n_mblk = (Sq + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)  # 1-D grid, query blocks fastest (see _grid)
+    pid_m = pid % n_mblk
+    pid_bh = (pid // n_mblk).to(tl.int64)
     if HEADS_EACH:
         b = pid_bh // H
         h0 = pid_bh % H
@@ -704,8 +709,10 @@ def _bwd_kernel(Q, K, V, QR, KR, RS, KPM, DO, W, DELTA, STATS, GBAR, GQ, GK, GV,
     """One program: BLOCK_N keys of batch b, all kv heads ("mean") or kv head kvh ("each").
     dS = a (dP - delta) + [k in P] w T; GK/GV (fp32 dk/dv, zero-filled) get dS^T Q and a^T dO,
     GQ (fp32 dq, zero-filled) gets dS K by atomic adds."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1).to(tl.int64)
+    n_nblk = (Sk + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)  # 1-D grid, key blocks fastest (see _grid)
+    pid_n = pid % n_nblk
+    pid_bk = (pid // n_nblk).to(tl.int64)
     if HEADS_EACH:
         b = pid_bk // HKV
         kv0 = pid_bk % HKV
@@ -833,49 +840,74 @@ def _head_dim(args: dict) -> int:
     return max(int(args.get("D_PAD", 16)), int(args.get("DV_PAD", 16)), int(args.get("DR_PAD", 16)))
 
 
-def _fits(cfg, big_head: bool, backward: bool) -> bool:
-    """Shared-memory budget, measured by compiling for sm_80 / sm_90 (164 / 228 KB per block):
-    the backward stages K, V (and K_ref) tiles of BLOCK_N x D in several operand layouts, so
-    BLOCK_N = 64 at D = 256 needs ~210 KB; BLOCK_N = 32 needs ~115 KB."""
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    if backward:
-        return bn <= 32 if big_head else bn <= 64
-    return bm * bn <= 64 * 64 if big_head else True
+def _size_class(args: dict) -> int:
+    """64, 128, 256 (the largest padded head dim, at least 64), doubled for fp32 operands (PREC
+    "ieee"), whose staged tiles take twice the shared memory and registers: 512 is fp32 at 256."""
+    size = max(64, _head_dim(args))
+    return size * 2 if args.get("PREC") == "ieee" else size
 
 
-def _pruner(backward: bool):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per size class, first = the one RAL_TRITON_AUTOTUNE=0
+# runs. Chosen by compiling every kernel variant for sm_80 and sm_90a with triton 3.9's ptxas
+# (tests/test_triton_compile.py; RAL_TRITON_COMPILE_ALL=1 sweeps them all): every config fits the
+# opt-in shared memory of both (163 / 227 KB). In 16-bit types at head dims <= 128 the first
+# spills no registers, or a few dozen bytes in some variants (ptxas is not monotone in the tile
+# size there); the others may spill a few hundred bytes and are left to the autotuner. Dropped:
+# BLOCK_M = 64 with 4 warps, 128 x 64, and the backward's 32 x 32 .. 64 x 64 tiles with 4 warps
+# at head dim >= 128, which spill 0.3-24 KB per thread; at head dim 256 the old first forward
+# config (64 x 64, 4 warps) needed 172 KB / 262 KB of shared memory for heads="each" kl /
+# reverse_kl, over both limits. Known: the backward at head dim 256 spills with every tile tried
+# (16 x 16 .. 64 x 64, 4 or 8 warps; its dk/dv accumulators, BLOCK_N x 256 fp32 each, stay in
+# registers): the first config 16-360 B, up to ~1 KB for "mean" with GQA; fp32 spills more at
+# head dim >= 128 (fp32 is the accuracy path, not the fast one). Not timed on hardware yet (no
+# GPU in the sessions that chose them).
+_FWD_TABLE = {
+    64: [(32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    128: [(32, 64, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2)],
+    256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
+    512: [(16, 32, 4, 2), (32, 32, 8, 1)],
+}
+_BWD_TABLE = {
+    64: [(16, 64, 8, 1), (16, 32, 8, 2), (32, 32, 8, 2)],
+    128: [(16, 32, 8, 1), (16, 32, 8, 2), (16, 64, 8, 1)],
+    256: [(16, 32, 8, 1), (16, 16, 4, 1)],
+    512: [(16, 16, 4, 1), (16, 32, 8, 1)],
+}
+
+
+def _shape(cfg) -> tuple:
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def _pruner(table: dict):
     def prune(configs, named_args, **kwargs):
-        """Keep the configs that fit this call's head dims; RAL_TRITON_AUTOTUNE=0 keeps only the
-        first (no benchmarking: each config of these kernels takes tens of seconds to compile)."""
-        big_head = _head_dim({**named_args, **kwargs}) > 128
-        kept = [cfg for cfg in configs if _fits(cfg, big_head, backward)] or configs[-1:]
+        """The configs of this call's size class, in the table's order; RAL_TRITON_AUTOTUNE=0
+        keeps only the first (no benchmarking: each config takes seconds to tens of seconds to
+        compile)."""
+        by_shape = {_shape(cfg): cfg for cfg in configs}
+        kept = [by_shape[shape] for shape in table[_size_class({**named_args, **kwargs})]]
         if os.environ.get("RAL_TRITON_AUTOTUNE", "1") in ("0", ""):
             kept = kept[:1]
         return kept
     return prune
 
 
-def _configs(shapes):
+def _configs(table: dict) -> list:
+    shapes = list(dict.fromkeys(shape for shapes in table.values() for shape in shapes))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in shapes]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_80 and sm_90, best guess first; the pruner
-# drops what does not fit the head dim. Not tuned on hardware yet (no GPU in the session that
-# wrote them); every config compiles for sm_80 and sm_90 at D = 128 (fwd and bwd) and the
-# D = 256 ones within the shared-memory budget.
-_FWD_SHAPES = [(64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
-_BWD_SHAPES = [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
 _FWD_KEY = ["H", "HR", "G", "GR", "D", "DV", "DR", "len_bucket", "DIVERGENCE", "HEADS_EACH",
             "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_REF_STATS"]
 _BWD_KEY = ["H", "HR", "G", "GR", "D", "DV", "DR", "len_bucket", "DIVERGENCE", "HEADS_EACH",
             "EXCLUDE_SELF", "CAUSAL", "HAS_V"]
 
 if _IMPORT_ERROR is None and not _BUILT_INTERPRETED:
-    _fwd = triton.autotune(_configs(_FWD_SHAPES), key=_FWD_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(False)})(_fwd_kernel)
-    _bwd = triton.autotune(_configs(_BWD_SHAPES), key=_BWD_KEY, reset_to_zero=["GQ", "GK", "GV"],
-                           prune_configs_by={"early_config_prune": _pruner(True)})(_bwd_kernel)
+    _fwd = triton.autotune(_configs(_FWD_TABLE), key=_FWD_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(_FWD_TABLE)})(_fwd_kernel)
+    _bwd = triton.autotune(_configs(_BWD_TABLE), key=_BWD_KEY, reset_to_zero=["GQ", "GK", "GV"],
+                           prune_configs_by={"early_config_prune": _pruner(_BWD_TABLE)})(_bwd_kernel)
 else:
     _fwd, _bwd = _fwd_kernel, _bwd_kernel
 
@@ -938,9 +970,8 @@ def _s(t, n: int = 4) -> list:
     return list(t.stride()) if t is not None else [0] * n
 
 
-def _flags(call: Call) -> dict:
+def _flags(call: Call, interp: bool) -> dict:
     q, q_ref = call.q, call.q_ref
-    interp = q.device.type == "cpu" or _interpreting()
     dtypes = (q.dtype, q_ref.dtype)
     return dict(
         D_PAD=_pad(q.shape[3]), DV_PAD=_pad(call.v.shape[3] if call.v is not None else 16),
@@ -948,6 +979,11 @@ def _flags(call: Call) -> dict:
         UPCAST=bool(interp and torch.bfloat16 in dtypes),
         PREC="ieee" if torch.float32 in dtypes else "tf32",
     )
+
+
+def _interpret_call(call: Call) -> bool:
+    """Whether this call runs interpreted (CPU tensors, or TRITON_INTERPRET set)."""
+    return call.q.device.type == "cpu" or _interpreting()
 
 
 def _blocks(kern) -> dict:
@@ -972,10 +1008,31 @@ class _NullContext:
         return False
 
 
-def forward(call: Call):
-    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq).
-    div and gbar are (B,Sq) for "mean" and (B,H,Sq) for "each"; all fp32 but out."""
+class Launch(NamedTuple):
+    """One kernel launch as the launchers build it: ``kernel[grid](*args, **kwargs)``.
+    kernel: the autotuned kernel (compiled mode; BLOCK_M / BLOCK_N / warps / stages come from its
+    configs) or the plain jit function (interpreter; kwargs carry the fixed tile sizes);
+    outputs: the tensors the launch fills, as forward() / backward() return them.
+    tests/test_triton_compile.py compiles exactly these arguments for sm_80 / sm_90."""
+
+    kernel: object
+    grid: Callable
+    args: list
+    kwargs: dict
+    outputs: tuple
+
+
+def _grid(n_rows: int, block: str, n_programs: int):
+    """1-D grid, row blocks fastest: axis 0 takes 2^31 - 1 programs (axis 1 only 65535, which
+    B * H of a large batch exceeds); the kernels split the id with the same cdiv."""
+    return lambda meta: (triton.cdiv(n_rows, meta[block]) * n_programs,)
+
+
+def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
+    """The forward launch for `call`: kernels of the current interpret mode (see _kernels());
+    interp (default: CPU tensors or TRITON_INTERPRET) picks the interpreter-only flags."""
     q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
+    interp = _interpret_call(call) if interp is None else interp
     opts = call.options
     batch, n_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -996,34 +1053,44 @@ def forward(call: Call):
     row_strides = list(div.stride()) if each else [div.stride(0), 0, div.stride(1)]
 
     kern = _kernels()._fwd
-    flags = _flags(call)
+    flags = _flags(call, interp)
     flags.update(_blocks(kern))
     h_pad = 1 if each else triton.next_power_of_2(n_heads)
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * (n_heads if each else 1))  # noqa: E731
-    with _device_guard(q):
-        kern[grid](
-            q, k, v if v is not None else q, q_ref, k_ref, rs,
-            kpm if kpm is not None else stats, rm if rm is not None else stats,
-            out if v is not None else q, stats, div, gbar, cbar,
-            *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(rs),
-            *_s(kpm, 2), *_s(rm, 2), *_s(out if v is not None else None), *_s(stats),
-            *row_strides, *_s(cbar, 3),
-            n_heads, n_heads // kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
-            head_dim, v.shape[3] if v is not None else 0, ref_dim,
-            opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
-            triton.next_power_of_2(max(q_len, k_len)),
-            DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
-            EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
-            HAS_REF_STATS=has_ref_stats, HAS_KPM=kpm is not None, HAS_RM=rm is not None,
-            H_PAD=h_pad, **flags)
-    return out, div, stats, ref_stats_out, gbar, cbar
+    args = [
+        q, k, v if v is not None else q, q_ref, k_ref, rs,
+        kpm if kpm is not None else stats, rm if rm is not None else stats,
+        out if v is not None else q, stats, div, gbar, cbar,
+        *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(rs),
+        *_s(kpm, 2), *_s(rm, 2), *_s(out if v is not None else None), *_s(stats),
+        *row_strides, *_s(cbar, 3),
+        n_heads, n_heads // kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
+        head_dim, v.shape[3] if v is not None else 0, ref_dim,
+        opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
+        triton.next_power_of_2(max(q_len, k_len)),
+    ]
+    kwargs = dict(
+        DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
+        EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
+        HAS_REF_STATS=has_ref_stats, HAS_KPM=kpm is not None, HAS_RM=rm is not None,
+        H_PAD=h_pad, **flags)
+    grid = _grid(q_len, "BLOCK_M", batch * (n_heads if each else 1))
+    return Launch(kern, grid, args, kwargs, (out, div, stats, ref_stats_out, gbar, cbar))
 
 
-def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
-    """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes.
-    ddiv (w) and gbar like div; delta (B,H,Sq) = rowsum(dout*out) + w*cbar/H; stats (B,H,Sq,2);
-    ref_stats (B,Hr,Sq,2): the reference statistics the forward used."""
+def forward(call: Call):
+    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq).
+    div and gbar are (B,Sq) for "mean" and (B,H,Sq) for "each"; all fp32 but out."""
+    launch = forward_launch(call)
+    with _device_guard(call.q):
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+    return launch.outputs
+
+
+def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
+                    interp: Optional[bool] = None) -> Launch:
+    """The backward launch for `call` (arguments as backward()); outputs: the fp32 (dq, dk, dv|None)."""
     q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
+    interp = _interpret_call(call) if interp is None else interp
     opts = call.options
     batch, n_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -1038,24 +1105,37 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
     kpm = _mask_u8(call.key_padding_mask)
 
     kern = _kernels()._bwd
-    flags = _flags(call)
+    flags = _flags(call, interp)
     flags.update(_blocks(kern))
     acc_in_regs = each or kv_heads == 1
-    grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * (kv_heads if each else 1))  # noqa: E731
-    with _device_guard(q):
-        kern[grid](
-            q, k, v if v is not None else q, q_ref, k_ref, ref_stats,
-            kpm if kpm is not None else stats, dout if v is not None else q, w, delta, stats, gbar,
-            dq, dk, dv if v is not None else dk,
-            *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(ref_stats), *_s(kpm, 2),
-            *_s(dout if v is not None else None), *row_strides, *_s(delta, 3), *_s(stats),
-            *_s(dq), *_s(dk), *_s(dv),
-            n_heads, n_heads // kv_heads, kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
-            head_dim, v.shape[3] if v is not None else 0, ref_dim, opts.scale,
-            opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
-            triton.next_power_of_2(max(q_len, k_len)),
-            DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
-            EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
-            HAS_KPM=kpm is not None, ACC_IN_REGS=acc_in_regs, **flags)
+    args = [
+        q, k, v if v is not None else q, q_ref, k_ref, ref_stats,
+        kpm if kpm is not None else stats, dout if v is not None else q, w, delta, stats, gbar,
+        dq, dk, dv if v is not None else dk,
+        *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(ref_stats), *_s(kpm, 2),
+        *_s(dout if v is not None else None), *row_strides, *_s(delta, 3), *_s(stats),
+        *_s(dq), *_s(dk), *_s(dv),
+        n_heads, n_heads // kv_heads, kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
+        head_dim, v.shape[3] if v is not None else 0, ref_dim, opts.scale,
+        opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
+        triton.next_power_of_2(max(q_len, k_len)),
+    ]
+    kwargs = dict(
+        DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
+        EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
+        HAS_KPM=kpm is not None, ACC_IN_REGS=acc_in_regs, **flags)
+    grid = _grid(k_len, "BLOCK_N", batch * (kv_heads if each else 1))
+    return Launch(kern, grid, args, kwargs, (dq, dk, dv))
+
+
+def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
+    """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes.
+    ddiv (w) and gbar like div; delta (B,H,Sq) = rowsum(dout*out) + w*cbar/H; stats (B,H,Sq,2);
+    ref_stats (B,Hr,Sq,2): the reference statistics the forward used."""
+    launch = backward_launch(call, dout, ddiv, delta, stats, ref_stats, gbar)
+    with _device_guard(call.q):
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+    dq, dk, dv = launch.outputs
+    q, k, v = call.q, call.k, call.v
     return (dq.to(q.dtype), dk.to(k.dtype),
             dv.to(v.dtype) if v is not None else q.new_empty((0,)))
