@@ -37,15 +37,23 @@ void cuda_check(int code) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// RAL_MODULE_NAME: the test build of tests/cuda_emu compiles this file into another module; the
+// classes are module-local so that both modules can live in one process.
+#if !defined(RAL_MODULE_NAME)
+#define RAL_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(RAL_MODULE_NAME, m) {
   m.doc() = "ral compiled kernels: fused attention + attention-divergence (see csrc/common/params.h)";
 
-  py::class_<View>(m, "View", "A strided view: element (i0..i3) at ptr + sum(i_n * stride[n]) elements.")
+  py::class_<View>(m, "View", "A strided view: element (i0..i3) at ptr + sum(i_n * stride[n]) elements.",
+                   py::module_local())
       .def(py::init<>())
       .def_readwrite("ptr", &View::ptr)
       .def_property("stride", &get_stride, &set_stride);
 
-  py::class_<AttentionKLParams> params(m, "AttentionKLParams", "One kernel call (csrc/common/params.h).");
+  py::class_<AttentionKLParams> params(m, "AttentionKLParams", "One kernel call (csrc/common/params.h).",
+                                       py::module_local());
   params.def(py::init<>());
 #define RAL_FIELD(name) params.def_readwrite(#name, &AttentionKLParams::name)
   RAL_FIELD(batch); RAL_FIELD(heads); RAL_FIELD(kv_heads); RAL_FIELD(q_len); RAL_FIELD(k_len);

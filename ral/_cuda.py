@@ -25,11 +25,15 @@ def unsupported_reason(call: Call) -> Optional[str]:
     if not call.q.is_cuda:
         return f"needs CUDA tensors, got {call.q.device}"
     p, _ = _compiled.params(call)
-    if not _compiled._C.cuda_supports(p):
+    with torch.cuda.device(call.q.device):  # cuda_supports checks that device's shared memory
+        supported = _compiled._C.cuda_supports(p)
+    if not supported:
         dims = _compiled._C.cuda_head_dims()
         return (f"the CUDA kernels take float16/bfloat16 with head dims D, Dr, Dv in {dims[0]}..{dims[-1]} "
-                f"(step {dims[1] - dims[0]}), got {call.q.dtype} with D={call.q.shape[-1]}, "
-                f"Dr={call.q_ref.shape[-1]}" + (f", Dv={call.v.shape[-1]}" if call.v is not None else ""))
+                f"(step {dims[1] - dims[0]}) whose tiles fit the device's shared memory per block "
+                f"(99 KB on sm_86 / sm_89 holds D, Dv up to about 144), got {call.q.dtype} with "
+                f"D={call.q.shape[-1]}, Dr={call.q_ref.shape[-1]}"
+                + (f", Dv={call.v.shape[-1]}" if call.v is not None else ""))
     return None
 
 

@@ -26,7 +26,17 @@ cudaError_t device_info(DeviceInfo& dev) {
 
 void check_supported(const AttentionKLParams& p) {
   require(supports(p), "the CUDA kernels take float16/bfloat16 (q_ref in q's dtype) and head dims D, Dr, Dv "
-                       "that are multiples of 8 up to 256");
+                       "that are multiples of 8 up to 256, whose tiles fit the device's shared memory per "
+                       "block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so)");
+}
+
+// Whether one block of every kernel fits the current device's opt-in shared memory (sm_86 / sm_89
+// have 99 KB: the backward's tiles do not fit there for D = Dv = 160 and above). No device: true
+// (the launch reports the error).
+bool fits_device(const AttentionKLParams& p) {
+  DeviceInfo dev;
+  if (device_info(dev) != cudaSuccess) return true;
+  return forward_min_smem(p) <= dev.smem_optin && backward_min_smem(p) <= dev.smem_optin;
 }
 
 }  // namespace
@@ -50,7 +60,7 @@ int key_splits(const AttentionKLParams& p, int64_t blocks, const DeviceInfo& dev
 
 bool supports(const AttentionKLParams& p) {
   return (p.dtype == kFloat16 || p.dtype == kBFloat16) && p.ref_dtype == p.dtype && dim_ok(p.head_dim) &&
-         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim));
+         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim)) && fits_device(p);
 }
 
 std::vector<int> head_dims() {

@@ -13,8 +13,9 @@ int forward(const AttentionKLParams& p, uintptr_t stream);
 int64_t backward_scratch_bytes(const AttentionKLParams& p);
 int backward(const AttentionKLParams& p, uintptr_t stream);
 const char* error_string(int code);
-// Which dtypes / head dims these kernels take; other calls are routed elsewhere by Python
-// (backend="auto" sends them to Triton; an explicit backend="cuda" raises ValueError).
+// Which dtypes / head dims these kernels take on the current device (their tiles must fit its
+// shared memory per block); other calls are routed elsewhere by Python (backend="auto" sends
+// them to Triton; an explicit backend="cuda" raises ValueError).
 bool supports(const AttentionKLParams& p);
 // The head dims (D, and Dr) the kernels are built for, e.g. {64, 80, 96, 128, 256}.
 std::vector<int> head_dims();

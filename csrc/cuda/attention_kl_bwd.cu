@@ -359,17 +359,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();
 }
 
+// stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][kLdP] (2-byte elements)
+SmemPlan bwd_smem(const AttentionKLParams& p) {
+  const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
+  const int64_t ldv = p.has_v ? round_up16(int(p.v_head_dim)) + 8 : 0;
+  return SmemPlan{2 * int64_t(kBlockM) * kLdP * 2, 2 * int64_t(kBlockM) * (ld + ldv) * 2};
+}
+
 }  // namespace
+
+int64_t backward_min_smem(const AttentionKLParams& p) { return bwd_smem(p).bytes(1); }
 
 template <typename T>
 cudaError_t launch_backward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev) {
   if (p.batch > 65535) return cudaErrorInvalidConfiguration;
-  const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
-  const int64_t ldv = p.has_v ? round_up16(int(p.v_head_dim)) + 8 : 0;
-  const int64_t stage = 2 * int64_t(kBlockM) * (ld + ldv) * int64_t(sizeof(T));
-  const int64_t fixed = 2 * int64_t(kBlockM) * kLdP * int64_t(sizeof(T));
-  const int stages = fixed + 2 * stage <= dev.smem_optin ? 2 : 1;
-  const int64_t bytes = fixed + stages * stage;
+  static_assert(sizeof(T) == 2, "bwd_smem counts 2-byte elements");
+  const SmemPlan plan = bwd_smem(p);
+  const int stages = plan.stages(dev);
+  const int64_t bytes = plan.bytes(stages);
   auto kernel = p.heads_each ? bwd_kernel<T, true> : bwd_kernel<T, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;

@@ -433,6 +433,18 @@ __global__ void finalize_kernel(const AttentionKLParams p) {
 
 int64_t bucket(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
+// pass 1 (elements are 2 bytes: fp16 / bf16): sQ [64][ld] + stages x (sK [64][ld] + sV [64][ldv])
+SmemPlan stats_smem(const AttentionKLParams& p, bool ref, int dvp, int c_off) {
+  const int64_t dim16 = round_up16(int(ref ? p.ref_head_dim : p.head_dim));
+  const int64_t ldv = dvp > 0 ? round_up16(int(min64(p.v_head_dim - c_off, dvp))) + 8 : 0, ld = dim16 + 8;
+  return SmemPlan{int64_t(kBlockM) * ld * 2, int64_t(kBlockN) * (ld + ldv) * 2};
+}
+// pass 2: stages x (sA [64][ld] + sB [64][ld])
+SmemPlan div_smem(const AttentionKLParams& p) {
+  const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
+  return SmemPlan{0, 2 * int64_t(kBlockM) * ld * 2};
+}
+
 template <typename Kernel>
 cudaError_t set_smem(Kernel kernel, int64_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
@@ -441,12 +453,10 @@ cudaError_t set_smem(Kernel kernel, int64_t bytes) {
 template <typename T, int DVP>
 cudaError_t launch_stats(const AttentionKLParams& p, bool ref, cudaStream_t stream, const DeviceInfo& dev,
                          int c_off = 0, bool write_stats = true) {
-  const int64_t dim16 = round_up16(int(ref ? p.ref_head_dim : p.head_dim));
-  const int64_t ldv = DVP > 0 ? round_up16(int(min64(p.v_head_dim - c_off, DVP))) + 8 : 0, ld = dim16 + 8;
-  const int64_t stage = int64_t(kBlockN) * (ld + ldv) * int64_t(sizeof(T));
-  const int64_t fixed = int64_t(kBlockM) * ld * int64_t(sizeof(T));
-  const int stages = fixed + 2 * stage <= dev.smem_optin ? 2 : 1;
-  const int64_t bytes = fixed + stages * stage;
+  static_assert(sizeof(T) == 2, "stats_smem counts 2-byte elements");
+  const SmemPlan plan = stats_smem(p, ref, DVP, c_off);
+  const int stages = plan.stages(dev);
+  const int64_t bytes = plan.bytes(stages);
   auto kernel = stats_kernel<T, DVP>;
   cudaError_t err = set_smem(kernel, bytes);
   if (err != cudaSuccess) return err;
@@ -457,6 +467,15 @@ cudaError_t launch_stats(const AttentionKLParams& p, bool ref, cudaStream_t stre
 }
 
 }  // namespace
+
+int64_t forward_min_smem(const AttentionKLParams& p) {
+  int64_t bytes = div_smem(p).bytes(1);
+  if (!p.has_ref_stats) bytes = max(bytes, stats_smem(p, true, 0, 0).bytes(1));
+  if (!p.has_v) return max(bytes, stats_smem(p, false, 0, 0).bytes(1));
+  const int dvp = int(min64(bucket(p.v_head_dim), 128));
+  bytes = max(bytes, stats_smem(p, false, dvp, 0).bytes(1));
+  return p.v_head_dim > 128 ? max(bytes, stats_smem(p, false, 128, 128).bytes(1)) : bytes;
+}
 
 template <typename T>
 cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev) {
@@ -480,14 +499,13 @@ cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, cons
       (err = cudaMemsetAsync(reinterpret_cast<void*>(p.cbar), 0, p.batch * p.heads * p.q_len * sizeof(float),
                              stream)))
     return err;
-  const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
-  const int64_t stage = 2 * int64_t(kBlockM) * ld * int64_t(sizeof(T));
-  const int stages = 2 * stage <= dev.smem_optin ? 2 : 1;
+  const SmemPlan plan = div_smem(p);
+  const int stages = plan.stages(dev);
   const int64_t q_tiles = (p.q_len + kBlockM - 1) / kBlockM;
   const int nsplit = key_splits(p, q_tiles * p.batch * groups, dev);
   auto kernel = div_kernel<T>;
-  if ((err = set_smem(kernel, stages * stage)) != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(q_tiles), unsigned(p.batch * groups), unsigned(nsplit)), kThreads, stages * stage, stream>>>(
+  if ((err = set_smem(kernel, plan.bytes(stages))) != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(q_tiles), unsigned(p.batch * groups), unsigned(nsplit)), kThreads, plan.bytes(stages), stream>>>(
       p, stages, nsplit, vec_bits(p));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 

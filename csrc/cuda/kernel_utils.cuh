@@ -51,6 +51,9 @@ template <> struct Dtype<__nv_bfloat16> {
 // c (16x8 fp32) += a (16x16, row) * b (16x8, col)
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(RAL_CUDA_EMULATE)  // tests/cuda_emu: the PTX ops of this file run on the CPU emulator
+  ral_emu::mma_m16n8k16(std::is_same_v<T, __half> ? 1 : 2, c, a, b0, b1);
+#else
   if constexpr (std::is_same_v<T, __half>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -64,6 +67,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -73,24 +77,42 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m, and lane 4g+t gets
 // (row g, cols 2t, 2t+1) of matrix m in r[m] (.trans: (rows 2t, 2t+1, col g)).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+#if defined(RAL_CUDA_EMULATE)
+  ral_emu::ldmatrix_x4(r, p, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+#if defined(RAL_CUDA_EMULATE)
+  ral_emu::ldmatrix_x4(r, p, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // 16-byte global -> shared copy; zero-fills the destination when !valid (nothing is read).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(RAL_CUDA_EMULATE)
+  ral_emu::cp_async16(dst, src, valid ? 16 : 0);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
+#endif
 }
+#if defined(RAL_CUDA_EMULATE)
+__device__ __forceinline__ void cp_async_commit() { ral_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { ral_emu::cp_async_wait(N); }
+#else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 __device__ __forceinline__ float fexp(float x) { return exp2f(x * kLog2e); }
 

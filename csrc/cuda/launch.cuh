@@ -19,6 +19,17 @@ int vec_bits(const AttentionKLParams& p);
 // Key splits of a query tile so that the grid fills the device about twice.
 int key_splits(const AttentionKLParams& p, int64_t blocks, const DeviceInfo& dev);
 
+// Shared memory of a kernel launch: `fixed` bytes plus `stage` bytes per pipeline stage (1 or 2;
+// two when they fit the device). The launchers and supports() (api.cu) use the same numbers.
+struct SmemPlan {
+  int64_t fixed = 0, stage = 0;
+  int64_t bytes(int stages) const { return fixed + stages * stage; }
+  int stages(const DeviceInfo& dev) const { return bytes(2) <= dev.smem_optin ? 2 : 1; }
+};
+// The most shared memory one block of any forward / backward kernel needs with one stage.
+int64_t forward_min_smem(const AttentionKLParams& p);
+int64_t backward_min_smem(const AttentionKLParams& p);
+
 template <typename T>
 cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev);
 template <typename T>
