@@ -11,6 +11,17 @@ of shared memory that nothing wrote (poisoned with NaN), cp.async reads outside 
 deadlocks and divergent warp collectives (tests/cuda_emu/cuda_emu.h). Skips when g++, the CUDA
 headers or pybind11 are missing. Local sweeps: RAL_EMU_DEFAULTS="RAL_EMU_SCHEDULE=random:5,
 RAL_EMU_CP_ASYNC=early" runs every test under that schedule.
+
+Global-memory bounds (the CPU analog of compute-sanitizer memcheck; not run by default, ~2.5 min):
+
+    python tests/cuda_emu/memcheck.py            # all of this file, kernels built with ASan + UBSan
+    python tests/cuda_emu/memcheck.py --plant    # proof it can fail: a planted read past stats
+
+runs this file on an AddressSanitizer + UBSan build of the emulated module with libasan preloaded,
+so torch's tensors get redzones: a plain global load / store / atomic of a kernel past the end of
+its tensor (q, k, v, masks, stats, out, div, dq, dk, dv, scratch), an access to shared memory past
+the launch's dynamic size, and undefined behaviour in the kernels or the host / launch code abort
+the run with a report (exit 1; 77 when libasan is missing). See tests/cuda_emu/memcheck.py.
 """
 
 from __future__ import annotations

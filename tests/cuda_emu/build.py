@@ -7,6 +7,9 @@ smem, stream}, args)`` and ``extern __shared__ ... name[];`` becomes a pointer t
 per-block dynamic shared memory. The module is cached under build/cuda_emu/<hash of every input>.
 
     python tests/cuda_emu/build.py     # build (or find) it and print its path
+
+RAL_EMU_SANITIZE=address[,undefined] builds a separate, instrumented copy (-fsanitize=... -O1, its own
+cache entry) for tests/cuda_emu/memcheck.py, which runs it with libasan preloaded.
 """
 
 from __future__ import annotations
@@ -67,8 +70,25 @@ def _sources():
     return cu, cpp, [d for d in deps if os.path.isfile(d) and not d.endswith((".pyc",))]
 
 
+def sanitize_flags() -> list:
+    """Compile / link flags of the sanitizer build (env RAL_EMU_SANITIZE=address[,undefined]); [] without it."""
+    names = [n.strip() for n in os.environ.get("RAL_EMU_SANITIZE", "").split(",") if n.strip()]
+    bad = set(names) - {"address", "undefined"}
+    if bad:
+        raise ValueError(f"RAL_EMU_SANITIZE: unknown sanitizer(s) {sorted(bad)} (address, undefined)")
+    if not names:
+        return []
+    flags = [f"-fsanitize={','.join(names)}", "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in names:  # a UB finding aborts with a report, as an ASan one does
+        flags.append("-fno-sanitize-recover=undefined")
+    return flags
+
+
 def build(verbose: bool = False, opt: str = "-O2"):
     """Returns the path of the built module (building it if its inputs changed)."""
+    san = sanitize_flags()
+    if san:
+        opt = "-O1"
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise Unavailable(f"no C++ compiler ({cxx})")
@@ -82,7 +102,7 @@ def build(verbose: bool = False, opt: str = "-O2"):
     cu, cpp, deps = _sources()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256()
-    for part in (version, opt, sys.version, inc, pybind11.__version__):
+    for part in (version, opt, " ".join(san), sys.version, inc, pybind11.__version__):
         h.update(part.encode())
     for d in deps:
         h.update(d.encode())
@@ -99,7 +119,7 @@ def build(verbose: bool = False, opt: str = "-O2"):
             return target
         tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir))
         try:
-            _compile(cxx, inc, pybind11.get_include(), cu, cpp, tmp, os.path.basename(target), verbose, opt)
+            _compile(cxx, inc, pybind11.get_include(), cu, cpp, tmp, os.path.basename(target), verbose, opt, san)
             os.replace(tmp, out_dir) if not os.path.exists(out_dir) else shutil.rmtree(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -115,8 +135,8 @@ def _prune(cache: str, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _compile(cxx, inc, pyinc, cu, cpp, tmp, target_name, verbose, opt):
-    common = ["-std=c++17", opt, "-fPIC", "-fvisibility=hidden", "-I", CSRC, "-I", inc,
+def _compile(cxx, inc, pyinc, cu, cpp, tmp, target_name, verbose, opt, san=()):
+    common = ["-std=c++17", opt, *san, "-fPIC", "-fvisibility=hidden", "-I", CSRC, "-I", inc,
               "-I", pyinc, "-I", sysconfig.get_paths()["include"], "-DRAL_WITH_CUDA", "-DRAL_CUDA_EMULATE"]
     emu = ["-include", os.path.join(HERE, "cuda_emu.h"), "-I", HERE]
     jobs = []
@@ -144,7 +164,7 @@ def _compile(cxx, inc, pyinc, cu, cpp, tmp, target_name, verbose, opt):
 
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         list(pool.map(run, jobs))
-    run([cxx, "-shared", "-o", os.path.join(tmp, target_name), *objs, "-pthread"])
+    run([cxx, "-shared", *san, "-o", os.path.join(tmp, target_name), *objs, "-pthread"])
 
 
 def load(path: Optional[str] = None):

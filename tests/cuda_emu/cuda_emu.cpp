@@ -16,6 +16,16 @@
 #include <ucontext.h>
 #endif
 
+// The sanitizer build (tests/cuda_emu/build.py, RAL_EMU_SANITIZE=address): the coroutine switches
+// are announced to ASan as fiber switches, a coroutine stack is unpoisoned before it is reused, and
+// the shared-memory bytes past the launch's dynamic size are poisoned, so that any access to them
+// (plain loads and stores included) is reported where it happens.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define RAL_EMU_ASAN 1
+#endif
+
 namespace ral_emu {
 
 ThreadCtx* g_thread = nullptr;
@@ -85,6 +95,7 @@ struct Thread : ThreadCtx {
   State state = kDone;
   void* sp = nullptr;
   unsigned char* stack = nullptr;
+  void* asan_fake = nullptr;  // ASan's fake stack of this coroutine while it is switched out
 #if !defined(__x86_64__)
   ucontext_t uc;
 #endif
@@ -111,6 +122,9 @@ struct Emu {
   std::vector<Chunk> chunks;
   std::vector<std::pair<uintptr_t, uintptr_t>> allowed;  // global ranges cp.async may read (empty: any)
   void* sched_sp = nullptr;
+  void* sched_fake = nullptr;  // ASan: the scheduler's fake stack and stack bounds
+  const void* sched_bottom = nullptr;
+  size_t sched_size = 0;
 #if !defined(__x86_64__)
   ucontext_t sched_uc;
 #endif
@@ -143,13 +157,31 @@ Thread* cur() { return static_cast<Thread*>(g_thread); }
 void set_bit(int i) { E.runnable[i >> 6] |= uint64_t(1) << (i & 63); }
 void clear_bit(int i) { E.runnable[i >> 6] &= ~(uint64_t(1) << (i & 63)); }
 
-void to_scheduler(Thread* t) {
+// ASan fiber annotations (no-ops in the normal build). `final`: the coroutine never resumes.
+inline void asan_leave_thread(Thread* t, bool final) {
+#if defined(RAL_EMU_ASAN)
+  __sanitizer_start_switch_fiber(final ? nullptr : &t->asan_fake, E.sched_bottom, E.sched_size);
+#else
+  (void)t, (void)final;
+#endif
+}
+inline void asan_enter_thread(Thread* t) {  // on the coroutine's stack, right after the switch
+#if defined(RAL_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(t ? t->asan_fake : nullptr, &E.sched_bottom, &E.sched_size);
+#else
+  (void)t;
+#endif
+}
+
+void to_scheduler(Thread* t, bool final = false) {
   ++E.switches;
+  asan_leave_thread(t, final);
 #if defined(__x86_64__)
   ral_emu_switch(&t->sp, E.sched_sp);
 #else
   swapcontext(&t->uc, &E.sched_uc);
 #endif
+  asan_enter_thread(t);
 }
 
 [[noreturn]] void fail_here(const std::string& msg) {
@@ -163,7 +195,7 @@ void to_scheduler(Thread* t) {
   }
   t->state = kDone;
   clear_bit(t->id);
-  to_scheduler(t);
+  to_scheduler(t, true);
   std::abort();  // never resumed
 }
 
@@ -203,18 +235,24 @@ bool in_smem(const void* p, size_t bytes) {
 
 void thread_main() {
   Thread* t = cur();
+  asan_enter_thread(nullptr);  // first entry: no fake stack to restore yet
   (*E.body)();
   flush_all(t);  // copies still in flight at exit
   t->state = kDone;
   clear_bit(t->id);
   --E.alive;
-  to_scheduler(t);
+  to_scheduler(t, true);
   std::abort();
 }
 
 #if defined(__x86_64__)
 extern "C" void ral_emu_entry() { thread_main(); }
 void init_context(Thread& t) {
+#if defined(RAL_EMU_ASAN)
+  // frames of the coroutine's last run stay poisoned (it never returned): clear them
+  __asan_unpoison_memory_region(t.stack + 4096, kStackBytes - 4096);
+  t.asan_fake = nullptr;
+#endif
   uintptr_t top = (reinterpret_cast<uintptr_t>(t.stack) + kStackBytes) & ~uintptr_t(15);
   auto* sp = reinterpret_cast<void**>(top - 64);  // 16-aligned: entry sees rsp % 16 == 8
   for (int i = 0; i < 6; ++i) sp[i] = nullptr;    // r15 r14 r13 r12 rbx rbp
@@ -224,6 +262,10 @@ void init_context(Thread& t) {
 }
 #else
 void init_context(Thread& t) {
+#if defined(RAL_EMU_ASAN)
+  __asan_unpoison_memory_region(t.stack + 4096, kStackBytes - 4096);
+  t.asan_fake = nullptr;
+#endif
   getcontext(&t.uc);
   t.uc.uc_stack.ss_sp = t.stack;
   t.uc.uc_stack.ss_size = kStackBytes;
@@ -234,10 +276,16 @@ void init_context(Thread& t) {
 
 void resume(Thread& t) {
   g_thread = &t;
+#if defined(RAL_EMU_ASAN)
+  __sanitizer_start_switch_fiber(&E.sched_fake, t.stack + 4096, kStackBytes - 4096);
+#endif
 #if defined(__x86_64__)
   ral_emu_switch(&E.sched_sp, t.sp);
 #else
   swapcontext(&E.sched_uc, &t.uc);
+#endif
+#if defined(RAL_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(E.sched_fake, nullptr, nullptr);
 #endif
 }
 
@@ -533,8 +581,14 @@ void run_grid(const void* kernel, const LaunchConfig& cfg, const std::function<v
   for (long bi : order) {
     g_block.block_idx = uint3{unsigned(bi % cfg.grid.x), unsigned(bi / cfg.grid.x % cfg.grid.y),
                               unsigned(bi / cfg.grid.x / cfg.grid.y)};
+#if defined(RAL_EMU_ASAN)
+    __asan_unpoison_memory_region(E.smem, kSmemMax + kCanary);
+#endif
     std::memset(E.smem, 0xff, E.smem_bytes);                  // uninitialised shared memory: NaN
     std::memset(E.smem + E.smem_bytes, 0xa5, kCanary);       // canary after the launch's bytes
+#if defined(RAL_EMU_ASAN)
+    __asan_poison_memory_region(E.smem + E.smem_bytes, kSmemMax + kCanary - E.smem_bytes);
+#endif
     for (int i = 0; i < E.n; ++i) {
       Thread& t = E.threads[size_t(i)];
       t.id = i;
@@ -561,6 +615,9 @@ void run_grid(const void* kernel, const LaunchConfig& cfg, const std::function<v
       resume(E.threads[size_t(i)]);
     }
     g_thread = nullptr;
+#if defined(RAL_EMU_ASAN)
+    __asan_unpoison_memory_region(E.smem, kSmemMax + kCanary);
+#endif
     if (!E.failed)
       for (size_t i = 0; i < kCanary; ++i)
         if (E.smem[E.smem_bytes + i] != 0xa5) {

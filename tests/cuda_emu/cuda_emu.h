@@ -33,7 +33,9 @@
 // intra-warp divergence between collectives (lanes run one after another; __syncwarp is not needed
 // and not provided), float2 atomics (the sm_90 branch is not compiled: __CUDA_ARCH__ is undefined).
 // An emulator error (deadlock, divergent collective, bad address) aborts the launch and is
-// reported by cudaGetLastError() / cudaGetErrorString() as a message.
+// reported by cudaGetLastError() / cudaGetErrorString() as a message. Global-memory bounds are
+// checked by the sanitizer build instead (tests/cuda_emu/memcheck.py: ASan redzones around torch's
+// tensors, the bytes past the launch's dynamic shared memory poisoned, UBSan).
 #pragma once
 
 #include <cuda_bf16.h>
