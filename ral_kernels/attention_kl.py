@@ -4,7 +4,9 @@ Implements the backend interface of ``ral.backends`` (``unavailable_reason``, ``
 ``forward``, ``backward``); kernels and their launchers sit side by side below.
 
 Forward, one launch, a 1-D grid of cdiv(Sq, BLOCK_M) x B programs for heads="mean" | x B*H for "each"
-(query blocks fastest; axis 0 because axis 1 stops at 65535).
+(axis 0 because axis 1 stops at 65535). Program ids run over the query blocks slowest and in
+descending order, (batch, head) fastest: pid 0 takes the LAST query block, which under causal
+masking sweeps the most keys, so the heaviest programs start first (see Occupancy below).
 A program owns BLOCK_M query rows of one batch and every head of the row ("mean": the policy
 couples all heads) or one head ("each": head h of both models).
 heads="each" with kl / reverse_kl: ONE key sweep (``_each_one_sweep``). Per key tile: s = q k^T and
@@ -34,12 +36,48 @@ Row rules (both paths): rows with row_mask False or an empty support get div = g
 block without live rows skips pass 2); a NaN input gives NaN statistics and div in the rows it
 touches (an empty set is l == 0, not "l > 0 fails").
 Backward (FlashAttention-2 style: recompute from the LSE; Delta comes from ral.ops), one launch,
-1-D grid of cdiv(Sk, BLOCK_N) x B programs for "mean" | x B*Hkv for "each". A program owns
-BLOCK_N keys of one batch and all kv heads ("mean") or one kv head ("each"), and sweeps the query
-blocks that see them: per query block ("mean") it first rebuilds log pi, log rho and g on the tile
-from all H + Hr heads (skipped when no row of the block has w != 0), then per kv head and query head
-recomputes a = exp2(s - lse_A), dP = dO V^T, dS = a (dP - delta) + [k in P] w T and accumulates
-dV += a^T dO, dK += dS^T Q in registers, and dQ += dS K with fp32 atomics.
+1-D grid of cdiv(Sk, BLOCK_N) x B x Q_SPLITS programs for "mean" | x B*Hkv x Q_SPLITS for "each".
+A program owns BLOCK_N keys of one batch and all kv heads ("mean") or one kv head ("each"), and
+sweeps one of Q_SPLITS contiguous chunks of the query blocks that see them: per query block
+("mean") it first rebuilds log pi, log rho and g on the tile from all H + Hr heads (skipped when no
+row of the block has w != 0), then per kv head and query head recomputes a = exp2(s - lse_A),
+dP = dO V^T, dS = a (dP - delta) + [k in P] w T and accumulates dV += a^T dO, dK += dS^T Q, and
+dQ += dS K with fp32 atomics. dK / dV go to the zero-filled fp32 buffers: summed in registers
+over the chunk and stored once when Q_SPLITS == 1, added with fp32 atomics when Q_SPLITS > 1
+("each", and "mean" with Hkv == 1); "mean" with Hkv > 1 cannot hold Hkv accumulators in registers
+and adds each query block's part with fp32 atomics (before the splits this was a load + store per
+query block, program-exclusive; atomics need no load or barrier, and ptxas spills nothing where the
+load / store version spilled 16-20 B on sm_80 at bf16, head dim 128, first config). Program ids run over the key blocks slowest and
+ascending, then (batch, kv head), then the split: key block j is seen by the query blocks from about
+j on, so under causal masking the heaviest programs start first.
+Q_SPLITS (``_q_splits``, the one place it is chosen; the kernel reads it back from the grid size):
+RAL_TRITON_Q_SPLITS=n forces n (tests, A/B timings); else on CUDA the fewest splits that make the
+grid _BWD_MIN_WAVES = 3 waves of the device's SMs (torch's multi_processor_count), 1 on CPU; never
+more than the query blocks. Each autotune config gets its own count (the grid depends on its
+BLOCK_N / BLOCK_M). The chunks of a key block hold equal COUNTS of query blocks (differing
+by at most one): every query block costs a key block the same (all heads, the same tile matmuls;
+masking saves no matmul), so equal counts are equal work; the imbalance between key blocks is left
+to the heavy-first order, whose many small last programs fill the gaps (a fixed chunk length for
+all key blocks balanced worse in the model below: 0.72-0.88 vs 0.89-0.98 at S = 4096).
+
+Occupancy (a model, not a measurement: no GPU has run these kernels). ptxas gives the backward
+170-255 registers x 256 threads (one program per SM at a time) and the forward 175-255 (likewise).
+Model: programs dispatched in id order to the first free SM (what CUDA's block scheduler does in
+practice; not a documented guarantee), every (query block, key block) tile of
+a program the same cost; efficiency = total work / (SMs x makespan). Target shape B = 1, H = 28,
+Hkv = 4, D = 128, causal, 132 SMs (H100 / H200), backward tiles 16 x 32, forward 32 x 64:
+  backward "mean" S = 4096:  before 128 programs (< 1 wave, 256 : 1 work spread): 0.49;
+                             now Q_SPLITS = 4, 512 programs: 0.98 -> predicted ~2x faster backward
+  backward "mean" S = 16384: 512 programs, Q_SPLITS = 1 (already >= 3 waves): 0.99 before and now
+  backward "each" (B*Hkv = 4): S = 4096 512 programs, Q_SPLITS = 1: 0.98 -> 0.99 (order only)
+  forward "mean" S = 4096:   128 programs (< 1 wave): 0.49 before and now; the order cannot help a
+                             grid smaller than the GPU: that needs a split of the key sweep (its
+                             online-softmax and divergence partial sums combined), not done here
+  forward "mean" S = 16384:  512 programs: 0.79 (light first) -> 0.99 (heavy first)
+  forward "each": 3584 / 14336 programs: 0.96 / 0.99 -> 1.00
+The split's price: per split program and kv head one BLOCK_N x (D + Dv) fp32 atomic add (v4 on
+sm_90) instead of a store, small next to the dQ atomics every query block already makes
+(H x BLOCK_M x D per tile); the model leaves memory traffic and atomic throughput out.
 
 Cost, counted in (BLOCK_M x BLOCK_N x head dim) tile matmuls per head and key tile, with H = Hr and
 v given (without v drop the P V and dP, dV terms; causal halves every path alike). SDPA flash:
@@ -57,9 +95,9 @@ GPU timings; the exp2s (one per element and online softmax: up to 4 per element 
 A and P of both models, with exclude_self and no ref_stats) are extra cost that the count leaves out.
 
 Memory: no Sq x Sk buffer. Beyond inputs and outputs: the fp32 gradient buffers dq (B,H,Sq,D),
-dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv) (cast to the input dtypes at the end; with heads="mean" and
-Hkv > 1 dk/dv are accumulated there in place, program-exclusive, instead of in registers).
-No other scratch.
+dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv) (zero-filled, summed into by atomics as above, cast to the
+input dtypes at the end; the autotuner's reset_to_zero re-zeroes all three between benchmark
+runs). No other scratch: the query splits add programs, not memory.
 
 Interpreter: triton decides at *decoration* time whether ``@triton.jit`` builds a compiled or an
 interpreted function (``TRITON_INTERPRET``, read through ``triton.knobs.runtime.interpret``), and
@@ -567,9 +605,10 @@ def _fwd_kernel(Q, K, V, QR, KR, RS, KPM, RM, OUT, STATS, DIV, GBAR, CBAR,
     Writes OUT (B,H,Sq,Dv), STATS (B,H,Sq,2), RS (B,Hr,Sq,2) unless HAS_REF_STATS (then read),
     DIV/GBAR (B,Sq) | (B,H,Sq) and CBAR (B,H,Sq)."""
     n_mblk = (Sq + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)  # 1-D grid, query blocks fastest (see _grid)
-    pid_m = pid % n_mblk
-    pid_bh = (pid // n_mblk).to(tl.int64)
+    n_groups = tl.num_programs(0) // n_mblk  # B ("mean") or B*H ("each")
+    pid = tl.program_id(0)  # 1-D grid (see _grid): heaviest first, the last query block at pid 0
+    pid_m = n_mblk - 1 - pid // n_groups
+    pid_bh = (pid % n_groups).to(tl.int64)
     if HEADS_EACH:
         b = pid_bh // H
         h0 = pid_bh % H
@@ -694,25 +733,60 @@ def _fwd_kernel(Q, K, V, QR, KR, RS, KPM, RM, OUT, STATS, DIV, GBAR, CBAR,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _split_range(mb_first, n_mblk, split, n_splits):
+    """Query blocks [mb_lo, mb_hi) of chunk `split` of [mb_first, n_mblk) cut into n_splits
+    contiguous chunks whose counts differ by at most one (every query block of a key block costs
+    the same, so equal counts are equal work); no product that could overflow int32."""
+    n_own = n_mblk - mb_first
+    per = n_own // n_splits
+    extra = n_own % n_splits
+    mb_lo = mb_first + split * per + tl.minimum(split, extra)
+    mb_hi = mb_lo + per + (split < extra).to(tl.int32)
+    return mb_lo, mb_hi
+
+
+@triton.jit
+def _flush(ptrs, acc, mask, sole_write):
+    """Add an fp32 dk / dv partial sum into its zero-filled GK / GV tile: a plain store when this
+    is the only write the tile ever gets (`sole_write`), else fp32 atomics."""
+    if sole_write:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, QR, KR, RS, KPM, DO, W, DELTA, STATS, GBAR, GQ, GK, GV,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 srqb, srqh, srqm, srqd, srkb, srkh, srkn, srkd, srsb, srsh, srsm, srsc,
                 skpb, skpn, sdob, sdoh, sdom, sdod, swb, swh, swm, sdlb, sdlh, sdlm,
                 ssb, ssh, ssm, ssc, sdqb, sdqh, sdqm, sdqd, sdkb, sdkh, sdkn, sdkd,
                 sdvb, sdvh, sdvn, sdvd,
-                H, G, HKV, HR, GR, Sq, Sk, D, DV, DR, scale, scale2, ref_scale2, len_bucket,
+                B, H, G, HKV, HR, GR, Sq, Sk, D, DV, DR, scale, scale2, ref_scale2, len_bucket,
                 DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_KPM: tl.constexpr,
                 ACC_IN_REGS: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                 DR_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_N keys of batch b, all kv heads ("mean") or kv head kvh ("each").
-    dS = a (dP - delta) + [k in P] w T; GK/GV (fp32 dk/dv, zero-filled) get dS^T Q and a^T dO,
-    GQ (fp32 dq, zero-filled) gets dS K by atomic adds."""
+    """One program: BLOCK_N keys of batch b, all kv heads ("mean") or kv head kvh ("each"), and
+    one of n_splits contiguous chunks of the query blocks that see those keys (n_splits comes
+    from the grid size, see _bwd_grid). dS = a (dP - delta) + [k in P] w T; GK/GV (fp32 dk/dv,
+    zero-filled) get dS^T Q and a^T dO (stored when n_splits == 1, atomic adds otherwise), GQ
+    (fp32 dq, zero-filled) gets dS K by atomic adds."""
     n_nblk = (Sk + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)  # 1-D grid, key blocks fastest (see _grid)
-    pid_n = pid % n_nblk
-    pid_bk = (pid // n_nblk).to(tl.int64)
+    n_mblk = (Sq + BLOCK_M - 1) // BLOCK_M
+    if HEADS_EACH:
+        n_groups = B * HKV
+    else:
+        n_groups = B
+    n_splits = tl.num_programs(0) // (n_nblk * n_groups)
+    # 1-D grid (see _bwd_grid): key blocks slowest and ascending, i.e. heaviest first under causal
+    # masking (key block j is seen by the query blocks from ~j on); then (batch, kv head), split.
+    pid = tl.program_id(0)
+    pid_n = pid // (n_groups * n_splits)
+    pid_in = pid % (n_groups * n_splits)
+    pid_bk = (pid_in // n_splits).to(tl.int64)
+    split = pid_in % n_splits
     if HEADS_EACH:
         b = pid_bk // HKV
         kv0 = pid_bk % HKV
@@ -740,14 +814,17 @@ def _bwd_kernel(Q, K, V, QR, KR, RS, KPM, DO, W, DELTA, STATS, GBAR, GQ, GK, GV,
     DVb = GV + b * sdvb
     key_ok = _key_ok(KPM + b * skpb, skpn, offs_n, Sk, HAS_KPM)
     if CAUSAL:
-        m_start = (tl.maximum(pid_n * BLOCK_N - (Sk - Sq), 0) // BLOCK_M) * BLOCK_M
+        mb_first = tl.maximum(pid_n * BLOCK_N - (Sk - Sq), 0) // BLOCK_M
     else:
-        m_start = 0
+        mb_first = pid_n * 0
+    mb_lo, mb_hi = _split_range(mb_first, n_mblk, split, n_splits)
+    sole_program = n_splits == 1  # no other program writes dk / dv of these keys
     dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
     dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
-    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < D)
-    v_mask = (offs_n[:, None] < Sk) & (offs_dv[None, :] < DV)
-    for start_m in range(m_start, Sq, BLOCK_M):
+    keys_end = tl.where(mb_lo < mb_hi, Sk, 0)  # an empty chunk writes no dk / dv
+    kv_mask = (offs_n[:, None] < keys_end) & (offs_d[None, :] < D)
+    v_mask = (offs_n[:, None] < keys_end) & (offs_dv[None, :] < DV)
+    for start_m in range(mb_lo * BLOCK_M, mb_hi * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
         att, sup = _key_sets(offs_m, offs_n, key_ok, Sq, Sk, CAUSAL, EXCLUDE_SELF)
@@ -776,12 +853,10 @@ def _bwd_kernel(Q, K, V, QR, KR, RS, KPM, DO, W, DELTA, STATS, GBAR, GQ, GK, GV,
             if HAS_V:
                 v = _load_tile(Vb + kvh * svh, offs_n, offs_dv, svn, svd, Sk, DV)
             if not ACC_IN_REGS:
-                tl.debug_barrier()  # the previous query block's store of this tile is visible
-                dk_ptrs = DKb + kvh * sdkh + offs_n[:, None].to(tl.int64) * sdkn + offs_d[None, :] * sdkd
-                dv_ptrs = DVb + kvh * sdvh + offs_n[:, None].to(tl.int64) * sdvn + offs_dv[None, :] * sdvd
-                dk_acc = tl.load(dk_ptrs, mask=kv_mask, other=0.0)
+                # this query block's part of dk / dv of kv head kvh, added into GK / GV below
+                dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
                 if HAS_V:
-                    dv_acc = tl.load(dv_ptrs, mask=v_mask, other=0.0)
+                    dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
             for hh in range(G):
                 h = kvh * G + hh
                 q = _load_tile(Qb + h * sqh, offs_m, offs_d, sqm, sqd, Sq, D)
@@ -817,16 +892,18 @@ def _bwd_kernel(Q, K, V, QR, KR, RS, KPM, DO, W, DELTA, STATS, GBAR, GQ, GK, GV,
                 dq = _dot(ds.to(k.dtype), k, UPCAST, PREC)
                 dq_ptrs = DQb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqm + offs_d[None, :] * sdqd
                 tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
-            if not ACC_IN_REGS:
-                tl.store(dk_ptrs, dk_acc, mask=kv_mask)
+            if not ACC_IN_REGS:  # one add per query block: atomics even without splits
+                dk_ptrs = DKb + kvh * sdkh + offs_n[:, None].to(tl.int64) * sdkn + offs_d[None, :] * sdkd
+                _flush(dk_ptrs, dk_acc, kv_mask, False)
                 if HAS_V:
-                    tl.store(dv_ptrs, dv_acc, mask=v_mask)
+                    dv_ptrs = DVb + kvh * sdvh + offs_n[:, None].to(tl.int64) * sdvn + offs_dv[None, :] * sdvd
+                    _flush(dv_ptrs, dv_acc, v_mask, False)
     if ACC_IN_REGS:
         dk_ptrs = DKb + kv0 * sdkh + offs_n[:, None].to(tl.int64) * sdkn + offs_d[None, :] * sdkd
-        tl.store(dk_ptrs, dk_acc, mask=kv_mask)
+        _flush(dk_ptrs, dk_acc, kv_mask, sole_program)
         if HAS_V:
             dv_ptrs = DVb + kv0 * sdvh + offs_n[:, None].to(tl.int64) * sdvn + offs_dv[None, :] * sdvd
-            tl.store(dv_ptrs, dv_acc, mask=v_mask)
+            _flush(dv_ptrs, dv_acc, v_mask, sole_program)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1023,9 +1100,40 @@ class Launch(NamedTuple):
 
 
 def _grid(n_rows: int, block: str, n_programs: int):
-    """1-D grid, row blocks fastest: axis 0 takes 2^31 - 1 programs (axis 1 only 65535, which
-    B * H of a large batch exceeds); the kernels split the id with the same cdiv."""
+    """1-D grid of cdiv(n_rows, meta[block]) x n_programs: axis 0 takes 2^31 - 1 programs (axis 1
+    only 65535, which B * H of a large batch exceeds); the kernel recovers n_programs from the
+    grid size with the same cdiv."""
     return lambda meta: (triton.cdiv(n_rows, meta[block]) * n_programs,)
+
+
+# The backward's grid aims at this many waves (programs per SM; ptxas gives the backward 170-255
+# registers x 256 threads, so one program fits an SM at a time). See "Occupancy" at the top.
+_BWD_MIN_WAVES = 3
+
+
+def _q_splits(n_programs: int, n_query_blocks: int, device: torch.device) -> int:
+    """Query splits of the backward: into how many chunks each key block's query sweep is cut.
+    RAL_TRITON_Q_SPLITS=n forces n (tests, A/B timing); else on CUDA the fewest that give the
+    grid _BWD_MIN_WAVES waves of the device's SMs, and 1 on CPU (the interpreter). Never above
+    the query block count (a chunk holds at least one block of the heaviest key block)."""
+    forced = os.environ.get("RAL_TRITON_Q_SPLITS", "")
+    if forced:
+        splits = int(forced)
+    elif device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(_BWD_MIN_WAVES * n_sm, n_programs)
+    else:
+        splits = 1
+    return max(1, min(splits, n_query_blocks))
+
+
+def _bwd_grid(k_len: int, q_len: int, n_groups: int, device: torch.device):
+    """1-D grid of cdiv(k_len, BLOCK_N) x n_groups x Q_SPLITS (n_groups = B or B * Hkv); the
+    kernel recovers Q_SPLITS from the grid size."""
+    def grid(meta):
+        n_programs = triton.cdiv(k_len, meta["BLOCK_N"]) * n_groups
+        return (n_programs * _q_splits(n_programs, triton.cdiv(q_len, meta["BLOCK_M"]), device),)
+    return grid
 
 
 def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
@@ -1115,7 +1223,7 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
         *_s(q), *_s(k), *_s(v), *_s(q_ref), *_s(k_ref), *_s(ref_stats), *_s(kpm, 2),
         *_s(dout if v is not None else None), *row_strides, *_s(delta, 3), *_s(stats),
         *_s(dq), *_s(dk), *_s(dv),
-        n_heads, n_heads // kv_heads, kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
+        batch, n_heads, n_heads // kv_heads, kv_heads, ref_heads, ref_heads // ref_kv_heads, q_len, k_len,
         head_dim, v.shape[3] if v is not None else 0, ref_dim, opts.scale,
         opts.scale * 1.4426950408889634, opts.ref_scale * 1.4426950408889634,
         triton.next_power_of_2(max(q_len, k_len)),
@@ -1124,7 +1232,7 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
         DIVERGENCE=_DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
         HAS_KPM=kpm is not None, ACC_IN_REGS=acc_in_regs, **flags)
-    grid = _grid(k_len, "BLOCK_N", batch * (kv_heads if each else 1))
+    grid = _bwd_grid(k_len, q_len, batch * (kv_heads if each else 1), q.device)
     return Launch(kern, grid, args, kwargs, (dq, dk, dv))
 
 

@@ -6,8 +6,9 @@ current mode at launch time, so this file works in one pytest process with any o
 whatever imported triton or ral_kernels first. The 24 option combinations each run once, on a
 rotation of small problems that covers, pairwise, the shape and layout features (Sq in {1, 17} and
 Sq < Sk, head dims 16 / 24 / 80, GQA and MQA, Hr != H and Dr != D with "mean", left padding +
-row_mask, ref_stats, fp32 / fp16, non-contiguous inputs, no v). Larger shapes and bf16 run on CUDA
-only (marked `cuda`, skipped without a GPU).
+row_mask, ref_stats, fp32 / fp16, non-contiguous inputs, no v). The backward's query splits
+(dk / dv by atomics) run forced through RAL_TRITON_Q_SPLITS, and their count is checked for a
+pretend 132-SM GPU. Larger shapes and bf16 run on CUDA only (marked `cuda`, skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -227,6 +228,66 @@ def test_row_rules_nan_empty_masked(divergence, heads):
     ok = ~torch.isnan(want.div)
     assert torch.equal(torch.isnan(res.div), ~ok)
     torch.testing.assert_close(res.div.double()[ok], want.div[ok], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward query splits: each key block's query sweep cut into Q_SPLITS chunks, dk / dv by atomics
+# ----------------------------------------------------------------------------------------------
+
+# Sq = 50: 4 query blocks of 16 in the interpreter, so 3 splits give chunks of 2, 1, 1 and causal
+# key blocks near the end have fewer query blocks than splits (empty chunks); 8 splits clamp to 4.
+# Sq < Sk (causal offset), left padding + row_mask, kv GQA (Hkv > 1: "mean" accumulates dk / dv in
+# memory) and MQA (in registers), no v.
+SPLIT_CASES = [
+    ("mean-mqa", 3, dict(divergence="jsd", heads="mean", exclude_self=True, causal=True),
+     dict(batch=2, heads=3, kv_heads=1, left_pad=(0, 6), row_mask=True)),
+    ("mean-gqa", 3, dict(divergence="kl", heads="mean", exclude_self=True, causal=True),
+     dict(heads=4, kv_heads=2, ref_heads=2, ref_kv_heads=1)),
+    ("mean-gqa-nocausal-nov", 8, dict(divergence="reverse_kl", heads="mean", exclude_self=False, causal=False),
+     dict(heads=4, kv_heads=2, v_head_dim=None)),
+    ("each-gqa", 3, dict(divergence="jsd", heads="each", exclude_self=True, causal=True),
+     dict(batch=2, heads=2, kv_heads=1, left_pad=(0, 6), row_mask=True)),
+    ("each-kl-nocausal", 8, dict(divergence="kl", heads="each", exclude_self=True, causal=False),
+     dict(heads=2, kv_heads=2)),
+]
+
+
+@pytest.mark.parametrize("name,splits,opts,fields", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_backward_query_splits(monkeypatch, name, splits, opts, fields):
+    """RAL_TRITON_Q_SPLITS forces the split; the same accuracy rule as everywhere."""
+    monkeypatch.setenv("RAL_TRITON_Q_SPLITS", str(splits))
+    problem = Problem(**{"batch": 1, **fields}, q_len=50, k_len=56, head_dim=16, options=opts, seed=11)
+    check(problem, "triton")
+
+
+def _backward_grid(monkeypatch, q_len, k_len, kv_heads, each, sm_count=None, forced=None):
+    """The backward launch's program count for BLOCK_M = 16, BLOCK_N = 32, on a pretend GPU with
+    sm_count SMs (a CUDA device is only named, never touched)."""
+    from ral_kernels import attention_kl as ak
+    if forced is None:
+        monkeypatch.delenv("RAL_TRITON_Q_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("RAL_TRITON_Q_SPLITS", str(forced))
+    if sm_count is not None:
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda dev: types.SimpleNamespace(multi_processor_count=sm_count))
+    device = torch.device("cuda" if sm_count is not None else "cpu")
+    grid = ak._bwd_grid(k_len, q_len, kv_heads if each else 1, device)
+    return grid(dict(BLOCK_M=16, BLOCK_N=32))[0]
+
+
+def test_backward_split_choice(monkeypatch):
+    """The target shape (B=1, Hkv=4, S=4096, 132 SMs): "mean" gets 4 splits (512 programs, >= 3
+    waves), "each" (512 programs already) and S=16384 stay unsplit; never more splits than query
+    blocks; the interpreter runs unsplit unless forced."""
+    assert _backward_grid(monkeypatch, 4096, 4096, 4, False, sm_count=132) == 128 * 4
+    assert _backward_grid(monkeypatch, 4096, 4096, 4, True, sm_count=132) == 128 * 4
+    assert _backward_grid(monkeypatch, 16384, 16384, 4, False, sm_count=132) == 512
+    assert _backward_grid(monkeypatch, 16, 4096, 1, False, sm_count=132) == 128  # one query block
+    assert _backward_grid(monkeypatch, 40, 40, 1, False, sm_count=132) == 2 * 3  # 3 query blocks
+    assert _backward_grid(monkeypatch, 4096, 4096, 4, False) == 128
+    assert _backward_grid(monkeypatch, 4096, 4096, 4, False, forced=5) == 128 * 5
+    assert _backward_grid(monkeypatch, 4096, 4096, 4, False, sm_count=132, forced=1) == 128
 
 
 # ----------------------------------------------------------------------------------------------

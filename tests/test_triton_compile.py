@@ -10,6 +10,12 @@ with each autotune config the pruner keeps for that call. It asserts that every 
 fits the target's opt-in shared memory per block, and that the first kept config (the one
 RAL_TRITON_AUTOTUNE=0 runs) spills at most spill_budget() bytes (registers and spills from ptxas -v).
 
+The backward's query split count (Q_SPLITS) is not a compile-time constant: the kernel reads it
+from the grid size, so every compiled backward already holds both dk / dv flushes (a store when
+unsplit, fp32 atomics when split; "mean" with Hkv > 1 adds by atomics either way). The "-split"
+variant is the target layout (28 query heads on 4 kv heads, "mean", jsd) launched with forced
+splits; it also checks that the launch's grid carries them.
+
 CI (default): every variant x {sm_80, sm_90}, bf16, head dim 128, the config RAL_TRITON_AUTOTUNE=0
 runs (the first the pruner keeps). RAL_TRITON_COMPILE_ALL=1: every kept config, head dims 64 / 128
 / 256, bf16 and fp16 and fp32; RAL_TRITON_COMPILE_REPORT=path appends one line per compile
@@ -63,7 +69,8 @@ def _compiled_mode(monkeypatch):
 
 
 # (name, backward, options, features). Features: v, ref_stats (forward only), kpm, rm (forward
-# only), kv_heads (of 4 query heads; backward "mean" with kv_heads > 1 accumulates dk/dv in memory).
+# only), heads (query heads, default 4), kv_heads (backward "mean" with kv_heads > 1 accumulates
+# dk/dv in memory), q_splits (backward: forced RAL_TRITON_Q_SPLITS).
 VARIANTS = [
     ("fwd-mean-jsd", False, dict(divergence="jsd"), dict(v=True, kpm=True, rm=True)),
     ("fwd-mean-kl-refstats-nov", False, dict(divergence="kl"), dict(v=False, ref_stats=True)),
@@ -76,6 +83,8 @@ VARIANTS = [
     ("bwd-mean-jsd-mqa", True, dict(divergence="jsd"), dict(v=True, kpm=True, kv_heads=1)),
     ("bwd-mean-kl-gqa", True, dict(divergence="kl"), dict(v=True, kv_heads=2)),
     ("bwd-mean-rkl-nov", True, dict(divergence="reverse_kl"), dict(v=False, kv_heads=2)),
+    ("bwd-mean-jsd-gqa-split", True, dict(divergence="jsd"),
+     dict(v=True, kpm=True, heads=28, kv_heads=4, q_splits=4)),
     ("bwd-each-jsd", True, dict(divergence="jsd", heads_each=True), dict(v=True, kpm=True)),
     ("bwd-each-rkl-noself-nocausal", True,
      dict(divergence="reverse_kl", heads_each=True, exclude_self=False, causal=False), dict(v=True)),
@@ -90,7 +99,7 @@ else:
 
 def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: int):
     """A small call with the given features; returns (call, extra backward arguments or None)."""
-    batch, heads, seq = 1, 4, 256
+    batch, heads, seq = 1, features.get("heads", 4), 256
     kv_heads = features.get("kv_heads", 2)
     gen = torch.Generator().manual_seed(0)
     t = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
@@ -182,12 +191,17 @@ def spill_budget(backward: bool, dtype, dim: int):
 
 
 @pytest.mark.parametrize("arch,name,backward,options,features,dtype,dim", CASES)
-def test_compiles_and_fits(arch, name, backward, options, features, dtype, dim):
+def test_compiles_and_fits(monkeypatch, arch, name, backward, options, features, dtype, dim):
     _compiler()
     call, extra = make_call(backward, options, features, dtype, dim)
     launch = launch_for(backward, call, extra)
     configs = kept_configs(launch)
     assert configs, "the pruner kept no config"
+    splits = features.get("q_splits")
+    if splits:
+        monkeypatch.setenv("RAL_TRITON_Q_SPLITS", str(splits))
+        meta = configs[0].all_kwargs()
+        assert launch.grid(meta) == (triton.cdiv(call.k.shape[2], meta["BLOCK_N"]) * splits,)
     if not ALL:
         configs = configs[:1]
     budget = spill_budget(backward, dtype, dim)
