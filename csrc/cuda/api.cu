@@ -24,19 +24,28 @@ cudaError_t device_info(DeviceInfo& dev) {
   return major >= 8 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
 }
 
-void check_supported(const AttentionKLParams& p) {
-  require(supports(p), "the CUDA kernels take float16/bfloat16 (q_ref in q's dtype) and head dims D, Dr, Dv "
-                       "that are multiples of 8 up to 256, whose tiles fit the device's shared memory per "
-                       "block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so)");
+bool shapes_ok(const AttentionKLParams& p) {
+  return (p.dtype == kFloat16 || p.dtype == kBFloat16) && p.ref_dtype == p.dtype && dim_ok(p.head_dim) &&
+         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim));
 }
 
-// Whether one block of every kernel fits the current device's opt-in shared memory (sm_86 / sm_89
-// have 99 KB: the backward's tiles do not fit there for D = Dv = 160 and above). No device: true
-// (the launch reports the error).
-bool fits_device(const AttentionKLParams& p) {
-  DeviceInfo dev;
-  if (device_info(dev) != cudaSuccess) return true;
+// Whether one block of every kernel fits the device's opt-in shared memory (sm_86 / sm_89 have
+// 99 KB: the backward's tiles do not fit there for D = Dv = 160 and above).
+bool fits(const AttentionKLParams& p, const DeviceInfo& dev) {
   return forward_min_smem(p) <= dev.smem_optin && backward_min_smem(p) <= dev.smem_optin;
+}
+
+// The entry points' re-check: params, what the kernels take, then the current device (queried
+// once into dev). Throws std::invalid_argument for a call the kernels do not take.
+cudaError_t prepare(const AttentionKLParams& p, bool backward, DeviceInfo& dev) {
+  check_params(p, backward);
+  require(shapes_ok(p), "the CUDA kernels take float16/bfloat16 (q_ref in q's dtype) and head dims D, Dr, "
+                        "Dv that are multiples of 8 up to 256");
+  const cudaError_t err = device_info(dev);
+  if (err != cudaSuccess) return err;
+  require(fits(p, dev), "the CUDA kernels' tiles for these head dims do not fit this device's shared memory "
+                        "per block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so)");
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -59,8 +68,9 @@ int key_splits(const AttentionKLParams& p, int64_t blocks, const DeviceInfo& dev
 }
 
 bool supports(const AttentionKLParams& p) {
-  return (p.dtype == kFloat16 || p.dtype == kBFloat16) && p.ref_dtype == p.dtype && dim_ok(p.head_dim) &&
-         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim)) && fits_device(p);
+  if (!shapes_ok(p)) return false;
+  DeviceInfo dev;
+  return device_info(dev) != cudaSuccess || fits(p, dev);  // no device: the launch reports the error
 }
 
 std::vector<int> head_dims() {
@@ -70,10 +80,8 @@ std::vector<int> head_dims() {
 }
 
 int forward(const AttentionKLParams& p, uintptr_t stream) {
-  check_params(p, false);
-  check_supported(p);
   DeviceInfo dev;
-  cudaError_t err = device_info(dev);
+  cudaError_t err = prepare(p, false, dev);
   if (err != cudaSuccess) return int(err);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   err = p.dtype == kFloat16 ? launch_forward<__half>(p, s, dev) : launch_forward<__nv_bfloat16>(p, s, dev);
@@ -83,10 +91,8 @@ int forward(const AttentionKLParams& p, uintptr_t stream) {
 int64_t backward_scratch_bytes(const AttentionKLParams&) { return 0; }  // no scratch: atomics into dq/dk/dv
 
 int backward(const AttentionKLParams& p, uintptr_t stream) {
-  check_params(p, true);
-  check_supported(p);
   DeviceInfo dev;
-  cudaError_t err = device_info(dev);
+  cudaError_t err = prepare(p, true, dev);
   if (err != cudaSuccess) return int(err);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   err = p.dtype == kFloat16 ? launch_backward<__half>(p, s, dev) : launch_backward<__nv_bfloat16>(p, s, dev);
