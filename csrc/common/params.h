@@ -18,6 +18,16 @@ struct View {
   int64_t stride[4] = {0, 0, 0, 0};
 };
 
+// One work unit of a call with a sequence table (see AttentionKLParams::seqs). 32 bytes, int32.
+struct SeqRange {
+  int32_t batch = 0;
+  int32_t q_start = 0, q_len = 0;
+  int32_t k_start = 0, k_len = 0;
+  int32_t q_pos = 0;  // key position of row 0, counted from k_start
+  int32_t pad[2] = {0, 0};
+};
+static_assert(sizeof(SeqRange) == 32, "SeqRange is read as int32[8] by the Python layer and Triton");
+
 struct AttentionKLParams {
   // ---- shapes -------------------------------------------------------------------------------
   int64_t batch = 0;          // B
@@ -44,6 +54,25 @@ struct AttentionKLParams {
   float scale = 1.f;
   float ref_scale = 1.f;
   int32_t num_threads = 1;       // CPU only
+  // ---- sequences (packed varlen batches and context-parallel chunks) -------------------------
+  // seqs == 0 (dense): work unit b is batch b, with rows 0..q_len, keys 0..k_len and row i at key
+  // position k_len - q_len + i.
+  // seqs != 0: the call has num_seqs work units, one SeqRange each (device memory on CUDA). Unit s
+  // reads batch seqs[s].batch, rows seqs[s].q_start .. q_start + q_len - 1 and keys
+  // seqs[s].k_start .. k_start + k_len - 1 of the tensors above, whose extents stay (B, Sq, Sk):
+  // for a packed batch B = 1 and Sq, Sk are the packed totals Tq, Tk. Row i of the unit sits at key
+  // position seqs[s].q_pos + i (key positions count from k_start); causal masking and
+  // exclude_self use that position. Every row-indexed tensor (q, q_ref, out, div, stats, gbar,
+  // cbar, delta, dq, ref_stats, row_mask) is addressed at (batch, q_start + i) and every
+  // key-indexed one (k, v, k_ref, dk, dv, key_padding_mask) at (batch, k_start + j), so a dense
+  // call is the table {b, 0, Sq, 0, Sk, Sk - Sq} for b < B. Units never overlap in their rows;
+  // they may share keys (context parallel: a rank's two chunks read all keys), so the backward's
+  // dk / dv must add, never store. max_q_len / max_k_len bound every unit's q_len / k_len
+  // (grid sizes).
+  uintptr_t seqs = 0;            // const SeqRange*, num_seqs entries
+  int64_t num_seqs = 0;
+  int64_t max_q_len = 0;
+  int64_t max_k_len = 0;
   // ---- inputs (strided) ---------------------------------------------------------------------
   View q, k, v, q_ref, k_ref;    // (B,H,Sq,D) (B,Hkv,Sk,D) (B,Hkv,Sk,Dv) (B,Hr,Sq,Dr) (B,Hrkv,Sk,Dr)
   View ref_stats_in;             // (B,Hr,Sq,2) fp32, when has_ref_stats
