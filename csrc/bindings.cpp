@@ -68,6 +68,7 @@ PYBIND11_MODULE(RAL_MODULE_NAME, m) {
   RAL_FIELD(out); RAL_FIELD(div); RAL_FIELD(stats); RAL_FIELD(ref_stats_out); RAL_FIELD(gbar); RAL_FIELD(cbar);
   RAL_FIELD(dout); RAL_FIELD(ddiv); RAL_FIELD(delta); RAL_FIELD(dq); RAL_FIELD(dk); RAL_FIELD(dv);
   RAL_FIELD(scratch); RAL_FIELD(scratch_bytes);
+  RAL_FIELD(seqs); RAL_FIELD(num_seqs); RAL_FIELD(max_q_len); RAL_FIELD(max_k_len);
 #undef RAL_FIELD
 
   const auto release = py::call_guard<py::gil_scoped_release>();

@@ -66,6 +66,9 @@ def params(call: Call, num_threads: int = 1):
     p.ref_stats_in = _view(call.ref_stats)
     p.key_padding_mask = _view(call.key_padding_mask)
     p.row_mask = _view(call.row_mask)
+    if call.seqs is not None:
+        p.seqs, p.num_seqs = call.seqs.data_ptr(), call.seqs.shape[0]
+        p.max_q_len, p.max_k_len = call.max_q_len, call.max_k_len
     # keep the (possibly copied) tensors alive as long as p
     p_tensors = (q, k, v, q_ref, k_ref)
     return p, p_tensors

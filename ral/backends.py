@@ -66,6 +66,13 @@ class Call:
     key_padding_mask: Optional[Tensor]
     row_mask: Optional[Tensor]
     options: Options
+    # Sequence table (csrc/common/params.h, SeqRange): int32 (N, 8) rows
+    # [batch, q_start, q_len, k_start, k_len, q_pos, 0, 0] on the tensors' device, or None (dense).
+    # With a table, unit s reads rows q_start.. and keys k_start.. of batch `batch`, and the
+    # outputs keep the dense (B, H, Sq, ...) shapes of the tensors (B = 1, Sq = Tq for a packed batch).
+    seqs: Optional[Tensor] = None
+    max_q_len: int = 0  # longest q_len in seqs (0 without a table)
+    max_k_len: int = 0
 
 
 def module(name: str):
