@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from ral import _compiled
+from ral.backends import compiled as _compiled
 
 _C = _compiled._C
 

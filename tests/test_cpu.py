@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import Problem, check, check_nan_stays_in_its_row, option_grid, option_id, run, upstream  # noqa: E402
 
 import ral  # noqa: E402
-from ral import _compiled  # noqa: E402
+from ral.backends import compiled as _compiled  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_compiled.import_error() is not None,
                                 reason=f"ral._C not built: {_compiled.import_error()}")

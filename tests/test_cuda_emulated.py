@@ -40,7 +40,8 @@ from oracle import (Problem, cast, check, check_nan_stays_in_its_row, option_gri
                     upstream, run)
 
 import ral  # noqa: E402
-from ral import _compiled, backends  # noqa: E402
+from ral import backends  # noqa: E402
+from ral.backends import compiled as _compiled  # noqa: E402
 
 
 def _import_build_helper():

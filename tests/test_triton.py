@@ -263,7 +263,7 @@ def test_backward_query_splits(monkeypatch, name, splits, opts, fields):
 def _backward_grid(monkeypatch, q_len, k_len, kv_heads, each, sm_count=None, forced=None):
     """The backward launch's program count for BLOCK_M = 16, BLOCK_N = 32, on a pretend GPU with
     sm_count SMs (a CUDA device is only named, never touched)."""
-    from ral_kernels import attention_kl as ak
+    from ral.backends.triton import attention_kl as ak
     if forced is None:
         monkeypatch.delenv("RAL_TRITON_Q_SPLITS", raising=False)
     else:

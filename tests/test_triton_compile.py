@@ -123,7 +123,7 @@ def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: in
 
 
 def launch_for(backward: bool, call, extra):
-    from ral_kernels import attention_kl as ak
+    from ral.backends.triton import attention_kl as ak
     if backward:
         return ak.backward_launch(call, **extra, interp=False)
     return ak.forward_launch(call, interp=False)

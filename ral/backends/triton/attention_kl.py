@@ -145,7 +145,7 @@ except Exception as err:  # pragma: no cover - exercised only where triton is mi
 
     triton = tl = _Stub()
 
-from ral.backends import Call
+from ral.backends.call import Call
 
 MAX_HEAD_DIM = 256
 _DIVERGENCE_CODES = {"jsd": 0, "kl": 1, "reverse_kl": 2}

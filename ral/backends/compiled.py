@@ -12,10 +12,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .backends import Call
+from .call import Call
 
 try:
-    from . import _C
+    from .. import _C
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as err:  # not built (e.g. a source checkout without pip install -e .)
     _C = None

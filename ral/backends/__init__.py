@@ -21,58 +21,20 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor
+
+from .call import Call, Options
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
-KERNEL_BACKENDS = ("triton", "cuda", "cpu")
 
-_MODULES = {"cpu": "ral._cpu", "cuda": "ral._cuda", "triton": "ral_kernels.attention_kl"}
+_MODULES = {"cpu": "ral.backends.cpu", "cuda": "ral.backends.cuda", "triton": "ral.backends.triton.attention_kl"}
 _HOW_TO_GET = {
     "cpu": "reinstall ral with a C++17 compiler present: pip install -e .",
     "cuda": "reinstall ral on a machine with nvcc (CUDA 12+) and without RAL_SKIP_CUDA_BUILD: pip install -e .",
     "triton": "pip install triton (Linux x86_64), and use CUDA tensors, or set TRITON_INTERPRET=1 for CPU tensors",
 }
-
-
-@dataclass(frozen=True)
-class Options:
-    """The scalar options of a call, already resolved (scale filled in, strings checked)."""
-
-    divergence: str = "jsd"
-    heads_each: bool = False
-    exclude_self: bool = True
-    causal: bool = True
-    scale: float = 1.0
-    ref_scale: float = 1.0
-
-
-@dataclass
-class Call:
-    """The tensors of a checked call. Shapes: q (B,H,Sq,D), k (B,Hkv,Sk,D), v (B,Hkv,Sk,Dv) | None,
-    q_ref (B,Hr,Sq,Dr), k_ref (B,Hrkv,Sk,Dr), ref_stats (B,Hr,Sq,2) fp32 | None,
-    key_padding_mask (B,Sk) bool | None, row_mask (B,Sq) bool | None."""
-
-    q: Tensor
-    k: Tensor
-    v: Optional[Tensor]
-    q_ref: Tensor
-    k_ref: Tensor
-    ref_stats: Optional[Tensor]
-    key_padding_mask: Optional[Tensor]
-    row_mask: Optional[Tensor]
-    options: Options
-    # Sequence table (csrc/common/params.h, SeqRange): int32 (N, 8) rows
-    # [batch, q_start, q_len, k_start, k_len, q_pos, 0, 0] on the tensors' device, or None (dense).
-    # With a table, unit s reads rows q_start.. and keys k_start.. of batch `batch`, and the
-    # outputs keep the dense (B, H, Sq, ...) shapes of the tensors (B = 1, Sq = Tq for a packed batch).
-    seqs: Optional[Tensor] = None
-    max_q_len: int = 0  # longest q_len in seqs (0 without a table)
-    max_k_len: int = 0
 
 
 def module(name: str):
@@ -94,10 +56,6 @@ def unavailable_reason(name: str) -> Optional[str]:
 def available() -> list[str]:
     """Backends that can run on this machine (whatever the device of the tensors)."""
     return [name for name in ("cuda", "triton", "cpu", "reference") if unavailable_reason(name) is None]
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve(requested: str, call: Call) -> str:

@@ -8,12 +8,12 @@ from typing import Optional
 
 import torch
 
-from . import _compiled
-from .backends import Call
+from . import compiled
+from .call import Call
 
 
 def unavailable_reason() -> Optional[str]:
-    return _compiled.import_error()
+    return compiled.import_error()
 
 
 def unsupported_reason(call: Call) -> Optional[str]:
@@ -23,9 +23,9 @@ def unsupported_reason(call: Call) -> Optional[str]:
 
 
 def forward(call: Call):
-    return _compiled.forward(call, _compiled._C.cpu_forward, torch.get_num_threads())
+    return compiled.forward(call, compiled._C.cpu_forward, torch.get_num_threads())
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
-    return _compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar, _compiled._C.cpu_backward,
-                              _compiled._C.cpu_backward_scratch_bytes, torch.get_num_threads())
+    return compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar, compiled._C.cpu_backward,
+                              compiled._C.cpu_backward_scratch_bytes, torch.get_num_threads())

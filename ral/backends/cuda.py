@@ -9,14 +9,14 @@ from typing import Optional
 
 import torch
 
-from . import _compiled
-from .backends import Call
+from . import compiled
+from .call import Call
 
 
 def unavailable_reason() -> Optional[str]:
-    if _compiled.import_error() is not None:
-        return _compiled.import_error()
-    if not getattr(_compiled._C, "has_cuda", False):
+    if compiled.import_error() is not None:
+        return compiled.import_error()
+    if not getattr(compiled._C, "has_cuda", False):
         return "ral._C was built without the CUDA kernels (nvcc was not found at install time)"
     return None
 
@@ -24,11 +24,11 @@ def unavailable_reason() -> Optional[str]:
 def unsupported_reason(call: Call) -> Optional[str]:
     if not call.q.is_cuda:
         return f"needs CUDA tensors, got {call.q.device}"
-    p, _ = _compiled.params(call)
+    p, _ = compiled.params(call)
     with torch.cuda.device(call.q.device):  # cuda_supports checks that device's shared memory
-        supported = _compiled._C.cuda_supports(p)
+        supported = compiled._C.cuda_supports(p)
     if not supported:
-        dims = _compiled._C.cuda_head_dims()
+        dims = compiled._C.cuda_head_dims()
         return (f"the CUDA kernels take float16/bfloat16 with head dims D, Dr, Dv in {dims[0]}..{dims[-1]} "
                 f"(step {dims[1] - dims[0]}) whose tiles fit the device's shared memory per block "
                 f"(99 KB on sm_86 / sm_89 holds D, Dv up to about 144), got {call.q.dtype} with "
@@ -43,11 +43,11 @@ def _stream() -> int:
 
 def forward(call: Call):
     with torch.cuda.device(call.q.device):
-        return _compiled.forward(call, lambda p: _compiled._C.cuda_forward(p, _stream()))
+        return compiled.forward(call, lambda p: compiled._C.cuda_forward(p, _stream()))
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
     with torch.cuda.device(call.q.device):
-        return _compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar,
-                                  lambda p: _compiled._C.cuda_backward(p, _stream()),
-                                  _compiled._C.cuda_backward_scratch_bytes)
+        return compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar,
+                                  lambda p: compiled._C.cuda_backward(p, _stream()),
+                                  compiled._C.cuda_backward_scratch_bytes)
