@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
-from ral.distill import DistillConfig
+from ral.integrations.distill import DistillConfig
 from ral.integrations.trl import RALGRPOTrainer
 
 

@@ -142,3 +142,22 @@ def attention_policy_loss(div: Tensor, advantages: Optional[Tensor], response_ma
     if advantages is not None:
         per_token = per_token * advantages.float()[:, None]
     return reduce_tokens(per_token, response_mask, loss_type, max_completion_length, num_items)
+
+
+NORMS = ("token", "sequence", "sum")
+
+
+def masked_token_mean(values: Tensor, mask: Tensor, norm: str = "token") -> Tensor:
+    """Reduce per-token values (B, T) over mask (B, T): "token" mean over all masked tokens,
+    "sequence" mean per row then over rows that have tokens, "sum" plain sum."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    mask = mask.to(values.dtype)
+    total = (values * mask)
+    if norm == "sum":
+        return total.sum()
+    if norm == "token":
+        return total.sum() / mask.sum().clamp(min=1.0)
+    per_row = total.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    has = (mask.sum(-1) > 0).to(values.dtype)
+    return (per_row * has).sum() / has.sum().clamp(min=1.0)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .backends import BACKENDS, Call, Options
+from .backends import BACKENDS, Call, Options, outputs
 from .reference import DIVERGENCES, HEADS_MODES, AttentionKL
 
 __all__ = ["attention_kl", "AttentionKL"]
@@ -232,13 +232,7 @@ def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k
 @_attention_kl_op.register_fake
 def _attention_kl_fake(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence,
                        heads_each, exclude_self, causal, scale, ref_scale, backend):
-    batch, n_heads, q_len, _ = q.shape
-    f32 = dict(dtype=torch.float32)
-    row_shape = (batch, n_heads, q_len) if heads_each else (batch, q_len)
-    out = q.new_empty((batch, n_heads, q_len, v.shape[-1])) if v is not None else q.new_empty((0,))
-    ref_out = q.new_empty((batch, q_ref.shape[1], q_len, 2) if ref_stats is None else (0,), **f32)
-    return (out, q.new_empty(row_shape, **f32), q.new_empty((batch, n_heads, q_len, 2), **f32), ref_out,
-            q.new_empty(row_shape, **f32), q.new_empty((batch, n_heads, q_len), **f32))
+    return tuple(outputs.forward_outputs(q, v, q_ref, ref_stats is not None, heads_each))
 
 
 @torch.library.custom_op("ral::attention_kl_backward", mutates_args=())
@@ -259,8 +253,7 @@ def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tenso
 def _attention_kl_backward_fake(dout, ddiv, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
                                 key_padding_mask, divergence, heads_each, exclude_self, causal, scale,
                                 ref_scale, backend):
-    return (torch.empty_like(q), torch.empty_like(k),
-            torch.empty_like(v) if v is not None else q.new_empty((0,)))
+    return outputs.cast_gradients(*outputs.gradient_accumulators(q, k, v), q, k, v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -16,6 +16,7 @@ import torch
 
 import ral
 from ral import reference
+from ral.lm_head import logits
 
 FACTOR = 2.0
 # absolute floor, relative to max|reference|, for when PyTorch's own error is ~0
@@ -209,3 +210,27 @@ def check_nan_stays_in_its_row(backend: str, heads: str, dtype=torch.float32, de
         torch.testing.assert_close(t, ref, rtol=tol, atol=tol, msg=name)
     for name in ("dk", "dv"):
         torch.testing.assert_close(got[name][0], clean[name][0], rtol=tol, atol=tol)
+
+
+def reverse_kl_full(h_student: Tensor, w_student: Tensor, h_teacher: Tensor, w_teacher: Tensor, *,
+                    b_student: Optional[Tensor] = None, b_teacher: Optional[Tensor] = None,
+                    temperature: float = 1.0) -> Tensor:
+    """The same as :func:`chunked_reverse_kl`, materialised (N x V) under plain autograd: the oracle."""
+    lps = torch.log_softmax(logits(h_student, w_student, b_student, temperature), -1)
+    with torch.no_grad():
+        lpt = torch.log_softmax(logits(h_teacher.to(w_teacher.dtype), w_teacher, b_teacher, temperature), -1)
+    return (lps.exp() * (lps - lpt)).sum(-1)
+
+
+def attention_distill_div(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_teacher: Tensor,
+                          k_teacher: Tensor, teacher_stats: Optional[Tensor] = None,
+                          key_padding_mask: Optional[Tensor] = None, row_mask: Optional[Tensor] = None,
+                          backend: str = "auto"):
+    """JSD(student attention || teacher attention) per row: ``ral.ops.attention_kl`` with the teacher
+    as the reference, heads="mean" (teacher and student head counts / dims may differ), self dropped.
+
+    Returns the op's AttentionKL(out, div (B, Sq), stats).
+    """
+    return ral.ops.attention_kl(q, k, v, q_ref=q_teacher, k_ref=k_teacher, ref_stats=teacher_stats,
+                        divergence="jsd", heads="mean", exclude_self=True, causal=True,
+                        key_padding_mask=key_padding_mask, row_mask=row_mask, backend=backend)

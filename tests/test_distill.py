@@ -1,4 +1,4 @@
-"""On-policy attention distillation (ral.distill): the chunked reverse KL against the plain full
+"""On-policy attention distillation (ral.integrations.distill, ral.lm_head): the chunked reverse KL against the plain full
 computation (value and gradient), its memory (no N x V tensor is ever created), the attention term
 against the reference op and against the paper's recipe from eager attention weights."""
 
@@ -9,8 +9,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ral import reference
-from ral.distill import (DistillConfig, attention_distill_div, chunked_reverse_kl, chunked_token_logps,
-                         distill_loss, lm_head_params, masked_token_mean, reverse_kl_full, teacher_pass)
+from oracle import attention_distill_div, reverse_kl_full
+from ral.integrations.distill import DistillConfig, distill_loss, teacher_pass
+from ral.integrations.models import lm_head_params
+from ral.lm_head import chunked_reverse_kl, chunked_token_logps
+from ral.losses import masked_token_mean
 
 
 def _problem(n=37, ds=16, dt=24, v=50, dtype=torch.float64, seed=0):

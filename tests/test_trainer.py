@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ral.cli import main  # noqa: E402
+from ral.train.cli import main  # noqa: E402
 from ral.integrations.transformers import AttentionPolicy  # noqa: E402
 from ral.losses import attention_policy_loss  # noqa: E402
-from ral.tasks.grounding import GroundingConfig, GroundingTask  # noqa: E402
-from ral.trainer import RALTrainer, TrainConfig, completion_mask, evaluate, sft_warmup  # noqa: E402
+from ral.train.tasks.grounding import GroundingConfig, GroundingTask  # noqa: E402
+from ral.train.trainer import RALTrainer, TrainConfig, completion_mask, evaluate, sft_warmup  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

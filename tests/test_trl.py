@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from ral.distill import DistillConfig  # noqa: E402
+from ral.integrations.distill import DistillConfig  # noqa: E402
 from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + list("abcdefghijklmnop")

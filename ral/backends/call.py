@@ -11,6 +11,8 @@ from typing import Optional
 
 from torch import Tensor
 
+DIVERGENCE_CODES = {"jsd": 0, "kl": 1, "reverse_kl": 2}
+
 
 @dataclass(frozen=True)
 class Options:
@@ -22,6 +24,11 @@ class Options:
     causal: bool = True
     scale: float = 1.0
     ref_scale: float = 1.0
+
+    @property
+    def divergence_code(self) -> int:
+        """The divergence as the kernels number it (csrc/common/params.h, Divergence): jsd 0, kl 1, reverse_kl 2."""
+        return DIVERGENCE_CODES[self.divergence]
 
 
 @dataclass

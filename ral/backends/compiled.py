@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import outputs
 from .call import Call
 
 try:
@@ -22,7 +23,6 @@ except ImportError as err:  # not built (e.g. a source checkout without pip inst
     _IMPORT_ERROR = f"the compiled module ral._C is not built ({err})"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_DIVERGENCE_CODES = {"jsd": 0, "kl": 1, "reverse_kl": 2}
 
 
 def import_error() -> Optional[str]:
@@ -54,7 +54,7 @@ def params(call: Call, num_threads: int = 1):
     p.v_head_dim = v.shape[3] if v is not None else 0
     p.ref_heads, p.ref_kv_heads, p.ref_head_dim = q_ref.shape[1], k_ref.shape[1], q_ref.shape[3]
     p.dtype, p.ref_dtype = _DTYPE_CODES[q.dtype], _DTYPE_CODES[q_ref.dtype]
-    p.divergence = _DIVERGENCE_CODES[opts.divergence]
+    p.divergence = opts.divergence_code
     p.heads_each, p.exclude_self, p.causal = opts.heads_each, opts.exclude_self, opts.causal
     p.scale, p.ref_scale = opts.scale, opts.ref_scale
     p.has_v = v is not None
@@ -77,24 +77,15 @@ def params(call: Call, num_threads: int = 1):
 def forward(call: Call, launch: Callable, num_threads: int = 1):
     """Allocate the forward outputs, fill the params, run `launch(p)`. Returns the six outputs
     described in ral.backends."""
-    q = call.q
-    batch, n_heads, q_len, _ = q.shape
-    f32 = dict(dtype=torch.float32, device=q.device)
-    row_shape = (batch, n_heads, q_len) if call.options.heads_each else (batch, q_len)
-    out = (torch.empty((batch, n_heads, q_len, call.v.shape[3]), dtype=q.dtype, device=q.device)
-           if call.v is not None else q.new_empty((0,)))
-    div, gbar = torch.empty(row_shape, **f32), torch.empty(row_shape, **f32)
-    stats = torch.empty((batch, n_heads, q_len, 2), **f32)
-    cbar = torch.empty((batch, n_heads, q_len), **f32)
-    ref_stats_out = (torch.empty((batch, call.q_ref.shape[1], q_len, 2), **f32)
-                     if call.ref_stats is None else q.new_empty((0,), dtype=torch.float32))
+    out, div, stats, ref_stats_out, gbar, cbar = outputs.forward_outputs(
+        call.q, call.v, call.q_ref, call.ref_stats is not None, call.options.heads_each)
     p, keep = params(call, num_threads)
     p.out = out.data_ptr() if call.v is not None else 0
     p.div, p.stats, p.gbar, p.cbar = div.data_ptr(), stats.data_ptr(), gbar.data_ptr(), cbar.data_ptr()
     p.ref_stats_out = ref_stats_out.data_ptr() if call.ref_stats is None else 0
     launch(p)
     del keep
-    return out, div, stats, ref_stats_out, gbar, cbar
+    return outputs.ForwardOutputs(out, div, stats, ref_stats_out, gbar, cbar)
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Callable,
@@ -102,10 +93,7 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Call
     """Allocate fp32 gradient buffers (and the kernel's scratch), run `launch(p)`, cast the
     gradients to the input dtypes. Returns (dq, dk, dv)."""
     q, k, v = call.q, call.k, call.v
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros(q.shape, **f32)
-    dk = torch.zeros(k.shape, **f32)
-    dv = torch.zeros(v.shape, **f32) if v is not None else None
+    dq, dk, dv = outputs.gradient_accumulators(q, k, v)
     p, keep = params(call, num_threads)
     p.has_ref_stats = True  # the backward always reads the reference statistics the forward used
     p.ref_stats_in = _view(ref_stats)
@@ -122,5 +110,4 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Call
     p.scratch, p.scratch_bytes = scratch.data_ptr(), nbytes
     launch(p)
     del keep
-    return (dq.to(q.dtype), dk.to(k.dtype),
-            dv.to(v.dtype) if v is not None else q.new_empty((0,)))
+    return outputs.cast_gradients(dq, dk, dv, q, k, v)

@@ -40,7 +40,7 @@ lambda_rl)``: the teacher scores the student's own completions once per generati
 final hidden states at the completion rows and, if gamma_attn > 0, its attention reference), and
 the loss becomes ``lambda_rl · L_GRPO + mu · agg(KL(p_student || p_teacher)) + gamma_attn ·
 agg(JSD(attn_student || attn_teacher))``. The token KL is computed in chunks from hidden states
-and LM heads (``ral.distill.chunked_reverse_kl``): no B x C x V tensor. With a teacher attention
+and LM heads (``ral.lm_head.chunked_reverse_kl``): no B x C x V tensor. With a teacher attention
 term the attention reference is the teacher's, so ``lambda_attn`` must be 0. Teacher and student
 share the tokenizer; heads, kv heads and head dims may differ.
 
@@ -64,8 +64,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ral.integrations.trl needs TRL: pip install 'ral[trl]' (trl>=1.16,<1.17)") from exc
 
-from ..distill import DistillConfig, backbone, chunked_reverse_kl, lm_head_params
-from .transformers import AttentionPolicy, AttentionReference, LayerReference
+from ..lm_head import chunked_reverse_kl
+from .distill import DistillConfig
+from .models import backbone, lm_head_params
+from .transformers import AttentionPolicy, AttentionReference
 
 __all__ = ["RALGRPOTrainer", "SUPPORTED_TRL", "aggregate_like_trl"]
 
@@ -102,15 +104,6 @@ def aggregate_like_trl(trainer: GRPOTrainer, per_token: Tensor, mask: Tensor, in
     raise ValueError(f"Unknown loss type: {loss_type}")
 
 
-def _decoder_layer_of(model: torch.nn.Module, attn: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The gradient-checkpointable decoder layer that owns ``attn`` (or None)."""
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing") and module is not attn:
-            if any(child is attn for child in module.children()):
-                return module
-    return None
-
-
 class RALGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` + ``lambda_attn · L_attn`` (RAL) and optional on-policy distillation.
 
@@ -120,7 +113,7 @@ class RALGRPOTrainer(GRPOTrainer):
         attn_divergence: "jsd" (paper), "kl" or "reverse_kl".
         attn_backend: ``ral.ops.attention_kl`` backend ("auto").
         teacher_model: a frozen teacher (transformers causal LM) for distillation, or None.
-        distill: ``ral.distill.DistillConfig`` (mu, gamma_attn, lambda_rl, chunk_size,
+        distill: ``ral.integrations.distill.DistillConfig`` (mu, gamma_attn, lambda_rl, chunk_size,
             temperature); default ``DistillConfig()`` when a teacher is given. ``norm`` is ignored
             here: the distillation terms use TRL's loss aggregation.
     """
@@ -215,17 +208,13 @@ class RALGRPOTrainer(GRPOTrainer):
         return ref, (torch.cat(hiddens) if hiddens else None)
 
     def _store_reference(self, output: dict, ref: AttentionReference) -> None:
-        self._ral_scales = [layer.scale for layer in ref.layers]
-        for i, layer in enumerate(ref.layers):
-            output[f"ral_q{i}"] = layer.q
-            output[f"ral_k{i}"] = layer.k
-            if layer.stats is not None:
-                output[f"ral_stats{i}"] = layer.stats
+        self._ral_scales = ref.scales()
+        output.update(ref.to_dict())
 
     def _load_reference(self, inputs: dict, attention_mask: Tensor) -> AttentionReference:
-        layers = [LayerReference(inputs[f"ral_q{i}"], inputs[f"ral_k{i}"], inputs.get(f"ral_stats{i}"), scale)
-                  for i, scale in enumerate(self._ral_scales)]
-        return AttentionReference(layers, attention_mask.to(torch.bool))
+        ref = AttentionReference.from_dict(inputs, self._ral_scales)
+        ref.key_padding_mask = attention_mask.to(torch.bool)
+        return ref
 
     # ------------------------------------------------------------------------------------------
     # Loss side.
@@ -244,12 +233,8 @@ class RALGRPOTrainer(GRPOTrainer):
         with stack:
             cmp = None
             if self._uses_attention:
-                # The chosen layers must run their forward inside the compare block: never recompute
-                # them under gradient checkpointing (the recompute would run outside it).
-                for attn in self.attn_policy.modules:
-                    layer = _decoder_layer_of(unwrapped, attn)
-                    if layer is not None:
-                        layer.gradient_checkpointing = False
+                # compare() pauses gradient checkpointing of the chosen layers for the block (a
+                # recompute would run outside it) and restores it on exit.
                 reference = self._load_reference(inputs, attention_mask)
                 cmp = stack.enter_context(self.attn_policy.compare(reference, row_mask=mask.bool(),
                                                                    attention_mask=attention_mask))

@@ -46,8 +46,8 @@ STUDENT = dict(hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=
 
 def sft_checkpoint(path, overrides, steps, lr, seed):
     """Train (or load) an SFT checkpoint of the grounding task with the given model sizes."""
-    from ral.tasks.grounding import GroundingConfig, GroundingTask
-    from ral.trainer import evaluate, sft_warmup
+    from ral.train.tasks.grounding import GroundingConfig, GroundingTask
+    from ral.train.trainer import evaluate, sft_warmup
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=False)
     cfg = GroundingConfig(**overrides)
@@ -107,9 +107,9 @@ def run_all(cmds, jobs):
 def attention_analysis(teacher, t_task, students, s_task, n=512, seed=10_000):
     """Teacher-forced on the correct responses of the eval prompts: per student, JSD to the teacher
     (response rows, and the <ans> row) and target mass at the <ans> row; the teacher's target mass."""
-    from ral.distill import _lm, forward_hidden
+    from ral.integrations.models import forward_hidden, language_model as _lm
     from ral.integrations.transformers import AttentionPolicy
-    from ral.tasks.grounding import attention_metrics
+    from ral.train.tasks.grounding import attention_metrics
     prompts = s_task.sample(n, torch.Generator().manual_seed(seed))
     target = s_task.sft_targets(prompts)
     ids = torch.cat([prompts.input_ids, target], 1)
@@ -141,7 +141,7 @@ def attention_analysis(teacher, t_task, students, s_task, n=512, seed=10_000):
 
 
 def analyse(a, t_state, s_state, cmds):
-    from ral.tasks.grounding import GroundingConfig, GroundingTask
+    from ral.train.tasks.grounding import GroundingConfig, GroundingTask
     t_task, s_task = GroundingTask(GroundingConfig(**t_state["task"])), GroundingTask(GroundingConfig(**s_state["task"]))
     teacher = t_task.build_model()
     teacher.load_state_dict(t_state["model"])

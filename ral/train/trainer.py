@@ -24,7 +24,7 @@ and renamed over the old one (atomic on POSIX), so an interrupt loses at most th
 continues the same stream. Metrics: one JSON line per step in ``OUT/metrics.jsonl`` (lines past
 the checkpoint are dropped on resume). Progress: tqdm.
 
-The model interface (``ral.tasks.grounding.TinyVLM`` follows it; so does a plain transformers
+The model interface (``ral.train.tasks.grounding.TinyVLM`` follows it; so does a plain transformers
 causal LM called with ``input_ids``): ``model(input_ids, attention_mask, **extras).logits``,
 ``model.generate(input_ids, attention_mask, **extras, **sampling)`` and, for the attention policy,
 ``model.lm`` (or the model itself) is the transformers model. The task interface:
@@ -46,8 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .integrations.transformers import AttentionPolicy, AttentionReference
-from .losses import attention_policy_loss, group_advantages, grpo_token_loss
+from tqdm.auto import tqdm
+
+from ..integrations.models import language_model
+from ..integrations.transformers import AttentionPolicy, AttentionReference
+from ..losses import attention_policy_loss, group_advantages, grpo_token_loss
+from .tasks.grounding import attention_metrics
 
 __all__ = ["TrainConfig", "RALTrainer", "sft_warmup", "evaluate", "completion_mask", "token_logps",
            "atomic_save"]
@@ -104,10 +108,6 @@ def token_logps(logits: Tensor, completions: Tensor, temperature: float = 1.0) -
     return torch.gather(F.log_softmax(lg, -1), 2, completions[..., None]).squeeze(-1)
 
 
-def _lm(model: nn.Module) -> nn.Module:
-    return getattr(model, "lm", model)
-
-
 def _new_tokens(out: Tensor, input_ids: Tensor) -> Tensor:
     if out.shape[1] >= input_ids.shape[1] and torch.equal(out[:, :input_ids.shape[1]], input_ids):
         return out[:, input_ids.shape[1]:]
@@ -143,7 +143,6 @@ def evaluate(model, task, n: int = 256, seed: int = 10_000, greedy: bool = True)
 def sft_warmup(model, task, steps: int = 200, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                progress: bool = True) -> Dict[str, float]:
     """Supervised warm-up on the task's correct responses (teacher forcing, response tokens only)."""
-    from tqdm.auto import tqdm
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -184,7 +183,7 @@ class RALTrainer:
         for name, p in model.named_parameters():
             if any(name.startswith(prefix) for prefix in config.freeze):
                 p.requires_grad_(False)
-        self.policy = AttentionPolicy(_lm(model), layers=config.attn_layers, divergence=config.divergence,
+        self.policy = AttentionPolicy(language_model(model), layers=config.attn_layers, divergence=config.divergence,
                                       backend=config.backend)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -249,7 +248,6 @@ class RALTrainer:
     def _attention_diagnostics(self, batch) -> Dict[str, float]:
         if not hasattr(self.task, "target_positions"):
             return {}
-        from .tasks.grounding import attention_metrics
         ref: AttentionReference = batch["reference"]
         rows = torch.full((batch["ids"].shape[0],), batch["prompts"].input_ids.shape[1], dtype=torch.long)
         return attention_metrics(ref.layers[-1], ref.key_padding_mask, rows,
@@ -307,7 +305,6 @@ class RALTrainer:
 
     def train(self, progress: bool = True) -> list:
         """Run (or resume) to ``config.steps``. Returns the metrics of the steps run now."""
-        from tqdm.auto import tqdm
         self.maybe_resume()
         history = []
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress,

@@ -12,10 +12,19 @@ seeds, so with ``--seed N`` they see the same prompts and the same first rollout
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import sys
 from typing import List, Optional
+
+import torch
+
+from ..integrations.distill import DistillConfig
+from .distill import train_distill
+from .tasks import get_task
+from .trainer import RALTrainer, TrainConfig, atomic_save, evaluate, sft_warmup
 
 __all__ = ["main", "build_parser"]
 
@@ -54,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (1 is fastest for the tiny default model; 0 = torch default)")
     t.add_argument("--no-progress", action="store_true")
-    from .distill import add_distill_arguments
     add_distill_arguments(t)
 
     c = sub.add_parser("compare", help="reward curves of several runs -> PNG + JSON")
@@ -67,8 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sft_checkpoint(args, task):
-    import torch
-    from .trainer import atomic_save, evaluate, sft_warmup
     path = args.sft_checkpoint or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                                f"sft-{task.name}-s{args.sft_seed}-{args.sft_steps}.pt")
     if os.path.exists(path):
@@ -85,11 +91,7 @@ def _sft_checkpoint(args, task):
 
 def cmd_train(args) -> int:
     if args.method in ("distill", "kd"):
-        from .distill import cmd_distill
         return cmd_distill(args)
-    import torch
-    from .tasks import get_task
-    from .trainer import RALTrainer, TrainConfig
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
@@ -114,6 +116,57 @@ def cmd_train(args) -> int:
     history = trainer.train(progress=not args.no_progress)
     if history:
         print(json.dumps(history[-1]))
+    return 0
+
+
+def add_distill_arguments(parser) -> None:
+    """Options of ``ral train`` for ``--method distill|kd`` (add to the train sub-parser)."""
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint (.pt with 'model' and 'task' "
+                        "config, e.g. an SFT checkpoint of a larger model); needed by --method distill|kd")
+    parser.add_argument("--mu", type=float, default=1.0, help="distill/kd: weight of the token reverse KL")
+    parser.add_argument("--gamma-attn", type=float, default=1.0, help="distill: weight of the attention JSD")
+    parser.add_argument("--lambda-rl", type=float, default=0.0, help="distill/kd: weight of the GRPO term")
+    parser.add_argument("--student-heads", type=int, default=None, help="distill/kd: student attention heads")
+    parser.add_argument("--student-kv-heads", type=int, default=None)
+    parser.add_argument("--kl-chunk", type=int, default=1024, help="tokens per chunk of the reverse KL")
+
+
+def cmd_distill(args) -> int:
+    """``ral train --method distill|kd --teacher CKPT``: on-policy (attention) distillation of the
+    task's student model from a teacher checkpoint. ``kd`` is ``distill`` with ``gamma_attn = 0``.
+    The student starts from the SFT checkpoint when ``--sft-checkpoint`` is given, else from scratch."""
+    if not args.teacher:
+        raise SystemExit("--method distill|kd needs --teacher CKPT")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    state = torch.load(args.teacher, map_location="cpu", weights_only=False)
+    task = get_task(args.task)
+    teacher_task = type(task)(dataclasses.replace(task.cfg, **state["task"])) if "task" in state else task
+    teacher = teacher_task.build_model()
+    teacher.load_state_dict(state["model"])
+    student_cfg = task.cfg
+    if getattr(args, "student_heads", None):
+        student_cfg = dataclasses.replace(student_cfg, heads=args.student_heads,
+                                          kv_heads=args.student_kv_heads or args.student_heads)
+    task = type(task)(student_cfg)
+    torch.manual_seed(args.seed)
+    student = task.build_model()
+    if getattr(args, "sft_checkpoint", None):
+        student.load_state_dict(torch.load(args.sft_checkpoint, map_location="cpu", weights_only=False)["model"])
+    cfg = DistillConfig(lambda_rl=args.lambda_rl, mu=args.mu,
+                        gamma_attn=0.0 if args.method == "kd" else args.gamma_attn, chunk_size=args.kl_chunk)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({"method": args.method, "task": args.task, "teacher": args.teacher,
+                   "student": dataclasses.asdict(student_cfg), "distill": dataclasses.asdict(cfg),
+                   **{k: v for k, v in vars(args).items() if k != "func"}}, f, indent=1)
+    history = train_distill(student, teacher, task, cfg, steps=args.steps, lr=args.lr, seed=args.seed,
+                            temperature=args.temperature, eval_prompts=args.eval_prompts,
+                            eval_every=args.eval_every, out_dir=args.out, backend=args.backend,
+                            prompts_per_step=args.prompts_per_step, group_size=args.group_size)
+    torch.save({"model": student.state_dict(), "task": dataclasses.asdict(student_cfg)},
+               os.path.join(args.out, "student.pt"))
+    print(json.dumps(history[-1]))
     return 0
 
 
@@ -154,7 +207,6 @@ def _smooth(values, window):
 
 def summarize(runs: List[str], metrics: List[str], tail: int = 10) -> dict:
     """Per method: per-run curves, and across runs the mean of each metric over the last ``tail`` steps."""
-    import statistics
     by_method: dict = {}
     for run in runs:
         rows = _read_metrics(run)

@@ -25,8 +25,9 @@ from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .. import reference as _ref
+from ... import reference as _ref
 
 __all__ = ["GroundingConfig", "GroundingTask", "TinyVLM", "Prompts", "attention_metrics"]
 
@@ -90,7 +91,6 @@ class TinyVLM(nn.Module):
 
     def __init__(self, cfg: GroundingConfig):
         super().__init__()
-        from transformers import Qwen2Config, Qwen2ForCausalLM
         self.cfg = cfg
         vocab = _FIRST_VALUE + cfg.n_colours + cfg.n_shapes
         lm_cfg = Qwen2Config(vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -237,9 +237,3 @@ def attention_metrics(layer_ref, key_padding_mask: Optional[Tensor], rows: Tenso
     on_target = p[idx, targets]
     return {"attn_entropy": float(ent.mean()), "attn_on_target": float(on_target.mean()),
             "attn_uniform_entropy": float(torch.log(sup.sum(-1).clamp(min=1).float()).mean())}
-
-
-def uniform_target_mass(task: GroundingTask) -> float:
-    """Target mass of a uniform attention over the prompt (chance level for attn_on_target)."""
-    return 1.0 / (task.cfg.cells + 3)
-

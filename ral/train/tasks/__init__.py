@@ -1,0 +1,16 @@
+"""Embedded tasks for ``ral train``. ``get_task(name)`` builds one by name."""
+
+from __future__ import annotations
+
+from .grounding import GroundingTask
+
+TASKS = {"grounding": GroundingTask}
+
+
+def get_task(name: str, **kwargs):
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {name!r}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["get_task", "TASKS"]
