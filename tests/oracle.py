@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 import ral
 from ral import reference

@@ -128,6 +128,10 @@ def test_ral_steps_and_normalisation(tmp_path, loss_type):
 def test_ral_with_gradient_checkpointing(tmp_path):
     trainer = train(RALGRPOTrainer, tmp_path, {"gradient_checkpointing": True, "max_steps": 2}, lambda_attn=1.0)
     assert all(torch.isfinite(torch.tensor(x)) for x in losses(trainer))
+    # compare() pauses checkpointing of the chosen layer only for its block: the setting is back on
+    layers = trainer.model.model.layers
+    assert layers[-1].gradient_checkpointing is True
+    assert all(layer.gradient_checkpointing is True for layer in layers)
 
 
 def test_distillation_terms(tmp_path):
