@@ -1,6 +1,6 @@
 """The public op: fused attention + per-row attention divergence against a cached reference.
 
-``attention_kl`` checks its inputs (SPEC section 6), picks a backend (SPEC section 5) and calls
+``attention_kl`` checks its inputs (docs/design.md, "Bad input"), picks a backend (docs/design.md, "Backends") and calls
 the ``torch.library`` custom ops ``ral::attention_kl`` / ``ral::attention_kl_backward``, which
 have fake (meta) functions and a registered autograd formula, so ``torch.compile(fullgraph=True)``
 traces through them. ``backend="reference"`` runs ``ral.reference`` directly under autograd.
@@ -87,7 +87,7 @@ _CPU_BUILT = backends.unavailable_reason("cpu") is None
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks (SPEC section 6): every misuse raises before any kernel runs, naming the argument.
+# Input checks (docs/design.md, "Bad input"): every misuse raises before any kernel runs, naming the argument.
 # ----------------------------------------------------------------------------------------------
 
 def _tensor(name: str, t, ndim: int, layout: str, optional: bool = False) -> None:

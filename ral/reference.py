@@ -1,4 +1,4 @@
-"""SPEC section 3 in plain PyTorch: the executable contract and the oracle of every test.
+"""The contract of docs/design.md ("The math", "Gradient") in plain PyTorch: the executable spec and the oracle of every test.
 
 It materialises every (B, H, Sq, Sk) tensor, so it is meant for small shapes, and it is written
 to be obviously right rather than fast. Pass float64 tensors to get a float64 oracle; otherwise it

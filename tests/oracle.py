@@ -166,7 +166,7 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
 
 
 def option_grid():
-    """divergence x heads x exclude_self x causal: the 24 combinations of SPEC section 2."""
+    """divergence x heads x exclude_self x causal: the 24 combinations of docs/design.md, "The op"."""
     for divergence in ("jsd", "kl", "reverse_kl"):
         for heads in ("mean", "each"):
             for exclude_self in (True, False):
@@ -185,7 +185,7 @@ def default_scale(d: int) -> float:
 
 def check_nan_stays_in_its_row(backend: str, heads: str, dtype=torch.float32, device="cpu", q_len: int = 50,
                                head_dim: int = 16, tol: float = 1e-5) -> None:
-    """SPEC section 6: a NaN in one query row of one head gives NaN in that row's out, stats, div
+    """docs/design.md, "Bad input": a NaN in one query row of one head gives NaN in that row's out, stats, div
     and dq, and nowhere else (batch element 0 never sees it, gradients included)."""
     problem = Problem(batch=2, heads=4, kv_heads=2, q_len=q_len, k_len=q_len, head_dim=head_dim,
                       v_head_dim=head_dim, options=dict(heads=heads, causal=True))

@@ -1,6 +1,6 @@
 """The compiled module: what was built, and that the CUDA entry points fail cleanly without a GPU
 (the static CUDA runtime lets ral._C import anywhere; a launch with no driver returns an error
-code that the binding turns into a Python error, SPEC section 5)."""
+code that the binding turns into a Python error, docs/design.md, "Backends")."""
 
 import shutil
 

@@ -1,4 +1,4 @@
-"""The memory contract (SPEC section 4): the cpu backend allocates nothing that grows as Sq x Sk.
+"""The memory contract (docs/design.md, "Memory"): the cpu backend allocates nothing that grows as Sq x Sk.
 
 Each measurement runs in a fresh subprocess: inputs are allocated, the resident-set peak is
 reset (/proc/self/clear_refs), forward + backward run, and the peak growth is reported. A control

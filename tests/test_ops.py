@@ -1,4 +1,4 @@
-"""The public op: input checks (SPEC section 6), backend selection (section 5), the torch.library
+"""The public op: input checks (docs/design.md, "Bad input"), backend selection (docs/design.md, "Backends"), the torch.library
 registration (opcheck, torch.compile fullgraph) and the ref_stats round trip."""
 
 import pytest

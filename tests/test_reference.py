@@ -1,6 +1,5 @@
 """The oracle itself: ral.reference against an independent float64 formulation (the paper's
-recipe, row by row, in probability space), autograd gradcheck, and the gradient formula of SPEC
-section 3 that every kernel implements, checked against autograd."""
+recipe, row by row, in probability space), autograd gradcheck, and the gradient formula of docs/design.md ("Gradient") that every kernel implements, checked against autograd."""
 
 import math
 
@@ -128,7 +127,7 @@ def test_gradcheck(opts):
 
 
 def spec_score_gradient(kw, w):
-    """dS of SPEC section 3 for the divergence alone (upstream gradient w of div):
+    """dS of docs/design.md, "Gradient", for the divergence alone (upstream gradient w of div):
     mean: dS[h,i,k] = w (a/H)(G_k - c_h); each: dS = w a G^h_k. Returns (B, H, Sq, Sk)."""
     q, k, q_ref, k_ref = kw["q"], kw["k"], kw["q_ref"], kw["k_ref"]
     heads = kw.get("heads", "mean")

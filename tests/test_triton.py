@@ -111,7 +111,7 @@ def test_strided_inputs_are_not_copied(monkeypatch):
 
 
 def test_bf16_interpreted_upcast():
-    """bf16 under the interpreter runs with fp32 dots (triton 3.9 interpreter bug, SPEC section 5)."""
+    """bf16 under the interpreter runs with fp32 dots (triton 3.9 interpreter bug, docs/design.md, "Backends")."""
     opts = dict(divergence="jsd", heads="mean", exclude_self=True, causal=True)
     check(Problem(batch=1, heads=2, kv_heads=1, q_len=9, k_len=12, dtype=torch.bfloat16, options=opts),
           "triton")

@@ -1,6 +1,6 @@
 // Per-element math shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels: the online
 // logsumexp update, the divergence terms f(pi, rho) and their derivatives g = df/dpi, and the
-// dtype conversions. Everything is fp32 and works in log space (SPEC section 3).
+// dtype conversions. Everything is fp32 and works in log space (docs/design.md, "The math").
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -50,7 +50,7 @@ RAL_HD float logaddexp(float a, float b) {
   return hi + log1pf(expf(lo - hi));
 }
 
-// f(pi, rho) and g = df/dpi from log pi and log rho (natural log), SPEC section 3:
+// f(pi, rho) and g = df/dpi from log pi and log rho (natural log), docs/design.md, "The math":
 //   kl:         f = pi log(pi/rho),                          g = log(pi/rho) + 1
 //   reverse_kl: f = rho log(rho/pi),                         g = -rho/pi
 //   jsd:        f = ½ pi log(2pi/(pi+rho)) + ½ rho log(2rho/(pi+rho)),  g = ½ log(2pi/(pi+rho))

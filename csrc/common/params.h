@@ -84,7 +84,7 @@ struct AttentionKLParams {
   uintptr_t stats = 0;           // (B,H,Sq,2) fp32: [lse_A, lse_P] per head
   uintptr_t ref_stats_out = 0;   // (B,Hr,Sq,2) fp32, written when !has_ref_stats
   uintptr_t gbar = 0;            // (B,Sq) "mean" | (B,H,Sq) "each", fp32: sum_P pi_j g_j
-  uintptr_t cbar = 0;            // (B,H,Sq) fp32: c_h of SPEC section 3 (0 for "each")
+  uintptr_t cbar = 0;            // (B,H,Sq) fp32: c_h of docs/design.md, "The math" (0 for "each")
   // Rows with row_mask False or an empty policy support get div = gbar = cbar = 0 (written).
   // ---- backward (contiguous, allocated by Python) -------------------------------------------
   // The backward reads q, k, v, q_ref, k_ref, stats, gbar and the reference statistics

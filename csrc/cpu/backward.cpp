@@ -1,4 +1,4 @@
-// CPU backward: dq, dk, dv of attention + divergence (SPEC section 3, params.h).
+// CPU backward: dq, dk, dv of attention + divergence (docs/design.md, "Gradient"; params.h).
 //
 // Per work item (batch b, BM query rows, every head) and key block, recompute the scores
 // of both models and form, per head h,

@@ -1,4 +1,4 @@
-// CPU forward: attention output, row statistics and the divergence (SPEC section 3).
+// CPU forward: attention output, row statistics and the divergence (docs/design.md, "The math").
 //
 // Per work item (batch b, BM = Geometry::block_m query rows, every head):
 //   pass 1 over key blocks: per head an online softmax over the support P, with the self key

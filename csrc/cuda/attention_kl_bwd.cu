@@ -1,4 +1,4 @@
-// Backward of attention_kl on sm_80+ (params.h, SPEC section 3): everything is recomputed tile
+// Backward of attention_kl on sm_80+ (params.h; docs/design.md, "Gradient"): everything is recomputed tile
 // by tile from q, k, v, q_ref, k_ref and the row statistics; nothing grows as Sq x Sk.
 //
 // Grid (q tiles, B, key splits); a block owns 64 query rows of every head (the "mean" policy

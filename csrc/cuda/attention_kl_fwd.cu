@@ -1,4 +1,4 @@
-// Forward of attention_kl on sm_80+ (SPEC section 3), three kernels on one stream:
+// Forward of attention_kl on sm_80+ (docs/design.md, "The math"), three kernels on one stream:
 //
 //   1. stats_kernel  (per head, per 64-row query tile): online softmax over the key tiles ->
 //      stats = [lse_A, lse_P] and, with v, out = softmax_A(s) v.  Run for the current heads and,
@@ -9,7 +9,7 @@
 //      with atomics into div, gbar, cbar (zeroed first).
 //   3. finalize_kernel (per row): c_h = H (u_h - gbar Z_h / (H Z)) ("mean"); zeros on dead rows.
 //
-// Non-finite inputs (SPEC section 6): a row is dead (div = gbar = cbar = 0) only by row_mask or an
+// Non-finite inputs (docs/design.md, "Bad input"): a row is dead (div = gbar = cbar = 0) only by row_mask or an
 // empty P, both read from the masks; pass 1 writes lse = -inf for an empty set and NaN for a
 // non-empty one whose scores are non-finite, so NaN stays in the rows it touches.
 //

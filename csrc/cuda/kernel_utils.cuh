@@ -371,7 +371,7 @@ __device__ __forceinline__ void key_tile_range(const AttentionKLParams& p, int64
 // -inf for an empty P. `st` points at head 0's lse_A of the row; head h's pair is at st + h * s_head,
 // its lse_P at offset `p_off`. lse_P is -inf exactly when P is empty (pass 1 derives emptiness from the
 // masks, never from the values), so any other non-finite term (NaN / inf inputs) makes the result NaN:
-// the row stays live and its NaN reaches div and the gradients (SPEC section 6).
+// the row stays live and its NaN reaches div and the gradients (docs/design.md, "Bad input").
 __device__ __forceinline__ float log_hz(const float* st, int64_t s_head, int64_t p_off, int64_t n_heads) {
   float m = neg_inf(), l = 0.f;
   bool bad = false;

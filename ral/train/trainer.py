@@ -1,4 +1,4 @@
-"""A thin GRPO + RAL trainer (Reinforced Attention Learning, SPEC section 1).
+"""A thin GRPO + RAL trainer (Reinforced Attention Learning, docs/design.md, "Why the op exists").
 
 One step:
 
