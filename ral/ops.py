@@ -8,6 +8,7 @@ traces through them. ``backend="reference"`` runs ``ral.reference`` directly und
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional
 
@@ -18,7 +19,7 @@ from . import backends, reference
 from .backends import BACKENDS, Call, Options, outputs
 from .reference import DIVERGENCES, HEADS_MODES, AttentionKL
 
-__all__ = ["attention_kl", "AttentionKL"]
+__all__ = ["attention_kl", "attention_kl_varlen", "AttentionKL", "sequence_table"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -62,12 +63,123 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
             q, k, v, q_ref=call.q_ref, k_ref=call.k_ref, ref_stats=ref_stats, divergence=divergence,
             heads=heads, exclude_self=exclude_self, causal=causal, scale=call.options.scale,
             ref_scale=call.options.ref_scale, key_padding_mask=key_padding_mask, row_mask=row_mask)
+    return _run_kernels(call, backend)
+
+
+def _run_kernels(call: Call, backend: str) -> AttentionKL:
+    """The custom op on a checked call -> AttentionKL in the dense shapes of the call's tensors."""
     opts = call.options
     out, div, stats, _, _, _ = torch.ops.ral.attention_kl(
         call.q, call.k, call.v, call.q_ref, call.k_ref, call.ref_stats, call.key_padding_mask,
         call.row_mask, opts.divergence, opts.heads_each, opts.exclude_self, opts.causal, opts.scale,
-        opts.ref_scale, backend)
-    return AttentionKL(out if v is not None else None, div, stats)
+        opts.ref_scale, backend, call.seqs, call.max_q_len, call.max_k_len)
+    return AttentionKL(out if call.v is not None else None, div, stats)
+
+
+def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
+                        cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                        ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
+                        exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
+                        ref_scale: Optional[float] = None, row_mask: Optional[Tensor] = None,
+                        backend: str = "auto") -> AttentionKL:
+    """``attention_kl`` on packed sequences (FlashAttention's varlen convention): no padding.
+
+    Sequence n owns query rows ``cu_seqlens_q[n]:cu_seqlens_q[n+1]`` and keys
+    ``cu_seqlens_k[n]:cu_seqlens_k[n+1]``; every rule of the dense op holds per sequence (causal is
+    bottom-right aligned within each sequence) and no row sees a key of another sequence. The result
+    equals ``attention_kl`` called on each sequence alone. Sequences of length 0 are allowed.
+
+    Args:
+        q, q_ref: (Tq, H, D), (Tq, Hr, Dr): all query rows, packed.
+        k, v, k_ref: (Tk, Hkv, D), (Tk, Hkv, Dv) or None, (Tk, Hrkv, Dr): all keys, packed.
+        cu_seqlens_q, cu_seqlens_k: (N + 1,) int32 on q's device: 0, then cumulative lengths.
+        max_seqlen_q, max_seqlen_k: int, at least the longest sequence (the kernels' grid sizes).
+        ref_stats: (Tq, Hr, 2) float32 or None; row_mask: (Tq,) bool or None.
+        divergence, heads, exclude_self, causal, scale, ref_scale, backend: as in ``attention_kl``.
+
+    Returns:
+        AttentionKL(out (Tq, H, Dv) or None, div (Tq,) "mean" | (Tq, H) "each", stats (Tq, H, 2)).
+        They are views of head-major kernel buffers (call ``.contiguous()`` where a contiguous
+        tensor is needed). Reading cu_seqlens costs one device-to-host copy per call.
+    """
+    _tensor("q", q, 3, "(Tq, H, D)")
+    _tensor("k", k, 3, "(Tk, Hkv, D)")
+    _tensor("v", v, 3, "(Tk, Hkv, Dv)", optional=True)
+    _tensor("q_ref", q_ref, 3, "(Tq, Hr, Dr)")
+    _tensor("k_ref", k_ref, 3, "(Tk, Hrkv, Dr)")
+    _tensor("ref_stats", ref_stats, 3, "(Tq, Hr, 2)", optional=True)
+    _tensor("row_mask", row_mask, 1, "(Tq,)", optional=True)
+    for name, t, total, what in (("q_ref", q_ref, q.shape[0], "Tq (q.shape[0])"),
+                                 ("ref_stats", ref_stats, q.shape[0], "Tq (q.shape[0])"),
+                                 ("row_mask", row_mask, q.shape[0], "Tq (q.shape[0])"),
+                                 ("v", v, k.shape[0], "Tk (k.shape[0])"),
+                                 ("k_ref", k_ref, k.shape[0], "Tk (k.shape[0])")):
+        if t is not None:
+            _same(name, t.shape[0], f"packed length {what}", total, t.shape)
+    seqs = sequence_table(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
+                          causal, q.device)
+
+    def dense(t: Optional[Tensor]) -> Optional[Tensor]:  # (T, heads, dim) -> (1, heads, T, dim), a view
+        return None if t is None else t.transpose(0, 1).unsqueeze(0)
+
+    call = _checked_call(dense(q), dense(k), dense(v), dense(q_ref), dense(k_ref), dense(ref_stats), divergence,
+                         heads, exclude_self, causal, scale, ref_scale, None,
+                         None if row_mask is None else row_mask.unsqueeze(0), backend)
+    call = dataclasses.replace(call, seqs=seqs, max_q_len=int(max_seqlen_q), max_k_len=int(max_seqlen_k))
+    if _runs_reference(backend, q):
+        opts = call.options
+        res = reference.attention_kl_units(
+            call.q, call.k, call.v, q_ref=call.q_ref, k_ref=call.k_ref, seqs=seqs, ref_stats=call.ref_stats,
+            row_mask=call.row_mask, divergence=opts.divergence, heads=heads, exclude_self=opts.exclude_self,
+            causal=opts.causal, scale=opts.scale, ref_scale=opts.ref_scale)
+    else:
+        res = _run_kernels(call, backend)
+    packed = (lambda t: t[0].transpose(0, 1)) if heads == "each" else (lambda t: t[0])
+    return AttentionKL(None if res.out is None else res.out[0].transpose(0, 1), packed(res.div),
+                       res.stats[0].transpose(0, 1))
+
+
+def sequence_table(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                   total_q: int, total_k: int, causal: bool, device) -> Tensor:
+    """The checked sequence table of a packed batch: (N, 8) int32 on `device`, rows
+    [0, q_start, q_len, k_start, k_len, k_len - q_len, 0, 0] (docs/design.md, "Packed sequences").
+    Raises ValueError naming the argument for bad cu_seqlens / max_seqlen."""
+    lengths = []
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+        if not isinstance(cu, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (N + 1,) int32, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name}: dtype must be torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must have shape (N + 1,) with N >= 1, got {tuple(cu.shape)}")
+        if cu.device != device:
+            raise ValueError(f"{name}: must be on q's device ({device}), got {cu.device}")
+        host = cu.tolist()
+        if host[0] != 0:
+            raise ValueError(f"{name}[0] must be 0, got {host[0]}")
+        if any(b < a for a, b in zip(host, host[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {host}")
+        if host[-1] != total:
+            raise ValueError(f"{name}[-1] must equal the packed length {total}, got {host[-1]}")
+        lengths.append(host)
+    cu_q, cu_k = lengths
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_k: must describe as many sequences as cu_seqlens_q ({len(cu_q) - 1}), "
+                         f"got {len(cu_k) - 1}")
+    rows = []
+    for n in range(len(cu_q) - 1):
+        q_len, k_len = cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
+        if causal and q_len > k_len:
+            raise ValueError(f"cu_seqlens_q: causal attention needs each sequence's query length <= its key "
+                             f"length, sequence {n} has {q_len} > {k_len}")
+        rows.append([0, cu_q[n], q_len, cu_k[n], k_len, k_len - q_len, 0, 0])
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, max(r[2] for r in rows)),
+                                 ("max_seqlen_k", max_seqlen_k, max(r[4] for r in rows))):
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(given).__name__}")
+        if given < longest:
+            raise ValueError(f"{name} must be at least the longest sequence ({longest}), got {given}")
+    return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 def _runs_reference(backend: str, q: Tensor) -> bool:
@@ -212,26 +324,29 @@ def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_s
 # ----------------------------------------------------------------------------------------------
 
 def _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
-          exclude_self, causal, scale, ref_scale) -> Call:
+          exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len) -> Call:
     return Call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask,
-                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale))
+                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale), seqs, max_q_len, max_k_len)
 
 
 @torch.library.custom_op("ral::attention_kl", mutates_args=())
 def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k_ref: Tensor,
                      ref_stats: Optional[Tensor], key_padding_mask: Optional[Tensor],
                      row_mask: Optional[Tensor], divergence: str, heads_each: bool, exclude_self: bool,
-                     causal: bool, scale: float, ref_scale: float, backend: str
+                     causal: bool, scale: float, ref_scale: float, backend: str,
+                     seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq)."""
+    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq).
+    seqs (N, 8) int32: the sequence table (docs/design.md, "Packed sequences"), or None (dense)."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
-                 exclude_self, causal, scale, ref_scale)
+                 exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len)
     return backends.module(backends.resolve(backend, call)).forward(call)
 
 
 @_attention_kl_op.register_fake
 def _attention_kl_fake(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence,
-                       heads_each, exclude_self, causal, scale, ref_scale, backend):
+                       heads_each, exclude_self, causal, scale, ref_scale, backend, seqs=None, max_q_len=0,
+                       max_k_len=0):
     return tuple(outputs.forward_outputs(q, v, q_ref, ref_stats is not None, heads_each))
 
 
@@ -240,11 +355,12 @@ def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tenso
                               v: Optional[Tensor], q_ref: Tensor, k_ref: Tensor, stats: Tensor,
                               ref_stats: Tensor, gbar: Tensor, key_padding_mask: Optional[Tensor],
                               divergence: str, heads_each: bool, exclude_self: bool, causal: bool,
-                              scale: float, ref_scale: float, backend: str
+                              scale: float, ref_scale: float, backend: str,
+                              seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0
                               ) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, None, divergence, heads_each,
-                 exclude_self, causal, scale, ref_scale)
+                 exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len)
     return backends.module(backends.resolve(backend, call)).backward(call, dout, ddiv, delta, stats, ref_stats,
                                                                      gbar)
 
@@ -252,22 +368,22 @@ def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tenso
 @_attention_kl_backward_op.register_fake
 def _attention_kl_backward_fake(dout, ddiv, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
                                 key_padding_mask, divergence, heads_each, exclude_self, causal, scale,
-                                ref_scale, backend):
+                                ref_scale, backend, seqs=None, max_q_len=0, max_k_len=0):
     return outputs.cast_gradients(*outputs.gradient_accumulators(q, k, v), q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
-     exclude_self, causal, scale, ref_scale, backend) = inputs
+     exclude_self, causal, scale, ref_scale, backend, seqs, max_q_len, max_k_len) = inputs
     out, _, stats, ref_stats_out, gbar, cbar = output
     ctx.save_for_backward(q, k, v, q_ref, k_ref, ref_stats if ref_stats is not None else ref_stats_out,
-                          key_padding_mask, row_mask, out if v is not None else None, stats, gbar, cbar)
-    ctx.flags = (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend)
+                          key_padding_mask, row_mask, out if v is not None else None, stats, gbar, cbar, seqs)
+    ctx.flags = (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len)
 
 
 def _backward(ctx, dout, ddiv, *unused):
-    q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar = ctx.saved_tensors
-    divergence, heads_each, exclude_self, causal, scale, ref_scale, backend = ctx.flags
+    q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar, seqs = ctx.saved_tensors
+    divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len = ctx.flags
     n_heads = q.shape[1]
     # w: the upstream gradient of div, 0 on rows that carry no divergence (row_mask False, empty P).
     lse_support = stats[..., 1] if heads_each else stats[:, 0, :, 1]
@@ -286,8 +402,9 @@ def _backward(ctx, dout, ddiv, *unused):
         delta = delta + w[:, None, :] * cbar / n_heads
     dq, dk, dv = torch.ops.ral.attention_kl_backward(
         dout, w.contiguous(), delta.contiguous(), q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
-        key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend)
-    return (dq, dk, dv if v is not None else None) + (None,) * 12
+        key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend,
+        seqs, max_q_len, max_k_len)
+    return (dq, dk, dv if v is not None else None) + (None,) * 15
 
 
 _attention_kl_op.register_autograd(_backward, setup_context=_setup_context)

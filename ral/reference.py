@@ -35,12 +35,12 @@ class AttentionKL(NamedTuple):
 
 
 def key_sets(batch: int, q_len: int, k_len: int, *, causal: bool, exclude_self: bool,
-             key_padding_mask: Optional[Tensor], device) -> tuple[Tensor, Tensor]:
+             key_padding_mask: Optional[Tensor], device, q_pos: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Attended keys A(i) and policy support P(i), both (B, Sq, Sk) bool.
 
-    Query row i sits at key position Sk - Sq + i (bottom-right aligned).
+    Query row i sits at key position q_pos + i; q_pos defaults to Sk - Sq (bottom-right aligned).
     """
-    pos = torch.arange(q_len, device=device) + (k_len - q_len)
+    pos = torch.arange(q_len, device=device) + (k_len - q_len if q_pos is None else q_pos)
     key = torch.arange(k_len, device=device)
     attended = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
@@ -114,8 +114,9 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
                  ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
                  exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
                  ref_scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
-                 row_mask: Optional[Tensor] = None) -> AttentionKL:
-    """The whole op, materialised. Shapes as in ``ral.ops.attention_kl``; no input checks here."""
+                 row_mask: Optional[Tensor] = None, q_pos: Optional[int] = None) -> AttentionKL:
+    """The whole op, materialised. Shapes as in ``ral.ops.attention_kl``; no input checks here.
+    ``q_pos``: key position of row 0 (default Sk - Sq), as a unit of a sequence table has it."""
     assert divergence in DIVERGENCES and heads in HEADS_MODES
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, _, q_len, head_dim = q.shape
@@ -123,7 +124,7 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     ref_scale = 1.0 / math.sqrt(q_ref.shape[-1]) if ref_scale is None else ref_scale
     attended, support = key_sets(batch, q_len, k_len, causal=causal, exclude_self=exclude_self,
-                                 key_padding_mask=key_padding_mask, device=q.device)
+                                 key_padding_mask=key_padding_mask, device=q.device, q_pos=q_pos)
 
     scores = head_scores(q.to(work), k.to(work), scale)
     stats = row_stats(scores, attended, support)
@@ -146,3 +147,44 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
         row_keep = row_mask.to(torch.bool) if heads == "mean" else row_mask.to(torch.bool)[:, None]
         div = torch.where(row_keep, div, torch.zeros_like(div))
     return AttentionKL(out, div, stats.detach())
+
+
+def attention_kl_units(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
+                       seqs: Tensor, ref_stats: Optional[Tensor] = None, row_mask: Optional[Tensor] = None,
+                       key_padding_mask: Optional[Tensor] = None, heads: str = "mean", **options) -> AttentionKL:
+    """The op over a sequence table (docs/design.md, "Packed sequences"): ``attention_kl`` on each
+    unit alone, written into outputs of the dense shapes.
+
+    q (B, H, Sq, D), k (B, Hkv, Sk, D), v, q_ref, k_ref, ref_stats, row_mask, key_padding_mask as in
+    ``attention_kl``; seqs (N, 8) int rows [batch, q_start, q_len, k_start, k_len, q_pos, 0, 0].
+    Rows no unit covers get out 0, div 0, stats -inf; so do a unit's rows when it has no keys.
+    """
+    batch, n_heads, q_len, _ = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = None if v is None else q.new_zeros((batch, n_heads, q_len, v.shape[-1]))
+    div = torch.zeros((batch, n_heads, q_len) if heads == "each" else (batch, q_len), dtype=work, device=q.device)
+    stats = torch.full((batch, n_heads, q_len, 2), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, q0, nq, k0, nk, pos in seqs[:, :6].tolist():
+        if nq == 0 or nk == 0:
+            continue
+        rows, keys = slice(q0, q0 + nq), slice(k0, k0 + nk)
+        res = attention_kl(
+            q[b:b + 1, :, rows], k[b:b + 1, :, keys], None if v is None else v[b:b + 1, :, keys],
+            q_ref=q_ref[b:b + 1, :, rows], k_ref=k_ref[b:b + 1, :, keys], heads=heads, q_pos=pos,
+            ref_stats=None if ref_stats is None else ref_stats[b:b + 1, :, rows],
+            row_mask=None if row_mask is None else row_mask[b:b + 1, rows],
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b:b + 1, keys], **options)
+        if v is not None:
+            out = _put_rows(out, b, rows, res.out[0])
+        div = _put_rows(div, b, rows, res.div[0])
+        stats = _put_rows(stats, b, rows, res.stats[0])
+    return AttentionKL(out, div, stats)
+
+
+def _put_rows(t: Tensor, b: int, rows: slice, value: Tensor) -> Tensor:
+    """t with t[b, ..., rows, ...] = value, out of place (autograd-friendly). The row axis is axis 1
+    of a (B, Sq) tensor and axis 2 of a (B, H, Sq, ...) tensor."""
+    index = (b, rows) if t.dim() == 2 else (b, slice(None), rows)
+    t = t.clone()
+    t[index] = value.to(t.dtype)
+    return t
