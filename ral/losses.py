@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["group_advantages", "k3_kl", "grpo_token_loss", "attention_policy_loss", "reduce_tokens",
-           "GRPOLoss", "LOSS_TYPES"]
+           "masked_token_mean", "GRPOLoss", "LOSS_TYPES", "NORMS"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -148,16 +148,15 @@ NORMS = ("token", "sequence", "sum")
 
 
 def masked_token_mean(values: Tensor, mask: Tensor, norm: str = "token") -> Tensor:
-    """Reduce per-token values (B, T) over mask (B, T): "token" mean over all masked tokens,
-    "sequence" mean per row then over rows that have tokens, "sum" plain sum."""
+    """Reduce per-token values (B, T) over mask (B, T): "token" mean over all masked tokens (bnpo),
+    "sequence" mean per row then over the rows that have tokens, "sum" plain sum."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    mask = mask.to(values.dtype)
-    total = (values * mask)
-    if norm == "sum":
-        return total.sum()
     if norm == "token":
-        return total.sum() / mask.sum().clamp(min=1.0)
-    per_row = total.sum(-1) / mask.sum(-1).clamp(min=1.0)
-    has = (mask.sum(-1) > 0).to(values.dtype)
-    return (per_row * has).sum() / has.sum().clamp(min=1.0)
+        return reduce_tokens(values, mask, "bnpo")
+    if norm == "sum":
+        return reduce_tokens(values, mask, "dapo", num_items=1.0)
+    has = mask.to(torch.bool).any(-1)
+    if not bool(has.any()):
+        return (values * 0).sum()
+    return reduce_tokens(values[has], mask[has], "grpo")

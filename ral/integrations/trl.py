@@ -65,6 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ral.integrations.trl needs TRL: pip install 'ral[trl]' (trl>=1.16,<1.17)") from exc
 
 from ..lm_head import chunked_reverse_kl
+from ..losses import reduce_tokens
 from .distill import DistillConfig
 from .models import backbone, lm_head_params
 from .transformers import AttentionPolicy, AttentionReference
@@ -86,21 +87,18 @@ def aggregate_like_trl(trainer: GRPOTrainer, per_token: Tensor, mask: Tensor, in
     """Reduce a (B, T) per-token loss over ``mask`` exactly as ``GRPOTrainer._compute_loss`` reduces
     its policy loss for ``trainer.loss_type``, including the gradient-accumulation scaling."""
     loss_type = trainer.loss_type
-    mask = mask.to(per_token.dtype)
     accum = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
-    if loss_type in ("grpo", "sapo"):
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accum
-    if loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accum
+    if loss_type in ("grpo", "sapo", "bnpo"):
+        return reduce_tokens(per_token, mask, "grpo" if loss_type == "sapo" else loss_type) / accum
     if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (per_token.size(0) * trainer.max_completion_length) / accum
+        return reduce_tokens(per_token, mask, "dr_grpo", max_completion_length=trainer.max_completion_length) / accum
     if loss_type in ("cispo", "dapo", "vespo"):
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
-        return (per_token * mask).sum() / normalizer
+        return reduce_tokens(per_token, mask, "dapo", num_items=normalizer)
     if loss_type == "luspo":
-        return (per_token * mask).sum(-1).mean() / accum
+        return (per_token * mask.to(per_token.dtype)).sum(-1).mean() / accum
     raise ValueError(f"Unknown loss type: {loss_type}")
 
 

@@ -17,8 +17,8 @@ import torch
 from ..integrations.distill import DistillConfig, distill_loss, teacher_pass
 from ..integrations.models import language_model, lm_head_params
 from ..integrations.transformers import AttentionPolicy
-from ..losses import group_advantages
-from .trainer import completion_mask, evaluate, sample_completions
+from ..losses import group_advantages, reduce_tokens
+from .trainer import evaluate, sample_groups
 
 __all__ = ["train_distill"]
 
@@ -53,14 +53,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module, task, cfg:
                 history.append(row)
                 break
             t0 = time.time()
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            prompts = task.sample(prompts_per_step, gen).repeat(group_size)
-            torch.manual_seed(seed * 1_000_003 + step)
-            comp = sample_completions(student, prompts, task, temperature)
-            cmask = completion_mask(comp, task.eos_token_id)
-            scores = task.reward(comp, prompts)
-            ids = torch.cat([prompts.input_ids, comp], 1)
-            mask = torch.cat([prompts.attention_mask, cmask.to(prompts.attention_mask.dtype)], 1)
+            prompts, comp, cmask, scores, ids, mask = sample_groups(student, task, prompts_per_step, group_size,
+                                                                    seed, step, temperature)
             resp = torch.cat([torch.zeros_like(prompts.attention_mask, dtype=torch.bool), cmask], 1)
             extras = prompts.model_inputs()
             tout = teacher_pass(teacher, ids, mask, resp, cfg, teacher_policy=t_policy, **extras) \
@@ -68,11 +62,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module, task, cfg:
             rl_fn = None
             if cfg.lambda_rl > 0:
                 adv = group_advantages(scores["reward"], group_size)
-                pred = resp[:, 1:].float()
+                pred = resp[:, 1:]
 
                 def rl_fn(logps, adv=adv, pred=pred):      # on-policy GRPO: -A * logp, token mean per response
-                    per_seq = (logps * pred).sum(-1) / pred.sum(-1).clamp(min=1.0)
-                    return -(adv * per_seq).mean()
+                    return reduce_tokens(-adv[:, None] * logps, pred, "grpo")
             student.train()
             loss, m = distill_loss(student, tout, ids, mask, resp, cfg, student_policy=s_policy,
                                    teacher_head=head_t, rl_loss_fn=rl_fn, **extras)

@@ -53,7 +53,7 @@ from ..integrations.transformers import AttentionPolicy, AttentionReference
 from ..losses import attention_policy_loss, group_advantages, grpo_token_loss
 from .tasks.grounding import attention_metrics
 
-__all__ = ["TrainConfig", "RALTrainer", "sft_warmup", "evaluate", "completion_mask", "token_logps",
+__all__ = ["TrainConfig", "RALTrainer", "sft_warmup", "evaluate", "completion_mask", "token_logps", "sample_groups",
            "atomic_save"]
 
 
@@ -132,6 +132,25 @@ def sample_completions(model, prompts, task, temperature: float = 1.0, greedy: b
 
 
 @torch.no_grad()
+def sample_groups(model, task, n_prompts: int, group_size: int, seed: int, step: int, temperature: float):
+    """One rollout: ``n_prompts`` prompts each repeated ``group_size`` times, sampled and scored.
+
+    Randomness is derived from (seed, step) alone: the prompts from a generator seeded with it, the
+    sampling from torch's global seed set to it, so a resumed run or another method with the same
+    seed sees the same prompts. Returns (prompts, completions (B, T), completion mask (B, T) bool,
+    scores {name: (B,)}, input ids (B, P + T), attention mask (B, P + T)).
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    prompts = task.sample(n_prompts, gen).repeat(group_size)
+    torch.manual_seed(seed * 1_000_003 + step)
+    comp = sample_completions(model, prompts, task, temperature)
+    cmask = completion_mask(comp, task.eos_token_id)
+    scores = task.reward(comp, prompts)
+    ids = torch.cat([prompts.input_ids, comp], 1)
+    mask = torch.cat([prompts.attention_mask, cmask.to(prompts.attention_mask.dtype)], 1)
+    return prompts, comp, cmask, scores, ids, mask
+
+
 def evaluate(model, task, n: int = 256, seed: int = 10_000, greedy: bool = True) -> Dict[str, float]:
     """Mean reward / accuracy / format on ``n`` fixed prompts (greedy by default)."""
     prompts = task.sample(n, torch.Generator().manual_seed(seed))
@@ -223,15 +242,9 @@ class RALTrainer:
     def rollout(self) -> dict:
         """Sample, score, and run the old-policy pass. Returns the batch for the updates."""
         cfg, task = self.cfg, self.task
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        prompts = task.sample(cfg.prompts_per_step, gen).repeat(cfg.group_size)
-        torch.manual_seed(cfg.seed * 1_000_003 + self.step)
-        comp = sample_completions(self.model, prompts, task, cfg.temperature)
-        cmask = completion_mask(comp, task.eos_token_id)
-        scores = task.reward(comp, prompts)
+        prompts, comp, cmask, scores, ids, mask = sample_groups(self.model, task, cfg.prompts_per_step,
+                                                                cfg.group_size, cfg.seed, self.step, cfg.temperature)
         adv = group_advantages(scores["reward"], cfg.group_size, scale=cfg.scale_rewards)
-        ids = torch.cat([prompts.input_ids, comp], 1)
-        mask = torch.cat([prompts.attention_mask, cmask.to(prompts.attention_mask.dtype)], 1)
         extras = prompts.model_inputs()
         self.model.eval()
         with torch.no_grad():
