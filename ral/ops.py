@@ -141,11 +141,14 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
 
 def sequence_table(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                    total_q: int, total_k: int, causal: bool, device) -> Tensor:
-    """The checked sequence table of a packed batch: (N, 8) int32 on `device`, rows
+    """The sequence table of a packed batch: (N, 8) int32 on `device`, rows
     [0, q_start, q_len, k_start, k_len, k_len - q_len, 0, 0] (docs/design.md, "Packed sequences").
-    Raises ValueError naming the argument for bad cu_seqlens / max_seqlen."""
-    lengths = []
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+
+    Checks the types and shapes always and, outside torch.compile, the values (one device-to-host
+    copy): a ValueError naming the argument for bad cu_seqlens / max_seqlen. The table itself is
+    built with tensor operations, so a compiled graph has no data-dependent branch.
+    """
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (N + 1,) int32, got {type(cu).__name__}")
         if cu.dtype != torch.int32:
@@ -154,32 +157,40 @@ def sequence_table(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int
             raise ValueError(f"{name} must have shape (N + 1,) with N >= 1, got {tuple(cu.shape)}")
         if cu.device != device:
             raise ValueError(f"{name}: must be on q's device ({device}), got {cu.device}")
-        host = cu.tolist()
-        if host[0] != 0:
-            raise ValueError(f"{name}[0] must be 0, got {host[0]}")
-        if any(b < a for a, b in zip(host, host[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {host}")
-        if host[-1] != total:
-            raise ValueError(f"{name}[-1] must equal the packed length {total}, got {host[-1]}")
-        lengths.append(host)
-    cu_q, cu_k = lengths
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_k: must describe as many sequences as cu_seqlens_q ({len(cu_q) - 1}), "
-                         f"got {len(cu_k) - 1}")
-    rows = []
-    for n in range(len(cu_q) - 1):
-        q_len, k_len = cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
-        if causal and q_len > k_len:
-            raise ValueError(f"cu_seqlens_q: causal attention needs each sequence's query length <= its key "
-                             f"length, sequence {n} has {q_len} > {k_len}")
-        rows.append([0, cu_q[n], q_len, cu_k[n], k_len, k_len - q_len, 0, 0])
-    for name, given, longest in (("max_seqlen_q", max_seqlen_q, max(r[2] for r in rows)),
-                                 ("max_seqlen_k", max_seqlen_k, max(r[4] for r in rows))):
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"cu_seqlens_k: must describe as many sequences as cu_seqlens_q "
+                         f"({cu_seqlens_q.shape[0] - 1}), got {cu_seqlens_k.shape[0] - 1}")
+    for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(given, bool) or not isinstance(given, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(given).__name__}")
+    if not torch.compiler.is_compiling():
+        _check_cu_seqlens(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), max_seqlen_q, max_seqlen_k, total_q,
+                          total_k, causal)
+    q_len, k_len = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+    zeros = torch.zeros_like(q_len)
+    return torch.stack([zeros, cu_seqlens_q[:-1], q_len, cu_seqlens_k[:-1], k_len, k_len - q_len, zeros, zeros],
+                       dim=1).contiguous()
+
+
+def _check_cu_seqlens(cu_q: list, cu_k: list, max_q: int, max_k: int, total_q: int, total_k: int,
+                      causal: bool) -> None:
+    for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
+        if cu[0] != 0:
+            raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
+        if any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {cu}")
+        if cu[-1] != total:
+            raise ValueError(f"{name}[-1] must equal the packed length {total}, got {cu[-1]}")
+    q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    k_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if causal:
+        for n, (q_len, k_len) in enumerate(zip(q_lens, k_lens)):
+            if q_len > k_len:
+                raise ValueError(f"cu_seqlens_q: causal attention needs each sequence's query length <= its key "
+                                 f"length, sequence {n} has {q_len} > {k_len}")
+    for name, given, longest in (("max_seqlen_q", max_q, max(q_lens)), ("max_seqlen_k", max_k, max(k_lens))):
         if given < longest:
             raise ValueError(f"{name} must be at least the longest sequence ({longest}), got {given}")
-    return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 def _runs_reference(backend: str, q: Tensor) -> bool:

@@ -92,7 +92,7 @@ def cast(kw: dict, dtype: torch.dtype, device=None) -> dict:
     for key in ("q", "k", "v", "q_ref", "k_ref"):
         if out.get(key) is not None:
             out[key] = out[key].to(device=device or out[key].device, dtype=dtype)
-    for key in ("key_padding_mask", "row_mask", "ref_stats"):
+    for key in ("key_padding_mask", "row_mask", "ref_stats", "cu_seqlens_q", "cu_seqlens_k"):
         if out.get(key) is not None and device is not None:
             out[key] = out[key].to(device)
     return out
@@ -111,13 +111,14 @@ def upstream(kw: dict, seed: int = 1):
     return dout, ddiv
 
 
-def run(kw: dict, backend: str, dout=None, ddiv=None) -> dict:
-    """Forward + backward of attention_kl. Returns float64 CPU copies of out, div, stats, dq, dk, dv."""
+def run(kw: dict, backend: str, dout=None, ddiv=None, op=None) -> dict:
+    """Forward + backward of attention_kl (or `op`, e.g. ral.ops.attention_kl_varlen). Returns float64
+    CPU copies of out, div, stats, dq, dk, dv."""
     kw = dict(kw)
     for key in ("q", "k", "v"):
         if kw.get(key) is not None:
             kw[key] = kw[key].detach().clone().requires_grad_(True)
-    res = ral.attention_kl(backend=backend, **kw)
+    res = (op or ral.attention_kl)(backend=backend, **kw)
     loss = 0
     if dout is not None and res.out is not None:
         loss = loss + (res.out.double() * dout.to(res.out.device)).sum()
@@ -144,6 +145,13 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
     want = run(base, "reference", dout, ddiv)                              # float64 oracle
     torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv)   # PyTorch in the same dtype
     got = run(cast(base, problem.dtype, device), backend, dout, ddiv)
+    return assert_accuracy(want, torch_same, got, problem.dtype, backend, problem, names, factor)
+
+
+def assert_accuracy(want: dict, torch_same: dict, got: dict, dtype, backend: str, label, names=NAMES,
+                    factor: float = FACTOR) -> dict:
+    """The accuracy rule: each output of `got` is within `factor` x PyTorch's own error in `dtype`
+    (`torch_same`) of the float64 oracle `want`, plus a small floor; NaN patterns equal."""
     errors = {}
     for name in names:
         if want[name] is None:
@@ -157,12 +165,87 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
         scale = float(want[name][finite].abs().max()) if finite.any() else 1.0
         err_backend = _err(got[name], want[name])
         err_torch = _err(torch_same[name], want[name])
-        bound = factor * err_torch + FLOOR[problem.dtype] * max(scale, 1e-3)
+        bound = factor * err_torch + FLOOR[dtype] * max(scale, 1e-3)
         errors[name] = (err_backend, err_torch, bound)
         assert err_backend <= bound, (
             f"{name}: {backend} error {err_backend:.3g} > bound {bound:.3g} "
-            f"(PyTorch {problem.dtype} error {err_torch:.3g}, |ref| max {scale:.3g}) for {problem}")
+            f"(PyTorch {dtype} error {err_torch:.3g}, |ref| max {scale:.3g}) for {label}")
     return errors
+
+
+@dataclass
+class PackedProblem:
+    """A random attention_kl_varlen call: sequences of q_lens rows and k_lens keys, packed."""
+
+    q_lens: tuple = (5, 0, 1, 17)
+    k_lens: Optional[tuple] = None       # default: q_lens
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    v_head_dim: Optional[int] = 16
+    ref_heads: Optional[int] = None
+    ref_kv_heads: Optional[int] = None
+    ref_head_dim: Optional[int] = None
+    dtype: torch.dtype = torch.float32
+    row_mask: bool = False
+    with_ref_stats: bool = False
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def make(self, device="cpu") -> dict:
+        """Keyword arguments for attention_kl_varlen in float64 (cast the floats with `cast`)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        k_lens = self.k_lens or self.q_lens
+        tq, tk = sum(self.q_lens), sum(k_lens)
+        hr = self.ref_heads or self.heads
+        hrkv = self.ref_kv_heads or hr
+        dr = self.ref_head_dim or self.head_dim
+
+        def rand(*shape, sd=1.0):
+            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * sd).to(device)
+
+        def cu(lens):
+            return torch.tensor([0] + [sum(lens[:n + 1]) for n in range(len(lens))], dtype=torch.int32,
+                                device=device)
+
+        kw = dict(q=rand(tq, self.heads, self.head_dim), k=rand(tk, self.kv_heads, self.head_dim),
+                  v=rand(tk, self.kv_heads, self.v_head_dim) if self.v_head_dim else None,
+                  q_ref=rand(tq, hr, dr, sd=1.3), k_ref=rand(tk, hrkv, dr),
+                  cu_seqlens_q=cu(self.q_lens), cu_seqlens_k=cu(k_lens),
+                  max_seqlen_q=max(self.q_lens), max_seqlen_k=max(k_lens))
+        if self.row_mask:
+            kw["row_mask"] = (torch.rand(tq, generator=gen) > 0.3).to(device)
+        opts = dict(self.options)
+        if self.with_ref_stats:
+            ref_kw = {key: opts[key] for key in ("exclude_self", "causal") if key in opts}
+            kw["ref_stats"] = ral.ops.attention_kl_varlen(
+                kw["q_ref"], kw["k_ref"], q_ref=kw["q_ref"], k_ref=kw["k_ref"], scale=opts.get("ref_scale"),
+                cu_seqlens_q=kw["cu_seqlens_q"], cu_seqlens_k=kw["cu_seqlens_k"], max_seqlen_q=kw["max_seqlen_q"],
+                max_seqlen_k=kw["max_seqlen_k"], **ref_kw).stats.float()
+        kw.update(opts)
+        return kw
+
+
+def packed_upstream(kw: dict, seed: int = 1):
+    """Random upstream gradients (dout (Tq, H, Dv), ddiv (Tq,) or (Tq, H)) for a packed call."""
+    gen = torch.Generator().manual_seed(seed)
+    tq, heads = kw["q"].shape[:2]
+    dout = (torch.randn(tq, heads, kw["v"].shape[-1], generator=gen, dtype=torch.float64)
+            if kw.get("v") is not None else None)
+    ddiv = torch.randn(*((tq, heads) if kw.get("heads", "mean") == "each" else (tq,)), generator=gen,
+                       dtype=torch.float64)
+    return dout, ddiv
+
+
+def check_packed(problem: PackedProblem, backend: str, device="cpu", names=NAMES, factor: float = FACTOR) -> dict:
+    """The accuracy rule for attention_kl_varlen on `backend` against the float64 oracle."""
+    base = problem.make()
+    dout, ddiv = packed_upstream(base)
+    op = ral.ops.attention_kl_varlen
+    want = run(base, "reference", dout, ddiv, op=op)
+    torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv, op=op)
+    got = run(cast(base, problem.dtype, device), backend, dout, ddiv, op=op)
+    return assert_accuracy(want, torch_same, got, problem.dtype, backend, problem, names, factor)
 
 
 def option_grid():

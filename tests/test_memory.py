@@ -43,6 +43,12 @@ base = rss()
 if what == "ral":
     res = ral.attention_kl(q, k, v, q_ref=q_ref, k_ref=k_ref, backend="cpu")
     (res.div.sum() + res.out.sum()).backward()
+elif what == "varlen":  # the same S rows packed as two sequences (S/4 and 3S/4) of one (T, H, D) batch
+    packed = [t[0].transpose(0, 1) for t in (q, k, v, q_ref, k_ref)]
+    cu = torch.tensor([0, S // 4, S], dtype=torch.int32)
+    res = ral.ops.attention_kl_varlen(*packed[:3], q_ref=packed[3], k_ref=packed[4], cu_seqlens_q=cu,
+                                      cu_seqlens_k=cu, max_seqlen_q=S, max_seqlen_k=S, backend="cpu")
+    (res.div.sum() + res.out.sum()).backward()
 else:  # control: one materialised S x S score matrix
     scores = q.detach()[0, 0] @ k.detach()[0, 0].T
     del scores
@@ -66,3 +72,11 @@ def test_cpu_backend_never_holds_an_s_by_s_buffer():
     growth = measure("ral")
     # outputs + gradients + stats + scratch are O(S * D): a few MiB; one S x S fp32 matrix is 256 MiB
     assert growth < SXS_BYTES / 8, f"forward + backward grew the RSS peak by {growth / 2**20:.1f} MiB at S={S}"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read the RSS peak")
+def test_cpu_varlen_never_holds_a_t_by_t_buffer():
+    """Packed sequences: nothing grows as T^2 or max_seqlen^2 (T = max_seqlen_k = S here)."""
+    assert backends.unavailable_reason("cpu") is None, backends.unavailable_reason("cpu")
+    growth = measure("varlen")
+    assert growth < SXS_BYTES / 8, f"varlen forward + backward grew the RSS peak by {growth / 2**20:.1f} MiB at T={S}"
