@@ -66,6 +66,21 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
     return _run_kernels(call, backend)
 
 
+def run_table(call: Call, seqs: Tensor, max_q_len: int, max_k_len: int, backend: str) -> AttentionKL:
+    """A checked dense call restricted to the work units of a sequence table (docs/design.md,
+    "Packed sequences"); outputs in the dense shapes of the call's tensors. The varlen op and the
+    context-parallel op (``ral.distributed``) build their tables and come here."""
+    call = dataclasses.replace(call, seqs=seqs, max_q_len=max_q_len, max_k_len=max_k_len)
+    if _runs_reference(backend, call.q):
+        opts = call.options
+        return reference.attention_kl_units(
+            call.q, call.k, call.v, q_ref=call.q_ref, k_ref=call.k_ref, seqs=seqs, ref_stats=call.ref_stats,
+            row_mask=call.row_mask, key_padding_mask=call.key_padding_mask, divergence=opts.divergence,
+            heads="each" if opts.heads_each else "mean", exclude_self=opts.exclude_self, causal=opts.causal,
+            scale=opts.scale, ref_scale=opts.ref_scale)
+    return _run_kernels(call, backend)
+
+
 def _run_kernels(call: Call, backend: str) -> AttentionKL:
     """The custom op on a checked call -> AttentionKL in the dense shapes of the call's tensors."""
     opts = call.options
@@ -125,15 +140,7 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
     call = _checked_call(dense(q), dense(k), dense(v), dense(q_ref), dense(k_ref), dense(ref_stats), divergence,
                          heads, exclude_self, causal, scale, ref_scale, None,
                          None if row_mask is None else row_mask.unsqueeze(0), backend)
-    call = dataclasses.replace(call, seqs=seqs, max_q_len=int(max_seqlen_q), max_k_len=int(max_seqlen_k))
-    if _runs_reference(backend, q):
-        opts = call.options
-        res = reference.attention_kl_units(
-            call.q, call.k, call.v, q_ref=call.q_ref, k_ref=call.k_ref, seqs=seqs, ref_stats=call.ref_stats,
-            row_mask=call.row_mask, divergence=opts.divergence, heads=heads, exclude_self=opts.exclude_self,
-            causal=opts.causal, scale=opts.scale, ref_scale=opts.ref_scale)
-    else:
-        res = _run_kernels(call, backend)
+    res = run_table(call, seqs, int(max_seqlen_q), int(max_seqlen_k), backend)
     packed = (lambda t: t[0].transpose(0, 1)) if heads == "each" else (lambda t: t[0])
     return AttentionKL(None if res.out is None else res.out[0].transpose(0, 1), packed(res.div),
                        res.stats[0].transpose(0, 1))

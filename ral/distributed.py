@@ -1,0 +1,181 @@
+"""Context parallelism for the chosen layer: the head-mean divergence with the sequence split over ranks.
+
+Ulysses-style sequence parallelism splits *heads* across ranks inside attention, but the head-mean
+policy couples every head of a row, so no rank could compute a row's divergence alone. Rows are
+independent, though: a rank that holds some query rows with **all** heads, and **all** keys, computes
+their output, divergence and statistics exactly. So here queries (and q_ref, row_mask, ref_stats)
+stay split by sequence position, keys, values, k_ref and the key padding mask are all-gathered over
+the group, each rank runs the op on its own rows through a sequence table (one work unit per local
+chunk, its rows placed at the chunk's key positions), and the backward reduce-scatters dK / dV.
+
+Layouts of a sequence of S positions over P ranks:
+- "zigzag" (default): 2P near-equal chunks; rank r holds chunks r and 2P-1-r, so under causal
+  masking every rank gets one early (cheap) and one late (expensive) chunk;
+- "contiguous": P near-equal chunks; rank r holds chunk r (the last rank does most causal work).
+Chunk sizes differ by at most one position; S need not be divisible by 2P.
+
+Memory per rank: O(S/P · H · D) for its queries, outputs and their gradients, plus O(S · Hkv · D)
+for the gathered keys / values (and k_ref with Hrkv · Dr), plus the op's O(B · H · S/P) row
+statistics. Nothing grows as S × S or (S/P) × S.
+
+The result equals ``ral.ops.attention_kl`` on the whole sequence in one process (values and
+gradients), which tests/test_distributed.py checks on 2 and 4 gloo processes.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops
+from .reference import AttentionKL
+
+__all__ = ["attention_kl_cp", "shard", "unshard", "chunks", "causal_work", "LAYOUTS"]
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def chunks(seq_len: int, world: int, layout: str = "zigzag") -> List[List[Tuple[int, int]]]:
+    """Per rank, its chunks as (start, length) in sequence order of the rank's local tensor.
+
+    "zigzag": 2P chunks, rank r holds chunk r then chunk 2P-1-r; "contiguous": P chunks."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n = 2 * world if layout == "zigzag" else world
+    sizes = [seq_len // n + (1 if j < seq_len % n else 0) for j in range(n)]
+    starts = [sum(sizes[:j]) for j in range(n)]
+    if layout == "contiguous":
+        return [[(starts[r], sizes[r])] for r in range(world)]
+    return [[(starts[r], sizes[r]), (starts[n - 1 - r], sizes[n - 1 - r])] for r in range(world)]
+
+
+def causal_work(seq_len: int, world: int, layout: str = "zigzag", block: int = 64) -> List[int]:
+    """Causal attention tiles (block x block query/key tiles with at least one attended pair) per rank."""
+    work = []
+    for rank_chunks in chunks(seq_len, world, layout):
+        tiles = 0
+        for start, length in rank_chunks:
+            for row0 in range(start, start + length, block):
+                last_row = min(row0 + block, start + length) - 1
+                tiles += last_row // block + 1          # key blocks 0 .. the one holding the last row
+        work.append(tiles)
+    return work
+
+
+def _rank_world(group) -> Tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(x: Tensor, dim: int, group=None, layout: str = "zigzag") -> Tensor:
+    """This rank's shard of a whole-sequence tensor along `dim` (its chunks, concatenated)."""
+    rank, world = _rank_world(group)
+    return _take(x, dim, chunks(x.shape[dim], world, layout)[rank])
+
+
+def unshard(x: Tensor, dim: int, seq_len: int, group=None, layout: str = "zigzag") -> Tensor:
+    """The whole-sequence tensor from every rank's shard along `dim` (all-gather; differentiable:
+    the gradient of each position goes back to the rank that holds it, summed over ranks)."""
+    return _Gather.apply(x, dim, seq_len, group, layout)
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather of sequence shards into natural order; backward: reduce-scatter of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, dim, seq_len, group, layout):
+        rank, world = _rank_world(group)
+        layout_chunks = chunks(seq_len, world, layout)
+        ctx.dim, ctx.group, ctx.rank, ctx.chunks = dim, group, rank, layout_chunks
+        longest = max(sum(length for _, length in c) for c in layout_chunks)
+        padded = _pad_to(x.contiguous(), dim, longest)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        pieces = []
+        for part, rank_chunks in zip(parts, layout_chunks):
+            offset = 0
+            for start, length in rank_chunks:
+                pieces.append((start, part.narrow(dim, offset, length)))
+                offset += length
+        return torch.cat([piece for _, piece in sorted(pieces, key=lambda item: item[0])], dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":   # reduce-scatter each rank's positions
+            longest = max(sum(length for _, length in c) for c in ctx.chunks)
+            inputs = [_pad_to(_take(grad, ctx.dim, c), ctx.dim, longest) for c in ctx.chunks]
+            out = torch.empty_like(inputs[ctx.rank])
+            dist.reduce_scatter(out, inputs, group=ctx.group)
+            mine = out.narrow(ctx.dim, 0, sum(length for _, length in ctx.chunks[ctx.rank]))
+        else:  # gloo has no reduce-scatter: sum the whole gradient, keep this rank's positions
+            dist.all_reduce(grad, group=ctx.group)
+            mine = _take(grad, ctx.dim, ctx.chunks[ctx.rank])
+        return mine, None, None, None, None
+
+
+def _take(x: Tensor, dim: int, rank_chunks) -> Tensor:
+    """The positions of `rank_chunks` of a whole-sequence tensor, concatenated along `dim`."""
+    return torch.cat([x.narrow(dim, start, length) for start, length in rank_chunks], dim=dim)
+
+
+def _pad_to(x: Tensor, dim: int, length: int) -> Tensor:
+    if x.shape[dim] == length:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length - x.shape[dim]
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
+                    seq_len: int, group=None, layout: str = "zigzag", ref_stats: Optional[Tensor] = None,
+                    divergence: str = "jsd", heads: str = "mean", exclude_self: bool = True, causal: bool = True,
+                    scale: Optional[float] = None, ref_scale: Optional[float] = None,
+                    key_padding_mask: Optional[Tensor] = None, row_mask: Optional[Tensor] = None,
+                    backend: str = "auto") -> AttentionKL:
+    """``ral.ops.attention_kl`` on a sequence split over the ranks of `group` (self-attention: the
+    query rows and the keys are the same S positions).
+
+    Every tensor is this rank's shard in `layout` (see ``shard``), with all heads:
+        q (B, H, S_r, D), k (B, Hkv, S_r, D), v (B, Hkv, S_r, Dv) or None, q_ref (B, Hr, S_r, Dr),
+        k_ref (B, Hrkv, S_r, Dr), ref_stats (B, Hr, S_r, 2), key_padding_mask (B, S_r), row_mask (B, S_r);
+    seq_len: S, the whole sequence's length. Other arguments as in ``attention_kl``.
+
+    Returns this rank's rows: out (B, H, S_r, Dv), div (B, S_r) or (B, H, S_r), stats (B, H, S_r, 2),
+    equal to the matching rows of the single-process op on the whole sequence. Gradients reach the
+    local q and, through the all-gather's backward (a reduce-scatter), the local k and v.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group: attention_kl_cp needs an initialised torch.distributed process group")
+    rank, world = _rank_world(group)
+    layout_chunks = chunks(seq_len, world, layout)
+    local = sum(length for _, length in layout_chunks[rank])
+    for name, t, dim in (("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", k_ref, 2), ("v", v, 2),
+                         ("ref_stats", ref_stats, 2), ("key_padding_mask", key_padding_mask, 1),
+                         ("row_mask", row_mask, 1)):
+        if t is not None and (not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != local):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}: rank {rank}'s shard of a sequence of {seq_len} in layout {layout!r} has "
+                             f"{local} positions along dim {dim}, got {got}")
+    gather = [None if t is None else unshard(t, 2, seq_len, group, layout) for t in (k, v)]
+    k_ref_full = unshard(k_ref.detach(), 2, seq_len, group, layout)
+    kpm_full = (None if key_padding_mask is None
+                else unshard(key_padding_mask.to(torch.uint8), 1, seq_len, group, layout).to(torch.bool))
+    call = ops._checked_call(q, gather[0], gather[1], q_ref, k_ref_full, ref_stats, divergence, heads, exclude_self,
+                             causal, scale, ref_scale, kpm_full, row_mask, backend)
+    seqs = _local_units(layout_chunks[rank], q.shape[0], seq_len, causal, q.device)
+    longest = max(length for _, length in layout_chunks[rank])
+    return ops.run_table(call, seqs, longest, seq_len, backend)
+
+
+def _local_units(rank_chunks: Sequence[Tuple[int, int]], batch: int, seq_len: int, causal: bool, device) -> Tensor:
+    """One unit per (batch, local chunk): its local rows, the keys it may attend (causal: up to the
+    chunk's end) and q_pos = the chunk's first position."""
+    rows, offset = [], 0
+    for start, length in rank_chunks:
+        k_len = start + length if causal else seq_len
+        rows += [[b, offset, length, 0, k_len, start, 0, 0] for b in range(batch)]
+        offset += length
+    return torch.tensor(rows, dtype=torch.int32, device=device)

@@ -1,0 +1,140 @@
+"""ral.distributed: the op on a sequence split over gloo CPU processes equals the single-process op.
+
+Each case spawns P processes (a file store, gloo). Every process builds the same whole-sequence
+problem, takes its shard in the layout, runs ``attention_kl_cp`` forward and backward with the
+shard of one set of upstream gradients, and compares its rows of out / div / stats and its shard of
+dq / dk / dv with the single-process ``attention_kl`` on the whole sequence: exactly in float64
+(the reference backend: the same math, so only summation order differs) and under the float64
+accuracy rule of tests/oracle.py for the cpu kernels in float32.
+"""
+
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ral
+from oracle import FLOOR, Problem, _err, cast, run, upstream
+from ral import backends
+from ral.distributed import attention_kl_cp, causal_work, chunks, shard
+
+CASES = {
+    "causal-mean-jsd": dict(options=dict(heads="mean", divergence="jsd")),
+    "full-each-kl": dict(options=dict(heads="each", divergence="kl", causal=False)),
+    "gqa-teacher-rkl": dict(heads=4, kv_heads=2, ref_heads=6, ref_kv_heads=3, ref_head_dim=24,
+                            options=dict(divergence="reverse_kl")),
+    "padding-rowmask": dict(left_pad=(3, 0), right_pad=(0, 2), row_mask=True, options=dict(exclude_self=False)),
+    "ref-stats": dict(with_ref_stats=True, options=dict(heads="each", divergence="jsd")),
+}
+
+
+def _worker(rank, world, store_path, case, seq_len, layout, backend, dtype_name, errors_path):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        dtype = getattr(torch, dtype_name)
+        fields = {"batch": 2, "heads": 4, "kv_heads": 4, "head_dim": 16, "seed": 7, **CASES[case]}
+        problem = Problem(q_len=seq_len, k_len=seq_len, **fields)
+        base = problem.make()
+        dout, ddiv = upstream(base)
+        whole = run(cast(base, dtype), backend, dout, ddiv)          # the single-process op
+        want = run(base, "reference", dout, ddiv)                    # float64 oracle, for the accuracy rule
+
+        def local(t, dim):
+            return None if t is None else shard(t, dim, layout=layout)
+
+        kw = cast(base, dtype)
+        leaves = {name: local(kw[name], 2).detach().requires_grad_(True) for name in ("q", "k", "v")}
+        res = attention_kl_cp(
+            leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"], 2), k_ref=local(kw["k_ref"], 2),
+            seq_len=seq_len, layout=layout, ref_stats=local(kw.get("ref_stats"), 2),
+            key_padding_mask=local(kw.get("key_padding_mask"), 1), row_mask=local(kw.get("row_mask"), 1),
+            backend=backend, **problem.options)
+        row_dim = 2 if res.div.dim() == 3 else 1
+        loss = (res.out.double() * local(dout, 2)).sum() + (res.div.double() * local(ddiv, row_dim)).sum()
+        loss.backward()
+        got = dict(out=res.out, div=res.div, stats=res.stats, dq=leaves["q"].grad, dk=leaves["k"].grad,
+                   dv=leaves["v"].grad)
+        report = []
+        for name, t in got.items():
+            dim = row_dim if name == "div" else 2
+            mine = t.detach().double()
+            single = local(whole[name], dim)
+            oracle = local(want[name], dim)
+            if dtype == torch.float64:
+                bound = 1e-6 if name == "stats" else 1e-9        # stats are float32 whatever the input
+                ok = _err(mine, single) <= bound
+            else:  # float32 kernels: the accuracy rule against the float64 oracle, like the single process
+                finite = torch.isfinite(oracle)
+                scale = float(oracle[finite].abs().max()) if finite.any() else 1.0
+                bound = 2.0 * _err(single, oracle) + FLOOR[dtype] * max(scale, 1e-3)
+                ok = _err(mine, oracle) <= bound
+            report.append(f"{name}:{'ok' if ok else 'FAIL'}:{_err(mine, single):.3g}:{bound:.3g}")
+        with open(f"{errors_path}.{rank}", "w") as f:
+            f.write(" ".join(report))
+    except Exception:  # noqa: BLE001 - surfaced to the parent through the report file
+        with open(f"{errors_path}.{rank}", "w") as f:
+            f.write("EXCEPTION " + traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(tmp_path, world, case, seq_len, layout="zigzag", backend="reference", dtype="float64"):
+    store, errors = tmp_path / f"store-{case}-{world}", tmp_path / f"errors-{case}-{world}"
+    mp.start_processes(_worker, args=(world, str(store), case, seq_len, layout, backend, dtype, str(errors)),
+                       nprocs=world, join=True, start_method="spawn")
+    for rank in range(world):
+        text = open(f"{errors}.{rank}").read()
+        assert "FAIL" not in text and "EXCEPTION" not in text, f"rank {rank}: {text}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_process_float64(tmp_path, case):
+    spawn(tmp_path, 2, case, seq_len=23)          # 23 is not divisible by 2P = 4
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_four_ranks_equal_one_process_float64(tmp_path, layout):
+    spawn(tmp_path, 4, "gqa-teacher-rkl", seq_len=29, layout=layout)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="ral._C not built")
+@pytest.mark.parametrize("world,case", [(2, "causal-mean-jsd"), (2, "padding-rowmask"), (4, "full-each-kl")])
+def test_cpu_kernels_on_ranks(tmp_path, world, case):
+    spawn(tmp_path, world, case, seq_len=37, backend="cpu", dtype="float32")
+
+
+def test_chunks_cover_the_sequence_once():
+    for layout in ("zigzag", "contiguous"):
+        for seq_len, world in ((23, 2), (29, 4), (8, 4), (1000, 3)):
+            covered = sorted(pos for rank_chunks in chunks(seq_len, world, layout)
+                             for start, length in rank_chunks for pos in range(start, start + length))
+            assert covered == list(range(seq_len))
+
+
+def test_zigzag_balances_causal_work():
+    """Causal tiles per rank (64 x 64 tiles) within 10% of the mean under zigzag; contiguous is far off."""
+    for seq_len, world in ((32768, 2), (32768, 4), (131072, 8), (16384 + 77, 4)):
+        work = causal_work(seq_len, world, "zigzag")
+        mean = sum(work) / len(work)
+        assert max(abs(w - mean) for w in work) <= 0.10 * mean, (seq_len, world, work)
+        flat = causal_work(seq_len, world, "contiguous")
+        assert max(flat) > 1.4 * (sum(flat) / len(flat))     # the last rank carries the most
+
+
+def test_needs_a_process_group():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="group: attention_kl_cp needs an initialised"):
+        attention_kl_cp(q, q, q, q_ref=q, k_ref=q, seq_len=4)
+
+
+def test_single_process_result_is_the_op():
+    """Sanity of the harness: run() of the whole problem is ral.attention_kl itself."""
+    problem = Problem(batch=1, heads=2, kv_heads=2, q_len=5, k_len=5, head_dim=8)
+    base = problem.make()
+    res = ral.attention_kl(**base, backend="reference")
+    torch.testing.assert_close(run(base, "reference")["div"], res.div.double())
+
