@@ -142,6 +142,13 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
     want = run(base, "reference", dout, ddiv)                              # float64 oracle
     torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv)   # PyTorch in the same dtype
     got = run(cast(base, problem.dtype, device), backend, dout, ddiv)
+    return compare(want, torch_same, got, problem.dtype, names, factor, f"{backend} for {problem}")
+
+
+def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=NAMES, factor: float = FACTOR,
+            what: str = "backend") -> dict:
+    """The accuracy rule on results already computed (dicts of float64 CPU tensors, as `run`
+    returns): float64 oracle `want`, PyTorch in `dtype` `torch_same`, the kernel's `got`."""
     errors = {}
     for name in names:
         if want[name] is None:
@@ -155,11 +162,11 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
         scale = float(want[name][finite].abs().max()) if finite.any() else 1.0
         err_backend = _err(got[name], want[name])
         err_torch = _err(torch_same[name], want[name])
-        bound = factor * err_torch + FLOOR[problem.dtype] * max(scale, 1e-3)
+        bound = factor * err_torch + FLOOR[dtype] * max(scale, 1e-3)
         errors[name] = (err_backend, err_torch, bound)
         assert err_backend <= bound, (
-            f"{name}: {backend} error {err_backend:.3g} > bound {bound:.3g} "
-            f"(PyTorch {problem.dtype} error {err_torch:.3g}, |ref| max {scale:.3g}) for {problem}")
+            f"{name}: error {err_backend:.3g} > bound {bound:.3g} "
+            f"(PyTorch {dtype} error {err_torch:.3g}, |ref| max {scale:.3g}): {what}")
     return errors
 
 
