@@ -91,8 +91,9 @@ OPTIONS = list(option_grid())
 
 
 def packed_case(q_lens, extra, heads, opts, dtype=torch.float32, row_mask=False, with_ref_stats=False,
-                seed=0):
-    """Random packed inputs; returns (want, torch_same, got) result dicts in packed (1, ., T, .) layout."""
+                key_mask=False, seed=0):
+    """Random packed inputs; returns (want, torch_same, got) result dicts in packed (1, ., T, .) layout.
+    A sequence with rows but no keys (extra = -q_len) expects out 0, div 0, stats -inf, dq 0."""
     h, hkv, d, dv, hr, hrkv, dr = heads
     if opts["heads"] == "each":  # needs Hr == H; the teacher keeps its own head dim and kv heads
         hr, hrkv = h, hkv
@@ -109,6 +110,7 @@ def packed_case(q_lens, extra, heads, opts, dtype=torch.float32, row_mask=False,
     v = rand(tk, hkv, dv) if dv else None
     q_ref, k_ref = rand(tq, hr, dr, sd=1.3), rand(tk, hrkv, dr)
     mask = torch.rand(tq, generator=gen) > 0.3 if row_mask else None
+    key_padding_mask = torch.rand(tk, generator=gen) > 0.2 if key_mask else None
     each = opts["heads"] == "each"
     dout = rand(tq, h, dv) if dv else None
     ddiv = rand(tq, h) if each else rand(tq)
@@ -124,15 +126,28 @@ def packed_case(q_lens, extra, heads, opts, dtype=torch.float32, row_mask=False,
             want_parts.append(dict(out=None, div=None, stats=None, dq=None, **zero))
             same_parts.append(dict(want_parts[-1]))
             continue
-        assert k_len > 0, "the reference needs keys"
+        if k_len == 0:  # rows that attend nothing (the reference needs keys)
+            empty = dict(out=torch.zeros(1, h, q_len, dv, dtype=torch.float64) if dv else None,
+                         div=torch.zeros((1, h, q_len) if each else (1, q_len), dtype=torch.float64),
+                         stats=torch.full((1, h, q_len, 2), -math.inf, dtype=torch.float64),
+                         dq=torch.zeros(1, h, q_len, d, dtype=torch.float64),
+                         dk=torch.zeros(1, hkv, 0, d, dtype=torch.float64),
+                         dv=torch.zeros(1, hkv, 0, dv, dtype=torch.float64) if dv else None)
+            want_parts.append(empty)
+            same_parts.append(dict(empty))
+            ref_stats_parts.append(torch.full((q_len, hr, 2), -math.inf))
+            continue
         kw = dict(q=bhsd(q[rows]), k=bhsd(k[keys]), v=bhsd(v[keys]) if dv else None, q_ref=bhsd(q_ref[rows]),
                   k_ref=bhsd(k_ref[keys]), **flags)
         if row_mask:
             kw["row_mask"] = mask[rows][None]
+        if key_mask:
+            kw["key_padding_mask"] = key_padding_mask[keys][None]
         if with_ref_stats:
             stats = reference.attention_kl(kw["q_ref"], kw["k_ref"], q_ref=kw["q_ref"], k_ref=kw["k_ref"],
                                            scale=flags["ref_scale"], causal=opts["causal"],
-                                           exclude_self=opts["exclude_self"]).stats.float()
+                                           exclude_self=opts["exclude_self"],
+                                           key_padding_mask=kw.get("key_padding_mask")).stats.float()
             kw["ref_stats"] = stats
             ref_stats_parts.append(stats[0].permute(1, 0, 2))  # (S, Hr, 2)
         seq_dout = bhsd(dout[rows]) if dv else None
@@ -143,7 +158,8 @@ def packed_case(q_lens, extra, heads, opts, dtype=torch.float32, row_mask=False,
 
     ref_stats = bhsd(torch.cat(ref_stats_parts)) if with_ref_stats else None  # (1, Hr, Tq, 2), strided
     call = Call(bhsd(q.to(dtype)), bhsd(k.to(dtype)), bhsd(v.to(dtype)) if dv else None, bhsd(q_ref.to(dtype)),
-                bhsd(k_ref.to(dtype)), ref_stats, None, mask[None] if row_mask else None,
+                bhsd(k_ref.to(dtype)), ref_stats, key_padding_mask[None] if key_mask else None,
+                mask[None] if row_mask else None,
                 options(opts, d, dr), seqs=seq_table(units), max_q_len=max(q_lens), max_k_len=max(k_lens))
     assert not call.q.is_contiguous() and call.q.stride(-1) == 1
     got = kernel_run(call, bhsd(dout) if dv else torch.zeros(0), ddiv.T[None] if each else ddiv[None])
@@ -169,6 +185,16 @@ def test_packed_low_precision(dtype, case):
     want, torch_same, got = packed_case(q_lens, extra, HEADS[case + 1], opts, dtype=dtype, row_mask=case == 1,
                                         seed=100 + case)
     compare(want, torch_same, got, dtype, what=f"packed {dtype} {q_lens}, {opts}")
+
+
+@pytest.mark.parametrize("opts_index", [0, 3, 7, 20], ids=lambda i: option_id(OPTIONS[i]))
+def test_packed_rows_without_keys_and_key_mask(opts_index):
+    """A unit with rows but no keys gives out 0, div 0, stats -inf, dq 0; a key_padding_mask is
+    read at the unit's keys (batch, k_start + j)."""
+    q_lens, extra = [3, 4, 0, 20, 1], [2, -4, 0, 45, 0]
+    want, torch_same, got = packed_case(q_lens, extra, HEADS[1], OPTIONS[opts_index], key_mask=True,
+                                        with_ref_stats=opts_index % 2 == 1, seed=opts_index)
+    compare(want, torch_same, got, torch.float32, what=f"packed {q_lens} + {extra}, {OPTIONS[opts_index]}")
 
 
 def test_packed_threads_and_blocks():
