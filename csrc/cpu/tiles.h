@@ -62,10 +62,13 @@ inline int64_t count_items(const AttentionKLParams& p, int64_t rows) {
 }
 
 // Query rows per work item: the largest of 128, 64, 32 that still gives every thread a few work
-// items. Larger blocks stream each key tile once for more rows (and K^T is packed once per tile).
+// items (and, with a table, that the longest unit needs: no half-empty tiles for short units).
+// Larger blocks stream each key tile once for more rows (and K^T is packed once per tile).
 inline int64_t choose_block_m(const AttentionKLParams& p) {
-  for (int64_t rows : {128, 64})
+  for (int64_t rows : {128, 64}) {
+    if (p.seqs && 2 * p.max_q_len <= rows) continue;
     if (count_items(p, rows) >= 4 * static_cast<int64_t>(p.num_threads)) return rows;
+  }
   return 32;
 }
 
