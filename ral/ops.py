@@ -402,7 +402,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, ddiv, *unused):
     q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar, seqs = ctx.saved_tensors
     divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len = ctx.flags
-    n_heads = q.shape[1]
+    dout, w, delta = _backward_inputs(dout, ddiv, out if v is not None else None, stats, gbar, cbar, row_mask,
+                                      heads_each)
+    dq, dk, dv = torch.ops.ral.attention_kl_backward(
+        dout, w, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
+        key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend,
+        seqs, max_q_len, max_k_len)
+    return (dq, dk, dv if v is not None else None) + (None,) * 15
+
+
+def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, row_mask, heads_each):
+    """(dout, w, delta) that a backend's backward takes (ral.backends), from the upstream
+    gradients and the forward's outputs (out None when there is no v); row-wise."""
+    n_heads = stats.shape[1]
     # w: the upstream gradient of div, 0 on rows that carry no divergence (row_mask False, empty P).
     lse_support = stats[..., 1] if heads_each else stats[:, 0, :, 1]
     live = ~torch.isneginf(lse_support)
@@ -411,18 +423,14 @@ def _backward(ctx, dout, ddiv, *unused):
     w = ddiv.float() if ddiv is not None else torch.zeros_like(gbar)
     w = torch.where(live, w, torch.zeros_like(w))
     # delta = rowsum(dout * out) + w * c_h / H: the c_h term has the shape of the softmax's Delta.
-    if v is not None:
+    if out is not None:
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         delta = _rowwise_dot(dout, out)
     else:
         dout, delta = None, torch.zeros_like(cbar)
     if not heads_each:
         delta = delta + w[:, None, :] * cbar / n_heads
-    dq, dk, dv = torch.ops.ral.attention_kl_backward(
-        dout, w.contiguous(), delta.contiguous(), q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
-        key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend,
-        seqs, max_q_len, max_k_len)
-    return (dq, dk, dv if v is not None else None) + (None,) * 15
+    return dout, w.contiguous(), delta.contiguous()
 
 
 _attention_kl_op.register_autograd(_backward, setup_context=_setup_context)

@@ -145,13 +145,13 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
     want = run(base, "reference", dout, ddiv)                              # float64 oracle
     torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv)   # PyTorch in the same dtype
     got = run(cast(base, problem.dtype, device), backend, dout, ddiv)
-    return assert_accuracy(want, torch_same, got, problem.dtype, backend, problem, names, factor)
+    return compare(want, torch_same, got, problem.dtype, names, factor, f"{backend} for {problem}")
 
 
-def assert_accuracy(want: dict, torch_same: dict, got: dict, dtype, backend: str, label, names=NAMES,
-                    factor: float = FACTOR) -> dict:
-    """The accuracy rule: each output of `got` is within `factor` x PyTorch's own error in `dtype`
-    (`torch_same`) of the float64 oracle `want`, plus a small floor; NaN patterns equal."""
+def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=NAMES, factor: float = FACTOR,
+            what: str = "backend") -> dict:
+    """The accuracy rule on results already computed (dicts of float64 CPU tensors, as `run`
+    returns): float64 oracle `want`, PyTorch in `dtype` `torch_same`, the kernel's `got`."""
     errors = {}
     for name in names:
         if want[name] is None:
@@ -168,8 +168,8 @@ def assert_accuracy(want: dict, torch_same: dict, got: dict, dtype, backend: str
         bound = factor * err_torch + FLOOR[dtype] * max(scale, 1e-3)
         errors[name] = (err_backend, err_torch, bound)
         assert err_backend <= bound, (
-            f"{name}: {backend} error {err_backend:.3g} > bound {bound:.3g} "
-            f"(PyTorch {dtype} error {err_torch:.3g}, |ref| max {scale:.3g}) for {label}")
+            f"{name}: error {err_backend:.3g} > bound {bound:.3g} "
+            f"(PyTorch {dtype} error {err_torch:.3g}, |ref| max {scale:.3g}): {what}")
     return errors
 
 
@@ -245,7 +245,7 @@ def check_packed(problem: PackedProblem, backend: str, device="cpu", names=NAMES
     want = run(base, "reference", dout, ddiv, op=op)
     torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv, op=op)
     got = run(cast(base, problem.dtype, device), backend, dout, ddiv, op=op)
-    return assert_accuracy(want, torch_same, got, problem.dtype, backend, problem, names, factor)
+    return compare(want, torch_same, got, problem.dtype, names, factor, f"{backend} for {problem}")
 
 
 def option_grid():

@@ -1,6 +1,7 @@
 // CPU backward: dq, dk, dv of attention + divergence (docs/design.md, "Gradient"; params.h).
 //
-// Per work item (batch b, BM query rows, every head) and key block, recompute the scores
+// Per work item (a unit's block of BM query rows, every head; tiles.h) and key block of the
+// unit, recompute the scores
 // of both models and form, per head h,
 //   a   = exp(s - lse_A)                          (0 outside A)
 //   dS  = a (dP - delta) + [k in P] w T,          dP = dout v^T, delta from Python,
@@ -9,10 +10,12 @@
 // dv += a^T dout. The reference's scores are only recomputed for blocks with a row of w != 0.
 //
 // Scratch (Python-allocated, backward_scratch_bytes): per thread, fp32 dK and dV partial sums
-// for one batch element, (Hkv, Sk, Dp) + (Hkv, Sk, Dvp) floats (D, Dv padded to kLanes): linear
-// in Sk, never Sq x Sk. A thread adds its partials into dk/dv (under a per-batch lock) when it
-// moves to another batch element and when it is done. dq rows belong to one item: written
-// directly.
+// over a window of L consecutive keys of one batch element, (Hkv, L, Dp) + (Hkv, L, Dvp) floats
+// (D, Dv padded to kLanes), L = Sk for a dense call and max_k_len with a sequence table: linear
+// in the key length, never Sq x Sk. A thread adds its partials into dk/dv (under a per-batch
+// lock) when its next unit's keys lie in another batch element or outside the window, and when
+// it is done; units that share keys (context-parallel chunks) thus add, never store. dq rows
+// belong to one item: written directly.
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -26,20 +29,21 @@ namespace ral::cpu {
 namespace {
 
 int64_t partial_floats(const AttentionKLParams& p, const Geometry& geo) {
-  return p.kv_heads * p.k_len * (geo.dp + geo.dvp);
+  return p.kv_heads * max_unit_keys(p) * (geo.dp + geo.dvp);
 }
 
 class Backward {
  public:
-  Backward(const AttentionKLParams& p, float* partial, std::vector<std::mutex>& batch_locks)
+  Backward(const AttentionKLParams& p, const Geometry& geo, float* partial, std::vector<std::mutex>& batch_locks)
       : p_(p),
-        geo_(p),
+        geo_(geo),
         bm_(geo_.block_m),
         heads_(p.heads),
         ref_heads_(p.ref_heads),
         batch_locks_(batch_locks),
+        window_(max_unit_keys(p)),
         dk_partial_(partial),
-        dv_partial_(partial + p.kv_heads * p.k_len * geo_.dp),
+        dv_partial_(partial + p.kv_heads * window_ * geo_.dp),
         q_(heads_ * bm_ * geo_.dp),
         dout_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         q_ref_(ref_heads_ * bm_ * geo_.drp),
@@ -57,16 +61,17 @@ class Backward {
     std::memset(partial, 0, sizeof(float) * partial_floats(p, geo_));
   }
 
-  void run(int64_t item) {
-    const QueryBlock qb(p_, geo_, item);
-    if (qb.b != batch_) {
+  void run(const QueryBlock& qb) {
+    // the partials hold keys [base_, base_ + window_) of batch_: move them if this unit's are elsewhere
+    if (qb.b != batch_ || qb.k_start < base_ || qb.k_start + qb.k_len > base_ + window_) {
       flush();
       batch_ = qb.b;
+      base_ = p_.seqs ? qb.k_start : 0;
     }
     load_rows(qb);
     const int64_t key_end = qb.key_end(p_);
     for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
-      kb_.init(p_, qb.b, key0);
+      kb_.init(p_, qb, key0);
       if (kb_.any_valid) tile(qb);
     }
     float* dq = reinterpret_cast<float*>(p_.dq);
@@ -80,11 +85,12 @@ class Backward {
 
   // Adds this thread's dK/dV partials into dk/dv of the current batch element, and clears them.
   void flush() {
-    if (batch_ < 0 || touched_ == 0) return;
+    if (batch_ < 0 || touched_end_ <= touched_begin_) return;
     std::lock_guard<std::mutex> hold(batch_locks_[batch_]);
     add_partial(dk_partial_, geo_.dp, reinterpret_cast<float*>(p_.dk), p_.head_dim);
     if (p_.has_v) add_partial(dv_partial_, geo_.dvp, reinterpret_cast<float*>(p_.dv), p_.v_head_dim);
-    touched_ = 0;
+    touched_begin_ = std::numeric_limits<int64_t>::max();
+    touched_end_ = 0;
   }
 
  private:
@@ -101,8 +107,8 @@ class Backward {
 
   void add_partial(float* partial, int64_t ld, float* grad, int64_t dim) {
     for (int64_t h = 0; h < p_.kv_heads; ++h)
-      for (int64_t j = 0; j < touched_; ++j) {
-        float* src = partial + (h * p_.k_len + j) * ld;
+      for (int64_t j = touched_begin_; j < touched_end_; ++j) {
+        float* src = partial + (h * window_ + j - base_) * ld;
         float* dst = grad + ((batch_ * p_.kv_heads + h) * p_.k_len + j) * dim;
         for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
         std::fill(src, src + ld, 0.f);
@@ -179,14 +185,14 @@ class Backward {
   }
 
   void tile(const QueryBlock& qb) {
-    const bool full = qb.tile_is_full(p_, kb_);
+    const bool full = tile_is_full(p_, qb, kb_);
     const int64_t plane = bm_ * kBlockN;
     for (int64_t h = 0; h < p_.kv_heads; ++h) {
       float* k = k_ + h * kBlockN * geo_.dp;
-      load_tile(p_.k, p_.dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.head_dim, 1.f, k, geo_.dp);
+      load_tile(p_.k, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.head_dim, 1.f, k, geo_.dp);
       transpose_tile(k, kBlockN, geo_.dp, k_t_ + h * geo_.dp * kBlockN, kBlockN);
       if (p_.has_v) {
-        load_tile(p_.v, p_.dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.v_head_dim, 1.f, rows_tmp_, geo_.dvp);
+        load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f, rows_tmp_, geo_.dvp);
         transpose_tile(rows_tmp_, kBlockN, geo_.dvp, v_t_ + h * geo_.dvp * kBlockN, kBlockN);
       }
     }
@@ -202,7 +208,7 @@ class Backward {
     }
     if (need_div_) {
       for (int64_t h = 0; h < p_.ref_kv_heads; ++h) {
-        load_tile(p_.k_ref, p_.ref_dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.ref_head_dim, 1.f, rows_tmp_,
+        load_tile(p_.k_ref, p_.ref_dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.ref_head_dim, 1.f, rows_tmp_,
                   geo_.drp);
         transpose_tile(rows_tmp_, kBlockN, geo_.drp, k_ref_t_ + h * geo_.drp * kBlockN, kBlockN);
       }
@@ -219,18 +225,20 @@ class Backward {
       grad_tile_mean(qb, full);
 
     const int64_t group_rows = geo_.group * bm_;  // the query heads of a kv head, stacked
+    const int64_t key_row = kb_.abs - base_;      // the block's first key in the partials' window
     for (int64_t kv = 0; kv < p_.kv_heads; ++kv) {
       const int64_t h0 = kv * geo_.group;
       if (p_.has_v)
-        gemm<true>(dv_partial_ + (kv * p_.k_len + kb_.start) * geo_.dvp, geo_.dvp, {s_ + h0 * plane, 1, kBlockN},
+        gemm<true>(dv_partial_ + (kv * window_ + key_row) * geo_.dvp, geo_.dvp, {s_ + h0 * plane, 1, kBlockN},
                    dout_ + h0 * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, group_rows);
-      gemm<true>(dk_partial_ + (kv * p_.k_len + kb_.start) * geo_.dp, geo_.dp, {ds_ + h0 * plane, 1, kBlockN},
+      gemm<true>(dk_partial_ + (kv * window_ + key_row) * geo_.dp, geo_.dp, {ds_ + h0 * plane, 1, kBlockN},
                  q_ + h0 * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, group_rows);
     }
     for (int64_t h = 0; h < heads_; ++h)
       gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane, kBlockN, 1},
                  k_ + (h / geo_.group) * kBlockN * geo_.dp, geo_.dp, qb.rows, geo_.dp, kb_.count);
-    touched_ = std::max(touched_, kb_.start + kb_.count);
+    touched_begin_ = std::min(touched_begin_, kb_.abs);
+    touched_end_ = std::max(touched_end_, kb_.abs + kb_.count);
   }
 
   // heads="mean". With x_h = s_h - lse_A_h and e_h = exp(x_h - max_h x):
@@ -328,12 +336,13 @@ class Backward {
   }
 
   const AttentionKLParams& p_;
-  const Geometry geo_;
+  const Geometry& geo_;
   const int64_t bm_;  // query rows per work item
   const int64_t heads_, ref_heads_;
   std::vector<std::mutex>& batch_locks_;
-  float* dk_partial_;          // (Hkv, Sk, Dp), in the scratch
-  float* dv_partial_;          // (Hkv, Sk, Dvp), in the scratch
+  const int64_t window_;       // L: keys the partials hold (Sk dense, max_k_len with a table)
+  float* dk_partial_;          // (Hkv, L, Dp), in the scratch
+  float* dv_partial_;          // (Hkv, L, Dvp), in the scratch
   Floats q_, dout_, q_ref_;    // (H, BM, Dp) scaled, (H, BM, Dvp), (Hr, BM, Drp) scaled
   Floats k_, k_t_, v_t_;       // (Hkv, kBlockN, Dp), (Hkv, Dp, kBlockN), (Hkv, Dvp, kBlockN)
   Floats k_ref_t_, rows_tmp_;  // (Hrkv, Drp, kBlockN); a tile before transposition
@@ -342,7 +351,9 @@ class Backward {
   Floats row_;                 // per-row scalars (see the accessors)
   std::vector<char> w_live_;   // (heads, BM): the row's divergence term is live
   bool need_div_ = false;
-  int64_t batch_ = -1, touched_ = 0;  // partials hold batch_'s keys [0, touched_)
+  // the partials hold keys [base_, base_ + window_) of batch_, nonzero in [touched_begin_, touched_end_)
+  int64_t batch_ = -1, base_ = 0;
+  int64_t touched_begin_ = std::numeric_limits<int64_t>::max(), touched_end_ = 0;
   KeyBlock kb_;
 };
 
@@ -350,21 +361,26 @@ class Backward {
 
 int64_t backward_scratch_bytes(const AttentionKLParams& p) {
   check_params(p, /*backward=*/false);
-  return static_cast<int64_t>(sizeof(float)) * worker_count(p) * partial_floats(p, Geometry(p));
+  check_seq_table(p);
+  const Geometry geo(p);
+  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * partial_floats(p, geo);
 }
 
 void backward(const AttentionKLParams& p) {
   check_params(p, /*backward=*/true);
+  check_seq_table(p);
   const Geometry geo(p);
-  const int n_threads = worker_count(p);
-  require(p.scratch_bytes >= backward_scratch_bytes(p), "scratch_bytes is smaller than backward_scratch_bytes()");
+  const int n_threads = worker_count(p, geo);
+  require(p.scratch_bytes >= static_cast<int64_t>(sizeof(float)) * n_threads * partial_floats(p, geo),
+          "scratch_bytes is smaller than backward_scratch_bytes()");
   std::vector<std::mutex> batch_locks(p.batch);
-  WorkQueue queue(p.batch * geo.m_blocks);
+  const Schedule schedule(p, geo);
+  WorkQueue queue(schedule.size());
   float* scratch = reinterpret_cast<float*>(p.scratch);
   run_threads(n_threads, [&](int t) {
-    Backward kernel(p, scratch + t * partial_floats(p, geo), batch_locks);
+    Backward kernel(p, geo, scratch + t * partial_floats(p, geo), batch_locks);
     int64_t item;
-    while (queue.pop(item)) kernel.run(item);
+    while (queue.pop(item)) kernel.run(schedule.block(item));
     kernel.flush();
   });
 }

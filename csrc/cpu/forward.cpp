@@ -1,6 +1,6 @@
 // CPU forward: attention output, row statistics and the divergence (docs/design.md, "The math").
 //
-// Per work item (batch b, BM = Geometry::block_m query rows, every head):
+// Per work item (a unit's block of BM = Geometry::block_m query rows, every head; tiles.h):
 //   pass 1 over key blocks: per head an online softmax over the support P, with the self key
 //          kept aside, gives lse_P, lse_A = logaddexp(lse_P, s_self) and out (P V, then the self
 //          row added with its own weight, so lse_P never comes from 1 - a_self); the same for
@@ -8,7 +8,7 @@
 //   pass 2 over key blocks: recompute the scores of both models, log pi and log rho in log
 //          space, and accumulate div = sum_P f, gbar = sum_P pi g and c_h.
 // Memory: per thread O(H * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
-// tiles; nothing grows with Sq x Sk.
+// tiles (and, with a key_padding_mask, one count per key of the unit); nothing grows with Sq x Sk.
 #include <cmath>
 #include <vector>
 
@@ -81,9 +81,9 @@ void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p)
 
 class Forward {
  public:
-  explicit Forward(const AttentionKLParams& p)
+  Forward(const AttentionKLParams& p, const Geometry& geo)
       : p_(p),
-        geo_(p),
+        geo_(geo),
         bm_(geo_.block_m),
         heads_(p.heads),
         ref_heads_(p.ref_heads),
@@ -105,9 +105,8 @@ class Forward {
         acc_(bm_ * (2 * heads_ + 2) * kLanes),
         live_(bm_) {}
 
-  void run(int64_t item) {
-    const QueryBlock qb(p_, geo_, item);
-    counts_.update(p_, qb.b);
+  void run(const QueryBlock& qb) {
+    counts_.update(p_, qb);
     load_queries(qb);
     pass_statistics(qb);
     pass_divergence(qb);
@@ -143,7 +142,7 @@ class Forward {
   void load_keys_transposed(const View& k, int32_t dtype, int64_t kv_heads, int64_t dim, int64_t dim_padded,
                             const QueryBlock& qb, const KeyBlock& kb, float* dst) {
     for (int64_t h = 0; h < kv_heads; ++h) {
-      load_tile(k, dtype, qb.b, h, kb.start, kBlockN, kb.count, dim, 1.f, k_rows_, dim_padded);
+      load_tile(k, dtype, qb.b, h, kb.abs, kBlockN, kb.count, dim, 1.f, k_rows_, dim_padded);
       transpose_tile(k_rows_, kBlockN, dim_padded, dst + h * dim_padded * kBlockN, kBlockN);
     }
   }
@@ -168,13 +167,13 @@ class Forward {
 
     const int64_t key_end = qb.key_end(p_);
     for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
-      kb_.init(p_, qb.b, key0);
+      kb_.init(p_, qb, key0);
       if (!kb_.any_valid) continue;
-      const bool full = qb.tile_is_full(p_, kb_);
+      const bool full = tile_is_full(p_, qb, kb_);
       load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
       if (p_.has_v)
         for (int64_t h = 0; h < p_.kv_heads; ++h)
-          load_tile(p_.v, p_.dtype, qb.b, h, kb_.start, kBlockN, kb_.count, p_.v_head_dim, 1.f,
+          load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f,
                     v_ + h * kBlockN * geo_.dvp, geo_.dvp);
       scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
       for (int64_t h = 0; h < heads_; ++h) {
@@ -227,8 +226,8 @@ class Forward {
         for (int64_t d = 0; d < dv; ++d) o[d] *= w_support;
         if (self != -kInf) {
           const float w_self = std::exp(self - la);
-          load_row(row_address(p_.v, p_.dtype, qb.b, h / geo_.group, qb.first_pos + r), p_.dtype, dv, 1.f,
-                   v_self_);
+          load_row(row_address(p_.v, p_.dtype, qb.b, h / geo_.group, qb.k_start + qb.first_pos + r), p_.dtype,
+                   dv, 1.f, v_self_);
           for (int64_t d = 0; d < dv; ++d) o[d] += w_self * v_self_[d];
         }
         char* dst = reinterpret_cast<char*>(p_.out) + bytes * ((qb.b * heads_ + h) * p_.q_len + qb.start + r) * dv;
@@ -267,9 +266,9 @@ class Forward {
     if (any_live) {
       const int64_t key_end = qb.key_end(p_);
       for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
-        kb_.init(p_, qb.b, key0);
+        kb_.init(p_, qb, key0);
         if (!kb_.any_valid) continue;
-        const bool full = qb.tile_is_full(p_, kb_);
+        const bool full = tile_is_full(p_, qb, kb_);
         load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
         load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
                              k_ref_t_);
@@ -397,7 +396,7 @@ class Forward {
   }
 
   const AttentionKLParams& p_;
-  const Geometry geo_;
+  const Geometry& geo_;
   const int64_t bm_;  // query rows per work item
   const int64_t heads_, ref_heads_;
   Floats q_, q_ref_;          // (H, BM, Dp), (Hr, BM, Drp): scaled queries
@@ -419,12 +418,14 @@ class Forward {
 
 void forward(const AttentionKLParams& p) {
   check_params(p, /*backward=*/false);
+  check_seq_table(p);
   const Geometry geo(p);
-  WorkQueue queue(p.batch * geo.m_blocks);
-  run_threads(worker_count(p), [&](int) {
-    Forward kernel(p);
+  const Schedule schedule(p, geo);
+  WorkQueue queue(schedule.size());
+  run_threads(worker_count(p, geo), [&](int) {
+    Forward kernel(p, geo);
     int64_t item;
-    while (queue.pop(item)) kernel.run(item);
+    while (queue.pop(item)) kernel.run(schedule.block(item));
   });
 }
 

@@ -1,9 +1,11 @@
-// Shared machinery of the CPU forward and backward: block geometry, strided tile loads with
-// dtype conversion, key-block masks, per-row statistics and the thread pool.
+// Shared machinery of the CPU forward and backward: work units, block geometry, strided tile
+// loads with dtype conversion, key-block masks, per-row statistics and the thread pool.
 //
-// Work item = (batch b, query block of Geometry::block_m rows), all heads of the row together (heads="mean"
-// couples them). Key blocks of kBlockN keys are swept inside the item. Head dims are padded to
-// a multiple of kLanes with zeros in the packed fp32 tiles, so every GEMM is vector-aligned.
+// Work unit = one batch element (dense call) or one entry of the sequence table (params.h,
+// SeqRange: a packed sequence or a context-parallel chunk). Work item = (unit, query block of
+// Geometry::block_m rows of that unit), all heads of the row together (heads="mean" couples
+// them). Key blocks of kBlockN keys of the unit are swept inside the item. Head dims are padded
+// to a multiple of kLanes with zeros in the packed fp32 tiles, so every GEMM is vector-aligned.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -15,6 +17,7 @@
 #include <mutex>
 #include <new>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/math.h"
@@ -29,13 +32,42 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+// ---- work units ------------------------------------------------------------------------------
+// Rows [q_start, q_start + q_len) and keys [k_start, k_start + k_len) of batch element `batch`;
+// row i sits at key position q_pos + i, counted from k_start (masks work in these unit-local key
+// positions, loads and stores at the absolute rows).
+struct Unit {
+  int64_t batch, q_start, q_len, k_start, k_len, q_pos;
+};
+
+inline int64_t unit_count(const AttentionKLParams& p) { return p.seqs ? p.num_seqs : p.batch; }
+
+// Unit s: the table's entry s, or batch element s of a dense call.
+inline Unit unit_at(const AttentionKLParams& p, int64_t s) {
+  if (!p.seqs) return {s, 0, p.q_len, 0, p.k_len, p.k_len - p.q_len};
+  const SeqRange& r = reinterpret_cast<const SeqRange*>(p.seqs)[s];
+  return {r.batch, r.q_start, r.q_len, r.k_start, r.k_len, r.q_pos};
+}
+
+// The most keys one unit reads: Sk for a dense call, max_k_len with a table.
+inline int64_t max_unit_keys(const AttentionKLParams& p) { return p.seqs ? p.max_k_len : p.k_len; }
+
 // ---- geometry -------------------------------------------------------------------------------
+// Work items for query blocks of `rows` rows: each unit's q_len split into blocks.
+inline int64_t count_items(const AttentionKLParams& p, int64_t rows) {
+  if (!p.seqs) return p.batch * ((p.q_len + rows - 1) / rows);
+  int64_t items = 0;
+  for (int64_t s = 0; s < p.num_seqs; ++s) items += (std::max<int64_t>(unit_at(p, s).q_len, 0) + rows - 1) / rows;
+  return items;
+}
+
 // Query rows per work item: the largest of 128, 64, 32 that still gives every thread a few work
-// items. Larger blocks stream each key tile once for more rows (and K^T is packed once per tile).
+// items (and, with a table, that the longest unit needs: no half-empty tiles for short units).
+// Larger blocks stream each key tile once for more rows (and K^T is packed once per tile).
 inline int64_t choose_block_m(const AttentionKLParams& p) {
   for (int64_t rows : {128, 64}) {
-    const int64_t items = p.batch * ((p.q_len + rows - 1) / rows);
-    if (items >= 4 * static_cast<int64_t>(p.num_threads)) return rows;
+    if (p.seqs && 2 * p.max_q_len <= rows) continue;
+    if (count_items(p, rows) >= 4 * static_cast<int64_t>(p.num_threads)) return rows;
   }
   return 32;
 }
@@ -44,8 +76,8 @@ struct Geometry {
   int64_t block_m;           // query rows per work item
   int64_t group, ref_group;  // query heads per kv head: H / Hkv, Hr / Hrkv
   int64_t dp, dvp, drp;      // D, Dv, Dr padded to a multiple of kLanes (dvp = 0 without v)
-  int64_t m_blocks;          // query blocks per batch element
-  int64_t offset;            // Sk - Sq: row i sits at key position offset + i
+  int64_t m_blocks;          // query blocks per batch element (dense calls)
+  int64_t items;             // work items: (unit, query block) pairs
   float log_heads, log_ref_heads;
 
   explicit Geometry(const AttentionKLParams& p)
@@ -56,16 +88,16 @@ struct Geometry {
         dvp(p.has_v ? round_up(p.v_head_dim, kLanes) : 0),
         drp(round_up(p.ref_head_dim, kLanes)),
         m_blocks((p.q_len + block_m - 1) / block_m),
-        offset(p.k_len - p.q_len),
+        items(count_items(p, block_m)),
         log_heads(std::log(static_cast<float>(p.heads))),
         log_ref_heads(std::log(static_cast<float>(p.ref_heads))) {}
 };
 
 // Threads actually used: no more than work items.
-inline int worker_count(const AttentionKLParams& p) {
-  const int64_t items = p.batch * Geometry(p).m_blocks;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, items)));
+inline int worker_count(const AttentionKLParams& p, const Geometry& geo) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, geo.items)));
 }
+inline int worker_count(const AttentionKLParams& p) { return worker_count(p, Geometry(p)); }
 
 // ---- aligned fp32 buffers ---------------------------------------------------------------------
 class Floats {
@@ -143,24 +175,47 @@ inline void transpose_tile(const float* tile, int64_t rows, int64_t dim_padded, 
     for (int64_t r = 0; r < rows; ++r) dst[d * ld + r] = tile[r * dim_padded + d];
 }
 
-// ---- key blocks and masks -------------------------------------------------------------------
-// Keys [start, start + kBlockN) of one batch element; valid[n] = -1 for a real (existing,
-// unpadded) key, 0 otherwise.
+// ---- query and key blocks --------------------------------------------------------------------
+// Query block `block` of a unit: its rows [start, start + rows) of batch element b (absolute rows;
+// rows <= block_m, the tile has block_m), and the unit's keys [k_start, k_start + k_len).
+struct QueryBlock {
+  int64_t b, start, rows, block_m;
+  int64_t first_pos, last_pos;  // key positions (unit-local) of the first and last row
+  int64_t k_start, k_len;
+
+  QueryBlock(const Unit& u, int64_t block, int64_t block_m_)
+      : b(u.batch),
+        start(u.q_start + block * block_m_),
+        rows(std::min(block_m_, u.q_len - block * block_m_)),
+        block_m(block_m_),
+        first_pos(u.q_pos + block * block_m_),
+        last_pos(first_pos + rows - 1),
+        k_start(u.k_start),
+        k_len(u.k_len) {}
+  // One past the last (unit-local) key any row of the block attends.
+  int64_t key_end(const AttentionKLParams& p) const {
+    return p.causal ? std::clamp<int64_t>(last_pos + 1, 0, k_len) : k_len;
+  }
+};
+
+// Keys [start, start + kBlockN) of a query block's unit (unit-local positions; absolute row
+// k_start + start). valid[n] = -1 for a real (existing, unpadded) key, 0 otherwise.
 struct KeyBlock {
-  int64_t start = 0, count = 0;  // count: keys that exist (< Sk)
+  int64_t start = 0, abs = 0, count = 0;  // count: keys of the unit that exist (< k_len)
   bool all_valid = false, any_valid = false;
   alignas(64) int32_t valid[kBlockN];
 
-  void init(const AttentionKLParams& p, int64_t b, int64_t key0) {
+  void init(const AttentionKLParams& p, const QueryBlock& qb, int64_t key0) {
     start = key0;
-    count = std::min(kBlockN, p.k_len - key0);
+    abs = qb.k_start + key0;
+    count = std::min(kBlockN, qb.k_len - key0);
     all_valid = count == kBlockN;
     any_valid = false;
     const uint8_t* mask = reinterpret_cast<const uint8_t*>(p.key_padding_mask.ptr);
     for (int64_t n = 0; n < kBlockN; ++n) {
       bool ok = n < count;
       if (ok && p.has_key_padding_mask)
-        ok = mask[b * p.key_padding_mask.stride[0] + (key0 + n) * p.key_padding_mask.stride[1]] != 0;
+        ok = mask[qb.b * p.key_padding_mask.stride[0] + (abs + n) * p.key_padding_mask.stride[1]] != 0;
       valid[n] = ok ? -1 : 0;
       all_valid = all_valid && ok;
       any_valid = any_valid || ok;
@@ -168,33 +223,55 @@ struct KeyBlock {
   }
 };
 
-// Query rows [start, start + rows) of one batch element (rows <= block_m; the tile has block_m).
-struct QueryBlock {
-  int64_t b, start, rows, block_m;
-  int64_t first_pos, last_pos;  // key positions of the first and last row
+// Whether every element of the (query block, key block) tile is in every row's support P(i),
+// so that the tile needs no masking (a partial query block always takes the masked path).
+inline bool tile_is_full(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb) {
+  const int64_t key_last = kb.start + kBlockN - 1;
+  if (!kb.all_valid || qb.rows < qb.block_m) return false;
+  if (p.causal && key_last > qb.first_pos) return false;
+  if (p.exclude_self && kb.start <= qb.last_pos && key_last >= qb.first_pos) return false;
+  return true;
+}
 
-  QueryBlock(const AttentionKLParams& p, const Geometry& geo, int64_t item) {
-    b = item / geo.m_blocks;
-    // heavy (late, causal) blocks first: better balance under dynamic scheduling
-    block_m = geo.block_m;
-    start = (geo.m_blocks - 1 - item % geo.m_blocks) * block_m;
-    rows = std::min(block_m, p.q_len - start);
-    first_pos = geo.offset + start;
-    last_pos = first_pos + rows - 1;
+// The order in which work items are handed out. Dense: per batch element, heavy (late, causal)
+// blocks first. With a table: every (unit, block) pair, sorted by its work (rows x keys swept),
+// heaviest first, so that the items left at the end are the small ones.
+class Schedule {
+ public:
+  Schedule(const AttentionKLParams& p, const Geometry& geo) : p_(p), geo_(geo) {
+    if (!p.seqs) return;
+    struct Entry {
+      int64_t cost, unit, block;
+    };
+    std::vector<Entry> entries;
+    entries.reserve(static_cast<size_t>(geo.items));
+    for (int64_t s = 0; s < p.num_seqs; ++s) {
+      const Unit u = unit_at(p, s);
+      for (int64_t blk = 0; blk * geo.block_m < u.q_len; ++blk) {
+        const QueryBlock qb(u, blk, geo.block_m);
+        entries.push_back({qb.rows * std::max<int64_t>(qb.key_end(p), 1), s, blk});
+      }
+    }
+    std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.cost > b.cost; });
+    order_.reserve(entries.size());
+    for (const Entry& e : entries) order_.push_back({e.unit, e.block});
   }
-  // One past the last key any row of the block attends.
-  int64_t key_end(const AttentionKLParams& p) const {
-    return p.causal ? std::min(p.k_len, last_pos + 1) : p.k_len;
+
+  int64_t size() const { return geo_.items; }
+
+  QueryBlock block(int64_t item) const {
+    if (!p_.seqs) {
+      const int64_t b = item / geo_.m_blocks, blk = geo_.m_blocks - 1 - item % geo_.m_blocks;
+      return QueryBlock(unit_at(p_, b), blk, geo_.block_m);
+    }
+    const auto& e = order_[static_cast<size_t>(item)];
+    return QueryBlock(unit_at(p_, e.first), e.second, geo_.block_m);
   }
-  // Whether every element of the (query block, key block) tile is in every row's support P(i),
-  // so that the tile needs no masking (a partial query block always takes the masked path).
-  bool tile_is_full(const AttentionKLParams& p, const KeyBlock& kb) const {
-    const int64_t key_last = kb.start + kBlockN - 1;
-    if (!kb.all_valid || rows < block_m) return false;
-    if (p.causal && key_last > first_pos) return false;
-    if (p.exclude_self && kb.start <= last_pos && key_last >= first_pos) return false;
-    return true;
-  }
+
+ private:
+  const AttentionKLParams& p_;
+  const Geometry& geo_;
+  std::vector<std::pair<int64_t, int64_t>> order_;  // (unit, block), with a table
 };
 
 // Lanes [c, c + kLanes) of a key block, for the query row at key position `pos`: which keys are
@@ -208,7 +285,7 @@ inline LaneMasks lane_masks(const AttentionKLParams& p, const KeyBlock& kb, int6
   vmask valid;
   memcpy(&valid, kb.valid + c, sizeof(valid));
   const vmask key = iota() + static_cast<int32_t>(kb.start + c);
-  const int32_t pos32 = static_cast<int32_t>(std::max<int64_t>(pos, -1));
+  const int32_t pos32 = static_cast<int32_t>(std::clamp<int64_t>(pos, -1, std::numeric_limits<int32_t>::max()));
   LaneMasks m;
   m.attended = row_exists ? valid : vmask{};
   if (p.causal) m.attended &= key <= pos32;
@@ -216,29 +293,32 @@ inline LaneMasks lane_masks(const AttentionKLParams& p, const KeyBlock& kb, int6
   return m;
 }
 
-// Per batch element: count_prefix[j] = number of real keys among [0, j). Gives each row's
+// Per unit: prefix[j] = number of real keys among the unit's keys [0, j). Gives each row's
 // support size without touching the scores (a row with an empty P gets div 0, never NaN).
+// Without a key_padding_mask every key is real and no prefix is built.
 struct KeyCounts {
-  int64_t batch = -1;
+  int64_t batch = -1, k_start = -1, k_len = -1;
   std::vector<int64_t> prefix;
 
-  void update(const AttentionKLParams& p, int64_t b) {
-    if (b == batch) return;
-    batch = b;
-    prefix.assign(p.k_len + 1, 0);
+  void update(const AttentionKLParams& p, const QueryBlock& qb) {
+    if (qb.b == batch && qb.k_start == k_start && qb.k_len == k_len) return;
+    batch = qb.b;
+    k_start = qb.k_start;
+    k_len = qb.k_len;
+    if (!p.has_key_padding_mask) return;
+    prefix.assign(k_len + 1, 0);
     const uint8_t* mask = reinterpret_cast<const uint8_t*>(p.key_padding_mask.ptr);
-    for (int64_t j = 0; j < p.k_len; ++j) {
-      const bool ok = !p.has_key_padding_mask ||
-                      mask[b * p.key_padding_mask.stride[0] + j * p.key_padding_mask.stride[1]] != 0;
+    for (int64_t j = 0; j < k_len; ++j) {
+      const bool ok = mask[batch * p.key_padding_mask.stride[0] + (k_start + j) * p.key_padding_mask.stride[1]] != 0;
       prefix[j + 1] = prefix[j] + (ok ? 1 : 0);
     }
   }
-  bool is_real(int64_t j) const { return prefix[j + 1] != prefix[j]; }
-  // |P(i)| > 0 for the row at key position pos.
+  int64_t real_before(const AttentionKLParams& p, int64_t end) const { return p.has_key_padding_mask ? prefix[end] : end; }
+  // |P(i)| > 0 for the row at (unit-local) key position pos.
   bool support_nonempty(const AttentionKLParams& p, int64_t pos) const {
-    const int64_t end = p.causal ? std::min(p.k_len, pos + 1) : p.k_len;
-    int64_t n = end > 0 ? prefix[end] : 0;
-    if (p.exclude_self && pos >= 0 && pos < p.k_len && is_real(pos)) n -= 1;
+    const int64_t end = p.causal ? std::clamp<int64_t>(pos + 1, 0, k_len) : k_len;
+    int64_t n = real_before(p, end);
+    if (p.exclude_self && pos >= 0 && pos < k_len && real_before(p, pos + 1) != real_before(p, pos)) n -= 1;
     return n > 0;
   }
 };

@@ -67,7 +67,12 @@ def params(call: Call, num_threads: int = 1):
     p.key_padding_mask = _view(call.key_padding_mask)
     p.row_mask = _view(call.row_mask)
     if call.seqs is not None:
-        p.seqs, p.num_seqs = call.seqs.data_ptr(), call.seqs.shape[0]
+        seqs = call.seqs
+        if seqs.dtype != torch.int32 or seqs.dim() != 2 or seqs.shape[1] != 8 or not seqs.is_contiguous() \
+                or seqs.shape[0] == 0:
+            raise ValueError(f"seqs: must be a contiguous int32 (N, 8) tensor with N >= 1, "
+                             f"got {seqs.dtype} of shape {tuple(seqs.shape)}")
+        p.seqs, p.num_seqs = seqs.data_ptr(), seqs.shape[0]
         p.max_q_len, p.max_k_len = call.max_q_len, call.max_k_len
     # keep the (possibly copied) tensors alive as long as p
     p_tensors = (q, k, v, q_ref, k_ref)

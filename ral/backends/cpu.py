@@ -1,6 +1,7 @@
 """backend="cpu": the tiled, multithreaded C++ kernels of csrc/cpu (see ral.backends for the
-interface). Extra memory: O(B·H·Sq) row statistics, plus a backward scratch of per-thread fp32
-dK/dV partials (threads × B·Hkv·Sk·(D+Dv) floats): linear in Sk, never Sq × Sk."""
+interface), with or without a sequence table (Call.seqs). Extra memory: O(B·H·Sq) row statistics,
+plus a backward scratch of per-thread fp32 dK/dV partials (threads × Hkv·L·(D+Dv) floats, L = Sk,
+or max_k_len with a table): linear in the key length, never Sq × Sk."""
 
 from __future__ import annotations
 
