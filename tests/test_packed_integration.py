@@ -22,7 +22,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import ral  # noqa: E402
 from ral.integrations.transformers import AttentionPolicy, AttentionReference, Packing, packed_sequences  # noqa: E402
 from test_transformers_integration import (IMAGE_TOKEN, _param_grads, _perturbed, _qwen2, _qwen3vl,  # noqa: E402
                                            _qwen25vl)
@@ -32,33 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["reference", "cpu"]
 HOWS = ["positions", "positions_cache", "flash_kwargs"]
 VISION_START, VISION_END = 62, 63
-
-
-# ----------------------------------------------------------------------------------------------
-# TEMPORARY: remove this helper (and its calls) once the cpu kernels take the sequence table
-# (branch varlen-cpu). On this branch backend="cpu" does not raise on a packed call: its kernels
-# ignore the table and compute the dense call, so the helper probes the result as well.
-# ----------------------------------------------------------------------------------------------
-def _skip_cpu_without_sequence_table(backend):
-    if backend != "cpu":
-        return
-    gen = torch.Generator().manual_seed(0)
-    q, q_ref = torch.randn(7, 2, 8, generator=gen), torch.randn(7, 2, 8, generator=gen)
-    k, v = torch.randn(7, 1, 8, generator=gen), torch.randn(7, 1, 8, generator=gen)
-    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    args = dict(q_ref=q_ref, k_ref=k, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=4)
-    try:
-        got = ral.ops.attention_kl_varlen(q, k, v, backend="cpu", **args)
-    except (ValueError, NotImplementedError, RuntimeError) as exc:
-        pytest.skip(f"backend='cpu' cannot run attention_kl_varlen yet (kernels without sequence-table "
-                    f"support): {exc}")
-    want = ral.ops.attention_kl_varlen(q.double(), k.double(), v.double(), q_ref=q_ref.double(),
-                                       k_ref=k.double(), **{n: a for n, a in args.items() if n not in
-                                                            ("q_ref", "k_ref")})
-    if not (torch.allclose(got.out.double(), want.out, atol=1e-4)
-            and torch.allclose(got.div.double(), want.div, atol=1e-5)):
-        pytest.skip("backend='cpu' ignores the sequence table (its kernels compute the dense call): "
-                    "attention_kl_varlen on cpu differs from the float64 reference on a 2-sequence probe")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +165,6 @@ def _assert_same(got, want, what):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["qwen2", "qwen25vl", "qwen3vl"])
 def test_packed_matches_padded(kind, backend):
-    _skip_cpu_without_sequence_table(backend)
     base, old, seqs, positions, gen = _case(kind)
     rows = _response_rows(seqs)
     total = len(rows)
@@ -241,7 +212,6 @@ def test_other_layers_attend_per_sequence_outside_record_compare():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_heads_each_packed(backend):
-    _skip_cpu_without_sequence_table(backend)
     base, old, seqs, positions, gen = _case("qwen2")
     rows = _response_rows(seqs)
     results = []
