@@ -49,6 +49,20 @@ def _qwen25vl():
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
 
 
+def _qwen3vl():
+    """A tiny Qwen3-VL (interleaved M-RoPE, DeepStack features added after decoder layer 0)."""
+    cfg = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                          "mrope_interleaved": True}, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=2, temporal_patch_size=1, out_hidden_size=32, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0], in_channels=3),
+        image_token_id=IMAGE_TOKEN, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    return transformers.Qwen3VLForConditionalGeneration(cfg)
+
+
 def _batch(kind, gen):
     """input kwargs, the 2-D attention mask, and a response row mask. Batch 0 left-padded, 1 right."""
     seq = 14

@@ -28,10 +28,35 @@ model call (or passed explicitly to ``record`` / ``compare``) and handed to the 
 response tokens: (B, S) over the whole sequence, or (B, C) over its last C positions (TRL's
 ``completion_mask`` when ``input_ids = cat(prompt_ids, completion_ids)``).
 
+Packed sequences (padding-free batches). When a call packs several sequences into one row,
+the chosen layers record and compare per sequence through ``ral.ops.attention_kl_varlen`` and
+every other decoder layer runs SDPA with a block-diagonal causal mask. transformers tells the
+attention function about packing in one of two ways (``packed_sequences`` reads both):
+
+* ``position_ids`` that do not go up by one (they restart at 0 where a sequence starts), with no
+  2-D padding mask: the input of ``transformers.masking_utils.find_packed_sequence_indices``. VL
+  models hand the attention function their *text* positions only: Qwen2.5-VL needs
+  ``position_ids`` of shape (4, B, T) (text row first, then the three M-RoPE rows), Qwen3-VL takes
+  (B, T) or (4, B, T); with (3, B, T) M-RoPE positions alone packing is not visible.
+* the ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k`` keyword
+  arguments of the flash-attention path (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
+
+transformers builds the block-diagonal mask itself only for packed ``position_ids`` with
+``use_cache=False``; with a cache object (the default ``use_cache=True``), or with
+``cu_seq_lens_*`` alone, it hands SDPA no mask at all. The "ral" attention function then builds
+the block-diagonal mask from the packing, so every layer attends per sequence either way. (A mask
+transformers does hand over is used as it is: sliding-window layers of a packed call with a cache
+get a sliding mask across sequences, as with transformers' own SDPA; pass ``use_cache=False``.)
+``record`` on a packed call stores a packed reference (q, k, stats of shape (T, heads, dim) and
+the ``Packing``); ``compare`` needs a call packed the same way, and ``Comparison.div`` has the
+shape of the input ids, (1, T) for one packed row. A call with B > 1 packed rows is flattened
+batch-major (T = B * S; with position ids every row starts a sequence).
+
 Limits. Record / compare calls must be full-sequence passes without a KV cache (no incremental
-decoding) with a 2-D padding mask: custom 4-D masks (packed sequences, block masks) are not seen
-by the chosen layers, which apply causal + key-padding masking only. Dropout in the chosen layers
-is not applied. Generation outside the blocks is unaffected (SDPA).
+decoding) with a 2-D padding mask or packed sequences (not both): other custom 4-D masks (block
+masks) are not seen by the chosen layers, which apply causal + key-padding (or per-sequence)
+masking only. Dropout in the chosen layers is not applied. Generation outside the blocks is
+unaffected (SDPA).
 
 Distillation. A reference recorded by one model can be compared against by another, as long as
 the token sequences (and the number of chosen layers) match: a teacher's ``AttentionPolicy``
@@ -43,17 +68,161 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 
-__all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "register",
-           "ral_attention_forward", "IMPLEMENTATION"]
+__all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
+           "packed_sequences", "register", "ral_attention_forward", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "ral"
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed sequences
+# ----------------------------------------------------------------------------------------------
+
+class Packing(NamedTuple):
+    """Where the sequences of a packed attention call start, FlashAttention's varlen convention
+    over the call's tokens flattened batch-major (T = B * S): sequence n owns query rows
+    ``cu_seqlens_q[n]:cu_seqlens_q[n+1]`` and keys ``cu_seqlens_k[n]:cu_seqlens_k[n+1]``."""
+
+    cu_seqlens_q: Tensor          # (N + 1,) int32, on the call's device
+    cu_seqlens_k: Tensor          # (N + 1,) int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    def to(self, device) -> "Packing":
+        return self._replace(cu_seqlens_q=self.cu_seqlens_q.to(device), cu_seqlens_k=self.cu_seqlens_k.to(device))
+
+    def same_as(self, other: "Packing") -> bool:
+        device = self.cu_seqlens_q.device
+        return (torch.equal(self.cu_seqlens_q, other.cu_seqlens_q.to(device))
+                and torch.equal(self.cu_seqlens_k, other.cu_seqlens_k.to(device)))
+
+
+def packed_sequences(kwargs: dict, batch: int, q_len: int, k_len: int, padded: bool = False) -> Optional[Packing]:
+    """The packing of a transformers attention call, or None for an ordinary (padded) batch.
+
+    Args:
+        kwargs: the attention function's keyword arguments. ``cu_seq_lens_q`` / ``cu_seq_lens_k``
+            (with ``max_length_q`` / ``max_length_k``; the flash-attention path) give the packing
+            directly. Otherwise ``position_ids`` (B, S) that do not go up by one somewhere start new
+            sequences there, as in ``transformers.masking_utils.find_packed_sequence_indices``.
+        batch, q_len, k_len: the call's B, query length and key length.
+        padded: the call has a 2-D padding mask with padding. Then ``position_ids`` never mean
+            packing (left-padded batches have repeated positions; transformers, too, looks for packed
+            position ids only without a mask), and ``cu_seq_lens_*`` raise: a packed batch has no padding.
+    Position-id packing needs q_len == k_len (no KV-cache prefix). Reading position ids costs one
+    device-to-host copy; the result is remembered for the same tensor, so one model call pays it once.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seq_lens_q / cu_seq_lens_k: give both or neither")
+        if padded:
+            raise ValueError("cu_seq_lens_q: a packed call (flash-attention kwargs) must not have a padding "
+                             "attention_mask; pass attention_mask=None")
+        max_q, max_k = (None if kwargs.get(name) is None else int(kwargs[name])
+                        for name in ("max_length_q", "max_length_k"))
+        return _remembered((cu_q, cu_k), (batch, q_len, k_len, max_q, max_k),
+                           lambda: _packing_from_cu(cu_q, cu_k, max_q, max_k, batch * q_len, batch * k_len))
+    position_ids = kwargs.get("position_ids")
+    if padded or q_len != k_len or not isinstance(position_ids, Tensor) or position_ids.dim() != 2 \
+            or position_ids.shape[-1] != q_len or position_ids.shape[0] not in (1, batch):
+        return None
+    return _remembered((position_ids,), (batch,), lambda: _packing_from_positions(position_ids, batch))
+
+
+# The last packing found, for the same tensors (identity and version): every decoder layer of one
+# model call asks for it, and each answer costs a device-to-host copy.
+_LAST: list = [(), None, None]
+
+
+def _remembered(tensors: tuple, key: tuple, compute) -> Optional[Packing]:
+    key = key + tuple(t._version for t in tensors)
+    held, held_key, packing = _LAST
+    if len(held) == len(tensors) and all(a is b for a, b in zip(held, tensors)) and held_key == key:
+        return packing
+    packing = compute()
+    _LAST[:] = [tensors, key, packing]
+    return packing
+
+
+def _packing_from_cu(cu_q: Tensor, cu_k: Tensor, max_q, max_k, total_q: int, total_k: int) -> Packing:
+    host = []
+    for name, cu, total in (("cu_seq_lens_q", cu_q, total_q), ("cu_seq_lens_k", cu_k, total_k)):
+        values = cu.tolist() if isinstance(cu, Tensor) and cu.dim() == 1 else None
+        if not values or values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name}: must be a 1-D tensor 0, ..., {total} (non-decreasing, the call's B * S "
+                             f"tokens), got {values if values is not None else cu}")
+        host.append(values)
+    if len(host[0]) != len(host[1]):
+        raise ValueError(f"cu_seq_lens_k: {len(host[1]) - 1} sequences, cu_seq_lens_q has {len(host[0]) - 1}")
+    longest_q = max(b - a for a, b in zip(host[0], host[0][1:]))
+    longest_k = max(b - a for a, b in zip(host[1], host[1][1:]))
+    return Packing(cu_q.to(torch.int32), cu_k.to(torch.int32),
+                   longest_q if max_q is None else max(max_q, longest_q),
+                   longest_k if max_k is None else max(max_k, longest_k))
+
+
+def _packing_from_positions(position_ids: Tensor, batch: int) -> Optional[Packing]:
+    pos = position_ids.expand(batch, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1           # a new sequence where positions do not go up by one
+    if not bool(starts[:, 1:].any()):
+        return None
+    cu = torch.cat([starts.reshape(-1).nonzero().flatten(),
+                    torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return Packing(cu, cu, longest, longest)
+
+
+def _one_sequence(length: int, device) -> Packing:
+    cu = torch.tensor([0, length], dtype=torch.int32, device=device)
+    return Packing(cu, cu, length, length)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, heads, S, dim) -> (B * S, heads, dim), batch-major (a view when B == 1)."""
+    b, h, s, d = t.shape
+    return t.transpose(1, 2).reshape(b * s, h, d)
+
+
+def _block_causal_mask(packing: Packing, total_q: int, total_k: int, device,
+                       sliding_window: Optional[int] = None) -> Tensor:
+    """(1, 1, Tq, Tk) bool: each row sees the keys of its own sequence, causal bottom-right within it
+    (and, with ``sliding_window``, only the last ``sliding_window`` of them, as transformers' mask)."""
+    cu_q, cu_k = packing.cu_seqlens_q.to(device, torch.long), packing.cu_seqlens_k.to(device, torch.long)
+    rows = torch.arange(total_q, device=device)
+    keys = torch.arange(total_k, device=device)
+    seq_q = torch.searchsorted(cu_q, rows, right=True) - 1  # a row's sequence (empty sequences are skipped)
+    seq_k = torch.searchsorted(cu_k, keys, right=True) - 1
+    shift = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # key length - query length per sequence
+    row_pos = rows - cu_q[seq_q] + shift[seq_q]
+    key_pos = keys - cu_k[seq_k]
+    mask = (seq_q[:, None] == seq_k[None, :]) & (key_pos[None, :] <= row_pos[:, None])
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > row_pos[:, None] - sliding_window
+    return mask[None, None]
+
+
+def _sdpa_packed(module, query: Tensor, key: Tensor, value: Tensor, packing: Packing, scale, dropout, **kwargs):
+    """transformers' SDPA over the flattened call with the block-diagonal causal mask -> (B, S, H, Dv)."""
+    b, s = query.shape[0], query.shape[2]
+
+    def stream(t):                                     # (B, heads, S, dim) -> (1, heads, B * S, dim)
+        return _flat(t).transpose(0, 1).unsqueeze(0)
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                                            "max_length_k", "position_ids", "is_causal")}
+    mask = _block_causal_mask(packing, b * s, key.shape[0] * key.shape[2], query.device,
+                              kwargs.pop("sliding_window", None))
+    out, _ = _sdpa(module, stream(query), stream(key), stream(value), mask, dropout=dropout, scaling=scale, **kwargs)
+    return out.reshape(b, s, *out.shape[2:]), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +231,8 @@ IMPLEMENTATION = "ral"
 
 @dataclass
 class LayerReference:
-    """One recorded layer: q (B, Hr, S, Dr), k (B, Hrkv, S, Dr), stats (B, Hr, S, 2) float32."""
+    """One recorded layer: q (B, Hr, S, Dr), k (B, Hrkv, S, Dr), stats (B, Hr, S, 2) float32; of a
+    packed call (``AttentionReference.packing`` set): q (T, Hr, Dr), k (T, Hrkv, Dr), stats (T, Hr, 2)."""
 
     q: Tensor
     k: Tensor
@@ -87,26 +257,42 @@ class AttentionReference:
     ``key_padding_mask`` (B, S) bool is the padding the reference (and its ``stats``) was recorded
     with; ``compare`` uses it when the model call gives no mask. Index with a batch index
     (``reference[idx]``) to get a minibatch, concatenate with ``AttentionReference.cat``.
+
+    ``packing`` is set when the reference was recorded on packed sequences: then q, k, stats are
+    packed (T, heads, dim), there is no padding mask, ``compare`` needs a call packed the same way,
+    and the reference cannot be indexed (``cat`` appends packed streams).
     """
 
     layers: List[LayerReference]
     key_padding_mask: Optional[Tensor] = None
+    packing: Optional[Packing] = None
 
     def __getitem__(self, index) -> "AttentionReference":
+        if self.packing is not None:
+            raise ValueError("reference: a packed reference is one stream of sequences and cannot be indexed "
+                             "by batch rows; record and compare each packed micro-batch as a whole")
         return AttentionReference([layer.select(index) for layer in self.layers],
                                   None if self.key_padding_mask is None else self.key_padding_mask[index])
 
     def __len__(self) -> int:
+        """Batch rows; for a packed reference, the number of sequences."""
+        if self.packing is not None:
+            return self.packing.cu_seqlens_q.shape[0] - 1
         return self.layers[0].q.shape[0] if self.layers else 0
 
     def to(self, device=None, dtype=None) -> "AttentionReference":
         """Move to ``device`` (e.g. offload to CPU between rollout and update); cast q, k to ``dtype``."""
         mask = None if self.key_padding_mask is None else self.key_padding_mask.to(device=device)
-        return AttentionReference([layer.to(device, dtype) for layer in self.layers], mask)
+        packing = None if self.packing is None or device is None else self.packing.to(device)
+        return AttentionReference([layer.to(device, dtype) for layer in self.layers], mask,
+                                  self.packing if packing is None else packing)
 
     @staticmethod
     def cat(refs: Sequence["AttentionReference"]) -> "AttentionReference":
-        """Concatenate references recorded on batches with the same sequence length."""
+        """Concatenate references recorded on batches with the same sequence length, or packed
+        references (their streams are appended)."""
+        if any(r.packing is not None for r in refs):
+            return AttentionReference._cat_packed([r._as_packed() for r in refs])
         layers = []
         for parts in zip(*(r.layers for r in refs)):
             stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
@@ -121,9 +307,42 @@ class AttentionReference:
                               for m, r in zip(masks, refs)])
         return AttentionReference(layers, mask)
 
+    def _as_packed(self) -> "AttentionReference":
+        """A one-row reference without padding as one packed sequence (a packed micro-batch that
+        holds a single sequence is recorded as such a row)."""
+        if self.packing is not None:
+            return self
+        q = self.layers[0].q
+        if q.shape[0] != 1 or (self.key_padding_mask is not None and not bool(self.key_padding_mask.all())):
+            raise ValueError("reference: cannot concatenate packed references with padded batches")
+        layers = [LayerReference(_flat(layer.q), _flat(layer.k), None if layer.stats is None else _flat(layer.stats),
+                                 layer.scale) for layer in self.layers]
+        return AttentionReference(layers, None, _one_sequence(q.shape[2], q.device))
+
+    @staticmethod
+    def _cat_packed(refs: Sequence["AttentionReference"]) -> "AttentionReference":
+        layers = []
+        for parts in zip(*(r.layers for r in refs)):
+            stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
+            layers.append(LayerReference(torch.cat([p.q for p in parts]), torch.cat([p.k for p in parts]),
+                                         stats, parts[0].scale))
+        cus = []
+        for which in ("cu_seqlens_q", "cu_seqlens_k"):
+            pieces, offset = [], 0
+            for i, r in enumerate(refs):
+                cu = getattr(r.packing, which)
+                pieces.append((cu if i == 0 else cu[1:]) + offset)
+                offset += int(cu[-1])
+            cus.append(torch.cat(pieces))
+        packing = Packing(cus[0], cus[1], max(r.packing.max_seqlen_q for r in refs),
+                          max(r.packing.max_seqlen_k for r in refs))
+        return AttentionReference(layers, None, packing)
+
     def to_dict(self, prefix: str = "ral_") -> Dict[str, Tensor]:
         """Flat {name: tensor with batch dim first}, for trainers that shuffle / split tensor dicts
         (TRL). Scales go in a 1-D tensor without a batch dim: keep ``prefix + "scales"`` aside."""
+        if self.packing is not None:
+            raise ValueError("reference: a packed reference has no batch dim to split; keep it as it is")
         out: Dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):
             out[f"{prefix}q{i}"], out[f"{prefix}k{i}"] = layer.q, layer.k
@@ -155,6 +374,7 @@ class Recording:
     reference: Optional[AttentionReference] = None
     _layers: Dict[int, List[LayerReference]] = field(default_factory=dict)
     _masks: List[Optional[Tensor]] = field(default_factory=list)
+    _packings: List[Optional[Packing]] = field(default_factory=list)
 
 
 @dataclass
@@ -162,7 +382,8 @@ class Comparison:
     """Handle yielded by ``AttentionPolicy.compare``.
 
     ``per_layer``: {layer index: div (B, S) float32}; ``div``: their mean over the chosen layers
-    (just the layer's own div with one layer, the default). Differentiable.
+    (just the layer's own div with one layer, the default). Differentiable. (B, S) is the shape of
+    the input ids, also for packed sequences: (1, T) for one packed row.
     """
 
     per_layer: Dict[int, Tensor] = field(default_factory=dict)
@@ -190,13 +411,25 @@ def ral_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
     """transformers attention function (query (B, H, S, D) -> (B, S, H, Dv), None).
 
     Layers marked by an ``AttentionPolicy`` that is recording or comparing run the fused op;
-    every other call is forwarded to transformers' SDPA attention untouched.
+    every other call goes to transformers' SDPA attention: untouched, except a causal call on
+    packed sequences that transformers gave no mask (``packed_sequences``; see the module
+    docstring), which gets the block-diagonal causal mask.
     """
     hook = getattr(module, "_ral_policy", None)
     policy = hook[0] if hook is not None else None
-    if policy is None or policy._mode is None:
-        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return policy._attend(hook[1], module, query, key, value, scaling)
+    if policy is not None and policy._mode is not None:
+        return policy._attend(hook[1], module, query, key, value, scaling, kwargs)
+    if attention_mask is None and _causal_call(module, kwargs):
+        packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2])
+        if packing is not None:
+            return _sdpa_packed(module, query, key, value, packing, scaling, dropout, **kwargs)
+    return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _causal_call(module: nn.Module, kwargs: dict) -> bool:
+    """A causal (decoder) attention call; vision towers pass is_causal=False or have module.is_causal False."""
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
 
 
 def _ral_mask(*args, **kwargs):
@@ -302,16 +535,16 @@ class AttentionPolicy:
         return None
 
     def _key_padding(self, key: Tensor) -> Optional[Tensor]:
-        mask = self._attention_mask
+        mask, source = self._attention_mask, "attention_mask"
         if mask is None and self._mode == "compare" and self._state[0].key_padding_mask is not None:
-            mask = self._state[0].key_padding_mask
+            mask, source = self._state[0].key_padding_mask, "reference: its key_padding_mask"
         if mask is None:
             return None
         mask = mask.to(device=key.device, dtype=torch.bool)
         if mask.shape != (key.shape[0], key.shape[2]):
-            raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not match the keys' "
+            raise ValueError(f"{source}: shape {tuple(mask.shape)} does not match the keys' "
                              f"(B, S) = {(key.shape[0], key.shape[2])}; record/compare need full-sequence "
-                             f"calls without a KV cache")
+                             f"calls without a KV cache, on the batch (or packing) that was recorded")
         return None if bool(mask.all()) else mask
 
     # -- modes --------------------------------------------------------------------------------
@@ -321,8 +554,8 @@ class AttentionPolicy:
 
         Run it under ``torch.no_grad()`` (the cache is detached anyway). Several model calls
         (batch chunks with the same sequence length, as TRL's old-log-prob loop makes) are
-        concatenated along the batch. Yields a ``Recording``; its ``.reference`` (an
-        ``AttentionReference``) is set on exit.
+        concatenated along the batch (packed calls: their streams appended). Yields a
+        ``Recording``; its ``.reference`` (an ``AttentionReference``) is set on exit.
         """
         rec = Recording()
         with self._active("record", rec, attention_mask):
@@ -330,9 +563,9 @@ class AttentionPolicy:
         if len(rec._layers) != len(self.modules):
             raise RuntimeError("record: the chosen layers did not run; call the model inside the block")
         chunks = []
-        for c, mask in enumerate(rec._masks):
+        for c, (mask, packing) in enumerate(zip(rec._masks, rec._packings)):
             layers = [rec._layers[i][c] for i in range(len(self.modules))]
-            chunks.append(AttentionReference(layers, None if mask is None else mask.to(torch.bool)))
+            chunks.append(AttentionReference(layers, None if mask is None else mask.to(torch.bool), packing))
         rec.reference = chunks[0] if len(chunks) == 1 else AttentionReference.cat(chunks)
         self._attention_mask = None
 
@@ -342,9 +575,10 @@ class AttentionPolicy:
         """Compute each chosen layer's divergence from ``reference`` during the model call.
 
         Args:
-            reference: recorded on the same token sequences (same B, S; any model).
+            reference: recorded on the same token sequences (same B, S, or the same packing; any model).
             row_mask: (B, S) or (B, C) bool, the rows whose divergence counts (response tokens);
-                (B, C) is right-aligned to the last C positions. None: every row.
+                (B, C) is right-aligned to the last C positions. None: every row. For packed
+                sequences (B, S) is the input ids' shape, (1, T) for one packed row.
             attention_mask: (B, S) 2-D padding mask; default the one given to the model call,
                 else the reference's.
         Yields a ``Comparison``: ``.div`` (B, S) float32 differentiable.
@@ -386,37 +620,85 @@ class AttentionPolicy:
 
     # -- the chosen layers ----------------------------------------------------------------------
     def _attend(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                scaling: Optional[float]):
+                scaling: Optional[float], kwargs: dict):
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if query.dtype != value.dtype or key.dtype != value.dtype:
             # under autocast, rotary embeddings leave q/k in fp32 while v is bf16/fp16: compute in
             # v's dtype, as SDPA does under autocast
             query, key = query.to(value.dtype), key.to(value.dtype)
         kpm = self._key_padding(key)
+        packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
+        if packing is None and self._mode == "compare" and self._state[0].packing is not None \
+                and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
+            packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
         opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
-                    causal=True, key_padding_mask=kpm, backend=self.backend)
+                    causal=True, backend=self.backend)
+        if packing is not None:
+            return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
             q_ref, k_ref = query.detach(), key.detach()
             if self.record_stats:
                 res = ops.attention_kl(q_ref, k_ref, value.detach(), q_ref=q_ref, k_ref=k_ref, scale=scale,
-                                       ref_scale=scale, **opts)
+                                       ref_scale=scale, key_padding_mask=kpm, **opts)
                 out, stats = res.out, res.stats
             else:
                 out = _sdpa_plain(module, query, key, value, kpm, scale)
                 stats = None
-            self._state._layers.setdefault(slot, []).append(LayerReference(q_ref, k_ref, stats, scale))
-            if slot == 0:
-                self._state._masks.append(kpm)
+            self._recorded(slot, LayerReference(q_ref, k_ref, stats, scale), kpm, None)
             return out.transpose(1, 2).contiguous(), None
         reference, row_mask, cmp = self._state
+        if reference.packing is not None:
+            raise ValueError("reference: recorded on packed sequences, the model call is a padded batch; "
+                             "compare on the same packed call")
         ref = reference.layers[slot]
         if ref.q.shape[0] != query.shape[0] or ref.q.shape[2] != query.shape[2]:
             raise ValueError(f"reference: recorded (B, S) = {(ref.q.shape[0], ref.q.shape[2])}, the model "
                              f"call has {(query.shape[0], query.shape[2])}")
         res = ops.attention_kl(query, key, value, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
-                               ref_scale=ref.scale, row_mask=_row_mask_full(row_mask, query.shape[2]), **opts)
+                               ref_scale=ref.scale, key_padding_mask=kpm,
+                               row_mask=_row_mask_full(row_mask, query.shape[2]), **opts)
         cmp.per_layer.setdefault(self.layers[slot], res.div)
         return res.out.transpose(1, 2).contiguous(), None
+
+    def _attend_packed(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                       scale: float, packing: Packing, opts: dict):
+        """The chosen layer on packed sequences: ``ops.attention_kl_varlen`` over the flattened call."""
+        batch, seq = query.shape[0], query.shape[2]
+        varlen = dict(cu_seqlens_q=packing.cu_seqlens_q, cu_seqlens_k=packing.cu_seqlens_k,
+                      max_seqlen_q=packing.max_seqlen_q, max_seqlen_k=packing.max_seqlen_k, **opts)
+        q, k, v = _flat(query), _flat(key), _flat(value)          # (T, heads, dim)
+        if self._mode == "record":
+            q_ref, k_ref = q.detach(), k.detach()
+            if self.record_stats:
+                res = ops.attention_kl_varlen(q_ref, k_ref, v.detach(), q_ref=q_ref, k_ref=k_ref, scale=scale,
+                                              ref_scale=scale, **varlen)
+                out, stats = res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), res.stats
+            else:
+                out, _ = _sdpa_packed(module, query, key, value, packing, scale, 0.0)
+                stats = None
+            self._recorded(slot, LayerReference(q_ref, k_ref, stats, scale), None, packing)
+            return out, None
+        reference, row_mask, cmp = self._state
+        if reference.packing is None:
+            raise ValueError("reference: recorded on a padded batch, the model call packs sequences; "
+                             "compare on the same padded batch")
+        if not reference.packing.same_as(packing):
+            raise ValueError(f"reference: recorded with cu_seqlens {reference.packing.cu_seqlens_q.tolist()}, the "
+                             f"model call packs {packing.cu_seqlens_q.tolist()}")
+        ref = reference.layers[slot]
+        rows = _row_mask_full(row_mask, seq)
+        res = ops.attention_kl_varlen(q, k, v, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
+                                      ref_scale=ref.scale, row_mask=None if rows is None else rows.reshape(-1),
+                                      **varlen)
+        div = res.div.reshape(batch, seq, *res.div.shape[1:])        # (B, S), or (B, S, H) for heads="each"
+        cmp.per_layer.setdefault(self.layers[slot], div if div.dim() == 2 else div.permute(0, 2, 1))
+        return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), None
+
+    def _recorded(self, slot: int, layer: LayerReference, kpm: Optional[Tensor], packing: Optional[Packing]):
+        self._state._layers.setdefault(slot, []).append(layer)
+        if slot == 0:
+            self._state._masks.append(kpm)
+            self._state._packings.append(packing)
 
 
 def _sdpa_plain(module, query, key, value, kpm, scale):
