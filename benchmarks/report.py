@@ -74,8 +74,8 @@ def table(rows: list, providers: list, modes: Iterable[str], metric: str = "memo
 
 
 def floor_provider(rows: list) -> str:
-    """The SDPA provider the goals compare with: ``sdpa-flash`` when the sweep has it, else ``sdpa``."""
-    return "sdpa-flash" if any(r["provider"] == "sdpa-flash" for r in rows) else "sdpa"
+    """The SDPA provider the goals compare with: ``sdpa-flash`` when it ran in the sweep, else ``sdpa``."""
+    return "sdpa-flash" if any(r["provider"] == "sdpa-flash" and r["status"] == "ok" for r in rows) else "sdpa"
 
 
 def _get(rows, provider, mode, s):

@@ -65,7 +65,7 @@ def test_dry_run_json_records_every_step(dry_run):
         assert all(r["peak_bytes"] is not None for r in rows)
         # would run: the GPU shape and providers of the issue
         assert "--device cuda --seqlens 4096,16384" in steps[name]["summary"]
-        assert "sdpa-flash,eager,ral-triton,ral-cuda" in steps[name]["summary"]
+        assert "sdpa-flash,sdpa,eager,ral-triton,ral-cuda" in steps[name]["summary"]
     assert "--tool memcheck" in steps["memcheck"]["summary"]
     assert (out / "gpu_check.md").exists() and (out / "gpu_check_logs.tar.gz").exists()
     assert len(os.listdir(out)) <= 8 - 1   # what a device run's $OUT may carry back (logs/ is tarred)
@@ -101,6 +101,10 @@ def test_bench_goals_verdicts():
     assert goals[(4096, "ral-triton", "time")] == "FAIL" and goals[(4096, "ral-triton", "peak")] == "FAIL"
     assert goals[(16384, "ral-cuda", "eager")] == "PASS"                      # eager OOM
     assert goals[(16384, "ral-triton", "time")] == "n/a"
+    no_flash = [dict(r, status="error") if r["provider"] == "sdpa-flash" else r for r in rows]
+    no_flash += [_row("sdpa", 4096, t=1.0, peak=100)]
+    floor = {g["goal"] for g in G.bench_goals(no_flash, "bench-jsd-mean") if g["S"] == 4096}
+    assert "time <= 2.0x sdpa" in floor                                         # torch's own pick instead
     kl = {(g["S"], g["provider"], g["goal"].split()[0]): g["verdict"] for g in G.bench_goals(rows, "bench-kl-each")}
     assert kl[(4096, "ral-cuda", "time")] == "FAIL"                            # 1.5x > 1.4x
 
@@ -108,7 +112,7 @@ def test_bench_goals_verdicts():
 def test_cuda_arch_and_build_command():
     assert G.cuda_arch((9, 0)) == "90a" and G.cuda_arch((8, 0)) == "80" and G.cuda_arch(None) is None
     cmd, env = G.build_command("90a")
-    assert cmd[1:] == ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+    assert cmd[1:] == ["-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."]
     assert env["RAL_CUDA_ARCHS"] == "90a"
 
 
