@@ -15,7 +15,8 @@ Steps (STEPS below; each a function with an estimated and a minimum useful time)
     build             pip install --no-build-isolation --no-deps -e . with RAL_CUDA_ARCHS set to the
                       device's own architecture only (9.0 -> "90a"), timed; ptxas spills counted
     test-cuda         python -m pytest tests/test_cuda.py
-    test-triton-cuda  python -m pytest tests/test_triton.py -m cuda (compiled kernels, no TRITON_INTERPRET)
+    test-triton-cuda  python -m pytest tests/test_triton.py -m cuda (compiled kernels, no TRITON_INTERPRET);
+                      both with -n <half the cores, at most 8> where pytest-xdist is installed
     bench-jsd-mean    bench_memory.py --device cuda: S = 4k, 16k, bf16, B=1, H=28, Hkv=4, D=128, causal,
     bench-kl-each     fwd+bwd; providers sdpa-flash (the floor; torch's own sdpa where flash cannot
                       run), eager (until out of memory), ral-triton, ral-cuda; median of interleaved
@@ -23,7 +24,9 @@ Steps (STEPS below; each a function with an estimated and a minimum useful time)
                       issue 3's goals as PASS / FAIL
     memcheck          compute-sanitizer --tool memcheck / racecheck on a tiny script (this file's
     racecheck         --sanitize-case: ral.attention_kl(backend="cuda"), forward + backward, 3 cases)
-    report            <out>/gpu_check.json, gpu_check.md, gpu_check_logs.tar.gz; the short table last
+    report            <out>/gpu_check.json, gpu_check.md, gpu_check_logs.tar.gz (the raw logs, kept in a
+                      temporary folder: a device run's $OUT carries back 8 files at most); the short
+                      table last. Exit status 1 when a step failed, errored or hit its cap.
 
 Budget: before each step the time left is shared out: a step may use at most what is left minus
 the minimum of every later step, and when the estimates of what is left do not fit, its share in
@@ -52,6 +55,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -297,15 +301,26 @@ def pytest_counts(log_text: str) -> dict:
         for n, what in PYTEST_COUNT.findall(lines[-1]):
             counts["error" if what.startswith("error") else what] = int(n)
         return counts
-    for what in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
-        n = len(re.findall(rf"::\S+ {what}", log_text))
+    for what in ("PASSED", "FAILED", "SKIPPED", "ERROR"):   # -v lines, plain or xdist ("[gw0] [ 5%] PASSED t::x")
+        n = len(re.findall(rf"^(?!{what} )(?=.*::)(?=.*\b{what}\b).*$", log_text, re.M))
         if n:
             counts[what.lower() if what != "ERROR" else "error"] = n
     return counts
 
 
+def xdist_workers() -> int:
+    """pytest-xdist workers for the GPU tests (their time is mostly Triton / nvcc-free compiles on
+    the CPU): half the cores up to 8 where xdist is installed, else 0 (no -n)."""
+    import importlib.util
+    if importlib.util.find_spec("xdist") is None or (os.cpu_count() or 1) < 4:
+        return 0
+    return min(8, (os.cpu_count() or 1) // 2)
+
+
 def pytest_step(ctx: Ctx, cap: float, name: str, selection: list, extra_env: Optional[dict] = None) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *selection]
+    workers = 0 if ctx.dry else xdist_workers()
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
+           *(["-n", str(workers)] if workers else []), *selection]
     log = ctx.log_path(f"{name}.log")
     if ctx.dry:  # rehearsal: the selection collects
         res = run_cmd([*cmd[:3], "--collect-only", "-q", "-p", "no:cacheprovider", *selection], log, cap,
@@ -365,7 +380,8 @@ def _ral_backend_ok(name: str) -> bool:
 
 def bench_step(ctx: Ctx, cap: float, name: str) -> dict:
     out = os.path.join(ctx.logs, "bench")
-    argv = bench_argv(name, out, cap - 15 if not ctx.dry else cap, ctx.dry)
+    # the sweep trims itself to its --budget; the subprocess is killed at cap (then no JSON)
+    argv = bench_argv(name, out, min(cap - 15, 0.85 * cap) if not ctx.dry else cap, ctx.dry)
     tag = argv[argv.index("--tag") + 1]
     path = os.path.join(out, tag + ".json")
     if ctx.dry:  # rehearsal on the CPU, in this process, through bench_memory.main
@@ -531,7 +547,7 @@ def sanitizer_step(ctx: Ctx, cap: float, tool: str) -> dict:
 
 
 STEPS = [
-    Step("env", 5, 1, step_env, gpu=False, fair=False, what="versions, device, capability, tools"),
+    Step("env", 10, 10, step_env, gpu=False, fair=False, what="versions, device, capability, tools"),
     Step("build", 150, 60, step_build, fair=False,
          what="pip install --no-build-isolation --no-deps -e . for the device's arch only"),
     Step("test-cuda", 60, 20, step_test_cuda, what="pytest tests/test_cuda.py"),
@@ -549,13 +565,28 @@ REPORT_RESERVE_S = 5
 
 
 def plan_cap(step: Step, later: list, left: float) -> float:
-    """The seconds `step` may use: what is left minus every later step's minimum; when the
-    estimates from here on exceed what is left, at most its share in proportion to its estimate."""
+    """The seconds `step` may use: what is left minus every later step's minimum (at least its own
+    minimum while that much is left: the steps come in order of need); when the estimates from
+    here on exceed what is left, at most its share in proportion to its estimate."""
     cap = left - sum(s.min_s for s in later)
+    if cap < step.min_s:   # earlier steps first: its minimum if that is left, and later ones lose
+        cap = min(step.min_s, left)
     total = step.est_s + sum(s.est_s for s in later)
     if step.fair and total > left:
         cap = min(cap, max(step.min_s, left * step.est_s / total))
     return cap
+
+
+def simulate_plan(steps: list, budget: float) -> list:
+    """[(cap, seconds)] per step if every step took its estimate (at most its cap; 0 if skipped):
+    what a GPU run of this budget would give each step. Printed first; the dry run's caps."""
+    left, plan = budget - REPORT_RESERVE_S, []
+    for i, step in enumerate(steps):
+        cap = plan_cap(step, steps[i + 1:], left)
+        used = min(step.est_s, cap) if cap >= step.min_s else 0.0
+        plan.append((cap, used))
+        left -= used
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -640,6 +671,7 @@ def print_short(ctx: Ctx, files: list) -> None:
     skipped = [r["name"] for r in ctx.results if r["status"] == "skip"]
     if skipped:
         print(f"\nskipped: {', '.join(skipped)}")
+    print(f"raw logs in {ctx.logs}")
     print(f"wrote {', '.join(os.path.relpath(f) for f in files)}")
 
 
@@ -673,20 +705,30 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--steps: unknown {sorted(unknown)}; steps are {[s.name for s in STEPS]}")
     out = os.path.abspath(args.out)
-    logs = os.path.join(out, "logs")
-    os.makedirs(logs, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    # raw logs outside <out>: a device run's $OUT carries back at most 8 files; they travel tarred
+    logs = tempfile.mkdtemp(prefix="gpu_check_logs_")
     ctx = Ctx(args=args, out=out, logs=logs, dry=args.dry_run)
     steps = [s for s in STEPS if wanted is None or s.name in wanted]
     print(f"gpu_check{' --dry-run' if ctx.dry else ''}: {len(steps)} steps, budget {args.budget:.0f} s, out {out}",
           flush=True)
+    plan = simulate_plan(steps, args.budget)
+    print("plan if each step takes its estimate: " + ", ".join(
+        f"{s.name} {used:.0f}/{s.est_s:.0f} s" + ("" if used else " (skipped)") for s, (_, used) in zip(steps, plan)),
+        flush=True)
     for i, step in enumerate(steps):
         left = ctx.left() - REPORT_RESERVE_S
         cap = plan_cap(step, steps[i + 1:], left)
-        entry = dict(name=step.name, what=step.what, est_s=step.est_s, min_s=step.min_s, cap_s=round(max(cap, 0), 1),
-                     gpu=step.gpu, seconds=0.0)
+        if ctx.dry:   # show the GPU run's cap; a rehearsal gets what is left here
+            cap_shown = plan[i][0]
+            cap = max(cap, step.min_s)
+        else:
+            cap_shown = cap
+        entry = dict(name=step.name, what=step.what, est_s=step.est_s, min_s=step.min_s,
+                     cap_s=round(max(cap_shown, 0), 1), gpu=step.gpu, seconds=0.0)
         print(f"[{ctx.elapsed():5.0f} s] {step.name:<17} est {step.est_s:>4.0f} s, min {step.min_s:>3.0f} s, "
-              f"cap {max(cap, 0):>4.0f} s  {step.what}", flush=True)
-        if cap < step.min_s:
+              f"cap {max(cap_shown, 0):>4.0f} s  {step.what}", flush=True)
+        if cap_shown < step.min_s and not ctx.dry:
             entry.update(status="skip", summary=f"budget: {max(cap, 0):.0f} s left for it, under its minimum "
                                                 f"{step.min_s:.0f} s (estimate {step.est_s:.0f} s)")
         elif step.gpu and not ctx.dry and not ctx.env.get("gpu"):
@@ -704,9 +746,8 @@ def main(argv=None) -> int:
         print(f"          -> {entry['status']} ({entry['seconds']:.0f} s): {entry['summary'][:300]}", flush=True)
     files = write_report(ctx)
     print_short(ctx, files)
-    if ctx.dry:
-        return 0 if not [r for r in ctx.results if r["status"] in ("fail", "error")] else 1
-    return 0
+    # 0 when every step that ran passed (skips included); 1 when one failed, errored or timed out
+    return 1 if [r for r in ctx.results if r["status"] in ("fail", "error", "timeout")] else 0
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ def test_dry_run_json_records_every_step(dry_run):
         assert "--device cuda --seqlens 4096,16384" in steps[name]["summary"]
         assert "sdpa-flash,sdpa,eager,ral-triton,ral-cuda" in steps[name]["summary"]
     assert "--tool memcheck" in steps["memcheck"]["summary"]
-    assert (out / "gpu_check.md").exists() and (out / "gpu_check_logs.tar.gz").exists()
-    assert len(os.listdir(out)) <= 8 - 1   # what a device run's $OUT may carry back (logs/ is tarred)
+    # what a device run's $OUT carries back (at most 8 files): three, the raw logs tarred
+    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
 
 
 def test_plan_cap_shares_the_budget():
@@ -76,7 +76,20 @@ def test_plan_cap_shares_the_budget():
     assert G.plan_cap(steps[0], steps[1:], 1000) == 1000 - 50        # everything fits: slack to the first
     assert G.plan_cap(steps[0], steps[1:], 150) == pytest.approx(50)  # proportional share
     assert G.plan_cap(steps[2], [], 15) == 15                         # not fair: all that is left
-    assert G.plan_cap(steps[0], steps[1:], 40) < steps[0].min_s       # would be skipped
+    assert G.plan_cap(steps[0], steps[1:], 40) == steps[0].min_s      # earlier steps first: its minimum
+    assert G.plan_cap(steps[0], steps[1:], 5) < steps[0].min_s        # would be skipped
+
+
+@pytest.mark.parametrize("budget", [60, 200, 420, 900])
+def test_simulated_plan_fits_the_budget_in_order(budget):
+    plan = G.simulate_plan(G.STEPS, budget)
+    assert sum(used for _, used in plan) <= budget
+    ran = [used > 0 for _, used in plan]
+    assert ran[:2] == [True, True] or budget < 100         # env and the build come first
+    if budget >= 420:
+        assert all(ran)                                     # the default budget runs every step
+    if budget >= 900:
+        assert all(used == s.est_s for s, (_, used) in zip(G.STEPS, plan))
 
 
 def test_pytest_counts_summary_and_interrupted():
@@ -84,6 +97,9 @@ def test_pytest_counts_summary_and_interrupted():
         failed=3, passed=116, skipped=2)
     partial = "tests/test_cuda.py::test_a[x] PASSED [ 1%]\ntests/test_cuda.py::test_b FAILED [ 2%]\n"
     assert G.pytest_counts(partial) == dict(passed=1, failed=1)
+    xdist = ("[gw0] [  1%] PASSED tests/test_cuda.py::test_a[x] \n[gw1] [  2%] PASSED tests/test_cuda.py::test_c \n"
+             "[gw1] [  3%] SKIPPED tests/test_cuda.py::test_d \nFAILED tests/test_cuda.py::test_e - AssertionError\n")
+    assert G.pytest_counts(xdist) == dict(passed=2, skipped=1)
 
 
 def _row(p, s, status="ok", t=1.0, peak=100.0, note=""):
