@@ -345,6 +345,8 @@ def sweep(args) -> tuple:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:   # the workers set it too; here it makes the printed description right
+        torch.set_num_threads(args.threads)
     t_start = time.time()
     load_start = P.load_average()
     rows, cfg, providers, modes, tag, run_opts = sweep(args)
@@ -381,7 +383,7 @@ def main(argv=None):
     if busy and not gpu:
         print(f"warning: load average {max(busy):.1f} on {os.cpu_count()} CPUs: other processes competed for the "
               "cores during this run (torch's threads wait on descheduled peers); its times are unreliable, "
-              "rerun on a quiet machine or with --threads 1")
+              "rerun on a quiet machine" + ("" if args.threads == 1 else " or with --threads 1"))
     print(report.table(rows, providers, modes, args.metric))
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
