@@ -22,7 +22,8 @@ what is allocated then):
     ral     ral.integrations.transformers.AttentionPolicy (attn_implementation "ral"): record
             caches the last layer's q, k and row stats; compare runs ral.ops.attention_kl.
 
-Writes <out-dir>/bench_last_layer_<device>.json / .csv and prints a table and the ratios.
+Writes <out>/bench_last_layer_<device>.json / .csv (<out>: benchmarks/out/, git-ignored, unless
+--out says otherwise; --out benchmarks/results publishes) and prints a table and the ratios.
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=1.0, help="lambda_attn")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=900.0, help="per implementation, seconds")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", "--out-dir", dest="out_dir", default=os.path.join(HERE, "out"),
+                    help="output folder (default benchmarks/out/, git-ignored; --out benchmarks/results publishes)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--check", action="store_true", help="only check eager vs ral div on a tiny model")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -7,16 +7,29 @@ ral against the paper's eager attention and against SDPA, swept over the sequenc
     python benchmarks/bench_memory.py --device cuda   # GPU: S = 1k..32k, bf16
 
 Providers: ``eager`` (materialise both models' attention, average heads, drop self, renormalise,
-JSD, backward), ``sdpa`` (torch SDPA, output only: the floor), and ``ral-<backend>`` for every
-ral kernel backend this machine has (see providers.py). Each CPU point runs in a fresh process
-(forked from a server that has only imported torch and ral): its resident-set peak above the
-resident set once the inputs exist is the point's memory. On GPU, points run in this process and
-memory is ``torch.cuda.max_memory_allocated`` after a reset, above the inputs. A point that runs
-out of memory, or that is predicted (from S^2 and the smaller points) to exceed ``--max-gb`` or
-``--point-budget`` seconds, is recorded as OOM / SKIP and the sweep goes on.
+JSD, backward), ``sdpa`` (torch SDPA, output only: the floor; ``sdpa-flash`` forces its flash
+kernel), and ``ral-<backend>`` for every ral kernel backend this machine has (see providers.py).
 
-Writes <out-dir>/<tag>.json, .csv, _memory.png and _time.png (tag: bench_memory_<device>, with
-a _quick suffix for --quick) and prints a table and the goal ratios at S=4096 (CPU) or S=4k/16k (GPU).
+Memory: each CPU point runs in a fresh process (forked from a server that has only imported torch
+and ral): its resident-set peak above the resident set once the inputs exist is the point's
+memory, and the time of that first call (first-touch page faults included) is kept apart as
+``first_call_s``. On GPU, points run in this process and memory is
+``torch.cuda.max_memory_allocated`` after a reset, above the inputs.
+
+Time: per (mode, S), one process (fresh on CPU) times every provider that passed its memory
+point, interleaved: one warm-up call each (``warmup_s``), then rounds of one timed call per
+provider in a rotating order (CUDA events on a GPU), at least --min-repeats, until --min-time or
+--repeats; ``time_s`` is the median. Machine noise that drifts over seconds then hits every
+provider alike instead of whichever ran during it.
+
+A point that runs out of memory, or that is predicted (from S^2 and the smaller points) to exceed
+``--max-gb``, ``--point-budget`` seconds or what is left of ``--budget``, is recorded as
+OOM / SKIP and the sweep goes on.
+
+Writes <out>/<tag>.json, .csv, _memory.png and _time.png (tag: bench_memory_<device>, with a _quick
+suffix for --quick; <out> is benchmarks/out/, git-ignored, unless --out says otherwise:
+``--out benchmarks/results`` publishes) and prints a table and the goal ratios at S=4096 (CPU) or
+S=4k/16k (GPU).
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ GPU_SEQS = [1024, 2048, 4096, 8192, 16384, 32768]
 QUICK_CPU_SEQS = [256, 512, 1024]
 QUICK_GPU_SEQS = [1024, 4096, 16384]
 QUADRATIC_MEMORY = ("eager", "ral-reference")
+DEFAULT_OUT = os.path.join(HERE, "out")   # git-ignored; benchmarks/results/ holds the published runs
 
 
 def parse_args(argv=None):
@@ -82,7 +96,13 @@ def parse_args(argv=None):
                          "in this process (what bench_speed.py runs)")
     ap.add_argument("--quick", action="store_true", help="a small sweep in under 30 s")
     ap.add_argument("--summary-seq", type=int, default=4096, help="S of the CPU goal ratios")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--min-repeats", type=int, default=3,
+                    help="timed repeats per point before --min-time may stop it (default 3)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="whole-sweep wall budget in s: points predicted past it are SKIP (default: none)")
+    ap.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT,
+                    help="output folder (default benchmarks/out/, git-ignored; "
+                         "--out benchmarks/results publishes)")
     ap.add_argument("--tag", default=None, help="file stem (default bench_memory_<device>[_quick])")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
@@ -134,13 +154,14 @@ def resolve(args):
 
 
 class Runner:
-    """Runs points in fresh processes (forkserver: only torch and ral are imported beforehand)."""
+    """Measures points: memory in fresh processes (forkserver: only torch and ral imported
+    beforehand) or in this process; time in one process per (mode, S), providers interleaved."""
 
     def __init__(self, isolate: str, threads, repeats: int, min_time: float, budget: float,
-                 measure_memory: bool = True):
+                 measure_memory: bool = True, min_repeats: int = 3):
         self.isolate = isolate
         self.measure_memory = measure_memory
-        self.opts = dict(threads=threads, repeats=repeats, min_time=min_time)
+        self.opts = dict(threads=threads, repeats=repeats, min_time=min_time, min_repeats=min_repeats)
         self.timeout = max(120.0, 4 * budget)
         self.ctx = None
         if isolate == "process":
@@ -150,22 +171,20 @@ class Runner:
             if method == "forkserver":
                 self.ctx.set_forkserver_preload(["torch", "ral", "providers"])
 
-    def run(self, provider: str, mode: str, seq: int, cfg: P.Config) -> dict:
-        if self.isolate != "process":
-            if self.opts["threads"]:
-                torch.set_num_threads(self.opts["threads"])
-            res = P.run_point(provider, mode, seq, cfg, repeats=self.opts["repeats"],
-                              min_time=self.opts["min_time"], measure_memory=self.measure_memory)
-            gc.collect()
-            if cfg.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            return res
+    def _in_process(self, fn, *args, **kw):
+        if self.opts["threads"]:
+            torch.set_num_threads(self.opts["threads"])
+        res = fn(*args, **kw)
+        gc.collect()
+        return res
+
+    def _isolated(self, target, args, timeout: float, on_death):
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=P.worker, args=(child, provider, mode, seq, cfg.asdict(), self.opts))
+        proc = self.ctx.Process(target=target, args=(child, *args))
         proc.start()
         child.close()
         res = None
-        if parent.poll(self.timeout):
+        if parent.poll(timeout):
             try:
                 res = parent.recv()
             except EOFError:
@@ -173,20 +192,52 @@ class Runner:
         else:
             proc.kill()
             proc.join()
-            return dict(status="timeout", peak_bytes=None, time_s=None, times=[],
-                        note=f"killed after {self.timeout:.0f} s")
+            return on_death("timeout", f"killed after {timeout:.0f} s")
         proc.join()
         if res is None:  # died without answering: the OOM killer (-9) or a crash
             status = "oom" if proc.exitcode in (-9, 137) else "error"
-            return dict(status=status, peak_bytes=None, time_s=None, times=[],
-                        note=f"worker exited with {proc.exitcode} (killed: out of memory?)")
+            return on_death(status, f"worker exited with {proc.exitcode} (killed: out of memory?)")
+        return res
+
+    def memory(self, provider: str, mode: str, seq: int, cfg: P.Config) -> dict:
+        """The point's extra peak and the time of that first call (measure_peak)."""
+        if self.isolate != "process":
+            return self._in_process(P.measure_peak, provider, mode, seq, cfg)
+        return self._isolated(P.worker, (provider, mode, seq, cfg.asdict(), self.opts), self.timeout,
+                              lambda status, note: dict(status=status, peak_bytes=None, note=note))
+
+    def times(self, providers: list, mode: str, seq: int, cfg: P.Config, max_seconds=None) -> dict:
+        """Median times of `providers` at (mode, S), interleaved in one process (time_interleaved).
+        If that process dies (out of memory with every provider's state alive), each provider is
+        timed alone in its own process, and its note says so."""
+        if not providers:
+            return {}
+        kw = dict(repeats=self.opts["repeats"], min_time=self.opts["min_time"],
+                  min_repeats=self.opts["min_repeats"], max_seconds=max_seconds)
+        if self.isolate != "process":
+            return self._in_process(P.time_interleaved, providers, mode, seq, cfg, **kw)
+        opts = dict(self.opts, max_seconds=max_seconds)
+        timeout = self.timeout * len(providers)
+
+        def died(status, note):
+            return {p: dict(status=status, time_s=None, times=[], note=note) for p in providers}
+        res = self._isolated(P.time_worker, (providers, mode, seq, cfg.asdict(), opts), timeout, died)
+        if len(providers) > 1 and all(r["status"] != "ok" for r in res.values()):
+            first = next(iter(res.values()))["note"]
+            res = {}
+            for p in providers:
+                one = self._isolated(P.time_worker, ([p], mode, seq, cfg.asdict(), opts), self.timeout, died)[p]
+                one["note"] = (one.get("note") or "") + f" (timed alone: the interleaved group failed: {first})"
+                res[p] = one
         return res
 
 
-def expected_runs(t: float, repeats: int, min_time: float) -> float:
-    """Runs a point makes: the measured first run, then timed repeats until min_time (>= 1)."""
-    timed = max(1, min(repeats, math.ceil(min_time / max(t, 1e-9))))
-    return 1 + timed
+def expected_runs(t: float, repeats: int, min_time: float, min_repeats: int = 3) -> float:
+    """Calls a point makes: the memory call, the timing warm-up, then timed repeats (at least
+    min(min_repeats, repeats), more until min_time is timed, at most repeats)."""
+    cap = max(1, repeats)
+    timed = min(cap, max(min(min_repeats, cap), math.ceil(min_time / max(t, 1e-9))))
+    return 2 + timed
 
 
 def predict(history: list, provider: str, mode: str, seq: int, cfg: P.Config):
@@ -205,19 +256,30 @@ def predict(history: list, provider: str, mode: str, seq: int, cfg: P.Config):
 
 
 def sweep(args) -> tuple:
+    """Every (mode, S): first each provider's memory point (fresh process on CPU), then one timing
+    group of the providers that ran, interleaved (Runner.times). Points predicted over --max-gb,
+    --point-budget or what is left of --budget are SKIP; a provider that failed at a smaller S is
+    not tried at larger ones."""
     cfg, providers, modes, seqs, max_bytes, budget, min_time, isolate, tag = resolve(args)
-    runner = Runner(isolate, args.threads, args.repeats, min_time, budget, measure_memory=args.metric == "memory")
+    measure_memory = args.metric == "memory"
+    runner = Runner(isolate, args.threads, args.repeats, min_time, budget, measure_memory=measure_memory,
+                    min_repeats=args.min_repeats)
     rows = []
-    points = [(m, s, p) for m in modes for p in providers for s in seqs]
+    points = [(m, s, p) for m in modes for s in seqs for p in providers]
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(points), disable=args.no_progress, unit="pt", dynamic_ncols=True, file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None
     history, failed = {}, {}
+    t_start = time.perf_counter()
+
+    def left():
+        return None if args.budget is None else args.budget - (time.perf_counter() - t_start)
     for mode in modes:
-        for p in providers:
-            for s in seqs:
+        for s in seqs:
+            group, group_rows = [], {}
+            for p in providers:
                 key = (p, mode)
                 if bar is not None:
                     bar.set_description(f"{p} {mode} S={s}")
@@ -226,39 +288,65 @@ def sweep(args) -> tuple:
                            causal=cfg.causal, divergence=cfg.divergence, heads_mode=cfg.heads_mode,
                            **P.versions())
                 mem, t = predict(history.get(key, []), p, mode, s, cfg)
+                runs = None if t is None else t * expected_runs(t, args.repeats, min_time, args.min_repeats)
+                remaining = left()
                 if key in failed:
                     res = dict(status="skip", note=f"a smaller S was {failed[key]}")
                 elif mem > max_bytes:
                     res = dict(status="skip", note=f"predicted {P.fmt_bytes(mem)} > --max-gb {max_bytes / P.GIB:.1f}")
-                elif t is not None and t * expected_runs(t, args.repeats, min_time) > budget:
-                    res = dict(status="skip", note=f"predicted {t * expected_runs(t, args.repeats, min_time):.0f} s "
-                                                   f"> --point-budget {budget:.0f} s")
+                elif runs is not None and runs > budget:
+                    res = dict(status="skip", note=f"predicted {runs:.0f} s > --point-budget {budget:.0f} s")
+                elif remaining is not None and (remaining <= 0 or (runs is not None and runs > remaining)):
+                    res = dict(status="skip", note=f"over --budget {args.budget:.0f} s ({max(remaining, 0):.0f} s left"
+                                                   + (f", predicted {runs:.0f} s)" if runs is not None else ")"))
+                elif measure_memory:
+                    res = runner.memory(p, mode, s, cfg)
                 else:
-                    res = runner.run(p, mode, s, cfg)
-                row.update(status=res["status"], peak_bytes=res.get("peak_bytes"), time_s=res.get("time_s"),
-                           repeats=len(res.get("times") or []), times=res.get("times") or [],
-                           note=res.get("note", ""))
+                    res = dict(status="ok")
+                row.update(status=res["status"], peak_bytes=res.get("peak_bytes"), time_s=None, repeats=0, times=[],
+                           first_call_s=res.get("first_call_s"), warmup_s=None, note=res.get("note", ""))
                 if res["status"] == "ok":
-                    history.setdefault(key, []).append((s, row["peak_bytes"], row["time_s"]))
-                    if row["time_s"]:
-                        fa = P.attention_flops(mode, s, cfg)
-                        extra = P.divergence_flops(mode, s, cfg) if p.startswith("ral-") else 0.0
-                        row["tflops_attn"] = fa / row["time_s"] / 1e12
-                        row["tflops_total"] = (fa + extra) / row["time_s"] / 1e12
+                    group.append(p)
                 else:
                     failed.setdefault(key, f"{res['status'].upper()} at S={s}")
+                group_rows[p] = row
                 rows.append(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(f"{res['status']} {P.fmt_bytes(row['peak_bytes'])} {P.fmt_time(row['time_s'])}")
+                    bar.set_postfix_str(f"{res['status']} {P.fmt_bytes(row['peak_bytes'])}")
+            if bar is not None and group:
+                bar.set_description(f"timing {mode} S={s}: {','.join(group)}")
+            remaining = left()
+            timed = runner.times(group, mode, s, cfg, max_seconds=None if remaining is None else max(remaining, 1.0))
+            for p in group:
+                row, res = group_rows[p], timed.get(p, dict(status="error", note="not timed"))
+                if res["status"] != "ok":
+                    row.update(status=res["status"], note=res.get("note", ""))
+                    failed.setdefault((p, mode), f"{res['status'].upper()} at S={s}")
+                    continue
+                row.update(time_s=res["time_s"], times=res["times"], repeats=len(res["times"]),
+                           warmup_s=res.get("warmup_s"), note=res.get("note", ""))
+                history.setdefault((p, mode), []).append((s, row["peak_bytes"], row["time_s"]))
+                fa = P.attention_flops(mode, s, cfg)
+                extra = P.divergence_flops(mode, s, cfg) if p.startswith("ral-") else 0.0
+                row["tflops_attn"] = fa / row["time_s"] / 1e12
+                row["tflops_total"] = (fa + extra) / row["time_s"] / 1e12
+            if bar is not None and group:
+                bar.set_postfix_str(" ".join(f"{p}={P.fmt_time(group_rows[p]['time_s'])}" for p in group))
     if bar is not None:
         bar.close()
     return rows, cfg, providers, modes, tag, dict(max_bytes=max_bytes, point_budget_s=budget, min_time_s=min_time,
-                                                   repeats=args.repeats, isolate=isolate)
+                                                   repeats=args.repeats, min_repeats=args.min_repeats,
+                                                   budget_s=args.budget, isolate=isolate,
+                                                   timing="interleaved: per (mode, S) one process, one warm-up "
+                                                          "call per provider, then rounds of one timed call per "
+                                                          "provider in a rotating order; median")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:   # the workers set it too; here it makes the printed description right
+        torch.set_num_threads(args.threads)
     t_start = time.time()
     load_start = P.load_average()
     rows, cfg, providers, modes, tag, run_opts = sweep(args)
@@ -268,7 +356,7 @@ def main(argv=None):
     summary_seq = args.summary_seq
     if summary_seq not in seqs:  # e.g. --quick: the largest S where eager, sdpa and a ral backend all ran
         full = [r for r in rows if r["mode"] == "full" and r["status"] == "ok"]
-        common = [s for s in seqs if {"eager", "sdpa"} <= {r["provider"] for r in full if r["S"] == s}
+        common = [s for s in seqs if {"eager", report.floor_provider(rows)} <= {r["provider"] for r in full if r["S"] == s}
                   and any(r["provider"].startswith("ral-") for r in full if r["S"] == s)]
         summary_seq = common[-1] if common else seqs[-1]
     summary = ((report.summary_gpu(rows, metric=args.metric, cfg=cfg) if gpu else [])
@@ -282,6 +370,7 @@ def main(argv=None):
         ral_backends_available=P.ral.backends.available(), memory_meter=None if args.metric == "speed" else (
             "torch.cuda.max_memory_allocated above the inputs" if gpu else
             "VmHWM (reset via /proc/self/clear_refs) above VmRSS once the inputs exist, fresh process per point"),
+        timer="CUDA events" if gpu else "time.perf_counter",
         flop_count=("FlashAttention's: 4*B*H*S*S*D fwd, x2.5 bwd, halved causal (tflops_attn); tflops_total "
                     "adds the divergence's score products for ral (providers.divergence_flops)"),
         **run_opts, **P.versions())
@@ -290,6 +379,11 @@ def main(argv=None):
     print(f"B={cfg.batch} H={cfg.heads} Hkv={cfg.kv_heads} D={cfg.head_dim} {cfg.dtype} "
           f"{'causal' if cfg.causal else 'non-causal'} {cfg.divergence} heads={cfg.heads_mode}; "
           f"load average {load_start} -> {meta['load_average_end']}")
+    busy = [la for la in (load_start or [])[:1] + (meta["load_average_end"] or [])[:1] if la > (os.cpu_count() or 1)]
+    if busy and not gpu:
+        print(f"warning: load average {max(busy):.1f} on {os.cpu_count()} CPUs: other processes competed for the "
+              "cores during this run (torch's threads wait on descheduled peers); its times are unreliable, "
+              "rerun on a quiet machine" + ("" if args.threads == 1 else " or with --threads 1"))
     print(report.table(rows, providers, modes, args.metric))
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:

@@ -5,6 +5,9 @@ TFLOP/s (``bench_memory.py --metric speed``: same providers, shapes and options;
     python benchmarks/bench_speed.py                 # CPU: S = 512..8192, fwd / bwd / full
     python benchmarks/bench_speed.py --device cuda   # GPU: S = 1k..32k, bf16, H=28, Hkv=4, D=128
     python benchmarks/bench_speed.py --quick
+    python benchmarks/bench_speed.py --out benchmarks/results   # publish (default: benchmarks/out/)
+
+Times are the median of interleaved repeats (bench_memory.py's docstring says how).
 
 TFLOP/s as FlashAttention counts it: 4·B·H·Sq·Sk·D for the forward (QK^T and PV), 2.5x that for
 the backward, halved when causal ("tflops_attn": the same work for every provider, so it ranks

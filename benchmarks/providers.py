@@ -8,7 +8,8 @@ divergence of the head-averaged attention policy from a reference's, and its gra
               (as transformers' ``eager_attention_forward`` does), average the heads, drop the
               self position, renormalise, JSD; backward through all of it.
     sdpa      torch.nn.functional.scaled_dot_product_attention, output only: the floor (it does
-              not compute any divergence).
+              not compute any divergence). ``sdpa-flash``: the same restricted to the
+              FlashAttention kernel (the GPU floor of issue 3; an error where flash cannot run).
     ral-<b>   ral.ops.attention_kl(..., backend=<b>) for every kernel backend this machine has
               (cpu, triton, cuda); ``ral-reference`` (the materialising oracle) on request only.
 
@@ -170,6 +171,14 @@ def forward_sdpa(inp: dict, cfg: Config):
     return out, None
 
 
+def forward_sdpa_flash(inp: dict, cfg: Config):
+    """SDPA restricted to its FlashAttention kernel (the GPU floor); raises when flash cannot take the
+    call (torch then names why), rather than silently timing another kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return forward_sdpa(inp, cfg)
+
+
 def forward_ral(backend: str) -> Callable:
     def fwd(inp: dict, cfg: Config):
         res = ral.ops.attention_kl(inp["q"], inp["k"], inp["v"], q_ref=inp["q_ref"], k_ref=inp["k_ref"],
@@ -184,6 +193,8 @@ def provider_fn(name: str) -> Callable:
         return forward_eager
     if name == "sdpa":
         return forward_sdpa
+    if name == "sdpa-flash":
+        return forward_sdpa_flash
     if name.startswith("ral-"):
         return forward_ral(name[4:])
     raise ValueError(f"unknown provider {name!r}")
@@ -207,6 +218,8 @@ def backend_label(provider: str, device: str) -> str:
         return "torch-matmul-softmax"
     if provider == "sdpa":
         return "torch-sdpa"
+    if provider == "sdpa-flash":
+        return "torch-sdpa-flash"
     return provider[4:]
 
 
@@ -313,20 +326,79 @@ def is_oom(err: BaseException) -> bool:
 # One point
 # ----------------------------------------------------------------------------------------------
 
-def run_point(provider: str, mode: str, seq: int, cfg: Config, *, repeats: int = 5, min_time: float = 1.0,
-              measure_memory: bool = True, warmup_small: bool = True, seed: int = 0) -> dict:
-    """Measure one (provider, mode, S): peak bytes of the first run, then the median time of repeats.
+def make_step(provider: str, mode: str, inp: dict, cfg: Config):
+    """(step, state): `step()` runs one call of `mode` for `provider` on `inp` (gradients cleared
+    first); for "bwd" the forward runs here, once, and `state` keeps its graph alive."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    fwd = provider_fn(provider)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fwd(inp, cfg)
+        return step, None
+    if mode == "full":
+        def step():
+            clear_grads(inp)
+            o, d = fwd(inp, cfg)
+            backward(o, d, inp)
+        return step, None
+    graph = fwd(inp, cfg)
 
-    Returns {"status": "ok", "peak_bytes", "time_s", "times"} or {"status": "oom"|"error", "note"}.
-    On CPU the first run after the baseline is the one measured for memory (and serves as the
-    timing warm-up); on GPU a full warm-up run (compilation, autotuning) precedes it.
+    def step():
+        clear_grads(inp)
+        backward(*graph, inp, retain_graph=True)
+    return step, graph
+
+
+class Timer:
+    """Seconds of one call: CUDA events around it on a GPU (median-friendly, no host sync inside
+    the region), perf_counter on a CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn: Callable) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def _failure(err: BaseException) -> dict:
+    return dict(status="oom" if is_oom(err) else "error", peak_bytes=None, time_s=None, times=[],
+                note=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}")
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def measure_peak(provider: str, mode: str, seq: int, cfg: Config, *, warmup_small: bool = True,
+                   seed: int = 0) -> dict:
+    """Peak bytes of one (provider, mode, S) call above the inputs: {"status": "ok", "peak_bytes",
+    "first_call_s"} or {"status": "oom"|"error", "note"}.
+
+    A tiny warm-up call first (thread pools, dispatch caches, the custom op, code loading); on a
+    GPU also a full call at the real shape (compilation, autotuning). The measured call is the
+    first at the real shape on a CPU: its time, ``first_call_s``, includes first-touch page faults
+    and is reported apart from the timed repeats (time_interleaved).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fwd = provider_fn(provider)
     on_gpu = cfg.device.startswith("cuda")
+    graph = None
     try:
-        if warmup_small:  # thread pools, dispatch caches, the custom op, code loading
+        if warmup_small:
             tiny = make_inputs(cfg, min(64, seq), seed)
             out, div = fwd(tiny, cfg)
             backward(out, div, tiny)
@@ -342,63 +414,114 @@ def run_point(provider: str, mode: str, seq: int, cfg: Config, *, repeats: int =
             del out, div
             clear_grads(inp)
         meter = meter_for(cfg.device)
-        peak = None
-        graph = None
-        if mode == "fwd":
-            if measure_memory:
-                meter.start()
-            with torch.no_grad():
-                out, div = fwd(inp, cfg)
-            sync(cfg.device)
-            peak = meter.peak() if measure_memory else None
-            del out, div
-
-            def step():
-                with torch.no_grad():
-                    fwd(inp, cfg)
-        elif mode == "full":
-            if measure_memory:
-                meter.start()
-            out, div = fwd(inp, cfg)
-            backward(out, div, inp)
-            sync(cfg.device)
-            peak = meter.peak() if measure_memory else None
-            del out, div
-
-            def step():
-                clear_grads(inp)
-                o, d = fwd(inp, cfg)
-                backward(o, d, inp)
-        else:  # bwd: one forward kept (retain_graph), the backward measured and timed
+        if mode == "bwd":
             graph = fwd(inp, cfg)
             sync(cfg.device)
-            if measure_memory:
-                meter.start()
+        meter.start()
+        t0 = time.perf_counter()
+        if mode == "fwd":
+            with torch.no_grad():
+                out, div = fwd(inp, cfg)
+            del out, div
+        elif mode == "full":
+            out, div = fwd(inp, cfg)
+            backward(out, div, inp)
+            del out, div
+        else:
             backward(*graph, inp, retain_graph=True)
-            sync(cfg.device)
-            peak = meter.peak() if measure_memory else None
+        sync(cfg.device)
+        first = time.perf_counter() - t0
+        peak = meter.peak()
+        return dict(status="ok", peak_bytes=peak, first_call_s=first)
+    except Exception as err:  # noqa: BLE001 - recorded, not raised: a sweep goes on
+        return _failure(err)
+    finally:
+        graph = None
+        _release(cfg.device)
 
-            def step():
-                clear_grads(inp)
-                backward(*graph, inp, retain_graph=True)
 
-        times = []
-        total = 0.0
-        while len(times) < max(1, repeats) and (len(times) < 1 or total < min_time):
-            clear_grads(inp)
+def time_interleaved(providers: list, mode: str, seq: int, cfg: Config, *, repeats: int = 5,
+                     min_time: float = 1.0, min_repeats: int = 3, seed: int = 0,
+                     max_seconds: Optional[float] = None) -> dict:
+    """Median time of `mode` at S=seq for each provider, the providers' calls interleaved.
+
+    One set of inputs; each provider first makes one untimed warm-up call at the real shape
+    (compilation, autotuning, first-touch page faults: its time is ``warmup_s``, reported apart).
+    Then rounds: each round times one call of every provider still timing, in an order rotated
+    by one each round, so that a slow drift of the machine (another tenant, clocks, thermals)
+    lands on every provider alike. A provider stops after `repeats` timed calls, or after
+    `min_repeats` once `min_time` seconds of it were timed; `max_seconds` (wall) stops all.
+    Returns {provider: {"status": "ok", "time_s" (median), "times", "warmup_s"} or a failure}.
+    """
+    res, steps, state, warm = {}, {}, [], {}
+    timer = Timer(cfg.device)
+    t_start = time.perf_counter()
+    try:
+        inp = make_inputs(cfg, seq, seed)
+    except Exception as err:  # noqa: BLE001
+        fail = _failure(err)
+        return {p: dict(fail) for p in providers}
+    for p in providers:
+        try:
+            step, keep = make_step(p, mode, inp, cfg)
             sync(cfg.device)
             t0 = time.perf_counter()
             step()
             sync(cfg.device)
-            dt = time.perf_counter() - t0
-            times.append(dt)
-            total += dt
-        del graph
-        return dict(status="ok", peak_bytes=peak, time_s=statistics.median(times), times=times)
-    except Exception as err:  # noqa: BLE001 - recorded, not raised: a sweep goes on
-        status = "oom" if is_oom(err) else "error"
-        return dict(status=status, peak_bytes=None, time_s=None, times=[],
-                    note=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            warm[p] = time.perf_counter() - t0
+            steps[p] = step
+            state.append(keep)
+        except Exception as err:  # noqa: BLE001
+            res[p] = _failure(err)
+            _release(cfg.device)
+    times = {p: [] for p in steps}
+    cap = max(1, repeats)
+    floor = max(1, min(min_repeats, cap))
+
+    def timing(p):
+        n = len(times[p])
+        return p not in res and n < cap and (n < floor or sum(times[p]) < min_time)
+    rnd, truncated = 0, False
+    while True:
+        todo = [p for p in steps if timing(p)]
+        if not todo:
+            break
+        if max_seconds is not None and rnd > 0 and time.perf_counter() - t_start > max_seconds:
+            truncated = True
+            break
+        k = rnd % len(todo)
+        for p in todo[k:] + todo[:k]:
+            clear_grads(inp)
+            try:
+                times[p].append(timer(steps[p]))
+            except Exception as err:  # noqa: BLE001
+                res[p] = _failure(err)
+                _release(cfg.device)
+        rnd += 1
+    for p in steps:
+        if p in res:
+            continue
+        res[p] = dict(status="ok", time_s=statistics.median(times[p]), times=times[p], warmup_s=warm[p],
+                      note=f"stopped by max_seconds after {len(times[p])} repeats" if truncated else "")
+    del steps, state, inp
+    _release(cfg.device)
+    return res
+
+
+def run_point(provider: str, mode: str, seq: int, cfg: Config, *, repeats: int = 5, min_time: float = 1.0,
+              measure_memory: bool = True, warmup_small: bool = True, seed: int = 0) -> dict:
+    """One (provider, mode, S) alone: the peak of the first call (measure_peak; None when
+    `measure_memory` is False), then the median of timed repeats after a warm-up call
+    (time_interleaved with one provider). {"status", "peak_bytes", "time_s", "times",
+    "first_call_s", "warmup_s"}."""
+    mem = dict(status="ok", peak_bytes=None, first_call_s=None)
+    if measure_memory:
+        mem = measure_peak(provider, mode, seq, cfg, warmup_small=warmup_small, seed=seed)
+        if mem["status"] != "ok":
+            return mem
+    res = time_interleaved([provider], mode, seq, cfg, repeats=repeats, min_time=min_time, seed=seed)[provider]
+    res.update(peak_bytes=mem["peak_bytes"], first_call_s=mem["first_call_s"])
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,18 +641,32 @@ def pick_device(requested: str) -> str:
 
 
 __all__ = ["Config", "MODES", "make_inputs", "provider_fn", "default_providers", "ral_backends_for",
-           "run_point", "predicted_bytes", "attention_flops", "divergence_flops"]
+           "make_step", "measure_peak", "time_interleaved", "run_point", "predicted_bytes",
+           "attention_flops", "divergence_flops"]
 
 
 def worker(conn, provider: str, mode: str, seq: int, cfg_dict: dict, opts: dict) -> None:
-    """Entry point of a fresh per-point process (bench_memory.py): measure, send the result back."""
+    """Entry point of a fresh per-point process (bench_memory.py): measure the memory of one
+    point (measure_peak), send the result back."""
     try:
         if opts.get("threads"):
             torch.set_num_threads(int(opts["threads"]))
-        cfg = Config(**cfg_dict)
-        res = run_point(provider, mode, seq, cfg, repeats=opts.get("repeats", 5),
-                        min_time=opts.get("min_time", 1.0), measure_memory=True)
+        res = measure_peak(provider, mode, seq, Config(**cfg_dict))
     except BaseException as err:  # noqa: BLE001
         res = dict(status="error", peak_bytes=None, time_s=None, times=[], note=f"{type(err).__name__}: {err}")
+    conn.send(res)
+    conn.close()
+
+
+def time_worker(conn, providers: list, mode: str, seq: int, cfg_dict: dict, opts: dict) -> None:
+    """Entry point of a fresh process timing one (mode, S) for several providers, interleaved."""
+    try:
+        if opts.get("threads"):
+            torch.set_num_threads(int(opts["threads"]))
+        res = time_interleaved(providers, mode, seq, Config(**cfg_dict), repeats=opts.get("repeats", 5),
+                               min_time=opts.get("min_time", 1.0), min_repeats=opts.get("min_repeats", 3),
+                               max_seconds=opts.get("max_seconds"))
+    except BaseException as err:  # noqa: BLE001
+        res = {p: dict(status="error", time_s=None, times=[], note=f"{type(err).__name__}: {err}") for p in providers}
     conn.send(res)
     conn.close()
