@@ -2,7 +2,7 @@
 float64 reference with the accuracy rule of tests/oracle.py.
 
 The kernels are the real sources compiled as host C++ (tests/cuda_emu/build.py); they run through
-the real Python path (ral.ops.attention_kl -> custom op -> ral._compiled forward/backward), on CPU
+the real Python path (ral.ops.attention_kl -> custom op -> ral.backends.compiled forward/backward), on CPU
 tensors, under backend="cuda" routed to the emulated module. Shapes are small (a block is 64 rows x
 64 keys, so 1..130 rows / keys give ragged tiles and several key tiles); the emulator reports 4 SMs,
 so the forward's divergence pass and the backward split their key tiles over several blocks.

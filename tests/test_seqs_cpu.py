@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import Problem, cast, compare, option_grid, option_id, run, upstream  # noqa: E402
 
-from ral import _compiled, backends, ops, reference  # noqa: E402
+from ral import backends, ops, reference  # noqa: E402
+from ral.backends import compiled as _compiled  # noqa: E402
 from ral.backends import Call, Options  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_compiled.import_error() is not None,
