@@ -61,6 +61,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from torch.utils.cpp_extension import CUDA_HOME
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(HERE, "out", "gpu_check")  # git-ignored
@@ -167,15 +169,9 @@ def cuda_arch(capability) -> Optional[str]:
 
 
 def find_cuda_home() -> Optional[str]:
-    nvcc = shutil.which("nvcc")
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if nvcc:
-        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for home in filter(None, cands):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    return None
+    """The CUDA toolkit torch's extension builder would use (CUDA_HOME, CUDA_PATH, nvcc on PATH,
+    /usr/local/cuda), if it holds nvcc."""
+    return CUDA_HOME if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) else None
 
 
 def find_sanitizer() -> Optional[str]:

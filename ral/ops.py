@@ -117,13 +117,9 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
         They are views of head-major kernel buffers (call ``.contiguous()`` where a contiguous
         tensor is needed). Reading cu_seqlens costs one device-to-host copy per call.
     """
-    _tensor("q", q, 3, "(Tq, H, D)")
-    _tensor("k", k, 3, "(Tk, Hkv, D)")
-    _tensor("v", v, 3, "(Tk, Hkv, Dv)", optional=True)
-    _tensor("q_ref", q_ref, 3, "(Tq, Hr, Dr)")
-    _tensor("k_ref", k_ref, 3, "(Tk, Hrkv, Dr)")
-    _tensor("ref_stats", ref_stats, 3, "(Tq, Hr, 2)", optional=True)
-    _tensor("row_mask", row_mask, 1, "(Tq,)", optional=True)
+    given = dict(q=q, k=k, v=v, q_ref=q_ref, k_ref=k_ref, ref_stats=ref_stats, row_mask=row_mask)
+    for name, layout in _PACKED_LAYOUTS.items():
+        _tensor(name, given[name], layout.count(",") + 1, layout, optional=name in ("v", "ref_stats", "row_mask"))
     for name, t, total, what in (("q_ref", q_ref, q.shape[0], "Tq (q.shape[0])"),
                                  ("ref_stats", ref_stats, q.shape[0], "Tq (q.shape[0])"),
                                  ("row_mask", row_mask, q.shape[0], "Tq (q.shape[0])"),
@@ -144,6 +140,10 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
     packed = (lambda t: t[0].transpose(0, 1)) if heads == "each" else (lambda t: t[0])
     return AttentionKL(None if res.out is None else res.out[0].transpose(0, 1), packed(res.div),
                        res.stats[0].transpose(0, 1))
+
+
+_PACKED_LAYOUTS = {"q": "(Tq, H, D)", "k": "(Tk, Hkv, D)", "v": "(Tk, Hkv, Dv)", "q_ref": "(Tq, Hr, Dr)",
+                   "k_ref": "(Tk, Hrkv, Dr)", "ref_stats": "(Tq, Hr, 2)", "row_mask": "(Tq)"}
 
 
 def sequence_table(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,

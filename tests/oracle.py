@@ -318,3 +318,16 @@ def attention_distill_div(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q
     return ral.ops.attention_kl(q, k, v, q_ref=q_teacher, k_ref=k_teacher, ref_stats=teacher_stats,
                         divergence="jsd", heads="mean", exclude_self=True, causal=True,
                         key_padding_mask=key_padding_mask, row_mask=row_mask, backend=backend)
+
+
+def assert_compiled_matches_eager(loss_fn, inputs) -> None:
+    """torch.compile(fullgraph=True) of `loss_fn(*inputs)` gives the eager loss and input gradients."""
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ral
-from oracle import Problem, cast
+from oracle import Problem, assert_compiled_matches_eager, cast
 from ral import backends
 
 CPU_BUILT = backends.unavailable_reason("cpu") is None
@@ -140,15 +140,7 @@ def test_torch_compile_fullgraph(heads):
         res = ral.attention_kl(q, k, v, q_ref=kw["q_ref"], k_ref=kw["k_ref"], heads=heads, backend="cpu")
         return res.out.square().mean() + res.div.sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    grads = []
-    for fn in (loss_fn, compiled):
-        leaves = [kw[n].clone().requires_grad_(True) for n in ("q", "k", "v")]
-        loss = fn(*leaves)
-        loss.backward()
-        grads.append([loss.detach()] + [t.grad for t in leaves])
-    for eager, traced in zip(*grads):
-        torch.testing.assert_close(traced, eager)
+    assert_compiled_matches_eager(loss_fn, [kw[n] for n in ("q", "k", "v")])
 
 
 def test_non_contiguous_inputs_are_not_a_problem():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ral
-from oracle import PackedProblem, check_packed, option_grid, option_id, packed_upstream, run
+from oracle import PackedProblem, assert_compiled_matches_eager, check_packed, option_grid, option_id, packed_upstream, run
 from ral import backends
 
 CPU = pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="ral._C not built")
@@ -71,15 +71,7 @@ def test_torch_compile_fullgraph():
         res = ral.ops.attention_kl_varlen(q, k, v, **{key: kw[key] for key in kw if key not in ("q", "k", "v")})
         return res.out.square().mean() + res.div.sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (loss_fn, compiled):
-        leaves = [kw[name].clone().requires_grad_(True) for name in ("q", "k", "v")]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [t.grad for t in leaves])
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager)
+    assert_compiled_matches_eager(loss_fn, [kw[name] for name in ("q", "k", "v")])
 
 
 def _call(**changes):

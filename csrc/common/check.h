@@ -94,4 +94,10 @@ inline void check_seq_table(const AttentionKLParams& p) {
   }
 }
 
+// The CPU entry points' check: the params, then the table (in host memory there).
+inline void check_host_call(const AttentionKLParams& p, bool backward) {
+  check_params(p, backward);
+  check_seq_table(p);
+}
+
 }  // namespace ral

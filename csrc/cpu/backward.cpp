@@ -360,15 +360,13 @@ class Backward {
 }  // namespace
 
 int64_t backward_scratch_bytes(const AttentionKLParams& p) {
-  check_params(p, /*backward=*/false);
-  check_seq_table(p);
+  check_host_call(p, /*backward=*/false);
   const Geometry geo(p);
   return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * partial_floats(p, geo);
 }
 
 void backward(const AttentionKLParams& p) {
-  check_params(p, /*backward=*/true);
-  check_seq_table(p);
+  check_host_call(p, /*backward=*/true);
   const Geometry geo(p);
   const int n_threads = worker_count(p, geo);
   require(p.scratch_bytes >= static_cast<int64_t>(sizeof(float)) * n_threads * partial_floats(p, geo),

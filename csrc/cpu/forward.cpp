@@ -417,8 +417,7 @@ class Forward {
 }  // namespace
 
 void forward(const AttentionKLParams& p) {
-  check_params(p, /*backward=*/false);
-  check_seq_table(p);
+  check_host_call(p, /*backward=*/false);
   const Geometry geo(p);
   const Schedule schedule(p, geo);
   WorkQueue queue(schedule.size());
