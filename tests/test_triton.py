@@ -4,7 +4,7 @@ On CPU the kernels run under the Triton interpreter, which triton fixes when the
 decorated (the import of ral.backends.triton): the CPU tests run only in a pytest process started
 with TRITON_INTERPRET=1,
 
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_triton.py
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_triton.py tests/test_triton_seqs.py
 
 and skip elsewhere; the CUDA tests (and the check that CPU tensors need the interpreter) run only
 in a process without it. The 24 option combinations each run once, on a rotation of small problems

@@ -26,6 +26,7 @@ runs (the first the pruner keeps). RAL_TRITON_COMPILE_ALL=1: every kept config, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -72,7 +73,8 @@ def _compiled_mode(monkeypatch):
 
 # (name, backward, options, features). Features: v, ref_stats (forward only), kpm, rm (forward
 # only), heads (query heads, default 4), kv_heads (backward "mean" with kv_heads > 1 accumulates
-# dk/dv in memory), q_splits (backward: forced RAL_TRITON_Q_SPLITS).
+# dk/dv in memory), q_splits (backward: forced RAL_TRITON_Q_SPLITS), seqs (a sequence table of
+# three packed sequences: Call.seqs, HAS_SEQS).
 VARIANTS = [
     ("fwd-mean-jsd", False, dict(divergence="jsd"), dict(v=True, kpm=True, rm=True)),
     ("fwd-mean-kl-refstats-nov", False, dict(divergence="kl"), dict(v=False, ref_stats=True)),
@@ -90,6 +92,11 @@ VARIANTS = [
     ("bwd-each-jsd", True, dict(divergence="jsd", heads_each=True), dict(v=True, kpm=True)),
     ("bwd-each-rkl-noself-nocausal", True,
      dict(divergence="reverse_kl", heads_each=True, exclude_self=False, causal=False), dict(v=True)),
+    # with a sequence table (packed sequences / context-parallel chunks: HAS_SEQS)
+    ("fwd-mean-jsd-seqs", False, dict(divergence="jsd"), dict(v=True, rm=True, seqs=True)),
+    ("fwd-each-kl-seqs", False, dict(divergence="kl", heads_each=True), dict(v=True, seqs=True)),
+    ("bwd-mean-jsd-gqa-seqs", True, dict(divergence="jsd"), dict(v=True, heads=28, kv_heads=4, seqs=True)),
+    ("bwd-each-jsd-seqs", True, dict(divergence="jsd", heads_each=True), dict(v=True, seqs=True)),
 ]
 ARCHS = [80, 90]
 if ALL:
@@ -114,6 +121,11 @@ def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: in
         key_padding_mask=torch.ones(batch, seq, dtype=torch.bool) if features.get("kpm") else None,
         row_mask=torch.ones(batch, seq, dtype=torch.bool) if features.get("rm") else None,
         options=opts)
+    if features.get("seqs"):
+        # three packed sequences of 100, 56 and 100 rows and keys, causal bottom-right in each
+        rows = [[0, start, n, start, n, 0, 0, 0] for start, n in ((0, 100), (100, 56), (156, 100))]
+        call = dataclasses.replace(call, seqs=torch.tensor(rows, dtype=torch.int32), max_q_len=100,
+                                   max_k_len=100)
     if not backward:
         return call, None
     rows = (batch, heads, seq) if opts.heads_each else (batch, seq)

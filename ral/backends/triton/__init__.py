@@ -1,5 +1,5 @@
 """backend="triton": fused attention + attention-divergence kernels in Triton (docs/design.md,
-"The op", "The math", "Gradient", "Memory").
+"The op", "The math", "Gradient", "Memory", "Packed sequences").
 
 Implements the backend interface of ``ral.backends``: ``unavailable_reason``, ``unsupported_reason``,
 ``forward``, ``backward``. GPU kernels; CPU tensors run under the Triton interpreter when the process
@@ -7,7 +7,7 @@ set TRITON_INTERPRET=1 before this package was imported (tests; slow). Importing
 without triton installed ``unavailable_reason()`` says why.
 
 Package layout:
-  common.py    jit helpers: loads, online softmax in log2 units
+  common.py    jit helpers: loads, the work unit of a sequence table, online softmax in log2 units
                (log2(e) folded into the scales), key sets, the policy / reference on a tile,
                the divergence terms
   forward.py   forward_kernel (two key sweeps: jsd, heads="mean") and forward_each_kernel (one
@@ -17,7 +17,12 @@ Package layout:
   launch.py    outputs, grids, query splits and the named kernel arguments (forward_launch /
                backward_launch)
 
-The design history and the scheduling model are in benchmarks/RESULTS.md,
+A call may carry a sequence table (``Call.seqs``, packed batches and context-parallel chunks):
+unit s then reads rows q_start.. and keys k_start.. of batch `batch`, row i at key position
+q_pos + i; the grids span max_q_len / max_k_len per unit and programs past their unit's end return.
+Units may share keys, so dk / dv are added with atomics; rows that no unit covers are not written
+(a packed batch's table covers every row). Without a table (HAS_SEQS False) every unit is a batch
+row. The design history and the scheduling model are in benchmarks/RESULTS.md,
 "Triton kernels: design history and scheduling model".
 """
 
@@ -59,6 +64,8 @@ def unsupported_reason(call: Call) -> Optional[str]:
     for name, t in (("q", call.q), ("q_ref", call.q_ref)):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}"
+    if call.seqs is not None and call.seqs.device != device:
+        return f"seqs: must be on the tensors' device ({device}), got {call.seqs.device}"
     return None
 
 

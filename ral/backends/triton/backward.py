@@ -1,19 +1,21 @@
 """The backward kernel: dq, dk, dv from d`out` and d`div` (FlashAttention-2 style: everything is
 recomputed from the row statistics; Delta comes from ral.ops).
 
-Grid (``launch.backward_grid``): 1-D, cdiv(Sk, BLOCK_N) x B x Q_SPLITS programs for heads="mean"
-| x B*Hkv x Q_SPLITS for "each". A program owns BLOCK_N keys of one batch and all kv
+Grid (``launch.backward_grid``): 1-D, cdiv(max_k_len, BLOCK_N) x units x Q_SPLITS programs for
+heads="mean" | x units*Hkv x Q_SPLITS for "each". A program owns BLOCK_N keys of one unit and all kv
 heads ("mean") or one kv head ("each"), and sweeps one of Q_SPLITS contiguous chunks of the query
 blocks that see those keys. Per query block ("mean") it first rebuilds log pi, log rho and g on the
 tile from all H + Hr heads (skipped when no row of the block has w != 0), then per kv head and query
 head recomputes a = exp2(s - lse_A), dP = dO V^T, dS = a (dP - delta) + [k in P] w T and
 accumulates dV += a^T dO, dK += dS^T Q, and dQ += dS K with fp32 atomics. Program ids run over the
-key blocks slowest and ascending, then (batch, kv head), then the split: key block j is seen by the
-query blocks from about j on, so under causal masking the heaviest programs start first.
+key blocks slowest and ascending, then (unit, kv head), then the split: key block j is seen by the
+query blocks from about j on, so under causal masking the heaviest programs start first. With a
+sequence table, programs past their unit's last key return at once.
 
 dK / dV go to zero-filled fp32 buffers: summed in registers over the chunk and stored once when
-this program is the only writer of its keys (Q_SPLITS == 1, "each" or "mean" with Hkv == 1),
-else added with fp32 atomics. "mean" with Hkv > 1 cannot hold Hkv accumulators in registers and
+this program is the only writer of its keys (Q_SPLITS == 1, "each" or "mean" with Hkv == 1, no
+sequence table), else added with fp32 atomics: split chunks, and units of a sequence table, which
+may share keys (context parallel). "mean" with Hkv > 1 cannot hold Hkv accumulators in registers and
 adds each query block's part with fp32 atomics. The kernel reads Q_SPLITS back from the grid size.
 The chunks of a key block hold equal COUNTS of query blocks (differing by at most one): every query
 block costs a key block the same (all heads, the same tile matmuls), so equal counts are equal work.
@@ -22,8 +24,8 @@ Memory: no Sq x Sk buffer; no scratch beyond the fp32 gradient buffers.
 
 from __future__ import annotations
 
-from .common import (LOG2E, div_terms, finite, key_ok, key_sets, load_row, load_tile, log_policy, log_zsum,
-                     matmul, scores, times_g, tl, triton)
+from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, load_unit,
+                     log_policy, log_zsum, matmul, scores, times_g, tl, triton)
 
 
 @triton.jit
@@ -51,7 +53,7 @@ def flush(ptrs, acc, mask, sole_write):
 
 @triton.jit
 def backward_kernel(
-        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, DOUT, DDIV, DELTA, STATS, GBAR, DQ, DK, DV,
+        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, SEQS, DOUT, DDIV, DELTA, STATS, GBAR, DQ, DK, DV,
         stride_q_b, stride_q_h, stride_q_m, stride_q_d,
         stride_k_b, stride_k_h, stride_k_n, stride_k_d,
         stride_v_b, stride_v_h, stride_v_n, stride_v_d,
@@ -65,67 +67,80 @@ def backward_kernel(
         stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
         stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
         stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
-        batch, n_heads, group, kv_heads, ref_heads, ref_group, q_len, k_len,
+        stride_seqs,
+        n_units, n_heads, group, kv_heads, ref_heads, ref_group, max_q_len, max_k_len,
         head_dim, v_dim, ref_dim, scale, scale2, ref_scale2, len_bucket,
         DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_SEQS: tl.constexpr,
         ACC_IN_REGS: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         DR_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_N keys of batch b, all kv heads ("mean") or kv head kvh ("each"), and
+    """One program: BLOCK_N keys of one unit, all kv heads ("mean") or kv head kvh ("each"), and
     one of n_splits contiguous chunks of the query blocks that see those keys (n_splits comes
     from the grid size, see launch.backward_grid). dS = a (dP - delta) + [k in P] w T; DK / DV
     (fp32 dk / dv, zero-filled) get dS^T Q and a^T dO (stored when this program is their only
     writer, atomic adds otherwise), DQ (fp32 dq, zero-filled) gets dS K by atomic adds.
-    DDIV (w) and GBAR share the strides stride_ddiv_*."""
-    n_nblk = (k_len + BLOCK_N - 1) // BLOCK_N
-    n_mblk = (q_len + BLOCK_M - 1) // BLOCK_M
+    DDIV (w) and GBAR share the strides stride_ddiv_*. n_units: B without a sequence table (SEQS),
+    its row count with one; max_q_len, max_k_len: Sq, Sk without, the longest unit's with one."""
+    n_nblk = (max_k_len + BLOCK_N - 1) // BLOCK_N
     if HEADS_EACH:
-        n_groups = batch * kv_heads
+        n_groups = n_units * kv_heads
     else:
-        n_groups = batch
+        n_groups = n_units
     n_splits = tl.num_programs(0) // (n_nblk * n_groups)
     # 1-D grid: key blocks slowest and ascending, i.e. heaviest first under causal masking (key
-    # block j is seen by the query blocks from ~j on); then (batch, kv head), then the split.
+    # block j is seen by the query blocks from ~j on); then (unit, kv head), then the split.
     pid = tl.program_id(0)
     pid_n = pid // (n_groups * n_splits)
     pid_in = pid % (n_groups * n_splits)
     pid_bk = (pid_in // n_splits).to(tl.int64)
     split = pid_in % n_splits
     if HEADS_EACH:
-        b = pid_bk // kv_heads
+        unit = pid_bk // kv_heads
         kv0 = pid_bk % kv_heads
         NKV = 1
     else:
-        b = pid_bk
+        unit = pid_bk
         kv0 = pid_bk * 0
         NKV = kv_heads
-    pos0 = k_len - q_len  # row i sits at key position Sk - Sq + i
+    if HAS_SEQS:
+        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+        if pid_n * BLOCK_N >= k_len:
+            return
+    else:
+        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
+        pos0 = max_k_len - max_q_len
+    n_mblk = (q_len + BLOCK_M - 1) // BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    Qb = Q + b * stride_q_b
-    Kb = K + b * stride_k_b
-    Vb = V + b * stride_v_b
-    QRb = Q_REF + b * stride_q_ref_b
-    KRb = K_REF + b * stride_k_ref_b
-    Sb = STATS + b * stride_stats_b
-    RSb = REF_STATS + b * stride_ref_stats_b
-    DOb = DOUT + b * stride_dout_b
-    DLb = DELTA + b * stride_delta_b
-    Wb = DDIV + b * stride_ddiv_b
-    Gb = GBAR + b * stride_ddiv_b
-    DQb = DQ + b * stride_dq_b
-    DKb = DK + b * stride_dk_b
-    DVb = DV + b * stride_dv_b
-    keys_ok = key_ok(KEY_PAD + b * stride_key_pad_b, stride_key_pad_n,
+    Qb = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS)
+    Kb = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS)
+    Vb = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS)
+    QRb = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS)
+    KRb = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS)
+    Sb = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS)
+    RSb = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS)
+    DOb = at(DOUT, b, stride_dout_b, q_start, stride_dout_m, HAS_SEQS)
+    DLb = at(DELTA, b, stride_delta_b, q_start, stride_delta_m, HAS_SEQS)
+    Wb = at(DDIV, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)
+    Gb = at(GBAR, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)
+    DQb = at(DQ, b, stride_dq_b, q_start, stride_dq_m, HAS_SEQS)
+    DKb = at(DK, b, stride_dk_b, k_start, stride_dk_n, HAS_SEQS)
+    DVb = at(DV, b, stride_dv_b, k_start, stride_dv_n, HAS_SEQS)
+    keys_ok = key_ok(at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS), stride_key_pad_n,
                      offs_n, k_len, HAS_KEY_PAD)
     if CAUSAL:
         mb_first = tl.maximum(pid_n * BLOCK_N - pos0, 0) // BLOCK_M
     else:
         mb_first = pid_n * 0
+    if HAS_SEQS:
+        mb_first = tl.minimum(mb_first, n_mblk)  # keys past the unit's last row position: no block
     mb_lo, mb_hi = split_range(mb_first, n_mblk, split, n_splits)
-    sole_program = n_splits == 1  # no other program writes dk / dv of these keys
+    if HAS_SEQS:
+        sole_program = False  # units may share keys (context parallel): always add
+    else:
+        sole_program = n_splits == 1  # no other program writes dk / dv of these keys
     dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
     dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
     keys_end = tl.where(mb_lo < mb_hi, k_len, 0)  # an empty chunk writes no dk / dv

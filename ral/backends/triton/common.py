@@ -3,7 +3,8 @@
 Everything here works in log2 units: the launchers fold log2(e) into the softmax scales
 (``scale2 = scale * log2(e)``), so a score tile ``s`` is ready for ``tl.exp2`` and the natural-log
 statistics the kernels store are ``LN2`` times the log2 ones. Pointers handed to the helpers are
-already at the right (batch, head); ``pos0`` is the key position of row 0 (Sk - Sq).
+already at the right (batch, head) and, with a sequence table, at the unit's first row / key
+(``at``); ``q_len`` / ``k_len`` are the unit's lengths and ``pos0`` the key position of its row 0.
 
 Importing this module needs no GPU; without triton it imports a stub (``IMPORT_ERROR`` says why)
 so that the package still imports and the backend reports itself unavailable.
@@ -36,7 +37,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
 
 # ----------------------------------------------------------------------------------------------
-# Loads, matmuls
+# Loads, matmuls, the work unit
 # ----------------------------------------------------------------------------------------------
 
 
@@ -60,6 +61,32 @@ def load_tile(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c):
 def load_row(base, offs, stride, n, other):
     """(len(offs),) fp32 vector of a strided 1-D view, `other` outside n."""
     return tl.load(base + offs.to(tl.int64) * stride, mask=offs < n, other=other).to(tl.float32)
+
+
+@triton.jit
+def at(base, batch, stride_b, start, stride, HAS_SEQS: tl.constexpr):
+    """`base` moved to batch `batch` and, with a sequence table, to the unit's first row / key
+    `start` (`stride`: the row or key stride). Without a table `start` is ignored."""
+    if HAS_SEQS:
+        res = base + batch * stride_b + start * stride
+    else:
+        res = base + batch * stride_b
+    return res
+
+
+@triton.jit
+def load_unit(SEQS, stride_seqs, unit):
+    """Work unit `unit` of a sequence table (int32 rows [batch, q_start, q_len, k_start, k_len,
+    q_pos, 0, 0], csrc/common/params.h SeqRange) -> (batch, q_start, q_len, k_start, k_len,
+    q_pos); batch and the starts as int64 (they multiply strides)."""
+    row = SEQS + unit * stride_seqs
+    batch = tl.load(row).to(tl.int64)
+    q_start = tl.load(row + 1).to(tl.int64)
+    q_len = tl.load(row + 2)
+    k_start = tl.load(row + 3).to(tl.int64)
+    k_len = tl.load(row + 4)
+    q_pos = tl.load(row + 5)
+    return batch, q_start, q_len, k_start, k_len, q_pos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +137,7 @@ def key_ok(key_pad, stride_key_pad_n, offs_n, k_len, HAS_KEY_PAD: tl.constexpr):
 @triton.jit
 def key_sets(offs_m, offs_n, keys_ok, q_len, pos0, CAUSAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
     """Attended keys A and policy support P on a (BLOCK_M, BLOCK_N) tile; row i sits at key
-    position pos0 + i (pos0 = Sk - Sq)."""
+    position pos0 + i (pos0 = Sk - Sq without a sequence table, the unit's q_pos with one)."""
     pos = offs_m + pos0
     att = (offs_m[:, None] < q_len) & keys_ok[None, :]
     if CAUSAL:
@@ -160,7 +187,7 @@ def log_policy(q_ptr, k_ptr, stats, stride_q_h, stride_q_m, stride_q_d, stride_k
                head_dim, scale2, log_z, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                HEADS_EACH: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """log2 of the policy on a (BLOCK_M, BLOCK_N) tile (meaningful on P only); q_ptr / k_ptr /
-    stats at the batch, heads by their strides.
+    stats at the batch (and unit), heads by their strides.
     "each" (head h0): s - lse_P. "mean" (heads h0..h0+n_heads-1, kv head h // group):
     logsumexp_h(s_h - lse_A_h) - log_z, with log_z = log2 sum_h Z_h (the 1/H cancels)."""
     if HEADS_EACH:

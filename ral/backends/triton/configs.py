@@ -72,9 +72,9 @@ BACKWARD_TABLE = {
 
 # The autotuner's cache keys (besides the dtypes of the tensor arguments, which triton adds).
 FORWARD_KEY = ["n_heads", "ref_heads", "group", "ref_group", "head_dim", "v_dim", "ref_dim", "len_bucket",
-               "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_REF_STATS"]
+               "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_REF_STATS", "HAS_SEQS"]
 BACKWARD_KEY = ["n_heads", "ref_heads", "group", "ref_group", "head_dim", "v_dim", "ref_dim", "len_bucket",
-                "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V"]
+                "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_SEQS"]
 
 
 def head_dim_class(args: dict) -> int:

@@ -1,11 +1,12 @@
 """The forward kernels: out, div, stats (and the reference's stats), gbar, cbar in one launch.
 
-Grid (``launch.forward_grid``): 1-D, cdiv(Sq, BLOCK_M) x B for heads="mean" | x B*H for "each"
-(axis 0, because axis 1 stops at 65535). Program ids run over the query blocks slowest and in
-descending order, (batch, head) fastest: pid 0 takes the LAST query block, which under causal
-masking sweeps the most keys, so the heaviest programs start first. A program owns BLOCK_M query
-rows of one batch and every head of the row ("mean": the policy couples all heads) or one head
-("each": head h of both models).
+Grid (``launch.forward_grid``): 1-D, cdiv(max_q_len, BLOCK_M) x units for heads="mean" | x units*H
+for "each" (axis 0, because axis 1 stops at 65535). A unit is a batch row without a sequence table
+and one row of the table with one. Program ids run over the query blocks slowest and in descending
+order, (unit, head) fastest: pid 0 takes the LAST query block, which under causal masking sweeps
+the most keys, so the heaviest programs start first. A program owns BLOCK_M query rows of one unit
+and every head of the row ("mean": the policy couples all heads) or one head ("each": head h of
+both models); with a table, programs past their unit's last row return at once.
 
 Two kernels:
 
@@ -40,8 +41,9 @@ touches (an empty set is l == 0, not "l > 0 fails"). Memory: no Sq x Sk buffer, 
 
 from __future__ import annotations
 
-from .common import (LN2, LOG2E, NEG_INF, div_terms, finite, key_ok, key_sets, load_row, load_tile,
-                     log_policy, log_zsum, lse2, matmul, nonzero, online, scores, times_g, tl, triton)
+from .common import (LN2, LOG2E, NEG_INF, at, div_terms, finite, key_ok, key_sets, load_row, load_tile,
+                     load_unit, log_policy, log_zsum, lse2, matmul, nonzero, online, scores, times_g, tl,
+                     triton)
 
 
 @triton.jit
@@ -86,26 +88,26 @@ def head_softmax(q_ptr, k_ptr, v_ptr, out_ptr, stride_q_m, stride_q_d, stride_k_
 
 
 @triton.jit
-def forward_program(q_len, n_heads, BLOCK_M: tl.constexpr, HEADS_EACH: tl.constexpr):
-    """This program's (query block, batch, first head): the 1-D grid of launch.forward_grid, the
-    last query block first. "mean": all heads from 0; "each": one head."""
-    n_mblk = (q_len + BLOCK_M - 1) // BLOCK_M
-    n_groups = tl.num_programs(0) // n_mblk  # B ("mean") or B * H ("each")
+def forward_program(max_q_len, n_heads, BLOCK_M: tl.constexpr, HEADS_EACH: tl.constexpr):
+    """This program's (query block, unit, first head): the 1-D grid of launch.forward_grid, the last
+    query block first. "mean": all heads from 0; "each": one head."""
+    n_mblk = (max_q_len + BLOCK_M - 1) // BLOCK_M
+    n_groups = tl.num_programs(0) // n_mblk  # units ("mean") or units * H ("each")
     pid = tl.program_id(0)
     pid_m = n_mblk - 1 - pid // n_groups
     pid_bh = (pid % n_groups).to(tl.int64)
     if HEADS_EACH:
-        b = pid_bh // n_heads
+        unit = pid_bh // n_heads
         h0 = pid_bh % n_heads
     else:
-        b = pid_bh
+        unit = pid_bh
         h0 = pid_bh * 0
-    return pid_m, b, h0
+    return pid_m, unit, h0
 
 
 @triton.jit
 def forward_kernel(
-        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, ROW_MASK, OUT, STATS, DIV, GBAR, CBAR,
+        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, ROW_MASK, SEQS, OUT, STATS, DIV, GBAR, CBAR,
         stride_q_b, stride_q_h, stride_q_m, stride_q_d,
         stride_k_b, stride_k_h, stride_k_n, stride_k_d,
         stride_v_b, stride_v_h, stride_v_n, stride_v_d,
@@ -116,18 +118,26 @@ def forward_kernel(
         stride_out_b, stride_out_h, stride_out_m, stride_out_d,
         stride_stats_b, stride_stats_h, stride_stats_m, stride_stats_c,
         stride_div_b, stride_div_h, stride_div_m, stride_cbar_b, stride_cbar_h, stride_cbar_m,
-        n_heads, group, ref_heads, ref_group, q_len, k_len, head_dim, v_dim, ref_dim,
+        stride_seqs,
+        n_heads, group, ref_heads, ref_group, max_q_len, max_k_len, head_dim, v_dim, ref_dim,
         scale2, ref_scale2, len_bucket,
         DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_REF_STATS: tl.constexpr,
-        HAS_KEY_PAD: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
+        HAS_KEY_PAD: tl.constexpr, HAS_ROW_MASK: tl.constexpr, HAS_SEQS: tl.constexpr,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DR_PAD: tl.constexpr, H_PAD: tl.constexpr,
         UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Two sweeps (jsd, and heads="mean"): BLOCK_M query rows of batch b, all heads ("mean") or
+    """Two sweeps (jsd, and heads="mean"): BLOCK_M query rows of one unit, all heads ("mean") or
     head h ("each"). Writes OUT (B,H,Sq,Dv), STATS (B,H,Sq,2), REF_STATS (B,Hr,Sq,2) unless
-    HAS_REF_STATS (then read), DIV / GBAR (B,Sq) | (B,H,Sq) and CBAR (B,H,Sq)."""
-    pid_m, b, h0 = forward_program(q_len, n_heads, BLOCK_M, HEADS_EACH)
-    pos0 = k_len - q_len  # row i sits at key position Sk - Sq + i
+    HAS_REF_STATS (then read), DIV / GBAR (B,Sq) | (B,H,Sq) and CBAR (B,H,Sq).
+    max_q_len, max_k_len: Sq, Sk without a sequence table (SEQS), the longest unit's with one."""
+    pid_m, unit, h0 = forward_program(max_q_len, n_heads, BLOCK_M, HEADS_EACH)
+    if HAS_SEQS:
+        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+        if pid_m * BLOCK_M >= q_len:
+            return
+    else:
+        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
+        pos0 = max_k_len - max_q_len
     if HEADS_EACH:
         NH = 1
         NHR = 1
@@ -140,15 +150,15 @@ def forward_kernel(
         n_end = tl.minimum(k_len, pos0 + (pid_m + 1) * BLOCK_M)
     else:
         n_end = k_len
-    Qb = Q + b * stride_q_b
-    Kb = K + b * stride_k_b
-    Vb = V + b * stride_v_b
-    QRb = Q_REF + b * stride_q_ref_b
-    KRb = K_REF + b * stride_k_ref_b
-    Sb = STATS + b * stride_stats_b
-    RSb = REF_STATS + b * stride_ref_stats_b
-    KPb = KEY_PAD + b * stride_key_pad_b
-    Ob = OUT + b * stride_out_b
+    Qb = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS)
+    Kb = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS)
+    Vb = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS)
+    QRb = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS)
+    KRb = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS)
+    Sb = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS)
+    RSb = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS)
+    KPb = at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS)
+    Ob = at(OUT, b, stride_out_b, q_start, stride_out_m, HAS_SEQS)
 
     # ---- pass 1: row statistics (and out) per head -------------------------------------------
     for hh in range(NH):
@@ -181,7 +191,7 @@ def forward_kernel(
                       q_len, BLOCK_M)
     live = row_ok & (log_z != NEG_INF)
     if HAS_ROW_MASK:
-        RMb = ROW_MASK + b * stride_row_mask_b
+        RMb = at(ROW_MASK, b, stride_row_mask_b, q_start, stride_row_mask_m, HAS_SEQS)
         live = live & (tl.load(RMb + offs_m.to(tl.int64) * stride_row_mask_m, mask=row_ok, other=0) != 0)
     log_z = tl.where(live, log_z, 0.0)
     log_zr = finite(log_zr)
@@ -221,11 +231,11 @@ def forward_kernel(
     div = tl.where(live, div, 0.0)
     gbar = tl.where(live, gbar, 0.0)
     rows = offs_m.to(tl.int64) * stride_div_m
-    DIVb = DIV + b * stride_div_b
-    GBARb = GBAR + b * stride_div_b
+    DIVb = at(DIV, b, stride_div_b, q_start, stride_div_m, HAS_SEQS)
+    GBARb = at(GBAR, b, stride_div_b, q_start, stride_div_m, HAS_SEQS)
     tl.store(DIVb + h0 * stride_div_h + rows, div, mask=row_ok)
     tl.store(GBARb + h0 * stride_div_h + rows, gbar, mask=row_ok)
-    crow = CBAR + b * stride_cbar_b + offs_m.to(tl.int64) * stride_cbar_m
+    crow = at(CBAR, b, stride_cbar_b, q_start, stride_cbar_m, HAS_SEQS) + offs_m.to(tl.int64) * stride_cbar_m
     if HEADS_EACH:
         tl.store(crow + h0 * stride_cbar_h, tl.full([BLOCK_M], 0.0, tl.float32), mask=row_ok)
     else:
@@ -242,7 +252,7 @@ def forward_kernel(
 
 @triton.jit
 def forward_each_kernel(
-        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, ROW_MASK, OUT, STATS, DIV, GBAR, CBAR,
+        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, ROW_MASK, SEQS, OUT, STATS, DIV, GBAR, CBAR,
         stride_q_b, stride_q_h, stride_q_m, stride_q_d,
         stride_k_b, stride_k_h, stride_k_n, stride_k_d,
         stride_v_b, stride_v_h, stride_v_n, stride_v_d,
@@ -253,15 +263,16 @@ def forward_each_kernel(
         stride_out_b, stride_out_h, stride_out_m, stride_out_d,
         stride_stats_b, stride_stats_h, stride_stats_m, stride_stats_c,
         stride_div_b, stride_div_h, stride_div_m, stride_cbar_b, stride_cbar_h, stride_cbar_m,
-        n_heads, group, ref_heads, ref_group, q_len, k_len, head_dim, v_dim, ref_dim,
+        stride_seqs,
+        n_heads, group, ref_heads, ref_group, max_q_len, max_k_len, head_dim, v_dim, ref_dim,
         scale2, ref_scale2, len_bucket,
         DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_REF_STATS: tl.constexpr,
-        HAS_KEY_PAD: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
+        HAS_KEY_PAD: tl.constexpr, HAS_ROW_MASK: tl.constexpr, HAS_SEQS: tl.constexpr,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DR_PAD: tl.constexpr, H_PAD: tl.constexpr,
         UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One sweep (heads="each" with kl / reverse_kl; the arguments of forward_kernel, HEADS_EACH
-    True): BLOCK_M query rows of head h of batch b. Online softmax of s over A (-> lse_A, out)
+    True): BLOCK_M query rows of head h of one unit. Online softmax of s over A (-> lse_A, out)
     and over P (-> lse_P), of s_ref over A and P (unless ref_stats gives lse_RP; then its shift is
     that constant), and the divergence sum carried with the weights of the distribution that
     weighs it, in shifted log space (log2 units):
@@ -273,8 +284,14 @@ def forward_each_kernel(
     carried T gets alpha * l_old * (shift change) besides the rescale alpha. gbar = div + 1 (kl),
     -sum_P rho (reverse_kl: -1 on non-empty rows); cbar = 0. div and gbar are 0 on rows that are
     not live (row_mask False or an empty P)."""
-    pid_m, b, h = forward_program(q_len, n_heads, BLOCK_M, True)
-    pos0 = k_len - q_len  # row i sits at key position Sk - Sq + i
+    pid_m, unit, h = forward_program(max_q_len, n_heads, BLOCK_M, True)
+    if HAS_SEQS:
+        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+        if pid_m * BLOCK_M >= q_len:
+            return
+    else:
+        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
+        pos0 = max_k_len - max_q_len
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
     if CAUSAL:
@@ -282,15 +299,15 @@ def forward_each_kernel(
     else:
         n_end = k_len
     # pointers at head h (kv head h // group, reference kv head h // ref_group)
-    Qh = Q + b * stride_q_b + h * stride_q_h
-    Kh = K + b * stride_k_b + (h // group) * stride_k_h
-    Vh = V + b * stride_v_b + (h // group) * stride_v_h
-    Oh = OUT + b * stride_out_b + h * stride_out_h
-    QRh = Q_REF + b * stride_q_ref_b + h * stride_q_ref_h
-    KRh = K_REF + b * stride_k_ref_b + (h // ref_group) * stride_k_ref_h
-    Sh = STATS + b * stride_stats_b + h * stride_stats_h
-    RSh = REF_STATS + b * stride_ref_stats_b + h * stride_ref_stats_h
-    KPb = KEY_PAD + b * stride_key_pad_b
+    Qh = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS) + h * stride_q_h
+    Kh = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS) + (h // group) * stride_k_h
+    Vh = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS) + (h // group) * stride_v_h
+    Oh = at(OUT, b, stride_out_b, q_start, stride_out_m, HAS_SEQS) + h * stride_out_h
+    QRh = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS) + h * stride_q_ref_h
+    KRh = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS) + (h // ref_group) * stride_k_ref_h
+    Sh = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS) + h * stride_stats_h
+    RSh = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS) + h * stride_ref_stats_h
+    KPb = at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS)
 
     offs_d = tl.arange(0, D_PAD)
     offs_dr = tl.arange(0, DR_PAD)
@@ -374,7 +391,7 @@ def forward_each_kernel(
 
     live = row_ok & (lse_p != NEG_INF)
     if HAS_ROW_MASK:
-        RMb = ROW_MASK + b * stride_row_mask_b
+        RMb = at(ROW_MASK, b, stride_row_mask_b, q_start, stride_row_mask_m, HAS_SEQS)
         live = live & (tl.load(RMb + offs_m.to(tl.int64) * stride_row_mask_m, mask=row_ok, other=0) != 0)
     l_safe = nonzero(l_p)
     if DIVERGENCE == 1:
@@ -395,7 +412,7 @@ def forward_each_kernel(
     div = tl.where(live, div, 0.0)
     gbar = tl.where(live, gbar, 0.0)
     rows = offs_m.to(tl.int64) * stride_div_m
-    tl.store(DIV + b * stride_div_b + h * stride_div_h + rows, div, mask=row_ok)
-    tl.store(GBAR + b * stride_div_b + h * stride_div_h + rows, gbar, mask=row_ok)
-    tl.store(CBAR + b * stride_cbar_b + h * stride_cbar_h
+    tl.store(at(DIV, b, stride_div_b, q_start, stride_div_m, HAS_SEQS) + h * stride_div_h + rows, div, mask=row_ok)
+    tl.store(at(GBAR, b, stride_div_b, q_start, stride_div_m, HAS_SEQS) + h * stride_div_h + rows, gbar, mask=row_ok)
+    tl.store(at(CBAR, b, stride_cbar_b, q_start, stride_cbar_m, HAS_SEQS) + h * stride_cbar_h
              + offs_m.to(tl.int64) * stride_cbar_m, tl.full([BLOCK_M], 0.0, tl.float32), mask=row_ok)

@@ -67,12 +67,38 @@ def strides(name: str, t: Optional[torch.Tensor]) -> dict:
 
 
 def sizes(call: Call) -> dict:
-    """Head counts, head dims and lengths, with the autotuner's length bucket."""
+    """Head counts, head dims and the per-unit lengths the grid spans (Sq, Sk, or the table's
+    max_q_len, max_k_len), with the autotuner's length bucket."""
     q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
+    max_q_len, max_k_len = unit_lengths(call)
     return dict(n_heads=q.shape[1], group=q.shape[1] // k.shape[1], ref_heads=q_ref.shape[1],
-                ref_group=q_ref.shape[1] // k_ref.shape[1], q_len=q.shape[2], k_len=k.shape[2],
+                ref_group=q_ref.shape[1] // k_ref.shape[1], max_q_len=max_q_len, max_k_len=max_k_len,
                 head_dim=q.shape[3], v_dim=v.shape[3] if v is not None else 0, ref_dim=q_ref.shape[3],
-                len_bucket=triton.next_power_of_2(max(q.shape[2], k.shape[2])))
+                len_bucket=triton.next_power_of_2(max(max_q_len, max_k_len, 1)))
+
+
+def unit_lengths(call: Call) -> tuple:
+    """(max_q_len, max_k_len): the tensors' Sq, Sk without a sequence table."""
+    if call.seqs is None:
+        return call.q.shape[2], call.k.shape[2]
+    return int(call.max_q_len), int(call.max_k_len)
+
+
+def n_units(call: Call) -> int:
+    """Work units: B without a sequence table, its row count with one."""
+    return call.q.shape[0] if call.seqs is None else call.seqs.shape[0]
+
+
+def seqs_table(call: Call) -> dict:
+    """SEQS and its row stride (a dummy pointer and 0 without a table)."""
+    seqs = call.seqs
+    if seqs is None:
+        return dict(SEQS=call.q, stride_seqs=0, HAS_SEQS=False)
+    if seqs.dtype != torch.int32 or seqs.dim() != 2 or seqs.shape[1] != 8:
+        raise ValueError(f"seqs: expected an int32 (N, 8) table, got {seqs.dtype} {tuple(seqs.shape)}")
+    if seqs.stride(1) != 1:
+        seqs = seqs.contiguous()
+    return dict(SEQS=seqs, stride_seqs=seqs.stride(0), HAS_SEQS=True)
 
 
 def _pad(n: int) -> int:
@@ -100,17 +126,20 @@ class Launch(NamedTuple):
     """One kernel launch as the launchers build it: ``kernel[grid](**kwargs)``.
     kernel: the autotuned kernel (compiled mode; BLOCK_M / BLOCK_N / warps / stages come from its
     configs) or the plain jit function (interpreter; kwargs carry the fixed tile sizes);
-    outputs: the tensors the launch fills, as forward() / backward() return them."""
+    outputs: the tensors the launch fills, as forward() / backward() return them; empty: the grid
+    has no program (no unit has a row, or a key for the backward), so nothing is launched."""
 
     kernel: object
     grid: Callable
     kwargs: dict
     outputs: tuple
+    empty: bool = False
 
     def run(self, device_tensor: torch.Tensor) -> tuple:
-        guard = torch.cuda.device(device_tensor.device) if device_tensor.is_cuda else contextlib.nullcontext()
-        with guard:
-            self.kernel[self.grid](**self.kwargs)
+        if not self.empty:
+            guard = torch.cuda.device(device_tensor.device) if device_tensor.is_cuda else contextlib.nullcontext()
+            with guard:
+                self.kernel[self.grid](**self.kwargs)
         return self.outputs
 
 
@@ -138,8 +167,9 @@ def q_splits(n_programs: int, n_query_blocks: int, device: torch.device) -> int:
 
 
 def backward_grid(k_len: int, q_len: int, n_groups: int, device: torch.device):
-    """1-D grid of cdiv(k_len, BLOCK_N) x n_groups x Q_SPLITS (n_groups = B or B * Hkv); the
-    kernel recovers Q_SPLITS from the grid size."""
+    """1-D grid of cdiv(k_len, BLOCK_N) x n_groups x Q_SPLITS (n_groups = units or units * Hkv;
+    k_len, q_len: per unit, the longest with a table); the kernel recovers Q_SPLITS from the
+    grid size."""
     def grid(meta):
         n_programs = triton.cdiv(k_len, meta["BLOCK_N"]) * n_groups
         return (n_programs * q_splits(n_programs, triton.cdiv(q_len, meta["BLOCK_M"]), device),)
@@ -177,14 +207,17 @@ def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
         **strides("k_ref", k_ref), **strides("ref_stats", ref_stats), **strides("key_pad", key_pad),
         **strides("row_mask", row_mask), **strides("out", out if v is not None else None),
         **strides("stats", stats), **strides("div", div), **strides("cbar", cbar),
-        **size, scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
+        **seqs_table(call), **size,
+        scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
         DIVERGENCE=DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
         HAS_REF_STATS=has_ref_stats, HAS_KEY_PAD=key_pad is not None, HAS_ROW_MASK=row_mask is not None,
         H_PAD=1 if each else triton.next_power_of_2(n_heads), **_flags(call, interp, kernel))
     assert gbar.stride() == div.stride()  # GBAR is addressed with DIV's strides
-    grid = forward_grid(q_len, batch * (n_heads if each else 1))
-    return Launch(kernel, grid, kwargs, (out, div, stats, ref_stats_out, gbar, cbar))
+    units = n_units(call) * (n_heads if each else 1)
+    grid = forward_grid(size["max_q_len"], units)
+    return Launch(kernel, grid, kwargs, (out, div, stats, ref_stats_out, gbar, cbar),
+                  empty=size["max_q_len"] == 0 or units == 0)
 
 
 def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
@@ -213,11 +246,13 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
         **strides("k_ref", k_ref), **strides("ref_stats", ref_stats), **strides("key_pad", key_pad),
         **strides("dout", dout), **strides("ddiv", w), **strides("delta", delta), **strides("stats", stats),
         **strides("dq", dq), **strides("dk", dk), **strides("dv", dv),
-        batch=q.shape[0], kv_heads=kv_heads, **size,
+        **seqs_table(call), n_units=n_units(call), kv_heads=kv_heads, **size,
         scale=opts.scale, scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
         DIVERGENCE=DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
         HAS_KEY_PAD=key_pad is not None, ACC_IN_REGS=each or kv_heads == 1, **_flags(call, interp, kernel))
     assert gbar.stride() == w.stride()  # GBAR is addressed with DDIV's strides
-    grid = backward_grid(k.shape[2], q.shape[2], q.shape[0] * (kv_heads if each else 1), q.device)
-    return Launch(kernel, grid, kwargs, (dq, dk, dv))
+    groups = n_units(call) * (kv_heads if each else 1)
+    grid = backward_grid(size["max_k_len"], size["max_q_len"], groups, q.device)
+    empty = size["max_k_len"] == 0 or size["max_q_len"] == 0 or groups == 0
+    return Launch(kernel, grid, kwargs, (dq, dk, dv), empty=empty)
