@@ -1,14 +1,18 @@
 """backend="triton" against the float64 reference (tests/oracle.py's accuracy rule).
 
-On CPU the kernels run under the Triton interpreter: every CPU test sets TRITON_INTERPRET=1 for
-its own duration (an autouse fixture) and ``ral_kernels.attention_kl`` picks kernels built for the
-current mode at launch time, so this file works in one pytest process with any other test file,
-whatever imported triton or ral_kernels first. The 24 option combinations each run once, on a
-rotation of small problems that covers, pairwise, the shape and layout features (Sq in {1, 17} and
-Sq < Sk, head dims 16 / 24 / 80, GQA and MQA, Hr != H and Dr != D with "mean", left padding +
-row_mask, ref_stats, fp32 / fp16, non-contiguous inputs, no v). The backward's query splits
-(dk / dv by atomics) run forced through RAL_TRITON_Q_SPLITS, and their count is checked for a
-pretend 132-SM GPU. Larger shapes and bf16 run on CUDA only (marked `cuda`, skipped without a GPU).
+On CPU the kernels run under the Triton interpreter, which triton fixes when the kernels are
+decorated (the import of ral.backends.triton): the CPU tests run only in a pytest process started
+with TRITON_INTERPRET=1,
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_triton.py tests/test_triton_seqs.py
+
+and skip elsewhere; the CUDA tests (and the check that CPU tensors need the interpreter) run only
+in a process without it. The 24 option combinations each run once, on a rotation of small problems
+that covers, pairwise, the shape and layout features (Sq in {1, 17} and Sq < Sk, head dims 16 / 24
+/ 80, GQA and MQA, Hr != H and Dr != D with "mean", left padding + row_mask, ref_stats, fp32 /
+fp16, non-contiguous inputs, no v). The backward's query splits (dk / dv by atomics) run forced
+through RAL_TRITON_Q_SPLITS, and their count is checked for a pretend 132-SM GPU. Larger shapes
+and bf16 run on CUDA only (marked `cuda`, skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -24,20 +28,17 @@ triton = pytest.importorskip("triton")
 
 import ral  # noqa: E402
 from ral import backends  # noqa: E402
+from ral.backends.triton import launch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = launch.INTERPRETED  # TRITON_INTERPRET was set when the kernels were built
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="CPU kernels need the Triton interpreter: run this file in its own process, "
+                            "TRITON_INTERPRET=1 python -m pytest tests/test_triton.py")
+compiled = pytest.mark.skipif(INTERPRETED, reason="compiled kernels: run without TRITON_INTERPRET")
 
 # The interpreter evaluates masked-out lanes too (exp2 overflow, inf * 0) before tl.where drops them.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(request, monkeypatch):
-    """CPU tests: the interpreter. CUDA tests: compiled kernels, whatever the environment says."""
-    if request.node.get_closest_marker("cuda") is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 class StridedProblem(Problem):
@@ -81,6 +82,7 @@ def make_problem(variant: dict, opts: dict, seed: int = 0) -> Problem:
 GRID = list(option_grid())
 
 
+@interpreted
 @pytest.mark.parametrize("index", range(len(GRID)), ids=[option_id(o) for o in GRID])
 def test_option_grid_interpreted(index):
     opts = GRID[index]
@@ -88,6 +90,7 @@ def test_option_grid_interpreted(index):
     check(problem, "triton")
 
 
+@interpreted
 def test_strided_inputs_are_not_copied(monkeypatch):
     """A (B, S, H, D) tensor viewed as (B, H, S, D) reaches the kernel as is, with its strides."""
     mod = backends.module("triton")
@@ -97,26 +100,28 @@ def test_strided_inputs_are_not_copied(monkeypatch):
         configs = ()  # looks autotuned: the launcher passes no block sizes
 
         def __getitem__(self, grid):
-            return lambda *args, **meta: seen.setdefault("args", args)
+            return lambda **kwargs: seen.setdefault("kwargs", kwargs)
 
-    monkeypatch.setattr(mod, "_kernels", lambda: types.SimpleNamespace(_fwd=Recorder()))
+    monkeypatch.setattr(launch, "FORWARD", Recorder())
     kw = cast(StridedProblem(dtype=torch.float32).make(), torch.float32)
     call = ral.ops._checked_call(kw["q"], kw["k"], kw["v"], kw["q_ref"], kw["k_ref"], None, "jsd", "mean",
                                  True, True, None, None, None, None, "triton")
     mod.forward(call)
-    for i, key in enumerate(("q", "k", "v", "q_ref", "k_ref")):
-        got = seen["args"][i]
+    for key in ("q", "k", "v", "q_ref", "k_ref"):
+        got = seen["kwargs"][key.upper()]
         assert got.data_ptr() == kw[key].data_ptr() and got.stride() == kw[key].stride()
         assert not got.is_contiguous()
 
 
+@interpreted
 def test_bf16_interpreted_upcast():
-    """bf16 under the interpreter runs with fp32 dots (triton 3.9 interpreter bug, docs/design.md, "Backends")."""
+    """bf16 under the interpreter runs with fp32 dots (triton 3.9 interpreter bug, docs/design.md "Backends")."""
     opts = dict(divergence="jsd", heads="mean", exclude_self=True, causal=True)
     check(Problem(batch=1, heads=2, kv_heads=1, q_len=9, k_len=12, dtype=torch.bfloat16, options=opts),
           "triton")
 
 
+@interpreted
 def test_peaky_self_attention_log_space():
     """A row that attends almost only to itself: Z is tiny but lse_P must stay exact, no NaN."""
     opts = dict(divergence="reverse_kl", heads="mean", exclude_self=True, causal=True, scale=8.0)
@@ -131,6 +136,7 @@ def test_peaky_self_attention_log_space():
     torch.testing.assert_close(res.stats.double()[finite], want.stats[finite], rtol=1e-5, atol=1e-5)
 
 
+@compiled
 def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     kw = cast(Problem(batch=1, heads=2, kv_heads=2, q_len=4, k_len=4).make(), torch.float32)
@@ -138,23 +144,23 @@ def test_cpu_needs_interpreter(monkeypatch):
         ral.attention_kl(backend="triton", **kw)
 
 
+@interpreted
 def test_head_dim_limit():
     kw = cast(Problem(batch=1, heads=1, kv_heads=1, q_len=2, k_len=2, head_dim=272).make(), torch.float32)
     with pytest.raises(ValueError, match="256"):
         ral.attention_kl(backend="triton", **kw)
 
 
-def test_kernels_follow_the_interpret_mode_at_launch(monkeypatch):
-    """Built in one mode, launched in the other: the launcher uses a copy built in the current mode."""
-    mod = backends.module("triton")
+def test_kernels_follow_the_interpret_mode_at_import():
+    """The kernels are interpreted exactly when TRITON_INTERPRET was set as they were built, and the
+    backend is available in either mode (this process's)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    def kind(m):
-        return isinstance(getattr(m._fwd, "fn", m._fwd), InterpretedFunction) or isinstance(m._fwd, InterpretedFunction)
-
-    assert kind(mod._kernels())
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not kind(mod._kernels())
+    for kernel in (launch.FORWARD, launch.FORWARD_EACH, launch.BACKWARD):
+        interpreted_fn = isinstance(kernel, InterpretedFunction) or isinstance(getattr(kernel, "fn", None),
+                                                                                InterpretedFunction)
+        assert interpreted_fn == INTERPRETED
+        assert hasattr(kernel, "configs") != INTERPRETED  # autotuned when compiled
     assert backends.unavailable_reason("triton") is None
 
 
@@ -170,6 +176,7 @@ ONE_SWEEP_VARIANT = dict(batch=2, heads=2, kv_heads=1, ref_kv_heads=2, q_len=13,
                          head_dim=16, left_pad=(0, 7), right_pad=(25, 0), row_mask=True)
 
 
+@interpreted
 @pytest.mark.parametrize("with_ref_stats", [False, True], ids=["own_ref", "ref_stats"])
 @pytest.mark.parametrize("opts", ONE_SWEEP, ids=option_id)
 def test_each_one_sweep(opts, with_ref_stats):
@@ -193,6 +200,7 @@ class PeakyProblem(Problem):
         return kw
 
 
+@interpreted
 @pytest.mark.parametrize("peaky_ref", [False, True], ids=["diffuse_ref", "peaky_ref"])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 def test_each_one_sweep_peaky_self(divergence, peaky_ref):
@@ -206,6 +214,7 @@ def test_each_one_sweep_peaky_self(divergence, peaky_ref):
     assert torch.isfinite(res.div).all() and torch.isfinite(res.stats[..., 1][:, :, 1:]).all()
 
 
+@interpreted
 @pytest.mark.parametrize("divergence,heads", [("kl", "each"), ("reverse_kl", "each"), ("jsd", "each"),
                                              ("reverse_kl", "mean")])
 def test_row_rules_nan_empty_masked(divergence, heads):
@@ -252,6 +261,7 @@ SPLIT_CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("name,splits,opts,fields", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
 def test_backward_query_splits(monkeypatch, name, splits, opts, fields):
     """RAL_TRITON_Q_SPLITS forces the split; the same accuracy rule as everywhere."""
@@ -263,7 +273,6 @@ def test_backward_query_splits(monkeypatch, name, splits, opts, fields):
 def _backward_grid(monkeypatch, q_len, k_len, kv_heads, each, sm_count=None, forced=None):
     """The backward launch's program count for BLOCK_M = 16, BLOCK_N = 32, on a pretend GPU with
     sm_count SMs (a CUDA device is only named, never touched)."""
-    from ral.backends.triton import attention_kl as ak
     if forced is None:
         monkeypatch.delenv("RAL_TRITON_Q_SPLITS", raising=False)
     else:
@@ -272,7 +281,7 @@ def _backward_grid(monkeypatch, q_len, k_len, kv_heads, each, sm_count=None, for
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda dev: types.SimpleNamespace(multi_processor_count=sm_count))
     device = torch.device("cuda" if sm_count is not None else "cpu")
-    grid = ak._bwd_grid(k_len, q_len, kv_heads if each else 1, device)
+    grid = launch.backward_grid(k_len, q_len, kv_heads if each else 1, device)
     return grid(dict(BLOCK_M=16, BLOCK_N=32))[0]
 
 
@@ -305,6 +314,7 @@ CUDA_CASES = [
 ]
 
 
+@compiled
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", range(len(CUDA_CASES)))
@@ -317,6 +327,7 @@ def test_cuda_larger(case, opts):
     check(Problem(options=opts, seed=case, **fields), "triton", device="cuda")
 
 
+@compiled
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_strided_bf16():

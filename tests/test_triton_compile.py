@@ -2,9 +2,10 @@
 
 tests/test_triton.py runs the kernels under TRITON_INTERPRET=1, which never takes the compiled path
 (bf16 dots are upcast there, one fixed small config runs, no shared-memory or register limits).
-This file compiles, for sm_80 and sm_90 (triton.compile with a GPUTarget and the bundled ptxas),
-the kernel variants the launchers produce, with the exact arguments they pass: it asks
-``ral_kernels.attention_kl.forward_launch`` / ``backward_launch`` for the launch of a call, builds
+This file runs in a process without TRITON_INTERPRET (it skips under it) and compiles, for sm_80
+and sm_90 (triton.compile with a GPUTarget and the bundled ptxas), the kernel variants the
+launchers produce, with the exact arguments they pass: it asks
+``ral.backends.triton.launch.forward_launch`` / ``backward_launch`` for the launch of a call, builds
 the signature, constexprs and specialisation attributes with triton's own binder, and compiles
 with each autotune config the pruner keeps for that call. It asserts that every one compiles and
 fits the target's opt-in shared memory per block, and that the first kept config (the one
@@ -25,6 +26,7 @@ runs (the first the pruner keeps). RAL_TRITON_COMPILE_ALL=1: every kept config, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -35,6 +37,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 from ral.backends import Call, Options  # noqa: E402
+from ral.backends.triton import launch as triton_launch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(triton_launch.INTERPRETED,
+                                reason="the kernels were built for the interpreter (TRITON_INTERPRET=1)")
 
 ALL = os.environ.get("RAL_TRITON_COMPILE_ALL", "0") not in ("", "0")
 REPORT = os.environ.get("RAL_TRITON_COMPILE_REPORT")
@@ -58,10 +64,7 @@ def _compiler():
 
 @pytest.fixture(autouse=True)
 def _compiled_mode(monkeypatch):
-    """Compiled-mode kernels whatever the environment says (another test file may have set
-    TRITON_INTERPRET=1 in this process); compile every time (a cache hit gives no ptxas log) and
-    have triton print ptxas -v."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    """Compile every time (a cache hit gives no ptxas log) and have triton print ptxas -v."""
     monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")
     monkeypatch.setenv("TRITON_DUMP_PTXAS_LOG", "1")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
@@ -70,7 +73,8 @@ def _compiled_mode(monkeypatch):
 
 # (name, backward, options, features). Features: v, ref_stats (forward only), kpm, rm (forward
 # only), heads (query heads, default 4), kv_heads (backward "mean" with kv_heads > 1 accumulates
-# dk/dv in memory), q_splits (backward: forced RAL_TRITON_Q_SPLITS).
+# dk/dv in memory), q_splits (backward: forced RAL_TRITON_Q_SPLITS), seqs (a sequence table of
+# three packed sequences: Call.seqs, HAS_SEQS).
 VARIANTS = [
     ("fwd-mean-jsd", False, dict(divergence="jsd"), dict(v=True, kpm=True, rm=True)),
     ("fwd-mean-kl-refstats-nov", False, dict(divergence="kl"), dict(v=False, ref_stats=True)),
@@ -88,6 +92,11 @@ VARIANTS = [
     ("bwd-each-jsd", True, dict(divergence="jsd", heads_each=True), dict(v=True, kpm=True)),
     ("bwd-each-rkl-noself-nocausal", True,
      dict(divergence="reverse_kl", heads_each=True, exclude_self=False, causal=False), dict(v=True)),
+    # with a sequence table (packed sequences / context-parallel chunks: HAS_SEQS)
+    ("fwd-mean-jsd-seqs", False, dict(divergence="jsd"), dict(v=True, rm=True, seqs=True)),
+    ("fwd-each-kl-seqs", False, dict(divergence="kl", heads_each=True), dict(v=True, seqs=True)),
+    ("bwd-mean-jsd-gqa-seqs", True, dict(divergence="jsd"), dict(v=True, heads=28, kv_heads=4, seqs=True)),
+    ("bwd-each-jsd-seqs", True, dict(divergence="jsd", heads_each=True), dict(v=True, seqs=True)),
 ]
 ARCHS = [80, 90]
 if ALL:
@@ -112,6 +121,11 @@ def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: in
         key_padding_mask=torch.ones(batch, seq, dtype=torch.bool) if features.get("kpm") else None,
         row_mask=torch.ones(batch, seq, dtype=torch.bool) if features.get("rm") else None,
         options=opts)
+    if features.get("seqs"):
+        # three packed sequences of 100, 56 and 100 rows and keys, causal bottom-right in each
+        rows = [[0, start, n, start, n, 0, 0, 0] for start, n in ((0, 100), (100, 56), (156, 100))]
+        call = dataclasses.replace(call, seqs=torch.tensor(rows, dtype=torch.int32), max_q_len=100,
+                                   max_k_len=100)
     if not backward:
         return call, None
     rows = (batch, heads, seq) if opts.heads_each else (batch, seq)
@@ -123,10 +137,9 @@ def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: in
 
 
 def launch_for(backward: bool, call, extra):
-    from ral.backends.triton import attention_kl as ak
     if backward:
-        return ak.backward_launch(call, **extra, interp=False)
-    return ak.forward_launch(call, interp=False)
+        return triton_launch.backward_launch(call, **extra, interp=False)
+    return triton_launch.forward_launch(call, interp=False)
 
 
 def kept_configs(launch) -> list:
@@ -134,8 +147,7 @@ def kept_configs(launch) -> list:
     first = the one RAL_TRITON_AUTOTUNE=0 runs."""
     kern = launch.kernel
     assert hasattr(kern, "configs"), "compiled-mode kernels are autotuned"
-    nargs = dict(zip(kern.arg_names, launch.args))
-    return kern.early_config_prune(kern.configs, nargs, **launch.kwargs)
+    return kern.early_config_prune(kern.configs, {}, **launch.kwargs)  # every argument goes by name
 
 
 _PTXAS = [("regs", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
@@ -151,7 +163,7 @@ def compile_launch(launch, config, arch: int) -> dict:
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(launch.kwargs, **config.all_kwargs())
-    bound, specialization, options = binder(*launch.args, **kwargs)
+    bound, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):

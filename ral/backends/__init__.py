@@ -29,7 +29,7 @@ from .call import Call, Options
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
-_MODULES = {"cpu": "ral.backends.cpu", "cuda": "ral.backends.cuda", "triton": "ral.backends.triton.attention_kl"}
+_MODULES = {"cpu": "ral.backends.cpu", "cuda": "ral.backends.cuda", "triton": "ral.backends.triton"}
 _HOW_TO_GET = {
     "cpu": "reinstall ral with a C++17 compiler present: pip install -e .",
     "cuda": "reinstall ral on a machine with nvcc (CUDA 12+) and without RAL_SKIP_CUDA_BUILD: pip install -e .",

@@ -1,0 +1,241 @@
+"""The backward kernel: dq, dk, dv from d`out` and d`div` (FlashAttention-2 style: everything is
+recomputed from the row statistics; Delta comes from ral.ops).
+
+Grid (``launch.backward_grid``): 1-D, cdiv(max_k_len, BLOCK_N) x units x Q_SPLITS programs for
+heads="mean" | x units*Hkv x Q_SPLITS for "each". A program owns BLOCK_N keys of one unit and all kv
+heads ("mean") or one kv head ("each"), and sweeps one of Q_SPLITS contiguous chunks of the query
+blocks that see those keys. Per query block ("mean") it first rebuilds log pi, log rho and g on the
+tile from all H + Hr heads (skipped when no row of the block has w != 0), then per kv head and query
+head recomputes a = exp2(s - lse_A), dP = dO V^T, dS = a (dP - delta) + [k in P] w T and
+accumulates dV += a^T dO, dK += dS^T Q, and dQ += dS K with fp32 atomics. Program ids run over the
+key blocks slowest and ascending, then (unit, kv head), then the split: key block j is seen by the
+query blocks from about j on, so under causal masking the heaviest programs start first. With a
+sequence table, programs past their unit's last key return at once.
+
+dK / dV go to zero-filled fp32 buffers: summed in registers over the chunk and stored once when
+this program is the only writer of its keys (Q_SPLITS == 1, "each" or "mean" with Hkv == 1, no
+sequence table), else added with fp32 atomics: split chunks, and units of a sequence table, which
+may share keys (context parallel). "mean" with Hkv > 1 cannot hold Hkv accumulators in registers and
+adds each query block's part with fp32 atomics. The kernel reads Q_SPLITS back from the grid size.
+The chunks of a key block hold equal COUNTS of query blocks (differing by at most one): every query
+block costs a key block the same (all heads, the same tile matmuls), so equal counts are equal work.
+Memory: no Sq x Sk buffer; no scratch beyond the fp32 gradient buffers.
+"""
+
+from __future__ import annotations
+
+from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, load_unit,
+                     log_policy, log_zsum, matmul, scores, times_g, tl, triton)
+
+
+@triton.jit
+def split_range(mb_first, n_mblk, split, n_splits):
+    """Query blocks [mb_lo, mb_hi) of chunk `split` of [mb_first, n_mblk) cut into n_splits
+    contiguous chunks whose counts differ by at most one (every query block of a key block costs
+    the same, so equal counts are equal work); no product that could overflow int32."""
+    n_own = n_mblk - mb_first
+    per = n_own // n_splits
+    extra = n_own % n_splits
+    mb_lo = mb_first + split * per + tl.minimum(split, extra)
+    mb_hi = mb_lo + per + (split < extra).to(tl.int32)
+    return mb_lo, mb_hi
+
+
+@triton.jit
+def flush(ptrs, acc, mask, sole_write):
+    """Add an fp32 dk / dv partial sum into its zero-filled DK / DV tile: a plain store when this
+    is the only write the tile ever gets (`sole_write`), else fp32 atomics."""
+    if sole_write:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def backward_kernel(
+        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, SEQS, DOUT, DDIV, DELTA, STATS, GBAR, DQ, DK, DV,
+        stride_q_b, stride_q_h, stride_q_m, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_n, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_n, stride_v_d,
+        stride_q_ref_b, stride_q_ref_h, stride_q_ref_m, stride_q_ref_d,
+        stride_k_ref_b, stride_k_ref_h, stride_k_ref_n, stride_k_ref_d,
+        stride_ref_stats_b, stride_ref_stats_h, stride_ref_stats_m, stride_ref_stats_c,
+        stride_key_pad_b, stride_key_pad_n,
+        stride_dout_b, stride_dout_h, stride_dout_m, stride_dout_d,
+        stride_ddiv_b, stride_ddiv_h, stride_ddiv_m, stride_delta_b, stride_delta_h, stride_delta_m,
+        stride_stats_b, stride_stats_h, stride_stats_m, stride_stats_c,
+        stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
+        stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
+        stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
+        stride_seqs,
+        n_units, n_heads, group, kv_heads, ref_heads, ref_group, max_q_len, max_k_len,
+        head_dim, v_dim, ref_dim, scale, scale2, ref_scale2, len_bucket,
+        DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_SEQS: tl.constexpr,
+        ACC_IN_REGS: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+        DR_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_N keys of one unit, all kv heads ("mean") or kv head kvh ("each"), and
+    one of n_splits contiguous chunks of the query blocks that see those keys (n_splits comes
+    from the grid size, see launch.backward_grid). dS = a (dP - delta) + [k in P] w T; DK / DV
+    (fp32 dk / dv, zero-filled) get dS^T Q and a^T dO (stored when this program is their only
+    writer, atomic adds otherwise), DQ (fp32 dq, zero-filled) gets dS K by atomic adds.
+    DDIV (w) and GBAR share the strides stride_ddiv_*. n_units: B without a sequence table (SEQS),
+    its row count with one; max_q_len, max_k_len: Sq, Sk without, the longest unit's with one."""
+    n_nblk = (max_k_len + BLOCK_N - 1) // BLOCK_N
+    if HEADS_EACH:
+        n_groups = n_units * kv_heads
+    else:
+        n_groups = n_units
+    n_splits = tl.num_programs(0) // (n_nblk * n_groups)
+    # 1-D grid: key blocks slowest and ascending, i.e. heaviest first under causal masking (key
+    # block j is seen by the query blocks from ~j on); then (unit, kv head), then the split.
+    pid = tl.program_id(0)
+    pid_n = pid // (n_groups * n_splits)
+    pid_in = pid % (n_groups * n_splits)
+    pid_bk = (pid_in // n_splits).to(tl.int64)
+    split = pid_in % n_splits
+    if HEADS_EACH:
+        unit = pid_bk // kv_heads
+        kv0 = pid_bk % kv_heads
+        NKV = 1
+    else:
+        unit = pid_bk
+        kv0 = pid_bk * 0
+        NKV = kv_heads
+    if HAS_SEQS:
+        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+        if pid_n * BLOCK_N >= k_len:
+            return
+    else:
+        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
+        pos0 = max_k_len - max_q_len
+    n_mblk = (q_len + BLOCK_M - 1) // BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    Qb = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS)
+    Kb = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS)
+    Vb = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS)
+    QRb = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS)
+    KRb = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS)
+    Sb = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS)
+    RSb = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS)
+    DOb = at(DOUT, b, stride_dout_b, q_start, stride_dout_m, HAS_SEQS)
+    DLb = at(DELTA, b, stride_delta_b, q_start, stride_delta_m, HAS_SEQS)
+    Wb = at(DDIV, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)
+    Gb = at(GBAR, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)
+    DQb = at(DQ, b, stride_dq_b, q_start, stride_dq_m, HAS_SEQS)
+    DKb = at(DK, b, stride_dk_b, k_start, stride_dk_n, HAS_SEQS)
+    DVb = at(DV, b, stride_dv_b, k_start, stride_dv_n, HAS_SEQS)
+    keys_ok = key_ok(at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS), stride_key_pad_n,
+                     offs_n, k_len, HAS_KEY_PAD)
+    if CAUSAL:
+        mb_first = tl.maximum(pid_n * BLOCK_N - pos0, 0) // BLOCK_M
+    else:
+        mb_first = pid_n * 0
+    if HAS_SEQS:
+        mb_first = tl.minimum(mb_first, n_mblk)  # keys past the unit's last row position: no block
+    mb_lo, mb_hi = split_range(mb_first, n_mblk, split, n_splits)
+    if HAS_SEQS:
+        sole_program = False  # units may share keys (context parallel): always add
+    else:
+        sole_program = n_splits == 1  # no other program writes dk / dv of these keys
+    dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
+    dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
+    keys_end = tl.where(mb_lo < mb_hi, k_len, 0)  # an empty chunk writes no dk / dv
+    kv_mask = (offs_n[:, None] < keys_end) & (offs_d[None, :] < head_dim)
+    v_mask = (offs_n[:, None] < keys_end) & (offs_dv[None, :] < v_dim)
+    for start_m in range(mb_lo * BLOCK_M, mb_hi * BLOCK_M, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        att, sup = key_sets(offs_m, offs_n, keys_ok, q_len, pos0, CAUSAL, EXCLUDE_SELF)
+        if not HEADS_EACH:
+            # the divergence tile couples every head: log pi, log rho and g from all H + Hr heads
+            w = load_row(Wb, offs_m, stride_ddiv_m, q_len, 0.0)
+            gb = load_row(Gb, offs_m, stride_ddiv_m, q_len, 0.0)
+            keep = sup & (w != 0.0)[:, None]
+            log_z = finite(log_zsum(Sb, stride_stats_h, stride_stats_m, stride_stats_c, kv0, n_heads, offs_m,
+                                    q_len, BLOCK_M))
+            if tl.max((w != 0.0).to(tl.int32), 0) > 0:
+                log_zr = finite(log_zsum(RSb, stride_ref_stats_h, stride_ref_stats_m, stride_ref_stats_c, kv0,
+                                         ref_heads, offs_m, q_len, BLOCK_M))
+                lpi = log_policy(Qb, Kb, Sb, stride_q_h, stride_q_m, stride_q_d, stride_k_h, stride_k_n,
+                                 stride_k_d, stride_stats_h, stride_stats_m, stride_stats_c, kv0, n_heads, group,
+                                 offs_m, offs_n, q_len, k_len, head_dim, scale2, log_z,
+                                 BLOCK_M, BLOCK_N, D_PAD, False, UPCAST, PREC)
+                lrho = log_policy(QRb, KRb, RSb, stride_q_ref_h, stride_q_ref_m, stride_q_ref_d,
+                                  stride_k_ref_h, stride_k_ref_n, stride_k_ref_d, stride_ref_stats_h,
+                                  stride_ref_stats_m, stride_ref_stats_c, kv0, ref_heads, ref_group,
+                                  offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2, log_zr,
+                                  BLOCK_M, BLOCK_N, DR_PAD, False, UPCAST, PREC)
+                f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
+            else:
+                lpi = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                lrho = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                g = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for kk in range(NKV):
+            kvh = kv0 + kk
+            k = load_tile(Kb + kvh * stride_k_h, offs_n, offs_d, stride_k_n, stride_k_d, k_len, head_dim)
+            if HAS_V:
+                v = load_tile(Vb + kvh * stride_v_h, offs_n, offs_dv, stride_v_n, stride_v_d, k_len, v_dim)
+            if not ACC_IN_REGS:
+                # this query block's part of dk / dv of kv head kvh, added into DK / DV below
+                dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
+                if HAS_V:
+                    dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
+            for hh in range(group):
+                h = kvh * group + hh
+                q = load_tile(Qb + h * stride_q_h, offs_m, offs_d, stride_q_m, stride_q_d, q_len, head_dim)
+                s = matmul(q, tl.trans(k), UPCAST, PREC) * scale2
+                la = finite(load_row(Sb + h * stride_stats_h, offs_m, stride_stats_m, q_len, 0.0) * LOG2E)
+                a = tl.where(att, tl.exp2(s - la[:, None]), 0.0)
+                delta = load_row(DLb + h * stride_delta_h, offs_m, stride_delta_m, q_len, 0.0)
+                if HAS_V:
+                    do = load_tile(DOb + h * stride_dout_h, offs_m, offs_dv, stride_dout_m, stride_dout_d, q_len,
+                                   v_dim)
+                    dp = matmul(do, tl.trans(v), UPCAST, PREC)
+                    ds = a * (dp - delta[:, None])
+                    dv_acc += matmul(tl.trans(a.to(do.dtype)), do, UPCAST, PREC)
+                else:
+                    ds = -a * delta[:, None]
+                if HEADS_EACH:
+                    w = load_row(Wb + h * stride_ddiv_h, offs_m, stride_ddiv_m, q_len, 0.0)
+                    gb = load_row(Gb + h * stride_ddiv_h, offs_m, stride_ddiv_m, q_len, 0.0)
+                    keep = sup & (w != 0.0)[:, None]
+                    lp = finite(load_row(Sb + h * stride_stats_h + stride_stats_c, offs_m, stride_stats_m, q_len,
+                                         0.0) * LOG2E)
+                    lrp = finite(load_row(RSb + h * stride_ref_stats_h + stride_ref_stats_c, offs_m,
+                                          stride_ref_stats_m, q_len, 0.0) * LOG2E)
+                    sr = scores(QRb + h * stride_q_ref_h, KRb + (h // ref_group) * stride_k_ref_h,
+                                stride_q_ref_m, stride_q_ref_d, stride_k_ref_n, stride_k_ref_d,
+                                offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2, DR_PAD, UPCAST, PREC)
+                    lpi = s - lp[:, None]
+                    lrho = sr - lrp[:, None]
+                    f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
+                    lc = lpi  # T = pi (g - gbar)
+                else:
+                    lc = s - la[:, None] - log_z[:, None]  # T = (a / H) (g - gbar) / Z
+                t = times_g(lc, g, lpi, lrho, DIVERGENCE) - tl.exp2(lc) * gb[:, None]
+                ds += tl.where(keep, w[:, None] * t, 0.0)
+                ds = ds * scale
+                dk_acc += matmul(tl.trans(ds.to(q.dtype)), q, UPCAST, PREC)
+                dq = matmul(ds.to(k.dtype), k, UPCAST, PREC)
+                dq_ptrs = DQb + h * stride_dq_h + offs_m[:, None].to(tl.int64) * stride_dq_m \
+                    + offs_d[None, :] * stride_dq_d
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), sem="relaxed")
+            if not ACC_IN_REGS:  # one add per query block: atomics even without splits
+                dk_ptrs = DKb + kvh * stride_dk_h + offs_n[:, None].to(tl.int64) * stride_dk_n \
+                    + offs_d[None, :] * stride_dk_d
+                flush(dk_ptrs, dk_acc, kv_mask, False)
+                if HAS_V:
+                    dv_ptrs = DVb + kvh * stride_dv_h + offs_n[:, None].to(tl.int64) * stride_dv_n \
+                        + offs_dv[None, :] * stride_dv_d
+                    flush(dv_ptrs, dv_acc, v_mask, False)
+    if ACC_IN_REGS:
+        dk_ptrs = DKb + kv0 * stride_dk_h + offs_n[:, None].to(tl.int64) * stride_dk_n + offs_d[None, :] * stride_dk_d
+        flush(dk_ptrs, dk_acc, kv_mask, sole_program)
+        if HAS_V:
+            dv_ptrs = DVb + kv0 * stride_dv_h + offs_n[:, None].to(tl.int64) * stride_dv_n \
+                + offs_dv[None, :] * stride_dv_d
+            flush(dv_ptrs, dv_acc, v_mask, sole_program)

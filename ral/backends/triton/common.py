@@ -1,0 +1,256 @@
+"""Device helpers shared by the forward and backward kernels (``@triton.jit``, inlined at each call).
+
+Everything here works in log2 units: the launchers fold log2(e) into the softmax scales
+(``scale2 = scale * log2(e)``), so a score tile ``s`` is ready for ``tl.exp2`` and the natural-log
+statistics the kernels store are ``LN2`` times the log2 ones. Pointers handed to the helpers are
+already at the right (batch, head) and, with a sequence table, at the unit's first row / key
+(``at``); ``q_len`` / ``k_len`` are the unit's lengths and ``pos0`` the key position of its row 0.
+
+Importing this module needs no GPU; without triton it imports a stub (``IMPORT_ERROR`` says why)
+so that the package still imports and the backend reports itself unavailable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+try:
+    import triton
+    import triton.language as tl
+    IMPORT_ERROR: Optional[str] = None
+except Exception as err:  # pragma: no cover - exercised only where triton is missing
+    IMPORT_ERROR = f"triton is not importable ({type(err).__name__}: {err})"
+
+    class _Stub:
+        """Just enough of triton / triton.language for the kernel definitions to import."""
+
+        constexpr = staticmethod(lambda x=None: x)
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_INF = tl.constexpr(float("-inf"))
+
+# ----------------------------------------------------------------------------------------------
+# Loads, matmuls, the work unit
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def matmul(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST (interpreter + bf16 only) computes in fp32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def load_tile(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c):
+    """(len(offs_r), len(offs_c)) tile of a strided 2-D view, zero outside (n_r, n_c); int64 offsets."""
+    ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :].to(tl.int64) * stride_c
+    return tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+
+
+@triton.jit
+def load_row(base, offs, stride, n, other):
+    """(len(offs),) fp32 vector of a strided 1-D view, `other` outside n."""
+    return tl.load(base + offs.to(tl.int64) * stride, mask=offs < n, other=other).to(tl.float32)
+
+
+@triton.jit
+def at(base, batch, stride_b, start, stride, HAS_SEQS: tl.constexpr):
+    """`base` moved to batch `batch` and, with a sequence table, to the unit's first row / key
+    `start` (`stride`: the row or key stride). Without a table `start` is ignored."""
+    if HAS_SEQS:
+        res = base + batch * stride_b + start * stride
+    else:
+        res = base + batch * stride_b
+    return res
+
+
+@triton.jit
+def load_unit(SEQS, stride_seqs, unit):
+    """Work unit `unit` of a sequence table (int32 rows [batch, q_start, q_len, k_start, k_len,
+    q_pos, 0, 0], csrc/common/params.h SeqRange) -> (batch, q_start, q_len, k_start, k_len,
+    q_pos); batch and the starts as int64 (they multiply strides)."""
+    row = SEQS + unit * stride_seqs
+    batch = tl.load(row).to(tl.int64)
+    q_start = tl.load(row + 1).to(tl.int64)
+    q_len = tl.load(row + 2)
+    k_start = tl.load(row + 3).to(tl.int64)
+    k_len = tl.load(row + 4)
+    q_pos = tl.load(row + 5)
+    return batch, q_start, q_len, k_start, k_len, q_pos
+
+
+# ----------------------------------------------------------------------------------------------
+# Online softmax in log2 units, empty sets, key sets
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def finite(x):
+    """-inf (an empty set's LSE) -> 0, so that s - lse stays finite."""
+    return tl.where(x == NEG_INF, 0.0, x)
+
+
+@triton.jit
+def nonzero(l):
+    """A softmax sum with 0 (an empty set) -> 1, so it can divide or go into log2; NaN passes."""
+    return tl.where(l == 0.0, 1.0, l)
+
+
+@triton.jit
+def lse2(m, l):
+    """log2 sum from a running max and sum: -inf for an empty set (l == 0), NaN for NaN (a NaN input
+    must not turn its row into an empty one)."""
+    return tl.where(l == 0.0, NEG_INF, m + tl.log2(nonzero(l)))
+
+
+@triton.jit
+def online(m, l, x):
+    """One tile of an online softmax in log2 units; x (BLOCK_M, BLOCK_N) is -inf off the set.
+    -> (m_new, l_new, alpha, e, shift): shift = m_new, or 0 while the set is still empty;
+    e = exp2(x - shift) and alpha = exp2(m - shift) rescales the sums carried so far."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2(m - shift)
+    e = tl.exp2(x - shift[:, None])
+    return m_new, l * alpha + tl.sum(e, 1), alpha, e, shift
+
+
+@triton.jit
+def key_ok(key_pad, stride_key_pad_n, offs_n, k_len, HAS_KEY_PAD: tl.constexpr):
+    """(BLOCK_N,) bool: real keys (inside k_len and key_padding_mask True)."""
+    ok = offs_n < k_len
+    if HAS_KEY_PAD:
+        ok = ok & (tl.load(key_pad + offs_n.to(tl.int64) * stride_key_pad_n, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def key_sets(offs_m, offs_n, keys_ok, q_len, pos0, CAUSAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    """Attended keys A and policy support P on a (BLOCK_M, BLOCK_N) tile; row i sits at key
+    position pos0 + i (pos0 = Sk - Sq without a sequence table, the unit's q_pos with one)."""
+    pos = offs_m + pos0
+    att = (offs_m[:, None] < q_len) & keys_ok[None, :]
+    if CAUSAL:
+        att = att & (offs_n[None, :] <= pos[:, None])
+    sup = att
+    if EXCLUDE_SELF:
+        sup = att & (offs_n[None, :] != pos[:, None])
+    return att, sup
+
+
+@triton.jit
+def scores(q_ptr, k_ptr, stride_q_m, stride_q_d, stride_k_n, stride_k_d, offs_m, offs_n, q_len, k_len,
+           head_dim, scale2, D_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scores of one head in log2 units: scale * log2(e) * q k^T."""
+    offs_d = tl.arange(0, D_PAD)
+    q = load_tile(q_ptr, offs_m, offs_d, stride_q_m, stride_q_d, q_len, head_dim)
+    k = load_tile(k_ptr, offs_n, offs_d, stride_k_n, stride_k_d, k_len, head_dim)
+    return matmul(q, tl.trans(k), UPCAST, PREC) * scale2
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy and the reference on a tile, from the row statistics
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def log_zsum(stats, stride_h, stride_m, stride_c, h0, n_heads, offs_m, q_len, BLOCK_M: tl.constexpr):
+    """log2 sum_h Z_h over heads h0 .. h0+n_heads-1, Z_h = exp(lse_P - lse_A) read from the
+    (natural-log) statistics at `stats`; (BLOCK_M,), -inf where the support is empty."""
+    mx = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    sm = tl.full([BLOCK_M], 0.0, tl.float32)
+    for hh in range(n_heads):
+        h = h0 + hh
+        la = load_row(stats + h * stride_h, offs_m, stride_m, q_len, 0.0) * LOG2E
+        lp = load_row(stats + h * stride_h + stride_c, offs_m, stride_m, q_len, NEG_INF) * LOG2E
+        x = tl.where(lp == NEG_INF, NEG_INF, lp - la)
+        m_new = tl.maximum(mx, x)
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        sm = sm * tl.exp2(mx - m_use) + tl.exp2(x - m_use)
+        mx = m_new
+    return lse2(mx, sm)
+
+
+@triton.jit
+def log_policy(q_ptr, k_ptr, stats, stride_q_h, stride_q_m, stride_q_d, stride_k_h, stride_k_n, stride_k_d,
+               stride_s_h, stride_s_m, stride_s_c, h0, n_heads, group, offs_m, offs_n, q_len, k_len,
+               head_dim, scale2, log_z, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+               HEADS_EACH: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """log2 of the policy on a (BLOCK_M, BLOCK_N) tile (meaningful on P only); q_ptr / k_ptr /
+    stats at the batch (and unit), heads by their strides.
+    "each" (head h0): s - lse_P. "mean" (heads h0..h0+n_heads-1, kv head h // group):
+    logsumexp_h(s_h - lse_A_h) - log_z, with log_z = log2 sum_h Z_h (the 1/H cancels)."""
+    if HEADS_EACH:
+        s = scores(q_ptr + h0 * stride_q_h, k_ptr + (h0 // group) * stride_k_h, stride_q_m, stride_q_d,
+                   stride_k_n, stride_k_d, offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
+        lp = load_row(stats + h0 * stride_s_h + stride_s_c, offs_m, stride_s_m, q_len, 0.0) * LOG2E
+        res = s - finite(lp)[:, None]
+    else:
+        mx = tl.full([BLOCK_M, BLOCK_N], NEG_INF, tl.float32)
+        sm = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for hh in range(n_heads):
+            h = h0 + hh
+            s = scores(q_ptr + h * stride_q_h, k_ptr + (h // group) * stride_k_h, stride_q_m, stride_q_d,
+                       stride_k_n, stride_k_d, offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST,
+                       PREC)
+            la = load_row(stats + h * stride_s_h, offs_m, stride_s_m, q_len, 0.0) * LOG2E
+            x = s - finite(la)[:, None]
+            # online logsumexp with one exp2: the larger of (running max, x) costs nothing
+            d = x - mx
+            e = tl.exp2(-tl.abs(d))
+            sm = tl.where(d > 0, sm * e + 1.0, sm + e)
+            mx = tl.maximum(mx, x)
+        res = mx + tl.log2(sm) - log_z[:, None]
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence terms
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def div_terms(lpi2, lrho2, DIVERGENCE: tl.constexpr):
+    """Elementwise f(pi, rho), g = df/dpi and pi*g (natural log) from log2 pi and log2 rho.
+    DIVERGENCE: 0 jsd, 1 kl(pi || rho), 2 reverse_kl = kl(rho || pi)."""
+    pi = tl.exp2(lpi2)
+    rho = tl.exp2(lrho2)
+    if DIVERGENCE == 0:  # jsd: m = (pi + rho) / 2
+        lm2 = tl.maximum(lpi2, lrho2) + tl.log2(1.0 + tl.exp2(-tl.abs(lpi2 - lrho2))) - 1.0
+        dp = (lpi2 - lm2) * LN2
+        dr = (lrho2 - lm2) * LN2
+        f = 0.5 * (pi * dp + rho * dr)
+        g = 0.5 * dp
+        pig = pi * g
+    elif DIVERGENCE == 1:  # kl(pi || rho)
+        d = (lpi2 - lrho2) * LN2
+        f = pi * d
+        g = d + 1.0
+        pig = pi * g
+    else:  # reverse kl: kl(rho || pi)
+        d = (lrho2 - lpi2) * LN2
+        f = rho * d
+        g = -tl.exp2(lrho2 - lpi2)
+        pig = -rho
+    return f, g, pig
+
+
+@triton.jit
+def times_g(lc2, g, lpi2, lrho2, DIVERGENCE: tl.constexpr):
+    """c * g for c = exp2(lc2) <= pi (up to the head count); for reverse_kl in log space,
+    -exp2(lc2 + lrho2 - lpi2), so that a tiny pi never makes inf * 0."""
+    if DIVERGENCE == 2:
+        res = -tl.exp2(lc2 + lrho2 - lpi2)
+    else:
+        res = tl.exp2(lc2) * g
+    return res
