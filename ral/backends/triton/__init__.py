@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-from ral.backends.call import Call
+from .. import outputs
+from ..call import Call
 
 from .common import IMPORT_ERROR
 from .configs import MAX_HEAD_DIM
@@ -80,6 +81,4 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
     ddiv (w) and gbar like div; delta (B,H,Sq) = rowsum(dout*out) + w*cbar/H; stats (B,H,Sq,2);
     ref_stats (B,Hr,Sq,2): the reference statistics the forward used."""
     dq, dk, dv = backward_launch(call, dout, ddiv, delta, stats, ref_stats, gbar).run(call.q)
-    q, k, v = call.q, call.k, call.v
-    return (dq.to(q.dtype), dk.to(k.dtype),
-            dv.to(v.dtype) if v is not None else q.new_empty((0,)))
+    return outputs.cast_gradients(dq, dk, dv, call.q, call.k, call.v)

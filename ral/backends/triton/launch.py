@@ -17,7 +17,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ral.backends.call import Call
+from .. import outputs
+from ..call import Call
 
 from .backward import backward_kernel
 from .common import IMPORT_ERROR, triton
@@ -25,7 +26,6 @@ from .configs import (BACKWARD_KEY, BACKWARD_TABLE, FORWARD_KEY, FORWARD_TABLE, 
                       settings)
 from .forward import forward_each_kernel, forward_kernel
 
-DIVERGENCE_CODES = {"jsd": 0, "kl": 1, "reverse_kl": 2}
 LOG2E = 1.4426950408889634
 
 # Whether the kernels below were built for the interpreter (TRITON_INTERPRET when imported).
@@ -182,18 +182,10 @@ def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
     q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
     interp = INTERPRETED if interp is None else interp
     opts = call.options
-    batch, n_heads, q_len, _ = q.shape
-    f32 = dict(dtype=torch.float32, device=q.device)
+    n_heads = q.shape[1]
     each = opts.heads_each
-    row_shape = (batch, n_heads, q_len) if each else (batch, q_len)
-    out = (torch.empty((batch, n_heads, q_len, v.shape[3]), dtype=q.dtype, device=q.device)
-           if v is not None else q.new_empty((0,)))
-    div, gbar = torch.empty(row_shape, **f32), torch.empty(row_shape, **f32)
-    stats = torch.empty((batch, n_heads, q_len, 2), **f32)
-    cbar = torch.empty((batch, n_heads, q_len), **f32)
     has_ref_stats = call.ref_stats is not None
-    ref_stats_out = (q.new_empty((0,), dtype=torch.float32) if has_ref_stats
-                     else torch.empty((batch, q_ref.shape[1], q_len, 2), **f32))
+    out, div, stats, ref_stats_out, gbar, cbar = outputs.forward_outputs(q, v, q_ref, has_ref_stats, each)
     ref_stats = call.ref_stats if has_ref_stats else ref_stats_out
     key_pad, row_mask = _mask_u8(call.key_padding_mask), _mask_u8(call.row_mask)
 
@@ -209,7 +201,7 @@ def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
         **strides("stats", stats), **strides("div", div), **strides("cbar", cbar),
         **seqs_table(call), **size,
         scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
-        DIVERGENCE=DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
+        DIVERGENCE=opts.divergence_code, HEADS_EACH=each,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
         HAS_REF_STATS=has_ref_stats, HAS_KEY_PAD=key_pad is not None, HAS_ROW_MASK=row_mask is not None,
         H_PAD=1 if each else triton.next_power_of_2(n_heads), **_flags(call, interp, kernel))
@@ -228,10 +220,7 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
     opts = call.options
     kv_heads = k.shape[1]
     each = opts.heads_each
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros(q.shape, **f32)
-    dk = torch.zeros(k.shape, **f32)
-    dv = torch.zeros(v.shape, **f32) if v is not None else None
+    dq, dk, dv = outputs.gradient_accumulators(q, k, v)
     w, gbar = ddiv.to(torch.float32).contiguous(), gbar.to(torch.float32).contiguous()
     key_pad = _mask_u8(call.key_padding_mask)
     dout = dout if v is not None else None
@@ -248,7 +237,7 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
         **strides("dq", dq), **strides("dk", dk), **strides("dv", dv),
         **seqs_table(call), n_units=n_units(call), kv_heads=kv_heads, **size,
         scale=opts.scale, scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
-        DIVERGENCE=DIVERGENCE_CODES[opts.divergence], HEADS_EACH=each,
+        DIVERGENCE=opts.divergence_code, HEADS_EACH=each,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
         HAS_KEY_PAD=key_pad is not None, ACC_IN_REGS=each or kv_heads == 1, **_flags(call, interp, kernel))
     assert gbar.stride() == w.stride()  # GBAR is addressed with DDIV's strides
