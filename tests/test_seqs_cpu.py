@@ -1,6 +1,6 @@
 """backend="cpu" with a sequence table (csrc/common/params.h SeqRange, ral.backends.Call.seqs):
 packed varlen batches and context-parallel chunks, against the float64 reference called on each
-sequence alone (SPEC section 7) or on the whole sequence (SPEC section 9), under the accuracy rule
+sequence alone (docs/design.md, "Packed sequences") or on the whole sequence ("Context parallelism"), under the accuracy rule
 of tests/oracle.py. The kernels are driven through ral.backends.module("cpu") with a Call built
 here, and the backward's inputs (w, delta) come from ral.ops exactly as the op computes them.
 """

@@ -1,13 +1,4 @@
-"""Integrations with training libraries (transformers; TRL in ``ral.integrations.trl``).
-
-Imported lazily so that ``import ral`` does not import transformers.
+"""The integration layer: ``transformers`` (AttentionPolicy), ``trl`` (RALGRPOTrainer), ``distill``
+(the on-policy distillation loss) and ``models`` (backbone / LM-head glue). Import the submodule you
+need; ``import ral`` imports none of them (so neither transformers nor TRL).
 """
-
-__all__ = ["AttentionPolicy", "AttentionReference", "register"]
-
-
-def __getattr__(name):
-    if name in __all__:
-        from . import transformers as _tf
-        return getattr(_tf, name)
-    raise AttributeError(name)

@@ -72,6 +72,10 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
 
@@ -221,7 +225,8 @@ def _sdpa_packed(module, query: Tensor, key: Tensor, value: Tensor, packing: Pac
                                                             "max_length_k", "position_ids", "is_causal")}
     mask = _block_causal_mask(packing, b * s, key.shape[0] * key.shape[2], query.device,
                               kwargs.pop("sliding_window", None))
-    out, _ = _sdpa(module, stream(query), stream(key), stream(value), mask, dropout=dropout, scaling=scale, **kwargs)
+    out, _ = sdpa_attention_forward(module, stream(query), stream(key), stream(value), mask, dropout=dropout,
+                                    scaling=scale, **kwargs)
     return out.reshape(b, s, *out.shape[2:]), None
 
 
@@ -400,11 +405,6 @@ class Comparison:
 # The attention function
 # ----------------------------------------------------------------------------------------------
 
-def _sdpa(*args, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(*args, **kwargs)
-
-
 def ral_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Optional[Tensor], scaling: Optional[float] = None,
                           dropout: float = 0.0, **kwargs):
@@ -423,7 +423,8 @@ def ral_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2])
         if packing is not None:
             return _sdpa_packed(module, query, key, value, packing, scaling, dropout, **kwargs)
-    return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
 
 
 def _causal_call(module: nn.Module, kwargs: dict) -> bool:
@@ -432,17 +433,10 @@ def _causal_call(module: nn.Module, kwargs: dict) -> bool:
     return bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
 
 
-def _ral_mask(*args, **kwargs):
-    from transformers.masking_utils import sdpa_mask
-    return sdpa_mask(*args, **kwargs)
-
-
 def register() -> None:
     """Register ``"ral"`` in transformers' attention and mask interfaces (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(IMPLEMENTATION, ral_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, _ral_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
 def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
@@ -454,10 +448,6 @@ def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def _is_checkpointing_layer(module: nn.Module) -> bool:
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        return False
     return isinstance(module, GradientCheckpointingLayer)
 
 

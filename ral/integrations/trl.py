@@ -61,6 +61,8 @@ from torch import Tensor
 try:
     import trl
     from trl import GRPOTrainer
+    from trl.models import prepare_deepspeed, prepare_fsdp
+    from trl.models.utils import disable_gradient_checkpointing
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ral.integrations.trl needs TRL: pip install 'ral[trl]' (trl>=1.16,<1.17)") from exc
 
@@ -148,10 +150,8 @@ class RALGRPOTrainer(GRPOTrainer):
                 self.teacher_policy = AttentionPolicy(teacher_model, layers=attn_layers, divergence="jsd",
                                                       heads="mean", backend=attn_backend)
             if self.is_deepspeed_enabled:
-                from trl.models import prepare_deepspeed
                 teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
             elif self.is_fsdp_enabled:
-                from trl.models import prepare_fsdp
                 teacher_model = prepare_fsdp(teacher_model, self.accelerator)
             else:
                 teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
@@ -190,7 +190,6 @@ class RALGRPOTrainer(GRPOTrainer):
         """One no-grad backbone pass; returns (AttentionReference or None, last hidden or None)."""
         chunk = input_ids.size(0) if extra else max(1, self.args.per_device_train_batch_size)
         refs, hiddens = [], []
-        from trl.models.utils import disable_gradient_checkpointing
         with disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
             for start in range(0, input_ids.size(0), chunk):
                 sl = slice(start, start + chunk)
