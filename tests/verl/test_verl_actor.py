@@ -66,13 +66,13 @@ def model_path(tmp_path_factory):
 
 
 def make_worker(model_path, remove_padding=True, dynamic=False, checkpointing=False, agg="token-mean", lr=5e-2,
-                adam_eps=1e-8):
+                adam_eps=1e-8, attn="sdpa"):
     engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
                               mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
                               micro_batch_size_per_gpu=2 if not dynamic else None, infer_micro_batch_size_per_gpu=4,
                               use_dynamic_bsz=dynamic, max_token_len_per_gpu=40, infer_max_token_len_per_gpu=40)
     model = HFModelConfig(path=model_path, load_tokenizer=False, use_remove_padding=remove_padding,
-                          enable_gradient_checkpointing=checkpointing, override_config={"attn_implementation": "sdpa"})
+                          enable_gradient_checkpointing=checkpointing, override_config={"attn_implementation": attn})
     optim = FSDPOptimizerConfig(lr=lr, weight_decay=0.0, clip_grad=1e9, override_optimizer_config={"eps": adam_eps})
     worker = TrainingWorker(TrainingWorkerConfig(model_type="language_model", model_config=model, engine_config=engine,
                                                  optimizer_config=optim, checkpoint_config=CheckpointConfig()))
@@ -355,3 +355,36 @@ def test_actor_rollout_ref_worker_from_config(model_path):
                          mini_batch_size=B // 2, epochs=1, seed=1, dataloader_kwargs={"shuffle": True})
     metrics = tu.get(worker.update_actor(data), "metrics")
     assert len(metrics["ral/attn_loss"]) == 2 and abs(float(metrics["ral/attn_loss"][1])) > 0
+
+
+def test_other_layers_keep_the_models_attention(model_path):
+    """A model on another attention implementation (on GPU: flash_attention_2) keeps it in every layer
+    but the chosen one: here a counting copy of SDPA registered under a new name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    calls = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("counted_sdpa", counted)
+    AttentionMaskInterface.register("counted_sdpa", sdpa_mask)
+    terms = []
+    for attn in ("sdpa", "counted_sdpa"):
+        worker, actor = make_worker(model_path, attn=attn)
+        handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
+        batch = make_batch(4)
+        out = old_log_probs(worker, batch, handle)
+        for key in handle.batch_keys:
+            batch[key] = tu.get(out, key)
+        update(worker, batch)
+        terms.append([float(v) for v in update(worker, batch)["ral/attn_loss"]])
+        if attn == "counted_sdpa":
+            assert handle.policy.model.config._attn_implementation == "ral+counted_sdpa"
+            assert calls and set(calls) == {0}          # layer 1 (the chosen one) never reached the base
+            handle.remove()
+            assert handle.engine.module.config._attn_implementation == "counted_sdpa"
+    torch.testing.assert_close(torch.tensor(terms[1]), torch.tensor(terms[0]), rtol=1e-5, atol=1e-8)
