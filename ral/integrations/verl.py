@@ -1,0 +1,492 @@
+"""veRL integration: RAL's attention term in veRL 0.9.x's engine-based actor.
+
+Supported veRL: ``verl>=0.9,<0.10`` (``pip install "ral[verl]"``). In 0.9 the actor is
+``verl.workers.engine_workers.TrainingWorker`` around an engine
+(``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead``): ``infer_batch`` is the
+old-log-prob pass (``ActorRolloutRefWorker.compute_log_prob``), ``train_mini_batch`` splits /
+shuffles a batch into mini-batches and ``engine.forward_backward_batch`` splits each into
+micro-batches (fixed size or dynamic, token-balanced), calling ``engine.forward_step`` per
+micro-batch: model forward -> log-probs -> the worker's loss function (``set_loss_fn``; by default
+``verl.workers.utils.losses.ppo_loss``, which calls the policy loss from
+``core_algos.get_policy_loss_fn(loss_mode)`` and reduces with ``core_algos.agg_loss``).
+
+Use (worker level; what the tests run, no Ray)::
+
+    from ral.integrations.verl import RALConfig, attach
+    ral = attach(training_worker, RALConfig(lambda_attn=1.0), actor_config)
+    with ral.recording():                       # the old-log-prob pass
+        out = training_worker.infer_batch(batch)     # out has ral_q0 / ral_k0 / ral_stats0
+    batch.update(out.select(*ral.batch_keys))   # veRL's v1 trainer does this through TransferQueue
+    training_worker.train_mini_batch(batch)     # adds lambda_attn * agg(A * div) to the loss
+    ral.remove()                                # undo everything
+
+Trainer level: ``RALActorRolloutRefWorker`` (an ``ActorRolloutRefWorker`` that attaches RAL in
+``init_model`` and records in ``compute_log_prob``) and the trainer mode ``ral_sync``
+(``PPOTrainerSync`` with that worker), registered in veRL's trainer registry. Enable with the
+entry point and these keys (see examples/verl/README.md)::
+
+    python -m ral.integrations.verl trainer.v1.trainer_mode=ral_sync \\
+        +actor_rollout_ref.ral.lambda_attn=1.0 [+actor_rollout_ref.ral.layers=[-1]] \\
+        [+actor_rollout_ref.ral.divergence=jsd] [+actor_rollout_ref.ral.backend=auto] ...
+
+What it does:
+
+- **Record.** While ``recording()`` is active, each forward-only micro-batch of the actor runs its
+  chosen layers in ``AttentionPolicy.record`` mode (rollout-time weights: this is the old-log-prob
+  pass) and the micro-batch's ``model_output`` gains, per sample, jagged (nested) tensors:
+  ``ral_q{i}`` (response rows, Hq x D, post-rotary), ``ral_k{i}`` (all rows, Hkv x D),
+  ``ral_stats{i}`` (response rows, Hq x 2 float32). veRL concatenates them, undoes the dynamic
+  batching permutation and returns them with ``log_probs``; from there they are batch fields like
+  ``old_log_probs``, so veRL's mini-batch split, shuffle and dynamic batching carry them.
+- **Compare.** In a training micro-batch that has ``ral_k0``, the chosen layers run in
+  ``AttentionPolicy.compare`` mode in the same forward that gives veRL its log-probs (packed through
+  ``ral.ops.attention_kl_varlen`` with ``use_remove_padding=True``, padded otherwise), and the loss
+  function ``ral_ppo_loss`` = veRL's ``ppo_loss`` + ``lambda_attn * agg_loss(A * div,
+  response_mask, loss_agg_mode, **global_batch_info)``: veRL's own aggregation (token-mean,
+  seq-mean-token-sum, seq-mean-token-mean, ...) with the same global normalisation (dp size,
+  global token / sequence counts) that makes micro-batch gradient accumulation exact. Rows: the
+  response tokens (as in ral.integrations.trl), weighted by ``response_mask``.
+- **Metrics.** ``ral/attn_div`` (mean div over response tokens) and ``ral/attn_loss`` as veRL
+  ``Metric`` objects next to ``actor/pg_loss``.
+- The one hook: ``engine.forward_step`` is wrapped on the instance (veRL has no pre/post-forward
+  hook, and the chosen layers must be in record/compare mode during the model call);
+  ``remove()`` deletes the wrapper. The loss goes through ``set_loss_fn`` (veRL's API for the
+  worker's loss), not ``register_policy_loss``: a registered policy loss only receives log-probs,
+  advantages and the mask, not the model's attention. Other layers keep the model's own attention
+  implementation (e.g. flash_attention_2): the model is switched to ``"ral+<original>"``, which is
+  the original everywhere except the chosen layers while recording or comparing (sdpa / eager
+  models go to ``"ral"``, SDPA outside the chosen layers). The delegation to flash_attention_2 is
+  not tested here (no GPU / flash-attn on the test machine).
+- RAL needs veRL to recompute the old log-probs (the default); with
+  ``algorithm.rollout_correction.bypass_mode`` there is no old-log-prob pass, no reference and no
+  term (micro-batches without ``ral_k0`` get veRL's plain loss).
+- ``lambda_attn == 0`` attaches nothing to the model (no record, no compare) and the loss function
+  is veRL's ``ppo_loss``: the update equals veRL's bit for bit (tested).
+
+The attention term has zero gradient while the weights still equal the rollout weights (JSD is
+flat at its minimum): it acts from the second optimizer step on a batch, so use
+``ppo_mini_batch_size < train_batch_size`` or ``ppo_epochs > 1``.
+
+Reference size (bytes per token; the reference lives in the batch from the old-log-prob pass to the
+end of the update, on the host / in TransferQueue between stages). Per chosen layer:
+q = Hq * D * 2 bytes per response token (bf16), k = Hkv * D * 2 per token (prompt and response),
+stats = Hq * 2 * 4 per response token. Qwen2.5-VL-7B (Hq = 28, Hkv = 4, D = 128, bf16):
+q 7,168 B + stats 224 B per response token, k 1,024 B per token: 8,416 B per response token and
+1,024 B per prompt / image token. E.g. 512 samples x (1,024 prompt + 1,024 response tokens):
+512 * (1,024 * 1,024 + 1,024 * 8,416) B = 4.95 GB (4.6 GiB) per step for the whole batch.
+
+Limits: ``ulysses_sequence_parallel_size`` must be 1 (the chosen layer would see a sequence shard;
+``ral.distributed.attention_kl_cp`` is the building block for it), ``pad_to_length`` must be off,
+``use_fused_kernels`` is fine (the term does not need logits). Only FSDP/FSDP2 engines (language
+models and VLMs whose decoder layers transformers builds with ``layer_idx``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    import verl
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.losses import ppo_loss
+except ImportError as exc:  # pragma: no cover - exercised only without verl
+    raise ImportError("ral.integrations.verl needs veRL: pip install 'ral[verl]' (verl>=0.9,<0.10)") from exc
+
+from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing
+
+__all__ = ["RALConfig", "RALActor", "attach", "ral_ppo_loss", "reference_bytes_per_token", "SUPPORTED_VERL"]
+
+SUPPORTED_VERL = ">=0.9,<0.10"
+
+
+@dataclass
+class RALConfig:
+    """``lambda_attn``: weight of the attention term (0: plain veRL). ``layers``: decoder layers whose
+    head-mean attention is the policy (default the last). ``divergence``: "jsd" (paper), "kl",
+    "reverse_kl". ``backend``: ``ral.ops.attention_kl`` backend."""
+
+    lambda_attn: float = 1.0
+    layers: Sequence[int] = (-1,)
+    divergence: str = "jsd"
+    backend: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d) -> "RALConfig":
+        d = dict(d or {})
+        return cls(lambda_attn=float(d.get("lambda_attn", 1.0)), layers=tuple(d.get("layers", (-1,))),
+                   divergence=str(d.get("divergence", "jsd")), backend=str(d.get("backend", "auto")))
+
+
+def reference_bytes_per_token(q_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2, layers: int = 1):
+    """(bytes per response token, bytes per prompt token) of the recorded reference."""
+    return layers * (q_heads * head_dim * dtype_bytes + q_heads * 2 * 4 + kv_heads * head_dim * dtype_bytes), \
+        layers * kv_heads * head_dim * dtype_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers: veRL micro-batches hold nested (jagged) input ids, one sequence per sample,
+# prompt then response, no padding.
+# ----------------------------------------------------------------------------------------------
+
+def _seq_offsets(micro_batch) -> Tensor:
+    return micro_batch["input_ids"].offsets().to(torch.long)
+
+
+def _response_lengths(micro_batch) -> Tensor:
+    responses = micro_batch.get("responses", None)
+    if isinstance(responses, Tensor) and responses.is_nested:
+        return responses.offsets().diff().to(torch.long)
+    mask, prompts = micro_batch.get("attention_mask", None), micro_batch.get("prompts", None)
+    if isinstance(mask, Tensor) and not mask.is_nested and isinstance(prompts, Tensor) and not prompts.is_nested:
+        return mask[:, prompts.shape[1]:].sum(1).to(torch.long)
+    rm = micro_batch["response_mask"]
+    if rm.is_nested:
+        return rm.offsets().diff().to(torch.long)
+    raise ValueError("ral: cannot tell the response lengths: the batch needs nested 'responses', or "
+                     "'prompts' with a padded 'attention_mask', or a nested 'response_mask'")
+
+
+def _response_rows(micro_batch):
+    """Flat row indices (into the packed tokens) of every sample's response, and the lengths."""
+    cu = _seq_offsets(micro_batch)
+    lengths = _response_lengths(micro_batch).to(cu.device)
+    ends = cu[1:]
+    rows = torch.cat([torch.arange(int(e) - int(n), int(e), device=cu.device) for e, n in zip(ends, lengths)]) \
+        if len(lengths) else torch.zeros(0, dtype=torch.long)
+    return rows, lengths
+
+
+def _response_mask_flat(micro_batch, lengths: Tensor) -> Tensor:
+    rm = micro_batch["response_mask"]
+    if rm.is_nested:
+        return rm.values().to(torch.bool)
+    return torch.cat([rm[i, :int(n)] for i, n in enumerate(lengths)]).to(torch.bool)
+
+
+def _padded_rows(flat: Tensor, lengths: Tensor, width: int) -> Tensor:
+    """(sum(lengths), ...) -> (B, width, ...) right-padded with zeros."""
+    out = flat.new_zeros((len(lengths), width) + tuple(flat.shape[1:]))
+    start = 0
+    for i, n in enumerate(lengths.tolist()):
+        out[i, :n] = flat[start:start + n]
+        start += n
+    return out
+
+
+def _flatten_padded(t: Tensor, cu: Tensor) -> Tensor:
+    """(B, heads, S, dim) right-padded -> (T, heads, dim) packed in sample order."""
+    return torch.cat([t[i, :, :int(cu[i + 1] - cu[i])].transpose(0, 1) for i in range(t.shape[0])])
+
+
+def _nested(values: Tensor, lengths: Tensor) -> Tensor:
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=values.device)
+    offsets[1:] = lengths.to(values.device).cumsum(0)
+    return torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention implementation: the model's own one, except the chosen layers while active.
+# ----------------------------------------------------------------------------------------------
+
+def _register_implementation(original: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .transformers import ral_attention_forward
+
+    name = f"ral+{original}"
+    if original in ("ral", "sdpa", "eager") or original.startswith("ral+"):
+        return "ral"                         # "ral" is SDPA outside the chosen layers already
+    base = ALL_ATTENTION_FUNCTIONS[original]
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        hook = getattr(module, "_ral_policy", None)
+        if hook is not None and hook[0]._mode is not None:
+            return ral_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                         dropout=dropout, **kwargs)
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    if original in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _hf_model(module):
+    """The transformers model under veRL's FSDP wrapper (FSDP1 wraps it, FSDP2 is the model)."""
+    inner = getattr(module, "_fsdp_wrapped_module", None) or module
+    while not hasattr(inner, "config") and hasattr(inner, "module"):
+        inner = inner.module
+    return inner
+
+
+# ----------------------------------------------------------------------------------------------
+# The actor hook
+# ----------------------------------------------------------------------------------------------
+
+class RALActor:
+    """RAL attached to one veRL ``TrainingWorker`` (the actor); made by ``attach``."""
+
+    def __init__(self, worker, config: RALConfig, actor_config=None):
+        self.worker, self.config = worker, config
+        if not config.lambda_attn >= 0:
+            raise ValueError(f"lambda_attn must be >= 0, got {config.lambda_attn!r}")
+        self.engine = worker.engine
+        self.active = config.lambda_attn > 0
+        self.policy: Optional[AttentionPolicy] = None
+        self._cmp = None
+        self._recording = False
+        self._old_loss_fn = worker.loss_fn
+        if not self.active:
+            return
+        if getattr(self.engine, "use_ulysses_sp", False):
+            raise ValueError("ral: ulysses_sequence_parallel_size > 1 is not supported (the chosen layer would see "
+                             "a sequence shard); set it to 1")
+        if getattr(self.engine, "pad_to_length", False):
+            raise ValueError("ral: engine pad_to_length is not supported (it appends a padding sequence)")
+        model = _hf_model(self.engine.module)
+        original = model.config._attn_implementation
+        self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
+                                      heads="mean", backend=config.backend)
+        self._original_implementation = original
+        implementation = _register_implementation(original)
+        if implementation != "ral":
+            model.set_attn_implementation(implementation)
+        self.engine.forward_step = self._forward_step          # the one hook (instance attribute)
+        if actor_config is not None:
+            worker.set_loss_fn(partial(ral_ppo_loss, config=actor_config, ral=self))
+
+    @property
+    def batch_keys(self):
+        n = len(self.policy.modules) if self.policy is not None else 0
+        return [f"ral_{kind}{i}" for i in range(n) for kind in ("q", "k", "stats")]
+
+    def remove(self) -> None:
+        """Undo ``attach``: the engine's own forward_step, the previous loss function, the model's
+        original attention implementation."""
+        if self.policy is None:
+            return
+        self.engine.__dict__.pop("forward_step", None)
+        self.worker.set_loss_fn(self._old_loss_fn)
+        self.policy.remove()
+        self.policy.model.set_attn_implementation(self._original_implementation)
+        self.policy = None
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record the reference in the forward-only passes of this block (the old-log-prob pass)."""
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+
+    # -- the wrapper ---------------------------------------------------------------------------
+    def _forward_step(self, micro_batch, loss_function, forward_only):
+        original = type(self.engine).forward_step.__get__(self.engine)
+        if self.policy is None:
+            return original(micro_batch, loss_function, forward_only)
+        if forward_only and self._recording:
+            with self.policy.record() as rec:
+                loss, output = original(micro_batch, loss_function, forward_only)
+            output.setdefault("model_output", {}).update(self._to_batch(rec.reference, micro_batch))
+            return loss, output
+        if not forward_only and "ral_k0" in micro_batch.keys():
+            reference, rows = self._from_batch(micro_batch)
+            with self.policy.compare(reference, row_mask=rows) as cmp:
+                self._cmp = (cmp, micro_batch)
+                try:
+                    return original(micro_batch, loss_function, forward_only)
+                finally:
+                    self._cmp = None
+        return original(micro_batch, loss_function, forward_only)
+
+    def _to_batch(self, reference: AttentionReference, micro_batch) -> dict:
+        cu = _seq_offsets(micro_batch)
+        rows, lengths = _response_rows(micro_batch)
+        out = {}
+        for i, layer in enumerate(reference.layers):
+            if reference.packing is not None:
+                if not torch.equal(reference.packing.cu_seqlens_q.cpu().long(), cu.cpu()):
+                    raise ValueError("ral: the recorded packing does not match the micro-batch's sequences")
+                q, k, stats = layer.q, layer.k, layer.stats
+            else:
+                q, k, stats = (_flatten_padded(t, cu) for t in (layer.q, layer.k, layer.stats))
+            rows_d = rows.to(q.device)
+            out[f"ral_q{i}"] = _nested(q[rows_d].contiguous(), lengths)
+            out[f"ral_stats{i}"] = _nested(stats[rows_d].contiguous(), lengths)
+            out[f"ral_k{i}"] = _nested(k.contiguous(), cu.diff())
+        return out
+
+    def _from_batch(self, micro_batch):
+        from verl.utils.device import get_device_id
+        device = torch.device(get_device_id()) if not isinstance(get_device_id(), torch.device) else get_device_id()
+        cu = _seq_offsets(micro_batch)
+        rows, lengths = _response_rows(micro_batch)
+        total = int(cu[-1])
+        row_flat = torch.zeros(total, dtype=torch.bool)
+        row_flat[rows] = _response_mask_flat(micro_batch, lengths).cpu()
+        packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        layers = []
+        for i, module in enumerate(self.policy.modules):
+            q_resp = micro_batch[f"ral_q{i}"].values().to(device)
+            stats_resp = micro_batch[f"ral_stats{i}"].values().to(device)
+            k = micro_batch[f"ral_k{i}"].values().to(device)
+            q = q_resp.new_zeros((total,) + tuple(q_resp.shape[1:]))
+            stats = stats_resp.new_zeros((total,) + tuple(stats_resp.shape[1:]))
+            q[rows.to(device)], stats[rows.to(device)] = q_resp, stats_resp
+            scale = float(module.scaling)
+            if packed:
+                layers.append(LayerReference(q, k, stats, scale))
+            else:
+                layers.append(LayerReference(*(self._pad(t, cu) for t in (q, k, stats)), scale))
+        if packed:
+            cu32 = cu.to(device=device, dtype=torch.int32)
+            longest = int(cu.diff().max())
+            return AttentionReference(layers, None, Packing(cu32, cu32, longest, longest)), row_flat[None].to(device)
+        width = int(cu.diff().max())
+        kpm = torch.arange(width)[None] < cu.diff()[:, None]
+        return AttentionReference(layers, kpm.to(device)), self._pad_rows(row_flat, cu, width).to(device)
+
+    @staticmethod
+    def _pad(t: Tensor, cu: Tensor) -> Tensor:
+        """(T, heads, dim) packed -> (B, heads, S, dim) right-padded (veRL's no-rmpad layout)."""
+        return _padded_rows(t, cu.diff(), int(cu.diff().max())).transpose(1, 2).contiguous()
+
+    @staticmethod
+    def _pad_rows(flat: Tensor, cu: Tensor, width: int) -> Tensor:
+        return _padded_rows(flat, cu.diff(), width)
+
+    # -- the loss side ---------------------------------------------------------------------
+    def response_div(self, micro_batch, width: int) -> Tensor:
+        """The compared div at the response rows, (B, width) right-padded like veRL's response tensors."""
+        cmp, _ = self._cmp
+        div = cmp.div
+        cu = _seq_offsets(micro_batch)
+        flat = div.reshape(-1) if div.shape[0] == 1 and div.shape[1] == int(cu[-1]) else \
+            torch.cat([div[i, :int(n)] for i, n in enumerate(cu.diff())])
+        rows, lengths = _response_rows(micro_batch)
+        return _padded_rows(flat[rows.to(flat.device)], lengths, width)
+
+
+def attach(worker, config: Optional[RALConfig] = None, actor_config=None) -> RALActor:
+    """Attach RAL to a veRL ``TrainingWorker``. ``actor_config`` (veRL ``ActorConfig``): the loss
+    function becomes ``ral_ppo_loss`` with it; None keeps the worker's loss function (then call
+    ``worker.set_loss_fn(partial(ral_ppo_loss, config=..., ral=handle))`` yourself)."""
+    return RALActor(worker, config or RALConfig(), actor_config)
+
+
+def ral_ppo_loss(config, model_output, data, dp_group=None, *, ral: RALActor, base=ppo_loss):
+    """veRL's ``ppo_loss`` + ``lambda_attn * agg_loss(A * div)`` with its loss_agg_mode and global
+    batch normalisation; metrics ``ral/attn_div`` and ``ral/attn_loss``."""
+    loss, metrics = base(config, model_output, data, dp_group)
+    if ral._cmp is None:
+        return loss, metrics
+    padded = data.select("response_mask", "advantages").to_padded_tensor()
+    mask = padded["response_mask"].to(torch.bool)
+    advantages = padded["advantages"]
+    div = ral.response_div(data, mask.shape[1]).to(advantages.device)
+    attn_loss = agg_loss(loss_mat=advantages * div, loss_mask=mask, loss_agg_mode=config.loss_agg_mode,
+                         **config.global_batch_info)
+    loss = loss + ral.config.lambda_attn * attn_loss
+    aggregation = metrics["actor/pg_loss"].aggregation if "actor/pg_loss" in metrics else AggregationType.MEAN
+    metrics["ral/attn_loss"] = Metric(value=attn_loss.detach(), aggregation=aggregation)
+    div_mean = (div.detach() * mask).sum() / mask.sum().clamp(min=1)
+    metrics["ral/attn_div"] = Metric(value=div_mean, aggregation=AggregationType.MEAN)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer level (Ray + TransferQueue + a rollout engine: not runnable on a CPU machine; see
+# examples/verl/README.md). Built on first use so that the worker-level API above imports without
+# veRL's rollout / TransferQueue dependencies.
+# ----------------------------------------------------------------------------------------------
+
+def worker_class():
+    """``RALActorRolloutRefWorker``: veRL's ``ActorRolloutRefWorker`` + RAL from ``actor_rollout_ref.ral``."""
+    from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    class RALActorRolloutRefWorker(ActorRolloutRefWorker):
+        ral: Optional[RALActor] = None
+
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def init_model(self):
+            super().init_model()
+            if self.actor is None:
+                return
+            from omegaconf import OmegaConf
+            raw = self.config.get("ral", None)
+            cfg = RALConfig.from_dict(OmegaConf.to_container(raw, resolve=True) if raw is not None else {})
+            self.ral = attach(self.actor, cfg)
+            if self.ral.active:
+                # keep veRL's loss function (ppo_loss or distillation_ppo_loss) as the base
+                fn = self.loss_fn
+                base = partial(fn.func, **{k: v for k, v in fn.keywords.items() if k != "config"})
+                self.actor.set_loss_fn(partial(ral_ppo_loss, config=fn.keywords["config"], ral=self.ral, base=base))
+
+        @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+        def compute_log_prob(self, data):
+            # the reference pass of a LoRA actor (ref_in_actor) sets no_lora_adapter: not the old policy
+            record = self.ral is not None and self.ral.active and \
+                not tu.get_non_tensor_data(data=data, key="no_lora_adapter", default=False)
+            with self.ral.recording() if record else contextlib.nullcontext():
+                return super().compute_log_prob(data)
+
+    return RALActorRolloutRefWorker
+
+
+def register_trainer_mode(name: str = "ral_sync"):
+    """Register ``PPOTrainerSync`` with ``RALActorRolloutRefWorker`` as veRL trainer mode ``name``."""
+    import ray
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    if name in TRAINER_REGISTRY:
+        return TRAINER_REGISTRY[name]
+    worker = worker_class()
+
+    class RALPPOTrainerSync(PPOTrainerSync):
+        def _init_resource_pool_mgr(self):
+            super()._init_resource_pool_mgr()
+            for role, cls in list(self.role_worker_mapping.items()):
+                if getattr(cls, "__ray_actor_class__", None) is ActorRolloutRefWorker:
+                    self.role_worker_mapping[role] = ray.remote(worker)
+
+    return register_trainer(name)(RALPPOTrainerSync)
+
+
+def main():  # pragma: no cover - needs GPUs, Ray, TransferQueue and a rollout engine
+    """``python -m ral.integrations.verl <veRL hydra overrides>``: veRL's ``main_ppo`` with trainer
+    mode ``ral_sync`` registered in the task runner's process."""
+    import sys
+
+    import ray
+    from verl.trainer import main_ppo
+
+    runner_base = main_ppo.TaskRunnerV1.__ray_actor_class__
+
+    @ray.remote
+    class RALTaskRunner(runner_base):
+        def run(self, config):
+            register_trainer_mode()
+            return super().run(config)
+
+    main_ppo.TaskRunnerV1 = RALTaskRunner       # main_ppo.main passes this class to run_ppo
+    if not any(a.startswith("trainer.v1.trainer_mode=") for a in sys.argv[1:]):
+        sys.argv.append("trainer.v1.trainer_mode=ral_sync")
+    main_ppo.main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,390 @@
+"""RAL in veRL 0.9.x's actor: real TrainingWorker updates (FSDP2 engine, gloo, CPU, no Ray) on a tiny
+random Qwen2 made in code. Run in its own venv (see examples/verl/README.md):
+
+    VERL_PLATFORM=cpu python -m pytest -q tests/verl
+"""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+# "verl" alone would also find this folder (a namespace package when tests/ is on sys.path)
+pytest.importorskip("verl.protocol")
+os.environ.setdefault("VERL_PLATFORM", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cpu_platform  # noqa: E402,F401  (registers the "cpu" platform before veRL picks one)
+from functools import partial  # noqa: E402
+
+from tensordict import TensorDict  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb  # noqa: E402
+from verl.trainer.config import CheckpointConfig  # noqa: E402
+from verl.trainer.ppo.core_algos import agg_loss  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.config import (FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig,  # noqa: E402
+                                 HFModelConfig, TrainingWorkerConfig)
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+
+import ral  # noqa: E402
+from ral.integrations.verl import RALConfig, attach  # noqa: E402
+
+cpu_platform.register_cpu_engine()
+from verl.workers.engine_workers import TrainingWorker  # noqa: E402
+
+P, R, B = 5, 6, 8           # prompt width (left padded), response width (right padded), samples
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    if not torch.distributed.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group("gloo")
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                      bos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def make_worker(model_path, remove_padding=True, dynamic=False, checkpointing=False, agg="token-mean", lr=5e-2,
+                adam_eps=1e-8, attn="sdpa"):
+    engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
+                              mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
+                              micro_batch_size_per_gpu=2 if not dynamic else None, infer_micro_batch_size_per_gpu=4,
+                              use_dynamic_bsz=dynamic, max_token_len_per_gpu=40, infer_max_token_len_per_gpu=40)
+    model = HFModelConfig(path=model_path, load_tokenizer=False, use_remove_padding=remove_padding,
+                          enable_gradient_checkpointing=checkpointing, override_config={"attn_implementation": attn})
+    optim = FSDPOptimizerConfig(lr=lr, weight_decay=0.0, clip_grad=1e9, override_optimizer_config={"eps": adam_eps})
+    worker = TrainingWorker(TrainingWorkerConfig(model_type="language_model", model_config=model, engine_config=engine,
+                                                 optimizer_config=optim, checkpoint_config=CheckpointConfig()))
+    worker.reset()
+    actor = FSDPActorConfig(strategy="fsdp2", rollout_n=2, ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=2,
+                            use_dynamic_bsz=dynamic, ppo_max_token_len_per_gpu=40, loss_agg_mode=agg, clip_ratio=0.2)
+    worker.set_loss_fn(partial(ppo_loss, config=actor))
+    return worker, actor
+
+
+def make_batch(seed=0):
+    """A padded GRPO batch as veRL's driver holds it, converted with veRL's left_right_2_no_padding."""
+    return left_right_2_no_padding(_padded_chunk(0, B, seed))
+
+
+def old_log_probs(worker, batch, ral_handle=None):
+    data = batch.clone()
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=False)
+    if ral_handle is not None:
+        with ral_handle.recording():
+            out = worker.infer_batch(data)
+    else:
+        out = worker.infer_batch(data)
+    from verl.workers.utils.padding import no_padding_2_padding
+    batch["old_log_probs"] = no_padding_2_padding(tu.get(out, "log_probs"), batch).float()
+    return out
+
+
+def update(worker, batch, epochs=1, shuffle=False):
+    data = batch.clone()
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
+                         mini_batch_size=B // 2, epochs=epochs, seed=1, dataloader_kwargs={"shuffle": shuffle})
+    return tu.get(worker.train_mini_batch(data), "metrics")
+
+
+def params(worker):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in worker.engine.module.state_dict().items()}
+
+
+def test_lambda_zero_is_verl_exactly(model_path):
+    base, _ = make_worker(model_path)
+    batch = make_batch()
+    old_log_probs(base, batch)
+    m_base = update(base, batch, epochs=2)
+    p_base = params(base)
+
+    worker, actor = make_worker(model_path)
+    handle = attach(worker, RALConfig(lambda_attn=0.0), actor)
+    batch2 = make_batch()
+    old_log_probs(worker, batch2, handle)
+    assert torch.equal(batch2["old_log_probs"], batch["old_log_probs"])
+    m = update(worker, batch2, epochs=2)
+    assert m["loss"] == m_base["loss"] and len(m["loss"]) == 4
+    assert all(torch.equal(p_base[k], v) for k, v in params(worker).items())
+    assert "ral/attn_loss" not in m
+
+
+def _qk_last_layer(model, ids):
+    """Post-rotary q, k of the last layer for one unpadded sequence, computed by hand (no ral code)."""
+    layer = model.model.layers[-1]
+    attn = layer.self_attn
+    pos = torch.arange(ids.numel())[None]
+    h = model(ids[None], position_ids=pos, output_hidden_states=True).hidden_states[-2]
+    x = layer.input_layernorm(h)
+    shape = (1, ids.numel(), -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(h, pos)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _expected_term(model_path, before, after, batch, agg, lam):
+    """lambda * agg_loss(A * div) for the first mini-batch, with the float64 reference op."""
+    models = []
+    for state in (before, after):
+        m = Qwen2ForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
+        m.load_state_dict(state)
+        models.append(m.eval())
+    ids, cu = batch["input_ids"].values(), batch["input_ids"].offsets()
+    rlen = batch["attention_mask"][:, P:].sum(1)
+    half = B // 2
+    div = torch.zeros(half, R, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(half):
+            seq = ids[cu[i]:cu[i + 1]]
+            q_ref, k_ref = _qk_last_layer(models[0], seq)
+            q, k = _qk_last_layer(models[1], seq)
+            d = ral.ops.attention_kl(q.double(), k.double(), q_ref=q_ref.double(), k_ref=k_ref.double(),
+                                     backend="reference").div[0]
+            div[i, :rlen[i]] = d[-int(rlen[i]):]
+    mask = batch["response_mask"][:half].bool()
+    n_tokens = int(batch["response_mask"][:half].sum())
+    return lam * float(agg_loss(batch["advantages"][:half].double() * div, mask, agg, dp_size=1,
+                                batch_num_tokens=n_tokens, global_batch_size=half))
+
+
+@pytest.mark.parametrize("remove_padding,dynamic,checkpointing,agg", [
+    (True, False, False, "token-mean"),
+    (False, False, True, "seq-mean-token-mean"),
+    (True, True, True, "seq-mean-token-sum"),
+])
+def test_attention_term_matches_reference_op(model_path, remove_padding, dynamic, checkpointing, agg):
+    lam = 3.0
+    worker, actor = make_worker(model_path, remove_padding, dynamic, checkpointing, agg)
+    handle = attach(worker, RALConfig(lambda_attn=lam), actor)
+    batch = make_batch()
+    out = old_log_probs(worker, batch, handle)
+    for key in handle.batch_keys:
+        batch[key] = tu.get(out, key)
+    assert batch["ral_q0"].values().shape[1:] == (4, 8) and batch["ral_k0"].values().shape[1:] == (2, 8)
+    before = params(worker)
+    # a first update at the rollout weights moves them (its attention term is ~0: JSD is at its minimum)
+    update(worker, batch)
+    after = params(worker)
+    metrics = update(worker, batch)       # second update: the first mini-batch runs at `after`
+    got = metrics["ral/attn_loss"]
+    expected = _expected_term(model_path, before, after, batch, agg, 1.0)
+    # veRL sums the micro-batches' terms of a mini-batch (they are normalised by the global counts):
+    # got[0] is the first mini-batch's lambda-free term. fp32 model vs float64 reference op on q/k
+    # computed in fp32 by hand: agreement to float tolerance, not bit for bit.
+    assert len(got) == 2
+    assert abs(float(got[0]) - expected) <= 1e-3 * abs(expected) + 1e-8, (got, expected)
+    assert abs(expected) > 1e-6
+    assert all(float(v) >= 0 for v in metrics["ral/attn_div"])
+    handle.remove()
+    assert "forward_step" not in worker.engine.__dict__
+
+
+def test_remove_padding_on_off_same_loss(model_path):
+    losses = []
+    for remove_padding in (True, False):
+        worker, actor = make_worker(model_path, remove_padding)
+        handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
+        batch = make_batch(1)
+        out = old_log_probs(worker, batch, handle)
+        for key in handle.batch_keys:
+            batch[key] = tu.get(out, key)
+        update(worker, batch)
+        losses.append(update(worker, batch))
+    for key in ("loss", "ral/attn_loss"):
+        a, b = (torch.tensor([float(v) for v in m[key]]) for m in losses)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_follows_shuffle_and_dynamic_batching(model_path):
+    """One mini-batch of the whole batch: shuffling (veRL's dataloader) and dynamic batching reorder the
+    samples; the reference travels with them, so the attention term is the same."""
+    terms = []
+    for shuffle, dynamic in ((False, False), (True, False), (True, True)):
+        worker, actor = make_worker(model_path, dynamic=dynamic)
+        handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
+        batch = make_batch(2)
+        out = old_log_probs(worker, batch, handle)
+        for key in handle.batch_keys:
+            batch[key] = tu.get(out, key)
+        data = batch.clone()
+        tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B,
+                             mini_batch_size=B, epochs=2, seed=3, dataloader_kwargs={"shuffle": shuffle})
+        terms.append([float(v) for v in tu.get(worker.train_mini_batch(data), "metrics")["ral/attn_loss"]])
+    assert abs(terms[0][1]) > 1e-6
+    for other in terms[1:]:
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(terms[0]), rtol=1e-4, atol=1e-8)
+
+
+def _dp_body(rank, world, model_path, remove_padding):
+    # Adam's eps 1e-4: the k_proj bias has an exactly-zero gradient (softmax ignores a constant added to
+    # every key of a row), and Adam with eps 1e-8 turns its rounding noise into lr-sized steps that
+    # differ between 1 and 2 processes. With eps 1e-4 that noise moves nothing.
+    worker, actor = make_worker(model_path, remove_padding, adam_eps=1e-4)
+    handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
+    per = B // world
+    # veRL's dispatch gives dp rank r the r-th contiguous chunk of the batch
+    batch = left_right_2_no_padding(_padded_chunk(rank * per, (rank + 1) * per, 3))
+    out = old_log_probs(worker, batch, handle)
+    for key in handle.batch_keys:
+        batch[key] = tu.get(out, key)
+    losses, terms = [], []
+    for _ in range(2):
+        data = batch.clone()
+        tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B,
+                             mini_batch_size=B, epochs=1, seed=1, dataloader_kwargs={"shuffle": False})
+        metrics = tu.get(worker.train_mini_batch(data), "metrics")
+        losses.append(metrics["loss"])
+        terms.append(metrics["ral/attn_loss"])
+    return {"params": params(worker), "losses": losses, "terms": terms}
+
+
+def _dp_run(rank, world, port, model_path, remove_padding, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), VERL_PLATFORM="cpu")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    result = _dp_body(rank, world, model_path, remove_padding)
+    if rank == 0:
+        torch.save(result, out_path)
+    torch.distributed.destroy_process_group()
+
+
+def _padded_chunk(start, stop, seed=0):
+    """Rows start:stop of make_batch(seed) in veRL's padded driver layout (before left_right_2_no_padding)."""
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(2, P + 1, (B,), generator=g)
+    r_len = torch.randint(2, R + 1, (B,), generator=g)
+    prompts = torch.zeros(B, P, dtype=torch.long)
+    responses = torch.zeros(B, R, dtype=torch.long)
+    pmask = torch.zeros(B, P, dtype=torch.long)
+    rmask = torch.zeros(B, R, dtype=torch.long)
+    for i in range(B):
+        prompts[i, P - p_len[i]:] = torch.randint(2, 32, (int(p_len[i]),), generator=g)
+        pmask[i, P - p_len[i]:] = 1
+        responses[i, :r_len[i]] = torch.randint(2, 32, (int(r_len[i]),), generator=g)
+        rmask[i, :r_len[i]] = 1
+    rmask[0, 1] = 0
+    attention_mask = torch.cat([pmask, (responses != 0).long() * (torch.arange(R) < r_len[:, None])], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    scores = torch.randn(B // 2, 2, generator=g)
+    adv = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)).reshape(B)
+    td = TensorDict({"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+                     "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": rmask,
+                     "advantages": adv[:, None] * rmask}, batch_size=[B])
+    return td[start:stop]
+
+
+def test_two_fsdp_processes_equal_one(model_path, tmp_path):
+    """FSDP2 over gloo: 2 data-parallel processes with the same global batch (one mini-batch) give the
+    same losses, attention terms and parameters as 1 process (float tolerance: the reductions differ)."""
+    import torch.multiprocessing as mp
+    one = _dp_body(0, 1, model_path, True)               # this process: a gloo group of 1
+    path = tmp_path / "world2.pt"
+    mp.start_processes(_dp_run, args=(2, _port(), model_path, True, str(path)), nprocs=2, join=True,
+                       start_method="spawn")
+    two = torch.load(path, weights_only=False)
+    for k, v in one["params"].items():
+        torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6)
+    for key in ("losses", "terms"):
+        a, b = (torch.tensor([[float(x) for x in step] for step in r[key]]) for r in (one, two))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert abs(float(one["terms"][1][0])) > 1e-6
+
+
+def test_actor_rollout_ref_worker_from_config(model_path):
+    """The trainer-level worker (veRL's ActorRolloutRefWorker + RAL from actor_rollout_ref.ral), built
+    without Ray from veRL's own generated ppo_trainer config: compute_log_prob records, update_actor
+    adds the term."""
+    import verl
+    from omegaconf import OmegaConf, open_dict
+    from ral.integrations.verl import worker_class
+
+    config = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer/config/_generated_ppo_trainer.yaml"))
+    a = config.actor_rollout_ref
+    a.model.path = model_path
+    a.model.override_config = {"attn_implementation": "sdpa"}
+    a.actor.strategy = "fsdp2"
+    a.actor.ppo_mini_batch_size = B // 2
+    a.actor.ppo_micro_batch_size_per_gpu = 2
+    a.actor.fsdp_config.mixed_precision = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    a.actor.fsdp_config.model_dtype = "fp32"
+    a.actor.fsdp_config.use_torch_compile = False      # torch.compile of the entropy on CPU: slow
+    a.actor.use_torch_compile = False
+    a.actor.optim.lr = 5e-2
+    a.rollout.log_prob_micro_batch_size_per_gpu = 4
+    with open_dict(a):
+        a.ral = {"lambda_attn": 2.0, "layers": [-1]}
+    OmegaConf.resolve(config)
+    worker = worker_class()(config=a, role="actor")
+    worker.init_model()
+    assert worker.ral.active and worker.actor.loss_fn.func.__name__ == "ral_ppo_loss"
+
+    batch = make_batch()
+    data = batch.clone()
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=True, compute_loss=False)
+    out = worker.compute_log_prob(data)
+    from verl.workers.utils.padding import no_padding_2_padding
+    batch["old_log_probs"] = no_padding_2_padding(tu.get(out, "log_probs"), batch).float()
+    for key in worker.ral.batch_keys:
+        batch[key] = tu.get(out, key)
+    data = batch.clone()
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
+                         mini_batch_size=B // 2, epochs=1, seed=1, dataloader_kwargs={"shuffle": True})
+    metrics = tu.get(worker.update_actor(data), "metrics")
+    assert len(metrics["ral/attn_loss"]) == 2 and abs(float(metrics["ral/attn_loss"][1])) > 0
+
+
+def test_other_layers_keep_the_models_attention(model_path):
+    """A model on another attention implementation (on GPU: flash_attention_2) keeps it in every layer
+    but the chosen one: here a counting copy of SDPA registered under a new name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    calls = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("counted_sdpa", counted)
+    AttentionMaskInterface.register("counted_sdpa", sdpa_mask)
+    terms = []
+    for attn in ("sdpa", "counted_sdpa"):
+        worker, actor = make_worker(model_path, attn=attn)
+        handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
+        batch = make_batch(4)
+        out = old_log_probs(worker, batch, handle)
+        for key in handle.batch_keys:
+            batch[key] = tu.get(out, key)
+        update(worker, batch)
+        terms.append([float(v) for v in update(worker, batch)["ral/attn_loss"]])
+        if attn == "counted_sdpa":
+            assert handle.policy.model.config._attn_implementation == "ral+counted_sdpa"
+            assert calls and set(calls) == {0}          # layer 1 (the chosen one) never reached the base
+            handle.remove()
+            assert handle.engine.module.config._attn_implementation == "counted_sdpa"
+    torch.testing.assert_close(torch.tensor(terms[1]), torch.tensor(terms[0]), rtol=1e-5, atol=1e-8)
