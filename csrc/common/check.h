@@ -44,6 +44,14 @@ inline void check_params(const AttentionKLParams& p, bool backward) {
           "div, stats, gbar, cbar (and ref_stats_out without ref_stats) need addresses");
   require(!p.has_v || p.out, "out needs an address when v is given");
   require(p.num_threads > 0, "num_threads must be positive");
+  // The sequence table's header (its entries live in device memory on CUDA: the kernels size their
+  // grids from max_q_len / max_k_len and clip every entry to the tensors; the Python layer checks
+  // the entries before the call).
+  if (p.seqs) {
+    require(p.num_seqs > 0, "a sequence table needs num_seqs > 0");
+    require(p.max_q_len > 0 && p.max_q_len <= p.q_len && p.max_k_len > 0 && p.max_k_len <= p.k_len,
+            "a sequence table needs 0 < max_q_len <= Sq and 0 < max_k_len <= Sk");
+  }
   if (backward) {
     require(p.ddiv && p.delta && p.dq && p.dk, "ddiv, delta, dq and dk need addresses");
     require(!p.has_v || (p.dout && p.dv), "dout and dv need addresses when v is given");

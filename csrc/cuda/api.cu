@@ -62,7 +62,7 @@ int vec_bits(const AttentionKLParams& p) {
 }
 
 int key_splits(const AttentionKLParams& p, int64_t blocks, const DeviceInfo& dev) {
-  const int64_t k_tiles = (p.k_len + kBlockN - 1) / kBlockN;
+  const int64_t k_tiles = (max_keys(p) + kBlockN - 1) / kBlockN;
   const int64_t want = (2 * int64_t(dev.sms) + blocks - 1) / blocks;
   return int(want < 1 ? 1 : want > k_tiles ? k_tiles : want > 65535 ? 65535 : want);
 }

@@ -1,8 +1,12 @@
 // Backward of attention_kl on sm_80+ (params.h; docs/design.md, "Gradient"): everything is recomputed tile
 // by tile from q, k, v, q_ref, k_ref and the row statistics; nothing grows as Sq x Sk.
 //
-// Grid (q tiles, B, key splits); a block owns 64 query rows of every head (the "mean" policy
-// couples all heads of a row) and a range of key tiles. Per key tile j:
+// Grid (q tiles, B, key splits), with a sequence table (q tiles x units, B, key splits); a block owns
+// 64 query rows of every head of its unit (the "mean" policy couples all heads of a row) and a range
+// of its key tiles. Units are the batch elements or the table's entries (kernel_utils.cuh,
+// work_unit); q tiles and key splits are sized from the longest unit, blocks past their unit's rows
+// exit. Units may share keys (context parallel): every dK / dV (and dQ) write is an fp32 atomic add.
+// Per key tile j:
 //   "mean": Hr ref steps  S_ref = q_ref k_ref^T -> log rho (log-sum over ref heads, per element)
 //           H  cur steps  S = q k^T            -> log pi; then per element the coefficient
 //                          gl = g (or log rho/pi for reverse_kl) on P for rows with w != 0
@@ -36,16 +40,29 @@ constexpr int kLdP = kBlockN + 8;
 enum BwdStep : int { kBwdRef = 0, kBwdCur = 1, kBwdFull = 2 };
 
 // kEach: heads="each" (a compile-time split: one kernel for both modes needs more than 255
-// registers and spills).
-template <typename T, bool kEach>
+// registers and spills). kSeqs: units from the sequence table (work_unit).
+template <typename T, bool kEach, bool kSeqs>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3, g = lane >> 2;
   constexpr bool each = kEach;
+  // the full step's score gemms unroll their k loop by 2; by 1 with a table (its unit's rows and keys
+  // take the registers: ptxas -v, no spill either way)
+  constexpr int kUnroll = kSeqs ? 1 : 2;
   const bool has_v = p.has_v;
-  const int64_t H = p.heads, Hr = p.ref_heads, Sq = p.q_len, Sk = p.k_len;
-  const int64_t q0 = int64_t(blockIdx.x) * kBlockM, b = blockIdx.y;
+  const int64_t H = p.heads, Hr = p.ref_heads, Sq = p.q_len, Sk = p.k_len;  // tensor extents
+  // Grid (q tiles, B, splits); with a table (q tiles x units, B, splits): blockIdx.x = unit x q tiles
+  // + tile. The batch index is blockIdx.y in both, and a block whose b is not its unit's exits: a
+  // value read from the table would take regular registers (and so would every address derived from
+  // it) where blockIdx stays in the uniform datapath; the "mean" backward then spills (ptxas -v).
+  // The extra blocks (B > 1 only) exit at once.
+  const unsigned q_tiles = kSeqs ? unsigned((p.max_q_len + kBlockM - 1) / kBlockM) : 1u;
+  const int64_t tile0 = int64_t(kSeqs ? blockIdx.x % q_tiles : blockIdx.x) * kBlockM;
+  const Unit<kSeqs> u = work_unit<kSeqs>(p, kSeqs ? blockIdx.x / q_tiles : blockIdx.y);
+  const int64_t q0 = u.q_begin() + tile0, b = blockIdx.y;
+  if (kSeqs && (q0 >= u.q_end() || b != u.batch())) return;  // block-uniform, before any barrier
+  const int64_t q_end = kSeqs ? u.q_end() : Sq, k_end = kSeqs ? u.k_end() : Sk;  // the unit's rows / keys end
   const int kind = p.divergence;
   const int dim = int(p.head_dim), dv = has_v ? int(p.v_head_dim) : 0;
   const int d16 = round_up16(dim), dr16 = round_up16(int(p.ref_head_dim)), dv16 = round_up16(dv);
@@ -56,8 +73,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* sdS = sP + kBlockM * kLdP;         // [64][kLdP]
 
   int64_t jb, je;
-  key_tile_range(p, q0, blockIdx.z, nsplit, jb, je);
-  const RowPos rp = row_pos(p, q0, warp, lane);
+  key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
+  const RowPos rp = row_pos(u, q0, warp, lane);
   const float* w_in = reinterpret_cast<const float*>(p.ddiv);
   // Does any row of the block carry a divergence gradient? If not, only the full steps run.
   bool any_w = false;
@@ -85,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // does): that call costs 2-5 registers in this kernel (measured with ptxas), and the "mean"
   // backward has 3 of 255 to spare before it spills.
   auto issue = [&](int64_t step, int buf) {
-    const int64_t j0 = (jb + step / spj) * kBlockN;
+    const int64_t j0 = u.k_begin() + (jb + step / spj) * kBlockN;
     int k; int64_t head;
     decode(step % spj, k, head);
     const bool r = k == kBwdRef;
@@ -93,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const View& kv = r ? p.k_ref : p.k;
     const int64_t kvh = r ? head / (Hr / p.ref_kv_heads) : head / (H / p.kv_heads);
     const int d = int(r ? p.ref_head_dim : p.head_dim), dpad = r ? dr16 : d16;
-    const int qrows = int(min64(Sq - q0, 64)), krows = int(min64(Sk - j0, 64));
+    const int qrows = int(min64(q_end - q0, 64)), krows = int(min64(k_end - j0, 64));
     T* st = smem + buf * stage_elems;
     const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + head * qv.stride[1] + q0 * qv.stride[2];
     const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1] + j0 * kv.stride[2];
@@ -142,8 +159,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* sK = sQ + kBlockM * ld;
     const T* sV = sK + kBlockN * ld;
     const T* sdO = sV + kBlockN * ldv;
-    gemm_abt<T, 2>(s, sQ, sK, ld, d16 / 16, warp, lane);
-    if (has_v) gemm_abt<T, 2>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
+    gemm_abt<T, kUnroll>(s, sQ, sK, ld, d16 / 16, warp, lane);
+    if (has_v) gemm_abt<T, kUnroll>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
     else zero(ds);
     float lse_a[2], x[2], delta[2], wh[2], gbh[2];
 #pragma unroll
@@ -227,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t key = j0 + warp * 16 + g + 8 * r;
-          if (key >= Sk) continue;
+          if (key >= k_end) continue;
 #pragma unroll
           for (int nb = 0; nb < 8; ++nb) {
             const int col = c0 + nb * 8 + 2 * t;
@@ -244,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t key = j0 + warp * 16 + g + 8 * r;
-        if (key >= Sk) continue;
+        if (key >= k_end) continue;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
           const int col = c0 + nb * 8 + 2 * t;
@@ -257,8 +274,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   Pipeline pipe{stages, 0, (je - jb) * spj};
   pipe.start(issue);
   for (int64_t j = jb; j < je; ++j) {
-    const int64_t j0 = j * kBlockN;
-    const TileMask tm = tile_mask(p, rp, key_bits(p, b, j0, lane), j0, lane);
+    const int64_t j0 = u.k_begin() + j * kBlockN;
+    const TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
     if (!div_on) {  // out gradient only (w == 0 on every row of the block)
       for (int64_t h = 0; h < H; ++h) {
         const int buf = pipe.begin(issue);
@@ -372,17 +389,23 @@ int64_t backward_min_smem(const AttentionKLParams& p) { return bwd_smem(p).bytes
 
 template <typename T>
 cudaError_t launch_backward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev) {
-  if (p.batch > 65535) return cudaErrorInvalidConfiguration;
+  const int64_t units = num_units(p);
+  if (p.batch > 65535 || (max_rows(p) + kBlockM - 1) / kBlockM * units > INT32_MAX)
+    return cudaErrorInvalidConfiguration;
   static_assert(sizeof(T) == 2, "bwd_smem counts 2-byte elements");
   const SmemPlan plan = bwd_smem(p);
   const int stages = plan.stages(dev);
   const int64_t bytes = plan.bytes(stages);
-  auto kernel = p.heads_each ? bwd_kernel<T, true> : bwd_kernel<T, false>;
+  auto kernel = p.seqs ? (p.heads_each ? bwd_kernel<T, true, true> : bwd_kernel<T, false, true>)
+                       : (p.heads_each ? bwd_kernel<T, true, false> : bwd_kernel<T, false, false>);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
-  const int64_t q_tiles = (p.q_len + kBlockM - 1) / kBlockM;
-  const int nsplit = key_splits(p, q_tiles * p.batch, dev);
-  kernel<<<dim3(unsigned(q_tiles), unsigned(p.batch), unsigned(nsplit)), kThreads, bytes, stream>>>(
+  const int64_t q_tiles = (max_rows(p) + kBlockM - 1) / kBlockM;
+  const int nsplit = key_splits(p, q_tiles * units, dev);
+  // with a table the grid also spans the batch (the kernel's batch index is blockIdx.y)
+  const dim3 grid = p.seqs ? dim3(unsigned(q_tiles * units), unsigned(p.batch), unsigned(nsplit))
+                           : dim3(unsigned(q_tiles), unsigned(p.batch), unsigned(nsplit));
+  kernel<<<grid, kThreads, bytes, stream>>>(
       p, stages, nsplit, vec_bits(p));
   return cudaGetLastError();
 }

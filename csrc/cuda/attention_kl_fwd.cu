@@ -13,6 +13,11 @@
 // empty P, both read from the masks; pass 1 writes lse = -inf for an empty set and NaN for a
 // non-empty one whose scores are non-finite, so NaN stays in the rows it touches.
 //
+// Every kernel works on units (kernel_utils.cuh, work_unit): the batch elements, or the entries of
+// the sequence table (params.h: packed sequences, context-parallel chunks), each its own rows, keys
+// and row positions; row-indexed outputs are written only for the unit's rows (plain stores of out
+// and stats, atomics into div / gbar / cbar), so units never collide.
+//
 // Tiles: 64 query rows x 64 keys, 4 warps (16 rows each), mma.sync m16n8k16 with fp32
 // accumulation; key-side tiles (and in pass 2 the query-side tiles) are double-buffered with
 // cp.async when two stages fit in shared memory.
@@ -23,18 +28,24 @@ namespace ral::cuda {
 namespace {
 
 // ------------------------------------------------------------------------------------------------
-// Pass 1. Grid (q tiles, heads, B). smem: sQ [64][ld] + stages x (sK [64][ld] + sV [64][ldv]).
+// Pass 1. Grid (q tiles, heads, units): units are the batch elements, or the entries of the sequence
+// table (kernel_utils.cuh, work_unit); q tiles cover the longest unit, blocks past their unit's rows
+// exit. smem: sQ [64][ld] + stages x (sK [64][ld] + sV [64][ldv]).
 // DVP: 0 (no v) or the width (64, 128) of the out columns [c_off, c_off + DVP) this launch
 // computes; Dv > 128 takes two launches (c_off = 0, 128), the second with write_stats = false.
 // ------------------------------------------------------------------------------------------------
-template <typename T, int DVP>
+template <typename T, int DVP, bool kSeqs>
 __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLParams p, const bool ref, const int stages,
                                                             const int vec, const int c_off, const bool write_stats) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr bool kHasV = DVP > 0;
   constexpr int kChunks = kHasV ? DVP / 64 : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3;
-  const int64_t q0 = int64_t(blockIdx.x) * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int64_t tile0 = int64_t(blockIdx.x) * kBlockM, h = blockIdx.y;
+  const Unit<kSeqs> u = work_unit<kSeqs>(p, blockIdx.z);
+  const int64_t q0 = u.q_begin() + tile0;
+  const auto b = u.batch();
+  if (kSeqs && q0 >= u.q_end()) return;  // past the unit's rows (block-uniform, before any barrier)
 
   const View& qv = ref ? p.q_ref : p.q;
   const View& kv = ref ? p.k_ref : p.k;
@@ -57,18 +68,18 @@ __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLPar
       kHasV ? reinterpret_cast<const T*>(p.v.ptr) + b * p.v.stride[0] + kvh * p.v.stride[1] + c_off : nullptr;
 
   int64_t jb, je;
-  key_tile_range(p, q0, 0, 1, jb, je);
-  const RowPos rp = row_pos(p, q0, warp, lane);
+  key_tile_range(p, u, q0, 0, 1, jb, je);
+  const RowPos rp = row_pos(u, q0, warp, lane);
 
   auto issue = [&](int64_t step, int buf) {
-    const int64_t j0 = (jb + step) * kBlockN;
-    load_tile(sK + buf * kBlockN * ld, ld, gk + j0 * kv.stride[2], kv.stride[2], int(min64(p.k_len - j0, 64)),
+    const int64_t j0 = u.k_begin() + (jb + step) * kBlockN;
+    load_tile(sK + buf * kBlockN * ld, ld, gk + j0 * kv.stride[2], kv.stride[2], int(min64(u.k_end() - j0, 64)),
               dim, dim16, vk);
     if (kHasV)
       load_tile(sV + buf * kBlockN * ldv, ldv, gv + j0 * p.v.stride[2], p.v.stride[2],
-                int(min64(p.k_len - j0, 64)), dv, dv16, vv);
+                int(min64(u.k_end() - j0, 64)), dv, dv16, vv);
   };
-  load_tile(sQ, ld, gq, qv.stride[2], int(min64(p.q_len - q0, 64)), dim, dim16, vq);
+  load_tile(sQ, ld, gq, qv.stride[2], int(min64(u.q_end() - q0, 64)), dim, dim16, vq);
   Pipeline pipe{stages, 0, je - jb};
   pipe.start(issue);  // sQ rides in the first group
 
@@ -86,14 +97,14 @@ __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLPar
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) zero(o[c]);
   // key positions of this warp's rows: [pos_lo, pos_lo + 15]
-  const int64_t pos_lo = p.k_len - p.q_len + q0 + warp * 16;
+  const int64_t pos_lo = u.pos_off() + q0 + warp * 16;
 
   for (int64_t j = jb; j < je; ++j) {
     const int buf = pipe.begin(issue);
     float s[8][4];
     gemm_abt<T>(s, sQ, sK + buf * kBlockN * ld, ld, dim16 / 16, warp, lane);
-    const int64_t j0 = j * kBlockN;
-    const TileMask tm = tile_mask(p, rp, key_bits(p, b, j0, lane), j0, lane);
+    const int64_t j0 = u.k_begin() + j * kBlockN;
+    const TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
     seen |= ((tm.a & 0x33333333u) ? 1u : 0u) | ((tm.a & 0xccccccccu) ? 2u : 0u) |
             ((tm.p & 0x33333333u) ? 4u : 0u) | ((tm.p & 0xccccccccu) ? 8u : 0u);
     // warp-uniform: may this tile hold the self key of one of the warp's rows?
@@ -209,11 +220,11 @@ __global__ void __launch_bounds__(kThreads, 1) stats_kernel(const AttentionKLPar
 enum StepKind : int { kRefStep = 0, kCurStep = 1, kLastStep = 2 };
 
 // ------------------------------------------------------------------------------------------------
-// Pass 2. Grid (q tiles, B x G, splits) with G = 1 ("mean") or H ("each": one head per block).
+// Pass 2. Grid (q tiles, units x G, splits) with G = 1 ("mean") or H ("each": one head per block).
 // Steps per key tile: "mean": Hr ref + H cur (log-sum over heads) + H last (u_h); "each": ref, cur.
 // smem: stages x (sA [64][ld] + sB [64][ld]), ld = max(D16, Dr16) + 8.
 // ------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool kSeqs>
 __global__ void __launch_bounds__(kThreads, 1)
     div_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -221,7 +232,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool each = p.heads_each;
   const int64_t H = p.heads, Hr = p.ref_heads;
   const int64_t groups = each ? H : 1;
-  const int64_t q0 = int64_t(blockIdx.x) * kBlockM, b = blockIdx.y / groups, he = blockIdx.y % groups;
+  const int64_t tile0 = int64_t(blockIdx.x) * kBlockM;
+  const Unit<kSeqs> u = work_unit<kSeqs>(p, blockIdx.y / groups);
+  const int64_t q0 = u.q_begin() + tile0, he = blockIdx.y % groups;
+  const auto b = u.batch();
+  if (kSeqs && q0 >= u.q_end()) return;  // past the unit's rows
   const int kind = p.divergence;
   const int d16 = round_up16(int(p.head_dim)), dr16 = round_up16(int(p.ref_head_dim));
   const int ld = max(d16, dr16) + 8;
@@ -229,8 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* sB = sA + stages * kBlockM * ld;       // [stages][64][ld]
 
   int64_t jb, je;
-  key_tile_range(p, q0, blockIdx.z, nsplit, jb, je);
-  const RowPos rp = row_pos(p, q0, warp, lane);
+  key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
+  const RowPos rp = row_pos(u, q0, warp, lane);
   const int64_t spj = each ? 2 : Hr + 2 * H;  // steps per key tile
 
   auto decode = [&](int64_t tt, int& k, int64_t& head) {
@@ -240,10 +255,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     else { k = kLastStep; head = tt - Hr - H; }
   };
   auto issue = [&](int64_t step, int buf) {
-    const int64_t j0 = (jb + step / spj) * kBlockN;
+    const int64_t j0 = u.k_begin() + (jb + step / spj) * kBlockN;
     int k; int64_t head;
     decode(step % spj, k, head);
-    load_qk_tiles(p, k == kRefStep, b, head, q0, j0, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16, dr16,
+    load_qk_tiles(p, u, k == kRefStep, head, q0, j0, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16, dr16,
                   vec);
   };
 
@@ -282,8 +297,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dacc[2] = {0.f, 0.f}, gacc[2] = {0.f, 0.f};
   float gl[8][4];   // log rho, then g (or log rho/pi for reverse_kl), per element of the tile
   for (int64_t j = jb; j < je; ++j) {
-    const int64_t j0 = j * kBlockN;
-    TileMask tm = tile_mask(p, rp, key_bits(p, b, j0, lane), j0, lane);
+    const int64_t j0 = u.k_begin() + j * kBlockN;
+    TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
     tm.p &= (live[0] ? 0x33333333u : 0u) | (live[1] ? 0xccccccccu : 0u);  // only live rows count
     float s[8][4];
     if (each) {
@@ -366,19 +381,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t h = 0; h < H; ++h) {
       const int buf = pipe.begin(issue);
       gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
-      float x[2], u[2] = {0.f, 0.f};  // exp(s - x) = a_hj / (H Z)
+      float x[2], uh[2] = {0.f, 0.f};  // exp(s - x) = a_hj / (H Z)
 #pragma unroll
       for (int r = 0; r < 2; ++r) x[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] + lz[r] : 0.f;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if ((tm.p >> (4 * nb + e)) & 1u) u[e >> 1] += weighted_g(kind, s[nb][e] * p.scale - x[e >> 1], gl[nb][e]);
+          if ((tm.p >> (4 * nb + e)) & 1u) uh[e >> 1] += weighted_g(kind, s[nb][e] * p.scale - x[e >> 1], gl[nb][e]);
       pipe.end(issue);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        u[r] = quad_sum(u[r]);
-        if (t == 0 && live[r]) atomicAdd(reinterpret_cast<float*>(p.cbar) + (b * H + h) * p.q_len + row[r], u[r]);
+        uh[r] = quad_sum(uh[r]);
+        if (t == 0 && live[r]) atomicAdd(reinterpret_cast<float*>(p.cbar) + (b * H + h) * p.q_len + row[r], uh[r]);
       }
     }
   }
@@ -397,16 +412,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Pass 3, one thread per row (b, i) ("mean") or (b, h, i) ("each"): dead rows (row_mask False or
+// Pass 3, one thread per row (b, i) ("mean") or (b, h, i) ("each") of a unit, grid (G x rows / 256,
+// units) with rows = the longest unit's (threads past their unit's rows exit): dead rows (row_mask False or
 // empty P) get div = gbar = 0 (and cbar = 0); live "mean" rows get
 // c_h = (sum_P a_hj g_j - gbar Z_h) / Z = H (u_h - gbar Z_h / (H Z)) with u_h = sum_P a_hj g_j / (H Z).
 // Liveness: row_mask and the emptiness of P (lse_P = -inf exactly for an empty P; a NaN row stays live).
 // ------------------------------------------------------------------------------------------------
-__global__ void finalize_kernel(const AttentionKLParams p) {
+template <bool kSeqs>
+__global__ void finalize_kernel(const AttentionKLParams p, const int64_t max_rows) {
   const int64_t H = p.heads, groups = p.heads_each ? H : 1;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= p.batch * groups * p.q_len) return;
-  const int64_t row = idx % p.q_len, bg = idx / p.q_len, b = bg / groups, he = bg % groups;
+  const Unit<kSeqs> u = work_unit<kSeqs>(p, blockIdx.y);
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // he * max_rows + row in the unit
+  const int64_t he = i / max_rows, row = u.q_begin() + (i - he * max_rows);
+  const int64_t b = u.batch();
+  if (he >= groups || row >= u.q_end()) return;
+  const int64_t idx = (b * groups + he) * p.q_len + row;
   const float* stats = reinterpret_cast<const float*>(p.stats) + (b * H * p.q_len + row) * 2;
   float* div = reinterpret_cast<float*>(p.div);
   float* gbar = reinterpret_cast<float*>(p.gbar);
@@ -457,11 +477,11 @@ cudaError_t launch_stats(const AttentionKLParams& p, bool ref, cudaStream_t stre
   const SmemPlan plan = stats_smem(p, ref, DVP, c_off);
   const int stages = plan.stages(dev);
   const int64_t bytes = plan.bytes(stages);
-  auto kernel = stats_kernel<T, DVP>;
+  auto kernel = p.seqs ? stats_kernel<T, DVP, true> : stats_kernel<T, DVP, false>;
   cudaError_t err = set_smem(kernel, bytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.q_len + kBlockM - 1) / kBlockM), unsigned(ref ? p.ref_heads : p.heads),
-                  unsigned(p.batch));
+  const dim3 grid(unsigned((max_rows(p) + kBlockM - 1) / kBlockM), unsigned(ref ? p.ref_heads : p.heads),
+                  unsigned(num_units(p)));
   kernel<<<grid, kThreads, bytes, stream>>>(p, ref, stages, vec_bits(p), c_off, write_stats);
   return cudaGetLastError();
 }
@@ -479,7 +499,8 @@ int64_t forward_min_smem(const AttentionKLParams& p) {
 
 template <typename T>
 cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, const DeviceInfo& dev) {
-  if (p.heads > 65535 || p.ref_heads > 65535 || p.batch > 65535 || p.batch * p.heads > 65535)
+  const int64_t units = num_units(p);
+  if (p.heads > 65535 || p.ref_heads > 65535 || units > 65535 || units * p.heads > 65535)
     return cudaErrorInvalidConfiguration;
   // pass 1: current heads (with out), then the reference heads unless their stats were given
   cudaError_t err;
@@ -501,17 +522,19 @@ cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, cons
     return err;
   const SmemPlan plan = div_smem(p);
   const int stages = plan.stages(dev);
-  const int64_t q_tiles = (p.q_len + kBlockM - 1) / kBlockM;
-  const int nsplit = key_splits(p, q_tiles * p.batch * groups, dev);
-  auto kernel = div_kernel<T>;
+  const int64_t q_tiles = (max_rows(p) + kBlockM - 1) / kBlockM;
+  const int nsplit = key_splits(p, q_tiles * units * groups, dev);
+  auto kernel = p.seqs ? div_kernel<T, true> : div_kernel<T, false>;
   if ((err = set_smem(kernel, plan.bytes(stages))) != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(q_tiles), unsigned(p.batch * groups), unsigned(nsplit)), kThreads, plan.bytes(stages), stream>>>(
+  kernel<<<dim3(unsigned(q_tiles), unsigned(units * groups), unsigned(nsplit)), kThreads, plan.bytes(stages), stream>>>(
       p, stages, nsplit, vec_bits(p));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   // pass 3
   const int threads = 256;
-  finalize_kernel<<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(p);
+  const dim3 grid3(unsigned((groups * max_rows(p) + threads - 1) / threads), unsigned(units));
+  auto finalize = p.seqs ? finalize_kernel<true> : finalize_kernel<false>;
+  finalize<<<grid3, threads, 0, stream>>>(p, max_rows(p));
   return cudaGetLastError();
 }
 

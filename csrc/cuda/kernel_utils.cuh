@@ -126,6 +126,64 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
+// ---- work units (params.h: the sequence table) -------------------------------------------------
+// What one block works on, in tensor coordinates: batch b, rows [q_begin, q_end) and keys
+// [k_begin, k_end) of the (B, H, Sq, ...) / (B, Hkv, Sk, ...) tensors, and tensor row r at key
+// position r + pos_off (a tensor key index, so that it compares with keys k_begin.. directly).
+// Row-indexed outputs keep the tensors' extents: index them with p.q_len (Sq), p.k_len (Sk).
+//
+// Unit<false> (no table): unit u is batch u with rows 0..Sq, keys 0..Sk and pos_off = Sk - Sq, read
+// from p (constant bank) and blockIdx where they are used, so that the dense kernels compile as they
+// did before the table (same registers for every kernel, ptxas -v).
+// Unit<true>: entry u of the table p.seqs (SeqRange: row q_start + i sits at key position
+// k_start + q_pos + i), held in int32 registers. The table is trusted for the grid (max_q_len /
+// max_k_len), not for addresses: an entry reaching outside the tensors (bad batch, negative start
+// or length) is empty and its row / key ranges are clipped to Sq / Sk, so a bad table never reads
+// or writes out of bounds (the Python layer rejects such tables before the call). The backward
+// takes its batch index from the grid instead (attention_kl_bwd.cu).
+template <bool kSeqs>
+struct Unit;
+
+template <>
+struct Unit<false> {
+  const AttentionKLParams& p;
+  int64_t b;
+  __device__ __forceinline__ int64_t batch() const { return b; }
+  __device__ __forceinline__ int64_t q_begin() const { return 0; }
+  __device__ __forceinline__ int64_t q_end() const { return p.q_len; }
+  __device__ __forceinline__ int64_t k_begin() const { return 0; }
+  __device__ __forceinline__ int64_t k_end() const { return p.k_len; }
+  __device__ __forceinline__ int64_t pos_off() const { return p.k_len - p.q_len; }
+};
+
+template <>
+struct Unit<true> {  // int32, as in SeqRange: registers are scarce in the backward
+  int32_t b, qb, qe, kb, ke, po;
+  __device__ __forceinline__ int64_t batch() const { return b; }
+  __device__ __forceinline__ int64_t q_begin() const { return qb; }
+  __device__ __forceinline__ int64_t q_end() const { return qe; }
+  __device__ __forceinline__ int64_t k_begin() const { return kb; }
+  __device__ __forceinline__ int64_t k_end() const { return ke; }
+  __device__ __forceinline__ int64_t pos_off() const { return po; }
+};
+
+// The unit of a block: batch element u, or entry u of the sequence table.
+template <bool kSeqs>
+__device__ __forceinline__ Unit<kSeqs> work_unit(const AttentionKLParams& p, int64_t u) {
+  if constexpr (!kSeqs) {
+    return Unit<false>{p, u};
+  } else {
+    const SeqRange s = reinterpret_cast<const SeqRange*>(p.seqs)[u];
+    const bool ok = s.batch >= 0 && s.batch < p.batch && s.q_start >= 0 && s.q_len >= 0 && s.k_start >= 0 &&
+                    s.k_len >= 0;
+    const int64_t q_begin = s.q_start, k_begin = s.k_start;
+    const int64_t q_end = ok ? min64(min64(q_begin + s.q_len, p.q_len), INT32_MAX) : q_begin;  // <= q_begin: no rows
+    const int64_t k_end = ok ? min64(min64(k_begin + s.k_len, p.k_len), INT32_MAX) : k_begin;
+    return Unit<true>{ok ? s.batch : 0, s.q_start, int32_t(q_end), s.k_start,
+                      int32_t(k_end < k_begin ? k_begin : k_end), int32_t(k_begin + s.q_pos - q_begin)};
+  }
+}
+
 // ---- tile loads -----------------------------------------------------------------------------------
 // Rows 0..63 of a strided global tile -> shared s[64][ld]: row r (r < rows) comes from
 // g + r * row_stride, columns [0, cols) (cols % 8 == 0); columns [cols, cols_pad) and rows >= rows
@@ -151,20 +209,21 @@ __device__ __forceinline__ void load_tile(T* s, int ld, const T* g, int64_t row_
 }
 
 // The Q and K tiles of one score step -> shared sq, sk ([64][ld]): q_ref, k_ref (`ref`) or q, k of
-// head `head` of batch b (K: the head's GQA kv head), query rows q0.., keys j0..; columns padded to
-// dr16 (ref) or d16. `vec`: VecBits. Returns the kv head.
-template <typename T>
-__device__ __forceinline__ int64_t load_qk_tiles(const AttentionKLParams& p, bool ref, int64_t b, int64_t head,
-                                                 int64_t q0, int64_t j0, T* sq, T* sk, int ld, int d16, int dr16,
-                                                 int vec) {
+// head `head` of the unit's batch (K: the head's GQA kv head), query rows q0.. (up to the unit's
+// end), keys j0.. (likewise); columns padded to dr16 (ref) or d16. `vec`: VecBits. Returns the kv head.
+template <typename T, bool kSeqs>
+__device__ __forceinline__ int64_t load_qk_tiles(const AttentionKLParams& p, const Unit<kSeqs>& u, bool ref,
+                                                 int64_t head, int64_t q0, int64_t j0, T* sq, T* sk, int ld, int d16,
+                                                 int dr16, int vec) {
+  const auto b = u.batch();
   const View& qv = ref ? p.q_ref : p.q;
   const View& kv = ref ? p.k_ref : p.k;
   const int64_t kvh = ref ? head / (p.ref_heads / p.ref_kv_heads) : head / (p.heads / p.kv_heads);
   const int dim = int(ref ? p.ref_head_dim : p.head_dim), dim16 = ref ? dr16 : d16;
   const T* gq = reinterpret_cast<const T*>(qv.ptr) + b * qv.stride[0] + head * qv.stride[1] + q0 * qv.stride[2];
   const T* gk = reinterpret_cast<const T*>(kv.ptr) + b * kv.stride[0] + kvh * kv.stride[1] + j0 * kv.stride[2];
-  load_tile(sq, ld, gq, qv.stride[2], int(min64(p.q_len - q0, 64)), dim, dim16, vec & (ref ? kVecQRef : kVecQ));
-  load_tile(sk, ld, gk, kv.stride[2], int(min64(p.k_len - j0, 64)), dim, dim16, vec & (ref ? kVecKRef : kVecK));
+  load_tile(sq, ld, gq, qv.stride[2], int(min64(u.q_end() - q0, 64)), dim, dim16, vec & (ref ? kVecQRef : kVecQ));
+  load_tile(sk, ld, gk, kv.stride[2], int(min64(u.k_end() - j0, 64)), dim, dim16, vec & (ref ? kVecKRef : kVecK));
   return kvh;
 }
 
@@ -292,7 +351,9 @@ __device__ __forceinline__ void zero(float (&acc)[8][4]) {
 // ---- masks ----------------------------------------------------------------------------------------
 // Per thread: the 16 keys it holds in a key tile (key = j0 + 8nb + 2t + e, bit 2nb + e) that exist
 // and are not padding.
-__device__ __forceinline__ uint32_t key_bits(const AttentionKLParams& p, int64_t b, int64_t j0, int lane) {
+template <bool kSeqs>
+__device__ __forceinline__ uint32_t key_bits(const AttentionKLParams& p, const Unit<kSeqs>& u, int64_t j0, int lane) {
+  const auto b = u.batch();
   const int t = lane & 3;
   const uint8_t* kpm = reinterpret_cast<const uint8_t*>(p.key_padding_mask.ptr);
   uint32_t bits = 0;
@@ -301,7 +362,7 @@ __device__ __forceinline__ uint32_t key_bits(const AttentionKLParams& p, int64_t
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int64_t key = j0 + nb * 8 + 2 * t + e;
-      bool ok = key < p.k_len;
+      bool ok = key < u.k_end();
       if (ok && p.has_key_padding_mask)
         ok = kpm[b * p.key_padding_mask.stride[0] + key * p.key_padding_mask.stride[1]] != 0;
       bits |= uint32_t(ok) << (2 * nb + e);
@@ -310,19 +371,20 @@ __device__ __forceinline__ uint32_t key_bits(const AttentionKLParams& p, int64_t
   return bits;
 }
 
-// Per row: its key position (Sk - Sq + i) and whether it exists.
+// Per row: its key position (dense: Sk - Sq + i; a tensor key index) and whether it exists.
 struct RowPos {
   int64_t pos[2];
   bool valid[2];
 };
 
-__device__ __forceinline__ RowPos row_pos(const AttentionKLParams& p, int64_t q0, int warp, int lane) {
+template <bool kSeqs>
+__device__ __forceinline__ RowPos row_pos(const Unit<kSeqs>& u, int64_t q0, int warp, int lane) {
   RowPos r;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t row = q0 + warp * 16 + (lane >> 2) + 8 * h;
-    r.pos[h] = p.k_len - p.q_len + row;
-    r.valid[h] = row < p.q_len;
+    r.pos[h] = u.pos_off() + row;
+    r.valid[h] = row < u.q_end();
   }
   return r;
 }
@@ -354,12 +416,14 @@ __device__ __forceinline__ TileMask tile_mask(const AttentionKLParams& p, const 
   return m;
 }
 
-// Key tiles [j_begin, j_end) that a query tile starting at row q0 reads, split z of nsplit.
-__device__ __forceinline__ void key_tile_range(const AttentionKLParams& p, int64_t q0, int z, int nsplit,
-                                               int64_t& j_begin, int64_t& j_end) {
-  int64_t n = (p.k_len + kBlockN - 1) / kBlockN;
-  if (p.causal) {
-    const int64_t last_key = p.k_len - p.q_len + min64(q0 + kBlockM, p.q_len) - 1;  // of the tile's last row
+// Key tiles [j_begin, j_end) that a query tile starting at row q0 reads, split z of nsplit; tile j
+// holds keys u.k_begin() + 64 j ...
+template <bool kSeqs>
+__device__ __forceinline__ void key_tile_range(const AttentionKLParams& p, const Unit<kSeqs>& u, int64_t q0, int z,
+                                               int nsplit, int64_t& j_begin, int64_t& j_end) {
+  int64_t n = (u.k_end() - u.k_begin() + kBlockN - 1) / kBlockN;
+  if (p.causal) {  // the key (counted from k_begin) of the tile's last row
+    const int64_t last_key = u.pos_off() - u.k_begin() + min64(q0 + kBlockM, u.q_end()) - 1;
     n = last_key < 0 ? 0 : min64(n, last_key / kBlockN + 1);
   }
   const int64_t per = (n + nsplit - 1) / nsplit;

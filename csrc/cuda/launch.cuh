@@ -12,11 +12,18 @@ struct DeviceInfo {
   int smem_optin = 0;   // max dynamic shared memory per block (bytes)
 };
 
+// The launch grid's work units (params.h: the sequence table, or the batch when there is none) and
+// the longest unit's rows / keys: kernels size their grids from these and exit past a unit's end.
+inline int64_t num_units(const AttentionKLParams& p) { return p.seqs ? p.num_seqs : p.batch; }
+inline int64_t max_rows(const AttentionKLParams& p) { return p.seqs ? p.max_q_len : p.q_len; }
+inline int64_t max_keys(const AttentionKLParams& p) { return p.seqs ? p.max_k_len : p.k_len; }
+
 // Which 16-byte-aligned views may use cp.async (bit per view).
 enum VecBits : int { kVecQ = 1, kVecK = 2, kVecV = 4, kVecQRef = 8, kVecKRef = 16, kVecDout = 32 };
 int vec_bits(const AttentionKLParams& p);
 
-// Key splits of a query tile so that the grid fills the device about twice.
+// Key splits of a query tile (of the longest unit's key tiles) so that the grid fills the device
+// about twice; `blocks`: the grid's blocks without splits.
 int key_splits(const AttentionKLParams& p, int64_t blocks, const DeviceInfo& dev);
 
 // Shared memory of a kernel launch: `fixed` bytes plus `stage` bytes per pipeline stage (1 or 2;
