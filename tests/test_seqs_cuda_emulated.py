@@ -10,7 +10,7 @@ plus a floor).
     the rows of chunks r and 2P-1-r with all keys; its rows equal the full call's rows and dK / dV
     summed over the ranks equal the full call's.
 
-The table reaches the kernels through ral._compiled.params (Call.seqs): these tests build Calls and
+The table reaches the kernels through ral.backends.compiled.params (Call.seqs): these tests build Calls and
 drive the emulated module through the backend of tests/test_cuda_emulated.py (its fixtures), and
 form w and delta for the backward as ral.ops does.
 """
@@ -25,10 +25,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import FACTOR, FLOOR, NAMES, _err, run  # noqa: E402
+from oracle import NAMES, compare, run  # noqa: E402
 from test_cuda_emulated import BF16, F16, emu, emu_module, launches  # noqa: E402,F401  (fixtures)
 
-from ral import _compiled, backends, reference  # noqa: E402
+from ral import backends, ops, reference  # noqa: E402
+from ral.backends import compiled as _compiled  # noqa: E402
 from ral.backends import Call, Options  # noqa: E402
 
 
@@ -76,19 +77,10 @@ def run_call(call: Call, dout, ddiv) -> dict:
     assert be.unsupported_reason(call) is None
     out, div, stats, ref_stats_out, gbar, cbar = be.forward(call)
     ref_stats = call.ref_stats if call.ref_stats is not None else ref_stats_out
-    each = call.options.heads_each
-    live = ~torch.isneginf(stats[..., 1] if each else stats[:, 0, :, 1])
-    if call.row_mask is not None:
-        live = live & (call.row_mask[:, None] if each else call.row_mask)
-    w = torch.where(live, ddiv.float(), torch.zeros(()))
-    if call.v is not None:
-        dout = dout.to(out.dtype).contiguous()
-        delta = (dout.float() * out.float()).sum(-1)
-    else:
-        dout, delta = None, torch.zeros_like(cbar)
-    if not each:
-        delta = delta + w[:, None, :] * cbar / call.q.shape[1]
-    dq, dk, dv = be.backward(call, dout, w.contiguous(), delta.contiguous(), stats, ref_stats, gbar)
+    dout, w, delta = ops._backward_inputs(dout.to(out.dtype) if call.v is not None else None, ddiv,
+                                          out if call.v is not None else None, stats, gbar, cbar, call.row_mask,
+                                          call.options.heads_each)
+    dq, dk, dv = be.backward(call, dout, w, delta, stats, ref_stats, gbar)
     got = dict(out=out if call.v is not None else None, div=div, stats=stats, dq=dq, dk=dk,
                dv=dv if call.v is not None else None)
     return {name: None if t is None else t.double() for name, t in got.items()}
@@ -97,18 +89,7 @@ def run_call(call: Call, dout, ddiv) -> dict:
 def assert_rule(got: dict, want: dict, same: dict, dtype, what: str, names=NAMES) -> None:
     """The accuracy rule of tests/oracle.py (check) on assembled results: got (the kernels), want
     (float64 reference), same (the reference in `dtype`)."""
-    for name in names:
-        if want[name] is None:
-            assert got[name] is None, f"{name}: expected None"
-            continue
-        assert got[name].shape == want[name].shape, f"{name}: shape {got[name].shape} != {want[name].shape}"
-        assert torch.equal(torch.isnan(got[name]), torch.isnan(want[name])), f"{name}: NaN pattern ({what})"
-        finite = torch.isfinite(want[name])
-        scale = float(want[name][finite].abs().max()) if finite.any() else 1.0
-        err, err_torch = _err(got[name], want[name]), _err(same[name], want[name])
-        bound = FACTOR * err_torch + FLOOR[dtype] * max(scale, 1e-3)
-        assert err <= bound, (f"{name}: cuda error {err:.3g} > bound {bound:.3g} (PyTorch {dtype} error "
-                              f"{err_torch:.3g}, |ref| max {scale:.3g}) for {what}")
+    compare(want, same, got, dtype, names, what=what)
 
 
 # ---- packed batches ------------------------------------------------------------------------------------
