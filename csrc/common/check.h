@@ -44,6 +44,13 @@ inline void check_params(const AttentionKLParams& p, bool backward) {
           "div, stats, gbar, cbar (and ref_stats_out without ref_stats) need addresses");
   require(!p.has_v || p.out, "out needs an address when v is given");
   require(p.num_threads > 0, "num_threads must be positive");
+  require(p.num_segments >= 0 && p.num_segments <= 8, "num_segments must be in 0..8, got " + std::to_string(p.num_segments));
+  require(p.policy_stats || p.num_segments == 0, "num_segments > 0 needs policy_stats");
+  require(p.num_segments == 0 || p.key_segments.ptr, "key_segments needs an address when num_segments > 0");
+  if (p.policy_stats && !backward)
+    require(p.entropy && (p.num_segments == 0 || p.mass) && (p.heads_each || p.cstats),
+            "policy_stats needs entropy, mass (with segments) and cstats (\"mean\") addresses");
+  if (p.policy_stats && backward) require(p.stats_w, "policy_stats needs stats_w in the backward");
   if (backward) {
     require(p.ddiv && p.delta && p.dq && p.dk, "ddiv, delta, dq and dk need addresses");
     require(!p.has_v || (p.dout && p.dv), "dout and dv need addresses when v is given");
