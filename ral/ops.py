@@ -94,9 +94,10 @@ def attention_stats(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, key_seg
     """The entropy (and, with key_segments, the per-segment mass) of one model's attention policy,
     with the attention output, in one pass and with exact gradients; no reference model.
 
-    Arguments as in ``attention_kl``. It runs ``attention_kl`` against a dummy reference that costs
-    almost nothing: zero queries and keys of head dim 1 (one reference head for "mean", H for
-    "each"), i.e. the uniform policy; the divergence from it is discarded, so it adds no gradient.
+    Arguments as in ``attention_kl``. The kernels run with no reference (Options.no_reference:
+    no reference sweep, div 0); the op's reference arguments get placeholders that are never read
+    (zero-stride zero tensors of head dim 1). backend="reference" computes the same statistics
+    against that placeholder (the uniform policy) and drops the divergence, so no gradient comes from it.
     """
     _tensor("q", q, 4, "(B, H, Sq, D)")
     _tensor("k", k, 4, "(B, Hkv, Sk, D)")
@@ -105,8 +106,10 @@ def attention_stats(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, key_seg
     zero = torch.zeros((), dtype=q.dtype if q.dtype in _ALL_DTYPES else torch.float32, device=q.device)
     q_ref = zero.expand(batch, n_heads if heads == "each" else 1, q_len, 1)
     k_ref = zero.expand(batch, 1, k.shape[2], 1)
-    call = _checked_call(q, k, v, q_ref, k_ref, None, "jsd", heads, exclude_self, causal, scale, 1.0,
+    ref_stats = torch.zeros((), dtype=torch.float32, device=q.device).expand(batch, q_ref.shape[1], q_len, 2)
+    call = _checked_call(q, k, v, q_ref, k_ref, ref_stats, "jsd", heads, exclude_self, causal, scale, 1.0,
                          key_padding_mask, row_mask, backend, key_segments, num_segments, policy_stats=True)
+    call = dataclasses.replace(call, options=dataclasses.replace(call.options, no_reference=True))
     if _runs_reference(backend, q):
         res = reference.attention_kl(
             q, k, v, q_ref=call.q_ref, k_ref=call.k_ref, heads=heads, exclude_self=exclude_self, causal=causal,
@@ -140,7 +143,7 @@ def _run_kernels(call: Call, backend: str) -> AttentionKL:
         call.q, call.k, call.v, call.q_ref, call.k_ref, call.ref_stats, call.key_padding_mask,
         call.row_mask, opts.divergence, opts.heads_each, opts.exclude_self, opts.causal, opts.scale,
         opts.ref_scale, backend, call.seqs, call.max_q_len, call.max_k_len, opts.policy_stats, call.key_segments,
-        opts.num_segments)
+        opts.num_segments, opts.no_reference)
     return AttentionKL(out if call.v is not None else None, div, stats, entropy if opts.policy_stats else None,
                        mass if opts.num_segments else None)
 
@@ -443,9 +446,10 @@ def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_s
 
 def _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
           exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len, policy_stats=False,
-          key_segments=None, num_segments=0, stats_w=None) -> Call:
+          key_segments=None, num_segments=0, stats_w=None, no_reference=False) -> Call:
     return Call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask,
-                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale, policy_stats, num_segments),
+                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale, policy_stats, num_segments,
+                        no_reference),
                 seqs, max_q_len, max_k_len, key_segments, stats_w)
 
 
@@ -455,15 +459,17 @@ def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k
                      row_mask: Optional[Tensor], divergence: str, heads_each: bool, exclude_self: bool,
                      causal: bool, scale: float, ref_scale: float, backend: str,
                      seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0,
-                     policy_stats: bool = False, key_segments: Optional[Tensor] = None, num_segments: int = 0
+                     policy_stats: bool = False, key_segments: Optional[Tensor] = None, num_segments: int = 0,
+                     no_reference: bool = False
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq),
     entropy, mass, cstats (outputs.StatsOutputs; (0,) without policy_stats).
     seqs (N, 8) int32: the sequence table (docs/design.md, "Packed sequences"), or None (dense).
-    key_segments (B, Sk) int32 with num_segments 1..8, or None and 0."""
+    key_segments (B, Sk) int32 with num_segments 1..8, or None and 0. no_reference (with policy_stats
+    and ref_stats given): statistics only, the reference arguments are placeholders, div is 0."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
                  exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len, policy_stats, key_segments,
-                 num_segments)
+                 num_segments, no_reference=no_reference)
     res = tuple(backends.module(backends.resolve(backend, call)).forward(call))
     if len(res) == len(outputs.ForwardOutputs._fields):  # a backend without statistics (never asked for them)
         res = res + tuple(outputs.stats_outputs(q, heads_each, False, 0))
@@ -473,7 +479,7 @@ def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k
 @_attention_kl_op.register_fake
 def _attention_kl_fake(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence,
                        heads_each, exclude_self, causal, scale, ref_scale, backend, seqs=None, max_q_len=0,
-                       max_k_len=0, policy_stats=False, key_segments=None, num_segments=0):
+                       max_k_len=0, policy_stats=False, key_segments=None, num_segments=0, no_reference=False):
     return (tuple(outputs.forward_outputs(q, v, q_ref, ref_stats is not None, heads_each))
             + tuple(outputs.stats_outputs(q, heads_each, policy_stats, num_segments)))
 
@@ -507,20 +513,22 @@ def _attention_kl_backward_fake(dout, ddiv, delta, q, k, v, q_ref, k_ref, stats,
 def _setup_context(ctx, inputs, output):
     (q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
      exclude_self, causal, scale, ref_scale, backend, seqs, max_q_len, max_k_len, policy_stats, key_segments,
-     num_segments) = inputs
+     num_segments, no_reference) = inputs
     out, _, stats, ref_stats_out, gbar, cbar, entropy, mass, cstats = output
     ctx.save_for_backward(q, k, v, q_ref, k_ref, ref_stats if ref_stats is not None else ref_stats_out,
                           key_padding_mask, row_mask, out if v is not None else None, stats, gbar, cbar, seqs,
                           key_segments, entropy, mass, cstats)
     ctx.flags = (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len,
-                 policy_stats, num_segments)
+                 policy_stats, num_segments, no_reference)
 
 
 def _backward(ctx, dout, ddiv, _stats, _ref_stats_out, _gbar, _cbar, dentropy, dmass, _cstats):
     (q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar, seqs, key_segments,
      entropy, mass, cstats) = ctx.saved_tensors
     (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len,
-     policy_stats, num_segments) = ctx.flags
+     policy_stats, num_segments, no_reference) = ctx.flags
+    if no_reference:  # no divergence: w = 0, and the backward never reads the placeholder reference
+        ddiv = None
     dout, w, delta = _backward_inputs(dout, ddiv, out if v is not None else None, stats, gbar, cbar, row_mask,
                                       heads_each)
     stats_w = None
@@ -533,7 +541,7 @@ def _backward(ctx, dout, ddiv, _stats, _ref_stats_out, _gbar, _cbar, dentropy, d
         key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend,
         seqs, max_q_len, max_k_len, key_segments if stats_w is not None else None,
         num_segments if stats_w is not None else 0, stats_w)
-    return (dq, dk, dv if v is not None else None) + (None,) * 18
+    return (dq, dk, dv if v is not None else None) + (None,) * 19
 
 
 def _live_rows(stats, row_mask, heads_each):

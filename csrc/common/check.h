@@ -46,6 +46,7 @@ inline void check_params(const AttentionKLParams& p, bool backward) {
   require(p.num_threads > 0, "num_threads must be positive");
   require(p.num_segments >= 0 && p.num_segments <= 8, "num_segments must be in 0..8, got " + std::to_string(p.num_segments));
   require(p.policy_stats || p.num_segments == 0, "num_segments > 0 needs policy_stats");
+  require(!p.no_reference || (p.policy_stats && p.has_ref_stats), "no_reference needs policy_stats and ref_stats");
   require(p.num_segments == 0 || p.key_segments.ptr, "key_segments needs an address when num_segments > 0");
   if (p.policy_stats && !backward)
     require(p.entropy && (p.num_segments == 0 || p.mass) && (p.heads_each || p.cstats),

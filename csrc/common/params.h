@@ -117,6 +117,10 @@ struct AttentionKLParams {
   uintptr_t mass = 0;            // (B,Sq,S) "mean" | (B,H,Sq,S) "each", fp32, when num_segments > 0
   uintptr_t cstats = 0;          // (B,H,Sq,1+S) fp32, "mean"
   uintptr_t stats_w = 0;         // backward: (B,Sq,1+S) "mean" | (B,H,Sq,1+S) "each", fp32
+  // Forward, with policy_stats: no reference model (ral.ops.attention_stats). q_ref / k_ref /
+  // ref_stats_in are placeholders that are never swept; div, gbar and cbar are written 0, and
+  // the backward gets w = 0 (so it never reads the reference either).
+  bool no_reference = false;
 };
 
 }  // namespace ral

@@ -161,7 +161,7 @@ class Forward {
 
   // ---- pass 1: lse_A, lse_P (both models) and out -------------------------------------------
   void pass_statistics(const QueryBlock& qb) {
-    const bool need_ref = !p_.has_ref_stats;
+    const bool need_ref = !p_.has_ref_stats && !p_.no_reference;
     const int64_t n = heads_ * bm_, n_ref = ref_heads_ * bm_;
     SoftmaxState st{state_, state_ + n, state_ + 2 * n};
     SoftmaxState ref{ref_state_, ref_state_ + n_ref, ref_state_ + 2 * n_ref};
@@ -275,9 +275,16 @@ class Forward {
         if (!kb_.any_valid) continue;
         const bool full = tile_is_full(p_, qb, kb_);
         load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+        if (p_.no_reference) {  // statistics only: no reference scores, no divergence
+          if (p_.heads_each)
+            divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
+          else
+            divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+          continue;
+        }
         load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
                              k_ref_t_);
-        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
         scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
         if (p_.heads_each) {
           if (nstat_)
@@ -321,8 +328,9 @@ class Forward {
   }
 
   // heads="mean": log pi_j = logsumexp_h(s_hj - lse_A_h) - log H - log Z (likewise log rho);
-  // accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j per row (and, kStats, the statistics).
-  template <bool kStats>
+  // accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j per row (and, kStats, the statistics;
+  // without kDiv only those: no reference, div and gbar stay 0).
+  template <bool kStats, bool kDiv = true>
   void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
                             float* div_acc, float* gbar_acc, float* u_acc) {
     const int64_t plane = bm_ * kBlockN;
@@ -347,35 +355,41 @@ class Forward {
           e_sum += e;
         }
         const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
-        // reference model
-        const float* sr = s_ref_ + r * kBlockN + c;
-        vfloat xr_max = vbroadcast(-kInf);
-        for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a(h)[r]);
-        vfloat er_sum{};
-        for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(sr + h * plane) - ref_lse_a(h)[r] - xr_max);
-        const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
-
-        const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
         // a_hj / Z = e_h * exp(x_max - log Z): the factor is at most H * pi_j, never overflows
         const vfloat a_over_z = vexp(x_max - log_z[r]);
-        vfloat g_scaled = t.g * a_over_z;
-        vfloat f = t.f, pi_g = t.pi * t.g;
         vmask support{};
-        if (!full) {
-          support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
-          f = vselect(support, f, vfloat{});
-          pi_g = vselect(support, pi_g, vfloat{});
-          g_scaled = vselect(support, g_scaled, vfloat{});
-        }
-        div_sum += f;
-        gbar_sum += pi_g;
-        for (int64_t h = 0; h < heads_; ++h) {
-          vfloat term = vload(s + h * plane) * g_scaled;
-          if (!full) term = vselect(support, term, vfloat{});  // e_h is NaN outside A
-          vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
+        if (!full) support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
+        vfloat pi;
+        if constexpr (kDiv) {
+          // reference model
+          const float* sr = s_ref_ + r * kBlockN + c;
+          vfloat xr_max = vbroadcast(-kInf);
+          for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a(h)[r]);
+          vfloat er_sum{};
+          for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(sr + h * plane) - ref_lse_a(h)[r] - xr_max);
+          const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
+
+          const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
+          vfloat g_scaled = t.g * a_over_z;
+          vfloat f = t.f, pi_g = t.pi * t.g;
+          if (!full) {
+            f = vselect(support, f, vfloat{});
+            pi_g = vselect(support, pi_g, vfloat{});
+            g_scaled = vselect(support, g_scaled, vfloat{});
+          }
+          div_sum += f;
+          gbar_sum += pi_g;
+          for (int64_t h = 0; h < heads_; ++h) {
+            vfloat term = vload(s + h * plane) * g_scaled;
+            if (!full) term = vselect(support, term, vfloat{});  // e_h is NaN outside A
+            vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
+          }
+          pi = t.pi;
+        } else {
+          pi = vexp(log_pi);
         }
         if constexpr (kStats) {
-          accumulate_policy_stats(row_stats(r), log_pi, t.pi, full, support, c);
+          accumulate_policy_stats(row_stats(r), log_pi, pi, full, support, c);
           // per head: u^E_h / Z += (a_hj / Z) (-log pi_j), u^s_h / Z += (a_hj / Z) [seg(j) = s]
           const vfloat neg_log_pi = -log_pi;
           vmask seg{};
@@ -398,7 +412,7 @@ class Forward {
   }
 
   // heads="each": log pi = s - lse_P, log rho = s_ref - lse_P_ref, per head.
-  template <bool kStats>
+  template <bool kStats, bool kDiv = true>
   void divergence_tile_each(const QueryBlock& qb, bool full, float* div_acc, float* gbar_acc) {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
@@ -409,11 +423,15 @@ class Forward {
         const float* sr = s_ref_ + i * kBlockN;
         for (int64_t c = 0; c < kBlockN; c += kLanes) {
           const vfloat log_pi = vload(s + c) - lse_p(h)[r];
+          vmask support{};
+          if (!full) support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
+          if constexpr (!kDiv) {
+            accumulate_policy_stats(row_stats(i), log_pi, vexp(log_pi), full, support, c);
+            continue;
+          }
           const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, vload(sr + c) - ref_lse_p(h)[r]);
           vfloat f = t.f, pi_g = t.pi * t.g;
-          vmask support{};
           if (!full) {
-            support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
             f = vselect(support, f, vfloat{});
             pi_g = vselect(support, pi_g, vfloat{});
           }

@@ -28,6 +28,8 @@ class Options:
     # policy_stats, and the mass on each of num_segments key segments (Call.key_segments) when > 0
     policy_stats: bool = False
     num_segments: int = 0
+    # statistics only (ral.ops.attention_stats): q_ref / k_ref / ref_stats are placeholders, div is 0
+    no_reference: bool = False
 
     @property
     def divergence_code(self) -> int:

@@ -66,7 +66,7 @@ def params(call: Call, num_threads: int = 1):
     p.ref_stats_in = _view(call.ref_stats)
     p.key_padding_mask = _view(call.key_padding_mask)
     p.row_mask = _view(call.row_mask)
-    p.policy_stats, p.num_segments = opts.policy_stats, opts.num_segments
+    p.policy_stats, p.num_segments, p.no_reference = opts.policy_stats, opts.num_segments, opts.no_reference
     if opts.num_segments:
         p.key_segments = _view(call.key_segments)
     if call.seqs is not None:
