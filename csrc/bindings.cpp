@@ -69,6 +69,8 @@ PYBIND11_MODULE(RAL_MODULE_NAME, m) {
   RAL_FIELD(dout); RAL_FIELD(ddiv); RAL_FIELD(delta); RAL_FIELD(dq); RAL_FIELD(dk); RAL_FIELD(dv);
   RAL_FIELD(scratch); RAL_FIELD(scratch_bytes);
   RAL_FIELD(seqs); RAL_FIELD(num_seqs); RAL_FIELD(max_q_len); RAL_FIELD(max_k_len);
+  RAL_FIELD(policy_stats); RAL_FIELD(num_segments); RAL_FIELD(key_segments); RAL_FIELD(entropy); RAL_FIELD(mass);
+  RAL_FIELD(cstats); RAL_FIELD(stats_w); RAL_FIELD(no_reference);
 #undef RAL_FIELD
 
   const auto release = py::call_guard<py::gil_scoped_release>();

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ from . import backends, reference
 from .backends import BACKENDS, Call, Options, outputs
 from .reference import DIVERGENCES, HEADS_MODES, AttentionKL
 
-__all__ = ["attention_kl", "attention_kl_varlen", "AttentionKL", "sequence_table"]
+__all__ = ["attention_kl", "attention_kl_varlen", "attention_stats", "AttentionKL", "AttentionStats",
+           "sequence_table"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -29,7 +30,8 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
                  ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
                  exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
                  ref_scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
-                 row_mask: Optional[Tensor] = None, backend: str = "auto") -> AttentionKL:
+                 row_mask: Optional[Tensor] = None, backend: str = "auto", key_segments: Optional[Tensor] = None,
+                 num_segments: Optional[int] = None) -> AttentionKL:
     """Attention output and the divergence of its attention policy from a reference's.
 
     Args:
@@ -50,20 +52,72 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
         key_padding_mask: (B, Sk) bool, True for real keys.
         row_mask: (B, Sq) bool; rows where False get div = 0 and no divergence gradient.
         backend: "auto", "triton", "cuda", "cpu" or "reference".
+        key_segments: (B, Sk) integer segment ids in [0, num_segments) (e.g. 0 text, 1 image), or
+            None: with them the op also returns the entropy and the per-segment mass of the current
+            policy, from the same pass (docs/design.md, "Attention statistics"). Only the cpu and
+            reference backends compute them so far.
+        num_segments: 1..8, given exactly when key_segments is.
 
     Returns:
-        AttentionKL(out, div, stats): out (B, H, Sq, Dv) in q's dtype or None; div (B, Sq)
+        AttentionKL(out, div, stats, entropy, mass): out (B, H, Sq, Dv) in q's dtype or None; div (B, Sq)
         ("mean") or (B, H, Sq) ("each") float32; stats (B, H, Sq, 2) float32 = per head the LSE
-        over the attended keys and over the policy support. Gradients reach q, k, v from out and div.
+        over the attended keys and over the policy support; entropy like div and mass (div's shape
+        + (num_segments,)), float32, both None without key_segments. Gradients reach q, k, v from
+        out, div, entropy and mass.
     """
     call = _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_self, causal,
-                         scale, ref_scale, key_padding_mask, row_mask, backend)
+                         scale, ref_scale, key_padding_mask, row_mask, backend, key_segments, num_segments)
     if _runs_reference(backend, q):
         return reference.attention_kl(
             q, k, v, q_ref=call.q_ref, k_ref=call.k_ref, ref_stats=ref_stats, divergence=divergence,
             heads=heads, exclude_self=exclude_self, causal=causal, scale=call.options.scale,
-            ref_scale=call.options.ref_scale, key_padding_mask=key_padding_mask, row_mask=row_mask)
+            ref_scale=call.options.ref_scale, key_padding_mask=key_padding_mask, row_mask=row_mask,
+            policy_stats=call.options.policy_stats, key_segments=call.key_segments,
+            num_segments=call.options.num_segments or None)
     return _run_kernels(call, backend)
+
+
+class AttentionStats(NamedTuple):
+    """What ``attention_stats`` returns: out (B, H, Sq, Dv) or None, entropy (B, Sq) | (B, H, Sq),
+    mass (B, Sq, S) | (B, H, Sq, S) or None without key_segments, stats (B, H, Sq, 2)."""
+
+    out: Optional[Tensor]
+    entropy: Tensor
+    mass: Optional[Tensor]
+    stats: Tensor
+
+
+def attention_stats(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, key_segments: Optional[Tensor] = None,
+                    num_segments: Optional[int] = None, heads: str = "mean", exclude_self: bool = True,
+                    causal: bool = True, scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
+                    row_mask: Optional[Tensor] = None, backend: str = "auto") -> AttentionStats:
+    """The entropy (and, with key_segments, the per-segment mass) of one model's attention policy,
+    with the attention output, in one pass and with exact gradients; no reference model.
+
+    Arguments as in ``attention_kl``. The kernels run with no reference (Options.no_reference:
+    no reference sweep, div 0); the op's reference arguments get placeholders that are never read
+    (zero-stride zero tensors of head dim 1). backend="reference" computes the same statistics
+    against that placeholder (the uniform policy) and drops the divergence, so no gradient comes from it.
+    """
+    _tensor("q", q, 4, "(B, H, Sq, D)")
+    _tensor("k", k, 4, "(B, Hkv, Sk, D)")
+    _choice("heads", heads, HEADS_MODES)
+    batch, n_heads, q_len, _ = q.shape
+    zero = torch.zeros((), dtype=q.dtype if q.dtype in _ALL_DTYPES else torch.float32, device=q.device)
+    q_ref = zero.expand(batch, n_heads if heads == "each" else 1, q_len, 1)
+    k_ref = zero.expand(batch, 1, k.shape[2], 1)
+    ref_stats = torch.zeros((), dtype=torch.float32, device=q.device).expand(batch, q_ref.shape[1], q_len, 2)
+    call = _checked_call(q, k, v, q_ref, k_ref, ref_stats, "jsd", heads, exclude_self, causal, scale, 1.0,
+                         key_padding_mask, row_mask, backend, key_segments, num_segments, policy_stats=True)
+    call = dataclasses.replace(call, options=dataclasses.replace(call.options, no_reference=True))
+    if _runs_reference(backend, q):
+        res = reference.attention_kl(
+            q, k, v, q_ref=call.q_ref, k_ref=call.k_ref, heads=heads, exclude_self=exclude_self, causal=causal,
+            scale=call.options.scale, ref_scale=1.0, key_padding_mask=key_padding_mask, row_mask=row_mask,
+            policy_stats=True, key_segments=call.key_segments, num_segments=call.options.num_segments or None)
+    else:
+        res = _run_kernels(call, backend)
+    return AttentionStats(res.out, res.entropy, res.mass, res.stats)
 
 
 def run_table(call: Call, seqs: Tensor, max_q_len: int, max_k_len: int, backend: str) -> AttentionKL:
@@ -77,18 +131,21 @@ def run_table(call: Call, seqs: Tensor, max_q_len: int, max_k_len: int, backend:
             call.q, call.k, call.v, q_ref=call.q_ref, k_ref=call.k_ref, seqs=seqs, ref_stats=call.ref_stats,
             row_mask=call.row_mask, key_padding_mask=call.key_padding_mask, divergence=opts.divergence,
             heads="each" if opts.heads_each else "mean", exclude_self=opts.exclude_self, causal=opts.causal,
-            scale=opts.scale, ref_scale=opts.ref_scale)
+            scale=opts.scale, ref_scale=opts.ref_scale, policy_stats=opts.policy_stats,
+            key_segments=call.key_segments, num_segments=opts.num_segments or None)
     return _run_kernels(call, backend)
 
 
 def _run_kernels(call: Call, backend: str) -> AttentionKL:
     """The custom op on a checked call -> AttentionKL in the dense shapes of the call's tensors."""
     opts = call.options
-    out, div, stats, _, _, _ = torch.ops.ral.attention_kl(
+    out, div, stats, _, _, _, entropy, mass, _ = torch.ops.ral.attention_kl(
         call.q, call.k, call.v, call.q_ref, call.k_ref, call.ref_stats, call.key_padding_mask,
         call.row_mask, opts.divergence, opts.heads_each, opts.exclude_self, opts.causal, opts.scale,
-        opts.ref_scale, backend, call.seqs, call.max_q_len, call.max_k_len)
-    return AttentionKL(out if call.v is not None else None, div, stats)
+        opts.ref_scale, backend, call.seqs, call.max_q_len, call.max_k_len, opts.policy_stats, call.key_segments,
+        opts.num_segments, opts.no_reference)
+    return AttentionKL(out if call.v is not None else None, div, stats, entropy if opts.policy_stats else None,
+                       mass if opts.num_segments else None)
 
 
 def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
@@ -96,7 +153,8 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
                         ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
                         exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
                         ref_scale: Optional[float] = None, row_mask: Optional[Tensor] = None,
-                        backend: str = "auto") -> AttentionKL:
+                        backend: str = "auto", key_segments: Optional[Tensor] = None,
+                        num_segments: Optional[int] = None) -> AttentionKL:
     """``attention_kl`` on packed sequences (FlashAttention's varlen convention): no padding.
 
     Sequence n owns query rows ``cu_seqlens_q[n]:cu_seqlens_q[n+1]`` and keys
@@ -110,21 +168,26 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
         cu_seqlens_q, cu_seqlens_k: (N + 1,) int32 on q's device: 0, then cumulative lengths.
         max_seqlen_q, max_seqlen_k: int, at least the longest sequence (the kernels' grid sizes).
         ref_stats: (Tq, Hr, 2) float32 or None; row_mask: (Tq,) bool or None.
+        key_segments: (Tk,) integer segment ids of the packed keys, with num_segments, or None.
         divergence, heads, exclude_self, causal, scale, ref_scale, backend: as in ``attention_kl``.
 
     Returns:
-        AttentionKL(out (Tq, H, Dv) or None, div (Tq,) "mean" | (Tq, H) "each", stats (Tq, H, 2)).
+        AttentionKL(out (Tq, H, Dv) or None, div (Tq,) "mean" | (Tq, H) "each", stats (Tq, H, 2),
+        entropy like div, mass (Tq, S) | (Tq, H, S)), entropy and mass None without key_segments.
         They are views of head-major kernel buffers (call ``.contiguous()`` where a contiguous
         tensor is needed). Reading cu_seqlens costs one device-to-host copy per call.
     """
-    given = dict(q=q, k=k, v=v, q_ref=q_ref, k_ref=k_ref, ref_stats=ref_stats, row_mask=row_mask)
+    given = dict(q=q, k=k, v=v, q_ref=q_ref, k_ref=k_ref, ref_stats=ref_stats, row_mask=row_mask,
+                 key_segments=key_segments)
     for name, layout in _PACKED_LAYOUTS.items():
-        _tensor(name, given[name], layout.count(",") + 1, layout, optional=name in ("v", "ref_stats", "row_mask"))
+        _tensor(name, given[name], layout.count(",") + 1, layout,
+                optional=name in ("v", "ref_stats", "row_mask", "key_segments"))
     for name, t, total, what in (("q_ref", q_ref, q.shape[0], "Tq (q.shape[0])"),
                                  ("ref_stats", ref_stats, q.shape[0], "Tq (q.shape[0])"),
                                  ("row_mask", row_mask, q.shape[0], "Tq (q.shape[0])"),
                                  ("v", v, k.shape[0], "Tk (k.shape[0])"),
-                                 ("k_ref", k_ref, k.shape[0], "Tk (k.shape[0])")):
+                                 ("k_ref", k_ref, k.shape[0], "Tk (k.shape[0])"),
+                                 ("key_segments", key_segments, k.shape[0], "Tk (k.shape[0])")):
         if t is not None:
             _same(name, t.shape[0], f"packed length {what}", total, t.shape)
     seqs = sequence_table(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
@@ -135,15 +198,18 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
 
     call = _checked_call(dense(q), dense(k), dense(v), dense(q_ref), dense(k_ref), dense(ref_stats), divergence,
                          heads, exclude_self, causal, scale, ref_scale, None,
-                         None if row_mask is None else row_mask.unsqueeze(0), backend)
+                         None if row_mask is None else row_mask.unsqueeze(0), backend,
+                         None if key_segments is None else key_segments.unsqueeze(0), num_segments)
     res = run_table(call, seqs, int(max_seqlen_q), int(max_seqlen_k), backend)
     packed = (lambda t: t[0].transpose(0, 1)) if heads == "each" else (lambda t: t[0])
     return AttentionKL(None if res.out is None else res.out[0].transpose(0, 1), packed(res.div),
-                       res.stats[0].transpose(0, 1))
+                       res.stats[0].transpose(0, 1), None if res.entropy is None else packed(res.entropy),
+                       None if res.mass is None else packed(res.mass))
 
 
 _PACKED_LAYOUTS = {"q": "(Tq, H, D)", "k": "(Tk, Hkv, D)", "v": "(Tk, Hkv, Dv)", "q_ref": "(Tq, Hr, Dr)",
-                   "k_ref": "(Tk, Hrkv, Dr)", "ref_stats": "(Tq, Hr, 2)", "row_mask": "(Tq)"}
+                   "k_ref": "(Tk, Hrkv, Dr)", "ref_stats": "(Tq, Hr, 2)", "row_mask": "(Tq)",
+                   "key_segments": "(Tk)"}
 
 
 def sequence_table(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -259,8 +325,41 @@ def _same(name: str, got: int, what: str, expected: int, shape) -> None:
         raise ValueError(f"{name}: {what} must be {expected}, got {got} (shape {tuple(shape)})")
 
 
+MAX_SEGMENTS = 8
+
+
+def _checked_segments(key_segments, num_segments, q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """key_segments as the kernels take it (int32, contiguous) after the checks of "Bad input"."""
+    if key_segments is None and num_segments is None:
+        return None
+    if key_segments is None:
+        raise ValueError(f"key_segments: num_segments={num_segments!r} was given without key_segments; "
+                         f"give both or neither")
+    if num_segments is None:
+        raise ValueError("num_segments: key_segments was given without num_segments (1..8); give both or neither")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, numbers.Integral):
+        raise TypeError(f"num_segments must be an int in 1..{MAX_SEGMENTS}, got {type(num_segments).__name__}")
+    if not 1 <= num_segments <= MAX_SEGMENTS:
+        raise ValueError(f"num_segments must be in 1..{MAX_SEGMENTS}, got {num_segments}")
+    _tensor("key_segments", key_segments, 2, "(B, Sk)")
+    if key_segments.dtype.is_floating_point or key_segments.dtype.is_complex or key_segments.dtype == torch.bool:
+        raise TypeError(f"key_segments: dtype must be an integer type (e.g. torch.int64), got {key_segments.dtype}")
+    if key_segments.device != q.device:
+        raise ValueError(f"key_segments: must be on q's device ({q.device}), got {key_segments.device}")
+    expected = (q.shape[0], k.shape[2])
+    if tuple(key_segments.shape) != expected:
+        raise ValueError(f"key_segments: shape must be (B, Sk) = {expected}, got {tuple(key_segments.shape)}")
+    if not torch.compiler.is_compiling():  # one device-to-host copy; a compiled graph stays branch-free
+        low, high = int(key_segments.min()), int(key_segments.max())
+        if low < 0 or high >= num_segments:
+            raise ValueError(f"key_segments: ids must be in [0, num_segments={num_segments}), "
+                             f"got values in [{low}, {high}]")
+    return key_segments.to(torch.int32).contiguous()
+
+
 def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_self, causal, scale,
-                  ref_scale, key_padding_mask, row_mask, backend) -> Call:
+                  ref_scale, key_padding_mask, row_mask, backend, key_segments=None, num_segments=None,
+                  policy_stats=False) -> Call:
     _choice("divergence", divergence, DIVERGENCES)
     _choice("heads", heads, HEADS_MODES)
     _choice("backend", backend, BACKENDS)
@@ -327,14 +426,18 @@ def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_s
     if causal and q_len > k_len:
         raise ValueError(f"q: causal attention needs Sq <= Sk, got Sq={q_len} > Sk={k_len}")
 
+    key_segments = _checked_segments(key_segments, num_segments, q, k)
     options = Options(divergence=divergence, heads_each=heads == "each", exclude_self=exclude_self,
                       causal=causal, scale=_scale("scale", scale, head_dim),
-                      ref_scale=_scale("ref_scale", ref_scale, ref_dim))
+                      ref_scale=_scale("ref_scale", ref_scale, ref_dim),
+                      policy_stats=policy_stats or key_segments is not None,
+                      num_segments=0 if key_segments is None else int(num_segments))
     if q_ref.dtype != q.dtype and q.dtype != torch.float64:
         q_ref, k_ref = q_ref.to(q.dtype), k_ref.to(q.dtype)
     if ref_stats is not None:
         ref_stats = ref_stats.to(torch.float32)
-    return Call(q, k, v, q_ref.detach(), k_ref.detach(), ref_stats, key_padding_mask, row_mask, options)
+    return Call(q, k, v, q_ref.detach(), k_ref.detach(), ref_stats, key_padding_mask, row_mask, options,
+                key_segments=key_segments)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,9 +445,12 @@ def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_s
 # ----------------------------------------------------------------------------------------------
 
 def _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
-          exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len) -> Call:
+          exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len, policy_stats=False,
+          key_segments=None, num_segments=0, stats_w=None, no_reference=False) -> Call:
     return Call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask,
-                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale), seqs, max_q_len, max_k_len)
+                Options(divergence, heads_each, exclude_self, causal, scale, ref_scale, policy_stats, num_segments,
+                        no_reference),
+                seqs, max_q_len, max_k_len, key_segments, stats_w)
 
 
 @torch.library.custom_op("ral::attention_kl", mutates_args=())
@@ -352,20 +458,30 @@ def _attention_kl_op(q: Tensor, k: Tensor, v: Optional[Tensor], q_ref: Tensor, k
                      ref_stats: Optional[Tensor], key_padding_mask: Optional[Tensor],
                      row_mask: Optional[Tensor], divergence: str, heads_each: bool, exclude_self: bool,
                      causal: bool, scale: float, ref_scale: float, backend: str,
-                     seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq).
-    seqs (N, 8) int32: the sequence table (docs/design.md, "Packed sequences"), or None (dense)."""
+                     seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0,
+                     policy_stats: bool = False, key_segments: Optional[Tensor] = None, num_segments: int = 0,
+                     no_reference: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq),
+    entropy, mass, cstats (outputs.StatsOutputs; (0,) without policy_stats).
+    seqs (N, 8) int32: the sequence table (docs/design.md, "Packed sequences"), or None (dense).
+    key_segments (B, Sk) int32 with num_segments 1..8, or None and 0. no_reference (with policy_stats
+    and ref_stats given): statistics only, the reference arguments are placeholders, div is 0."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
-                 exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len)
-    return backends.module(backends.resolve(backend, call)).forward(call)
+                 exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len, policy_stats, key_segments,
+                 num_segments, no_reference=no_reference)
+    res = tuple(backends.module(backends.resolve(backend, call)).forward(call))
+    if len(res) == len(outputs.ForwardOutputs._fields):  # a backend without statistics (never asked for them)
+        res = res + tuple(outputs.stats_outputs(q, heads_each, False, 0))
+    return res
 
 
 @_attention_kl_op.register_fake
 def _attention_kl_fake(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence,
                        heads_each, exclude_self, causal, scale, ref_scale, backend, seqs=None, max_q_len=0,
-                       max_k_len=0):
-    return tuple(outputs.forward_outputs(q, v, q_ref, ref_stats is not None, heads_each))
+                       max_k_len=0, policy_stats=False, key_segments=None, num_segments=0, no_reference=False):
+    return (tuple(outputs.forward_outputs(q, v, q_ref, ref_stats is not None, heads_each))
+            + tuple(outputs.stats_outputs(q, heads_each, policy_stats, num_segments)))
 
 
 @torch.library.custom_op("ral::attention_kl_backward", mutates_args=())
@@ -374,11 +490,14 @@ def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tenso
                               ref_stats: Tensor, gbar: Tensor, key_padding_mask: Optional[Tensor],
                               divergence: str, heads_each: bool, exclude_self: bool, causal: bool,
                               scale: float, ref_scale: float, backend: str,
-                              seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0
-                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes."""
+                              seqs: Optional[Tensor] = None, max_q_len: int = 0, max_k_len: int = 0,
+                              key_segments: Optional[Tensor] = None, num_segments: int = 0,
+                              stats_w: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes.
+    stats_w: the statistics' upstream weights (Call.stats_w) or None; with it, gbar is gbar_total."""
     call = _call(q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, None, divergence, heads_each,
-                 exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len)
+                 exclude_self, causal, scale, ref_scale, seqs, max_q_len, max_k_len, stats_w is not None,
+                 key_segments, num_segments, stats_w)
     return backends.module(backends.resolve(backend, call)).backward(call, dout, ddiv, delta, stats, ref_stats,
                                                                      gbar)
 
@@ -386,29 +505,52 @@ def _attention_kl_backward_op(dout: Optional[Tensor], ddiv: Tensor, delta: Tenso
 @_attention_kl_backward_op.register_fake
 def _attention_kl_backward_fake(dout, ddiv, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
                                 key_padding_mask, divergence, heads_each, exclude_self, causal, scale,
-                                ref_scale, backend, seqs=None, max_q_len=0, max_k_len=0):
+                                ref_scale, backend, seqs=None, max_q_len=0, max_k_len=0, key_segments=None,
+                                num_segments=0, stats_w=None):
     return outputs.cast_gradients(*outputs.gradient_accumulators(q, k, v), q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, divergence, heads_each,
-     exclude_self, causal, scale, ref_scale, backend, seqs, max_q_len, max_k_len) = inputs
-    out, _, stats, ref_stats_out, gbar, cbar = output
+     exclude_self, causal, scale, ref_scale, backend, seqs, max_q_len, max_k_len, policy_stats, key_segments,
+     num_segments, no_reference) = inputs
+    out, _, stats, ref_stats_out, gbar, cbar, entropy, mass, cstats = output
     ctx.save_for_backward(q, k, v, q_ref, k_ref, ref_stats if ref_stats is not None else ref_stats_out,
-                          key_padding_mask, row_mask, out if v is not None else None, stats, gbar, cbar, seqs)
-    ctx.flags = (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len)
+                          key_padding_mask, row_mask, out if v is not None else None, stats, gbar, cbar, seqs,
+                          key_segments, entropy, mass, cstats)
+    ctx.flags = (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len,
+                 policy_stats, num_segments, no_reference)
 
 
-def _backward(ctx, dout, ddiv, *unused):
-    q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar, seqs = ctx.saved_tensors
-    divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len = ctx.flags
+def _backward(ctx, dout, ddiv, _stats, _ref_stats_out, _gbar, _cbar, dentropy, dmass, _cstats):
+    (q, k, v, q_ref, k_ref, ref_stats, key_padding_mask, row_mask, out, stats, gbar, cbar, seqs, key_segments,
+     entropy, mass, cstats) = ctx.saved_tensors
+    (divergence, heads_each, exclude_self, causal, scale, ref_scale, backend, max_q_len, max_k_len,
+     policy_stats, num_segments, no_reference) = ctx.flags
+    if no_reference:  # no divergence: w = 0, and the backward never reads the placeholder reference
+        ddiv = None
     dout, w, delta = _backward_inputs(dout, ddiv, out if v is not None else None, stats, gbar, cbar, row_mask,
                                       heads_each)
+    stats_w = None
+    if policy_stats and (dentropy is not None or (num_segments and dmass is not None)):
+        gbar, stats_w, delta = _stats_backward_inputs(w, gbar, delta, dentropy, dmass if num_segments else None,
+                                                      entropy, mass, cstats, stats, row_mask, heads_each,
+                                                      num_segments)
     dq, dk, dv = torch.ops.ral.attention_kl_backward(
         dout, w, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
         key_padding_mask, divergence, heads_each, exclude_self, causal, scale, ref_scale, backend,
-        seqs, max_q_len, max_k_len)
-    return (dq, dk, dv if v is not None else None) + (None,) * 15
+        seqs, max_q_len, max_k_len, key_segments if stats_w is not None else None,
+        num_segments if stats_w is not None else 0, stats_w)
+    return (dq, dk, dv if v is not None else None) + (None,) * 19
+
+
+def _live_rows(stats, row_mask, heads_each):
+    """Rows that carry a divergence and statistics: row_mask True and a non-empty policy support."""
+    lse_support = stats[..., 1] if heads_each else stats[:, 0, :, 1]
+    live = ~torch.isneginf(lse_support)
+    if row_mask is not None:
+        live = live & (row_mask[:, None] if heads_each else row_mask)
+    return live
 
 
 def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, row_mask, heads_each):
@@ -416,10 +558,7 @@ def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, row_mask, heads_each):
     gradients and the forward's outputs (out None when there is no v); row-wise."""
     n_heads = stats.shape[1]
     # w: the upstream gradient of div, 0 on rows that carry no divergence (row_mask False, empty P).
-    lse_support = stats[..., 1] if heads_each else stats[:, 0, :, 1]
-    live = ~torch.isneginf(lse_support)
-    if row_mask is not None:
-        live = live & (row_mask[:, None] if heads_each else row_mask)
+    live = _live_rows(stats, row_mask, heads_each)
     w = ddiv.float() if ddiv is not None else torch.zeros_like(gbar)
     w = torch.where(live, w, torch.zeros_like(w))
     # delta = rowsum(dout * out) + w * c_h / H: the c_h term has the shape of the softmax's Delta.
@@ -431,6 +570,25 @@ def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, row_mask, heads_each):
     if not heads_each:
         delta = delta + w[:, None, :] * cbar / n_heads
     return dout, w.contiguous(), delta.contiguous()
+
+
+def _stats_backward_inputs(w, gbar, delta, dentropy, dmass, entropy, mass, cstats, stats, row_mask, heads_each,
+                           num_segments):
+    """(gbar_total, stats_w, delta) of a backward with policy statistics (docs/design.md, "Attention
+    statistics"): g_j gains w_E (-log pi_j) + w_seg(j), so, being linear in the weights,
+    gbar_total = w gbar + w_E entropy + sum_s w_s mass_s, and ("mean") delta gains
+    (w_E c^E_h + sum_s w_s c^s_h) / H from the forward's cstats. stats_w = [w_E, w_0 ..] per row, 0 on dead rows."""
+    live = _live_rows(stats, row_mask, heads_each)
+    w_e = dentropy.float() if dentropy is not None else torch.zeros_like(w)
+    weights = [w_e[..., None]]
+    if num_segments:
+        weights.append(dmass.float() if dmass is not None else w.new_zeros(w.shape + (num_segments,)))
+    stats_w = torch.where(live[..., None], torch.cat(weights, -1), torch.zeros((), device=w.device))
+    values = torch.cat([entropy[..., None]] + ([mass] if num_segments else []), -1)
+    gbar_total = w * gbar + (stats_w * values).sum(-1)
+    if not heads_each:
+        delta = delta + (stats_w[:, None] * cstats).sum(-1) / stats.shape[1]
+    return gbar_total.contiguous(), stats_w.contiguous(), delta.contiguous()
 
 
 _attention_kl_op.register_autograd(_backward, setup_context=_setup_context)

@@ -27,11 +27,17 @@ class AttentionKL(NamedTuple):
     div:   (B, Sq) for heads="mean", (B, H, Sq) for heads="each"; float32 (float64 from a float64 reference).
     stats: (B, H, Sq, 2) float32: per head, the natural-log LSE of the scores over the attended
            keys and over the policy support (-inf for an empty set).
+    entropy: (B, Sq) "mean" | (B, H, Sq) "each": - sum_P pi log pi of the current policy, or None
+           when no statistics were asked for (docs/design.md, "Attention statistics").
+    mass:  (B, Sq, num_segments) "mean" | (B, H, Sq, num_segments) "each": the policy's mass on
+           each key segment, or None without key_segments.
     """
 
     out: Optional[Tensor]
     div: Tensor
     stats: Tensor
+    entropy: Optional[Tensor] = None
+    mass: Optional[Tensor] = None
 
 
 def key_sets(batch: int, q_len: int, k_len: int, *, causal: bool, exclude_self: bool,
@@ -110,13 +116,29 @@ def divergence_terms(log_pi: Tensor, log_rho: Tensor, divergence: str) -> Tensor
     return 0.5 * pi * (log_pi - log_mid) + 0.5 * rho * (log_rho - log_mid)
 
 
+def policy_statistics(log_pi: Tensor, keep: Tensor, key_segments: Optional[Tensor],
+                      num_segments: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """entropy = - sum_P pi log pi and mass[s] = sum_{P, seg = s} pi from log pi ((B, Sq, Sk) "mean"
+    or (B, H, Sq, Sk) "each", 0 outside P) and `keep` (P, broadcastable): rows with an empty P give 0."""
+    pi = torch.where(keep, torch.exp(log_pi), torch.zeros_like(log_pi))
+    entropy = -(pi * log_pi).sum(-1)
+    if key_segments is None:
+        return entropy, None
+    one_hot = torch.nn.functional.one_hot(key_segments.long(), num_segments).to(pi.dtype)  # (B, Sk, S)
+    return entropy, torch.matmul(pi, one_hot if pi.dim() == 3 else one_hot[:, None])
+
+
 def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
                  ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
                  exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
                  ref_scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
-                 row_mask: Optional[Tensor] = None, q_pos: Optional[int] = None) -> AttentionKL:
+                 row_mask: Optional[Tensor] = None, q_pos: Optional[int] = None, policy_stats: bool = False,
+                 key_segments: Optional[Tensor] = None, num_segments: Optional[int] = None) -> AttentionKL:
     """The whole op, materialised. Shapes as in ``ral.ops.attention_kl``; no input checks here.
-    ``q_pos``: key position of row 0 (default Sk - Sq), as a unit of a sequence table has it."""
+    ``q_pos``: key position of row 0 (default Sk - Sq), as a unit of a sequence table has it.
+    ``policy_stats`` (implied by ``key_segments``): also the entropy (and, with key_segments (B, Sk)
+    ids in [0, num_segments), the segment mass) of the current policy; 0 on rows with row_mask
+    False or an empty support."""
     assert divergence in DIVERGENCES and heads in HEADS_MODES
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, _, q_len, head_dim = q.shape
@@ -143,27 +165,42 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
     keep = support if heads == "mean" else support[:, None]
     terms = divergence_terms(log_pi, log_rho, divergence)
     div = torch.where(keep, terms, torch.zeros_like(terms)).sum(-1)
+    entropy = mass = None
+    if policy_stats or key_segments is not None:
+        entropy, mass = policy_statistics(log_pi, keep, key_segments, num_segments)
     if row_mask is not None:
         row_keep = row_mask.to(torch.bool) if heads == "mean" else row_mask.to(torch.bool)[:, None]
         div = torch.where(row_keep, div, torch.zeros_like(div))
-    return AttentionKL(out, div, stats.detach())
+        if entropy is not None:
+            entropy = torch.where(row_keep, entropy, torch.zeros_like(entropy))
+        if mass is not None:
+            mass = torch.where(row_keep[..., None], mass, torch.zeros_like(mass))
+    return AttentionKL(out, div, stats.detach(), entropy, mass)
 
 
 def attention_kl_units(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
                        seqs: Tensor, ref_stats: Optional[Tensor] = None, row_mask: Optional[Tensor] = None,
-                       key_padding_mask: Optional[Tensor] = None, heads: str = "mean", **options) -> AttentionKL:
+                       key_padding_mask: Optional[Tensor] = None, heads: str = "mean", policy_stats: bool = False,
+                       key_segments: Optional[Tensor] = None, num_segments: Optional[int] = None,
+                       **options) -> AttentionKL:
     """The op over a sequence table (docs/design.md, "Packed sequences"): ``attention_kl`` on each
     unit alone, written into outputs of the dense shapes.
 
     q (B, H, Sq, D), k (B, Hkv, Sk, D), v, q_ref, k_ref, ref_stats, row_mask, key_padding_mask as in
     ``attention_kl``; seqs (N, 8) int rows [batch, q_start, q_len, k_start, k_len, q_pos, 0, 0].
-    Rows no unit covers get out 0, div 0, stats -inf; so do a unit's rows when it has no keys.
+    key_segments (B, Sk) as in ``attention_kl``, addressed like the keys.
+    Rows no unit covers get out 0, div 0, stats -inf (entropy, mass 0); so do a unit's rows when it
+    has no keys.
     """
     batch, n_heads, q_len, _ = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = None if v is None else q.new_zeros((batch, n_heads, q_len, v.shape[-1]))
     div = torch.zeros((batch, n_heads, q_len) if heads == "each" else (batch, q_len), dtype=work, device=q.device)
     stats = torch.full((batch, n_heads, q_len, 2), float("-inf"), dtype=torch.float32, device=q.device)
+    policy_stats = policy_stats or key_segments is not None
+    entropy = torch.zeros_like(div) if policy_stats else None
+    mass = (torch.zeros(div.shape + (num_segments,), dtype=work, device=q.device)
+            if key_segments is not None else None)
     for b, q0, nq, k0, nk, pos in seqs[:, :6].tolist():
         if nq == 0 or nk == 0:
             continue
@@ -173,18 +210,25 @@ def attention_kl_units(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_re
             q_ref=q_ref[b:b + 1, :, rows], k_ref=k_ref[b:b + 1, :, keys], heads=heads, q_pos=pos,
             ref_stats=None if ref_stats is None else ref_stats[b:b + 1, :, rows],
             row_mask=None if row_mask is None else row_mask[b:b + 1, rows],
-            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b:b + 1, keys], **options)
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b:b + 1, keys],
+            policy_stats=policy_stats, key_segments=None if key_segments is None else key_segments[b:b + 1, keys],
+            num_segments=num_segments, **options)
         if v is not None:
             out = _put_rows(out, b, rows, res.out[0])
-        div = _put_rows(div, b, rows, res.div[0])
+        row_axis = 2 if heads == "each" else 1
+        div = _put_rows(div, b, rows, res.div[0], row_axis)
         stats = _put_rows(stats, b, rows, res.stats[0])
-    return AttentionKL(out, div, stats)
+        if entropy is not None:
+            entropy = _put_rows(entropy, b, rows, res.entropy[0], row_axis)
+        if mass is not None:
+            mass = _put_rows(mass, b, rows, res.mass[0], row_axis)
+    return AttentionKL(out, div, stats, entropy, mass)
 
 
-def _put_rows(t: Tensor, b: int, rows: slice, value: Tensor) -> Tensor:
-    """t with t[b, ..., rows, ...] = value, out of place (autograd-friendly). The row axis is axis 1
-    of a (B, Sq) tensor and axis 2 of a (B, H, Sq, ...) tensor."""
-    index = (b, rows) if t.dim() == 2 else (b, slice(None), rows)
+def _put_rows(t: Tensor, b: int, rows: slice, value: Tensor, row_axis: int = 2) -> Tensor:
+    """t with t[b, ..., rows, ...] = value (rows on `row_axis`: 1 for the (B, Sq, ...) outputs of
+    heads="mean", 2 for (B, H, Sq, ...)), out of place (autograd-friendly)."""
+    index = (b, rows) if row_axis == 1 else (b, slice(None), rows)
     t = t.clone()
     t[index] = value.to(t.dtype)
     return t

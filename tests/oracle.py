@@ -23,6 +23,7 @@ FACTOR = 2.0
 # absolute floor, relative to max|reference|, for when PyTorch's own error is ~0
 FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 NAMES = ("out", "div", "stats", "dq", "dk", "dv")
+STATS_NAMES = NAMES + ("entropy", "mass")  # with key segments (docs/design.md, "Attention statistics")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Problem:
     with_ref_stats: bool = False         # pass the reference's stats as ref_stats
     seed: int = 0
     options: dict = field(default_factory=dict)  # divergence, heads, exclude_self, causal, scale...
+    segments: int = 0                    # > 0: random key_segments with num_segments = segments
 
     def make(self, device="cpu") -> dict:
         """Keyword arguments for attention_kl, in float64 on `device` (cast with `cast`)."""
@@ -73,6 +75,9 @@ class Problem:
             kw["key_padding_mask"] = mask.to(device)
         if self.row_mask:
             kw["row_mask"] = (torch.rand(self.batch, self.q_len, generator=gen) > 0.3).to(device)
+        if self.segments:
+            kw["key_segments"] = torch.randint(0, self.segments, (self.batch, self.k_len), generator=gen).to(device)
+            kw["num_segments"] = self.segments
         opts = dict(self.options)
         if self.with_ref_stats:
             ref_kw = {key: kw[key] for key in ("key_padding_mask",) if key in kw}
@@ -92,7 +97,7 @@ def cast(kw: dict, dtype: torch.dtype, device=None) -> dict:
     for key in ("q", "k", "v", "q_ref", "k_ref"):
         if out.get(key) is not None:
             out[key] = out[key].to(device=device or out[key].device, dtype=dtype)
-    for key in ("key_padding_mask", "row_mask", "ref_stats", "cu_seqlens_q", "cu_seqlens_k"):
+    for key in ("key_padding_mask", "row_mask", "ref_stats", "cu_seqlens_q", "cu_seqlens_k", "key_segments"):
         if out.get(key) is not None and device is not None:
             out[key] = out[key].to(device)
     return out
@@ -111,23 +116,45 @@ def upstream(kw: dict, seed: int = 1):
     return dout, ddiv
 
 
-def run(kw: dict, backend: str, dout=None, ddiv=None, op=None) -> dict:
-    """Forward + backward of attention_kl (or `op`, e.g. ral.ops.attention_kl_varlen). Returns float64
-    CPU copies of out, div, stats, dq, dk, dv."""
+def stats_upstream(kw: dict, seed: int = 2):
+    """Random upstream gradients (dentropy, dmass) of the policy statistics for the call `kw` (dense
+    (B, H, Sq, D) or packed (T, H, D) q), float64 on CPU; dmass None without key_segments."""
+    gen = torch.Generator().manual_seed(seed)
+    q = kw["q"]
+    each = kw.get("heads", "mean") == "each"
+    if q.dim() == 4:
+        shape = (q.shape[0], q.shape[1], q.shape[2]) if each else (q.shape[0], q.shape[2])
+    else:
+        shape = (q.shape[0], q.shape[1]) if each else (q.shape[0],)
+    dentropy = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    dmass = (torch.randn(*shape, kw["num_segments"], generator=gen, dtype=torch.float64)
+             if kw.get("key_segments") is not None else None)
+    return dentropy, dmass
+
+
+def run(kw: dict, backend: str, dout=None, ddiv=None, op=None, dstats=None) -> dict:
+    """Forward + backward of attention_kl (or `op`, e.g. ral.ops.attention_kl_varlen or
+    ral.ops.attention_stats). Returns float64 CPU copies of out, div, stats, dq, dk, dv, and entropy and
+    mass when the result has them; dstats = (dentropy, dmass) weights them in the loss."""
     kw = dict(kw)
     for key in ("q", "k", "v"):
         if kw.get(key) is not None:
             kw[key] = kw[key].detach().clone().requires_grad_(True)
     res = (op or ral.attention_kl)(backend=backend, **kw)
+    div, entropy, mass = (getattr(res, name, None) for name in ("div", "entropy", "mass"))
     loss = 0
     if dout is not None and res.out is not None:
         loss = loss + (res.out.double() * dout.to(res.out.device)).sum()
-    if ddiv is not None:
-        loss = loss + (res.div.double() * ddiv.to(res.div.device)).sum()
+    if ddiv is not None and div is not None:
+        loss = loss + (div.double() * ddiv.to(div.device)).sum()
+    if dstats is not None:
+        for t, w in zip((entropy, mass), dstats):
+            if t is not None and w is not None:
+                loss = loss + (t.double() * w.to(t.device)).sum()
     loss.backward()
     grads = {name: (kw[key].grad if kw.get(key) is not None else None)
              for name, key in (("dq", "q"), ("dk", "k"), ("dv", "v"))}
-    got = dict(out=res.out, div=res.div, stats=res.stats, **grads)
+    got = dict(out=res.out, div=div, stats=res.stats, entropy=entropy, mass=mass, **grads)
     return {name: (None if t is None else t.detach().double().cpu()) for name, t in got.items()}
 
 
@@ -142,9 +169,10 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
     """Assert the accuracy rule for `backend` on `problem`; returns the errors for reporting."""
     base = problem.make()
     dout, ddiv = upstream(base)
-    want = run(base, "reference", dout, ddiv)                              # float64 oracle
-    torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv)   # PyTorch in the same dtype
-    got = run(cast(base, problem.dtype, device), backend, dout, ddiv)
+    dstats = stats_upstream(base) if base.get("key_segments") is not None else None
+    want = run(base, "reference", dout, ddiv, dstats=dstats)                              # float64 oracle
+    torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv, dstats=dstats)   # PyTorch in the same dtype
+    got = run(cast(base, problem.dtype, device), backend, dout, ddiv, dstats=dstats)
     return compare(want, torch_same, got, problem.dtype, names, factor, f"{backend} for {problem}")
 
 
@@ -191,6 +219,7 @@ class PackedProblem:
     with_ref_stats: bool = False
     seed: int = 0
     options: dict = field(default_factory=dict)
+    segments: int = 0                    # > 0: random packed key_segments (Tk,) with num_segments
 
     def make(self, device="cpu") -> dict:
         """Keyword arguments for attention_kl_varlen in float64 (cast the floats with `cast`)."""
@@ -215,6 +244,9 @@ class PackedProblem:
                   max_seqlen_q=max(self.q_lens), max_seqlen_k=max(k_lens))
         if self.row_mask:
             kw["row_mask"] = (torch.rand(tq, generator=gen) > 0.3).to(device)
+        if self.segments:
+            kw["key_segments"] = torch.randint(0, self.segments, (tk,), generator=gen).to(device)
+            kw["num_segments"] = self.segments
         opts = dict(self.options)
         if self.with_ref_stats:
             ref_kw = {key: opts[key] for key in ("exclude_self", "causal") if key in opts}
@@ -241,10 +273,11 @@ def check_packed(problem: PackedProblem, backend: str, device="cpu", names=NAMES
     """The accuracy rule for attention_kl_varlen on `backend` against the float64 oracle."""
     base = problem.make()
     dout, ddiv = packed_upstream(base)
+    dstats = stats_upstream(base) if base.get("key_segments") is not None else None
     op = ral.ops.attention_kl_varlen
-    want = run(base, "reference", dout, ddiv, op=op)
-    torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv, op=op)
-    got = run(cast(base, problem.dtype, device), backend, dout, ddiv, op=op)
+    want = run(base, "reference", dout, ddiv, op=op, dstats=dstats)
+    torch_same = run(cast(base, problem.dtype), "reference", dout, ddiv, op=op, dstats=dstats)
+    got = run(cast(base, problem.dtype, device), backend, dout, ddiv, op=op, dstats=dstats)
     return compare(want, torch_same, got, problem.dtype, names, factor, f"{backend} for {problem}")
 
 

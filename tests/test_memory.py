@@ -49,6 +49,11 @@ elif what == "varlen":  # the same S rows packed as two sequences (S/4 and 3S/4)
     res = ral.ops.attention_kl_varlen(*packed[:3], q_ref=packed[3], k_ref=packed[4], cu_seqlens_q=cu,
                                       cu_seqlens_k=cu, max_seqlen_q=S, max_seqlen_k=S, backend="cpu")
     (res.div.sum() + res.out.sum()).backward()
+elif what == "stats":  # with the policy statistics: entropy and the mass on 8 key segments
+    segments = torch.arange(S) % 8
+    res = ral.attention_kl(q, k, v, q_ref=q_ref, k_ref=k_ref, key_segments=segments[None], num_segments=8,
+                           backend="cpu")
+    (res.div.sum() + res.out.sum() + res.entropy.sum() + res.mass[..., 3].sum()).backward()
 else:  # control: one materialised S x S score matrix
     scores = q.detach()[0, 0] @ k.detach()[0, 0].T
     del scores

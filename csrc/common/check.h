@@ -52,6 +52,14 @@ inline void check_params(const AttentionKLParams& p, bool backward) {
     require(p.max_q_len > 0 && p.max_q_len <= p.q_len && p.max_k_len > 0 && p.max_k_len <= p.k_len,
             "a sequence table needs 0 < max_q_len <= Sq and 0 < max_k_len <= Sk");
   }
+  require(p.num_segments >= 0 && p.num_segments <= 8, "num_segments must be in 0..8, got " + std::to_string(p.num_segments));
+  require(p.policy_stats || p.num_segments == 0, "num_segments > 0 needs policy_stats");
+  require(!p.no_reference || (p.policy_stats && p.has_ref_stats), "no_reference needs policy_stats and ref_stats");
+  require(p.num_segments == 0 || p.key_segments.ptr, "key_segments needs an address when num_segments > 0");
+  if (p.policy_stats && !backward)
+    require(p.entropy && (p.num_segments == 0 || p.mass) && (p.heads_each || p.cstats),
+            "policy_stats needs entropy, mass (with segments) and cstats (\"mean\") addresses");
+  if (p.policy_stats && backward) require(p.stats_w, "policy_stats needs stats_w in the backward");
   if (backward) {
     require(p.ddiv && p.delta && p.dq && p.dk, "ddiv, delta, dq and dk need addresses");
     require(!p.has_v || (p.dout && p.dv), "dout and dv need addresses when v is given");

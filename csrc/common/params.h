@@ -101,6 +101,26 @@ struct AttentionKLParams {
   uintptr_t dv = 0;              // (B,Hkv,Sk,Dv) fp32, zero-filled by Python, when has_v
   uintptr_t scratch = 0;         // backend-specific bounded scratch (documented by the backend)
   int64_t scratch_bytes = 0;
+  // ---- statistics of the current policy (docs/design.md, "Attention statistics") ------------
+  // Forward, when policy_stats: per live row entropy = -sum_P pi log pi and, when num_segments > 0,
+  // mass[s] = sum_{P, seg(j) = s} pi_j; for "mean" also, per head, cstats[h] = the c_h of
+  // docs/design.md, "Gradient" for g_j = -log pi_j (column 0) and g_j = [seg(j) = s] (column 1 + s):
+  // (u_h - stat * Z_h) / Z, u_h = sum_P a_hj g_j. Dead rows (row_mask False, empty P) get 0.
+  // Backward, when policy_stats: stats_w holds per row [w_E, w_0 .. w_{S-1}] (0 on dead rows) and
+  // gbar holds gbar_total = w gbar + w_E entropy + sum_s w_s mass_s; the kernel forms
+  //   g_total_j = w g_j + w_E (-log pi_j) + w_seg(j),  dS_div from (g_total - gbar_total) with weight 1
+  // (the w of ddiv is already inside g_total), and the row's term is live when any weight is nonzero.
+  bool policy_stats = false;
+  int32_t num_segments = 0;      // S, 0..8 (0: entropy only)
+  View key_segments;             // (B,Sk) int32 ids in [0, S), when num_segments > 0 (stride[0], stride[1])
+  uintptr_t entropy = 0;         // (B,Sq) "mean" | (B,H,Sq) "each", fp32
+  uintptr_t mass = 0;            // (B,Sq,S) "mean" | (B,H,Sq,S) "each", fp32, when num_segments > 0
+  uintptr_t cstats = 0;          // (B,H,Sq,1+S) fp32, "mean"
+  uintptr_t stats_w = 0;         // backward: (B,Sq,1+S) "mean" | (B,H,Sq,1+S) "each", fp32
+  // Forward, with policy_stats: no reference model (ral.ops.attention_stats). q_ref / k_ref /
+  // ref_stats_in are placeholders that are never swept; div, gbar and cbar are written 0, and
+  // the backward gets w = 0 (so it never reads the reference either).
+  bool no_reference = false;
 };
 
 }  // namespace ral

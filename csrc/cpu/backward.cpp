@@ -8,6 +8,9 @@
 //   T   = (a / H) (g - gbar) / Z   ("mean"),   pi_h (g_h - gbar_h)   ("each"),
 // skipping T (select) on rows with w == 0; then dq += scale dS k, dk += dS^T (scale q),
 // dv += a^T dout. The reference's scores are only recomputed for blocks with a row of w != 0.
+// With policy_stats (params.h), w T uses g_total = w g + w_E (-log pi) + w_seg and gbar_total in
+// place of w g and w gbar; a row's term is live when any of its weights is nonzero, and g (so the
+// reference) is only evaluated on rows with w != 0.
 //
 // Scratch (Python-allocated, backward_scratch_bytes): per thread, fp32 dK and dV partial sums
 // over a window of L consecutive keys of one batch element, (Hkv, L, Dp) + (Hkv, L, Dvp) floats
@@ -40,6 +43,7 @@ class Backward {
         bm_(geo_.block_m),
         heads_(p.heads),
         ref_heads_(p.ref_heads),
+        nstat_(p.policy_stats ? 1 + p.num_segments : 0),
         batch_locks_(batch_locks),
         window_(max_unit_keys(p)),
         dk_partial_(partial),
@@ -57,6 +61,7 @@ class Backward {
         ds_(heads_ * bm_ * kBlockN),
         dq_(heads_ * bm_ * geo_.dp),
         row_(bm_ * (6 * heads_ + 2 * ref_heads_ + 2)),
+        stats_w_(heads_ * bm_ * nstat_),
         w_live_(heads_ * bm_) {
     std::memset(partial, 0, sizeof(float) * partial_floats(p, geo_));
   }
@@ -157,13 +162,24 @@ class Backward {
         ref_lse_a()[h * bm_ + r] = src[0];
         ref_lse_p()[h * bm_ + r] = src[ref.stride[3]];
       }
-    // rows whose divergence term is live: w != 0 (Python already zeroed w on dead rows)
-    need_div_ = false;
+    // rows whose divergence term is live: w != 0 (Python already zeroed w on dead rows), or,
+    // with policy statistics, any of their weights; the reference is needed where w != 0
+    if (nstat_) {
+      const float* sw = reinterpret_cast<const float*>(p_.stats_w);
+      for (int64_t h = 0; h < n_each; ++h)
+        for (int64_t r = 0; r < qb.rows; ++r)
+          for (int64_t t = 0; t < nstat_; ++t)
+            stats_w_[(h * bm_ + r) * nstat_ + t] = sw[((qb.b * n_each + h) * p_.q_len + qb.start + r) * nstat_ + t];
+    }
+    need_div_ = need_ref_ = false;
     for (int64_t h = 0; h < n_each; ++h)
       for (int64_t r = 0; r < bm_; ++r) {
-        const bool live = r < qb.rows && w()[h * bm_ + r] != 0.f;
+        const bool has_w = r < qb.rows && w()[h * bm_ + r] != 0.f;
+        bool live = has_w;
+        for (int64_t t = 0; t < nstat_ && r < qb.rows; ++t) live = live || stats_w_[(h * bm_ + r) * nstat_ + t] != 0.f;
         w_live_[h * bm_ + r] = live;
         need_div_ = need_div_ || live;
+        need_ref_ = need_ref_ || has_w;
       }
     if (!p_.heads_each)
       for (int64_t r = 0; r < qb.rows; ++r)
@@ -172,7 +188,7 @@ class Backward {
           log_z_ref()[r] = log_support_mass(ref_lse_a() + r, ref_lse_p() + r, ref_heads_, bm_,
                                             geo_.log_ref_heads);
         }
-    if (need_div_)
+    if (need_ref_)
       for (int64_t h = 0; h < ref_heads_; ++h)
         load_tile(p_.q_ref, p_.ref_dtype, qb.b, h, qb.start, bm_, qb.rows, p_.ref_head_dim, p_.ref_scale,
                   q_ref_ + h * bm_ * geo_.drp, geo_.drp);
@@ -206,7 +222,7 @@ class Backward {
       else
         std::fill(ds_ + h * plane, ds_ + h * plane + qb.rows * kBlockN, 0.f);
     }
-    if (need_div_) {
+    if (need_ref_) {
       for (int64_t h = 0; h < p_.ref_kv_heads; ++h) {
         load_tile(p_.k_ref, p_.ref_dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.ref_head_dim, 1.f, rows_tmp_,
                   geo_.drp);
@@ -219,10 +235,17 @@ class Backward {
     }
 
     // s_ <- a, ds_ <- dS
-    if (p_.heads_each)
-      grad_tile_each(qb, full);
-    else
-      grad_tile_mean(qb, full);
+    if (p_.heads_each) {
+      if (nstat_)
+        grad_tile_each<true>(qb, full);
+      else
+        grad_tile_each<false>(qb, full);
+    } else {
+      if (nstat_)
+        grad_tile_mean<true>(qb, full);
+      else
+        grad_tile_mean<false>(qb, full);
+    }
 
     const int64_t group_rows = geo_.group * bm_;  // the query heads of a kv head, stacked
     const int64_t key_row = kb_.abs - base_;      // the block's first key in the partials' window
@@ -244,6 +267,7 @@ class Backward {
   // heads="mean". With x_h = s_h - lse_A_h and e_h = exp(x_h - max_h x):
   //   a_h = e_h exp(max x),  log pi = max x + log sum_h e_h - log H - log Z,
   //   w T_h = e_h * w exp(max x - log H - log Z) (g - gbar)   (the factor is <= pi, never overflows).
+  template <bool kStats>
   void grad_tile_mean(const QueryBlock& qb, bool full) {
     const int64_t plane = bm_ * kBlockN;
     for (int64_t r = 0; r < qb.rows; ++r) {
@@ -265,6 +289,7 @@ class Backward {
       }
       const float log_norm = geo_.log_heads + log_z()[r], log_norm_ref = geo_.log_ref_heads + log_z_ref()[r];
       const float w_row = w()[r], gbar_row = gbar()[r];
+      const bool with_g = !kStats || w_row != 0.f;
       for (int64_t c = 0; c < kBlockN; c += kLanes) {
         vfloat x_max = vbroadcast(-kInf);
         for (int64_t h = 0; h < heads_; ++h) {
@@ -279,16 +304,22 @@ class Backward {
           e_sum += e;
         }
         const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
-        const float* sr = s_ref_ + r * kBlockN + c;
-        vfloat xr_max = vbroadcast(-kInf);
-        for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a()[h * bm_ + r]);
-        vfloat er_sum{};
-        for (int64_t h = 0; h < ref_heads_; ++h)
-          er_sum += vexp(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
-        const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
-
-        const vfloat g = vdivergence_grad(p_.divergence, log_pi, log_rho);
-        const vfloat coef = w_row * vexp(x_max - log_norm) * (g - gbar_row);
+        vfloat g{};
+        if (with_g) {
+          const float* sr = s_ref_ + r * kBlockN + c;
+          vfloat xr_max = vbroadcast(-kInf);
+          for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a()[h * bm_ + r]);
+          vfloat er_sum{};
+          for (int64_t h = 0; h < ref_heads_; ++h)
+            er_sum += vexp(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
+          const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
+          g = vdivergence_grad(p_.divergence, log_pi, log_rho);
+        }
+        vfloat coef;
+        if constexpr (kStats)
+          coef = vexp(x_max - log_norm) * (total_g(r, c, w_row, g, log_pi, with_g) - gbar_row);
+        else
+          coef = w_row * vexp(x_max - log_norm) * (g - gbar_row);
         const vfloat a_scale = vexp(x_max);
         LaneMasks mask{};
         if (!full) mask = lane_masks(p_, kb_, c, pos, true);
@@ -307,7 +338,25 @@ class Backward {
     }
   }
 
+  // g_total = w g + w_E (-log pi) + w_seg of lanes [c, c + kLanes), from the stats_w of row i
+  // (index h * BM + r); the w g part only when with_g.
+  vfloat total_g(int64_t i, int64_t c, float w_row, vfloat g, vfloat log_pi, bool with_g) const {
+    const float* sw = stats_w_ + i * nstat_;
+    vfloat total = sw[0] * -log_pi;
+    if (with_g) total += w_row * g;
+    if (nstat_ > 1) {
+      vmask seg;
+      memcpy(&seg, kb_.seg + c, sizeof(seg));
+      vfloat w_seg{};
+      for (int64_t s = 0; s + 1 < nstat_; ++s)
+        w_seg = vselect(seg == (vmask{} + static_cast<int32_t>(s)), vbroadcast(sw[1 + s]), w_seg);
+      total += w_seg;
+    }
+    return total;
+  }
+
   // heads="each": w T = w pi (g - gbar_h) with log pi = s - lse_P, log rho = s_ref - lse_P_ref.
+  template <bool kStats>
   void grad_tile_each(const QueryBlock& qb, bool full) {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
@@ -324,8 +373,17 @@ class Backward {
           if (!full) a = vselect(mask.attended, a, vfloat{});
           vfloat ds = a * (vload(ds_row + c) - delta()[i]);
           if (live) {
-            const vfloat log_pi = s - lse_p()[i], log_rho = vload(sr_row + c) - ref_lse_p()[i];
-            vfloat term = w()[i] * vexp(log_pi) * (vdivergence_grad(p_.divergence, log_pi, log_rho) - gbar()[i]);
+            const vfloat log_pi = s - lse_p()[i];
+            vfloat term;
+            if constexpr (kStats) {
+              const bool with_g = w()[i] != 0.f;
+              const vfloat g = with_g ? vdivergence_grad(p_.divergence, log_pi, vload(sr_row + c) - ref_lse_p()[i])
+                                      : vfloat{};
+              term = vexp(log_pi) * (total_g(i, c, w()[i], g, log_pi, with_g) - gbar()[i]);
+            } else {
+              const vfloat log_rho = vload(sr_row + c) - ref_lse_p()[i];
+              term = w()[i] * vexp(log_pi) * (vdivergence_grad(p_.divergence, log_pi, log_rho) - gbar()[i]);
+            }
             if (!full) term = vselect(mask.support, term, vfloat{});
             ds += term;
           }
@@ -339,6 +397,7 @@ class Backward {
   const Geometry& geo_;
   const int64_t bm_;  // query rows per work item
   const int64_t heads_, ref_heads_;
+  const int64_t nstat_;        // 1 + S with policy_stats, else 0
   std::vector<std::mutex>& batch_locks_;
   const int64_t window_;       // L: keys the partials hold (Sk dense, max_k_len with a table)
   float* dk_partial_;          // (Hkv, L, Dp), in the scratch
@@ -349,8 +408,10 @@ class Backward {
   Floats s_, s_ref_, ds_;      // (H | Hr, BM, kBlockN): scores, then a; dP, then dS
   Floats dq_;                  // (H, BM, Dp) unscaled dq accumulator
   Floats row_;                 // per-row scalars (see the accessors)
-  std::vector<char> w_live_;   // (heads, BM): the row's divergence term is live
-  bool need_div_ = false;
+  Floats stats_w_;             // (heads | 1, BM, 1 + S): [w_E, w_0 ..] per row, with policy_stats
+  std::vector<char> w_live_;   // (heads, BM): the row's divergence (or statistics) term is live
+  bool need_div_ = false;      // some row's term is live
+  bool need_ref_ = false;      // some row has w != 0: the reference's scores are needed
   // the partials hold keys [base_, base_ + window_) of batch_, nonzero in [touched_begin_, touched_end_)
   int64_t batch_ = -1, base_ = 0;
   int64_t touched_begin_ = std::numeric_limits<int64_t>::max(), touched_end_ = 0;

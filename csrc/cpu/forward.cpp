@@ -6,9 +6,11 @@
 //          row added with its own weight, so lse_P never comes from 1 - a_self); the same for
 //          the reference heads unless ref_stats is given;
 //   pass 2 over key blocks: recompute the scores of both models, log pi and log rho in log
-//          space, and accumulate div = sum_P f, gbar = sum_P pi g and c_h.
+//          space, and accumulate div = sum_P f, gbar = sum_P pi g and c_h; with policy_stats
+//          also the entropy, the segment masses and their per-head u sums (params.h).
 // Memory: per thread O(H * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
-// tiles (and, with a key_padding_mask, one count per key of the unit); nothing grows with Sq x Sk.
+// tiles, plus (H + 1) * BM * (1 + S) * kLanes accumulators with policy_stats (and, with a
+// key_padding_mask, one count per key of the unit); nothing grows with Sq x Sk.
 #include <cmath>
 #include <vector>
 
@@ -87,6 +89,7 @@ class Forward {
         bm_(geo_.block_m),
         heads_(p.heads),
         ref_heads_(p.ref_heads),
+        nstat_(p.policy_stats ? 1 + p.num_segments : 0),
         q_(heads_ * bm_ * geo_.dp),
         q_ref_(ref_heads_ * bm_ * geo_.drp),
         k_rows_(kBlockN * std::max({geo_.dp, geo_.drp})),
@@ -103,6 +106,7 @@ class Forward {
         ref_lse_(2 * ref_heads_ * bm_),
         row_(2 * bm_),
         acc_(bm_ * (2 * heads_ + 2) * kLanes),
+        sacc_(bm_ * (heads_ + 1) * nstat_ * kLanes),
         live_(bm_) {}
 
   void run(const QueryBlock& qb) {
@@ -157,7 +161,7 @@ class Forward {
 
   // ---- pass 1: lse_A, lse_P (both models) and out -------------------------------------------
   void pass_statistics(const QueryBlock& qb) {
-    const bool need_ref = !p_.has_ref_stats;
+    const bool need_ref = !p_.has_ref_stats && !p_.no_reference;
     const int64_t n = heads_ * bm_, n_ref = ref_heads_ * bm_;
     SoftmaxState st{state_, state_ + n, state_ + 2 * n};
     SoftmaxState ref{ref_state_, ref_state_ + n_ref, ref_state_ + 2 * n_ref};
@@ -262,6 +266,7 @@ class Forward {
     float* gbar_acc = acc_ + acc_rows * bm_ * kLanes;  // (acc_rows, BM, kLanes)
     float* u_acc = gbar_acc + acc_rows * bm_ * kLanes;  // (BM, heads, kLanes), "mean"
     std::fill(acc_.get(), acc_ + bm_ * (2 * heads_ + 2) * kLanes, 0.f);
+    if (nstat_) std::fill(sacc_.get(), sacc_ + bm_ * (heads_ + 1) * nstat_ * kLanes, 0.f);
 
     if (any_live) {
       const int64_t key_end = qb.key_end(p_);
@@ -270,21 +275,62 @@ class Forward {
         if (!kb_.any_valid) continue;
         const bool full = tile_is_full(p_, qb, kb_);
         load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+        if (p_.no_reference) {  // statistics only: no reference scores, no divergence
+          if (p_.heads_each)
+            divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
+          else
+            divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+          continue;
+        }
         load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
                              k_ref_t_);
-        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
         scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
-        if (p_.heads_each)
-          divergence_tile_each(qb, full, div_acc, gbar_acc);
-        else
-          divergence_tile_mean(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+        if (p_.heads_each) {
+          if (nstat_)
+            divergence_tile_each<true>(qb, full, div_acc, gbar_acc);
+          else
+            divergence_tile_each<false>(qb, full, div_acc, gbar_acc);
+        } else {
+          if (nstat_)
+            divergence_tile_mean<true>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+          else
+            divergence_tile_mean<false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+        }
       }
     }
     write_divergence(qb, log_z, div_acc, gbar_acc, u_acc);
+    if (nstat_) write_policy_stats(qb, log_z);
+  }
+
+  // Statistics accumulators (kLanes floats each): "mean": per row [entropy, mass_0 ..] at
+  // row_stats(r), then per row and head [u^E_h / Z, u^s_h / Z ..] at head_stats(r, h);
+  // "each": per head and row [entropy, mass_0 ..] at row_stats(h * BM + r).
+  float* row_stats(int64_t i) { return sacc_ + i * nstat_ * kLanes; }
+  float* head_stats(int64_t r, int64_t h) { return sacc_ + (bm_ + r * heads_ + h) * nstat_ * kLanes; }
+
+  // Adds pi's entropy term and segment masses of lanes [c, c + kLanes) into acc (entropy, mass_0 ..).
+  void accumulate_policy_stats(float* acc, vfloat log_pi, vfloat pi, bool full, vmask support, int64_t c) {
+    vfloat ent = -(pi * log_pi);
+    if (!full) {
+      ent = vselect(support, ent, vfloat{});
+      pi = vselect(support, pi, vfloat{});
+    }
+    vstore(acc, vload(acc) + ent);
+    if (nstat_ > 1) {
+      vmask seg;
+      memcpy(&seg, kb_.seg + c, sizeof(seg));
+      for (int64_t s = 0; s + 1 < nstat_; ++s) {
+        float* m = acc + (1 + s) * kLanes;
+        vstore(m, vload(m) + vselect(seg == (vmask{} + static_cast<int32_t>(s)), pi, vfloat{}));
+      }
+    }
   }
 
   // heads="mean": log pi_j = logsumexp_h(s_hj - lse_A_h) - log H - log Z (likewise log rho);
-  // accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j per row.
+  // accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j per row (and, kStats, the statistics;
+  // without kDiv only those: no reference, div and gbar stay 0).
+  template <bool kStats, bool kDiv = true>
   void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
                             float* div_acc, float* gbar_acc, float* u_acc) {
     const int64_t plane = bm_ * kBlockN;
@@ -309,31 +355,55 @@ class Forward {
           e_sum += e;
         }
         const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
-        // reference model
-        const float* sr = s_ref_ + r * kBlockN + c;
-        vfloat xr_max = vbroadcast(-kInf);
-        for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a(h)[r]);
-        vfloat er_sum{};
-        for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(sr + h * plane) - ref_lse_a(h)[r] - xr_max);
-        const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
-
-        const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
         // a_hj / Z = e_h * exp(x_max - log Z): the factor is at most H * pi_j, never overflows
-        vfloat g_scaled = t.g * vexp(x_max - log_z[r]);
-        vfloat f = t.f, pi_g = t.pi * t.g;
+        const vfloat a_over_z = vexp(x_max - log_z[r]);
         vmask support{};
-        if (!full) {
-          support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
-          f = vselect(support, f, vfloat{});
-          pi_g = vselect(support, pi_g, vfloat{});
-          g_scaled = vselect(support, g_scaled, vfloat{});
+        if (!full) support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
+        vfloat pi;
+        if constexpr (kDiv) {
+          // reference model
+          const float* sr = s_ref_ + r * kBlockN + c;
+          vfloat xr_max = vbroadcast(-kInf);
+          for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a(h)[r]);
+          vfloat er_sum{};
+          for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(sr + h * plane) - ref_lse_a(h)[r] - xr_max);
+          const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
+
+          const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
+          vfloat g_scaled = t.g * a_over_z;
+          vfloat f = t.f, pi_g = t.pi * t.g;
+          if (!full) {
+            f = vselect(support, f, vfloat{});
+            pi_g = vselect(support, pi_g, vfloat{});
+            g_scaled = vselect(support, g_scaled, vfloat{});
+          }
+          div_sum += f;
+          gbar_sum += pi_g;
+          for (int64_t h = 0; h < heads_; ++h) {
+            vfloat term = vload(s + h * plane) * g_scaled;
+            if (!full) term = vselect(support, term, vfloat{});  // e_h is NaN outside A
+            vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
+          }
+          pi = t.pi;
+        } else {
+          pi = vexp(log_pi);
         }
-        div_sum += f;
-        gbar_sum += pi_g;
-        for (int64_t h = 0; h < heads_; ++h) {
-          vfloat term = vload(s + h * plane) * g_scaled;
-          if (!full) term = vselect(support, term, vfloat{});  // e_h is NaN outside A
-          vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
+        if constexpr (kStats) {
+          accumulate_policy_stats(row_stats(r), log_pi, pi, full, support, c);
+          // per head: u^E_h / Z += (a_hj / Z) (-log pi_j), u^s_h / Z += (a_hj / Z) [seg(j) = s]
+          const vfloat neg_log_pi = -log_pi;
+          vmask seg{};
+          if (nstat_ > 1) memcpy(&seg, kb_.seg + c, sizeof(seg));
+          for (int64_t h = 0; h < heads_; ++h) {
+            vfloat a = vload(s + h * plane) * a_over_z;
+            if (!full) a = vselect(support, a, vfloat{});
+            float* u = head_stats(r, h);
+            vstore(u, vload(u) + a * neg_log_pi);
+            for (int64_t k = 0; k + 1 < nstat_; ++k) {
+              float* m = u + (1 + k) * kLanes;
+              vstore(m, vload(m) + vselect(seg == (vmask{} + static_cast<int32_t>(k)), a, vfloat{}));
+            }
+          }
         }
       }
       vstore(div_acc + r * kLanes, div_sum);
@@ -342,6 +412,7 @@ class Forward {
   }
 
   // heads="each": log pi = s - lse_P, log rho = s_ref - lse_P_ref, per head.
+  template <bool kStats, bool kDiv = true>
   void divergence_tile_each(const QueryBlock& qb, bool full, float* div_acc, float* gbar_acc) {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
@@ -351,14 +422,20 @@ class Forward {
         const float* s = s_ + i * kBlockN;
         const float* sr = s_ref_ + i * kBlockN;
         for (int64_t c = 0; c < kBlockN; c += kLanes) {
-          const VDivergenceTerm t =
-              vdivergence_term(p_.divergence, vload(s + c) - lse_p(h)[r], vload(sr + c) - ref_lse_p(h)[r]);
+          const vfloat log_pi = vload(s + c) - lse_p(h)[r];
+          vmask support{};
+          if (!full) support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
+          if constexpr (!kDiv) {
+            accumulate_policy_stats(row_stats(i), log_pi, vexp(log_pi), full, support, c);
+            continue;
+          }
+          const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, vload(sr + c) - ref_lse_p(h)[r]);
           vfloat f = t.f, pi_g = t.pi * t.g;
           if (!full) {
-            const vmask support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
             f = vselect(support, f, vfloat{});
             pi_g = vselect(support, pi_g, vfloat{});
           }
+          if constexpr (kStats) accumulate_policy_stats(row_stats(i), log_pi, t.pi, full, support, c);
           div_sum += f;
           gbar_sum += pi_g;
         }
@@ -395,10 +472,40 @@ class Forward {
     }
   }
 
+  // Writes entropy, mass and ("mean") cstats of qb's rows; 0 on dead rows.
+  void write_policy_stats(const QueryBlock& qb, const float* log_z) {
+    float* entropy = reinterpret_cast<float*>(p_.entropy);
+    float* mass = reinterpret_cast<float*>(p_.mass);
+    float* cstats = reinterpret_cast<float*>(p_.cstats);
+    const int64_t n_seg = nstat_ - 1;
+    float value[9];
+    for (int64_t r = 0; r < qb.rows; ++r) {
+      const int64_t i = qb.start + r;
+      const bool live = live_[r];
+      const int64_t n_each = p_.heads_each ? heads_ : 1;
+      for (int64_t h = 0; h < n_each; ++h) {
+        const float* acc = row_stats(p_.heads_each ? h * bm_ + r : r);
+        for (int64_t t = 0; t < nstat_; ++t) value[t] = live ? hsum(vload(acc + t * kLanes)) : 0.f;
+        const int64_t out = (qb.b * n_each + h) * p_.q_len + i;
+        entropy[out] = value[0];
+        for (int64_t s = 0; s < n_seg; ++s) mass[out * n_seg + s] = value[1 + s];
+      }
+      if (p_.heads_each) continue;
+      // c_h = u_h / Z - stat * Z_h / Z, as for the divergence's cbar
+      for (int64_t h = 0; h < heads_; ++h) {
+        const float z_ratio = live ? std::exp(lse_p(h)[r] - lse_a(h)[r] - log_z[r]) : 0.f;
+        const float* u = head_stats(r, h);
+        float* dst = cstats + ((qb.b * heads_ + h) * p_.q_len + i) * nstat_;
+        for (int64_t t = 0; t < nstat_; ++t) dst[t] = live ? hsum(vload(u + t * kLanes)) - value[t] * z_ratio : 0.f;
+      }
+    }
+  }
+
   const AttentionKLParams& p_;
   const Geometry& geo_;
   const int64_t bm_;  // query rows per work item
   const int64_t heads_, ref_heads_;
+  const int64_t nstat_;       // 1 + S with policy_stats (entropy, S masses), else 0
   Floats q_, q_ref_;          // (H, BM, Dp), (Hr, BM, Drp): scaled queries
   Floats k_rows_;             // (kBlockN, max(Dp, Drp)): a key tile before transposition
   Floats k_t_, k_ref_t_;      // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
@@ -409,6 +516,7 @@ class Forward {
   Floats lse_, ref_lse_;      // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
   Floats row_;                // (2, BM): log Z and log Z_ref per row
   Floats acc_;                // pass-2 accumulators: div, gbar (and u_h for "mean")
+  Floats sacc_;               // pass-2 statistics accumulators (row_stats, head_stats)
   std::vector<char> live_;    // (BM,): row_mask True and a non-empty support
   KeyBlock kb_;
   KeyCounts counts_;

@@ -16,6 +16,8 @@
 #include <limits>
 #include <mutex>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -200,10 +202,12 @@ struct QueryBlock {
 
 // Keys [start, start + kBlockN) of a query block's unit (unit-local positions; absolute row
 // k_start + start). valid[n] = -1 for a real (existing, unpadded) key, 0 otherwise.
+// With key segments (params.num_segments > 0), seg[n] is key n's segment id (0 for missing keys).
 struct KeyBlock {
   int64_t start = 0, abs = 0, count = 0;  // count: keys of the unit that exist (< k_len)
   bool all_valid = false, any_valid = false;
   alignas(64) int32_t valid[kBlockN];
+  alignas(64) int32_t seg[kBlockN];
 
   void init(const AttentionKLParams& p, const QueryBlock& qb, int64_t key0) {
     start = key0;
@@ -219,6 +223,18 @@ struct KeyBlock {
       valid[n] = ok ? -1 : 0;
       all_valid = all_valid && ok;
       any_valid = any_valid || ok;
+    }
+    if (p.num_segments > 0) load_segments(p, qb);
+  }
+
+ private:
+  void load_segments(const AttentionKLParams& p, const QueryBlock& qb) {
+    const int32_t* ids = reinterpret_cast<const int32_t*>(p.key_segments.ptr);
+    for (int64_t n = 0; n < kBlockN; ++n) {
+      seg[n] = n < count ? ids[qb.b * p.key_segments.stride[0] + (abs + n) * p.key_segments.stride[1]] : 0;
+      if (seg[n] < 0 || seg[n] >= p.num_segments)
+        throw std::invalid_argument("ral._C: key_segments must hold ids in [0, num_segments=" +
+                                    std::to_string(p.num_segments) + "), got " + std::to_string(seg[n]));
     }
   }
 };

@@ -15,6 +15,12 @@ Shapes (all outputs contiguous, allocated by the backend with torch):
     dq, dk, dv in the dtypes of q, k, v (dv an empty (0,) tensor when v is None)
 The backward's `delta` (B, H, Sq) fp32 is rowsum(dout * out) + w * c_h / H, and `ddiv` (w) is
 already 0 on rows with row_mask False or an empty policy support (see ral.ops).
+
+Policy statistics (docs/design.md, "Attention statistics"; call.options.policy_stats): a backend
+that computes them returns the six outputs followed by outputs.StatsOutputs (entropy, mass,
+cstats), and its backward reads call.key_segments and call.stats_w (then `gbar` is gbar_total and
+delta already holds the statistics' c_h terms). A backend that does not must say so in
+unsupported_reason (cuda and triton do, for now).
 """
 
 from __future__ import annotations

@@ -24,6 +24,12 @@ class Options:
     causal: bool = True
     scale: float = 1.0
     ref_scale: float = 1.0
+    # statistics of the current policy (docs/design.md, "Attention statistics"): entropy when
+    # policy_stats, and the mass on each of num_segments key segments (Call.key_segments) when > 0
+    policy_stats: bool = False
+    num_segments: int = 0
+    # statistics only (ral.ops.attention_stats): q_ref / k_ref / ref_stats are placeholders, div is 0
+    no_reference: bool = False
 
     @property
     def divergence_code(self) -> int:
@@ -53,3 +59,9 @@ class Call:
     seqs: Optional[Tensor] = None
     max_q_len: int = 0  # longest q_len in seqs (0 without a table)
     max_k_len: int = 0
+    # int32 (B, Sk) segment ids in [0, options.num_segments), contiguous, or None
+    key_segments: Optional[Tensor] = None
+    # backward only, with policy statistics: the upstream weights of the statistics per row,
+    # fp32 (B, Sq, 1 + S) "mean" | (B, H, Sq, 1 + S) "each" = [w_E, w_0 .. w_{S-1}] (0 on dead
+    # rows); the backward's `gbar` is then gbar_total = w gbar + w_E entropy + sum_s w_s mass_s
+    stats_w: Optional[Tensor] = None

@@ -66,6 +66,9 @@ def params(call: Call, num_threads: int = 1):
     p.ref_stats_in = _view(call.ref_stats)
     p.key_padding_mask = _view(call.key_padding_mask)
     p.row_mask = _view(call.row_mask)
+    p.policy_stats, p.num_segments, p.no_reference = opts.policy_stats, opts.num_segments, opts.no_reference
+    if opts.num_segments:
+        p.key_segments = _view(call.key_segments)
     if call.seqs is not None:
         seqs = call.seqs
         if seqs.dtype != torch.int32 or seqs.dim() != 2 or seqs.shape[1] != 8 or not seqs.is_contiguous() \
@@ -75,22 +78,30 @@ def params(call: Call, num_threads: int = 1):
         p.seqs, p.num_seqs = seqs.data_ptr(), seqs.shape[0]
         p.max_q_len, p.max_k_len = call.max_q_len, call.max_k_len
     # keep the (possibly copied) tensors alive as long as p
-    p_tensors = (q, k, v, q_ref, k_ref)
+    p_tensors = (q, k, v, q_ref, k_ref, call.key_segments)
     return p, p_tensors
 
 
 def forward(call: Call, launch: Callable, num_threads: int = 1):
     """Allocate the forward outputs, fill the params, run `launch(p)`. Returns the six outputs
-    described in ral.backends."""
+    described in ral.backends (ForwardOutputs), followed by the three StatsOutputs when the call
+    asks for policy statistics."""
+    opts = call.options
     out, div, stats, ref_stats_out, gbar, cbar = outputs.forward_outputs(
-        call.q, call.v, call.q_ref, call.ref_stats is not None, call.options.heads_each)
+        call.q, call.v, call.q_ref, call.ref_stats is not None, opts.heads_each)
+    extra = outputs.stats_outputs(call.q, opts.heads_each, opts.policy_stats, opts.num_segments)
     p, keep = params(call, num_threads)
     p.out = out.data_ptr() if call.v is not None else 0
     p.div, p.stats, p.gbar, p.cbar = div.data_ptr(), stats.data_ptr(), gbar.data_ptr(), cbar.data_ptr()
     p.ref_stats_out = ref_stats_out.data_ptr() if call.ref_stats is None else 0
+    if opts.policy_stats:
+        p.entropy = extra.entropy.data_ptr()
+        p.mass = extra.mass.data_ptr() if opts.num_segments else 0
+        p.cstats = extra.cstats.data_ptr() if not opts.heads_each else 0
     launch(p)
     del keep
-    return outputs.ForwardOutputs(out, div, stats, ref_stats_out, gbar, cbar)
+    result = outputs.ForwardOutputs(out, div, stats, ref_stats_out, gbar, cbar)
+    return result + extra if opts.policy_stats else result
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Callable,
@@ -106,6 +117,11 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Call
     p.stats, p.gbar, p.ddiv, p.delta = stats.data_ptr(), gbar.data_ptr(), ddiv.data_ptr(), delta.data_ptr()
     # the forward-only outputs are not read by the backward; give the re-check non-null addresses
     p.div, p.cbar = gbar.data_ptr(), delta.data_ptr()
+    stats_w = None
+    if call.options.policy_stats:
+        stats_w = call.stats_w.float().contiguous()
+        p.stats_w = stats_w.data_ptr()
+        p.entropy = p.mass = p.cstats = stats_w.data_ptr()  # forward-only, not read (as div, cbar)
     p.dq, p.dk = dq.data_ptr(), dk.data_ptr()
     if v is not None:
         dout = dout.contiguous()

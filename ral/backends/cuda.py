@@ -24,6 +24,8 @@ def unavailable_reason() -> Optional[str]:
 def unsupported_reason(call: Call) -> Optional[str]:
     if not call.q.is_cuda:
         return f"needs CUDA tensors, got {call.q.device}"
+    if call.options.policy_stats:
+        return "attention statistics (entropy, key_segments mass) are not implemented yet; use backend='cpu' or 'reference'"
     p, _ = compiled.params(call)
     with torch.cuda.device(call.q.device):  # cuda_supports checks that device's shared memory
         supported = compiled._C.cuda_supports(p)

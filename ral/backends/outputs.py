@@ -45,6 +45,37 @@ def forward_outputs(q: Tensor, v: Optional[Tensor], q_ref: Tensor, has_ref_stats
     )
 
 
+class StatsOutputs(NamedTuple):
+    """The forward's statistics of the current policy (docs/design.md, "Attention statistics"),
+    which a backend that supports them returns after the six ForwardOutputs (as one flat 9-tuple,
+    ``ForwardOutputs + StatsOutputs``) when ``call.options.policy_stats``; all (0,) otherwise:
+
+    entropy (B, Sq) "mean" | (B, H, Sq) "each"; mass (B, Sq, S) | (B, H, Sq, S), (0,) without key
+    segments (S = num_segments); cstats (B, H, Sq, 1 + S) ("mean" only, else (0,)): per head the
+    c_h of the entropy and of each segment's mass, c = (u_h - stat Z_h) / Z with u_h = sum_P a_hj g_j
+    for g_j = -log pi_j (entropy) and [seg(j) = s] (mass s), all fp32.
+    ForwardOutputs keeps its six fields: launchers unpack it (ral/backends/triton/launch.py).
+    """
+
+    entropy: Tensor
+    mass: Tensor
+    cstats: Tensor
+
+
+def stats_outputs(q: Tensor, heads_each: bool, policy_stats: bool, num_segments: int) -> StatsOutputs:
+    """Uninitialised statistics outputs for q (B, H, Sq, D); (0,) tensors when not policy_stats."""
+    batch, n_heads, q_len, _ = q.shape
+    f32 = dict(dtype=torch.float32)
+    empty = (0,)
+    row_shape = (batch, n_heads, q_len) if heads_each else (batch, q_len)
+    return StatsOutputs(
+        entropy=q.new_empty(row_shape if policy_stats else empty, **f32),
+        mass=q.new_empty(row_shape + (num_segments,) if policy_stats and num_segments else empty, **f32),
+        cstats=q.new_empty((batch, n_heads, q_len, 1 + num_segments) if policy_stats and not heads_each else empty,
+                           **f32),
+    )
+
+
 def gradient_accumulators(q: Tensor, k: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Zero-filled fp32 dq, dk, dv (dv None without v) in the shapes of q, k, v; the kernels add into them."""
     return (q.new_zeros(q.shape, dtype=torch.float32), k.new_zeros(k.shape, dtype=torch.float32),

@@ -49,6 +49,8 @@ def unavailable_reason() -> Optional[str]:
 def unsupported_reason(call: Call) -> Optional[str]:
     if IMPORT_ERROR is not None:
         return IMPORT_ERROR
+    if call.options.policy_stats:
+        return "attention statistics (entropy, key_segments mass) are not implemented yet; use backend='cpu' or 'reference'"
     device = call.q.device
     if device.type == "cpu":
         if not INTERPRETED:
