@@ -12,8 +12,8 @@ trainer and ``ral`` command line). See docs/design.md.
 from . import ops
 from .backends import available as available_backends
 from .losses import attention_policy_loss, group_advantages, grpo_token_loss
-from .ops import AttentionKL, attention_kl, attention_kl_varlen
+from .ops import AttentionKL, AttentionStats, attention_kl, attention_kl_varlen, attention_stats
 
 __version__ = "0.1.0"
-__all__ = ["ops", "attention_kl", "attention_kl_varlen", "AttentionKL", "available_backends", "attention_policy_loss",
+__all__ = ["ops", "attention_kl", "attention_kl_varlen", "attention_stats", "AttentionKL", "AttentionStats", "available_backends", "attention_policy_loss",
            "group_advantages", "grpo_token_loss", "__version__"]
