@@ -23,12 +23,15 @@ inline void check_params(const AttentionKLParams& p, bool backward) {
   require(p.ref_heads % p.ref_kv_heads == 0, "Hr must be a multiple of Hrkv");
   require(!p.heads_each || p.ref_heads == p.heads, "heads='each' needs Hr == H");
   require(p.seqs || !p.causal || p.q_len <= p.k_len, "causal needs Sq <= Sk");  // per unit with a table
+  // The sequence table's header. Its entries live in device memory on CUDA, where the kernels size
+  // their grids from max_q_len / max_k_len and clip every entry to the tensors; the Python layer
+  // checks the entries before the call, and the CPU entry points again (check_seq_table).
   if (p.seqs) {
     require(p.num_seqs > 0, "a sequence table (seqs) needs num_seqs > 0, got " + std::to_string(p.num_seqs));
-    require(p.max_q_len >= 0 && p.max_q_len <= p.q_len,
-            "max_q_len must be in [0, Sq=" + std::to_string(p.q_len) + "], got " + std::to_string(p.max_q_len));
-    require(p.max_k_len >= 0 && p.max_k_len <= p.k_len,
-            "max_k_len must be in [0, Sk=" + std::to_string(p.k_len) + "], got " + std::to_string(p.max_k_len));
+    require(p.max_q_len > 0 && p.max_q_len <= p.q_len, "a sequence table needs max_q_len in (0, Sq=" +
+                                                         std::to_string(p.q_len) + "], got " + std::to_string(p.max_q_len));
+    require(p.max_k_len > 0 && p.max_k_len <= p.k_len, "a sequence table needs max_k_len in (0, Sk=" +
+                                                         std::to_string(p.k_len) + "], got " + std::to_string(p.max_k_len));
   } else {
     require(p.num_seqs == 0, "num_seqs must be 0 without a sequence table (seqs), got " + std::to_string(p.num_seqs));
   }
@@ -44,14 +47,6 @@ inline void check_params(const AttentionKLParams& p, bool backward) {
           "div, stats, gbar, cbar (and ref_stats_out without ref_stats) need addresses");
   require(!p.has_v || p.out, "out needs an address when v is given");
   require(p.num_threads > 0, "num_threads must be positive");
-  // The sequence table's header (its entries live in device memory on CUDA: the kernels size their
-  // grids from max_q_len / max_k_len and clip every entry to the tensors; the Python layer checks
-  // the entries before the call).
-  if (p.seqs) {
-    require(p.num_seqs > 0, "a sequence table needs num_seqs > 0");
-    require(p.max_q_len > 0 && p.max_q_len <= p.q_len && p.max_k_len > 0 && p.max_k_len <= p.k_len,
-            "a sequence table needs 0 < max_q_len <= Sq and 0 < max_k_len <= Sk");
-  }
   require(p.num_segments >= 0 && p.num_segments <= 8, "num_segments must be in 0..8, got " + std::to_string(p.num_segments));
   require(p.policy_stats || p.num_segments == 0, "num_segments > 0 needs policy_stats");
   require(!p.no_reference || (p.policy_stats && p.has_ref_stats), "no_reference needs policy_stats and ref_stats");
