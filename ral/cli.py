@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="GRPO or GRPO + RAL on an embedded task (CPU-sized defaults)")
-    t.add_argument("--task", default="grounding", choices=["grounding"])
+    t.add_argument("--task", default="grounding", choices=["grounding", "zoomsearch"])
     t.add_argument("--method", default="ral", choices=["grpo", "ral", "distill", "kd"],
                    help="grpo: lambda_attn = 0; ral: lambda_attn = --lambda-attn; distill: on-policy "
                         "token + attention distillation from --teacher; kd: distill without the attention term")
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     from .distill import add_distill_arguments
     add_distill_arguments(t)
+    from .tasks.zoomsearch import add_zoom_arguments
+    add_zoom_arguments(t)
 
     c = sub.add_parser("compare", help="reward curves of several runs -> PNG + JSON")
     c.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
@@ -87,6 +89,9 @@ def cmd_train(args) -> int:
     if args.method in ("distill", "kd"):
         from .distill import cmd_distill
         return cmd_distill(args)
+    if args.task == "zoomsearch":
+        from .tasks.zoomsearch import cmd_train as cmd_zoomsearch
+        return cmd_zoomsearch(args)
     import torch
     from .tasks import get_task
     from .trainer import RALTrainer, TrainConfig

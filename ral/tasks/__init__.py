@@ -7,7 +7,10 @@ def get_task(name: str, **kwargs):
     if name == "grounding":
         from .grounding import GroundingTask
         return GroundingTask(**kwargs)
-    raise ValueError(f"task must be one of ('grounding',), got {name!r}")
+    if name == "zoomsearch":
+        from .zoomsearch import ZoomSearchTask
+        return ZoomSearchTask(**kwargs)
+    raise ValueError(f"task must be one of ('grounding', 'zoomsearch'), got {name!r}")
 
 
 __all__ = ["get_task"]

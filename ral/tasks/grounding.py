@@ -92,10 +92,11 @@ class TinyVLM(nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
         self.cfg = cfg
-        vocab = _FIRST_VALUE + cfg.n_colours + cfg.n_shapes
+        # other tasks reuse this model: their config may set vocab_size and max_positions
+        vocab = getattr(cfg, "vocab_size", None) or _FIRST_VALUE + cfg.n_colours + cfg.n_shapes
         lm_cfg = Qwen2Config(vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                              num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                             num_key_value_heads=cfg.kv_heads, max_position_embeddings=64,
+                             num_key_value_heads=cfg.kv_heads, max_position_embeddings=getattr(cfg, "max_positions", 64),
                              bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
         self.lm = Qwen2ForCausalLM(lm_cfg)
         self.projector = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden_size), nn.GELU(),
