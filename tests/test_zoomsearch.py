@@ -102,7 +102,9 @@ def test_task_prompts_and_reward():
     for fmt in ("zoom", "direct"):
         task = ZoomSearchTask(grid=8, fmt=fmt)
         p = task.sample(32, torch.Generator().manual_seed(3))
-        assert p.input_ids.shape == (32, 64 + 3) and p.cell_features.shape == (32, 64, task.cfg.feature_dim)
+        assert p.input_ids.shape == (32, 64 + 5) and p.cell_features.shape == (32, 64, task.cfg.feature_dim)
+        assert torch.equal(p.input_ids[:, 1:3], p.input_ids[:, -2:])          # the question, before and after
+        assert (p.input_ids[:, 3:67] == 3).all()                                # the N <img> slots
         r, c = p.target_cell // 8, p.target_cell % 8
         assert torch.equal(p.region - 7, 2 * (r >= 4).long() + (c >= 4).long())
         good = task.sft_targets(p)
@@ -113,7 +115,8 @@ def test_task_prompts_and_reward():
         wrong[:, a] = task.shape_token((wrong[:, a] - task.shape_token(0) + 1) % task.cfg.n_shapes)
         out = task.reward(wrong, p)
         assert torch.allclose(out["reward"], torch.full((32,), 0.1)) and out["accuracy"].sum() == 0
-        assert task.rows()["ans"] == 67 + (2 if fmt == "zoom" else 0)
+        assert task.rows()["ans"] == 69 + (2 if fmt == "zoom" else 0)
+        assert torch.equal(task.target_positions(p), 3 + p.target_cell)
     # without noise every cell is background + position, or hue + tone + shape + position: decode
     # each cell and check the grid: the named colour once (the target, with the answer's shape),
     # the lures share its hue with another tone, N / 8 of them
