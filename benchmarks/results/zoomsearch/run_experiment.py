@@ -31,11 +31,11 @@ PILOT_SEEDS = (100,)
 PILOT_LAMBDAS = (1.0, 5.0, 25.0)
 
 # shared RL / SFT settings (CPU-sized; see README)
-COMMON = ["--steps", "20", "--prompts-per-step", "8", "--group-size", "8", "--ppo-epochs", "2",
-          "--minibatch-size", "32", "--lr", "5e-4", "--beta", "0.04", "--loss-type", "grpo",
-          "--temperature", "1.0", "--eval-prompts", "256", "--eval-every", "10", "--threads", "1",
-          "--sft-steps", "800", "--sft-lr", "3e-3", "--sft-attn-weight", "1.0", "--sft-direct-steps", "150",
-          "--ratio-every", "5", "--backend", "auto", "--no-progress"]
+COMMON = ["--steps", "20", "--prompts-per-step", "4", "--group-size", "8", "--ppo-epochs", "2",
+          "--minibatch-size", "16", "--lr", "5e-4", "--beta", "0.04", "--loss-type", "grpo",
+          "--temperature", "1.0", "--eval-prompts", "128", "--eval-every", "10", "--threads", "1",
+          "--sft-steps", "2500", "--sft-lr", "3e-3", "--sft-attn-weight", "1.0", "--sft-stop-accuracy", "0.4",
+          "--sft-direct-steps", "150", "--ratio-every", "5", "--backend", "auto", "--no-progress"]
 
 
 def run_dir(arm: str, grid: int, init: int, seed: int) -> str:
@@ -95,12 +95,20 @@ def launch_all(argvs: list, desc: str) -> None:
         launch(argv)
 
 
+def pilot_argv(argv: list) -> list:
+    """The pilot ran before the budget cut: 8 prompts per step, minibatches of 32, 256 eval prompts."""
+    argv = list(argv)
+    for flag, value in (("--prompts-per-step", "8"), ("--minibatch-size", "32"), ("--eval-prompts", "256")):
+        argv[argv.index(flag) + 1] = value
+    return argv
+
+
 def stage_pilot(args):
     argvs = []
     for seed in PILOT_SEEDS:
-        argvs.append(argv_for("grpo", 8, 0, seed, 0.0))
+        argvs.append(pilot_argv(argv_for("grpo", 8, 0, seed, 0.0)))
         for lam in PILOT_LAMBDAS:
-            argv = argv_for("ral", 8, 0, seed, lam)
+            argv = pilot_argv(argv_for("ral", 8, 0, seed, lam))
             argv[argv.index("--out") + 1] = os.path.join(RUNS, f"pilot-ral{lam:g}-n64-i0-s{seed}")
             argvs.append(argv)
     launch_all(argvs, "pilot")
@@ -116,7 +124,7 @@ def stage_controls(args):
     grid = max(GRIDS)
     argvs = []
     for init in INITS:
-        for seed in SEEDS:
+        for seed in args.control_seeds:
             argvs += [argv_for("ral-shuffle", grid, init, seed, args.lambda_attn),
                       argv_for("oracle", grid, init, seed, args.oracle_weight),
                       argv_for("direct-grpo", grid, init, seed, 0.0),
@@ -309,6 +317,7 @@ def main(argv=None):
     p.add_argument("--lambda-attn", type=float, default=5.0)
     p.add_argument("--oracle-weight", type=float, default=1.0)
     p.add_argument("--grids", type=int, nargs="+", default=list(GRIDS))
+    p.add_argument("--control-seeds", type=int, nargs="+", default=list(SEEDS))
     args = p.parse_args(argv)
     {"pilot": stage_pilot, "main": stage_main, "controls": stage_controls, "report": stage_report}[args.stage](args)
 
