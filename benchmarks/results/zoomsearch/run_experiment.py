@@ -120,6 +120,23 @@ def stage_main(args):
     launch_all(argvs, "main")
 
 
+def stage_all(args):
+    """main + controls in priority order, so that whatever the budget cuts off is the least
+    needed: N = 16 and 64 (all pairs), the N = 256 pairs (all), then the controls at N = 256 for
+    ``--control-seeds``: the oracle (positive control) for every init, then the control format,
+    then the shuffled advantages."""
+    big = max(GRIDS)
+    argvs = [argv_for(arm, grid, init, seed, args.lambda_attn)
+             for grid in GRIDS for init in INITS for seed in SEEDS for arm in ("grpo", "ral")]
+    for arms in (("oracle",), ("direct-grpo", "direct-ral"), ("ral-shuffle",)):
+        for seed in args.control_seeds:
+            for init in INITS:
+                for arm in arms:
+                    lam = args.oracle_weight if arm == "oracle" else 0.0 if arm == "direct-grpo" else args.lambda_attn
+                    argvs.append(argv_for(arm, big, init, seed, lam))
+    launch_all(argvs, "all")
+
+
 def stage_controls(args):
     grid = max(GRIDS)
     argvs = []
@@ -221,6 +238,19 @@ def stage_report(args):
                 continue
             table[m] = {"a_mean": statistics.fmean(a), "b_mean": statistics.fmean(b), "paired": paired(a, b)}
         lines.append(f"\n### {label} (N = {grid * grid}; {arm_b} - {arm_a}, {len(keys)} pairs)\n")
+        lines.append("per pair (init, seed): final eval acc " + ", ".join(
+            f"i{k[0]}s{k[1]}: {sa[k]['final_eval_accuracy']:.3f} -> {sb[k]['final_eval_accuracy']:.3f}" for k in keys))
+        lines.append("")
+        for arm, sx in ((arm_a, sa), (arm_b, sb)):
+            ratios = [sx[k]["grad_ratio"] for k in keys if not math.isnan(sx[k]["grad_ratio"])]
+            if ratios:
+                lines.append(f"{arm}: ||grad(lambda L_attn)|| / ||grad(L_RL)|| mean {statistics.fmean(ratios):.3g} "
+                             f"(runs {min(ratios):.3g} .. {max(ratios):.3g})")
+            disp = {i: statistics.fmean(sx[k]["attn_ans_dispersion"] for k in keys if k[0] == i) for i in INITS
+                    if any(k[0] == i for k in keys)}
+            lines.append(f"{arm}: <ans>-row dispersion (nats, last 10 steps) by init: "
+                         + ", ".join(f"i{i} {v:.2e}" for i, v in disp.items()))
+        lines.append("")
         lines.append(f"| metric | {arm_a} | {arm_b} | {arm_b} - {arm_a}: mean [95% CI] (pairs better) |")
         lines.append("|---|---|---|---|")
         for m in metrics + ["start_eval_accuracy", "wall_s"]:
@@ -259,12 +289,52 @@ def stage_report(args):
                 pil[name] = summary(read_run(p))
     result["pilot"] = pil
     if pil:
-        lines.append("\n### Pilot (N = 64, init 0, RL seeds 100 and 101)\n")
+        lines.append(f"\n### Pilot (N = 64, init 0, RL seed(s) {PILOT_SEEDS}; 8 prompts per step)\n")
         lines.append("| run | final eval acc | mean eval acc | attn_ans_target | grad_ratio | wall s |")
         lines.append("|---|---|---|---|---|---|")
         for name, s in pil.items():
             lines.append(f"| {name} | {s['final_eval_accuracy']:.3f} | {s['mean_eval_accuracy']:.3f} | "
                          f"{s['attn_ans_target']:.3f} | {s['grad_ratio']:.3g} | {s['wall_s'] or float('nan'):.0f} |")
+
+    # the <ans>-row dispersion per step: median, and whether its large values come with off-format samples
+    disp_stats = {}
+    for grid in GRIDS:
+        for arm in ("grpo", "ral"):
+            steps = [r for run in collect(arm, grid).values() for r in run["rows"] if "attn_ans_dispersion" in r]
+            if not steps:
+                continue
+            vals = sorted(r["attn_ans_dispersion"] for r in steps)
+            big_steps = [r for r in steps if r["attn_ans_dispersion"] > 1e-3]
+            disp_stats[f"{arm}-n{grid * grid}"] = {
+                "median": vals[len(vals) // 2], "mean": statistics.fmean(vals), "steps": len(vals),
+                "steps_above_1e-3": len(big_steps),
+                "of_those_with_format_below_1": sum(r["format"] < 1 for r in big_steps)}
+    result["dispersion"] = disp_stats
+    if disp_stats:
+        lines.append("\n### <ans>-row within-group dispersion per step (nats; all runs of the arm)\n")
+        lines.append("| arm | median | mean | steps | steps > 1e-3 | of those, steps with off-format samples |")
+        lines.append("|---|---|---|---|---|---|")
+        for k, v in disp_stats.items():
+            lines.append(f"| {k} | {v['median']:.2e} | {v['mean']:.2e} | {v['steps']} | {v['steps_above_1e-3']} | "
+                         f"{v['of_those_with_format_below_1']} |")
+
+    # warm-up checkpoints: steps taken and greedy accuracy at every N
+    import glob
+    import torch
+    inits = {}
+    for path in sorted(glob.glob(os.path.join(RUNS, "sft-*.pt"))):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        inits[os.path.basename(path)] = {"steps": state.get("sft", {}).get("sft_steps"),
+                                         "accuracy": {k: v["accuracy"] for k, v in state["eval"].items()}}
+    result["warmups"] = inits
+    if inits:
+        lines.append("\n### Warm-up checkpoints (greedy accuracy on 256 eval prompts)\n")
+        lines.append("| checkpoint | steps | N=16 | N=64 | N=256 |")
+        lines.append("|---|---|---|---|---|")
+        for name, w in inits.items():
+            acc = w["accuracy"]
+            lines.append(f"| {name} | {w['steps']} | {acc.get('n16', float('nan')):.3f} | "
+                         f"{acc.get('n64', float('nan')):.3f} | {acc.get('n256', float('nan')):.3f} |")
 
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -313,13 +383,14 @@ def stage_report(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["pilot", "main", "controls", "report"])
+    p.add_argument("stage", choices=["pilot", "main", "controls", "all", "report"])
     p.add_argument("--lambda-attn", type=float, default=5.0)
     p.add_argument("--oracle-weight", type=float, default=1.0)
     p.add_argument("--grids", type=int, nargs="+", default=list(GRIDS))
     p.add_argument("--control-seeds", type=int, nargs="+", default=list(SEEDS))
     args = p.parse_args(argv)
-    {"pilot": stage_pilot, "main": stage_main, "controls": stage_controls, "report": stage_report}[args.stage](args)
+    {"pilot": stage_pilot, "main": stage_main, "controls": stage_controls, "all": stage_all,
+     "report": stage_report}[args.stage](args)
 
 
 if __name__ == "__main__":
