@@ -145,3 +145,29 @@ def test_distillation_terms(tmp_path):
         RALGRPOTrainer(model=qwen2(), reward_funcs=count_a, args=config(tmp_path), train_dataset=dataset(),
                        processing_class=tokenizer(), lambda_attn=1.0, teacher_model=teacher,
                        distill=DistillConfig(gamma_attn=1.0))
+
+
+def test_attached_policy_lambda_zero_matches_grpo(tmp_path):
+    """lambda_attn = 0 with the policy attached: the reference is recorded and the loss forward runs
+    the chosen (last) layer on ral's fused op (compare mode), not SDPA. Over several steps the
+    losses and the trained weights equal plain GRPOTrainer's (SDPA everywhere) within float tolerance."""
+    from ral import backends
+    cfg = {"loss_type": "bnpo", "beta": 0.04, "max_steps": 4}
+    base = train(GRPOTrainer, tmp_path / "grpo", cfg)
+    backend = "cpu" if "cpu" in backends.available() else "reference"
+    ral = train(RALGRPOTrainer, tmp_path / "ral", cfg, lambda_attn=0.0, attach_policy=True, attn_backend=backend)
+    assert ral.attn_policy is not None and ral.model.config._attn_implementation == "ral"
+    logs = [h for h in ral.state.log_history if "loss" in h]
+    assert len(logs) == 4 and all("ral/attn_div" in h for h in logs)      # the attention path ran every step
+    assert any(h["ral/attn_div"] > 0 for h in logs[1:])                   # ... on weights that moved
+    torch.testing.assert_close(torch.tensor(losses(ral)), torch.tensor(losses(base)), rtol=1e-4, atol=1e-6)
+    init = dict(qwen2().named_parameters())                                 # the saved init model
+    moved = 0.0
+    for (name, p), (_, q) in zip(base.model.named_parameters(), ral.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+        moved = max(moved, float((p - init[name]).detach().abs().max()))
+    assert moved > 1e-3                                                    # training changed the weights
+    with pytest.raises(ValueError, match="attach_policy"):
+        RALGRPOTrainer(model=qwen2(), reward_funcs=count_a, args=config(tmp_path), train_dataset=dataset(),
+                       processing_class=tokenizer(), lambda_attn=0.0, attach_policy=True,
+                       teacher_model=qwen2(seed=1), distill=DistillConfig(gamma_attn=1.0))

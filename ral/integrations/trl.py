@@ -28,8 +28,10 @@ What it adds to ``GRPOTrainer``:
 - **Metrics.** ``ral/attn_div`` (token mean of div over the completion mask), ``ral/attn_loss``,
   and with a teacher ``ral/token_kl``, ``ral/teacher_attn_jsd``; logged with TRL's metrics
   (averaged over the logging window and over processes).
-- ``lambda_attn == 0`` (and no teacher) leaves the model and the loss untouched: the trainer *is*
-  GRPOTrainer (the tests check exact equality of the loss and of the trained weights).
+- ``lambda_attn == 0`` (and no teacher, no ``attach_policy``) leaves the model and the loss
+  untouched: the trainer *is* GRPOTrainer (the tests check exact equality of the loss and of the
+  trained weights). With ``attach_policy=True`` the attention path runs and the result equals
+  GRPOTrainer's within float tolerance (tested too).
 
 The attention term has zero gradient while the weights still equal the rollout weights (JSD is
 flat at its minimum), so it only acts from the second optimizer step on a generation batch:
@@ -116,11 +118,15 @@ class RALGRPOTrainer(GRPOTrainer):
         distill: ``ral.integrations.distill.DistillConfig`` (mu, gamma_attn, lambda_rl, chunk_size,
             temperature); default ``DistillConfig()`` when a teacher is given. ``norm`` is ignored
             here: the distillation terms use TRL's loss aggregation.
+        attach_policy: with ``lambda_attn == 0``, still record the reference and run the chosen
+            layers on the fused op in the loss forward (logging ``ral/attn_div``): GRPO with RAL's
+            attention path and diagnostics; the loss equals GRPOTrainer's up to the float
+            difference between the op and SDPA (tests/test_trl.py checks it).
     """
 
     def __init__(self, *args, lambda_attn: float = 1.0, attn_layers: Sequence[int] = (-1,),
                  attn_divergence: str = "jsd", attn_backend: str = "auto", teacher_model=None,
-                 distill: Optional[DistillConfig] = None, **kwargs):
+                 distill: Optional[DistillConfig] = None, attach_policy: bool = False, **kwargs):
         if not (lambda_attn >= 0):
             raise ValueError(f"lambda_attn must be >= 0, got {lambda_attn!r}")
         if distill is not None and teacher_model is None and distill.needs_teacher:
@@ -135,7 +141,10 @@ class RALGRPOTrainer(GRPOTrainer):
         self.distill = distill
         self._teacher_attn = distill is not None and distill.gamma_attn > 0
         self._teacher_tokens = distill is not None and distill.mu > 0
-        self._uses_attention = self.lambda_attn > 0 or self._teacher_attn
+        if attach_policy and self._teacher_attn:
+            raise ValueError("attach_policy: not with a teacher attention term (the reference is the teacher's)")
+        self._self_reference = self.lambda_attn > 0 or attach_policy
+        self._uses_attention = self._self_reference or self._teacher_attn
         self.attn_policy = None
         self.teacher_policy = None
         self.teacher_model = None
@@ -170,7 +179,7 @@ class RALGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         extra = {k: output[k] for k in _MODEL_KEYS if k in output}
         n_completion = completion_ids.size(1)
-        if self.lambda_attn > 0:
+        if self._self_reference:
             model = self.accelerator.unwrap_model(self.model)
             ref, _ = self._record(model, self.attn_policy, input_ids, attention_mask, extra, hidden=False)
             self._store_reference(output, ref)
@@ -249,7 +258,7 @@ class RALGRPOTrainer(GRPOTrainer):
         if cmp is not None:
             div = cmp.div[:, -n_completion:]
             div_mean = self._global_masked_mean(div.detach(), mask)
-            if self.lambda_attn > 0:
+            if self._self_reference:
                 advantages = inputs["advantages"]
                 advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
                 attn_loss = aggregate_like_trl(self, advantages * div, mask, inputs, mode)

@@ -24,6 +24,8 @@ import torch
 from ..integrations.distill import DistillConfig
 from .distill import train_distill
 from .tasks import get_task
+from .tasks.zoomsearch import add_zoom_arguments
+from .tasks.zoomsearch import cmd_train as cmd_zoomsearch
 from .trainer import RALTrainer, TrainConfig, atomic_save, evaluate, sft_warmup
 
 __all__ = ["main", "build_parser"]
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="GRPO or GRPO + RAL on an embedded task (CPU-sized defaults)")
-    t.add_argument("--task", default="grounding", choices=["grounding"])
+    t.add_argument("--task", default="grounding", choices=["grounding", "zoomsearch"])
     t.add_argument("--method", default="ral", choices=["grpo", "ral", "distill", "kd"],
                    help="grpo: lambda_attn = 0; ral: lambda_attn = --lambda-attn; distill: on-policy "
                         "token + attention distillation from --teacher; kd: distill without the attention term")
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.set_num_threads (1 is fastest for the tiny default model; 0 = torch default)")
     t.add_argument("--no-progress", action="store_true")
     add_distill_arguments(t)
+    add_zoom_arguments(t)
 
     c = sub.add_parser("compare", help="reward curves of several runs -> PNG + JSON")
     c.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
@@ -92,6 +95,8 @@ def _sft_checkpoint(args, task):
 def cmd_train(args) -> int:
     if args.method in ("distill", "kd"):
         return cmd_distill(args)
+    if args.task == "zoomsearch":
+        return cmd_zoomsearch(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..integrations.models import language_model
 from ..integrations.transformers import AttentionPolicy, AttentionReference
 from ..losses import attention_policy_loss, group_advantages, grpo_token_loss
-from .tasks.grounding import attention_metrics
+from .diagnostics import attention_metrics
 
 __all__ = ["TrainConfig", "RALTrainer", "sft_warmup", "evaluate", "completion_mask", "token_logps", "sample_groups",
            "atomic_save"]
@@ -266,6 +266,15 @@ class RALTrainer:
         return attention_metrics(ref.layers[-1], ref.key_padding_mask, rows,
                                  self.task.target_positions(batch["prompts"]))
 
+    def attention_loss(self, batch, idx: Tensor, cmp, cmask: Tensor) -> Tensor:
+        """The term weighted by ``lambda_attn`` on minibatch ``idx``: RAL's sum_t A * D(pi_theta^t || pi_old^t)
+        (``cmp`` is the ``Comparison`` of this minibatch's forward). Subclasses swap in controls."""
+        return attention_policy_loss(cmp.div, batch["adv"][idx], cmask, loss_type=self.cfg.loss_type,
+                                     max_completion_length=self.task.max_new_tokens)
+
+    def before_backward(self, rl_loss: Tensor, attn: Tensor) -> None:
+        """Called with both loss terms of each minibatch before ``backward`` (a hook for diagnostics)."""
+
     def update(self, batch) -> Dict[str, float]:
         """ppo_epochs x minibatches of L_RL + lambda_attn * L_attn. Returns averaged metrics."""
         cfg = self.cfg
@@ -286,9 +295,9 @@ class RALTrainer:
                                      ref_logps=None if batch["ref_logps"] is None else batch["ref_logps"][idx],
                                      beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                      loss_type=cfg.loss_type, max_completion_length=self.task.max_new_tokens)
-                attn = attention_policy_loss(cmp.div, batch["adv"][idx], cmask, loss_type=cfg.loss_type,
-                                             max_completion_length=self.task.max_new_tokens)
+                attn = self.attention_loss(batch, idx, cmp, cmask)
                 loss = rl.loss + cfg.lambda_attn * attn if cfg.lambda_attn else rl.loss
+                self.before_backward(rl.loss, attn)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .grounding import GroundingTask
+from .zoomsearch import ZoomSearchTask
 
-TASKS = {"grounding": GroundingTask}
+TASKS = {"grounding": GroundingTask, "zoomsearch": ZoomSearchTask}
 
 
 def get_task(name: str, **kwargs):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ... import reference as _ref
+from ..diagnostics import attention_metrics  # noqa: F401  (re-exported: the grounding task's diagnostic)
 
 __all__ = ["GroundingConfig", "GroundingTask", "TinyVLM", "Prompts", "attention_metrics"]
 
@@ -92,10 +92,11 @@ class TinyVLM(nn.Module):
     def __init__(self, cfg: GroundingConfig):
         super().__init__()
         self.cfg = cfg
-        vocab = _FIRST_VALUE + cfg.n_colours + cfg.n_shapes
+        # other tasks reuse this model: their config may set vocab_size and max_positions
+        vocab = getattr(cfg, "vocab_size", None) or _FIRST_VALUE + cfg.n_colours + cfg.n_shapes
         lm_cfg = Qwen2Config(vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                              num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                             num_key_value_heads=cfg.kv_heads, max_position_embeddings=64,
+                             num_key_value_heads=cfg.kv_heads, max_position_embeddings=getattr(cfg, "max_positions", 64),
                              bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
         self.lm = Qwen2ForCausalLM(lm_cfg)
         self.projector = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden_size), nn.GELU(),
@@ -207,33 +208,3 @@ class GroundingTask:
         fmt = ((first == ANS) & right_kind & (last == EOS)).float()
         acc = ((first == ANS) & (value == prompts.answer)).float()
         return {"reward": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
-
-
-def attention_metrics(layer_ref, key_padding_mask: Optional[Tensor], rows: Tensor,
-                      targets: Tensor) -> Dict[str, float]:
-    """Entropy and target mass of the recorded attention policy at one row per sample.
-
-    Args:
-        layer_ref: a ``LayerReference`` (q (B, H, S, D), k, scale) from ``AttentionPolicy.record``.
-        key_padding_mask: (B, S) bool or None.
-        rows: (B,) the query row per sample (e.g. the ``<ans>`` position).
-        targets: (B,) the key position of the target cell.
-    Returns {"attn_entropy": mean nats, "attn_on_target": mean probability mass}. The policy is
-    the paper's: head mean of the last layer, self excluded, renormalised. Materialises (B, S, S):
-    for small diagnostics only.
-    """
-    q, k = layer_ref.q.float(), layer_ref.k.float()
-    b, _, s, _ = q.shape
-    attended, support = _ref.key_sets(b, s, s, causal=True, exclude_self=True,
-                                      key_padding_mask=key_padding_mask, device=q.device)
-    scores = _ref.head_scores(q, k, layer_ref.scale)
-    stats = _ref.row_stats(scores, attended, support)
-    log_pi = _ref.log_policy(scores, stats, attended, support, "mean")        # (B, S, S)
-    idx = torch.arange(b)
-    lp = log_pi[idx, rows]                                                    # (B, S)
-    sup = support[idx, rows]
-    p = torch.where(sup, lp.exp(), torch.zeros_like(lp))
-    ent = -(torch.where(sup, p * lp, torch.zeros_like(lp))).sum(-1)
-    on_target = p[idx, targets]
-    return {"attn_entropy": float(ent.mean()), "attn_on_target": float(on_target.mean()),
-            "attn_uniform_entropy": float(torch.log(sup.sum(-1).clamp(min=1).float()).mean())}
