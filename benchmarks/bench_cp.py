@@ -485,15 +485,8 @@ def main(argv=None):
         print(f"note: up to {max(cfg['ranks'])} ranks x {cfg['threads']} thread(s) on {os.cpu_count()} CPUs: "
               "oversubscribed; wall times cannot show a speed-up, read the CPU time per rank")
     print(table(rows))
-    print()
-    for line in summary:
-        print(line)
-    files = report.write_files(rows, meta, summary, args.out_dir, tag)
-    if not args.no_plot:
-        path = plot(rows, meta, os.path.join(args.out_dir, f"{tag}.png"))
-        if path:
-            files.append(path)
-    print(f"\nwrote {', '.join(os.path.relpath(f) for f in files)}  ({wall:.0f} s)")
+    report.publish(rows, meta, summary, args.out_dir, tag, wall,
+                   plots=[] if args.no_plot else [lambda: plot(rows, meta, os.path.join(args.out_dir, f"{tag}.png"))])
     return rows
 
 

@@ -390,16 +390,10 @@ def main(argv=None):
         print("\nnot measured:")
         for r in skipped:
             print(f"  {r['provider']:>14} {r['mode']:>4} S={r['S']:<6} {r['status'].upper()}: {r['note']}")
-    print()
-    for line in summary:
-        print(line)
-    files = report.write_files(rows, meta, summary, args.out_dir, tag)
-    if not args.no_plot:
-        for metric in (("memory", "time") if args.metric == "memory" else ("time", "tflops")):
-            path = report.plot(rows, meta, os.path.join(args.out_dir, f"{tag}_{metric}.png"), metric, modes, providers)
-            if path:
-                files.append(path)
-    print(f"\nwrote {', '.join(os.path.relpath(f) for f in files)}  ({wall:.0f} s)")
+    metrics = () if args.no_plot else (("memory", "time") if args.metric == "memory" else ("time", "tflops"))
+    report.publish(rows, meta, summary, args.out_dir, tag, wall, plots=[
+        (lambda m=m: report.plot(rows, meta, os.path.join(args.out_dir, f"{tag}_{m}.png"), m, modes, providers))
+        for m in metrics])
     return rows
 
 

@@ -521,15 +521,8 @@ def main(argv=None):
     if meta["agreement"]:
         print("max |difference| of the gradients between methods: " + "; ".join(
             f"{k}: " + ", ".join(f"{n} {v:.1e}" for n, v in d.items()) for k, d in meta["agreement"].items()))
-    print()
-    for line in summary:
-        print(line)
-    files = report.write_files(rows, meta, summary, args.out_dir, tag)
-    if not args.no_plot:
-        path = plot(rows, meta, os.path.join(args.out_dir, f"{tag}.png"))
-        if path:
-            files.append(path)
-    print(f"\nwrote {', '.join(os.path.relpath(f) for f in files)}  ({wall:.0f} s)")
+    report.publish(rows, meta, summary, args.out_dir, tag, wall,
+                   plots=[] if args.no_plot else [lambda: plot(rows, meta, os.path.join(args.out_dir, f"{tag}.png"))])
     return rows
 
 

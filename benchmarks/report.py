@@ -24,6 +24,18 @@ LABELS = {"eager": "eager (paper: materialised attention + JSD)", "sdpa": "SDPA 
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "full": "forward + backward"}
 
 
+def publish(rows: list, meta: dict, summary: list, out_dir: str, stem: str, wall: float, plots=()) -> list:
+    """Print the summary lines, write the table files (JSON, CSV, summary) and the plots (each a
+    callable returning a path or None), print where they went. Returns the paths."""
+    print()
+    for line in summary:
+        print(line)
+    files = write_files(rows, meta, summary, out_dir, stem)
+    files += [path for path in (make() for make in plots) if path]
+    print(f"\nwrote {', '.join(os.path.relpath(f) for f in files)}  ({wall:.0f} s)")
+    return files
+
+
 def write_files(rows: list, meta: dict, summary: list, out_dir: str, stem: str) -> list:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, stem + ".json")
