@@ -51,7 +51,6 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import providers as P  # noqa: E402
 import report  # noqa: E402
-from bench_memory import DEFAULT_OUT  # noqa: E402
 
 import ral.distributed as rd  # noqa: E402
 
@@ -82,11 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the per-config memory groups")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a process group is killed")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT,
-                    help="output folder (default benchmarks/out/, git-ignored; --out benchmarks/results publishes)")
-    ap.add_argument("--tag", default=None, help="file stem (default bench_cp_<device>[_quick])")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
+    report.add_output_arguments(ap, "bench_cp")
     return ap.parse_args(argv)
 
 
@@ -346,10 +341,6 @@ def summary_lines(rows: list, cfg: dict) -> list:
     return lines
 
 
-def _load(la) -> str:
-    return "?" if not la else " / ".join(f"{x:.1f}" for x in la)
-
-
 def plot(rows: list, meta: dict, path: str):
     try:
         import matplotlib
@@ -386,15 +377,10 @@ def plot(rows: list, meta: dict, path: str):
     axes[0].set_ylabel("seconds per forward + backward")
     axes[1].set_ylabel("peak RSS growth per rank (MiB, max over ranks)")
     cfg = meta["config"]
-    fig.suptitle(f"attention_kl_cp, S={cfg['seqlen']}, H={cfg['heads']}, Hkv={cfg['kv_heads']}, D={cfg['head_dim']}, "
-                 f"{cfg['dtype']}, {'causal, ' if cfg['causal'] else ''}{cfg['divergence']}, "
-                 f"heads={cfg['heads_mode']}, "
-                 f"{cfg['threads']} thread/rank\n{meta['device_description']}; load average {_load(meta['load_average_start'])}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.finish_figure(
+        fig, f"attention_kl_cp, S={cfg['seqlen']}, H={cfg['heads']}, Hkv={cfg['kv_heads']}, D={cfg['head_dim']}, "
+             f"{cfg['dtype']}, {'causal, ' if cfg['causal'] else ''}{cfg['divergence']}, heads={cfg['heads_mode']}, "
+             f"{cfg['threads']} thread/rank", meta, path)
 
 
 def main(argv=None):

@@ -57,7 +57,6 @@ GPU_SEQS = [1024, 2048, 4096, 8192, 16384, 32768]
 QUICK_CPU_SEQS = [256, 512, 1024]
 QUICK_GPU_SEQS = [1024, 4096, 16384]
 QUADRATIC_MEMORY = ("eager", "ral-reference")
-DEFAULT_OUT = os.path.join(HERE, "out")   # git-ignored; benchmarks/results/ holds the published runs
 
 
 def parse_args(argv=None):
@@ -100,12 +99,7 @@ def parse_args(argv=None):
                     help="timed repeats per point before --min-time may stop it (default 3)")
     ap.add_argument("--budget", type=float, default=None,
                     help="whole-sweep wall budget in s: points predicted past it are SKIP (default: none)")
-    ap.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT,
-                    help="output folder (default benchmarks/out/, git-ignored; "
-                         "--out benchmarks/results publishes)")
-    ap.add_argument("--tag", default=None, help="file stem (default bench_memory_<device>[_quick])")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
+    report.add_output_arguments(ap, "bench_memory")
     return ap.parse_args(argv)
 
 

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 import providers as P  # noqa: E402
 import report  # noqa: E402
-from bench_memory import DEFAULT_OUT, Runner  # noqa: E402
+from bench_memory import Runner  # noqa: E402
 
 METHODS = ("packed", "padded", "per-seq")
 LABELS = {"packed": "packed (attention_kl_varlen)", "padded": "padded to max L (masks)",
@@ -102,11 +102,7 @@ def parse_args(argv=None):
                     help="torch (and ral cpu) threads (default 1 on CPU: process CPU time = the work)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory points")
     ap.add_argument("--quick", action="store_true", help="lengths 128..2048 (< 1 min)")
-    ap.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT,
-                    help="output folder (default benchmarks/out/, git-ignored; --out benchmarks/results publishes)")
-    ap.add_argument("--tag", default=None, help="file stem (default bench_varlen_<device>[_quick])")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
+    report.add_output_arguments(ap, "bench_varlen")
     return ap.parse_args(argv)
 
 
@@ -391,10 +387,6 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def _load(la) -> str:
-    return "?" if not la else " / ".join(f"{x:.1f}" for x in la)
-
-
 def plot(rows: list, meta: dict, path: str):
     try:
         import matplotlib
@@ -424,14 +416,10 @@ def plot(rows: list, meta: dict, path: str):
         ax.set_xticklabels([LABELS[n] for n in names], fontsize=8, rotation=10)
         ax.grid(True, axis="y", alpha=0.3)
     cfg = meta["config"]
-    fig.suptitle(f"Ragged batch, lengths {cfg['lengths']} — H={cfg['heads']}, Hkv={cfg['kv_heads']}, "
-                 f"D={cfg['head_dim']}, {cfg['dtype']}, {'causal, ' if cfg['causal'] else ''}{cfg['divergence']}, "
-                 f"heads={cfg['heads_mode']}, fwd+bwd\n{meta['device_description']}; load average {_load(meta['load_average_start'])}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.finish_figure(
+        fig, f"Ragged batch, lengths {cfg['lengths']} — H={cfg['heads']}, Hkv={cfg['kv_heads']}, D={cfg['head_dim']}, "
+             f"{cfg['dtype']}, {'causal, ' if cfg['causal'] else ''}{cfg['divergence']}, heads={cfg['heads_mode']}, "
+             "fwd+bwd", meta, path)
 
 
 def main(argv=None):

@@ -10,6 +10,8 @@ from typing import Iterable, Optional
 
 from providers import GIB, MIB, fmt_bytes, fmt_time, seq_label
 
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # git-ignored; results/ is published
+
 CSV_FIELDS = ["provider", "backend", "mode", "S", "B", "H", "Hkv", "D", "dtype", "device", "causal",
               "divergence", "heads_mode", "status", "peak_bytes", "time_s", "tflops_attn", "tflops_total",
               "repeats", "first_call_s", "warmup_s", "ral_version", "torch_version", "note"]
@@ -34,6 +36,32 @@ def publish(rows: list, meta: dict, summary: list, out_dir: str, stem: str, wall
     files += [path for path in (make() for make in plots) if path]
     print(f"\nwrote {', '.join(os.path.relpath(f) for f in files)}  ({wall:.0f} s)")
     return files
+
+
+def add_output_arguments(ap, stem: str) -> None:
+    """--out (default benchmarks/out/, git-ignored; `--out benchmarks/results` publishes), --tag, --no-plot,
+    --no-progress: the output options every benchmark script takes."""
+    ap.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT,
+                    help="output folder (default benchmarks/out/, git-ignored; --out benchmarks/results publishes)")
+    ap.add_argument("--tag", default=None, help=f"file stem (default {stem}_<device>[_quick])")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def load_text(load_average) -> str:
+    """os.getloadavg() as "1.0 / 0.8 / 0.5" ("?" when unknown)."""
+    return "?" if not load_average else " / ".join(f"{x:.1f}" for x in load_average)
+
+
+def finish_figure(fig, headline: str, meta: dict, path: str) -> str:
+    """Title (headline, then the device and the load at the start), tight layout, save, close."""
+    fig.suptitle(f"{headline}\n{meta['device_description']}; load average {load_text(meta['load_average_start'])}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt  # optional dependency (the train extra): only where a figure exists
+    plt.close(fig)
+    return path
 
 
 def write_files(rows: list, meta: dict, summary: list, out_dir: str, stem: str) -> list:

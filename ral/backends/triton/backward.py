@@ -24,7 +24,7 @@ Memory: no Sq x Sk buffer; no scratch beyond the fp32 gradient buffers.
 
 from __future__ import annotations
 
-from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, load_unit,
+from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, work_unit,
                      log_policy, log_zsum, matmul, scores, times_g, tl, triton)
 
 
@@ -103,13 +103,10 @@ def backward_kernel(
         unit = pid_bk
         kv0 = pid_bk * 0
         NKV = kv_heads
-    if HAS_SEQS:
-        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+    b, q_start, q_len, k_start, k_len, pos0 = work_unit(SEQS, stride_seqs, unit, max_q_len, max_k_len, HAS_SEQS)
+    if HAS_SEQS:  # programs past their unit's end
         if pid_n * BLOCK_N >= k_len:
             return
-    else:
-        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
-        pos0 = max_k_len - max_q_len
     n_mblk = (q_len + BLOCK_M - 1) // BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)

@@ -89,6 +89,18 @@ def load_unit(SEQS, stride_seqs, unit):
     return batch, q_start, q_len, k_start, k_len, q_pos
 
 
+@triton.jit
+def work_unit(SEQS, stride_seqs, unit, max_q_len, max_k_len, HAS_SEQS: tl.constexpr):
+    """(batch, q_start, q_len, k_start, k_len, q_pos) of work unit `unit`: its row of the sequence
+    table, or without one (dense) batch `unit` with every row and key, q_pos = Sk - Sq."""
+    if HAS_SEQS:
+        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+    else:
+        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
+        pos0 = max_k_len - max_q_len
+    return b, q_start, q_len, k_start, k_len, pos0
+
+
 # ----------------------------------------------------------------------------------------------
 # Online softmax in log2 units, empty sets, key sets
 # ----------------------------------------------------------------------------------------------

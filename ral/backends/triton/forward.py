@@ -42,7 +42,7 @@ touches (an empty set is l == 0, not "l > 0 fails"). Memory: no Sq x Sk buffer, 
 from __future__ import annotations
 
 from .common import (LN2, LOG2E, NEG_INF, at, div_terms, finite, key_ok, key_sets, load_row, load_tile,
-                     load_unit, log_policy, log_zsum, lse2, matmul, nonzero, online, scores, times_g, tl,
+                     work_unit, log_policy, log_zsum, lse2, matmul, nonzero, online, scores, times_g, tl,
                      triton)
 
 
@@ -131,13 +131,10 @@ def forward_kernel(
     HAS_REF_STATS (then read), DIV / GBAR (B,Sq) | (B,H,Sq) and CBAR (B,H,Sq).
     max_q_len, max_k_len: Sq, Sk without a sequence table (SEQS), the longest unit's with one."""
     pid_m, unit, h0 = forward_program(max_q_len, n_heads, BLOCK_M, HEADS_EACH)
-    if HAS_SEQS:
-        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+    b, q_start, q_len, k_start, k_len, pos0 = work_unit(SEQS, stride_seqs, unit, max_q_len, max_k_len, HAS_SEQS)
+    if HAS_SEQS:  # programs past their unit's end
         if pid_m * BLOCK_M >= q_len:
             return
-    else:
-        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
-        pos0 = max_k_len - max_q_len
     if HEADS_EACH:
         NH = 1
         NHR = 1
@@ -285,13 +282,10 @@ def forward_each_kernel(
     -sum_P rho (reverse_kl: -1 on non-empty rows); cbar = 0. div and gbar are 0 on rows that are
     not live (row_mask False or an empty P)."""
     pid_m, unit, h = forward_program(max_q_len, n_heads, BLOCK_M, True)
-    if HAS_SEQS:
-        b, q_start, q_len, k_start, k_len, pos0 = load_unit(SEQS, stride_seqs, unit)
+    b, q_start, q_len, k_start, k_len, pos0 = work_unit(SEQS, stride_seqs, unit, max_q_len, max_k_len, HAS_SEQS)
+    if HAS_SEQS:  # programs past their unit's end
         if pid_m * BLOCK_M >= q_len:
             return
-    else:
-        b, q_start, q_len, k_start, k_len = unit, 0, max_q_len, 0, max_k_len
-        pos0 = max_k_len - max_q_len
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
     if CAUSAL:
