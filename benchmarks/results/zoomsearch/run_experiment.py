@@ -206,6 +206,12 @@ def collect(arm: str, grid: int) -> dict:
     return out
 
 
+def md_table(headers: list, rows: list) -> list:
+    """Markdown table lines: the header, the separator, one line per row (cells printed with str)."""
+    return (["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def fmt_ci(p):
     return f"{p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] ({p['better']}/{p['n']})"
 
@@ -251,12 +257,9 @@ def stage_report(args):
             lines.append(f"{arm}: <ans>-row dispersion (nats, last 10 steps) by init: "
                          + ", ".join(f"i{i} {v:.2e}" for i, v in disp.items()))
         lines.append("")
-        lines.append(f"| metric | {arm_a} | {arm_b} | {arm_b} - {arm_a}: mean [95% CI] (pairs better) |")
-        lines.append("|---|---|---|---|")
-        for m in metrics + ["start_eval_accuracy", "wall_s"]:
-            t = table[m]
-            if "paired" in t:
-                lines.append(f"| {m} | {t['a_mean']:.3f} | {t['b_mean']:.3f} | {fmt_ci(t['paired'])} |")
+        lines.extend(md_table(["metric", arm_a, arm_b, f"{arm_b} - {arm_a}: mean [95% CI] (pairs better)"],
+                          [[m, f"{table[m]['a_mean']:.3f}", f"{table[m]['b_mean']:.3f}", fmt_ci(table[m]["paired"])]
+                           for m in metrics + ["start_eval_accuracy", "wall_s"] if "paired" in table[m]]))
         return table
 
     for grid in GRIDS:
@@ -290,11 +293,10 @@ def stage_report(args):
     result["pilot"] = pil
     if pil:
         lines.append(f"\n### Pilot (N = 64, init 0, RL seed(s) {PILOT_SEEDS}; 8 prompts per step)\n")
-        lines.append("| run | final eval acc | mean eval acc | attn_ans_target | grad_ratio | wall s |")
-        lines.append("|---|---|---|---|---|---|")
-        for name, s in pil.items():
-            lines.append(f"| {name} | {s['final_eval_accuracy']:.3f} | {s['mean_eval_accuracy']:.3f} | "
-                         f"{s['attn_ans_target']:.3f} | {s['grad_ratio']:.3g} | {s['wall_s'] or float('nan'):.0f} |")
+        lines.extend(md_table(["run", "final eval acc", "mean eval acc", "attn_ans_target", "grad_ratio", "wall s"],
+                          [[name, f"{s['final_eval_accuracy']:.3f}", f"{s['mean_eval_accuracy']:.3f}",
+                            f"{s['attn_ans_target']:.3f}", f"{s['grad_ratio']:.3g}", f"{s['wall_s'] or float('nan'):.0f}"]
+                           for name, s in pil.items()]))
 
     # the <ans>-row dispersion per step: median, and whether its large values come with off-format samples
     disp_stats = {}
@@ -312,11 +314,9 @@ def stage_report(args):
     result["dispersion"] = disp_stats
     if disp_stats:
         lines.append("\n### <ans>-row within-group dispersion per step (nats; all runs of the arm)\n")
-        lines.append("| arm | median | mean | steps | steps > 1e-3 | of those, steps with off-format samples |")
-        lines.append("|---|---|---|---|---|---|")
-        for k, v in disp_stats.items():
-            lines.append(f"| {k} | {v['median']:.2e} | {v['mean']:.2e} | {v['steps']} | {v['steps_above_1e-3']} | "
-                         f"{v['of_those_with_format_below_1']} |")
+        lines.extend(md_table(["arm", "median", "mean", "steps", "steps > 1e-3", "of those, steps with off-format samples"],
+                          [[k, f"{v['median']:.2e}", f"{v['mean']:.2e}", v["steps"], v["steps_above_1e-3"],
+                            v["of_those_with_format_below_1"]] for k, v in disp_stats.items()]))
 
     # warm-up checkpoints: steps taken and greedy accuracy at every N
     import glob
@@ -329,12 +329,9 @@ def stage_report(args):
     result["warmups"] = inits
     if inits:
         lines.append("\n### Warm-up checkpoints (greedy accuracy on 256 eval prompts)\n")
-        lines.append("| checkpoint | steps | N=16 | N=64 | N=256 |")
-        lines.append("|---|---|---|---|---|")
-        for name, w in inits.items():
-            acc = w["accuracy"]
-            lines.append(f"| {name} | {w['steps']} | {acc.get('n16', float('nan')):.3f} | "
-                         f"{acc.get('n64', float('nan')):.3f} | {acc.get('n256', float('nan')):.3f} |")
+        lines.extend(md_table(["checkpoint", "steps", "N=16", "N=64", "N=256"],
+                          [[name, w["steps"]] + [f"{w['accuracy'].get(n, float('nan')):.3f}" for n in ("n16", "n64", "n256")]
+                           for name, w in inits.items()]))
 
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)

@@ -29,17 +29,14 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..diagnostics import attention_metrics  # noqa: F401  (re-exported: the grounding task's diagnostic)
 
-__all__ = ["GroundingConfig", "GroundingTask", "TinyVLM", "Prompts", "attention_metrics"]
+__all__ = ["TinyModelConfig", "GroundingConfig", "GroundingTask", "TinyVLM", "Prompts", "attention_metrics"]
 
 
 @dataclass
-class GroundingConfig:
-    """Task and model sizes. Defaults train in minutes on 2 CPU cores."""
+class TinyModelConfig:
+    """The sizes of ``TinyVLM`` (frozen random patch features -> projector -> a tiny Qwen2), shared
+    by the embedded tasks' configs."""
 
-    rows: int = 3
-    cols: int = 3
-    n_colours: int = 6
-    n_shapes: int = 6
     feature_dim: int = 32
     feature_noise: float = 0.3
     hidden_size: int = 64
@@ -47,6 +44,16 @@ class GroundingConfig:
     heads: int = 4
     kv_heads: int = 2
     intermediate_size: int = 128
+
+
+@dataclass
+class GroundingConfig(TinyModelConfig):
+    """Task and model sizes. Defaults train in minutes on 2 CPU cores."""
+
+    rows: int = 3
+    cols: int = 3
+    n_colours: int = 6
+    n_shapes: int = 6
 
     @property
     def cells(self) -> int:

@@ -68,7 +68,7 @@ from ...integrations.models import language_model
 from ...integrations.transformers import AttentionPolicy, _sdpa_plain
 from ...losses import attention_policy_loss
 from ..trainer import RALTrainer, TrainConfig, atomic_save, evaluate, token_logps
-from .grounding import BOS, EOS, IMG, PAD, TinyVLM
+from .grounding import BOS, EOS, IMG, PAD, TinyModelConfig, TinyVLM
 
 __all__ = ["ZoomConfig", "ZoomSearchTask", "ZoomPrompts", "ZoomTrainer", "row_policy", "zoom_attention_metrics",
            "add_zoom_arguments", "cmd_train", "FORMATS", "CONTROLS"]
@@ -85,8 +85,9 @@ FRAME = 16                          # position codes index a 16 x 16 frame
 
 
 @dataclass
-class ZoomConfig:
-    """Task and model sizes (``vocab_size`` / ``max_positions`` are read by ``TinyVLM``)."""
+class ZoomConfig(TinyModelConfig):
+    """Task and model sizes (``vocab_size`` / ``max_positions`` are read by ``TinyVLM``; the model's
+    other sizes are ``TinyModelConfig``'s, with 3 layers)."""
 
     grid: int = 8                               # n: N = n * n visual tokens (n divides 16)
     fmt: str = "zoom"                           # "zoom" or "direct" (the control format)
@@ -95,17 +96,11 @@ class ZoomConfig:
     n_shapes: int = 6
     n_objects: int = 4                          # objects with distinct colours, the target first
     lures_per_cell: float = 1 / 8               # lures = max(1, round(N * this)): 2, 8, 32
-    feature_dim: int = 32
-    feature_noise: float = 0.3
     tone_scale: float = 0.4                     # norm scale of the tone code (what separates a lure)
     sft_grids: Tuple[int, ...] = (4, 8, 16)     # the warm-up draws a grid size per batch
     sft_grid_weights: Tuple[float, ...] = (0.6, 0.3, 0.1)
     question_first: bool = True                 # also state ASK COLOUR before the image (see module doc)
-    hidden_size: int = 64
     layers: int = 3
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 128
     max_positions: int = 320
 
     @property
