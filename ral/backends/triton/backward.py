@@ -24,7 +24,7 @@ Memory: no Sq x Sk buffer; no scratch beyond the fp32 gradient buffers.
 
 from __future__ import annotations
 
-from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, work_unit,
+from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, model_bases, work_unit,
                      log_policy, log_zsum, matmul, scores, times_g, tl, triton)
 
 
@@ -111,13 +111,10 @@ def backward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    Qb = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS)
-    Kb = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS)
-    Vb = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS)
-    QRb = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS)
-    KRb = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS)
-    Sb = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS)
-    RSb = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS)
+    Qb, Kb, Vb, QRb, KRb, Sb, RSb = model_bases(
+        Q, K, V, Q_REF, K_REF, STATS, REF_STATS, b, q_start, k_start, stride_q_b, stride_q_m, stride_k_b, stride_k_n,
+        stride_v_b, stride_v_n, stride_q_ref_b, stride_q_ref_m, stride_k_ref_b, stride_k_ref_n, stride_stats_b,
+        stride_stats_m, stride_ref_stats_b, stride_ref_stats_m, HAS_SEQS)
     DOb = at(DOUT, b, stride_dout_b, q_start, stride_dout_m, HAS_SEQS)
     DLb = at(DELTA, b, stride_delta_b, q_start, stride_delta_m, HAS_SEQS)
     Wb = at(DDIV, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)

@@ -90,6 +90,20 @@ def load_unit(SEQS, stride_seqs, unit):
 
 
 @triton.jit
+def model_bases(Q, K, V, Q_REF, K_REF, STATS, REF_STATS, b, q_start, k_start,
+                stride_q_b, stride_q_m, stride_k_b, stride_k_n, stride_v_b, stride_v_n,
+                stride_q_ref_b, stride_q_ref_m, stride_k_ref_b, stride_k_ref_n,
+                stride_stats_b, stride_stats_m, stride_ref_stats_b, stride_ref_stats_m, HAS_SEQS: tl.constexpr):
+    """The unit's first row / key of q, k, v, q_ref, k_ref, stats and ref_stats (see ``at``)."""
+    return (at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS), at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS),
+            at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS),
+            at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS),
+            at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS),
+            at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS),
+            at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS))
+
+
+@triton.jit
 def work_unit(SEQS, stride_seqs, unit, max_q_len, max_k_len, HAS_SEQS: tl.constexpr):
     """(batch, q_start, q_len, k_start, k_len, q_pos) of work unit `unit`: its row of the sequence
     table, or without one (dense) batch `unit` with every row and key, q_pos = Sk - Sq."""

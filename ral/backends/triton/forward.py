@@ -42,7 +42,7 @@ touches (an empty set is l == 0, not "l > 0 fails"). Memory: no Sq x Sk buffer, 
 from __future__ import annotations
 
 from .common import (LN2, LOG2E, NEG_INF, at, div_terms, finite, key_ok, key_sets, load_row, load_tile,
-                     work_unit, log_policy, log_zsum, lse2, matmul, nonzero, online, scores, times_g, tl,
+                     model_bases, work_unit, log_policy, log_zsum, lse2, matmul, nonzero, online, scores, times_g, tl,
                      triton)
 
 
@@ -147,13 +147,10 @@ def forward_kernel(
         n_end = tl.minimum(k_len, pos0 + (pid_m + 1) * BLOCK_M)
     else:
         n_end = k_len
-    Qb = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS)
-    Kb = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS)
-    Vb = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS)
-    QRb = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS)
-    KRb = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS)
-    Sb = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS)
-    RSb = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS)
+    Qb, Kb, Vb, QRb, KRb, Sb, RSb = model_bases(
+        Q, K, V, Q_REF, K_REF, STATS, REF_STATS, b, q_start, k_start, stride_q_b, stride_q_m, stride_k_b, stride_k_n,
+        stride_v_b, stride_v_n, stride_q_ref_b, stride_q_ref_m, stride_k_ref_b, stride_k_ref_n, stride_stats_b,
+        stride_stats_m, stride_ref_stats_b, stride_ref_stats_m, HAS_SEQS)
     KPb = at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS)
     Ob = at(OUT, b, stride_out_b, q_start, stride_out_m, HAS_SEQS)
 
@@ -293,14 +290,14 @@ def forward_each_kernel(
     else:
         n_end = k_len
     # pointers at head h (kv head h // group, reference kv head h // ref_group)
-    Qh = at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS) + h * stride_q_h
-    Kh = at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS) + (h // group) * stride_k_h
-    Vh = at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS) + (h // group) * stride_v_h
+    Qb, Kb, Vb, QRb, KRb, Sb, RSb = model_bases(
+        Q, K, V, Q_REF, K_REF, STATS, REF_STATS, b, q_start, k_start, stride_q_b, stride_q_m, stride_k_b, stride_k_n,
+        stride_v_b, stride_v_n, stride_q_ref_b, stride_q_ref_m, stride_k_ref_b, stride_k_ref_n, stride_stats_b,
+        stride_stats_m, stride_ref_stats_b, stride_ref_stats_m, HAS_SEQS)
+    Qh, Kh, Vh = Qb + h * stride_q_h, Kb + (h // group) * stride_k_h, Vb + (h // group) * stride_v_h
+    QRh, KRh = QRb + h * stride_q_ref_h, KRb + (h // ref_group) * stride_k_ref_h
+    Sh, RSh = Sb + h * stride_stats_h, RSb + h * stride_ref_stats_h
     Oh = at(OUT, b, stride_out_b, q_start, stride_out_m, HAS_SEQS) + h * stride_out_h
-    QRh = at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS) + h * stride_q_ref_h
-    KRh = at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS) + (h // ref_group) * stride_k_ref_h
-    Sh = at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS) + h * stride_stats_h
-    RSh = at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS) + h * stride_ref_stats_h
     KPb = at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS)
 
     offs_d = tl.arange(0, D_PAD)
