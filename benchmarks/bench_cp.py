@@ -313,18 +313,22 @@ def balance(cfg: dict, world: int, layout: str) -> dict:
 
 
 def table(rows: list) -> str:
-    lines = [f"{'P':>2} {'layout':<10} {'step (max rank)':>15} {'CPU/rank (median, per rank)':>36} "
-             f"{'CPU max':>9} {'CPU sum':>9} {'RSS growth/rank (max)':>22} {'tiles/rank':>24} {'max/mean':>8}"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"{r['ranks']:>2} {r['layout']:<10} {r['status'].upper()}: {r.get('note', '')[:100]}")
-            continue
-        cpus = " ".join(P.fmt_time(c) for c in r["cpu_s_per_rank"]) if r.get("cpu_s_per_rank") else "-"
-        peak = P.fmt_bytes(max(r["peak_rss_growth_per_rank"])) if r.get("peak_rss_growth_per_rank") else "-"
-        lines.append(f"{r['ranks']:>2} {r['layout']:<10} {P.fmt_time(r.get('time_s')):>15} {cpus:>36} "
-                     f"{P.fmt_time(r.get('cpu_s_max')):>9} {P.fmt_time(r.get('cpu_s_sum')):>9} {peak:>22} "
-                     f"{' '.join(map(str, r['tiles'])):>24} {r['tiles_max_over_mean']:>8.2f}")
-    return "\n".join(lines)
+    def cpus(r):
+        return " ".join(P.fmt_time(c) for c in r["cpu_s_per_rank"]) if r.get("cpu_s_per_rank") else "-"
+
+    def peak(r):
+        return P.fmt_bytes(max(r["peak_rss_growth_per_rank"])) if r.get("peak_rss_growth_per_rank") else "-"
+
+    return report.run_table(rows, lambda r: f"{r['ranks']:>2} {r['layout']}", [
+        ("P layout", 13, None),
+        ("step (max rank)", 15, lambda r: P.fmt_time(r.get("time_s"))),
+        ("CPU/rank (median, per rank)", 36, cpus),
+        ("CPU max", 9, lambda r: P.fmt_time(r.get("cpu_s_max"))),
+        ("CPU sum", 9, lambda r: P.fmt_time(r.get("cpu_s_sum"))),
+        ("RSS growth/rank (max)", 22, peak),
+        ("tiles/rank", 24, lambda r: " ".join(map(str, r["tiles"]))),
+        ("max/mean", 8, lambda r: f"{r['tiles_max_over_mean']:.2f}"),
+    ])
 
 
 def summary_lines(rows: list, cfg: dict) -> list:

@@ -375,16 +375,15 @@ def verdicts(rows: list, cfg: dict) -> tuple:
 
 
 def table(rows: list) -> str:
-    lines = [f"{'method':<10} {'median wall':>12} {'median CPU':>12} {'warm-up':>10} {'extra peak':>12} "
-             f"{'first call':>11} {'rounds':>6}"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"{r['provider']:<10} {r['status'].upper()}: {r.get('note', '')[:80]}")
-            continue
-        lines.append(f"{r['provider']:<10} {P.fmt_time(r.get('time_s')):>12} {P.fmt_time(r.get('cpu_s')):>12} "
-                     f"{P.fmt_time(r.get('warmup_s')):>10} {P.fmt_bytes(r.get('peak_bytes')):>12} "
-                     f"{P.fmt_time(r.get('first_call_s')):>11} {r.get('repeats', 0):>6}")
-    return "\n".join(lines)
+    return report.run_table(rows, lambda r: r["provider"], [
+        ("method", 10, None),
+        ("median wall", 12, lambda r: P.fmt_time(r.get("time_s"))),
+        ("median CPU", 12, lambda r: P.fmt_time(r.get("cpu_s"))),
+        ("warm-up", 10, lambda r: P.fmt_time(r.get("warmup_s"))),
+        ("extra peak", 12, lambda r: P.fmt_bytes(r.get("peak_bytes"))),
+        ("first call", 11, lambda r: P.fmt_time(r.get("first_call_s"))),
+        ("rounds", 6, lambda r: str(r.get("repeats", 0))),
+    ])
 
 
 def plot(rows: list, meta: dict, path: str):

@@ -6,7 +6,7 @@ import csv
 import json
 import math
 import os
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from providers import GIB, MIB, fmt_bytes, fmt_time, seq_label
 
@@ -76,6 +76,21 @@ def write_files(rows: list, meta: dict, summary: list, out_dir: str, stem: str) 
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
     return [json_path, csv_path]
+
+
+def run_table(rows: list, label: Callable[[dict], str], columns: Sequence[tuple]) -> str:
+    """A fixed-width text table, one line per run. ``label(row)`` starts every line (left-aligned to the
+    first column's width); ``columns`` are ``(header, width, cell)`` with ``cell(row) -> str``
+    right-aligned; a run whose status is not "ok" prints its status and note instead of the cells."""
+    (head, head_width), rest = columns[0][:2], columns[1:]
+    lines = [f"{head:<{head_width}} " + " ".join(f"{h:>{w}}" for h, w, _ in rest)]
+    for row in rows:
+        start = f"{label(row):<{head_width}} "
+        if row["status"] != "ok":
+            lines.append(start + f"{row['status'].upper()}: {row.get('note', '')[:100]}")
+            continue
+        lines.append(start + " ".join(f"{cell(row):>{w}}" for _, w, cell in rest))
+    return "\n".join(lines)
 
 
 def _cell(row: Optional[dict], metric: str) -> str:

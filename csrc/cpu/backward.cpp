@@ -35,15 +35,10 @@ int64_t partial_floats(const AttentionKLParams& p, const Geometry& geo) {
   return p.kv_heads * max_unit_keys(p) * (geo.dp + geo.dvp);
 }
 
-class Backward {
+class Backward : UnitSweep {
  public:
   Backward(const AttentionKLParams& p, const Geometry& geo, float* partial, std::vector<std::mutex>& batch_locks)
-      : p_(p),
-        geo_(geo),
-        bm_(geo_.block_m),
-        heads_(p.heads),
-        ref_heads_(p.ref_heads),
-        nstat_(p.policy_stats ? 1 + p.num_segments : 0),
+      : UnitSweep(p, geo),
         batch_locks_(batch_locks),
         window_(max_unit_keys(p)),
         dk_partial_(partial),
@@ -393,11 +388,6 @@ class Backward {
       }
   }
 
-  const AttentionKLParams& p_;
-  const Geometry& geo_;
-  const int64_t bm_;  // query rows per work item
-  const int64_t heads_, ref_heads_;
-  const int64_t nstat_;        // 1 + S with policy_stats, else 0
   std::vector<std::mutex>& batch_locks_;
   const int64_t window_;       // L: keys the partials hold (Sk dense, max_k_len with a table)
   float* dk_partial_;          // (Hkv, L, Dp), in the scratch
@@ -415,7 +405,6 @@ class Backward {
   // the partials hold keys [base_, base_ + window_) of batch_, nonzero in [touched_begin_, touched_end_)
   int64_t batch_ = -1, base_ = 0;
   int64_t touched_begin_ = std::numeric_limits<int64_t>::max(), touched_end_ = 0;
-  KeyBlock kb_;
 };
 
 }  // namespace

@@ -81,15 +81,10 @@ void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p)
   }
 }
 
-class Forward {
+class Forward : UnitSweep {
  public:
   Forward(const AttentionKLParams& p, const Geometry& geo)
-      : p_(p),
-        geo_(geo),
-        bm_(geo_.block_m),
-        heads_(p.heads),
-        ref_heads_(p.ref_heads),
-        nstat_(p.policy_stats ? 1 + p.num_segments : 0),
+      : UnitSweep(p, geo),
         q_(heads_ * bm_ * geo_.dp),
         q_ref_(ref_heads_ * bm_ * geo_.drp),
         k_rows_(kBlockN * std::max({geo_.dp, geo_.drp})),
@@ -117,6 +112,27 @@ class Forward {
   }
 
  private:
+  // Calls tile(full) for every key tile of qb's unit that holds a real key, with kb_ set to the
+  // tile, its keys in k_t_ (Hkv, Dp, kBlockN) and the policy's scores in s_ (H, BM, kBlockN);
+  // full: the tile needs no masking (tile_is_full).
+  template <class Tile>
+  void sweep_keys(const QueryBlock& qb, Tile&& tile) {
+    const int64_t key_end = qb.key_end(p_);
+    for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
+      kb_.init(p_, qb, key0);
+      if (!kb_.any_valid) continue;
+      load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+      scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+      tile(tile_is_full(p_, qb, kb_));
+    }
+  }
+
+  // The reference's scores of the current key tile: s_ref_ (Hr, BM, kBlockN).
+  void score_reference(const QueryBlock& qb) {
+    load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
+    scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
+  }
+
   // Writes [lse_A, lse_P] of `heads` heads for qb's rows into a (B, heads, Sq, 2) statistics
   // buffer; `lse` holds lse_A of every head, then lse_P of every head, bm_ floats each.
   void store_stats(const float* lse, int64_t heads, const QueryBlock& qb, uintptr_t out) const {
@@ -169,17 +185,11 @@ class Forward {
     ref.reset(n_ref);
     if (p_.has_v) std::fill(o_.get(), o_ + heads_ * bm_ * geo_.dvp, 0.f);
 
-    const int64_t key_end = qb.key_end(p_);
-    for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
-      kb_.init(p_, qb, key0);
-      if (!kb_.any_valid) continue;
-      const bool full = tile_is_full(p_, qb, kb_);
-      load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+    sweep_keys(qb, [&](bool full) {
       if (p_.has_v)
         for (int64_t h = 0; h < p_.kv_heads; ++h)
           load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f,
                     v_ + h * kBlockN * geo_.dvp, geo_.dvp);
-      scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
       for (int64_t h = 0; h < heads_; ++h) {
         float* s = s_ + h * bm_ * kBlockN;
         float* o = p_.has_v ? o_ + h * bm_ * geo_.dvp : nullptr;
@@ -190,14 +200,12 @@ class Forward {
                      qb.rows, geo_.dvp, kb_.count);
       }
       if (need_ref) {
-        load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
-                             k_ref_t_);
-        scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
+        score_reference(qb);
         for (int64_t h = 0; h < ref_heads_; ++h)
           softmax_tile(p_, qb, kb_, full, s_ref_ + h * bm_ * kBlockN, ref.max + h * bm_,
                        ref.sum + h * bm_, ref.self + h * bm_, nullptr, 0);
       }
-    }
+    });
 
     finish_stats(st, n, lse_, lse_ + n);
     store_stats(lse_, heads_, qb, p_.stats);
@@ -269,23 +277,15 @@ class Forward {
     if (nstat_) std::fill(sacc_.get(), sacc_ + bm_ * (heads_ + 1) * nstat_ * kLanes, 0.f);
 
     if (any_live) {
-      const int64_t key_end = qb.key_end(p_);
-      for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
-        kb_.init(p_, qb, key0);
-        if (!kb_.any_valid) continue;
-        const bool full = tile_is_full(p_, qb, kb_);
-        load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
-        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+      sweep_keys(qb, [&](bool full) {
         if (p_.no_reference) {  // statistics only: no reference scores, no divergence
           if (p_.heads_each)
             divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
           else
             divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
-          continue;
+          return;
         }
-        load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_,
-                             k_ref_t_);
-        scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
+        score_reference(qb);
         if (p_.heads_each) {
           if (nstat_)
             divergence_tile_each<true>(qb, full, div_acc, gbar_acc);
@@ -297,7 +297,7 @@ class Forward {
           else
             divergence_tile_mean<false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
         }
-      }
+      });
     }
     write_divergence(qb, log_z, div_acc, gbar_acc, u_acc);
     if (nstat_) write_policy_stats(qb, log_z);
@@ -501,11 +501,6 @@ class Forward {
     }
   }
 
-  const AttentionKLParams& p_;
-  const Geometry& geo_;
-  const int64_t bm_;  // query rows per work item
-  const int64_t heads_, ref_heads_;
-  const int64_t nstat_;       // 1 + S with policy_stats (entropy, S masses), else 0
   Floats q_, q_ref_;          // (H, BM, Dp), (Hr, BM, Drp): scaled queries
   Floats k_rows_;             // (kBlockN, max(Dp, Drp)): a key tile before transposition
   Floats k_t_, k_ref_t_;      // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
@@ -518,7 +513,6 @@ class Forward {
   Floats acc_;                // pass-2 accumulators: div, gbar (and u_h for "mean")
   Floats sacc_;               // pass-2 statistics accumulators (row_stats, head_stats)
   std::vector<char> live_;    // (BM,): row_mask True and a non-empty support
-  KeyBlock kb_;
   KeyCounts counts_;
 };
 

@@ -239,6 +239,25 @@ struct KeyBlock {
   }
 };
 
+// What the forward and the backward worker share: the call, its geometry, the query rows per
+// work item, the head counts of both models, the statistics columns, and the key tile in hand.
+struct UnitSweep {
+  UnitSweep(const AttentionKLParams& p, const Geometry& geo)
+      : p_(p),
+        geo_(geo),
+        bm_(geo.block_m),
+        heads_(p.heads),
+        ref_heads_(p.ref_heads),
+        nstat_(p.policy_stats ? 1 + p.num_segments : 0) {}
+
+  const AttentionKLParams& p_;
+  const Geometry& geo_;
+  const int64_t bm_;  // query rows per work item
+  const int64_t heads_, ref_heads_;
+  const int64_t nstat_;  // 1 + S with policy_stats (entropy, S masses), else 0
+  KeyBlock kb_;
+};
+
 // Whether every element of the (query block, key block) tile is in every row's support P(i),
 // so that the tile needs no masking (a partial query block always takes the masked path).
 inline bool tile_is_full(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb) {

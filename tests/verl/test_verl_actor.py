@@ -101,6 +101,15 @@ def old_log_probs(worker, batch, ral_handle=None):
     return out
 
 
+def with_reference(worker, batch, ral_handle):
+    """old_log_probs with the policy's reference recorded, its tensors stored in ``batch`` under the
+    handle's keys (what veRL's driver carries from the rollout to the update)."""
+    out = old_log_probs(worker, batch, ral_handle)
+    for key in ral_handle.batch_keys:
+        batch[key] = tu.get(out, key)
+    return batch
+
+
 def update(worker, batch, epochs=1, shuffle=False):
     data = batch.clone()
     tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
@@ -180,9 +189,7 @@ def test_attention_term_matches_reference_op(model_path, remove_padding, dynamic
     worker, actor = make_worker(model_path, remove_padding, dynamic, checkpointing, agg)
     handle = attach(worker, RALConfig(lambda_attn=lam), actor)
     batch = make_batch()
-    out = old_log_probs(worker, batch, handle)
-    for key in handle.batch_keys:
-        batch[key] = tu.get(out, key)
+    with_reference(worker, batch, handle)
     assert batch["ral_q0"].values().shape[1:] == (4, 8) and batch["ral_k0"].values().shape[1:] == (2, 8)
     before = params(worker)
     # a first update at the rollout weights moves them (its attention term is ~0: JSD is at its minimum)
@@ -208,9 +215,7 @@ def test_remove_padding_on_off_same_loss(model_path):
         worker, actor = make_worker(model_path, remove_padding)
         handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
         batch = make_batch(1)
-        out = old_log_probs(worker, batch, handle)
-        for key in handle.batch_keys:
-            batch[key] = tu.get(out, key)
+        with_reference(worker, batch, handle)
         update(worker, batch)
         losses.append(update(worker, batch))
     for key in ("loss", "ral/attn_loss"):
@@ -226,9 +231,7 @@ def test_reference_follows_shuffle_and_dynamic_batching(model_path):
         worker, actor = make_worker(model_path, dynamic=dynamic)
         handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
         batch = make_batch(2)
-        out = old_log_probs(worker, batch, handle)
-        for key in handle.batch_keys:
-            batch[key] = tu.get(out, key)
+        with_reference(worker, batch, handle)
         data = batch.clone()
         tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B,
                              mini_batch_size=B, epochs=2, seed=3, dataloader_kwargs={"shuffle": shuffle})
@@ -247,9 +250,7 @@ def _dp_body(rank, world, model_path, remove_padding):
     per = B // world
     # veRL's dispatch gives dp rank r the r-th contiguous chunk of the batch
     batch = left_right_2_no_padding(_padded_chunk(rank * per, (rank + 1) * per, 3))
-    out = old_log_probs(worker, batch, handle)
-    for key in handle.batch_keys:
-        batch[key] = tu.get(out, key)
+    with_reference(worker, batch, handle)
     losses, terms = [], []
     for _ in range(2):
         data = batch.clone()
@@ -377,9 +378,7 @@ def test_other_layers_keep_the_models_attention(model_path):
         worker, actor = make_worker(model_path, attn=attn)
         handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
         batch = make_batch(4)
-        out = old_log_probs(worker, batch, handle)
-        for key in handle.batch_keys:
-            batch[key] = tu.get(out, key)
+        with_reference(worker, batch, handle)
         update(worker, batch)
         terms.append([float(v) for v in update(worker, batch)["ral/attn_loss"]])
         if attn == "counted_sdpa":

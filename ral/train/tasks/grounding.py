@@ -20,7 +20,7 @@ on a CPU. ``attention_metrics`` measures the last-layer attention policy of the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional
 
 import torch
@@ -29,7 +29,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..diagnostics import attention_metrics  # noqa: F401  (re-exported: the grounding task's diagnostic)
 
-__all__ = ["TinyModelConfig", "GroundingConfig", "GroundingTask", "TinyVLM", "Prompts", "attention_metrics"]
+__all__ = ["TinyModelConfig", "GroundingConfig", "GroundingTask", "TinyVLM", "PromptBatch", "Prompts", "attention_metrics"]
 
 
 @dataclass
@@ -65,8 +65,27 @@ PAD, BOS, EOS, IMG, ASK_SHAPE, ASK_COLOUR, ANS = range(7)
 _FIRST_VALUE = 7
 
 
+class PromptBatch:
+    """Tensors of a batch of prompts, each with the batch on dim 0 (a dataclass base for the embedded
+    tasks' prompt batches; every field is a tensor and ``cell_features`` is one of them)."""
+
+    cell_features: Tensor
+
+    def model_inputs(self) -> Dict[str, Tensor]:
+        """Extra keyword arguments of ``TinyVLM.forward`` / ``generate`` besides ids and mask."""
+        return {"cell_features": self.cell_features}
+
+    def repeat(self, g: int):
+        """Each prompt g times in a row (GRPO groups)."""
+        return type(self)(*(getattr(self, f.name).repeat_interleave(g, dim=0) for f in fields(self)))
+
+    def select(self, index):
+        """The prompts at ``index`` (an index or mask over dim 0)."""
+        return type(self)(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
 @dataclass
-class Prompts:
+class Prompts(PromptBatch):
     """A batch of prompts. input_ids/attention_mask (B, P); cell_features (B, N, F);
     target_cell (B,) cell index; answer (B,) token id; ask_shape (B,) bool."""
 
@@ -76,16 +95,6 @@ class Prompts:
     target_cell: Tensor
     answer: Tensor
     ask_shape: Tensor
-
-    def model_inputs(self) -> Dict[str, Tensor]:
-        """Extra keyword arguments of ``TinyVLM.forward`` / ``generate`` besides ids and mask."""
-        return {"cell_features": self.cell_features}
-
-    def repeat(self, g: int) -> "Prompts":
-        """Each prompt g times in a row (GRPO groups)."""
-        return Prompts(*(t.repeat_interleave(g, dim=0) for t in (
-            self.input_ids, self.attention_mask, self.cell_features, self.target_cell, self.answer,
-            self.ask_shape)))
 
 
 class TinyVLM(nn.Module):

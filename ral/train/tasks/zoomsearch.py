@@ -55,7 +55,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -68,7 +68,7 @@ from ...integrations.models import language_model
 from ...integrations.transformers import AttentionPolicy, _sdpa_plain
 from ...losses import attention_policy_loss
 from ..trainer import RALTrainer, TrainConfig, atomic_save, evaluate, token_logps
-from .grounding import BOS, EOS, IMG, PAD, TinyModelConfig, TinyVLM
+from .grounding import BOS, EOS, IMG, PAD, PromptBatch, TinyModelConfig, TinyVLM
 
 __all__ = ["ZoomConfig", "ZoomSearchTask", "ZoomPrompts", "ZoomTrainer", "row_policy", "zoom_attention_metrics",
            "add_zoom_arguments", "cmd_train", "FORMATS", "CONTROLS"]
@@ -121,7 +121,7 @@ class ZoomConfig(TinyModelConfig):
 
 
 @dataclass
-class ZoomPrompts:
+class ZoomPrompts(PromptBatch):
     """A batch of prompts: input_ids / attention_mask (B, P), cell_features (B, N, F), and per
     prompt the target cell, its REGION token and the answer (SHAPE token), each (B,)."""
 
@@ -131,17 +131,6 @@ class ZoomPrompts:
     target_cell: Tensor
     region: Tensor
     answer: Tensor
-
-    def model_inputs(self) -> Dict[str, Tensor]:
-        return {"cell_features": self.cell_features}
-
-    def repeat(self, g: int) -> "ZoomPrompts":
-        """Each prompt g times in a row (GRPO groups)."""
-        return ZoomPrompts(*(getattr(self, f.name).repeat_interleave(g, dim=0) for f in fields(self)))
-
-
-def _select(prompts: ZoomPrompts, idx) -> ZoomPrompts:
-    return ZoomPrompts(*(getattr(prompts, f.name)[idx] for f in fields(prompts)))
 
 
 class ZoomSearchTask:
@@ -486,7 +475,7 @@ class ZoomTrainer(RALTrainer):
         cfg = self.cfg
         if self.attn_control == "oracle":
             kpm = None if batch["reference"].key_padding_mask is None else batch["reference"].key_padding_mask[idx]
-            return target_attention_loss(self.policy.captured, self.task, _select(batch["prompts"], idx), kpm)
+            return target_attention_loss(self.policy.captured, self.task, batch["prompts"].select(idx), kpm)
         adv = batch["attn_adv"] if self.attn_control == "shuffle" else batch["adv"]
         return attention_policy_loss(cmp.div, adv[idx], cmask, loss_type=cfg.loss_type,
                                      max_completion_length=self.task.max_new_tokens)
