@@ -30,17 +30,17 @@ STATS_NAMES = NAMES + ("entropy", "mass")  # with key segments (docs/design.md, 
 class Problem:
     """A random attention_kl call. Shapes follow ral.ops.attention_kl."""
 
+    dtype: torch.dtype = torch.float32
     batch: int = 2
     heads: int = 4
     kv_heads: int = 4
-    q_len: int = 17
-    k_len: int = 17
     head_dim: int = 16
     v_head_dim: Optional[int] = 16       # None: no v
+    q_len: int = 17
+    k_len: int = 17
     ref_heads: Optional[int] = None      # default: heads
     ref_kv_heads: Optional[int] = None   # default: ref_heads
     ref_head_dim: Optional[int] = None   # default: head_dim
-    dtype: torch.dtype = torch.float32
     left_pad: tuple = ()                 # per batch: number of padded keys on the left
     right_pad: tuple = ()                # per batch: number of padded keys on the right
     row_mask: bool = False               # mask a random subset of rows
