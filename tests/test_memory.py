@@ -35,6 +35,18 @@ torch.manual_seed(0)
 make = lambda: torch.randn(1, 1, S, 64)
 q, k, v = (make().requires_grad_(True) for _ in range(3))
 q_ref, k_ref = make(), make()
+if what == "cp":  # this rank's zigzag shard (all heads) of the same problem; argv: store, rank, world
+    import torch.distributed as dist
+    from ral.distributed import attention_kl_cp, shard
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[3]}", rank=int(sys.argv[4]),
+                            world_size=int(sys.argv[5]))
+    q, k, v = (shard(t.detach(), 2).requires_grad_(True) for t in (q, k, v))
+    q_ref, k_ref = shard(q_ref, 2), shard(k_ref, 2)
+    res = attention_kl_cp(q, k, v, q_ref=q_ref, k_ref=k_ref, seq_len=S, backend="cpu")  # warm-up at full size
+    (res.div.sum() + res.out.sum()).backward()
+    del res
+    q.grad = k.grad = v.grad = None
+    dist.barrier()
 # warm up on a small problem so code loading and thread pools are not counted
 small = [t[:, :, :64].detach().clone().requires_grad_(True) for t in (q, k, v)]
 ral.attention_kl(*small, q_ref=q_ref[:, :, :64], k_ref=k_ref[:, :, :64], backend="cpu").div.sum().backward()
@@ -54,6 +66,10 @@ elif what == "stats":  # with the policy statistics: entropy and the mass on 8 k
     res = ral.attention_kl(q, k, v, q_ref=q_ref, k_ref=k_ref, key_segments=segments[None], num_segments=8,
                            backend="cpu")
     (res.div.sum() + res.out.sum() + res.entropy.sum() + res.mass[..., 3].sum()).backward()
+elif what == "cp":
+    res = attention_kl_cp(q, k, v, q_ref=q_ref, k_ref=k_ref, seq_len=S, backend="cpu")
+    (res.div.sum() + res.out.sum()).backward()
+    dist.barrier()
 else:  # control: one materialised S x S score matrix
     scores = q.detach()[0, 0] @ k.detach()[0, 0].T
     del scores
@@ -77,6 +93,25 @@ def test_cpu_backend_never_holds_an_s_by_s_buffer():
     growth = measure("ral")
     # outputs + gradients + stats + scratch are O(S * D): a few MiB; one S x S fp32 matrix is 256 MiB
     assert growth < SXS_BYTES / 8, f"forward + backward grew the RSS peak by {growth / 2**20:.1f} MiB at S={S}"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read the RSS peak")
+def test_context_parallel_rank_holds_its_rows_and_the_gathered_keys(tmp_path):
+    """ral.distributed.attention_kl_cp on 2 gloo processes: each rank's peak growth over forward +
+    backward is O(S/P * H * D) for its rows plus O(S * Hkv * D) for the gathered k, v, k_ref and their
+    gradients before the reduce-scatter (a few MiB here), never its S/P x S block of scores (128 MiB)."""
+    assert backends.unavailable_reason("cpu") is None, backends.unavailable_reason("cpu")
+    world, store = 2, tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(S), "cp", str(store), str(r), str(world)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    outs = [p.communicate(timeout=600) for p in ranks]
+    assert all(p.returncode == 0 for p in ranks), [err[-3000:] for _, err in outs]
+    growth = [json.loads(out.strip().splitlines()[-1])["growth"] for out, _ in outs]
+    gathered = 3 * S * 64 * 4                      # k, v, k_ref of the whole sequence (fp32, one kv head)
+    assert max(growth) < 4 * gathered + SXS_BYTES / 16, (
+        f"per-rank RSS peak growth {[f'{g / 2**20:.1f} MiB' for g in growth]} at S={S}, P={world}")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read the RSS peak")
