@@ -33,7 +33,7 @@ from torch import Tensor
 from . import ops
 from .reference import AttentionKL
 
-__all__ = ["attention_kl_cp", "shard", "unshard", "chunks", "causal_work", "LAYOUTS"]
+__all__ = ["attention_kl_cp", "attention_kl_cp_varlen", "shard", "unshard", "chunks", "causal_work", "LAYOUTS"]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -134,40 +134,125 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
                     divergence: str = "jsd", heads: str = "mean", exclude_self: bool = True, causal: bool = True,
                     scale: Optional[float] = None, ref_scale: Optional[float] = None,
                     key_padding_mask: Optional[Tensor] = None, row_mask: Optional[Tensor] = None,
-                    backend: str = "auto") -> AttentionKL:
+                    backend: str = "auto", key_segments: Optional[Tensor] = None,
+                    num_segments: Optional[int] = None) -> AttentionKL:
     """``ral.ops.attention_kl`` on a sequence split over the ranks of `group` (self-attention: the
     query rows and the keys are the same S positions).
 
     Every tensor is this rank's shard in `layout` (see ``shard``), with all heads:
         q (B, H, S_r, D), k (B, Hkv, S_r, D), v (B, Hkv, S_r, Dv) or None, q_ref (B, Hr, S_r, Dr),
-        k_ref (B, Hrkv, S_r, Dr), ref_stats (B, Hr, S_r, 2), key_padding_mask (B, S_r), row_mask (B, S_r);
+        k_ref (B, Hrkv, S_r, Dr), ref_stats (B, Hr, S_r, 2), key_padding_mask (B, S_r), row_mask (B, S_r),
+        key_segments (B, S_r) with num_segments;
     seq_len: S, the whole sequence's length. Other arguments as in ``attention_kl``.
 
     Returns this rank's rows: out (B, H, S_r, Dv), div (B, S_r) or (B, H, S_r), stats (B, H, S_r, 2),
-    equal to the matching rows of the single-process op on the whole sequence. Gradients reach the
-    local q and, through the all-gather's backward (a reduce-scatter), the local k and v.
+    entropy like div and mass (B, S_r, S) | (B, H, S_r, S) with key_segments, equal to the matching
+    rows of the single-process op on the whole sequence. Gradients reach the local q and, through the
+    all-gather's backward (a reduce-scatter), the local k and v.
     """
+    rank, layout_chunks = _check_shards(group, seq_len, layout, "attention_kl_cp", (
+        ("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", k_ref, 2), ("v", v, 2), ("ref_stats", ref_stats, 2),
+        ("key_padding_mask", key_padding_mask, 1), ("row_mask", row_mask, 1), ("key_segments", key_segments, 1)))
+    k_all, v_all, k_ref_all, kpm_all, segments_all = _gather_keys(
+        k, v, k_ref, key_padding_mask, key_segments, 2, seq_len, group, layout)
+    call = ops._checked_call(q, k_all, v_all, q_ref, k_ref_all, ref_stats, divergence, heads, exclude_self, causal,
+                             scale, ref_scale, kpm_all, row_mask, backend, segments_all, num_segments)
+    seqs = _local_units(layout_chunks[rank], q.shape[0], seq_len, causal, q.device)
+    longest = max(length for _, length in layout_chunks[rank])
+    return ops.run_table(call, seqs, longest, seq_len, backend)
+
+
+def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
+                           cu_seqlens: Tensor, max_seqlen: int, group=None, layout: str = "zigzag",
+                           ref_stats: Optional[Tensor] = None, divergence: str = "jsd", heads: str = "mean",
+                           exclude_self: bool = True, causal: bool = True, scale: Optional[float] = None,
+                           ref_scale: Optional[float] = None, row_mask: Optional[Tensor] = None,
+                           backend: str = "auto", key_segments: Optional[Tensor] = None,
+                           num_segments: Optional[int] = None) -> AttentionKL:
+    """``ral.ops.attention_kl_varlen`` (self-attention: queries and keys are the same packed tokens)
+    on a packed stream of T tokens split over the ranks of `group`.
+
+    The stream is sharded as one sequence of T positions in `layout` (``shard(x, 0, group, layout)``),
+    so a rank's chunk may hold the end of one packed sequence and the start of the next. Each rank
+    passes its shard with all heads: q (T_r, H, D), k (T_r, Hkv, D), v (T_r, Hkv, Dv) or None,
+    q_ref (T_r, Hr, Dr), k_ref (T_r, Hrkv, Dr), ref_stats (T_r, Hr, 2), row_mask (T_r,),
+    key_segments (T_r,); and the whole stream's cu_seqlens (N + 1,) int32 (the same on every rank)
+    with max_seqlen, its longest sequence. Other arguments as in ``attention_kl_varlen``.
+
+    Keys, values, k_ref and the segment ids are all-gathered; every (local chunk, packed sequence)
+    overlap is one work unit whose rows sit at their positions inside their own sequence. Returns
+    this rank's rows in the packed shapes of ``attention_kl_varlen``: out (T_r, H, Dv), div (T_r,) or
+    (T_r, H), stats (T_r, H, 2), entropy / mass with key_segments; they equal the matching rows of the
+    single-process op on the whole stream, and gradients reach the local q, k and v.
+    """
+    rank, layout_chunks = _check_shards(group, None, layout, "attention_kl_cp_varlen", (
+        ("q", q, 0), ("k", k, 0), ("q_ref", q_ref, 0), ("k_ref", k_ref, 0), ("v", v, 0), ("ref_stats", ref_stats, 0),
+        ("row_mask", row_mask, 0), ("key_segments", key_segments, 0)), cu_seqlens=cu_seqlens)
+    total = int(cu_seqlens[-1])
+    k_all, v_all, k_ref_all, _, segments_all = _gather_keys(k, v, k_ref, None, key_segments, 0, total, group, layout)
+    # the whole stream's table checks cu_seqlens / max_seqlen like the varlen op does
+    ops.sequence_table(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, total, total, causal, q.device)
+    call = ops._checked_call(*(ops.packed_as_dense(t) for t in (q, k_all, v_all, q_ref, k_ref_all, ref_stats)),
+                             divergence, heads, exclude_self, causal, scale, ref_scale, None,
+                             None if row_mask is None else row_mask.unsqueeze(0), backend,
+                             None if segments_all is None else segments_all.unsqueeze(0), num_segments)
+    seqs, longest = _local_packed_units(layout_chunks[rank], cu_seqlens.tolist(), causal, q.device)
+    return ops.dense_as_packed(ops.run_table(call, seqs, longest, int(max_seqlen), backend), heads)
+
+
+def _check_shards(group, seq_len: Optional[int], layout: str, op: str, given, cu_seqlens=None):
+    """(rank, the layout's chunks) after checking that a process group exists and every given
+    tensor holds this rank's number of positions along its dim (seq_len None: cu_seqlens[-1])."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("group: attention_kl_cp needs an initialised torch.distributed process group")
+        raise ValueError(f"group: {op} needs an initialised torch.distributed process group")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32:
+            raise TypeError("cu_seqlens must be a (N + 1,) int32 torch.Tensor: the whole packed stream's offsets")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1, got {tuple(cu_seqlens.shape)}")
+        seq_len = int(cu_seqlens[-1])
     rank, world = _rank_world(group)
     layout_chunks = chunks(seq_len, world, layout)
     local = sum(length for _, length in layout_chunks[rank])
-    for name, t, dim in (("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", k_ref, 2), ("v", v, 2),
-                         ("ref_stats", ref_stats, 2), ("key_padding_mask", key_padding_mask, 1),
-                         ("row_mask", row_mask, 1)):
+    for name, t, dim in given:
         if t is not None and (not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != local):
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name}: rank {rank}'s shard of a sequence of {seq_len} in layout {layout!r} has "
                              f"{local} positions along dim {dim}, got {got}")
-    gather = [None if t is None else unshard(t, 2, seq_len, group, layout) for t in (k, v)]
-    k_ref_full = unshard(k_ref.detach(), 2, seq_len, group, layout)
-    kpm_full = (None if key_padding_mask is None
-                else unshard(key_padding_mask.to(torch.uint8), 1, seq_len, group, layout).to(torch.bool))
-    call = ops._checked_call(q, gather[0], gather[1], q_ref, k_ref_full, ref_stats, divergence, heads, exclude_self,
-                             causal, scale, ref_scale, kpm_full, row_mask, backend)
-    seqs = _local_units(layout_chunks[rank], q.shape[0], seq_len, causal, q.device)
-    longest = max(length for _, length in layout_chunks[rank])
-    return ops.run_table(call, seqs, longest, seq_len, backend)
+    return rank, layout_chunks
+
+
+def _gather_keys(k, v, k_ref, key_padding_mask, key_segments, dim: int, seq_len: int, group, layout: str):
+    """The whole sequence's k, v (differentiable gathers), k_ref, key padding mask (along dim - 1)
+    and key segment ids (likewise) from every rank's shard; None stays None."""
+    k_all, v_all = (None if t is None else unshard(t, dim, seq_len, group, layout) for t in (k, v))
+    k_ref_all = unshard(k_ref.detach(), dim, seq_len, group, layout)
+    mask_dim = max(dim - 1, 0)
+    kpm_all = (None if key_padding_mask is None
+               else unshard(key_padding_mask.to(torch.uint8), mask_dim, seq_len, group, layout).to(torch.bool))
+    segments_all = (None if key_segments is None
+                    else unshard(key_segments.to(torch.int32), mask_dim, seq_len, group, layout))
+    return k_all, v_all, k_ref_all, kpm_all, segments_all
+
+
+def _local_packed_units(rank_chunks: Sequence[Tuple[int, int]], cu: List[int], causal: bool, device):
+    """One unit per overlap of a local chunk with a packed sequence n: its local rows, the keys of
+    sequence n it may attend (causal: up to the overlap's end) and q_pos = the overlap's first
+    position inside sequence n. Returns the (U, 8) int32 table and its longest unit's rows."""
+    rows, offset, longest = [], 0, 1
+    for start, length in rank_chunks:
+        for n in range(len(cu) - 1):
+            first, last = max(start, cu[n]), min(start + length, cu[n + 1])
+            if first >= last:
+                continue
+            seq_len = cu[n + 1] - cu[n]
+            k_len = last - cu[n] if causal else seq_len
+            rows.append([0, offset + first - start, last - first, cu[n], k_len, first - cu[n], 0, 0])
+            longest = max(longest, last - first)
+        offset += length
+    if not rows:  # an empty shard: one unit with no rows
+        rows.append([0, 0, 0, 0, 0, 0, 0, 0])
+    return torch.tensor(rows, dtype=torch.int32, device=device), longest
 
 
 def _local_units(rank_chunks: Sequence[Tuple[int, int]], batch: int, seq_len: int, causal: bool, device) -> Tensor:

@@ -193,18 +193,24 @@ def attention_kl_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_r
     seqs = sequence_table(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
                           causal, q.device)
 
-    def dense(t: Optional[Tensor]) -> Optional[Tensor]:  # (T, heads, dim) -> (1, heads, T, dim), a view
-        return None if t is None else t.transpose(0, 1).unsqueeze(0)
-
-    call = _checked_call(dense(q), dense(k), dense(v), dense(q_ref), dense(k_ref), dense(ref_stats), divergence,
-                         heads, exclude_self, causal, scale, ref_scale, None,
-                         None if row_mask is None else row_mask.unsqueeze(0), backend,
+    call = _checked_call(packed_as_dense(q), packed_as_dense(k), packed_as_dense(v), packed_as_dense(q_ref),
+                         packed_as_dense(k_ref), packed_as_dense(ref_stats), divergence, heads, exclude_self, causal,
+                         scale, ref_scale, None, None if row_mask is None else row_mask.unsqueeze(0), backend,
                          None if key_segments is None else key_segments.unsqueeze(0), num_segments)
-    res = run_table(call, seqs, int(max_seqlen_q), int(max_seqlen_k), backend)
-    packed = (lambda t: t[0].transpose(0, 1)) if heads == "each" else (lambda t: t[0])
-    return AttentionKL(None if res.out is None else res.out[0].transpose(0, 1), packed(res.div),
-                       res.stats[0].transpose(0, 1), None if res.entropy is None else packed(res.entropy),
-                       None if res.mass is None else packed(res.mass))
+    return dense_as_packed(run_table(call, seqs, int(max_seqlen_q), int(max_seqlen_k), backend), heads)
+
+
+def packed_as_dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """(T, heads, dim) -> (1, heads, T, dim), a view (None stays None)."""
+    return None if t is None else t.transpose(0, 1).unsqueeze(0)
+
+
+def dense_as_packed(res: AttentionKL, heads: str) -> AttentionKL:
+    """A table call's dense result of batch 1 -> the packed shapes of ``attention_kl_varlen`` (views)."""
+    rows = (lambda t: t[0].transpose(0, 1)) if heads == "each" else (lambda t: t[0])
+    return AttentionKL(None if res.out is None else res.out[0].transpose(0, 1), rows(res.div),
+                       res.stats[0].transpose(0, 1), None if res.entropy is None else rows(res.entropy),
+                       None if res.mass is None else rows(res.mass))
 
 
 _PACKED_LAYOUTS = {"q": "(Tq, H, D)", "k": "(Tk, Hkv, D)", "v": "(Tk, Hkv, Dv)", "q_ref": "(Tq, Hr, Dr)",

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from oracle import FLOOR, Problem, _err, cast, run, upstream
+import ral
+from oracle import FLOOR, PackedProblem, Problem, _err, cast, packed_upstream, run, stats_upstream, upstream
 from ral import backends
-from ral.distributed import attention_kl_cp, causal_work, chunks, shard
+from ral.distributed import attention_kl_cp, attention_kl_cp_varlen, causal_work, chunks, shard
 
 CASES = {
     "causal-mean-jsd": dict(options=dict(heads="mean", divergence="jsd")),
@@ -26,6 +27,16 @@ CASES = {
                             options=dict(divergence="reverse_kl")),
     "padding-rowmask": dict(left_pad=(3, 0), right_pad=(0, 2), row_mask=True, options=dict(exclude_self=False)),
     "ref-stats": dict(with_ref_stats=True, options=dict(heads="each", divergence="jsd")),
+    "segments-each": dict(segments=3, left_pad=(2, 0), options=dict(heads="each", divergence="kl")),
+    "segments-mean": dict(segments=5, kv_heads=2, row_mask=True, options=dict(heads="mean")),
+}
+# packed streams (lengths include an empty sequence and ones that straddle the ranks' chunks)
+PACKED_CASES = {
+    "packed-causal-mean": dict(q_lens=(9, 0, 14, 3, 11)),
+    "packed-full-each-gqa": dict(q_lens=(6, 17, 1, 13), options=dict(heads="each", causal=False, divergence="kl")),
+    "packed-teacher-rowmask": dict(q_lens=(21, 4, 12), ref_heads=6, ref_kv_heads=3, ref_head_dim=24, row_mask=True,
+                                   options=dict(divergence="reverse_kl", exclude_self=False)),
+    "packed-segments": dict(q_lens=(8, 19, 10), segments=4, with_ref_stats=True, options=dict(heads="mean")),
 }
 
 
@@ -34,43 +45,10 @@ def _worker(rank, world, store_path, case, seq_len, layout, backend, dtype_name,
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
         torch.set_num_threads(1)
         dtype = getattr(torch, dtype_name)
-        fields = {"batch": 2, "heads": 4, "kv_heads": 4, "head_dim": 16, "seed": 7, **CASES[case]}
-        problem = Problem(q_len=seq_len, k_len=seq_len, **fields)
-        base = problem.make()
-        dout, ddiv = upstream(base)
-        whole = run(cast(base, dtype), backend, dout, ddiv)          # the single-process op
-        want = run(base, "reference", dout, ddiv)                    # float64 oracle, for the accuracy rule
-
-        def local(t, dim):
-            return None if t is None else shard(t, dim, layout=layout)
-
-        kw = cast(base, dtype)
-        leaves = {name: local(kw[name], 2).detach().requires_grad_(True) for name in ("q", "k", "v")}
-        res = attention_kl_cp(
-            leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"], 2), k_ref=local(kw["k_ref"], 2),
-            seq_len=seq_len, layout=layout, ref_stats=local(kw.get("ref_stats"), 2),
-            key_padding_mask=local(kw.get("key_padding_mask"), 1), row_mask=local(kw.get("row_mask"), 1),
-            backend=backend, **problem.options)
-        row_dim = 2 if res.div.dim() == 3 else 1
-        loss = (res.out.double() * local(dout, 2)).sum() + (res.div.double() * local(ddiv, row_dim)).sum()
-        loss.backward()
-        got = dict(out=res.out, div=res.div, stats=res.stats, dq=leaves["q"].grad, dk=leaves["k"].grad,
-                   dv=leaves["v"].grad)
-        report = []
-        for name, t in got.items():
-            dim = row_dim if name == "div" else 2
-            mine = t.detach().double()
-            single = local(whole[name], dim)
-            oracle = local(want[name], dim)
-            if dtype == torch.float64:
-                bound = 1e-6 if name == "stats" else 1e-9        # stats are float32 whatever the input
-                ok = _err(mine, single) <= bound
-            else:  # float32 kernels: the accuracy rule against the float64 oracle, like the single process
-                finite = torch.isfinite(oracle)
-                scale = float(oracle[finite].abs().max()) if finite.any() else 1.0
-                bound = 2.0 * _err(single, oracle) + FLOOR[dtype] * max(scale, 1e-3)
-                ok = _err(mine, oracle) <= bound
-            report.append(f"{name}:{'ok' if ok else 'FAIL'}:{_err(mine, single):.3g}:{bound:.3g}")
+        if case in PACKED_CASES:
+            report = _packed_case(case, layout, backend, dtype)
+        else:
+            report = _dense_case(case, seq_len, layout, backend, dtype)
         with open(f"{errors_path}.{rank}", "w") as f:
             f.write(" ".join(report))
     except Exception:  # noqa: BLE001 - surfaced to the parent through the report file
@@ -79,6 +57,92 @@ def _worker(rank, world, store_path, case, seq_len, layout, backend, dtype_name,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _dense_case(case, seq_len, layout, backend, dtype):
+    fields = {"batch": 2, "heads": 4, "kv_heads": 4, "head_dim": 16, "seed": 7, **CASES[case]}
+    problem = Problem(q_len=seq_len, k_len=seq_len, **fields)
+    base = problem.make()
+    dout, ddiv = upstream(base)
+    dstats = stats_upstream(base) if problem.segments else None
+    whole = run(cast(base, dtype), backend, dout, ddiv, dstats=dstats)      # the single-process op
+    want = run(base, "reference", dout, ddiv, dstats=dstats)                # float64 oracle (accuracy rule)
+
+    def local(t, dim):
+        return None if t is None else shard(t, dim, layout=layout)
+
+    kw = cast(base, dtype)
+    leaves = {name: local(kw[name], 2).detach().requires_grad_(True) for name in ("q", "k", "v")}
+    res = attention_kl_cp(
+        leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"], 2), k_ref=local(kw["k_ref"], 2),
+        seq_len=seq_len, layout=layout, ref_stats=local(kw.get("ref_stats"), 2),
+        key_padding_mask=local(kw.get("key_padding_mask"), 1), row_mask=local(kw.get("row_mask"), 1),
+        key_segments=local(kw.get("key_segments"), 1), num_segments=kw.get("num_segments"),
+        backend=backend, **problem.options)
+    row_dim = 2 if res.div.dim() == 3 else 1
+    loss = (res.out.double() * local(dout, 2)).sum() + (res.div.double() * local(ddiv, row_dim)).sum()
+    loss = loss + _stats_loss(res, dstats, lambda t: local(t, row_dim))
+    loss.backward()
+    dims = dict(div=row_dim, entropy=row_dim, mass=row_dim)
+    return _compare(res, leaves, whole, want, lambda t, name: local(t, dims.get(name, 2)), dtype)
+
+
+def _packed_case(case, layout, backend, dtype):
+    problem = PackedProblem(seed=7, **PACKED_CASES[case])
+    base = problem.make()
+    dout, ddiv = packed_upstream(base)
+    dstats = stats_upstream(base) if problem.segments else None
+    varlen = ral.ops.attention_kl_varlen
+    whole = run(cast(base, dtype), backend, dout, ddiv, op=varlen, dstats=dstats)
+    want = run(base, "reference", dout, ddiv, op=varlen, dstats=dstats)
+
+    def local(t, _name=None):
+        return None if t is None else shard(t, 0, layout=layout)
+
+    kw = cast(base, dtype)
+    leaves = {name: local(kw[name]).detach().requires_grad_(True) for name in ("q", "k", "v")}
+    res = attention_kl_cp_varlen(
+        leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"]), k_ref=local(kw["k_ref"]),
+        cu_seqlens=kw["cu_seqlens_q"], max_seqlen=kw["max_seqlen_q"], layout=layout,
+        ref_stats=local(kw.get("ref_stats")), row_mask=local(kw.get("row_mask")),
+        key_segments=local(kw.get("key_segments")), num_segments=kw.get("num_segments"), backend=backend,
+        **problem.options)
+    loss = (res.out.double() * local(dout)).sum() + (res.div.double() * local(ddiv)).sum()
+    loss = loss + _stats_loss(res, dstats, local)
+    loss.backward()
+    return _compare(res, leaves, whole, want, local, dtype)
+
+
+def _stats_loss(res, dstats, local):
+    """This rank's rows of the statistics' upstream weights (dentropy, dmass) times entropy and mass."""
+    if dstats is None:
+        return 0.0
+    dentropy, dmass = dstats
+    return (res.entropy.double() * local(dentropy)).sum() + (res.mass.double() * local(dmass)).sum()
+
+
+def _compare(res, leaves, whole, want, local, dtype) -> list:
+    """Per tensor "name:ok|FAIL:err:bound": this rank's rows against the same rows of the
+    single-process op (float64: up to summation order; float32: the accuracy rule vs the oracle)."""
+    got = dict(out=res.out, div=res.div, stats=res.stats, dq=leaves["q"].grad, dk=leaves["k"].grad,
+               dv=leaves["v"].grad, entropy=res.entropy, mass=res.mass)
+    report = []
+    for name, t in got.items():
+        if t is None:
+            continue
+        mine = t.detach().double()
+        single = local(whole[name], name)
+        oracle = local(want[name], name)
+        if dtype == torch.float64:
+            bound = 1e-6 if name == "stats" else 1e-9        # stats are float32 whatever the input
+            ok = _err(mine, single) <= bound
+        else:  # float32 kernels: the accuracy rule against the float64 oracle, like the single process
+            finite = torch.isfinite(oracle)
+            scale = float(oracle[finite].abs().max()) if finite.any() else 1.0
+            bound = 2.0 * _err(single, oracle) + FLOOR[dtype] * max(scale, 1e-3)
+            ok = _err(mine, oracle) <= bound
+        report.append(f"{name}:{'ok' if ok else 'FAIL'}:{_err(mine, single):.3g}:{bound:.3g}")
+    return report
 
 
 def spawn(tmp_path, world, case, seq_len, layout="zigzag", backend="reference", dtype="float64"):
@@ -100,8 +164,19 @@ def test_four_ranks_equal_one_process_float64(tmp_path, layout):
     spawn(tmp_path, 4, "gqa-teacher-rkl", seq_len=29, layout=layout)
 
 
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_packed_stream_on_two_ranks_equals_one_process_float64(tmp_path, case):
+    spawn(tmp_path, 2, case, seq_len=None)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_packed_stream_on_four_ranks_equals_one_process_float64(tmp_path, layout):
+    spawn(tmp_path, 4, "packed-segments", seq_len=None, layout=layout)
+
+
 @pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="ral._C not built")
-@pytest.mark.parametrize("world,case", [(2, "causal-mean-jsd"), (2, "padding-rowmask"), (4, "full-each-kl")])
+@pytest.mark.parametrize("world,case", [(2, "causal-mean-jsd"), (2, "padding-rowmask"), (4, "full-each-kl"),
+                                        (2, "segments-mean"), (4, "packed-segments")])
 def test_cpu_kernels_on_ranks(tmp_path, world, case):
     spawn(tmp_path, world, case, seq_len=37, backend="cpu", dtype="float32")
 
@@ -128,3 +203,7 @@ def test_needs_a_process_group():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="group: attention_kl_cp needs an initialised"):
         attention_kl_cp(q, q, q, q_ref=q, k_ref=q, seq_len=4)
+    packed = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="group: attention_kl_cp_varlen needs an initialised"):
+        attention_kl_cp_varlen(packed, packed, packed, q_ref=packed, k_ref=packed,
+                               cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), max_seqlen=4)
