@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # common registers the "cpu" platform and engine before veRL picks one; process_group: an autouse fixture
 from common import (B, check_attention_term_matches_reference_op, check_lambda_zero_is_verl_exactly,  # noqa: E402,F401
-                    check_remove_padding_on_off_same_loss, expected_term, make_worker, padded_chunk, process_group,
-                    update, with_reference)
+                    check_remove_padding_on_off_same_loss, expected_term, make_worker, old_log_probs, padded_chunk,
+                    process_group, with_reference)
 from tensordict.tensorclass import NonTensorData, NonTensorStack  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5_vl  # noqa: E402
@@ -186,3 +186,19 @@ def test_vl_attention_term_matches_reference_op(model_path, remove_padding, dyna
 
 def test_vl_remove_padding_on_off_same_loss(model_path):
     check_remove_padding_on_off_same_loss(model_path, partial(make_batch, 1))
+
+
+def test_vl_packed_log_probs_are_verls(model_path):
+    """With RAL attached and remove padding on (the decoder attention back on transformers' forward, the
+    packing read from the text row of the position ids, the chosen layer in ral's varlen op), the
+    old-log-prob pass gives veRL's own log-probs (of its padded path: its packed one needs flash-attn).
+    Float tolerance: other attention kernels, other summation orders."""
+    base, _ = make_worker(model_path, remove_padding=False)
+    expected = make_batch(2)
+    old_log_probs(base, expected)
+    worker, actor = make_worker(model_path, remove_padding=True)
+    handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
+    assert any(module is handle.policy.modules[0] for module in handle._restored)
+    batch = with_reference(worker, make_batch(2), handle)
+    assert batch["ral_k0"].values().shape[0] == batch["input_ids"].values().shape[0]   # image tokens' keys too
+    torch.testing.assert_close(batch["old_log_probs"], expected["old_log_probs"], rtol=1e-5, atol=1e-5)
