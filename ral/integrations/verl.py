@@ -79,6 +79,16 @@ Limits: ``ulysses_sequence_parallel_size`` must be 1 (the chosen layer would see
 ``ral.distributed.attention_kl_cp`` is the building block for it), ``pad_to_length`` must be off,
 ``use_fused_kernels`` is fine (the term does not need logits). Only FSDP/FSDP2 engines (language
 models and VLMs whose decoder layers transformers builds with ``layer_idx``).
+
+VLMs (tested: a tiny Qwen2.5-VL, images in the prompts): the images travel as veRL carries them
+(``multi_modal_inputs``, Qwen2.5-VL's (4, L) position ids whose text row shows the packing); the
+chosen layer is found by module (``model.language_model.layers[...]``), never the vision tower.
+veRL's ``apply_monkey_patch`` replaces Qwen2-VL / Qwen2.5-VL's decoder attention forward (for
+remove padding) with one that calls flash-attn directly, past transformers' attention interface, so
+the chosen layer would never reach RAL; while attached, RAL gives the actor's decoder attention
+modules transformers' own forward back (through the model's attention implementation, e.g.
+``ral+flash_attention_2``; per instance, undone by ``remove()``). Import this module before veRL
+builds the model (the trainer-level worker does).
 """
 
 from __future__ import annotations
@@ -86,6 +96,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
+from types import MethodType
 from typing import Optional, Sequence
 
 import torch
@@ -221,6 +232,49 @@ def _register_implementation(original: str) -> str:
     return name
 
 
+# veRL's apply_monkey_patch replaces these classes' forward (class-wide, for use_remove_padding or Ulysses)
+# with its own (verl.models.transformers.qwen2_vl.qwen2_vl_attn_forward), which calls flash-attn
+# directly, past transformers' attention interface: the chosen layers would never reach RAL ("record:
+# the chosen layers did not run"), and without flash-attn (CPU) it cannot run at all. transformers'
+# own forward, kept here from before veRL patches it, routes through the model's attention
+# implementation and passes the text position ids that show the packing (sequence parallel, the
+# other reason for veRL's patch, is refused by RAL).
+_VERL_PATCHED_ATTENTION = (("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention"),
+                           ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLAttention"))
+_TRANSFORMERS_FORWARD = {}
+
+
+def _keep_transformers_forwards():
+    import importlib
+    for module_name, class_name in _VERL_PATCHED_ATTENTION:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):  # pragma: no cover - other transformers versions
+            continue
+        if cls.forward.__module__ == module_name:
+            _TRANSFORMERS_FORWARD.setdefault(cls, cls.forward)
+        else:
+            _TRANSFORMERS_FORWARD.setdefault(cls, None)
+
+
+_keep_transformers_forwards()
+
+
+def _restore_attention_forwards(model) -> list:
+    """Give the decoder attention modules veRL patched transformers' forward back (per instance)."""
+    restored = []
+    for module in model.modules():
+        cls = next((c for c in type(module).__mro__ if c in _TRANSFORMERS_FORWARD), None)
+        if cls is None or cls.forward is _TRANSFORMERS_FORWARD[cls]:
+            continue
+        if _TRANSFORMERS_FORWARD[cls] is None:
+            raise RuntimeError(f"ral: veRL patched {cls.__name__}.forward before ral.integrations.verl was imported; "
+                               "import it before building the worker")
+        module.forward = MethodType(_TRANSFORMERS_FORWARD[cls], module)
+        restored.append(module)
+    return restored
+
+
 def _hf_model(module):
     """The transformers model under veRL's FSDP wrapper (FSDP1 wraps it, FSDP2 is the model)."""
     inner = getattr(module, "_fsdp_wrapped_module", None) or module
@@ -258,6 +312,7 @@ class RALActor:
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
                                       heads="mean", backend=config.backend)
         self._original_implementation = original
+        self._restored = _restore_attention_forwards(model)
         implementation = _register_implementation(original)
         if implementation != "ral":
             model.set_attn_implementation(implementation)
@@ -279,6 +334,8 @@ class RALActor:
         self.worker.set_loss_fn(self._old_loss_fn)
         self.policy.remove()
         self.policy.model.set_attn_implementation(self._original_implementation)
+        for module in self._restored:
+            module.__dict__.pop("forward", None)
         self.policy = None
 
     @contextlib.contextmanager

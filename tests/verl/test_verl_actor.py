@@ -5,7 +5,6 @@ random Qwen2 made in code. Run in its own venv (see examples/verl/README.md):
 """
 
 import os
-import socket
 import sys
 
 import pytest
@@ -16,43 +15,18 @@ pytest.importorskip("verl.protocol")
 os.environ.setdefault("VERL_PLATFORM", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cpu_platform  # noqa: E402,F401  (registers the "cpu" platform before veRL picks one)
 from functools import partial  # noqa: E402
 
-from tensordict import TensorDict  # noqa: E402
+# common registers the "cpu" platform and engine before veRL picks one; process_group: an autouse fixture
+from common import (B, check_attention_term_matches_reference_op, check_lambda_zero_is_verl_exactly,  # noqa: E402,F401
+                    check_remove_padding_on_off_same_loss, expected_term, free_port, make_worker, padded_chunk,
+                    params, process_group, update, with_reference)
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb  # noqa: E402
-from verl.trainer.config import CheckpointConfig  # noqa: E402
-from verl.trainer.ppo.core_algos import agg_loss  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
-from verl.workers.config import (FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig,  # noqa: E402
-                                 HFModelConfig, TrainingWorkerConfig)
-from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
-import ral  # noqa: E402
 from ral.integrations.verl import RALConfig, attach  # noqa: E402
-
-cpu_platform.register_cpu_engine()
-from verl.workers.engine_workers import TrainingWorker  # noqa: E402
-
-P, R, B = 5, 6, 8           # prompt width (left padded), response width (right padded), samples
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        torch.distributed.init_process_group("gloo")
-    torch.set_num_threads(1)
-    yield
-
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
@@ -65,83 +39,18 @@ def model_path(tmp_path_factory):
     return str(path)
 
 
-def make_worker(model_path, remove_padding=True, dynamic=False, checkpointing=False, agg="token-mean", lr=5e-2,
-                adam_eps=1e-8, attn="sdpa"):
-    engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
-                              mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
-                              micro_batch_size_per_gpu=2 if not dynamic else None, infer_micro_batch_size_per_gpu=4,
-                              use_dynamic_bsz=dynamic, max_token_len_per_gpu=40, infer_max_token_len_per_gpu=40)
-    model = HFModelConfig(path=model_path, load_tokenizer=False, use_remove_padding=remove_padding,
-                          enable_gradient_checkpointing=checkpointing, override_config={"attn_implementation": attn})
-    optim = FSDPOptimizerConfig(lr=lr, weight_decay=0.0, clip_grad=1e9, override_optimizer_config={"eps": adam_eps})
-    worker = TrainingWorker(TrainingWorkerConfig(model_type="language_model", model_config=model, engine_config=engine,
-                                                 optimizer_config=optim, checkpoint_config=CheckpointConfig()))
-    worker.reset()
-    actor = FSDPActorConfig(strategy="fsdp2", rollout_n=2, ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=2,
-                            use_dynamic_bsz=dynamic, ppo_max_token_len_per_gpu=40, loss_agg_mode=agg, clip_ratio=0.2)
-    worker.set_loss_fn(partial(ppo_loss, config=actor))
-    return worker, actor
-
-
 def make_batch(seed=0):
     """A padded GRPO batch as veRL's driver holds it, converted with veRL's left_right_2_no_padding."""
-    return left_right_2_no_padding(_padded_chunk(0, B, seed))
-
-
-def old_log_probs(worker, batch, ral_handle=None):
-    data = batch.clone()
-    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=False)
-    if ral_handle is not None:
-        with ral_handle.recording():
-            out = worker.infer_batch(data)
-    else:
-        out = worker.infer_batch(data)
-    from verl.workers.utils.padding import no_padding_2_padding
-    batch["old_log_probs"] = no_padding_2_padding(tu.get(out, "log_probs"), batch).float()
-    return out
-
-
-def with_reference(worker, batch, ral_handle):
-    """old_log_probs with the policy's reference recorded, its tensors stored in ``batch`` under the
-    handle's keys (what veRL's driver carries from the rollout to the update)."""
-    out = old_log_probs(worker, batch, ral_handle)
-    for key in ral_handle.batch_keys:
-        batch[key] = tu.get(out, key)
-    return batch
-
-
-def update(worker, batch, epochs=1, shuffle=False):
-    data = batch.clone()
-    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
-                         mini_batch_size=B // 2, epochs=epochs, seed=1, dataloader_kwargs={"shuffle": shuffle})
-    return tu.get(worker.train_mini_batch(data), "metrics")
-
-
-def params(worker):
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in worker.engine.module.state_dict().items()}
+    return left_right_2_no_padding(padded_chunk(0, B, seed))
 
 
 def test_lambda_zero_is_verl_exactly(model_path):
-    base, _ = make_worker(model_path)
-    batch = make_batch()
-    old_log_probs(base, batch)
-    m_base = update(base, batch, epochs=2)
-    p_base = params(base)
-
-    worker, actor = make_worker(model_path)
-    handle = attach(worker, RALConfig(lambda_attn=0.0), actor)
-    batch2 = make_batch()
-    old_log_probs(worker, batch2, handle)
-    assert torch.equal(batch2["old_log_probs"], batch["old_log_probs"])
-    m = update(worker, batch2, epochs=2)
-    assert m["loss"] == m_base["loss"] and len(m["loss"]) == 4
-    assert all(torch.equal(p_base[k], v) for k, v in params(worker).items())
-    assert "ral/attn_loss" not in m
+    check_lambda_zero_is_verl_exactly(model_path, make_batch)
 
 
-def _qk_last_layer(model, ids):
-    """Post-rotary q, k of the last layer for one unpadded sequence, computed by hand (no ral code)."""
+def _qk_last_layer(model, batch, i):
+    """Post-rotary q, k of the last layer for sample i, computed by hand (no ral code)."""
+    ids = batch["input_ids"].unbind()[i]
     layer = model.model.layers[-1]
     attn = layer.self_attn
     pos = torch.arange(ids.numel())[None]
@@ -155,28 +64,8 @@ def _qk_last_layer(model, ids):
 
 
 def _expected_term(model_path, before, after, batch, agg, lam):
-    """lambda * agg_loss(A * div) for the first mini-batch, with the float64 reference op."""
-    models = []
-    for state in (before, after):
-        m = Qwen2ForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
-        m.load_state_dict(state)
-        models.append(m.eval())
-    ids, cu = batch["input_ids"].values(), batch["input_ids"].offsets()
-    rlen = batch["attention_mask"][:, P:].sum(1)
-    half = B // 2
-    div = torch.zeros(half, R, dtype=torch.float64)
-    with torch.no_grad():
-        for i in range(half):
-            seq = ids[cu[i]:cu[i + 1]]
-            q_ref, k_ref = _qk_last_layer(models[0], seq)
-            q, k = _qk_last_layer(models[1], seq)
-            d = ral.ops.attention_kl(q.double(), k.double(), q_ref=q_ref.double(), k_ref=k_ref.double(),
-                                     backend="reference").div[0]
-            div[i, :rlen[i]] = d[-int(rlen[i]):]
-    mask = batch["response_mask"][:half].bool()
-    n_tokens = int(batch["response_mask"][:half].sum())
-    return lam * float(agg_loss(batch["advantages"][:half].double() * div, mask, agg, dp_size=1,
-                                batch_num_tokens=n_tokens, global_batch_size=half))
+    load = partial(Qwen2ForCausalLM.from_pretrained, model_path, dtype=torch.float32, attn_implementation="eager")
+    return expected_term(load, _qk_last_layer, before, after, batch, agg, lam)
 
 
 @pytest.mark.parametrize("remove_padding,dynamic,checkpointing,agg", [
@@ -185,42 +74,12 @@ def _expected_term(model_path, before, after, batch, agg, lam):
     (True, True, True, "seq-mean-token-sum"),
 ])
 def test_attention_term_matches_reference_op(model_path, remove_padding, dynamic, checkpointing, agg):
-    lam = 3.0
-    worker, actor = make_worker(model_path, remove_padding, dynamic, checkpointing, agg)
-    handle = attach(worker, RALConfig(lambda_attn=lam), actor)
-    batch = make_batch()
-    with_reference(worker, batch, handle)
-    assert batch["ral_q0"].values().shape[1:] == (4, 8) and batch["ral_k0"].values().shape[1:] == (2, 8)
-    before = params(worker)
-    # a first update at the rollout weights moves them (its attention term is ~0: JSD is at its minimum)
-    update(worker, batch)
-    after = params(worker)
-    metrics = update(worker, batch)       # second update: the first mini-batch runs at `after`
-    got = metrics["ral/attn_loss"]
-    expected = _expected_term(model_path, before, after, batch, agg, 1.0)
-    # veRL sums the micro-batches' terms of a mini-batch (they are normalised by the global counts):
-    # got[0] is the first mini-batch's lambda-free term. fp32 model vs float64 reference op on q/k
-    # computed in fp32 by hand: agreement to float tolerance, not bit for bit.
-    assert len(got) == 2
-    assert abs(float(got[0]) - expected) <= 1e-3 * abs(expected) + 1e-8, (got, expected)
-    assert abs(expected) > 1e-6
-    assert all(float(v) >= 0 for v in metrics["ral/attn_div"])
-    handle.remove()
-    assert "forward_step" not in worker.engine.__dict__
+    check_attention_term_matches_reference_op(model_path, make_batch, partial(_expected_term, model_path),
+                                              remove_padding, dynamic, checkpointing, agg, ((4, 8), (2, 8)))
 
 
 def test_remove_padding_on_off_same_loss(model_path):
-    losses = []
-    for remove_padding in (True, False):
-        worker, actor = make_worker(model_path, remove_padding)
-        handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
-        batch = make_batch(1)
-        with_reference(worker, batch, handle)
-        update(worker, batch)
-        losses.append(update(worker, batch))
-    for key in ("loss", "ral/attn_loss"):
-        a, b = (torch.tensor([float(v) for v in m[key]]) for m in losses)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    check_remove_padding_on_off_same_loss(model_path, partial(make_batch, 1))
 
 
 def test_reference_follows_shuffle_and_dynamic_batching(model_path):
@@ -249,7 +108,7 @@ def _dp_body(rank, world, model_path, remove_padding):
     handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
     per = B // world
     # veRL's dispatch gives dp rank r the r-th contiguous chunk of the batch
-    batch = left_right_2_no_padding(_padded_chunk(rank * per, (rank + 1) * per, 3))
+    batch = left_right_2_no_padding(padded_chunk(rank * per, (rank + 1) * per, 3))
     with_reference(worker, batch, handle)
     losses, terms = [], []
     for _ in range(2):
@@ -273,38 +132,13 @@ def _dp_run(rank, world, port, model_path, remove_padding, out_path):
     torch.distributed.destroy_process_group()
 
 
-def _padded_chunk(start, stop, seed=0):
-    """Rows start:stop of make_batch(seed) in veRL's padded driver layout (before left_right_2_no_padding)."""
-    g = torch.Generator().manual_seed(seed)
-    p_len = torch.randint(2, P + 1, (B,), generator=g)
-    r_len = torch.randint(2, R + 1, (B,), generator=g)
-    prompts = torch.zeros(B, P, dtype=torch.long)
-    responses = torch.zeros(B, R, dtype=torch.long)
-    pmask = torch.zeros(B, P, dtype=torch.long)
-    rmask = torch.zeros(B, R, dtype=torch.long)
-    for i in range(B):
-        prompts[i, P - p_len[i]:] = torch.randint(2, 32, (int(p_len[i]),), generator=g)
-        pmask[i, P - p_len[i]:] = 1
-        responses[i, :r_len[i]] = torch.randint(2, 32, (int(r_len[i]),), generator=g)
-        rmask[i, :r_len[i]] = 1
-    rmask[0, 1] = 0
-    attention_mask = torch.cat([pmask, (responses != 0).long() * (torch.arange(R) < r_len[:, None])], 1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    scores = torch.randn(B // 2, 2, generator=g)
-    adv = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)).reshape(B)
-    td = TensorDict({"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-                     "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": rmask,
-                     "advantages": adv[:, None] * rmask}, batch_size=[B])
-    return td[start:stop]
-
-
 def test_two_fsdp_processes_equal_one(model_path, tmp_path):
     """FSDP2 over gloo: 2 data-parallel processes with the same global batch (one mini-batch) give the
     same losses, attention terms and parameters as 1 process (float tolerance: the reductions differ)."""
     import torch.multiprocessing as mp
     one = _dp_body(0, 1, model_path, True)               # this process: a gloo group of 1
     path = tmp_path / "world2.pt"
-    mp.start_processes(_dp_run, args=(2, _port(), model_path, True, str(path)), nprocs=2, join=True,
+    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path)), nprocs=2, join=True,
                        start_method="spawn")
     two = torch.load(path, weights_only=False)
     for k, v in one["params"].items():
