@@ -22,6 +22,18 @@ Two modes::
         logits = model(input_ids[idx], attention_mask=attention_mask[idx]).logits
     div = cmp.div                                 # (B, S) float32, differentiable; 0 off row_mask
 
+Attention statistics. ``AttentionPolicy(model, stats=True)`` makes ``compare`` return, from the
+same op call, the entropy of the current policy and its mass per key segment (``Comparison.entropy``
+(B, S), ``.mass`` (B, S, num_segments), 0 off row_mask); ``observe()`` computes them alone, without a
+reference. Segment ids: the caller's ``key_segments`` (B, S) with ``segment_names``, or for a VLM
+whose config has ``image_token_id`` / ``video_token_id`` (Qwen2.5-VL) the call's input ids mapped to
+0 text, 1 image, 2 video (``token_segments``); otherwise the entropy alone::
+
+    policy = AttentionPolicy(vlm, stats=True)
+    with policy.compare(reference, row_mask=response_mask) as cmp:
+        vlm(input_ids, attention_mask=attention_mask, pixel_values=pixels, image_grid_thw=grid)
+    cmp.mass_by_segment()["image"]               # (B, S): each response row's attention on the image
+
 Masks. Padding (left or right) comes from the model's 2-D ``attention_mask``, captured from the
 model call (or passed explicitly to ``record`` / ``compare``) and handed to the op as
 ``key_padding_mask``. ``row_mask`` marks the rows (tokens) whose divergence counts, usually the
@@ -236,7 +248,6 @@ def _sdpa_packed(module, query: Tensor, key: Tensor, value: Tensor, packing: Pac
 # ----------------------------------------------------------------------------------------------
 
 VL_SEGMENTS = ("text", "image", "video")
-MAX_SEGMENTS = 8
 
 
 def token_segments(input_ids: Tensor, image_token_id: Optional[int], video_token_id: Optional[int] = None) -> Tensor:
@@ -267,8 +278,8 @@ def _segment_names(segment_names, vision_tokens) -> Optional[Tuple[str, ...]]:
     if isinstance(segment_names, str) or not all(isinstance(n, str) for n in segment_names):
         raise TypeError(f"segment_names must be a sequence of str (one name per segment id), got {segment_names!r}")
     names = tuple(segment_names)
-    if not 1 <= len(names) <= MAX_SEGMENTS or len(set(names)) != len(names):
-        raise ValueError(f"segment_names must hold 1..{MAX_SEGMENTS} distinct names, got {names!r}")
+    if not 1 <= len(names) <= ops.MAX_SEGMENTS or len(set(names)) != len(names):
+        raise ValueError(f"segment_names must hold 1..{ops.MAX_SEGMENTS} distinct names, got {names!r}")
     return names
 
 
@@ -634,7 +645,7 @@ class AttentionPolicy:
 
     def _key_padding(self, key: Tensor) -> Optional[Tensor]:
         mask, source = self._attention_mask, "attention_mask"
-        reference = self._state[0] if self._mode != "record" else None
+        reference = self._state[0] if self._mode == "compare" else None
         if mask is None and reference is not None and reference.key_padding_mask is not None:
             mask, source = reference.key_padding_mask, "reference: its key_padding_mask"
         if mask is None:
@@ -781,7 +792,7 @@ class AttentionPolicy:
             query, key = query.to(value.dtype), key.to(value.dtype)
         kpm = self._key_padding(key)
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
-        reference = self._state[0] if self._mode != "record" else None
+        reference = self._state[0] if self._mode == "compare" else None
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
