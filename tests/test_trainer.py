@@ -204,7 +204,10 @@ def test_attention_statistics_in_metrics_and_compare(tmp_path):
 
 def test_statistics_loss_needs_segments(tmp_path):
     task = GroundingTask(SMALL)
-    del_task = type("NoSegments", (), {k: getattr(task, k) for k in ("sample", "reward", "max_new_tokens",
+    no_segments = type("NoSegments", (), {k: getattr(task, k) for k in ("sample", "reward", "max_new_tokens",
                                                                         "eos_token_id", "pad_token_id")})()
     with pytest.raises(ValueError, match="attn_mass_coef"):
-        RALTrainer(task.build_model(), del_task, TrainConfig(attn_mass_coef=1.0, beta=0.0), str(tmp_path / "x"))
+        RALTrainer(task.build_model(), no_segments, TrainConfig(attn_mass_coef=1.0, beta=0.0), str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="attn_mass_segments"):
+        RALTrainer(task.build_model(), task, TrainConfig(attn_mass_coef=1.0, attn_mass_segments=(2,), beta=0.0),
+                   str(tmp_path / "y"))

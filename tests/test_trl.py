@@ -1,6 +1,7 @@
 """RALGRPOTrainer: real TRL training steps on a tiny random Qwen2 (from config, offline, tokenizer
 built in code) with a rule-based reward, on CPU. lambda_attn = 0 must be GRPOTrainer exactly."""
 
+import copy
 import os
 
 import pytest
@@ -15,8 +16,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from ral import backends  # noqa: E402
 from ral.integrations.distill import DistillConfig  # noqa: E402
+from ral.integrations.transformers import token_segments  # noqa: E402
 from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl  # noqa: E402
+from ral.losses import attention_stats_token_loss  # noqa: E402
+from test_attention_stats_integration import eager_statistics  # noqa: E402
+from test_transformers_integration import IMAGE_TOKEN, _batch, _eager, _qwen25vl  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + list("abcdefghijklmnop")
 
@@ -181,7 +187,6 @@ def test_attached_policy_lambda_zero_matches_grpo(tmp_path):
 def _vl_generation(gen):
     """What GRPOTrainer's generation step hands on for two samples of a VLM: prompt (left padded,
     one 4x4-patch image each) + completion (right padded), pixels, grids, advantages."""
-    from test_transformers_integration import _batch
     inputs, mask, _ = _batch("qwen25vl", gen)           # (2, 14): prompt = first 10 tokens, completion = last 4
     ids = inputs["input_ids"]
     return {"prompt_ids": ids[:, :10], "prompt_mask": mask[:, :10].long(), "completion_ids": ids[:, 10:],
@@ -192,15 +197,6 @@ def _vl_generation(gen):
 
 @pytest.mark.parametrize("lambda_attn,coefs", [(1.0, (0.0, 0.0)), (0.0, (0.5, 2.0))])
 def test_vl_step_logs_attention_statistics_equal_to_eager_maps(tmp_path, monkeypatch, lambda_attn, coefs):
-    import copy
-
-    from test_attention_stats_integration import eager_statistics
-    from test_transformers_integration import IMAGE_TOKEN, _eager, _qwen25vl
-
-    from ral import backends
-    from ral.integrations.transformers import token_segments
-    from ral.losses import attention_stats_token_loss
-
     torch.manual_seed(0)
     model = _qwen25vl().float()
     initial = _eager(copy.deepcopy(model))

@@ -219,6 +219,10 @@ class RALTrainer:
         self._segment_names = getattr(task, "segment_names", None) if hasattr(task, "key_segments") else None
         if config.attn_mass_coef and self._segment_names is None:
             raise ValueError("attn_mass_coef: the task gives no key segments (segment_names, key_segments)")
+        if config.attn_mass_coef and not (config.attn_mass_segments and all(
+                isinstance(i, int) and 0 <= i < len(self._segment_names) for i in config.attn_mass_segments)):
+            raise ValueError(f"attn_mass_segments: must be segment ids of the task's {self._segment_names}, "
+                             f"got {config.attn_mass_segments!r}")
         self.policy = AttentionPolicy(language_model(model), layers=config.attn_layers, divergence=config.divergence,
                                       backend=config.backend, stats=config.attn_stats or self._stats_loss,
                                       segment_names=self._segment_names)
