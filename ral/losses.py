@@ -12,13 +12,13 @@ tokens. The token-loss normalisations follow TRL's ``GRPOTrainer`` (``loss_type`
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "k3_kl", "grpo_token_loss", "attention_policy_loss", "reduce_tokens",
-           "masked_token_mean", "GRPOLoss", "LOSS_TYPES", "NORMS"]
+__all__ = ["group_advantages", "k3_kl", "grpo_token_loss", "attention_policy_loss", "attention_stats_token_loss",
+           "attention_stats_loss", "reduce_tokens", "masked_token_mean", "GRPOLoss", "LOSS_TYPES", "NORMS"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -134,13 +134,76 @@ def attention_policy_loss(div: Tensor, advantages: Optional[Tensor], response_ma
     A > 0 gives positive weight to the divergence (pulls the attention towards the reference);
     A < 0 pushes it away (bounded by ln 2 per token with JSD).
     """
-    if div.shape[-1] != response_mask.shape[-1]:
-        if div.shape[-1] < response_mask.shape[-1]:
-            raise ValueError(f"div: length {div.shape[-1]} < response_mask length {response_mask.shape[-1]}")
-        div = div[:, div.shape[-1] - response_mask.shape[-1]:]
-    per_token = div.float()
+    per_token = _right_aligned("div", div, response_mask.shape[-1]).float()
     if advantages is not None:
         per_token = per_token * advantages.float()[:, None]
+    return reduce_tokens(per_token, response_mask, loss_type, max_completion_length, num_items)
+
+
+def _right_aligned(name: str, values: Tensor, length: int) -> Tensor:
+    """(B, S, ...) per-token values over a whole sequence -> their last ``length`` tokens (B, T, ...)."""
+    if values.shape[1] < length:
+        raise ValueError(f"{name}: length {values.shape[1]} < response_mask length {length}")
+    return values[:, values.shape[1] - length:]
+
+
+def attention_stats_token_loss(entropy: Optional[Tensor], mass: Optional[Tensor], length: int, *,
+                               entropy_coef: float = 0.0, mass_coef: float = 0.0,
+                               segments: Sequence[int] = (1, 2)) -> Tensor:
+    """The per-token attention-statistics loss (B, T), float32 (float64 for float64 inputs): ``- entropy_coef * entropy -
+    mass_coef * sum_{s in segments} mass[..., s]`` over the last ``length`` tokens.
+
+    Args:
+        entropy: (B, S) policy entropy per token (``Comparison.entropy``), or None when entropy_coef == 0.
+        mass: (B, S, num_segments) per-segment attention mass (``Comparison.mass``), or None when
+            mass_coef == 0.
+        length: T, the response length; (B, S) inputs are right-aligned to it (S >= T).
+        entropy_coef: > 0 is an entropy bonus (minimising the loss spreads the attention), < 0 sharpens it.
+        mass_coef: > 0 rewards attention mass on ``segments`` (default 1, 2: image and video of
+            ``VL_SEGMENTS``), i.e. penalises the mass that leaves them: the term equals
+            ``mass_coef * (1 - mass_on_segments)`` up to a constant, so its gradient is the same.
+        segments: segment ids (indices into mass's last dim) whose mass counts.
+    """
+    per_token = None
+    for name, values, coef in (("entropy", entropy, entropy_coef), ("mass", mass, mass_coef)):
+        if not coef:
+            continue
+        if not isinstance(values, Tensor):
+            raise ValueError(f"{name}: required when {name}_coef != 0 (got None; compute the statistics, e.g. "
+                             f"AttentionPolicy(stats=True))")
+        if values.dim() != (2 if name == "entropy" else 3):
+            raise ValueError(f"{name}: expected {'(B, S)' if name == 'entropy' else '(B, S, num_segments)'} "
+                             f"(heads='mean'), got {tuple(values.shape)}")
+        values = _right_aligned(name, values, length)
+        values = values.to(torch.promote_types(values.dtype, torch.float32))
+        if name == "mass":
+            ids = list(segments)
+            if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < values.shape[-1]
+                              for i in ids):
+                raise ValueError(f"segments: must be a non-empty sequence of segment ids in [0, "
+                                 f"{values.shape[-1]}), got {segments!r}")
+            values = values[..., ids].sum(-1)
+        term = -float(coef) * values
+        per_token = term if per_token is None else per_token + term
+    if per_token is None:
+        raise ValueError("entropy_coef, mass_coef: both are 0, the loss would be 0")
+    return per_token
+
+
+def attention_stats_loss(entropy: Optional[Tensor], mass: Optional[Tensor], response_mask: Tensor, *,
+                         entropy_coef: float = 0.0, mass_coef: float = 0.0, segments: Sequence[int] = (1, 2),
+                         loss_type: str = "grpo", max_completion_length: Optional[int] = None,
+                         num_items: Optional[float] = None) -> Tensor:
+    """A loss on where the policy looks: ``attention_stats_token_loss`` (per token ``-
+    entropy_coef * entropy - mass_coef * mass[..., segments].sum(-1)``) reduced over
+    ``response_mask`` (B, T) with ``loss_type`` as the GRPO loss (module doc). Not weighted by
+    advantages: a regulariser, usable beside the RAL term (``attention_policy_loss``) or instead of it.
+
+    Signs: minimising it raises the entropy for entropy_coef > 0 (a bonus) and the attention mass
+    on ``segments`` for mass_coef > 0 (a penalty on attention that leaves the visual tokens).
+    """
+    per_token = attention_stats_token_loss(entropy, mass, response_mask.shape[-1], entropy_coef=entropy_coef,
+                                           mass_coef=mass_coef, segments=segments)
     return reduce_tokens(per_token, response_mask, loss_type, max_completion_length, num_items)
 
 

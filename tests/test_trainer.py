@@ -1,5 +1,6 @@
 """The thin GRPO + RAL trainer, the grounding task and the CLI, on tiny settings."""
 
+import copy
 import json
 import os
 
@@ -150,3 +151,63 @@ def test_cli_train_and_compare(tmp_path):
     assert main(["compare", str(tmp_path / "grpo"), str(tmp_path / "ral"), "--out", str(png)]) == 0
     data = json.load(open(tmp_path / "cmp.json"))
     assert set(data["methods"]) == {"grpo", "ral"} and png.exists()
+
+
+def test_attention_statistics_in_metrics_and_compare(tmp_path):
+    """attn_stats: metrics.jsonl gets ral/attn_entropy and ral/attn_mass/{text,image} of the response
+    rows; the compare call's mass on the image cells equals the eager maps'; the statistics loss
+    (bnpo) is -coef * the logged image mass; ``ral compare`` draws a second figure of them."""
+    runs = {}
+    for name, kw in (("grpo", dict(lambda_attn=0.0)), ("ral", dict(lambda_attn=1.0, attn_mass_coef=2.0,
+                                                                   loss_type="bnpo"))):
+        trainer = _setup(tmp_path, name, steps=2, attn_stats=True, **kw)
+        trainer.train(progress=False)
+        runs[name] = trainer
+        lines = [json.loads(x) for x in open(trainer.metrics_path)]
+        for m in lines:
+            assert m["ral/attn_mass/text"] + m["ral/attn_mass/image"] == pytest.approx(1.0, abs=1e-5)
+            assert m["ral/attn_entropy"] > 0 and m["ral/attn_mass/image"] > 0
+        if name == "ral":
+            for m in lines:
+                assert m["ral/attn_stats_loss"] == pytest.approx(-2.0 * m["ral/attn_mass/image"], rel=1e-5, abs=1e-7)
+        else:
+            assert "ral/attn_stats_loss" not in lines[0]
+
+    # the embedded path (inputs_embeds, segment ids from the task) against eager maps
+    trainer = runs["grpo"]
+    batch = trainer.rollout()
+    rows = torch.zeros_like(batch["ids"], dtype=torch.bool)
+    rows[:, -batch["cmask"].shape[1]:] = batch["cmask"]
+    with torch.no_grad(), trainer.policy.observe(row_mask=rows, key_segments=batch["segments"]) as obs:
+        trainer.model(batch["ids"], batch["mask"], **batch["extras"])
+    eager = copy.deepcopy(trainer.model)
+    eager.lm.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = eager(batch["ids"], batch["mask"], **batch["extras"], output_attentions=True).attentions[-1]
+    s = attn.shape[-1]
+    keep = torch.ones(s, s, dtype=torch.bool).tril(-1)[None] & batch["mask"].bool()[:, None, :]
+    p = torch.where(keep, attn.double().mean(1), torch.zeros((), dtype=torch.float64))
+    pi = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    image = (pi * batch["segments"][:, None, :]).sum(-1)
+    assert float(image[rows].mean()) > 0.05
+    torch.testing.assert_close(obs.mass[..., 1][rows].double(), image[rows], atol=2e-6, rtol=1e-5)
+
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(tmp_path / "grpo"), str(tmp_path / "ral"), "--out", str(png)]) == 0
+    data = json.load(open(tmp_path / "cmp.json"))
+    assert (tmp_path / "cmp-attention.png").exists()
+    final = data["attention"]["methods"]["ral"]["final"]
+    assert set(final) == {"ral/attn_entropy", "ral/attn_mass/text", "ral/attn_mass/image"}
+    logged = [json.loads(x)["ral/attn_mass/image"] for x in open(runs["ral"].metrics_path)]
+    assert final["ral/attn_mass/image"]["mean"] == pytest.approx(sum(logged) / len(logged))
+
+
+def test_statistics_loss_needs_segments(tmp_path):
+    task = GroundingTask(SMALL)
+    no_segments = type("NoSegments", (), {k: getattr(task, k) for k in ("sample", "reward", "max_new_tokens",
+                                                                        "eos_token_id", "pad_token_id")})()
+    with pytest.raises(ValueError, match="attn_mass_coef"):
+        RALTrainer(task.build_model(), no_segments, TrainConfig(attn_mass_coef=1.0, beta=0.0), str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="attn_mass_segments"):
+        RALTrainer(task.build_model(), task, TrainConfig(attn_mass_coef=1.0, attn_mass_segments=(2,), beta=0.0),
+                   str(tmp_path / "y"))

@@ -1,6 +1,7 @@
 """RALGRPOTrainer: real TRL training steps on a tiny random Qwen2 (from config, offline, tokenizer
 built in code) with a rule-based reward, on CPU. lambda_attn = 0 must be GRPOTrainer exactly."""
 
+import copy
 import os
 
 import pytest
@@ -15,8 +16,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from ral import backends  # noqa: E402
 from ral.integrations.distill import DistillConfig  # noqa: E402
+from ral.integrations.transformers import token_segments  # noqa: E402
 from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl  # noqa: E402
+from ral.losses import attention_stats_token_loss  # noqa: E402
+from test_attention_stats_integration import eager_statistics  # noqa: E402
+from test_transformers_integration import IMAGE_TOKEN, _batch, _eager, _qwen25vl  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + list("abcdefghijklmnop")
 
@@ -171,3 +177,80 @@ def test_attached_policy_lambda_zero_matches_grpo(tmp_path):
         RALGRPOTrainer(model=qwen2(), reward_funcs=count_a, args=config(tmp_path), train_dataset=dataset(),
                        processing_class=tokenizer(), lambda_attn=0.0, attach_policy=True,
                        teacher_model=qwen2(seed=1), distill=DistillConfig(gamma_attn=1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention statistics on a tiny Qwen2.5-VL (made in code): logged mass on the image tokens and
+# the statistics loss against the same numbers from eager attention maps
+# ----------------------------------------------------------------------------------------------
+
+def _vl_generation(gen):
+    """What GRPOTrainer's generation step hands on for two samples of a VLM: prompt (left padded,
+    one 4x4-patch image each) + completion (right padded), pixels, grids, advantages."""
+    inputs, mask, _ = _batch("qwen25vl", gen)           # (2, 14): prompt = first 10 tokens, completion = last 4
+    ids = inputs["input_ids"]
+    return {"prompt_ids": ids[:, :10], "prompt_mask": mask[:, :10].long(), "completion_ids": ids[:, 10:],
+            "completion_mask": mask[:, 10:].long(), "advantages": torch.tensor([0.5, -0.5]),
+            "num_items_in_batch": mask[:, 10:].sum(), "pixel_values": inputs["pixel_values"],
+            "image_grid_thw": inputs["image_grid_thw"], "num_images": [1, 1]}
+
+
+@pytest.mark.parametrize("lambda_attn,coefs", [(1.0, (0.0, 0.0)), (0.0, (0.5, 2.0))])
+def test_vl_step_logs_attention_statistics_equal_to_eager_maps(tmp_path, monkeypatch, lambda_attn, coefs):
+    torch.manual_seed(0)
+    model = _qwen25vl().float()
+    initial = _eager(copy.deepcopy(model))
+    batch = _vl_generation(torch.Generator().manual_seed(0))
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(batch))
+    backend = "cpu" if "cpu" in backends.available() else "reference"
+    entropy_coef, mass_coef = coefs
+    trainer = RALGRPOTrainer(model=model, reward_funcs=count_a,
+                             args=config(tmp_path, per_device_train_batch_size=2, num_generations=2,
+                                         max_completion_length=4, max_steps=1, num_iterations=1,
+                                         gradient_accumulation_steps=1, loss_type="grpo"),
+                             train_dataset=dataset(), processing_class=tokenizer(), lambda_attn=lambda_attn,
+                             attn_stats=True, attn_backend=backend, attn_entropy_coef=entropy_coef,
+                             attn_mass_coef=mass_coef, attn_mass_segments=("image",))
+    assert trainer.attn_policy.segment_names == ("text", "image", "video")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 1 and ("ral/attn_div" in logs[0]) == (lambda_attn > 0)
+
+    # the same numbers from the eager maps of the initial weights on the (shuffled) micro-batch
+    inputs = trainer._buffered_inputs[0]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        attn = initial(input_ids=ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+                       image_grid_thw=inputs["image_grid_thw"], output_attentions=True).attentions[-1]
+    entropy, mass = eager_statistics(attn, attention_mask.bool(), token_segments(ids, IMAGE_TOKEN, 61))
+    rows = inputs["completion_mask"].bool()
+    entropy, mass = entropy[:, -4:][rows], mass[:, -4:][rows]           # the response rows
+    assert float(mass[:, 1].mean()) > 0.05                              # they do look at the image
+    assert logs[0]["ral/attn_mass/image"] == pytest.approx(float(mass[:, 1].mean()), abs=2e-6, rel=1e-5)
+    assert logs[0]["ral/attn_entropy"] == pytest.approx(float(entropy.mean()), abs=2e-6, rel=1e-5)
+    for i, name in enumerate(("text", "image", "video")):
+        assert logs[0][f"ral/attn_mass/{name}"] == pytest.approx(float(mass[:, i].mean()), abs=2e-6, rel=1e-5)
+    if mass_coef:
+        full_entropy, full_mass = (torch.zeros(rows.shape, dtype=torch.float64), torch.zeros(rows.shape + (3,),
+                                                                                             dtype=torch.float64))
+        full_entropy[rows], full_mass[rows] = entropy, mass
+        per_token = attention_stats_token_loss(full_entropy, full_mass, 4, entropy_coef=entropy_coef,
+                                               mass_coef=mass_coef, segments=(1,))
+        want = aggregate_like_trl(trainer, per_token, rows, inputs, "train")
+        assert logs[0]["ral/attn_stats_loss"] == pytest.approx(float(want), abs=2e-6, rel=1e-5)
+    else:
+        assert "ral/attn_stats_loss" not in logs[0]
+
+
+def test_attention_statistics_options_misuse(tmp_path):
+    kw = dict(reward_funcs=count_a, args=config(tmp_path), train_dataset=dataset(), processing_class=tokenizer())
+    with pytest.raises(ValueError, match="attn_mass_coef"):              # a text model has no segments
+        RALGRPOTrainer(model=qwen2(), lambda_attn=0.0, attn_mass_coef=1.0, **kw)
+    with pytest.raises(ValueError, match="attn_mass_segments"):
+        RALGRPOTrainer(model=qwen2(), lambda_attn=0.0, attn_mass_coef=1.0, attn_segment_names=("a", "b"),
+                       attn_segments=lambda ids: (ids == 3).long(), attn_mass_segments=("image",), **kw)
+    with pytest.raises(ValueError, match="attn_segments"):
+        RALGRPOTrainer(model=qwen2(), lambda_attn=0.0, attn_stats=True, attn_segments=lambda ids: ids, **kw)
+    with pytest.raises(ValueError, match="attn_entropy_coef"):
+        RALGRPOTrainer(model=qwen2(), lambda_attn=0.0, attn_entropy_coef=float("nan"), **kw)

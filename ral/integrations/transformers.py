@@ -22,6 +22,18 @@ Two modes::
         logits = model(input_ids[idx], attention_mask=attention_mask[idx]).logits
     div = cmp.div                                 # (B, S) float32, differentiable; 0 off row_mask
 
+Attention statistics. ``AttentionPolicy(model, stats=True)`` makes ``compare`` return, from the
+same op call, the entropy of the current policy and its mass per key segment (``Comparison.entropy``
+(B, S), ``.mass`` (B, S, num_segments), 0 off row_mask); ``observe()`` computes them alone, without a
+reference. Segment ids: the caller's ``key_segments`` (B, S) with ``segment_names``, or for a VLM
+whose config has ``image_token_id`` / ``video_token_id`` (Qwen2.5-VL) the call's input ids mapped to
+0 text, 1 image, 2 video (``token_segments``); otherwise the entropy alone::
+
+    policy = AttentionPolicy(vlm, stats=True)
+    with policy.compare(reference, row_mask=response_mask) as cmp:
+        vlm(input_ids, attention_mask=attention_mask, pixel_values=pixels, image_grid_thw=grid)
+    cmp.mass_by_segment()["image"]               # (B, S): each response row's attention on the image
+
 Masks. Padding (left or right) comes from the model's 2-D ``attention_mask``, captured from the
 model call (or passed explicitly to ``record`` / ``compare``) and handed to the op as
 ``key_padding_mask``. ``row_mask`` marks the rows (tokens) whose divergence counts, usually the
@@ -68,7 +80,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +92,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .. import ops
 
 __all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
-           "packed_sequences", "register", "ral_attention_forward", "IMPLEMENTATION"]
+           "packed_sequences", "register", "ral_attention_forward", "token_segments", "IMPLEMENTATION",
+           "VL_SEGMENTS"]
 
 IMPLEMENTATION = "ral"
 
@@ -228,6 +241,55 @@ def _sdpa_packed(module, query: Tensor, key: Tensor, value: Tensor, packing: Pac
     out, _ = sdpa_attention_forward(module, stream(query), stream(key), stream(value), mask, dropout=dropout,
                                     scaling=scale, **kwargs)
     return out.reshape(b, s, *out.shape[2:]), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Key segments (attention statistics)
+# ----------------------------------------------------------------------------------------------
+
+VL_SEGMENTS = ("text", "image", "video")
+
+
+def token_segments(input_ids: Tensor, image_token_id: Optional[int], video_token_id: Optional[int] = None) -> Tensor:
+    """(B, S) token ids -> (B, S) int64 segment ids: 0 text, 1 image, 2 video (``VL_SEGMENTS``).
+
+    A VLM's processor expands every image (video) into placeholder tokens, one per merged patch
+    (Qwen2.5-VL: ``<|image_pad|>`` = ``config.image_token_id``, ``<|video_pad|>`` =
+    ``config.video_token_id``), whose embeddings the model replaces by the visual features: those
+    positions are the image (video) keys. A token id of None matches nothing.
+    """
+    seg = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    for value, token in ((1, image_token_id), (2, video_token_id)):
+        if token is not None:
+            seg = seg.masked_fill(input_ids == token, value)
+    return seg
+
+
+def _vision_token_ids(model: nn.Module) -> Optional[Tuple[Optional[int], Optional[int]]]:
+    """(image_token_id, video_token_id) of a VLM's config, or None for a model without them."""
+    config = getattr(model, "config", None)
+    ids = tuple(getattr(config, name, None) for name in ("image_token_id", "video_token_id"))
+    return ids if any(isinstance(i, int) for i in ids) else None
+
+
+def _segment_names(segment_names, vision_tokens) -> Optional[Tuple[str, ...]]:
+    if segment_names is None:
+        return VL_SEGMENTS if vision_tokens is not None else None
+    if isinstance(segment_names, str) or not all(isinstance(n, str) for n in segment_names):
+        raise TypeError(f"segment_names must be a sequence of str (one name per segment id), got {segment_names!r}")
+    names = tuple(segment_names)
+    if not 1 <= len(names) <= ops.MAX_SEGMENTS or len(set(names)) != len(names):
+        raise ValueError(f"segment_names must hold 1..{ops.MAX_SEGMENTS} distinct names, got {names!r}")
+    return names
+
+
+def _unpack_rows(t: Optional[Tensor], batch: int, seq: int, heads_each: bool) -> Optional[Tensor]:
+    """A packed per-row result of the varlen op, (T, ...) or with heads="each" (T, H, ...), ->
+    the dense op's layout over the input ids: (B, S, ...) or (B, H, S, ...)."""
+    if t is None:
+        return None
+    t = t.reshape(batch, seq, *t.shape[1:])
+    return t.movedim(2, 1) if heads_each else t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,21 +446,56 @@ class Recording:
 
 @dataclass
 class Comparison:
-    """Handle yielded by ``AttentionPolicy.compare``.
+    """Handle yielded by ``AttentionPolicy.compare`` (and ``observe``).
 
     ``per_layer``: {layer index: div (B, S) float32}; ``div``: their mean over the chosen layers
     (just the layer's own div with one layer, the default). Differentiable. (B, S) is the shape of
-    the input ids, also for packed sequences: (1, T) for one packed row.
+    the input ids, also for packed sequences: (1, T) for one packed row. heads="each": (B, H, S).
+
+    With statistics (``AttentionPolicy(stats=True)``, a call's ``key_segments``, or ``observe``),
+    from the same op call: ``per_layer_entropy`` {layer: (B, S)} and ``per_layer_mass`` {layer:
+    (B, S, num_segments)} (heads="each": (B, H, S) and (B, H, S, num_segments)), float32,
+    differentiable, 0 on rows outside row_mask and on rows with an empty support; ``entropy`` and
+    ``mass`` their means over the chosen layers (None without statistics; ``mass`` None when no
+    segment ids were known). ``segment_names`` names the last dim of ``mass``.
     """
 
     per_layer: Dict[int, Tensor] = field(default_factory=dict)
+    per_layer_entropy: Dict[int, Tensor] = field(default_factory=dict)
+    per_layer_mass: Dict[int, Tensor] = field(default_factory=dict)
+    segment_names: Optional[Tuple[str, ...]] = None
 
     @property
     def div(self) -> Tensor:
         if not self.per_layer:
-            raise RuntimeError("no chosen layer ran inside the compare block; call the model inside it")
-        values = list(self.per_layer.values())
-        return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+            raise RuntimeError("no divergence: no chosen layer ran inside the compare block (call the model "
+                               "inside it), or this is an observe block (statistics only)")
+        return _layer_mean(self.per_layer)
+
+    @property
+    def entropy(self) -> Optional[Tensor]:
+        return _layer_mean(self.per_layer_entropy) if self.per_layer_entropy else None
+
+    @property
+    def mass(self) -> Optional[Tensor]:
+        return _layer_mean(self.per_layer_mass) if self.per_layer_mass else None
+
+    def mass_by_segment(self) -> Dict[str, Tensor]:
+        """{segment name: mass (B, S) (heads="each": (B, H, S))}; empty without segment ids."""
+        mass = self.mass
+        if mass is None:
+            return {}
+        return {name: mass[..., i] for i, name in enumerate(self.segment_names)}
+
+    def _add(self, layer: int, div: Optional[Tensor], entropy: Optional[Tensor], mass: Optional[Tensor]) -> None:
+        for store, value in ((self.per_layer, div), (self.per_layer_entropy, entropy), (self.per_layer_mass, mass)):
+            if value is not None:
+                store.setdefault(layer, value)
+
+
+def _layer_mean(per_layer: Dict[int, Tensor]) -> Tensor:
+    values = list(per_layer.values())
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,6 +574,16 @@ class AttentionPolicy:
         record_stats: in ``record``, compute the layer outputs with the op as well, which also
             gives the reference row statistics; so old and new log-probs come from the same kernel
             (ratio exactly 1 before the first update). False: SDPA outputs, stats computed later.
+        stats: in ``compare``, also return the entropy and the per-segment mass of the current
+            policy (``Comparison.entropy`` / ``.mass``) from the same op call (docs/design.md,
+            "Attention statistics"). ``observe`` always computes them; a call's ``key_segments``
+            turns them on for that call. Off by default (only the cpu and reference backends compute them so far).
+        segment_names: the names of segment ids 0, 1, ... (1..8 names); default ``VL_SEGMENTS``
+            ("text", "image", "video") for a model whose config has ``image_token_id`` /
+            ``video_token_id`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, ...), else None. With the default
+            names the segment ids come from the model call's ``input_ids`` (``token_segments``);
+            given names need the ids from the caller (``key_segments`` of ``compare`` / ``observe``).
+            Without segment ids the op gives the entropy only (all keys one segment; mass None).
 
     Use ``record()`` to cache a reference and ``compare(reference, row_mask=...)`` to get the
     differentiable per-token divergence; see the module docstring. ``remove()`` undoes the hooks.
@@ -484,7 +591,14 @@ class AttentionPolicy:
 
     def __init__(self, model: nn.Module, layers: Sequence[int] = (-1,), *, divergence: str = "jsd",
                  heads: str = "mean", exclude_self: bool = True, backend: str = "auto",
-                 record_stats: bool = True):
+                 record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None):
+        if not isinstance(stats, bool):
+            raise TypeError(f"stats must be a bool, got {type(stats).__name__}")
+        vision_tokens = _vision_token_ids(model)
+        self.segment_names = _segment_names(segment_names, vision_tokens)
+        self.stats = stats
+        # segment ids from the call's input ids: only with the default (VLM) names
+        self._vision_tokens = vision_tokens if segment_names is None else None
         register()
         if getattr(getattr(model, "config", None), "_attn_implementation", None) != IMPLEMENTATION:
             model.set_attn_implementation(IMPLEMENTATION)
@@ -511,12 +625,17 @@ class AttentionPolicy:
         self._mode: Optional[str] = None
         self._state = None
         self._attention_mask: Optional[Tensor] = None
+        self._input_ids: Optional[Tensor] = None
         self._explicit_mask = False
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
     # -- mask capture -----------------------------------------------------------------------
     def _capture_mask(self, module, args, kwargs):
-        if self._mode is None or self._explicit_mask:
+        if self._mode is None:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
+        if self._explicit_mask:
             return None
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
@@ -526,8 +645,9 @@ class AttentionPolicy:
 
     def _key_padding(self, key: Tensor) -> Optional[Tensor]:
         mask, source = self._attention_mask, "attention_mask"
-        if mask is None and self._mode == "compare" and self._state[0].key_padding_mask is not None:
-            mask, source = self._state[0].key_padding_mask, "reference: its key_padding_mask"
+        reference = self._state[0] if self._mode == "compare" else None
+        if mask is None and reference is not None and reference.key_padding_mask is not None:
+            mask, source = reference.key_padding_mask, "reference: its key_padding_mask"
         if mask is None:
             return None
         mask = mask.to(device=key.device, dtype=torch.bool)
@@ -561,7 +681,8 @@ class AttentionPolicy:
 
     @contextlib.contextmanager
     def compare(self, reference: AttentionReference, row_mask: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None) -> Iterator[Comparison]:
+                attention_mask: Optional[Tensor] = None, key_segments: Optional[Tensor] = None
+                ) -> Iterator[Comparison]:
         """Compute each chosen layer's divergence from ``reference`` during the model call.
 
         Args:
@@ -571,15 +692,67 @@ class AttentionPolicy:
                 sequences (B, S) is the input ids' shape, (1, T) for one packed row.
             attention_mask: (B, S) 2-D padding mask; default the one given to the model call,
                 else the reference's.
-        Yields a ``Comparison``: ``.div`` (B, S) float32 differentiable.
+            key_segments: (B, S) integer segment ids of the keys in [0, len(segment_names)), the
+                input ids' shape (packed: (1, T)), or None: the ids from the call's input ids
+                (VLMs with the default names) or no mass. Given, they turn the statistics on.
+        Yields a ``Comparison``: ``.div`` (B, S) float32 differentiable; with statistics also
+        ``.entropy`` (B, S) and ``.mass`` (B, S, len(segment_names)), from the same op call.
         """
         if len(reference.layers) != len(self.modules):
             raise ValueError(f"reference: has {len(reference.layers)} layers, the policy chooses "
                              f"{len(self.modules)}")
-        cmp = Comparison()
-        with self._active("compare", (reference, row_mask, cmp), attention_mask):
+        cmp = Comparison(segment_names=self.segment_names)
+        with self._active("compare", (reference, row_mask, cmp, self._checked_segments(key_segments)),
+                          attention_mask):
             yield cmp
         self._attention_mask = None
+
+    @contextlib.contextmanager
+    def observe(self, row_mask: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                key_segments: Optional[Tensor] = None) -> Iterator[Comparison]:
+        """The statistics of the current policy alone, during the model call: no reference, no
+        divergence. The chosen layers run ``ral.ops.attention_stats`` (packed calls: the varlen op
+        against the layer's own detached q, k, whose divergence is dropped: no gradient comes from it).
+
+        Arguments as in ``compare``. Yields a ``Comparison`` with ``.entropy`` (B, S) and ``.mass``
+        (B, S, len(segment_names)) (None without segment ids), differentiable; it has no ``.div``.
+        """
+        cmp = Comparison(segment_names=self.segment_names)
+        with self._active("observe", (None, row_mask, cmp, self._checked_segments(key_segments)), attention_mask):
+            yield cmp
+        self._attention_mask = None
+
+    def _checked_segments(self, key_segments: Optional[Tensor]) -> Optional[Tensor]:
+        if key_segments is None:
+            return None
+        if not isinstance(key_segments, Tensor):
+            raise TypeError(f"key_segments must be a torch.Tensor (B, S) of integer segment ids, "
+                            f"got {type(key_segments).__name__}")
+        if key_segments.dtype.is_floating_point or key_segments.dtype.is_complex or key_segments.dtype == torch.bool:
+            raise TypeError(f"key_segments: dtype must be an integer type, got {key_segments.dtype}")
+        if key_segments.dim() != 2:
+            raise ValueError(f"key_segments must have shape (B, S), got {tuple(key_segments.shape)}")
+        if self.segment_names is None:
+            raise ValueError("key_segments: the policy has no segment names; create it with "
+                             "AttentionPolicy(..., segment_names=(...)) naming ids 0, 1, ...")
+        return key_segments
+
+    def _statistics(self, key: Tensor) -> Tuple[dict, bool]:
+        """({key_segments, num_segments} for the op, True when they are real segment ids), or
+        ({}, False) for a call without statistics. Keys (B, Hkv, S, D); segment ids (B, S)."""
+        if self._mode == "record":
+            return {}, False
+        segments = self._state[3]
+        if not (self._mode == "observe" or self.stats or segments is not None):
+            return {}, False
+        if segments is None and self._vision_tokens is not None and self._input_ids is not None:
+            segments = token_segments(self._input_ids, *self._vision_tokens)
+        shape = (key.shape[0], key.shape[2])
+        if segments is None:                    # one segment: the op still gives the entropy
+            return dict(key_segments=torch.zeros(shape, dtype=torch.int32, device=key.device), num_segments=1), False
+        if tuple(segments.shape) != shape:
+            raise ValueError(f"key_segments: shape {tuple(segments.shape)} does not match the keys' (B, S) = {shape}")
+        return dict(key_segments=segments.to(key.device), num_segments=len(self.segment_names)), True
 
     @contextlib.contextmanager
     def _active(self, mode, state, attention_mask):
@@ -587,6 +760,7 @@ class AttentionPolicy:
             raise RuntimeError(f"AttentionPolicy is already in {self._mode!r} mode")
         self._mode, self._state = mode, state
         self._explicit_mask = attention_mask is not None
+        self._input_ids = None
         self._attention_mask = attention_mask
         paused = []
         if mode == "compare":
@@ -597,7 +771,7 @@ class AttentionPolicy:
         try:
             yield
         finally:
-            self._mode, self._state, self._explicit_mask = None, None, False
+            self._mode, self._state, self._explicit_mask, self._input_ids = None, None, False, None
             for holder in paused:
                 holder.gradient_checkpointing = True
 
@@ -618,7 +792,8 @@ class AttentionPolicy:
             query, key = query.to(value.dtype), key.to(value.dtype)
         kpm = self._key_padding(key)
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
-        if packing is None and self._mode == "compare" and self._state[0].packing is not None \
+        reference = self._state[0] if self._mode == "compare" else None
+        if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
         opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
@@ -636,7 +811,15 @@ class AttentionPolicy:
                 stats = None
             self._recorded(slot, LayerReference(q_ref, k_ref, stats, scale), kpm, None)
             return out.transpose(1, 2).contiguous(), None
-        reference, row_mask, cmp = self._state
+        _, row_mask, cmp, _ = self._state
+        statistics, has_mass = self._statistics(key)
+        rows = _row_mask_full(row_mask, query.shape[2])
+        if self._mode == "observe":
+            opts.pop("divergence")
+            res = ops.attention_stats(query, key, value, scale=scale, key_padding_mask=kpm, row_mask=rows,
+                                      **statistics, **opts)
+            cmp._add(self.layers[slot], None, res.entropy, res.mass if has_mass else None)
+            return res.out.transpose(1, 2).contiguous(), None
         if reference.packing is not None:
             raise ValueError("reference: recorded on packed sequences, the model call is a padded batch; "
                              "compare on the same packed call")
@@ -645,9 +828,8 @@ class AttentionPolicy:
             raise ValueError(f"reference: recorded (B, S) = {(ref.q.shape[0], ref.q.shape[2])}, the model "
                              f"call has {(query.shape[0], query.shape[2])}")
         res = ops.attention_kl(query, key, value, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
-                               ref_scale=ref.scale, key_padding_mask=kpm,
-                               row_mask=_row_mask_full(row_mask, query.shape[2]), **opts)
-        cmp.per_layer.setdefault(self.layers[slot], res.div)
+                               ref_scale=ref.scale, key_padding_mask=kpm, row_mask=rows, **statistics, **opts)
+        cmp._add(self.layers[slot], res.div, res.entropy, res.mass if has_mass else None)
         return res.out.transpose(1, 2).contiguous(), None
 
     def _attend_packed(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -668,20 +850,28 @@ class AttentionPolicy:
                 stats = None
             self._recorded(slot, LayerReference(q_ref, k_ref, stats, scale), None, packing)
             return out, None
-        reference, row_mask, cmp = self._state
-        if reference.packing is None:
-            raise ValueError("reference: recorded on a padded batch, the model call packs sequences; "
-                             "compare on the same padded batch")
-        if not reference.packing.same_as(packing):
-            raise ValueError(f"reference: recorded with cu_seqlens {reference.packing.cu_seqlens_q.tolist()}, the "
-                             f"model call packs {packing.cu_seqlens_q.tolist()}")
-        ref = reference.layers[slot]
+        reference, row_mask, cmp, _ = self._state
         rows = _row_mask_full(row_mask, seq)
+        statistics, has_mass = self._statistics(key)
+        if statistics:
+            statistics["key_segments"] = statistics["key_segments"].reshape(-1)
+        if self._mode == "observe":       # no reference: the layer's own q, k stand in (div 0, no gradient)
+            ref = LayerReference(q.detach(), k.detach(), None, scale)
+        else:
+            if reference.packing is None:
+                raise ValueError("reference: recorded on a padded batch, the model call packs sequences; "
+                                 "compare on the same padded batch")
+            if not reference.packing.same_as(packing):
+                raise ValueError(f"reference: recorded with cu_seqlens {reference.packing.cu_seqlens_q.tolist()}, "
+                                 f"the model call packs {packing.cu_seqlens_q.tolist()}")
+            ref = reference.layers[slot]
         res = ops.attention_kl_varlen(q, k, v, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
                                       ref_scale=ref.scale, row_mask=None if rows is None else rows.reshape(-1),
-                                      **varlen)
-        div = res.div.reshape(batch, seq, *res.div.shape[1:])        # (B, S), or (B, S, H) for heads="each"
-        cmp.per_layer.setdefault(self.layers[slot], div if div.dim() == 2 else div.permute(0, 2, 1))
+                                      **statistics, **varlen)
+        each = self.heads == "each"
+        cmp._add(self.layers[slot], None if self._mode == "observe" else _unpack_rows(res.div, batch, seq, each),
+                 _unpack_rows(res.entropy, batch, seq, each),
+                 _unpack_rows(res.mass, batch, seq, each) if has_mass else None)
         return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), None
 
     def _recorded(self, slot: int, layer: LayerReference, kpm: Optional[Tensor], packing: Optional[Packing]):

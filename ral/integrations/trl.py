@@ -28,6 +28,19 @@ What it adds to ``GRPOTrainer``:
 - **Metrics.** ``ral/attn_div`` (token mean of div over the completion mask), ``ral/attn_loss``,
   and with a teacher ``ral/token_kl``, ``ral/teacher_attn_jsd``; logged with TRL's metrics
   (averaged over the logging window and over processes).
+- **Attention statistics** (``attn_stats=True``, or a non-zero ``attn_entropy_coef`` /
+  ``attn_mass_coef``). The loss forward's chosen layers also return the entropy of the current
+  attention policy and its mass per key segment, from the same op call (``AttentionPolicy(stats=True)``;
+  with no reference to compare with, ``AttentionPolicy.observe``: no record pass either). Segments:
+  text / image / video from the VLM config's ``image_token_id`` / ``video_token_id`` (Qwen2.5-VL),
+  or ``attn_segment_names`` with ``attn_segments`` (a function of the (B, P + C) input ids giving
+  the ids). Logged: ``ral/attn_entropy`` and ``ral/attn_mass/<segment>``, token means over the
+  completion mask (layer mean over ``attn_layers``), aggregated over processes like ``ral/attn_div``.
+  The loss ``attn_entropy_coef`` / ``attn_mass_coef`` (off by default) adds
+  ``agg(- attn_entropy_coef · entropy - attn_mass_coef · mass[attn_mass_segments])``
+  (``ral.losses.attention_stats_token_loss``; TRL's aggregation, not advantage-weighted) and logs
+  ``ral/attn_stats_loss``: an entropy bonus and a reward for attention on the visual tokens,
+  beside the RAL term or, with ``lambda_attn=0``, instead of it.
 - ``lambda_attn == 0`` (and no teacher, no ``attach_policy``) leaves the model and the loss
   untouched: the trainer *is* GRPOTrainer (the tests check exact equality of the loss and of the
   trained weights). With ``attach_policy=True`` the attention path runs and the result equals
@@ -55,7 +68,7 @@ student's LM head weight directly and is not supported there.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -69,7 +82,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ral.integrations.trl needs TRL: pip install 'ral[trl]' (trl>=1.16,<1.17)") from exc
 
 from ..lm_head import chunked_reverse_kl
-from ..losses import reduce_tokens
+from ..losses import attention_stats_token_loss, reduce_tokens
 from .distill import DistillConfig
 from .models import backbone, lm_head_params
 from .transformers import AttentionPolicy, AttentionReference
@@ -122,13 +135,28 @@ class RALGRPOTrainer(GRPOTrainer):
             layers on the fused op in the loss forward (logging ``ral/attn_div``): GRPO with RAL's
             attention path and diagnostics; the loss equals GRPOTrainer's up to the float
             difference between the op and SDPA (tests/test_trl.py checks it).
+        attn_stats: log ``ral/attn_entropy`` and ``ral/attn_mass/<segment>`` (module doc).
+        attn_segment_names, attn_segments: the key segments' names and a function (B, S) input ids
+            -> (B, S) integer ids; default (None, None): text / image / video of a VLM config.
+        attn_entropy_coef, attn_mass_coef, attn_mass_segments: the attention-statistics loss
+            ``- attn_entropy_coef · entropy - attn_mass_coef · sum of mass over attn_mass_segments``
+            (segment names; default image and video), reduced like TRL's loss; 0, 0: off.
     """
 
     def __init__(self, *args, lambda_attn: float = 1.0, attn_layers: Sequence[int] = (-1,),
                  attn_divergence: str = "jsd", attn_backend: str = "auto", teacher_model=None,
-                 distill: Optional[DistillConfig] = None, attach_policy: bool = False, **kwargs):
+                 distill: Optional[DistillConfig] = None, attach_policy: bool = False, attn_stats: bool = False,
+                 attn_segment_names: Optional[Sequence[str]] = None,
+                 attn_segments: Optional[Callable[[Tensor], Tensor]] = None, attn_entropy_coef: float = 0.0,
+                 attn_mass_coef: float = 0.0, attn_mass_segments: Sequence[str] = ("image", "video"), **kwargs):
         if not (lambda_attn >= 0):
             raise ValueError(f"lambda_attn must be >= 0, got {lambda_attn!r}")
+        for name, coef in (("attn_entropy_coef", attn_entropy_coef), ("attn_mass_coef", attn_mass_coef)):
+            if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not torch.isfinite(torch.tensor(coef)):
+                raise ValueError(f"{name} must be a finite float, got {coef!r}")
+        if attn_segments is not None and (not callable(attn_segments) or attn_segment_names is None):
+            raise ValueError("attn_segments: must be a callable (input ids -> segment ids) given with "
+                             "attn_segment_names")
         if distill is not None and teacher_model is None and distill.needs_teacher:
             raise ValueError("distill: mu or gamma_attn > 0 needs a teacher_model")
         if teacher_model is not None and distill is None:
@@ -144,13 +172,19 @@ class RALGRPOTrainer(GRPOTrainer):
         if attach_policy and self._teacher_attn:
             raise ValueError("attach_policy: not with a teacher attention term (the reference is the teacher's)")
         self._self_reference = self.lambda_attn > 0 or attach_policy
-        self._uses_attention = self._self_reference or self._teacher_attn
+        self.attn_entropy_coef, self.attn_mass_coef = float(attn_entropy_coef), float(attn_mass_coef)
+        self._stats_loss = self.attn_entropy_coef != 0 or self.attn_mass_coef != 0
+        self._stats = bool(attn_stats) or self._stats_loss
+        self.attn_segments = attn_segments
+        self._uses_attention = self._self_reference or self._teacher_attn or self._stats
         self.attn_policy = None
         self.teacher_policy = None
         self.teacher_model = None
         if self._uses_attention:
             self.attn_policy = AttentionPolicy(self.model, layers=attn_layers, divergence=attn_divergence,
-                                               heads="mean", backend=attn_backend)
+                                               heads="mean", backend=attn_backend, stats=self._stats,
+                                               segment_names=attn_segment_names)
+        self._mass_segments = self._segment_ids(attn_mass_segments) if self.attn_mass_coef else ()
         if teacher_model is not None:
             teacher_model.eval()
             for p in teacher_model.parameters():
@@ -166,6 +200,15 @@ class RALGRPOTrainer(GRPOTrainer):
                 teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
             self.teacher_model = teacher_model
         self._ral_scales = None
+
+    def _segment_ids(self, names: Sequence[str]) -> list:
+        known = self.attn_policy.segment_names
+        if known is None:
+            raise ValueError("attn_mass_coef: the model has no key segments (no image_token_id / video_token_id "
+                             "in its config); give attn_segment_names and attn_segments")
+        if isinstance(names, str) or not names or any(n not in known for n in names):
+            raise ValueError(f"attn_mass_segments: must name segments of {known}, got {names!r}")
+        return [known.index(n) for n in names]
 
     # ------------------------------------------------------------------------------------------
     # Rollout side: record the reference(s) next to the old per-token log-probs.
@@ -241,9 +284,17 @@ class RALGRPOTrainer(GRPOTrainer):
             if self._uses_attention:
                 # compare() pauses gradient checkpointing of the chosen layers for the block (a
                 # recompute would run outside it) and restores it on exit.
-                reference = self._load_reference(inputs, attention_mask)
-                cmp = stack.enter_context(self.attn_policy.compare(reference, row_mask=mask.bool(),
-                                                                   attention_mask=attention_mask))
+                segments = None
+                if self.attn_segments is not None:
+                    segments = self.attn_segments(torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1))
+                if self._self_reference or self._teacher_attn:
+                    reference = self._load_reference(inputs, attention_mask)
+                    block = self.attn_policy.compare(reference, row_mask=mask.bool(), attention_mask=attention_mask,
+                                                     key_segments=segments)
+                else:                                     # statistics alone: no reference
+                    block = self.attn_policy.observe(row_mask=mask.bool(), attention_mask=attention_mask,
+                                                     key_segments=segments)
+                cmp = stack.enter_context(block)
             captured = {}
             if self._teacher_tokens:
                 def grab(module, args, out):
@@ -255,7 +306,10 @@ class RALGRPOTrainer(GRPOTrainer):
         if rl_weight != 1.0:
             loss = loss * rl_weight
         metrics = self._metrics[mode]
-        if cmp is not None:
+        stats_loss = self._log_statistics(cmp, mask, inputs, mode) if self._stats else None
+        if stats_loss is not None:
+            loss = loss + stats_loss
+        if self._self_reference or self._teacher_attn:
             div = cmp.div[:, -n_completion:]
             div_mean = self._global_masked_mean(div.detach(), mask)
             if self._self_reference:
@@ -282,10 +336,37 @@ class RALGRPOTrainer(GRPOTrainer):
             metrics["ral/token_kl"].append(self._global_masked_mean(per_token.detach(), mask))
         return loss
 
-    def _global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
+    def _log_statistics(self, cmp, mask: Tensor, inputs: dict, mode: str) -> Tensor:
+        """Log ``ral/attn_entropy`` and ``ral/attn_mass/<segment>`` (token means over ``mask``, one
+        reduction over processes) from the loss forward's ``Comparison``; return the statistics
+        loss (0 when its coefficients are)."""
+        n_completion = mask.shape[1]
+        entropy, mass = cmp.entropy[:, -n_completion:], cmp.mass
+        names = ["ral/attn_entropy"]
+        values = [entropy.detach()]
+        if mass is not None:
+            names += [f"ral/attn_mass/{name}" for name in cmp.segment_names]
+            values += list(mass[:, -n_completion:].detach().unbind(-1))
+        metrics = self._metrics[mode]
+        for name, value in zip(names, self._global_masked_means(torch.stack(values, -1), mask)):
+            metrics[name].append(value)
+        if not self._stats_loss:
+            return None
+        per_token = attention_stats_token_loss(cmp.entropy, mass, n_completion, entropy_coef=self.attn_entropy_coef,
+                                               mass_coef=self.attn_mass_coef, segments=self._mass_segments)
+        stats_loss = aggregate_like_trl(self, per_token, mask, inputs, mode)
+        metrics["ral/attn_stats_loss"].append(self.accelerator.gather(stats_loss.detach()).mean().item())
+        return stats_loss
+
+    def _global_masked_means(self, x: Tensor, mask: Tensor) -> list:
+        """Token means over ``mask`` (B, T) of x (B, T, K), summed over processes: K floats."""
         mask = mask.to(x.dtype)
-        totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
+        sums = torch.cat([(x * mask[..., None]).sum((0, 1)), mask.sum()[None]])
+        totals = self.accelerator.reduce(sums, reduction="sum")
+        return (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
+
+    def _global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
+        return self._global_masked_means(x[..., None], mask)[0]
 
 
 @contextlib.contextmanager

@@ -47,7 +47,12 @@ What it does:
   global token / sequence counts) that makes micro-batch gradient accumulation exact. Rows: the
   response tokens (as in ral.integrations.trl), weighted by ``response_mask``.
 - **Metrics.** ``ral/attn_div`` (mean div over response tokens) and ``ral/attn_loss`` as veRL
-  ``Metric`` objects next to ``actor/pg_loss``.
+  ``Metric`` objects next to ``actor/pg_loss``. With ``RALConfig(stats=True)`` also
+  ``ral/attn_entropy`` and ``ral/attn_mass/<segment>`` (means over the response tokens, like
+  ``ral/attn_div``), from the compare call that gives div (``AttentionPolicy(stats=True)``): segments
+  text / image / video from a VLM config's image / video token ids, or the caller's
+  ``segment_names`` with a batch field ``ral_segments`` (nested like ``input_ids``: one integer
+  segment id per token). Without segment ids only the entropy is logged.
 - The one hook: ``engine.forward_step`` is wrapped on the instance (veRL has no pre/post-forward
   hook, and the chosen layers must be in record/compare mode during the model call);
   ``remove()`` deletes the wrapper. The loss goes through ``set_loss_fn`` (veRL's API for the
@@ -122,18 +127,24 @@ SUPPORTED_VERL = ">=0.9,<0.10"
 class RALConfig:
     """``lambda_attn``: weight of the attention term (0: plain veRL). ``layers``: decoder layers whose
     head-mean attention is the policy (default the last). ``divergence``: "jsd" (paper), "kl",
-    "reverse_kl". ``backend``: ``ral.ops.attention_kl`` backend."""
+    "reverse_kl". ``backend``: ``ral.ops.attention_kl`` backend. ``stats``: also log the attention
+    entropy and per-segment mass (with ``lambda_attn > 0``); ``segment_names``: names of the ids in
+    a ``ral_segments`` batch field (default: text / image / video of a VLM config)."""
 
     lambda_attn: float = 1.0
     layers: Sequence[int] = (-1,)
     divergence: str = "jsd"
     backend: str = "auto"
+    stats: bool = False
+    segment_names: Optional[Sequence[str]] = None
 
     @classmethod
     def from_dict(cls, d) -> "RALConfig":
         d = dict(d or {})
+        names = d.get("segment_names")
         return cls(lambda_attn=float(d.get("lambda_attn", 1.0)), layers=tuple(d.get("layers", (-1,))),
-                   divergence=str(d.get("divergence", "jsd")), backend=str(d.get("backend", "auto")))
+                   divergence=str(d.get("divergence", "jsd")), backend=str(d.get("backend", "auto")),
+                   stats=bool(d.get("stats", False)), segment_names=None if names is None else tuple(names))
 
 
 def reference_bytes_per_token(q_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2, layers: int = 1):
@@ -310,7 +321,8 @@ class RALActor:
         model = _hf_model(self.engine.module)
         original = model.config._attn_implementation
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
-                                      heads="mean", backend=config.backend)
+                                      heads="mean", backend=config.backend, stats=config.stats,
+                                      segment_names=config.segment_names)
         self._original_implementation = original
         self._restored = _restore_attention_forwards(model)
         implementation = _register_implementation(original)
@@ -359,7 +371,7 @@ class RALActor:
             return loss, output
         if not forward_only and "ral_k0" in micro_batch.keys():
             reference, rows = self._from_batch(micro_batch)
-            with self.policy.compare(reference, row_mask=rows) as cmp:
+            with self.policy.compare(reference, row_mask=rows, key_segments=self._segments(micro_batch, reference)) as cmp:
                 self._cmp = (cmp, micro_batch)
                 try:
                     return original(micro_batch, loss_function, forward_only)
@@ -414,6 +426,18 @@ class RALActor:
         kpm = torch.arange(width)[None] < cu.diff()[:, None]
         return AttentionReference(layers, kpm.to(device)), self._pad_rows(row_flat, cu, width).to(device)
 
+    def _segments(self, micro_batch, reference: AttentionReference) -> Optional[Tensor]:
+        """The caller's ``ral_segments`` (nested, one id per token) in the call's layout: (1, T)
+        packed, (B, S) right-padded; None without that field (or without statistics)."""
+        if not self.config.stats or "ral_segments" not in micro_batch.keys():
+            return None
+        flat = micro_batch["ral_segments"].values()
+        device = reference.layers[0].k.device
+        if reference.packing is not None:
+            return flat[None].to(device)
+        cu = _seq_offsets(micro_batch)
+        return _padded_rows(flat, cu.diff(), int(cu.diff().max())).to(device)
+
     @staticmethod
     def _pad(t: Tensor, cu: Tensor) -> Tensor:
         """(T, heads, dim) packed -> (B, heads, S, dim) right-padded (veRL's no-rmpad layout)."""
@@ -426,11 +450,15 @@ class RALActor:
     # -- the loss side ---------------------------------------------------------------------
     def response_div(self, micro_batch, width: int) -> Tensor:
         """The compared div at the response rows, (B, width) right-padded like veRL's response tensors."""
-        cmp, _ = self._cmp
-        div = cmp.div
+        return self.response_values(self._cmp[0].div, micro_batch, width)
+
+    @staticmethod
+    def response_values(values: Tensor, micro_batch, width: int) -> Tensor:
+        """Per-token values of the compare call, (B, S, ...) padded or (1, T, ...) packed, at the
+        response rows: (B, width, ...) right-padded like veRL's response tensors."""
         cu = _seq_offsets(micro_batch)
-        flat = div.reshape(-1) if div.shape[0] == 1 and div.shape[1] == int(cu[-1]) else \
-            torch.cat([div[i, :int(n)] for i, n in enumerate(cu.diff())])
+        flat = values.flatten(0, 1) if values.shape[0] == 1 and values.shape[1] == int(cu[-1]) else \
+            torch.cat([values[i, :int(n)] for i, n in enumerate(cu.diff())])
         rows, lengths = _response_rows(micro_batch)
         return _padded_rows(flat[rows.to(flat.device)], lengths, width)
 
@@ -444,7 +472,8 @@ def attach(worker, config: Optional[RALConfig] = None, actor_config=None) -> RAL
 
 def ral_ppo_loss(config, model_output, data, dp_group=None, *, ral: RALActor, base=ppo_loss):
     """veRL's ``ppo_loss`` + ``lambda_attn * agg_loss(A * div)`` with its loss_agg_mode and global
-    batch normalisation; metrics ``ral/attn_div`` and ``ral/attn_loss``."""
+    batch normalisation; metrics ``ral/attn_div`` and ``ral/attn_loss`` (with ``RALConfig.stats``
+    also ``ral/attn_entropy`` and ``ral/attn_mass/<segment>``, response-token means)."""
     loss, metrics = base(config, model_output, data, dp_group)
     if ral._cmp is None:
         return loss, metrics
@@ -459,6 +488,14 @@ def ral_ppo_loss(config, model_output, data, dp_group=None, *, ral: RALActor, ba
     metrics["ral/attn_loss"] = Metric(value=attn_loss.detach(), aggregation=aggregation)
     div_mean = (div.detach() * mask).sum() / mask.sum().clamp(min=1)
     metrics["ral/attn_div"] = Metric(value=div_mean, aggregation=AggregationType.MEAN)
+    cmp = ral._cmp[0]
+    if cmp.entropy is not None:
+        values = {"ral/attn_entropy": cmp.entropy}
+        values.update({f"ral/attn_mass/{name}": mass for name, mass in cmp.mass_by_segment().items()})
+        for name, value in values.items():
+            value = ral.response_values(value.detach(), data, mask.shape[1]).to(advantages.device)
+            metrics[name] = Metric(value=(value * mask).sum() / mask.sum().clamp(min=1),
+                                   aggregation=AggregationType.MEAN)
     return loss, metrics
 
 

@@ -3,6 +3,7 @@
     ral train --task grounding --method grpo --seed 0 --out runs/grpo-0
     ral train --task grounding --method ral  --seed 0 --out runs/ral-0
     ral compare runs/grpo-* runs/ral-* --out runs/compare.png     # + runs/compare.json
+                                                 # + runs/compare-attention.png (attention statistics)
 
 Both methods start from the same SFT warm-up checkpoint (``--sft-checkpoint``, default
 ``<parent of --out>/sft-<task>.pt``, trained once and then reused) and use the same per-step
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (1 is fastest for the tiny default model; 0 = torch default)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--attn-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="log ral/attn_entropy and ral/attn_mass/<segment> of the response rows (same op call)")
+    t.add_argument("--attn-entropy-coef", type=float, default=0.0,
+                   help="statistics loss: - coef * attention entropy (an entropy bonus; 0: off)")
+    t.add_argument("--attn-mass-coef", type=float, default=0.0,
+                   help="statistics loss: - coef * attention mass on the image tokens (0: off)")
     add_distill_arguments(t)
     add_zoom_arguments(t)
 
@@ -74,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metrics", default="reward,eval_accuracy,attn_entropy,attn_on_target",
                    help="comma-separated metrics, one panel each")
     c.add_argument("--smooth", type=int, default=5, help="moving-average window for the curves")
+    c.add_argument("--attn-metrics", default="auto",
+                   help="comma-separated attention-statistics metrics for the second figure "
+                        "(<out>-attention.png); auto: ral/attn_entropy and every ral/attn_mass/* the runs logged; "
+                        "'' for none")
     return p
 
 
@@ -111,7 +122,8 @@ def cmd_train(args) -> int:
                       temperature=args.temperature,
                       lambda_attn=args.lambda_attn if args.method == "ral" else 0.0,
                       divergence=args.divergence, backend=args.backend, seed=args.seed,
-                      eval_prompts=args.eval_prompts, eval_every=args.eval_every,
+                      eval_prompts=args.eval_prompts, eval_every=args.eval_every, attn_stats=args.attn_stats,
+                      attn_entropy_coef=args.attn_entropy_coef, attn_mass_coef=args.attn_mass_coef,
                       extra={"method": args.method, "task": args.task, "sft_checkpoint": sft_path})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -241,40 +253,67 @@ def summarize(runs: List[str], metrics: List[str], tail: int = 10) -> dict:
     return {"methods": summary, "per_run": by_method, "tail_steps": tail}
 
 
-def cmd_compare(args) -> int:
+def _attention_metrics(runs: List[str], spec: str) -> List[str]:
+    """The metrics of the attention-statistics figure: ``spec`` split on commas, or for "auto"
+    ``ral/attn_entropy`` and every ``ral/attn_mass/<segment>`` that some run logged."""
+    if spec != "auto":
+        return [m for m in spec.split(",") if m]
+    keys = set()
+    for run in runs:
+        for row in _read_metrics(run):
+            keys.update(k for k in row if k == "ral/attn_entropy" or k.startswith("ral/attn_mass/"))
+    return sorted(keys, key=lambda k: (k != "ral/attn_entropy", k))
+
+
+def _plot(result: dict, metrics: List[str], path: str, smooth: int) -> None:
+    """One panel per metric: every run thin, the mean over each method's runs thick -> PNG ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [m for m in args.metrics.split(",") if m]
-    result = summarize(args.runs, metrics)
     colours = {"grpo": "tab:blue", "ral": "tab:red"}
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
+        window = 1 if m.startswith("eval_") else smooth
         for method, items in result["per_run"].items():
             colour = colours.get(method)          # other labels: matplotlib's colour cycle
             series = [it["curves"][m] for it in items if it["curves"][m]]
             for k, s in enumerate(series):
-                ax.plot([x for x, _ in s], _smooth([y for _, y in s], 1 if m.startswith("eval_") else args.smooth),
-                        color=colour, alpha=0.35, lw=1)
+                ax.plot([x for x, _ in s], _smooth([y for _, y in s], window), color=colour, alpha=0.35, lw=1)
             if series:
                 n = min(len(s) for s in series)
                 mean = [sum(s[i][1] for s in series) / len(series) for i in range(n)]
-                ax.plot([x for x, _ in series[0][:n]], _smooth(mean, 1 if m.startswith("eval_") else args.smooth),
-                        color=colour, lw=2.2, label=f"{method} (n={len(series)})")
+                ax.plot([x for x, _ in series[0][:n]], _smooth(mean, window), color=colour, lw=2.2,
+                        label=f"{method} (n={len(series)})")
         ax.set_title(m)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_compare(args) -> int:
+    metrics = [m for m in args.metrics.split(",") if m]
+    result = summarize(args.runs, metrics)
+    _plot(result, metrics, args.out, args.smooth)
+    written = [args.out]
+    attn_metrics = _attention_metrics(args.runs, args.attn_metrics)
+    if attn_metrics:            # the attention statistics: a second figure, and "attention" in the JSON
+        result["attention"] = summarize(args.runs, attn_metrics)
+        attn_png = os.path.splitext(args.out)[0] + "-attention.png"
+        _plot(result["attention"], attn_metrics, attn_png, args.smooth)
+        written.append(attn_png)
     json_path = os.path.splitext(args.out)[0] + ".json"
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    for method, entry in result["methods"].items():
-        finals = ", ".join(f"{m}={v['mean']:.4g}±{v['std']:.2g}" for m, v in entry["final"].items())
-        print(f"{method}: {finals}")
-    print(f"wrote {args.out} and {json_path}")
+    for part in (result, result.get("attention")):
+        for method, entry in (part or {"methods": {}})["methods"].items():
+            finals = ", ".join(f"{m}={v['mean']:.4g}±{v['std']:.2g}" for m, v in entry["final"].items())
+            print(f"{method}: {finals}")
+    print(f"wrote {' and '.join(written + [json_path])}")
     return 0
 
 

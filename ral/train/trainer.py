@@ -10,7 +10,15 @@ One step:
    layers); a frozen reference model gives the log-probs of the KL penalty when beta > 0;
 5. ``ppo_epochs`` x minibatch updates of ``L_RL + lambda_attn * L_attn`` where L_RL is the GRPO
    clipped token loss (``ral.losses.grpo_token_loss``) and L_attn = sum_t A * JSD(pi_theta^t || pi_old^t)
-   (``ral.losses.attention_policy_loss``) computed inside ``AttentionPolicy.compare``.
+   (``ral.losses.attention_policy_loss``) computed inside ``AttentionPolicy.compare``; with
+   ``attn_entropy_coef`` / ``attn_mass_coef`` (0 by default) plus the attention-statistics loss
+   ``ral.losses.attention_stats_loss`` (an entropy bonus, a reward for mass on ``attn_mass_segments``).
+
+Attention statistics (``attn_stats``, or a statistics loss): the same compare call also gives the
+entropy of the current attention policy and its mass per key segment (the task's ``segment_names``
+and ``key_segments(input_ids)``; the grounding task: text / image); the update logs their token
+means over the response rows, averaged over the minibatches, as ``ral/attn_entropy`` and
+``ral/attn_mass/<segment>`` (and ``ral/attn_stats_loss``) in ``metrics.jsonl``.
 
 ``lambda_attn = 0`` is plain GRPO (the same passes run, so both methods cost the same and report
 the same diagnostics). **The attention term has zero gradient while the weights still equal the
@@ -31,7 +39,8 @@ causal LM called with ``input_ids``): ``model(input_ids, attention_mask, **extra
 ``sample(n, generator)`` -> prompts with ``input_ids``, ``attention_mask``, ``model_inputs()``,
 ``repeat(g)``; ``reward(completions, prompts)`` -> {"reward": (B,), ...}; ``max_new_tokens``,
 ``eos_token_id``, ``pad_token_id``; optionally ``target_positions(prompts)`` for the attention
-diagnostics (entropy and mass on the target of the first response token's attention policy).
+diagnostics (entropy and mass on the target of the first response token's attention policy),
+``segment_names`` and ``key_segments(input_ids)`` -> (B, S) ids for the attention statistics.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from tqdm.auto import tqdm
 
 from ..integrations.models import language_model
 from ..integrations.transformers import AttentionPolicy, AttentionReference
-from ..losses import attention_policy_loss, group_advantages, grpo_token_loss
+from ..losses import attention_policy_loss, attention_stats_loss, group_advantages, grpo_token_loss, masked_token_mean
 from .diagnostics import attention_metrics
 
 __all__ = ["TrainConfig", "RALTrainer", "sft_warmup", "evaluate", "completion_mask", "token_logps", "sample_groups",
@@ -84,6 +93,10 @@ class TrainConfig:
     save_every: int = 1
     eval_prompts: int = 0          # > 0: greedy accuracy on this many fixed prompts every eval_every steps
     eval_every: int = 10
+    attn_stats: bool = False       # log ral/attn_entropy and ral/attn_mass/<segment> (cpu / reference backends)
+    attn_entropy_coef: float = 0.0  # statistics loss: - coef * entropy (an entropy bonus)
+    attn_mass_coef: float = 0.0     # statistics loss: - coef * mass on attn_mass_segments
+    attn_mass_segments: Tuple[int, ...] = (1,)   # segment ids (the grounding task: 1 = image)
     extra: Dict = field(default_factory=dict)
 
 
@@ -202,8 +215,17 @@ class RALTrainer:
         for name, p in model.named_parameters():
             if any(name.startswith(prefix) for prefix in config.freeze):
                 p.requires_grad_(False)
+        self._stats_loss = bool(config.attn_entropy_coef or config.attn_mass_coef)
+        self._segment_names = getattr(task, "segment_names", None) if hasattr(task, "key_segments") else None
+        if config.attn_mass_coef and self._segment_names is None:
+            raise ValueError("attn_mass_coef: the task gives no key segments (segment_names, key_segments)")
+        if config.attn_mass_coef and not (config.attn_mass_segments and all(
+                isinstance(i, int) and 0 <= i < len(self._segment_names) for i in config.attn_mass_segments)):
+            raise ValueError(f"attn_mass_segments: must be segment ids of the task's {self._segment_names}, "
+                             f"got {config.attn_mass_segments!r}")
         self.policy = AttentionPolicy(language_model(model), layers=config.attn_layers, divergence=config.divergence,
-                                      backend=config.backend)
+                                      backend=config.backend, stats=config.attn_stats or self._stats_loss,
+                                      segment_names=self._segment_names)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
@@ -254,8 +276,10 @@ class RALTrainer:
             if cfg.beta != 0:
                 ref_logps = token_logps(self._forward(self.ref_model, ids, mask, extras), comp, cfg.temperature)
         self.model.train()
+        segments = self.task.key_segments(ids) if self.policy.stats and self._segment_names is not None else None
         batch = dict(prompts=prompts, comp=comp, cmask=cmask, ids=ids, mask=mask, extras=extras, adv=adv,
-                     old_logps=old_logps, ref_logps=ref_logps, reference=rec.reference, scores=scores)
+                     old_logps=old_logps, ref_logps=ref_logps, reference=rec.reference, scores=scores,
+                     segments=segments)
         return batch
 
     def _attention_diagnostics(self, batch) -> Dict[str, float]:
@@ -288,7 +312,8 @@ class RALTrainer:
                 idx = perm[start:start + cfg.minibatch_size]
                 extras = {k: v[idx] for k, v in batch["extras"].items()}
                 cmask = batch["cmask"][idx]
-                with self.policy.compare(batch["reference"][idx], row_mask=cmask) as cmp:
+                segments = None if batch.get("segments") is None else batch["segments"][idx]
+                with self.policy.compare(batch["reference"][idx], row_mask=cmask, key_segments=segments) as cmp:
                     logits = self._forward(self.model, batch["ids"][idx], batch["mask"][idx], extras)
                 logps = token_logps(logits, batch["comp"][idx], cfg.temperature)
                 rl = grpo_token_loss(logps, batch["old_logps"][idx], batch["adv"][idx], cmask,
@@ -297,6 +322,12 @@ class RALTrainer:
                                      loss_type=cfg.loss_type, max_completion_length=self.task.max_new_tokens)
                 attn = self.attention_loss(batch, idx, cmp, cmask)
                 loss = rl.loss + cfg.lambda_attn * attn if cfg.lambda_attn else rl.loss
+                if self._stats_loss:
+                    stats_loss = attention_stats_loss(
+                        cmp.entropy, cmp.mass, cmask, entropy_coef=cfg.attn_entropy_coef, mass_coef=cfg.attn_mass_coef,
+                        segments=cfg.attn_mass_segments, loss_type=cfg.loss_type,
+                        max_completion_length=self.task.max_new_tokens)
+                    loss = loss + stats_loss
                 self.before_backward(rl.loss, attn)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -309,10 +340,22 @@ class RALTrainer:
                         "attn_jsd": div_tok, "clip_ratio": float(rl.clip_ratio), "grad_norm": float(gnorm)}
                 if rl.kl is not None:
                     vals["kl"] = float((rl.kl.detach() * m).sum() / m.sum().clamp(min=1))
+                if self.policy.stats:
+                    vals.update(self._statistics_metrics(cmp, cmask))
+                    if self._stats_loss:
+                        vals["ral/attn_stats_loss"] = float(stats_loss.detach())
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    @staticmethod
+    def _statistics_metrics(cmp, cmask: Tensor) -> Dict[str, float]:
+        """Token means over the response rows ``cmask`` (B, T) of the compare call's entropy and per-segment mass."""
+        length = cmask.shape[1]
+        values = {"ral/attn_entropy": cmp.entropy}
+        values.update({f"ral/attn_mass/{name}": mass for name, mass in cmp.mass_by_segment().items()})
+        return {k: float(masked_token_mean(v.detach()[:, -length:], cmask)) for k, v in values.items()}
 
     def train_step(self) -> Dict[str, float]:
         t0 = time.time()

@@ -221,3 +221,45 @@ def test_other_layers_keep_the_models_attention(model_path):
             handle.remove()
             assert handle.engine.module.config._attn_implementation == "counted_sdpa"
     torch.testing.assert_close(torch.tensor(terms[1]), torch.tensor(terms[0]), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_attention_statistics_metrics_match_eager_maps(model_path, remove_padding):
+    """RALConfig(stats=True) with caller-given segments (a ``ral_segments`` field: 0 prompt, 1 response):
+    ral/attn_entropy and ral/attn_mass/<segment> of the first mini-batch (at the initial weights)
+    equal the numbers from eager attention maps: per micro-batch (2 samples) the mean over the
+    response tokens, then veRL's mean over the micro-batches."""
+    worker, actor = make_worker(model_path, remove_padding)
+    handle = attach(worker, RALConfig(lambda_attn=2.0, stats=True, segment_names=("prompt", "response")), actor)
+    batch = make_batch()
+    out = old_log_probs(worker, batch, handle)
+    for key in handle.batch_keys:
+        batch[key] = tu.get(out, key)
+    ids, cu = batch["input_ids"].values(), batch["input_ids"].offsets()
+    rlen = batch["attention_mask"][:, P:].sum(1)
+    lengths = cu.diff()
+    segments = torch.cat([(torch.arange(int(n)) >= int(n) - int(r)).long() for n, r in zip(lengths, rlen)])
+    batch["ral_segments"] = torch.nested.nested_tensor_from_jagged(segments, offsets=cu)
+    metrics = update(worker, batch)
+    handle.remove()
+
+    model = Qwen2ForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager").eval()
+    per_sample = []
+    with torch.no_grad():
+        for i in range(B // 2):
+            seq = ids[cu[i]:cu[i + 1]]
+            n, r = int(lengths[i]), int(rlen[i])
+            attn = model(seq[None], position_ids=torch.arange(n)[None], output_attentions=True).attentions[-1]
+            p = torch.where(torch.ones(n, n, dtype=torch.bool).tril(-1), attn[0].double().mean(0),
+                            torch.zeros((), dtype=torch.float64))
+            pi = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+            entropy = -torch.where(pi > 0, pi * pi.clamp_min(1e-300).log(), torch.zeros((), dtype=torch.float64)).sum(-1)
+            response_mass = pi[:, n - r:].sum(-1)
+            rows = torch.zeros(n, dtype=torch.bool)
+            rows[n - r:] = batch["response_mask"][i, :r].bool()
+            per_sample.append((entropy[rows], response_mass[rows], 1 - response_mass[rows]))
+    for k, name in enumerate(("ral/attn_entropy", "ral/attn_mass/response", "ral/attn_mass/prompt")):
+        micro = [torch.cat([per_sample[i][k] for i in pair]).mean() for pair in ((0, 1), (2, 3))]
+        want = float(sum(micro) / 2)
+        assert abs(float(metrics[name][0]) - want) <= 2e-6 + 1e-5 * abs(want), (name, metrics[name], want)
+    assert 0.05 < float(metrics["ral/attn_mass/response"][0]) < 0.95

@@ -202,6 +202,14 @@ class GroundingTask:
                          named_tok[:, None]], dim=1)
         return Prompts(ids, torch.ones_like(ids), feats, target, answer, ask_shape)
 
+    segment_names = ("text", "image")
+
+    def key_segments(self, input_ids: Tensor) -> Tensor:
+        """(B, S) prompt + response ids -> (B, S) int64 segment ids: 1 at the N visual tokens (the
+        prompt's ``<img>`` slots that ``TinyVLM.embed`` fills with cells), 0 elsewhere."""
+        is_img = input_ids == IMG
+        return (is_img & (is_img.cumsum(1) <= self.cfg.cells)).long()
+
     def target_positions(self, prompts: Prompts) -> Tensor:
         """(B,) sequence position of the target cell's visual token."""
         return 1 + prompts.target_cell

@@ -457,7 +457,8 @@ class ZoomTrainer(RALTrainer):
         super().__init__(model, task, config, out_dir, ref_model=ref_model)
         self.policy.remove()
         self.policy = _CapturingPolicy(language_model(model), layers=config.attn_layers, divergence=config.divergence,
-                                       backend=config.backend)
+                                       backend=config.backend, stats=self.policy.stats,
+                                       segment_names=self.policy.segment_names)
         self.attn_control, self.ratio_every = attn_control, ratio_every
         self._minibatch = 0
         self._ratio: Dict[str, float] = {}
