@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from functools import partial  # noqa: E402
 
 # common registers the "cpu" platform and engine before veRL picks one; process_group: an autouse fixture
-from common import (B, check_attention_term_matches_reference_op, check_lambda_zero_is_verl_exactly,  # noqa: E402,F401
+from common import (B, P, check_attention_term_matches_reference_op, check_lambda_zero_is_verl_exactly,  # noqa: E402,F401
                     check_remove_padding_on_off_same_loss, expected_term, free_port, make_worker, padded_chunk,
                     params, process_group, update, with_reference)
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -27,6 +27,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
 from ral.integrations.verl import RALConfig, attach  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
@@ -231,10 +232,7 @@ def test_attention_statistics_metrics_match_eager_maps(model_path, remove_paddin
     response tokens, then veRL's mean over the micro-batches."""
     worker, actor = make_worker(model_path, remove_padding)
     handle = attach(worker, RALConfig(lambda_attn=2.0, stats=True, segment_names=("prompt", "response")), actor)
-    batch = make_batch()
-    out = old_log_probs(worker, batch, handle)
-    for key in handle.batch_keys:
-        batch[key] = tu.get(out, key)
+    batch = with_reference(worker, make_batch(), handle)
     ids, cu = batch["input_ids"].values(), batch["input_ids"].offsets()
     rlen = batch["attention_mask"][:, P:].sum(1)
     lengths = cu.diff()
