@@ -9,10 +9,10 @@ without triton installed ``unavailable_reason()`` says why.
 Package layout:
   common.py    jit helpers: loads, the work unit of a sequence table, online softmax in log2 units
                (log2(e) folded into the scales), key sets, the policy / reference on a tile,
-               the divergence terms
+               the divergence terms, the policy statistics' sums and their gradient
   forward.py   forward_kernel: two key sweeps (jsd, heads="mean", policy statistics) or one
                (heads="each" with kl / reverse_kl)
-  backward.py  backward_kernel (dq, dk, dv; query splits)
+  backward.py  backward_kernel (dq, dk, dv; query splits; the statistics' g_total)
   configs.py   settings() (the environment knobs), tile configs per head-dim class, autotune pruning
   launch.py    outputs, grids, query splits and the named kernel arguments (forward_launch /
                backward_launch)

@@ -67,8 +67,9 @@ def any_nonzero(w):
 @triton.jit
 def row_weights(w_ptr, g_ptr, sw_ptr, stride_w, stride_sw, offs_m, q_len, POLICY_STATS: tl.constexpr,
                 NUM_SEG: tl.constexpr, NSTAT_PAD: tl.constexpr):
-    """The rows' w (d div), gbar (gbar_total with POLICY_STATS) and, with POLICY_STATS, the
-    statistics' weights (BLOCK_M, NSTAT_PAD) [w_E, w_0 ..]; live: rows whose term is nonzero."""
+    """(w, gbar, sw, live) of the rows: w = d div, gbar (gbar_total with POLICY_STATS), sw the
+    statistics' weights (BLOCK_M, NSTAT_PAD) [w_E, w_0 ..] (without POLICY_STATS: w again, unused),
+    live the rows whose term is nonzero."""
     w = load_row(w_ptr, offs_m, stride_w[ROW], q_len, 0.0)
     gb = load_row(g_ptr, offs_m, stride_w[ROW], q_len, 0.0)
     live = w != 0.0

@@ -5,6 +5,8 @@ Everything here works in log2 units: the launchers fold log2(e) into the softmax
 statistics the kernels store are ``LN2`` times the log2 ones. Pointers handed to the helpers are
 already at the right (batch, head) and, with a sequence table, at the unit's first row / key
 (``at``); ``q_len`` / ``k_len`` are the unit's lengths and ``pos0`` the key position of its row 0.
+Strides travel as one 4-tuple per tensor, indexed by the slots BATCH, HEAD, ROW / KEY, DIM / COL
+(``launch.strides``; 0 where a tensor lacks the dimension).
 
 Importing this module needs no GPU; without triton it imports a stub (``IMPORT_ERROR`` says why)
 so that the package still imports and the backend reports itself unavailable.
