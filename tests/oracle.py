@@ -201,6 +201,70 @@ def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=N
     return errors
 
 
+
+def check_stats(problem: Problem, backend: str, with_div: bool = True, op=None):
+    """The accuracy rule with upstream weights on out, entropy, mass and (with_div) div."""
+    base = problem.make()
+    dout, ddiv = upstream(base)
+    ddiv = ddiv if with_div else None
+    dstats = stats_upstream(base)
+    names = [n for n in STATS_NAMES if op is None or n != "div"]
+    results = [run(kw, be, dout, ddiv, op=op, dstats=dstats)
+               for kw, be in ((base, "reference"), (cast(base, problem.dtype), "reference"),
+                              (cast(base, problem.dtype), backend))]
+    return compare(*results, problem.dtype, names, what=f"{backend} for {problem}")
+
+
+def check_dead_rows_give_zero(backend: str, heads: str) -> None:
+    """exclude_self's first row, rows before the first real key, a fully padded batch element and
+    row_mask False rows: entropy 0 and mass 0, never NaN; gradients finite."""
+    problem = Problem(batch=3, heads=4, kv_heads=2, q_len=12, k_len=12, left_pad=(3, 12, 0), segments=3,
+                      options=dict(heads=heads))
+    kw = cast(problem.make(), torch.float32)
+    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool)
+    kw["row_mask"][2, 5] = False
+    got = run(kw, backend, *upstream(kw), dstats=stats_upstream(kw))
+    for name in ("entropy", "mass", "div", "dq", "dk", "dv"):
+        assert not torch.isnan(got[name]).any(), name
+    dead = [(0, slice(0, 4)), (1, slice(None)), (2, 0), (2, 5)]  # (batch, rows) with empty P or masked
+    for b, rows in dead:
+        index = (b, rows) if heads == "mean" else (b, slice(None), rows)
+        assert (got["entropy"][index] == 0).all() and (got["mass"][index] == 0).all()
+    assert (got["entropy"][0, ..., 5:] > 0).all() if heads == "mean" else (got["entropy"][0, :, 5:] > 0).all()
+    assert (got["dq"][1] == 0).all()  # a fully padded element gets no gradient at all
+
+
+def check_attention_stats(backend: str, heads: str, segments: int, seq: int = 30) -> None:
+    """ral.ops.attention_stats (no reference) on `backend` under the accuracy rule, with upstream
+    weights on out, entropy and (segments > 0) mass; its entropy equals attention_kl's against any
+    reference."""
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=seq, k_len=seq, left_pad=(2, 0), row_mask=True,
+                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True))
+    base = problem.make()
+    for name in ("q_ref", "k_ref", "heads"):
+        base.pop(name)
+    base["heads"] = heads
+    dout, _ = upstream(base)
+    dentropy = stats_upstream(dict(base, key_segments=None))[0]
+    dmass = stats_upstream(base)[1] if segments else None
+
+    def stats_op(q, k, v=None, **kw):
+        return ral.ops.attention_stats(q, k, v, **kw)
+
+    results = [run(kw, be, dout, None, op=stats_op, dstats=(dentropy, dmass))
+               for kw, be in ((base, "reference"), (cast(base, torch.float32), "reference"),
+                              (cast(base, torch.float32), backend))]
+    names = ("out", "stats", "entropy", "dq", "dk", "dv") + (("mass",) if segments else ())
+    compare(*results, torch.float32, names, what=f"attention_stats on {backend}")
+    assert (results[2]["mass"] is None) == (segments == 0)
+    # the same numbers as attention_kl's statistics against any reference
+    kw = dict(base)
+    key_segments = kw.pop("key_segments", torch.zeros(2, seq, dtype=torch.long))
+    kw.pop("num_segments", None)
+    with_ref = ral.attention_kl(**kw, q_ref=torch.randn_like(kw["q"]), k_ref=torch.randn_like(kw["k"]),
+                                key_segments=key_segments, num_segments=segments or 1, backend="reference")
+    torch.testing.assert_close(with_ref.entropy, results[0]["entropy"])
+
 @dataclass
 class PackedProblem:
     """A random attention_kl_varlen call: sequences of q_lens rows and k_lens keys, packed."""

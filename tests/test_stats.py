@@ -2,7 +2,7 @@
 entropy and per-segment mass, values and gradients, on the reference and the cpu backend.
 
 The oracle is ral.reference in float64; the cpu kernel must meet the accuracy rule of
-tests/oracle.py for out, div, stats, entropy, mass and the gradients, with upstream weights on
+tests/oracle.py (the triton kernels: tests/test_triton_stats.py, under the interpreter) for out, div, stats, entropy, mass and the gradients, with upstream weights on
 out, div, entropy and mass together (or on the statistics alone).
 """
 
@@ -17,12 +17,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (STATS_NAMES, PackedProblem, Problem, assert_compiled_matches_eager, cast,  # noqa: E402
-                    check, check_packed, compare, option_grid, option_id, run, stats_upstream, upstream)
+from oracle import (STATS_NAMES, PackedProblem, Problem, assert_compiled_matches_eager,  # noqa: E402
+                    check_attention_stats, check_dead_rows_give_zero, check_packed, check_stats, option_grid,
+                    option_id)
 
 import ral  # noqa: E402
 from ral import backends, reference  # noqa: E402
-from ral.backends import Call, Options  # noqa: E402
+from ral.backends import Options  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
 
 CPU = _compiled.import_error() is None
@@ -85,26 +86,13 @@ def test_reference_gradients_are_finite_and_exact():
 
 # ---- the cpu kernel against the oracle -----------------------------------------------------
 
-def check_stats(problem: Problem, backend: str = "cpu", with_div: bool = True, op=None):
-    """The accuracy rule with upstream weights on out, entropy, mass and (with_div) div."""
-    base = problem.make()
-    dout, ddiv = upstream(base)
-    ddiv = ddiv if with_div else None
-    dstats = stats_upstream(base)
-    names = [n for n in STATS_NAMES if op is None or n != "div"]
-    results = [run(kw, be, dout, ddiv, op=op, dstats=dstats)
-               for kw, be in ((base, "reference"), (cast(base, problem.dtype), "reference"),
-                              (cast(base, problem.dtype), backend))]
-    return compare(*results, problem.dtype, names, what=f"{backend} for {problem}")
-
-
 @needs_cpu
 @pytest.mark.parametrize("with_div", [True, False], ids=["div+stats", "stats"])
 @pytest.mark.parametrize("index", range(len(OPTIONS)), ids=[option_id(o) for o in OPTIONS])
 def test_option_grid(index, with_div):
     problem = Problem(batch=2, heads=4, kv_heads=2, q_len=17, k_len=23, left_pad=(2, 0), right_pad=(0, 3),
                       row_mask=True, segments=3, seed=index, options=OPTIONS[index])
-    check_stats(problem, with_div=with_div)
+    check_stats(problem, "cpu", with_div=with_div)
 
 
 @needs_cpu
@@ -116,14 +104,14 @@ def test_shapes(heads, shape):
     q_len, k_len, n_heads, kv_heads, dim, v_dim = shape
     problem = Problem(batch=2, heads=n_heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=dim,
                       v_head_dim=v_dim, segments=4, seed=3, options=dict(heads=heads, divergence="kl"))
-    check_stats(problem)
+    check_stats(problem, "cpu")
 
 
 @needs_cpu
 def test_reference_with_other_heads_and_ref_stats():
     problem = Problem(batch=2, heads=8, kv_heads=2, q_len=40, k_len=40, ref_heads=3, ref_kv_heads=1,
                       ref_head_dim=32, with_ref_stats=True, segments=2, seed=5)
-    check_stats(problem)
+    check_stats(problem, "cpu")
 
 
 @needs_cpu
@@ -131,36 +119,21 @@ def test_reference_with_other_heads_and_ref_stats():
 def test_every_segment_count(num_segments):
     problem = Problem(batch=1, heads=4, kv_heads=4, q_len=70, k_len=70, segments=num_segments, seed=num_segments,
                       options=dict(heads="mean" if num_segments % 2 else "each"))
-    errors = check_stats(problem)
+    errors = check_stats(problem, "cpu")
     assert errors["mass"][0] < 1e-5
 
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(dtype):
-    check_stats(Problem(batch=2, heads=4, kv_heads=2, q_len=33, k_len=33, dtype=dtype, segments=3, seed=2))
+    check_stats(Problem(batch=2, heads=4, kv_heads=2, q_len=33, k_len=33, dtype=dtype, segments=3, seed=2), "cpu")
 
 
 @needs_cpu
 @pytest.mark.parametrize("heads", ["mean", "each"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_empty_and_padded_rows_give_zero(heads, backend):
-    """exclude_self's first row, rows before the first real key, a fully padded batch element and
-    row_mask False rows: entropy 0 and mass 0, never NaN; gradients finite."""
-    problem = Problem(batch=3, heads=4, kv_heads=2, q_len=12, k_len=12, left_pad=(3, 12, 0), segments=3,
-                      options=dict(heads=heads))
-    kw = cast(problem.make(), torch.float32)
-    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool)
-    kw["row_mask"][2, 5] = False
-    got = run(kw, backend, *upstream(kw), dstats=stats_upstream(kw))
-    for name in ("entropy", "mass", "div", "dq", "dk", "dv"):
-        assert not torch.isnan(got[name]).any(), name
-    dead = [(0, slice(0, 4)), (1, slice(None)), (2, 0), (2, 5)]  # (batch, rows) with empty P or masked
-    for b, rows in dead:
-        index = (b, rows) if heads == "mean" else (b, slice(None), rows)
-        assert (got["entropy"][index] == 0).all() and (got["mass"][index] == 0).all()
-    assert (got["entropy"][0, ..., 5:] > 0).all() if heads == "mean" else (got["entropy"][0, :, 5:] > 0).all()
-    assert (got["dq"][1] == 0).all()  # a fully padded element gets no gradient at all
+    check_dead_rows_give_zero(backend, heads)
 
 
 @needs_cpu
@@ -192,32 +165,7 @@ def test_packed_reference_equals_dense_per_sequence():
 def test_attention_stats(backend, heads, segments):
     if backend == "cpu" and not CPU:
         pytest.skip("ral._C not built")
-    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=30, k_len=30, left_pad=(2, 0), row_mask=True,
-                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True))
-    base = problem.make()
-    for name in ("q_ref", "k_ref", "heads"):
-        base.pop(name)
-    base["heads"] = heads
-    dout, _ = upstream(base)
-    dentropy = stats_upstream(dict(base, key_segments=None))[0]
-    dmass = stats_upstream(base)[1] if segments else None
-
-    def stats_op(q, k, v=None, **kw):
-        return ral.ops.attention_stats(q, k, v, **kw)
-
-    results = [run(kw, be, dout, None, op=stats_op, dstats=(dentropy, dmass))
-               for kw, be in ((base, "reference"), (cast(base, torch.float32), "reference"),
-                              (cast(base, torch.float32), backend))]
-    names = ("out", "stats", "entropy", "dq", "dk", "dv") + (("mass",) if segments else ())
-    compare(*results, torch.float32, names, what=f"attention_stats on {backend}")
-    assert (results[2]["mass"] is None) == (segments == 0)
-    # the same numbers as attention_kl's statistics against any reference
-    kw = dict(base)
-    key_segments = kw.pop("key_segments", torch.zeros(2, 30, dtype=torch.long))
-    kw.pop("num_segments", None)
-    with_ref = ral.attention_kl(**kw, q_ref=torch.randn_like(kw["q"]), k_ref=torch.randn_like(kw["k"]),
-                                key_segments=key_segments, num_segments=segments or 1, backend="reference")
-    torch.testing.assert_close(with_ref.entropy, results[0]["entropy"])
+    check_attention_stats(backend, heads, segments)
 
 
 # ---- interface: bad input, torch.compile, other backends -----------------------------------
@@ -302,20 +250,8 @@ def test_opcheck_forward_op_with_segments():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def _stats_call(q):
-    return Call(q, q, None, q, q, None, None, None, Options(policy_stats=True, num_segments=2),
-                key_segments=torch.zeros(1, 4, dtype=torch.int32))
-
-
-def test_triton_and_cuda_reject_statistics_clearly():
-    try:
-        triton_module = backends.module("triton")
-    except ImportError:
-        triton_module = None
-    if triton_module is not None and backends.unavailable_reason("triton") is None:
-        why = triton_module.unsupported_reason(_stats_call(torch.zeros(1, 1, 4, 8)))
-        assert why is not None and "statistics" in why and "cpu" in why
-    # cuda: a stand-in for CUDA tensors reaches the check without a GPU
+def test_cuda_rejects_statistics_clearly():
+    # a stand-in for CUDA tensors reaches the check without a GPU
     fake_q = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     call = types.SimpleNamespace(q=fake_q, options=Options(policy_stats=True, num_segments=1))
     why = backends.module("cuda").unsupported_reason(call)

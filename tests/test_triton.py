@@ -156,7 +156,7 @@ def test_kernels_follow_the_interpret_mode_at_import():
     backend is available in either mode (this process's)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    for kernel in (launch.FORWARD, launch.FORWARD_EACH, launch.BACKWARD):
+    for kernel in (launch.FORWARD, launch.BACKWARD):
         interpreted_fn = isinstance(kernel, InterpretedFunction) or isinstance(getattr(kernel, "fn", None),
                                                                                 InterpretedFunction)
         assert interpreted_fn == INTERPRETED

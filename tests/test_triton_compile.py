@@ -74,7 +74,8 @@ def _compiled_mode(monkeypatch):
 # (name, backward, options, features). Features: v, ref_stats (forward only), kpm, rm (forward
 # only), heads (query heads, default 4), kv_heads (backward "mean" with kv_heads > 1 accumulates
 # dk/dv in memory), q_splits (backward: forced RAL_TRITON_Q_SPLITS), seqs (a sequence table of
-# three packed sequences: Call.seqs, HAS_SEQS).
+# three packed sequences: Call.seqs, HAS_SEQS). Options with policy_stats get key_segments (when
+# num_segments > 0) and, for the backward, the statistics' weights (Call.stats_w).
 VARIANTS = [
     ("fwd-mean-jsd", False, dict(divergence="jsd"), dict(v=True, kpm=True, rm=True)),
     ("fwd-mean-kl-refstats-nov", False, dict(divergence="kl"), dict(v=False, ref_stats=True)),
@@ -97,6 +98,18 @@ VARIANTS = [
     ("fwd-each-kl-seqs", False, dict(divergence="kl", heads_each=True), dict(v=True, seqs=True)),
     ("bwd-mean-jsd-gqa-seqs", True, dict(divergence="jsd"), dict(v=True, heads=28, kv_heads=4, seqs=True)),
     ("bwd-each-jsd-seqs", True, dict(divergence="jsd", heads_each=True), dict(v=True, seqs=True)),
+    # with policy statistics (entropy and num_segments masses: POLICY_STATS, NUM_SEG; NO_REF for
+    # ral.attention_stats), the target layout's 28 heads on 4 kv heads for "mean"
+    ("fwd-mean-jsd-stats", False, dict(divergence="jsd", policy_stats=True, num_segments=3),
+     dict(v=True, kpm=True, rm=True, heads=28, kv_heads=4)),
+    ("fwd-each-kl-stats", False, dict(divergence="kl", heads_each=True, policy_stats=True, num_segments=8),
+     dict(v=True)),
+    ("fwd-mean-stats-noref-seqs", False, dict(policy_stats=True, no_reference=True), dict(v=True, ref_stats=True,
+                                                                                          seqs=True)),
+    ("bwd-mean-jsd-gqa-stats", True, dict(divergence="jsd", policy_stats=True, num_segments=3),
+     dict(v=True, heads=28, kv_heads=4)),
+    ("bwd-each-rkl-stats", True, dict(divergence="reverse_kl", heads_each=True, policy_stats=True, num_segments=8),
+     dict(v=True, kpm=True)),
 ]
 ARCHS = [80, 90]
 if ALL:
@@ -120,7 +133,7 @@ def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: in
         ref_stats=torch.zeros(batch, heads, seq, 2) if features.get("ref_stats") and not backward else None,
         key_padding_mask=torch.ones(batch, seq, dtype=torch.bool) if features.get("kpm") else None,
         row_mask=torch.ones(batch, seq, dtype=torch.bool) if features.get("rm") else None,
-        options=opts)
+        options=opts, key_segments=torch.zeros(batch, seq, dtype=torch.int32) if opts.num_segments else None)
     if features.get("seqs"):
         # three packed sequences of 100, 56 and 100 rows and keys, causal bottom-right in each
         rows = [[0, start, n, start, n, 0, 0, 0] for start, n in ((0, 100), (100, 56), (156, 100))]
@@ -129,6 +142,8 @@ def make_call(backward: bool, options: dict, features: dict, dtype, head_dim: in
     if not backward:
         return call, None
     rows = (batch, heads, seq) if opts.heads_each else (batch, seq)
+    if opts.policy_stats:
+        call = dataclasses.replace(call, stats_w=torch.ones(rows + (1 + opts.num_segments,)))
     extra = dict(dout=t(batch, heads, seq, head_dim) if call.v is not None else None,
                  ddiv=torch.ones(rows), delta=torch.zeros(batch, heads, seq),
                  stats=torch.zeros(batch, heads, seq, 2), ref_stats=torch.zeros(batch, heads, seq, 2),

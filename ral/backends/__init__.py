@@ -20,7 +20,7 @@ Policy statistics (docs/design.md, "Attention statistics"; call.options.policy_s
 that computes them returns the six outputs followed by outputs.StatsOutputs (entropy, mass,
 cstats), and its backward reads call.key_segments and call.stats_w (then `gbar` is gbar_total and
 delta already holds the statistics' c_h terms). A backend that does not must say so in
-unsupported_reason (cuda and triton do, for now).
+unsupported_reason (cuda does, for now).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """backend="triton": fused attention + attention-divergence kernels in Triton (docs/design.md,
-"The op", "The math", "Gradient", "Memory", "Packed sequences").
+"The op", "The math", "Attention statistics", "Gradient", "Memory", "Packed sequences").
 
 Implements the backend interface of ``ral.backends``: ``unavailable_reason``, ``unsupported_reason``,
 ``forward``, ``backward``. GPU kernels; CPU tensors run under the Triton interpreter when the process
@@ -9,10 +9,10 @@ without triton installed ``unavailable_reason()`` says why.
 Package layout:
   common.py    jit helpers: loads, the work unit of a sequence table, online softmax in log2 units
                (log2(e) folded into the scales), key sets, the policy / reference on a tile,
-               the divergence terms
-  forward.py   forward_kernel (two key sweeps: jsd, heads="mean") and forward_each_kernel (one
-               sweep: heads="each" with kl / reverse_kl)
-  backward.py  backward_kernel (dq, dk, dv; query splits)
+               the divergence terms, the policy statistics' sums and their gradient
+  forward.py   forward_kernel: two key sweeps (jsd, heads="mean", policy statistics) or one
+               (heads="each" with kl / reverse_kl)
+  backward.py  backward_kernel (dq, dk, dv; query splits; the statistics' g_total)
   configs.py   settings() (the environment knobs), tile configs per head-dim class, autotune pruning
   launch.py    outputs, grids, query splits and the named kernel arguments (forward_launch /
                backward_launch)
@@ -49,8 +49,6 @@ def unavailable_reason() -> Optional[str]:
 def unsupported_reason(call: Call) -> Optional[str]:
     if IMPORT_ERROR is not None:
         return IMPORT_ERROR
-    if call.options.policy_stats:
-        return "attention statistics (entropy, key_segments mass) are not implemented yet; use backend='cpu' or 'reference'"
     device = call.q.device
     if device.type == "cpu":
         if not INTERPRETED:
@@ -73,14 +71,16 @@ def unsupported_reason(call: Call) -> Optional[str]:
 
 
 def forward(call: Call):
-    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq).
-    div and gbar are (B,Sq) for "mean" and (B,H,Sq) for "each"; all fp32 but out."""
+    """-> out (B,H,Sq,Dv)|(0,), div, stats (B,H,Sq,2), ref_stats_out (B,Hr,Sq,2)|(0,), gbar, cbar (B,H,Sq),
+    and, when call.options.policy_stats, entropy, mass, cstats (outputs.StatsOutputs).
+    div, gbar and entropy are (B,Sq) for "mean" and (B,H,Sq) for "each"; all fp32 but out."""
     return forward_launch(call).run(call.q)
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
     """-> dq (B,H,Sq,D), dk (B,Hkv,Sk,D), dv (B,Hkv,Sk,Dv)|(0,) in the input dtypes.
     ddiv (w) and gbar like div; delta (B,H,Sq) = rowsum(dout*out) + w*cbar/H; stats (B,H,Sq,2);
-    ref_stats (B,Hr,Sq,2): the reference statistics the forward used."""
+    ref_stats (B,Hr,Sq,2): the reference statistics the forward used. With policy statistics
+    (call.stats_w, call.key_segments) gbar is gbar_total and delta holds their c_h terms too."""
     dq, dk, dv = backward_launch(call, dout, ddiv, delta, stats, ref_stats, gbar).run(call.q)
     return outputs.cast_gradients(dq, dk, dv, call.q, call.k, call.v)

@@ -19,13 +19,20 @@ may share keys (context parallel). "mean" with Hkv > 1 cannot hold Hkv accumulat
 adds each query block's part with fp32 atomics. The kernel reads Q_SPLITS back from the grid size.
 The chunks of a key block hold equal COUNTS of query blocks (differing by at most one): every query
 block costs a key block the same (all heads, the same tile matmuls), so equal counts are equal work.
-Memory: no Sq x Sk buffer; no scratch beyond the fp32 gradient buffers.
+POLICY_STATS (docs/design.md, "Attention statistics"; csrc/common/params.h): the rows' weights
+STATS_W = [w_E, w_0 .. w_{S-1}] and SEGS (the keys' segment ids) add g_stat = w_E (-log pi) + w_seg
+to the divergence's g; GBAR then holds gbar_total, and T = (a / H) (w g + g_stat - gbar_total) / Z
+("mean"), pi (w g + g_stat - gbar_total) ("each"), live on rows where any weight is nonzero; the
+reference is only swept for tiles with a row of w != 0 (never for ral.ops.attention_stats).
+Memory: no Sq x Sk buffer; no scratch beyond the fp32 gradient buffers. Every tensor's strides come
+as one tuple (common.py: BATCH, HEAD, ROW / KEY, DIM / COL).
 """
 
 from __future__ import annotations
 
-from .common import (LOG2E, at, div_terms, finite, key_ok, key_sets, load_row, load_tile, model_bases, work_unit,
-                     log_policy, log_zsum, matmul, scores, times_g, tl, triton)
+from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, ROW, at, div_terms, finite, key_ok, key_sets, load_row,
+                     load_segments, load_tile, log_policy, log_zsum, matmul, model_bases, row_tile, scores, stat_grad,
+                     times_g, tl, triton, work_unit)
 
 
 @triton.jit
@@ -52,36 +59,51 @@ def flush(ptrs, acc, mask, sole_write):
 
 
 @triton.jit
+def any_nonzero(w):
+    """Whether some row of the (BLOCK_M,) weights w is nonzero (a runtime branch condition)."""
+    return tl.max((w != 0.0).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def row_weights(w_ptr, g_ptr, sw_ptr, stride_w, stride_sw, offs_m, q_len, POLICY_STATS: tl.constexpr,
+                NUM_SEG: tl.constexpr, NSTAT_PAD: tl.constexpr):
+    """(w, gbar, sw, live) of the rows: w = d div, gbar (gbar_total with POLICY_STATS), sw the
+    statistics' weights (BLOCK_M, NSTAT_PAD) [w_E, w_0 ..] (without POLICY_STATS: w again, unused),
+    live the rows whose term is nonzero."""
+    w = load_row(w_ptr, offs_m, stride_w[ROW], q_len, 0.0)
+    gb = load_row(g_ptr, offs_m, stride_w[ROW], q_len, 0.0)
+    live = w != 0.0
+    if POLICY_STATS:
+        ptrs, mask = row_tile(sw_ptr, offs_m, stride_sw, q_len, 1 + NUM_SEG, NSTAT_PAD)
+        sw = tl.load(ptrs, mask=mask, other=0.0)
+        live = live | (tl.sum((sw != 0.0).to(tl.int32), 1) > 0)
+    else:
+        sw = w
+    return w, gb, sw, live
+
+
+@triton.jit
 def backward_kernel(
-        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, SEQS, DOUT, DDIV, DELTA, STATS, GBAR, DQ, DK, DV,
-        stride_q_b, stride_q_h, stride_q_m, stride_q_d,
-        stride_k_b, stride_k_h, stride_k_n, stride_k_d,
-        stride_v_b, stride_v_h, stride_v_n, stride_v_d,
-        stride_q_ref_b, stride_q_ref_h, stride_q_ref_m, stride_q_ref_d,
-        stride_k_ref_b, stride_k_ref_h, stride_k_ref_n, stride_k_ref_d,
-        stride_ref_stats_b, stride_ref_stats_h, stride_ref_stats_m, stride_ref_stats_c,
-        stride_key_pad_b, stride_key_pad_n,
-        stride_dout_b, stride_dout_h, stride_dout_m, stride_dout_d,
-        stride_ddiv_b, stride_ddiv_h, stride_ddiv_m, stride_delta_b, stride_delta_h, stride_delta_m,
-        stride_stats_b, stride_stats_h, stride_stats_m, stride_stats_c,
-        stride_dq_b, stride_dq_h, stride_dq_m, stride_dq_d,
-        stride_dk_b, stride_dk_h, stride_dk_n, stride_dk_d,
-        stride_dv_b, stride_dv_h, stride_dv_n, stride_dv_d,
+        Q, K, V, Q_REF, K_REF, REF_STATS, KEY_PAD, SEQS, SEGS, DOUT, DDIV, DELTA, STATS, GBAR, STATS_W, DQ, DK, DV,
+        stride_q, stride_k, stride_v, stride_q_ref, stride_k_ref, stride_ref_stats, stride_key_pad, stride_seg,
+        stride_dout, stride_ddiv, stride_delta, stride_stats, stride_stats_w, stride_dq, stride_dk, stride_dv,
         stride_seqs,
         n_units, n_heads, group, kv_heads, ref_heads, ref_group, max_q_len, max_k_len,
         head_dim, v_dim, ref_dim, scale, scale2, ref_scale2, len_bucket,
         DIVERGENCE: tl.constexpr, HEADS_EACH: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_V: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_SEQS: tl.constexpr,
+        POLICY_STATS: tl.constexpr, NUM_SEG: tl.constexpr, NSTAT_PAD: tl.constexpr,
         ACC_IN_REGS: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         DR_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one unit, all kv heads ("mean") or kv head kvh ("each"), and
     one of n_splits contiguous chunks of the query blocks that see those keys (n_splits comes
-    from the grid size, see launch.backward_grid). dS = a (dP - delta) + [k in P] w T; DK / DV
+    from the grid size, see launch.backward_grid). dS = a (dP - delta) + [k in P] T; DK / DV
     (fp32 dk / dv, zero-filled) get dS^T Q and a^T dO (stored when this program is their only
     writer, atomic adds otherwise), DQ (fp32 dq, zero-filled) gets dS K by atomic adds.
-    DDIV (w) and GBAR share the strides stride_ddiv_*. n_units: B without a sequence table (SEQS),
-    its row count with one; max_q_len, max_k_len: Sq, Sk without, the longest unit's with one."""
+    DDIV (w) and GBAR share the strides stride_ddiv. POLICY_STATS: STATS_W (B,Sq,1+S) | (B,H,Sq,1+S)
+    and SEGS (B,Sk) int32 (NUM_SEG = S > 0). n_units: B without a sequence table (SEQS), its row
+    count with one; max_q_len, max_k_len: Sq, Sk without, the longest unit's with one."""
     n_nblk = (max_k_len + BLOCK_N - 1) // BLOCK_N
     if HEADS_EACH:
         n_groups = n_units * kv_heads
@@ -111,19 +133,20 @@ def backward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    Qb, Kb, Vb, QRb, KRb, Sb, RSb = model_bases(
-        Q, K, V, Q_REF, K_REF, STATS, REF_STATS, b, q_start, k_start, stride_q_b, stride_q_m, stride_k_b, stride_k_n,
-        stride_v_b, stride_v_n, stride_q_ref_b, stride_q_ref_m, stride_k_ref_b, stride_k_ref_n, stride_stats_b,
-        stride_stats_m, stride_ref_stats_b, stride_ref_stats_m, HAS_SEQS)
-    DOb = at(DOUT, b, stride_dout_b, q_start, stride_dout_m, HAS_SEQS)
-    DLb = at(DELTA, b, stride_delta_b, q_start, stride_delta_m, HAS_SEQS)
-    Wb = at(DDIV, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)
-    Gb = at(GBAR, b, stride_ddiv_b, q_start, stride_ddiv_m, HAS_SEQS)
-    DQb = at(DQ, b, stride_dq_b, q_start, stride_dq_m, HAS_SEQS)
-    DKb = at(DK, b, stride_dk_b, k_start, stride_dk_n, HAS_SEQS)
-    DVb = at(DV, b, stride_dv_b, k_start, stride_dv_n, HAS_SEQS)
-    keys_ok = key_ok(at(KEY_PAD, b, stride_key_pad_b, k_start, stride_key_pad_n, HAS_SEQS), stride_key_pad_n,
-                     offs_n, k_len, HAS_KEY_PAD)
+    Qb, Kb, Vb, QRb, KRb, Sb, RSb, KPb, SEGb = model_bases(
+        Q, K, V, Q_REF, K_REF, STATS, REF_STATS, KEY_PAD, SEGS, b, q_start, k_start, stride_q, stride_k, stride_v,
+        stride_q_ref, stride_k_ref, stride_stats, stride_ref_stats, stride_key_pad, stride_seg, HAS_SEQS)
+    DOb = at(DOUT, b, stride_dout[BATCH], q_start, stride_dout[ROW], HAS_SEQS)
+    DLb = at(DELTA, b, stride_delta[BATCH], q_start, stride_delta[ROW], HAS_SEQS)
+    Wb = at(DDIV, b, stride_ddiv[BATCH], q_start, stride_ddiv[ROW], HAS_SEQS)
+    Gb = at(GBAR, b, stride_ddiv[BATCH], q_start, stride_ddiv[ROW], HAS_SEQS)
+    SWb = at(STATS_W, b, stride_stats_w[BATCH], q_start, stride_stats_w[ROW], HAS_SEQS)
+    DQb = at(DQ, b, stride_dq[BATCH], q_start, stride_dq[ROW], HAS_SEQS)
+    DKb = at(DK, b, stride_dk[BATCH], k_start, stride_dk[KEY], HAS_SEQS)
+    DVb = at(DV, b, stride_dv[BATCH], k_start, stride_dv[KEY], HAS_SEQS)
+    keys_ok = key_ok(KPb, stride_key_pad, offs_n, k_len, HAS_KEY_PAD)
+    if POLICY_STATS:
+        seg = load_segments(SEGb, stride_seg, offs_n, k_len)
     if CAUSAL:
         mb_first = tl.maximum(pid_n * BLOCK_N - pos0, 0) // BLOCK_M
     else:
@@ -140,39 +163,40 @@ def backward_kernel(
     keys_end = tl.where(mb_lo < mb_hi, k_len, 0)  # an empty chunk writes no dk / dv
     kv_mask = (offs_n[:, None] < keys_end) & (offs_d[None, :] < head_dim)
     v_mask = (offs_n[:, None] < keys_end) & (offs_dv[None, :] < v_dim)
+    zero_tile = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for start_m in range(mb_lo * BLOCK_M, mb_hi * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < q_len
         att, sup = key_sets(offs_m, offs_n, keys_ok, q_len, pos0, CAUSAL, EXCLUDE_SELF)
         if not HEADS_EACH:
             # the divergence tile couples every head: log pi, log rho and g from all H + Hr heads
-            w = load_row(Wb, offs_m, stride_ddiv_m, q_len, 0.0)
-            gb = load_row(Gb, offs_m, stride_ddiv_m, q_len, 0.0)
-            keep = sup & (w != 0.0)[:, None]
-            log_z = finite(log_zsum(Sb, stride_stats_h, stride_stats_m, stride_stats_c, kv0, n_heads, offs_m,
-                                    q_len, BLOCK_M))
-            if tl.max((w != 0.0).to(tl.int32), 0) > 0:
-                log_zr = finite(log_zsum(RSb, stride_ref_stats_h, stride_ref_stats_m, stride_ref_stats_c, kv0,
-                                         ref_heads, offs_m, q_len, BLOCK_M))
-                lpi = log_policy(Qb, Kb, Sb, stride_q_h, stride_q_m, stride_q_d, stride_k_h, stride_k_n,
-                                 stride_k_d, stride_stats_h, stride_stats_m, stride_stats_c, kv0, n_heads, group,
-                                 offs_m, offs_n, q_len, k_len, head_dim, scale2, log_z,
-                                 BLOCK_M, BLOCK_N, D_PAD, False, UPCAST, PREC)
-                lrho = log_policy(QRb, KRb, RSb, stride_q_ref_h, stride_q_ref_m, stride_q_ref_d,
-                                  stride_k_ref_h, stride_k_ref_n, stride_k_ref_d, stride_ref_stats_h,
-                                  stride_ref_stats_m, stride_ref_stats_c, kv0, ref_heads, ref_group,
-                                  offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2, log_zr,
-                                  BLOCK_M, BLOCK_N, DR_PAD, False, UPCAST, PREC)
-                f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
-            else:
-                lpi = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-                lrho = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-                g = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            w, gb, sw, live = row_weights(Wb, Gb, SWb, stride_ddiv, stride_stats_w, offs_m, q_len, POLICY_STATS,
+                                          NUM_SEG, NSTAT_PAD)
+            keep = sup & live[:, None]
+            log_z = finite(log_zsum(Sb, stride_stats, kv0, n_heads, offs_m, q_len, BLOCK_M))
+            lpi = zero_tile
+            lrho = zero_tile
+            g = zero_tile
+            g_stat = zero_tile
+            if any_nonzero(live.to(tl.float32)):
+                lpi = log_policy(Qb, Kb, Sb, stride_q, stride_k, stride_stats, kv0, n_heads, group, offs_m, offs_n,
+                                 q_len, k_len, head_dim, scale2, log_z, BLOCK_M, BLOCK_N, D_PAD, False, UPCAST, PREC)
+                if POLICY_STATS:
+                    g_stat = stat_grad(-lpi * LN2, seg, sw, NUM_SEG, NSTAT_PAD)
+                    need_g = any_nonzero(w)
+                else:
+                    need_g = True  # live is w != 0
+                if need_g:
+                    log_zr = finite(log_zsum(RSb, stride_ref_stats, kv0, ref_heads, offs_m, q_len, BLOCK_M))
+                    lrho = log_policy(QRb, KRb, RSb, stride_q_ref, stride_k_ref, stride_ref_stats, kv0, ref_heads,
+                                      ref_group, offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2, log_zr,
+                                      BLOCK_M, BLOCK_N, DR_PAD, False, UPCAST, PREC)
+                    f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
         for kk in range(NKV):
             kvh = kv0 + kk
-            k = load_tile(Kb + kvh * stride_k_h, offs_n, offs_d, stride_k_n, stride_k_d, k_len, head_dim)
+            k = load_tile(Kb + kvh * stride_k[HEAD], offs_n, offs_d, stride_k[KEY], stride_k[DIM], k_len, head_dim)
             if HAS_V:
-                v = load_tile(Vb + kvh * stride_v_h, offs_n, offs_dv, stride_v_n, stride_v_d, k_len, v_dim)
+                v = load_tile(Vb + kvh * stride_v[HEAD], offs_n, offs_dv, stride_v[KEY], stride_v[DIM], k_len, v_dim)
             if not ACC_IN_REGS:
                 # this query block's part of dk / dv of kv head kvh, added into DK / DV below
                 dk_acc = tl.full([BLOCK_N, D_PAD], 0.0, tl.float32)
@@ -180,56 +204,69 @@ def backward_kernel(
                     dv_acc = tl.full([BLOCK_N, DV_PAD], 0.0, tl.float32)
             for hh in range(group):
                 h = kvh * group + hh
-                q = load_tile(Qb + h * stride_q_h, offs_m, offs_d, stride_q_m, stride_q_d, q_len, head_dim)
+                q = load_tile(Qb + h * stride_q[HEAD], offs_m, offs_d, stride_q[ROW], stride_q[DIM], q_len, head_dim)
                 s = matmul(q, tl.trans(k), UPCAST, PREC) * scale2
-                la = finite(load_row(Sb + h * stride_stats_h, offs_m, stride_stats_m, q_len, 0.0) * LOG2E)
+                la = finite(load_row(Sb + h * stride_stats[HEAD], offs_m, stride_stats[ROW], q_len, 0.0) * LOG2E)
                 a = tl.where(att, tl.exp2(s - la[:, None]), 0.0)
-                delta = load_row(DLb + h * stride_delta_h, offs_m, stride_delta_m, q_len, 0.0)
+                delta = load_row(DLb + h * stride_delta[HEAD], offs_m, stride_delta[ROW], q_len, 0.0)
                 if HAS_V:
-                    do = load_tile(DOb + h * stride_dout_h, offs_m, offs_dv, stride_dout_m, stride_dout_d, q_len,
-                                   v_dim)
+                    do = load_tile(DOb + h * stride_dout[HEAD], offs_m, offs_dv, stride_dout[ROW], stride_dout[DIM],
+                                   q_len, v_dim)
                     dp = matmul(do, tl.trans(v), UPCAST, PREC)
                     ds = a * (dp - delta[:, None])
                     dv_acc += matmul(tl.trans(a.to(do.dtype)), do, UPCAST, PREC)
                 else:
                     ds = -a * delta[:, None]
                 if HEADS_EACH:
-                    w = load_row(Wb + h * stride_ddiv_h, offs_m, stride_ddiv_m, q_len, 0.0)
-                    gb = load_row(Gb + h * stride_ddiv_h, offs_m, stride_ddiv_m, q_len, 0.0)
-                    keep = sup & (w != 0.0)[:, None]
-                    lp = finite(load_row(Sb + h * stride_stats_h + stride_stats_c, offs_m, stride_stats_m, q_len,
-                                         0.0) * LOG2E)
-                    lrp = finite(load_row(RSb + h * stride_ref_stats_h + stride_ref_stats_c, offs_m,
-                                          stride_ref_stats_m, q_len, 0.0) * LOG2E)
-                    sr = scores(QRb + h * stride_q_ref_h, KRb + (h // ref_group) * stride_k_ref_h,
-                                stride_q_ref_m, stride_q_ref_d, stride_k_ref_n, stride_k_ref_d,
-                                offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2, DR_PAD, UPCAST, PREC)
+                    w, gb, sw, live = row_weights(Wb + h * stride_ddiv[HEAD], Gb + h * stride_ddiv[HEAD],
+                                                  SWb + h * stride_stats_w[HEAD], stride_ddiv, stride_stats_w, offs_m,
+                                                  q_len, POLICY_STATS, NUM_SEG, NSTAT_PAD)
+                    keep = sup & live[:, None]
+                    lp = finite(load_row(Sb + h * stride_stats[HEAD] + stride_stats[COL], offs_m, stride_stats[ROW],
+                                         q_len, 0.0) * LOG2E)
                     lpi = s - lp[:, None]
-                    lrho = sr - lrp[:, None]
-                    f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
+                    lrho = zero_tile
+                    g = zero_tile
+                    if POLICY_STATS:
+                        g_stat = stat_grad(-lpi * LN2, seg, sw, NUM_SEG, NSTAT_PAD)
+                        need_g = any_nonzero(w)
+                    else:
+                        need_g = True
+                    if need_g:
+                        lrp = finite(load_row(RSb + h * stride_ref_stats[HEAD] + stride_ref_stats[COL], offs_m,
+                                              stride_ref_stats[ROW], q_len, 0.0) * LOG2E)
+                        sr = scores(QRb + h * stride_q_ref[HEAD], KRb + (h // ref_group) * stride_k_ref[HEAD],
+                                    stride_q_ref, stride_k_ref, offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2,
+                                    DR_PAD, UPCAST, PREC)
+                        lrho = sr - lrp[:, None]
+                        f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
                     lc = lpi  # T = pi (g - gbar)
                 else:
                     lc = s - la[:, None] - log_z[:, None]  # T = (a / H) (g - gbar) / Z
-                t = times_g(lc, g, lpi, lrho, DIVERGENCE) - tl.exp2(lc) * gb[:, None]
-                ds += tl.where(keep, w[:, None] * t, 0.0)
+                if POLICY_STATS:  # g_total = w g + g_stat, gb = gbar_total
+                    t = w[:, None] * times_g(lc, g, lpi, lrho, DIVERGENCE) + tl.exp2(lc) * (g_stat - gb[:, None])
+                else:
+                    t = w[:, None] * (times_g(lc, g, lpi, lrho, DIVERGENCE) - tl.exp2(lc) * gb[:, None])
+                ds += tl.where(keep, t, 0.0)
                 ds = ds * scale
                 dk_acc += matmul(tl.trans(ds.to(q.dtype)), q, UPCAST, PREC)
                 dq = matmul(ds.to(k.dtype), k, UPCAST, PREC)
-                dq_ptrs = DQb + h * stride_dq_h + offs_m[:, None].to(tl.int64) * stride_dq_m \
-                    + offs_d[None, :] * stride_dq_d
+                dq_ptrs = DQb + h * stride_dq[HEAD] + offs_m[:, None].to(tl.int64) * stride_dq[ROW] \
+                    + offs_d[None, :] * stride_dq[DIM]
                 tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), sem="relaxed")
             if not ACC_IN_REGS:  # one add per query block: atomics even without splits
-                dk_ptrs = DKb + kvh * stride_dk_h + offs_n[:, None].to(tl.int64) * stride_dk_n \
-                    + offs_d[None, :] * stride_dk_d
+                dk_ptrs = DKb + kvh * stride_dk[HEAD] + offs_n[:, None].to(tl.int64) * stride_dk[KEY] \
+                    + offs_d[None, :] * stride_dk[DIM]
                 flush(dk_ptrs, dk_acc, kv_mask, False)
                 if HAS_V:
-                    dv_ptrs = DVb + kvh * stride_dv_h + offs_n[:, None].to(tl.int64) * stride_dv_n \
-                        + offs_dv[None, :] * stride_dv_d
+                    dv_ptrs = DVb + kvh * stride_dv[HEAD] + offs_n[:, None].to(tl.int64) * stride_dv[KEY] \
+                        + offs_dv[None, :] * stride_dv[DIM]
                     flush(dv_ptrs, dv_acc, v_mask, False)
     if ACC_IN_REGS:
-        dk_ptrs = DKb + kv0 * stride_dk_h + offs_n[:, None].to(tl.int64) * stride_dk_n + offs_d[None, :] * stride_dk_d
+        dk_ptrs = DKb + kv0 * stride_dk[HEAD] + offs_n[:, None].to(tl.int64) * stride_dk[KEY] \
+            + offs_d[None, :] * stride_dk[DIM]
         flush(dk_ptrs, dk_acc, kv_mask, sole_program)
         if HAS_V:
-            dv_ptrs = DVb + kv0 * stride_dv_h + offs_n[:, None].to(tl.int64) * stride_dv_n \
-                + offs_dv[None, :] * stride_dv_d
+            dv_ptrs = DVb + kv0 * stride_dv[HEAD] + offs_n[:, None].to(tl.int64) * stride_dv[KEY] \
+                + offs_dv[None, :] * stride_dv[DIM]
             flush(dv_ptrs, dv_acc, v_mask, sole_program)

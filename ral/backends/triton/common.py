@@ -5,6 +5,8 @@ Everything here works in log2 units: the launchers fold log2(e) into the softmax
 statistics the kernels store are ``LN2`` times the log2 ones. Pointers handed to the helpers are
 already at the right (batch, head) and, with a sequence table, at the unit's first row / key
 (``at``); ``q_len`` / ``k_len`` are the unit's lengths and ``pos0`` the key position of its row 0.
+Strides travel as one 4-tuple per tensor, indexed by the slots BATCH, HEAD, ROW / KEY, DIM / COL
+(``launch.strides``; 0 where a tensor lacks the dimension).
 
 Importing this module needs no GPU; without triton it imports a stub (``IMPORT_ERROR`` says why)
 so that the package still imports and the backend reports itself unavailable.
@@ -35,6 +37,15 @@ except Exception as err:  # pragma: no cover - exercised only where triton is mi
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
+
+# Slots of a stride tuple: every tensor reaches the kernels with its strides as one 4-tuple
+# (batch, head, row or key, feature or column), 0 where it lacks the dimension (launch.strides).
+BATCH = tl.constexpr(0)
+HEAD = tl.constexpr(1)
+ROW = tl.constexpr(2)
+KEY = tl.constexpr(2)
+DIM = tl.constexpr(3)
+COL = tl.constexpr(3)
 
 # ----------------------------------------------------------------------------------------------
 # Loads, matmuls, the work unit
@@ -90,17 +101,20 @@ def load_unit(SEQS, stride_seqs, unit):
 
 
 @triton.jit
-def model_bases(Q, K, V, Q_REF, K_REF, STATS, REF_STATS, b, q_start, k_start,
-                stride_q_b, stride_q_m, stride_k_b, stride_k_n, stride_v_b, stride_v_n,
-                stride_q_ref_b, stride_q_ref_m, stride_k_ref_b, stride_k_ref_n,
-                stride_stats_b, stride_stats_m, stride_ref_stats_b, stride_ref_stats_m, HAS_SEQS: tl.constexpr):
-    """The unit's first row / key of q, k, v, q_ref, k_ref, stats and ref_stats (see ``at``)."""
-    return (at(Q, b, stride_q_b, q_start, stride_q_m, HAS_SEQS), at(K, b, stride_k_b, k_start, stride_k_n, HAS_SEQS),
-            at(V, b, stride_v_b, k_start, stride_v_n, HAS_SEQS),
-            at(Q_REF, b, stride_q_ref_b, q_start, stride_q_ref_m, HAS_SEQS),
-            at(K_REF, b, stride_k_ref_b, k_start, stride_k_ref_n, HAS_SEQS),
-            at(STATS, b, stride_stats_b, q_start, stride_stats_m, HAS_SEQS),
-            at(REF_STATS, b, stride_ref_stats_b, q_start, stride_ref_stats_m, HAS_SEQS))
+def model_bases(Q, K, V, Q_REF, K_REF, STATS, REF_STATS, KEY_PAD, SEGS, b, q_start, k_start, stride_q, stride_k,
+                stride_v, stride_q_ref, stride_k_ref, stride_stats, stride_ref_stats, stride_key_pad, stride_seg,
+                HAS_SEQS: tl.constexpr):
+    """The unit's first row / key (see ``at``) of the inputs both passes read: q, k, v, q_ref,
+    k_ref, stats, ref_stats, key_padding_mask and key_segments."""
+    return (at(Q, b, stride_q[BATCH], q_start, stride_q[ROW], HAS_SEQS),
+            at(K, b, stride_k[BATCH], k_start, stride_k[KEY], HAS_SEQS),
+            at(V, b, stride_v[BATCH], k_start, stride_v[KEY], HAS_SEQS),
+            at(Q_REF, b, stride_q_ref[BATCH], q_start, stride_q_ref[ROW], HAS_SEQS),
+            at(K_REF, b, stride_k_ref[BATCH], k_start, stride_k_ref[KEY], HAS_SEQS),
+            at(STATS, b, stride_stats[BATCH], q_start, stride_stats[ROW], HAS_SEQS),
+            at(REF_STATS, b, stride_ref_stats[BATCH], q_start, stride_ref_stats[ROW], HAS_SEQS),
+            at(KEY_PAD, b, stride_key_pad[BATCH], k_start, stride_key_pad[KEY], HAS_SEQS),
+            at(SEGS, b, stride_seg[BATCH], k_start, stride_seg[KEY], HAS_SEQS))
 
 
 @triton.jit
@@ -152,11 +166,11 @@ def online(m, l, x):
 
 
 @triton.jit
-def key_ok(key_pad, stride_key_pad_n, offs_n, k_len, HAS_KEY_PAD: tl.constexpr):
+def key_ok(key_pad, stride_key_pad, offs_n, k_len, HAS_KEY_PAD: tl.constexpr):
     """(BLOCK_N,) bool: real keys (inside k_len and key_padding_mask True)."""
     ok = offs_n < k_len
     if HAS_KEY_PAD:
-        ok = ok & (tl.load(key_pad + offs_n.to(tl.int64) * stride_key_pad_n, mask=ok, other=0) != 0)
+        ok = ok & (tl.load(key_pad + offs_n.to(tl.int64) * stride_key_pad[KEY], mask=ok, other=0) != 0)
     return ok
 
 
@@ -175,13 +189,24 @@ def key_sets(offs_m, offs_n, keys_ok, q_len, pos0, CAUSAL: tl.constexpr, EXCLUDE
 
 
 @triton.jit
-def scores(q_ptr, k_ptr, stride_q_m, stride_q_d, stride_k_n, stride_k_d, offs_m, offs_n, q_len, k_len,
-           head_dim, scale2, D_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def scores(q_ptr, k_ptr, stride_q, stride_k, offs_m, offs_n, q_len, k_len, head_dim, scale2,
+           D_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores of one head in log2 units: scale * log2(e) * q k^T."""
     offs_d = tl.arange(0, D_PAD)
-    q = load_tile(q_ptr, offs_m, offs_d, stride_q_m, stride_q_d, q_len, head_dim)
-    k = load_tile(k_ptr, offs_n, offs_d, stride_k_n, stride_k_d, k_len, head_dim)
+    q = load_tile(q_ptr, offs_m, offs_d, stride_q[ROW], stride_q[DIM], q_len, head_dim)
+    k = load_tile(k_ptr, offs_n, offs_d, stride_k[KEY], stride_k[DIM], k_len, head_dim)
     return matmul(q, tl.trans(k), UPCAST, PREC) * scale2
+
+
+@triton.jit
+def log_attention(q_ptr, k_ptr, stats, stride_q, stride_k, stride_s, h, group, offs_m, offs_n, q_len, k_len,
+                  head_dim, scale2, D_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """log2 a_h = s_h - lse_A_h of head h (kv head h // group) on a (BLOCK_M, BLOCK_N) tile
+    (meaningful on A only), from the natural-log statistics at `stats`."""
+    s = scores(q_ptr + h * stride_q[HEAD], k_ptr + (h // group) * stride_k[HEAD], stride_q, stride_k,
+               offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
+    la = load_row(stats + h * stride_s[HEAD], offs_m, stride_s[ROW], q_len, 0.0) * LOG2E
+    return s - finite(la)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,15 +215,15 @@ def scores(q_ptr, k_ptr, stride_q_m, stride_q_d, stride_k_n, stride_k_d, offs_m,
 
 
 @triton.jit
-def log_zsum(stats, stride_h, stride_m, stride_c, h0, n_heads, offs_m, q_len, BLOCK_M: tl.constexpr):
+def log_zsum(stats, stride_s, h0, n_heads, offs_m, q_len, BLOCK_M: tl.constexpr):
     """log2 sum_h Z_h over heads h0 .. h0+n_heads-1, Z_h = exp(lse_P - lse_A) read from the
     (natural-log) statistics at `stats`; (BLOCK_M,), -inf where the support is empty."""
     mx = tl.full([BLOCK_M], NEG_INF, tl.float32)
     sm = tl.full([BLOCK_M], 0.0, tl.float32)
     for hh in range(n_heads):
         h = h0 + hh
-        la = load_row(stats + h * stride_h, offs_m, stride_m, q_len, 0.0) * LOG2E
-        lp = load_row(stats + h * stride_h + stride_c, offs_m, stride_m, q_len, NEG_INF) * LOG2E
+        la = load_row(stats + h * stride_s[HEAD], offs_m, stride_s[ROW], q_len, 0.0) * LOG2E
+        lp = load_row(stats + h * stride_s[HEAD] + stride_s[COL], offs_m, stride_s[ROW], q_len, NEG_INF) * LOG2E
         x = tl.where(lp == NEG_INF, NEG_INF, lp - la)
         m_new = tl.maximum(mx, x)
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -208,8 +233,7 @@ def log_zsum(stats, stride_h, stride_m, stride_c, h0, n_heads, offs_m, q_len, BL
 
 
 @triton.jit
-def log_policy(q_ptr, k_ptr, stats, stride_q_h, stride_q_m, stride_q_d, stride_k_h, stride_k_n, stride_k_d,
-               stride_s_h, stride_s_m, stride_s_c, h0, n_heads, group, offs_m, offs_n, q_len, k_len,
+def log_policy(q_ptr, k_ptr, stats, stride_q, stride_k, stride_s, h0, n_heads, group, offs_m, offs_n, q_len, k_len,
                head_dim, scale2, log_z, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                HEADS_EACH: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """log2 of the policy on a (BLOCK_M, BLOCK_N) tile (meaningful on P only); q_ptr / k_ptr /
@@ -217,20 +241,16 @@ def log_policy(q_ptr, k_ptr, stats, stride_q_h, stride_q_m, stride_q_d, stride_k
     "each" (head h0): s - lse_P. "mean" (heads h0..h0+n_heads-1, kv head h // group):
     logsumexp_h(s_h - lse_A_h) - log_z, with log_z = log2 sum_h Z_h (the 1/H cancels)."""
     if HEADS_EACH:
-        s = scores(q_ptr + h0 * stride_q_h, k_ptr + (h0 // group) * stride_k_h, stride_q_m, stride_q_d,
-                   stride_k_n, stride_k_d, offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
-        lp = load_row(stats + h0 * stride_s_h + stride_s_c, offs_m, stride_s_m, q_len, 0.0) * LOG2E
+        s = scores(q_ptr + h0 * stride_q[HEAD], k_ptr + (h0 // group) * stride_k[HEAD], stride_q, stride_k,
+                   offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
+        lp = load_row(stats + h0 * stride_s[HEAD] + stride_s[COL], offs_m, stride_s[ROW], q_len, 0.0) * LOG2E
         res = s - finite(lp)[:, None]
     else:
         mx = tl.full([BLOCK_M, BLOCK_N], NEG_INF, tl.float32)
         sm = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
         for hh in range(n_heads):
-            h = h0 + hh
-            s = scores(q_ptr + h * stride_q_h, k_ptr + (h // group) * stride_k_h, stride_q_m, stride_q_d,
-                       stride_k_n, stride_k_d, offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST,
-                       PREC)
-            la = load_row(stats + h * stride_s_h, offs_m, stride_s_m, q_len, 0.0) * LOG2E
-            x = s - finite(la)[:, None]
+            x = log_attention(q_ptr, k_ptr, stats, stride_q, stride_k, stride_s, h0 + hh, group, offs_m, offs_n,
+                              q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
             # online logsumexp with one exp2: the larger of (running max, x) costs nothing
             d = x - mx
             e = tl.exp2(-tl.abs(d))
@@ -280,3 +300,49 @@ def times_g(lc2, g, lpi2, lrho2, DIVERGENCE: tl.constexpr):
     else:
         res = tl.exp2(lc2) * g
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics of the policy (docs/design.md, "Attention statistics")
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_segments(segs, stride_seg, offs_n, k_len):
+    """(BLOCK_N,) int32 segment ids of the keys (-1 past k_len)."""
+    return tl.load(segs + offs_n.to(tl.int64) * stride_seg[KEY], mask=offs_n < k_len, other=-1)
+
+
+@triton.jit
+def stat_sums(x, neg_log_pi, seg, keep, NUM_SEG: tl.constexpr, NSTAT_PAD: tl.constexpr):
+    """(BLOCK_M, NSTAT_PAD) row sums over `keep` of x * [-log pi, [seg = 0], .., [seg = S-1]]:
+    column 0 the entropy term, column 1 + s segment s, 0 beyond 1 + NUM_SEG. x = pi gives the row's
+    entropy and masses; x = a_h (heads="mean") the u_h of every statistic's c_h."""
+    cols = tl.arange(0, NSTAT_PAD)[None, :]
+    res = tl.where(cols == 0, tl.sum(tl.where(keep, x * neg_log_pi, 0.0), 1)[:, None], 0.0)
+    for s in tl.static_range(NUM_SEG):
+        mass = tl.sum(tl.where(keep & (seg[None, :] == s), x, 0.0), 1)
+        res += tl.where(cols == 1 + s, mass[:, None], 0.0)
+    return res
+
+
+@triton.jit
+def stat_grad(neg_log_pi, seg, weights, NUM_SEG: tl.constexpr, NSTAT_PAD: tl.constexpr):
+    """The statistics' part of g on a (BLOCK_M, BLOCK_N) tile, w_E (-log pi_j) + w_seg(j), from the
+    rows' weights (BLOCK_M, NSTAT_PAD) = [w_E, w_0 .. w_{S-1}]."""
+    cols = tl.arange(0, NSTAT_PAD)[None, :]
+    w_e = tl.sum(tl.where(cols == 0, weights, 0.0), 1)
+    g = w_e[:, None] * neg_log_pi
+    for s in tl.static_range(NUM_SEG):
+        w_s = tl.sum(tl.where(cols == 1 + s, weights, 0.0), 1)
+        g += tl.where(seg[None, :] == s, w_s[:, None], 0.0)
+    return g
+
+
+@triton.jit
+def row_tile(base, offs_m, stride, q_len, n_cols, NSTAT_PAD: tl.constexpr):
+    """Pointers and mask of a (BLOCK_M, NSTAT_PAD) tile of per-row columns 0 .. n_cols-1 at `base`
+    (rows by stride[ROW], columns by stride[COL])."""
+    cols = tl.arange(0, NSTAT_PAD)
+    ptrs = base + offs_m[:, None].to(tl.int64) * stride[ROW] + cols[None, :] * stride[COL]
+    return ptrs, (offs_m[:, None] < q_len) & (cols[None, :] < n_cols)

@@ -72,9 +72,10 @@ BACKWARD_TABLE = {
 
 # The autotuner's cache keys (besides the dtypes of the tensor arguments, which triton adds).
 FORWARD_KEY = ["n_heads", "ref_heads", "group", "ref_group", "head_dim", "v_dim", "ref_dim", "len_bucket",
-               "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_REF_STATS", "HAS_SEQS"]
+               "DIVERGENCE", "HEADS_EACH", "ONE_SWEEP", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_REF_STATS", "NO_REF",
+               "HAS_SEQS", "POLICY_STATS", "NUM_SEG"]
 BACKWARD_KEY = ["n_heads", "ref_heads", "group", "ref_group", "head_dim", "v_dim", "ref_dim", "len_bucket",
-                "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_SEQS"]
+                "DIVERGENCE", "HEADS_EACH", "EXCLUDE_SELF", "CAUSAL", "HAS_V", "HAS_SEQS", "POLICY_STATS", "NUM_SEG"]
 
 
 def head_dim_class(args: dict) -> int:

@@ -3,7 +3,7 @@
 ``forward_launch`` / ``backward_launch`` build a launch without running it (``Launch``);
 tests/test_triton_compile.py compiles exactly those arguments for sm_80 / sm_90a without a GPU.
 Every tensor, stride and size goes to the kernel by name: ``strides("q", q)`` gives
-{"stride_q_b", "stride_q_h", "stride_q_m", "stride_q_d"} from LAYOUT's dimension letters.
+{"stride_q": (batch, head, row, dim)}, one tuple per tensor placed by LAYOUT's dimension letters.
 
 The kernels are built once, when this module is imported: autotuned compiled kernels, or, under
 TRITON_INTERPRET=1, the plain interpreted ones run with INTERPRETER_BLOCKS (and bf16 operands upcast
@@ -24,7 +24,7 @@ from .backward import backward_kernel
 from .common import IMPORT_ERROR, triton
 from .configs import (BACKWARD_KEY, BACKWARD_TABLE, FORWARD_KEY, FORWARD_TABLE, INTERPRETER_BLOCKS, autotuned,
                       settings)
-from .forward import forward_each_kernel, forward_kernel
+from .forward import forward_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -32,10 +32,9 @@ LOG2E = 1.4426950408889634
 INTERPRETED = IMPORT_ERROR is None and settings().interpret
 if IMPORT_ERROR is None and not INTERPRETED:
     FORWARD = autotuned(forward_kernel, FORWARD_TABLE, FORWARD_KEY)
-    FORWARD_EACH = autotuned(forward_each_kernel, FORWARD_TABLE, FORWARD_KEY)
     BACKWARD = autotuned(backward_kernel, BACKWARD_TABLE, BACKWARD_KEY, reset_to_zero=["DQ", "DK", "DV"])
 else:
-    FORWARD, FORWARD_EACH, BACKWARD = forward_kernel, forward_each_kernel, backward_kernel
+    FORWARD, BACKWARD = forward_kernel, backward_kernel
 
 # The backward's grid aims at this many waves (programs per SM; ptxas gives the backward 170-255
 # registers x 256 threads, so one program fits an SM at a time). See benchmarks/RESULTS.md,
@@ -43,27 +42,34 @@ else:
 BACKWARD_MIN_WAVES = 3
 
 # Dimension letters of every tensor the kernels read or write: b batch, h head, m query row,
-# n key, d feature, c the [lse_A, lse_P] column of the statistics.
+# n key, d feature, c a column (the [lse_A, lse_P] of the statistics; the [entropy, mass_0 ..] of
+# the policy statistics; the segment of mass).
 LAYOUT = {
     "q": "bhmd", "k": "bhnd", "v": "bhnd", "q_ref": "bhmd", "k_ref": "bhnd", "ref_stats": "bhmc",
-    "key_pad": "bn", "row_mask": "bm", "out": "bhmd", "stats": "bhmc", "div": "bhm", "cbar": "bhm",
-    "dout": "bhmd", "ddiv": "bhm", "delta": "bhm", "dq": "bhmd", "dk": "bhnd", "dv": "bhnd",
+    "key_pad": "bn", "row_mask": "bm", "seg": "bn", "out": "bhmd", "stats": "bhmc", "div": "bhm",
+    "cbar": "bhm", "mass": "bhmc", "cstats": "bhmc", "dout": "bhmd", "ddiv": "bhm", "delta": "bhm",
+    "stats_w": "bhmc", "dq": "bhmd", "dk": "bhnd", "dv": "bhnd",
 }
+# The slot of each dimension letter in a kernel's stride tuple (common.py: BATCH, HEAD, ROW / KEY, DIM / COL).
+SLOTS = {"b": 0, "h": 1, "m": 2, "n": 2, "d": 3, "c": 3}
 
 
 def strides(name: str, t: Optional[torch.Tensor]) -> dict:
-    """{"stride_<name>_<dim>": stride} for the dimensions LAYOUT[name]; zeros for a missing tensor.
-    A per-row tensor of heads="mean" ((B, Sq) for a "bhm" layout) gets head stride 0."""
+    """{"stride_<name>": (batch, head, row | key, dim | column)}: the strides of the dimensions
+    LAYOUT[name] in their slots, 0 for the others and for a missing tensor. A per-row tensor of
+    heads="mean" (no head dimension: (B, Sq) for "bhm", (B, Sq, S) for "bhmc") gets head stride 0."""
     dims = LAYOUT[name]
-    if t is None:
-        values = [0] * len(dims)
-    elif t.dim() == len(dims):
-        values = list(t.stride())
-    elif dims == "bhm" and t.dim() == 2:
-        values = [t.stride(0), 0, t.stride(1)]
-    else:
-        raise ValueError(f"{name}: expected {len(dims)} dimensions ({dims}), got shape {tuple(t.shape)}")
-    return {f"stride_{name}_{dim}": value for dim, value in zip(dims, values)}
+    values = [0, 0, 0, 0]
+    if t is not None:
+        if t.dim() == len(dims):
+            present = dims
+        elif dims.startswith("bh") and t.dim() == len(dims) - 1:
+            present = "b" + dims[2:]
+        else:
+            raise ValueError(f"{name}: expected {len(dims)} dimensions ({dims}), got shape {tuple(t.shape)}")
+        for dim, stride in zip(present, t.stride()):
+            values[SLOTS[dim]] = stride
+    return {f"stride_{name}": tuple(values)}
 
 
 def sizes(call: Call) -> dict:
@@ -178,7 +184,8 @@ def backward_grid(k_len: int, q_len: int, n_groups: int, device: torch.device):
 
 def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
     """The forward launch for `call`; interp (default: whether the kernels were built for the
-    interpreter) picks the interpreter-only flags."""
+    interpreter) picks the interpreter-only flags. Outputs: the six ForwardOutputs, then the three
+    StatsOutputs when the call asks for policy statistics."""
     q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
     interp = INTERPRETED if interp is None else interp
     opts = call.options
@@ -186,35 +193,60 @@ def forward_launch(call: Call, interp: Optional[bool] = None) -> Launch:
     each = opts.heads_each
     has_ref_stats = call.ref_stats is not None
     out, div, stats, ref_stats_out, gbar, cbar = outputs.forward_outputs(q, v, q_ref, has_ref_stats, each)
+    entropy, mass, cstats = outputs.stats_outputs(q, each, opts.policy_stats, opts.num_segments)
     ref_stats = call.ref_stats if has_ref_stats else ref_stats_out
     key_pad, row_mask = _mask_u8(call.key_padding_mask), _mask_u8(call.row_mask)
+    segs = call.key_segments if opts.num_segments else None
 
-    kernel = FORWARD_EACH if each and opts.divergence != "jsd" else FORWARD
+    kernel = FORWARD
     size = sizes(call)
     kwargs = dict(
         Q=q, K=k, V=v if v is not None else q, Q_REF=q_ref, K_REF=k_ref, REF_STATS=ref_stats,
         KEY_PAD=key_pad if key_pad is not None else stats, ROW_MASK=row_mask if row_mask is not None else stats,
-        OUT=out if v is not None else q, STATS=stats, DIV=div, GBAR=gbar, CBAR=cbar,
+        SEGS=segs if segs is not None else stats, OUT=out if v is not None else q, STATS=stats, DIV=div, GBAR=gbar,
+        CBAR=cbar, **_stats_outputs(opts, stats, entropy, mass, cstats),
         **strides("q", q), **strides("k", k), **strides("v", v), **strides("q_ref", q_ref),
         **strides("k_ref", k_ref), **strides("ref_stats", ref_stats), **strides("key_pad", key_pad),
-        **strides("row_mask", row_mask), **strides("out", out if v is not None else None),
+        **strides("row_mask", row_mask), **strides("seg", segs), **strides("out", out if v is not None else None),
         **strides("stats", stats), **strides("div", div), **strides("cbar", cbar),
+        **strides("mass", mass if opts.num_segments else None),
+        **strides("cstats", cstats if opts.policy_stats and not each else None),
         **seqs_table(call), **size,
         scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
         DIVERGENCE=opts.divergence_code, HEADS_EACH=each,
+        ONE_SWEEP=each and opts.divergence != "jsd" and not opts.policy_stats,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
-        HAS_REF_STATS=has_ref_stats, HAS_KEY_PAD=key_pad is not None, HAS_ROW_MASK=row_mask is not None,
+        HAS_REF_STATS=has_ref_stats, NO_REF=opts.no_reference, HAS_KEY_PAD=key_pad is not None,
+        HAS_ROW_MASK=row_mask is not None, **_stats_flags(opts),
         H_PAD=1 if each else triton.next_power_of_2(n_heads), **_flags(call, interp, kernel))
-    assert gbar.stride() == div.stride()  # GBAR is addressed with DIV's strides
+    assert gbar.stride() == div.stride()  # GBAR (and ENTROPY) are addressed with DIV's strides
+    assert not opts.policy_stats or entropy.stride() == div.stride()
     units = n_units(call) * (n_heads if each else 1)
     grid = forward_grid(size["max_q_len"], units)
-    return Launch(kernel, grid, kwargs, (out, div, stats, ref_stats_out, gbar, cbar),
-                  empty=size["max_q_len"] == 0 or units == 0)
+    results = (out, div, stats, ref_stats_out, gbar, cbar)
+    if opts.policy_stats:
+        results += (entropy, mass, cstats)
+    return Launch(kernel, grid, kwargs, results, empty=size["max_q_len"] == 0 or units == 0)
+
+
+def _stats_outputs(opts, placeholder, entropy, mass, cstats) -> dict:
+    """ENTROPY, MASS, CSTATS of the forward kernel: the statistics outputs the call has, else
+    `placeholder` (never written)."""
+    return dict(ENTROPY=entropy if opts.policy_stats else placeholder,
+                MASS=mass if opts.num_segments else placeholder,
+                CSTATS=cstats if opts.policy_stats and not opts.heads_each else placeholder)
+
+
+def _stats_flags(opts) -> dict:
+    """POLICY_STATS, NUM_SEG (S) and NSTAT_PAD (columns [entropy, mass_0 .. mass_{S-1}], padded)."""
+    return dict(POLICY_STATS=opts.policy_stats, NUM_SEG=opts.num_segments,
+                NSTAT_PAD=triton.next_power_of_2(1 + opts.num_segments) if opts.policy_stats else 1)
 
 
 def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
                     interp: Optional[bool] = None) -> Launch:
-    """The backward launch for `call` (arguments as backward()); outputs: the fp32 (dq, dk, dv|None)."""
+    """The backward launch for `call` (arguments as backward()); outputs: the fp32 (dq, dk, dv|None).
+    With policy statistics (call.stats_w), gbar is gbar_total (ral.backends)."""
     q, k, v, q_ref, k_ref = call.q, call.k, call.v, call.q_ref, call.k_ref
     interp = INTERPRETED if interp is None else interp
     opts = call.options
@@ -222,6 +254,8 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
     each = opts.heads_each
     dq, dk, dv = outputs.gradient_accumulators(q, k, v)
     w, gbar = ddiv.to(torch.float32).contiguous(), gbar.to(torch.float32).contiguous()
+    stats_w = call.stats_w.to(torch.float32).contiguous() if opts.policy_stats else None
+    segs = call.key_segments if opts.policy_stats and opts.num_segments else None
     key_pad = _mask_u8(call.key_padding_mask)
     dout = dout if v is not None else None
 
@@ -229,17 +263,19 @@ def backward_launch(call: Call, dout, ddiv, delta, stats, ref_stats, gbar,
     size = sizes(call)
     kwargs = dict(
         Q=q, K=k, V=v if v is not None else q, Q_REF=q_ref, K_REF=k_ref, REF_STATS=ref_stats,
-        KEY_PAD=key_pad if key_pad is not None else stats, DOUT=dout if dout is not None else q,
-        DDIV=w, DELTA=delta, STATS=stats, GBAR=gbar, DQ=dq, DK=dk, DV=dv if dv is not None else dk,
+        KEY_PAD=key_pad if key_pad is not None else stats, SEGS=segs if segs is not None else stats,
+        DOUT=dout if dout is not None else q, DDIV=w, DELTA=delta, STATS=stats, GBAR=gbar,
+        STATS_W=stats_w if stats_w is not None else stats, DQ=dq, DK=dk, DV=dv if dv is not None else dk,
         **strides("q", q), **strides("k", k), **strides("v", v), **strides("q_ref", q_ref),
         **strides("k_ref", k_ref), **strides("ref_stats", ref_stats), **strides("key_pad", key_pad),
-        **strides("dout", dout), **strides("ddiv", w), **strides("delta", delta), **strides("stats", stats),
-        **strides("dq", dq), **strides("dk", dk), **strides("dv", dv),
-        **seqs_table(call), n_units=n_units(call), kv_heads=kv_heads, **size,
+        **strides("seg", segs), **strides("dout", dout), **strides("ddiv", w), **strides("delta", delta),
+        **strides("stats", stats), **strides("stats_w", stats_w), **strides("dq", dq), **strides("dk", dk),
+        **strides("dv", dv), **seqs_table(call), n_units=n_units(call), kv_heads=kv_heads, **size,
         scale=opts.scale, scale2=opts.scale * LOG2E, ref_scale2=opts.ref_scale * LOG2E,
         DIVERGENCE=opts.divergence_code, HEADS_EACH=each,
         EXCLUDE_SELF=opts.exclude_self, CAUSAL=opts.causal, HAS_V=v is not None,
-        HAS_KEY_PAD=key_pad is not None, ACC_IN_REGS=each or kv_heads == 1, **_flags(call, interp, kernel))
+        HAS_KEY_PAD=key_pad is not None, **_stats_flags(opts), ACC_IN_REGS=each or kv_heads == 1,
+        **_flags(call, interp, kernel))
     assert gbar.stride() == w.stride()  # GBAR is addressed with DDIV's strides
     groups = n_units(call) * (kv_heads if each else 1)
     grid = backward_grid(size["max_k_len"], size["max_q_len"], groups, q.device)
