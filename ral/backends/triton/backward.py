@@ -59,6 +59,19 @@ def flush(ptrs, acc, mask, sole_write):
 
 
 @triton.jit
+def flush_kv(DKb, DVb, kv_head, offs_n, offs_d, offs_dv, stride_dk, stride_dv, dk_acc, dv_acc, kv_mask, v_mask,
+             sole_write, HAS_V: tl.constexpr):
+    """``flush`` of a key tile's dk (BLOCK_N, D_PAD) and, with v, dv (BLOCK_N, DV_PAD) partial sums into
+    kv head `kv_head` of DK / DV (DKb, DVb: the unit's bases; offs_n: the tile's key rows)."""
+    rows = offs_n[:, None].to(tl.int64)
+    flush(DKb + kv_head * stride_dk[HEAD] + rows * stride_dk[KEY] + offs_d[None, :] * stride_dk[DIM], dk_acc,
+          kv_mask, sole_write)
+    if HAS_V:
+        flush(DVb + kv_head * stride_dv[HEAD] + rows * stride_dv[KEY] + offs_dv[None, :] * stride_dv[DIM], dv_acc,
+              v_mask, sole_write)
+
+
+@triton.jit
 def any_nonzero(w):
     """Whether some row of the (BLOCK_M,) weights w is nonzero (a runtime branch condition)."""
     return tl.max((w != 0.0).to(tl.int32), 0) > 0
@@ -255,18 +268,8 @@ def backward_kernel(
                     + offs_d[None, :] * stride_dq[DIM]
                 tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), sem="relaxed")
             if not ACC_IN_REGS:  # one add per query block: atomics even without splits
-                dk_ptrs = DKb + kvh * stride_dk[HEAD] + offs_n[:, None].to(tl.int64) * stride_dk[KEY] \
-                    + offs_d[None, :] * stride_dk[DIM]
-                flush(dk_ptrs, dk_acc, kv_mask, False)
-                if HAS_V:
-                    dv_ptrs = DVb + kvh * stride_dv[HEAD] + offs_n[:, None].to(tl.int64) * stride_dv[KEY] \
-                        + offs_dv[None, :] * stride_dv[DIM]
-                    flush(dv_ptrs, dv_acc, v_mask, False)
+                flush_kv(DKb, DVb, kvh, offs_n, offs_d, offs_dv, stride_dk, stride_dv, dk_acc, dv_acc, kv_mask,
+                         v_mask, False, HAS_V)
     if ACC_IN_REGS:
-        dk_ptrs = DKb + kv0 * stride_dk[HEAD] + offs_n[:, None].to(tl.int64) * stride_dk[KEY] \
-            + offs_d[None, :] * stride_dk[DIM]
-        flush(dk_ptrs, dk_acc, kv_mask, sole_program)
-        if HAS_V:
-            dv_ptrs = DVb + kv0 * stride_dv[HEAD] + offs_n[:, None].to(tl.int64) * stride_dv[KEY] \
-                + offs_dv[None, :] * stride_dv[DIM]
-            flush(dv_ptrs, dv_acc, v_mask, sole_program)
+        flush_kv(DKb, DVb, kv0, offs_n, offs_d, offs_dv, stride_dk, stride_dv, dk_acc, dv_acc, kv_mask, v_mask,
+                 sole_program, HAS_V)

@@ -55,6 +55,19 @@ from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, NEG_INF, ROW, at, d
 
 
 @triton.jit
+def attend_tile(m, l, acc, s, att, v_ptr, offs_n, offs_dv, stride_v, k_len, v_dim, HAS_V: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of the online softmax over A(i) (s: (BLOCK_M, BLOCK_N) scores in log2 units, att:
+    the attended mask): the running max m and sum l, and with v the output accumulator acc
+    (BLOCK_M, DV_PAD). Returns m, l, acc and online()'s alpha, e, shift for the caller's own sums."""
+    m, l, alpha, e, shift = online(m, l, tl.where(att, s, NEG_INF))
+    if HAS_V:
+        v = load_tile(v_ptr, offs_n, offs_dv, stride_v[KEY], stride_v[DIM], k_len, v_dim)
+        acc = acc * alpha[:, None] + matmul(e.to(v.dtype), v, UPCAST, PREC)
+    return m, l, acc, alpha, e, shift
+
+
+@triton.jit
 def head_softmax(q_ptr, k_ptr, v_ptr, out_ptr, stride_q, stride_k, stride_v, stride_out, key_pad, stride_key_pad,
                  offs_m, q_len, k_len, pos0, head_dim, v_dim, scale2, n_end,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
@@ -76,10 +89,8 @@ def head_softmax(q_ptr, k_ptr, v_ptr, out_ptr, stride_q, stride_k, stride_v, str
         s = matmul(q, tl.trans(k), UPCAST, PREC) * scale2
         att, sup = key_sets(offs_m, offs_n, key_ok(key_pad, stride_key_pad, offs_n, k_len, HAS_KEY_PAD),
                             q_len, pos0, CAUSAL, EXCLUDE_SELF)
-        m_a, l_a, alpha, p, _ = online(m_a, l_a, tl.where(att, s, NEG_INF))
-        if HAS_V:
-            v = load_tile(v_ptr, offs_n, offs_dv, stride_v[KEY], stride_v[DIM], k_len, v_dim)
-            acc = acc * alpha[:, None] + matmul(p.to(v.dtype), v, UPCAST, PREC)
+        m_a, l_a, acc, _, _, _ = attend_tile(m_a, l_a, acc, s, att, v_ptr, offs_n, offs_dv, stride_v, k_len, v_dim,
+                                             HAS_V, UPCAST, PREC)
         if EXCLUDE_SELF:
             m_p, l_p, _, _, _ = online(m_p, l_p, tl.where(sup, s, NEG_INF))
     lse_a = lse2(m_a, l_a)
@@ -185,10 +196,8 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
         # current model over A (and out)
         p_old = finite(m_p)
         lp_old = l_p
-        m_a, l_a, alpha_a, e_a, sh_a = online(m_a, l_a, tl.where(att, s, NEG_INF))
-        if HAS_V:
-            v = load_tile(v_ptr, offs_n, offs_dv, stride_v[KEY], stride_v[DIM], k_len, v_dim)
-            acc = acc * alpha_a[:, None] + matmul(e_a.to(v.dtype), v, UPCAST, PREC)
+        m_a, l_a, acc, alpha_a, e_a, sh_a = attend_tile(m_a, l_a, acc, s, att, v_ptr, offs_n, offs_dv, stride_v,
+                                                        k_len, v_dim, HAS_V, UPCAST, PREC)
         # current model over P
         if EXCLUDE_SELF:
             m_p, l_p, alpha_p, e_p, sh_p = online(m_p, l_p, tl.where(sup, s, NEG_INF))
