@@ -202,8 +202,9 @@ def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=N
 
 
 
-def check_stats(problem: Problem, backend: str, with_div: bool = True, op=None):
-    """The accuracy rule with upstream weights on out, entropy, mass and (with_div) div."""
+def check_stats(problem: Problem, backend: str, with_div: bool = True, op=None, device="cpu"):
+    """The accuracy rule with upstream weights on out, entropy, mass and (with_div) div; the backend
+    runs on `device`, the references on the CPU."""
     base = problem.make()
     dout, ddiv = upstream(base)
     ddiv = ddiv if with_div else None
@@ -211,7 +212,7 @@ def check_stats(problem: Problem, backend: str, with_div: bool = True, op=None):
     names = [n for n in STATS_NAMES if op is None or n != "div"]
     results = [run(kw, be, dout, ddiv, op=op, dstats=dstats)
                for kw, be in ((base, "reference"), (cast(base, problem.dtype), "reference"),
-                              (cast(base, problem.dtype), backend))]
+                              (cast(base, problem.dtype, device), backend))]
     return compare(*results, problem.dtype, names, what=f"{backend} for {problem}")
 
 

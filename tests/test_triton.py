@@ -22,7 +22,7 @@ import types
 import pytest
 import torch
 
-from oracle import Problem, cast, check, option_grid, option_id
+from oracle import Problem, cast, check, check_stats, option_grid, option_id
 
 triton = pytest.importorskip("triton")
 
@@ -335,3 +335,16 @@ def test_cuda_strided_bf16():
     problem = StridedProblem(batch=2, heads=8, kv_heads=4, q_len=190, k_len=190, head_dim=64,
                              dtype=torch.bfloat16, options=opts)
     check(problem, "triton", device="cuda")
+
+
+@compiled
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", range(2))
+@pytest.mark.parametrize("opts", [GRID[0], GRID[13]], ids=lambda o: option_id(o))
+def test_cuda_statistics(case, opts):
+    """Entropy and per-segment mass beside the divergence, compiled, at sizes with many tiles."""
+    fields = dict(CUDA_CASES[case])
+    if opts["heads"] == "mean" and case == 0:
+        fields.update(ref_heads=4, ref_kv_heads=4, ref_head_dim=128)
+    check_stats(Problem(options=opts, seed=case, segments=3 + 5 * case, **fields), "triton", device="cuda")
