@@ -26,6 +26,7 @@ import ral
 from ral.integrations.verl import RALConfig, attach
 
 cpu_platform.register_cpu_engine()
+cpu_platform.register_ulysses_sdpa()
 from verl.workers.engine_workers import TrainingWorker  # noqa: E402
 
 P, R, B = 5, 6, 8           # prompt width (left padded), response width (right padded), samples
@@ -48,8 +49,8 @@ def process_group():
 
 
 def make_worker(model_path, remove_padding=True, dynamic=False, checkpointing=False, agg="token-mean", lr=5e-2,
-                adam_eps=1e-8, attn="sdpa"):
-    engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
+                adam_eps=1e-8, attn="sdpa", sp=1):
+    engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False, ulysses_sequence_parallel_size=sp,
                               mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
                               micro_batch_size_per_gpu=2 if not dynamic else None, infer_micro_batch_size_per_gpu=4,
                               use_dynamic_bsz=dynamic, max_token_len_per_gpu=40, infer_max_token_len_per_gpu=40)
