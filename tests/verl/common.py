@@ -100,6 +100,12 @@ def old_log_probs(worker, batch, ral_handle=None):
             out = worker.infer_batch(data)
     else:
         out = worker.infer_batch(data)
+    if getattr(worker.engine, "use_ulysses_sp", False):
+        # only the sp group's first rank returns the output; veRL's driver hands the same batch to every
+        # rank of the group (here the whole world is one sp group)
+        box = [out]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
     batch["old_log_probs"] = no_padding_2_padding(tu.get(out, "log_probs"), batch).float()
     return out
 
@@ -117,7 +123,8 @@ def update(worker, batch, epochs=1, shuffle=False):
     data = batch.clone()
     tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
                          mini_batch_size=B // 2, epochs=epochs, seed=1, dataloader_kwargs={"shuffle": shuffle})
-    return tu.get(worker.train_mini_batch(data), "metrics")
+    out = worker.train_mini_batch(data)
+    return None if out is None else tu.get(out, "metrics")      # None: an sp rank that does not collect
 
 
 def params(worker):
