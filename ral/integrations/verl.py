@@ -80,8 +80,21 @@ q 7,168 B + stats 224 B per response token, k 1,024 B per token: 8,416 B per res
 1,024 B per prompt / image token. E.g. 512 samples x (1,024 prompt + 1,024 response tokens):
 512 * (1,024 * 1,024 + 1,024 * 8,416) B = 4.95 GB (4.6 GiB) per step for the whole batch.
 
-Limits: ``ulysses_sequence_parallel_size`` must be 1 (the chosen layer would see a sequence shard;
-``ral.distributed.attention_kl_cp`` is the building block for it), ``pad_to_length`` must be off,
+Ulysses sequence parallelism (``ulysses_sequence_parallel_size`` = P > 1, ``use_remove_padding``):
+veRL pads each micro-batch's packed stream to a multiple of P and gives sp rank r the r-th contiguous
+slice; every other layer all-to-alls to (whole stream, H / P heads) and back inside transformers'
+flash-attention forward (veRL's ``_ulysses_flash_attention_forward``). The chosen layer keeps its
+slice with all heads and runs ``ral.distributed.attention_kl_cp_varlen`` (layout "contiguous", veRL's
+split) over veRL's sp group, which all-gathers the keys: the head-mean policy needs every head of a
+row. Recorded slices are all-gathered, so the batch holds the whole stream's reference as with P = 1;
+in the update each rank cuts its slice from it, and the per-token div is gathered like veRL's
+log-probs (``gather_outputs_and_unpad``, the same gradient scaling). Tested: P = 2 on 2 gloo ranks
+equals P = 1 (losses, attention terms, parameters; tests/verl, on CPU through a test-only SDPA
+stand-in for flash-attn). The model must be on a flash-attention implementation (on sdpa / eager
+veRL's all-to-all never runs: veRL itself would attend within each rank's slice; refused);
+``RALConfig(stats=True)`` is refused under Ulysses; VLMs under Ulysses are untested.
+
+Limits: ``pad_to_length`` must be off,
 ``use_fused_kernels`` is fine (the term does not need logits). Only FSDP/FSDP2 engines (language
 models and VLMs whose decoder layers transformers builds with ``layer_idx``).
 
@@ -251,8 +264,8 @@ def _register_implementation(original: str) -> str:
 # directly, past transformers' attention interface: the chosen layers would never reach RAL ("record:
 # the chosen layers did not run"), and without flash-attn (CPU) it cannot run at all. transformers'
 # own forward, kept here from before veRL patches it, routes through the model's attention
-# implementation and passes the text position ids that show the packing (sequence parallel, the
-# other reason for veRL's patch, is refused by RAL).
+# implementation and passes the text position ids that show the packing (under sequence parallel, the
+# other reason for veRL's patch, that path is untested).
 _VERL_PATCHED_ATTENTION = (("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention"),
                            ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLAttention"))
 _TRANSFORMERS_FORWARD = {}
@@ -314,29 +327,31 @@ class RALActor:
         self._cmp = None
         self._recording = False
         self._old_loss_fn = worker.loss_fn
+        self._sp_group = None
         if not self.active:
             return
-        self._sp_group = self.engine.ulysses_parallel_group if getattr(self.engine, "use_ulysses_sp", False) else None
-        if self._sp_group is not None and config.stats:
+        ulysses = bool(getattr(self.engine, "use_ulysses_sp", False))
+        if ulysses and config.stats:
             raise ValueError("ral: RALConfig(stats=True) with ulysses_sequence_parallel_size > 1 is not supported "
                              "(the statistics' key segments are not sharded); set stats=False or the sp size to 1")
         if getattr(self.engine, "pad_to_length", False):
             raise ValueError("ral: engine pad_to_length is not supported (it appends a padding sequence)")
         model = _hf_model(self.engine.module)
         original = model.config._attn_implementation
+        implementation = _register_implementation(original)
+        if ulysses and implementation == "ral":
+            raise ValueError(
+                f"ral: ulysses_sequence_parallel_size > 1 needs the model on a flash-attention implementation, "
+                f"got {original!r}: veRL's Ulysses all-to-all runs only inside transformers' flash-attention "
+                f"forward (verl.models.transformers.monkey_patch._ulysses_flash_attention_forward); on "
+                f"{original!r} every rank attends to its own sequence shard only, in veRL itself")
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
                                       heads="mean", backend=config.backend, stats=config.stats,
                                       segment_names=config.segment_names)
         self._original_implementation = original
         self._restored = _restore_attention_forwards(model)
-        implementation = _register_implementation(original)
-        if self._sp_group is not None:
-            if implementation == "ral":
-                raise ValueError(
-                    f"ral: ulysses_sequence_parallel_size > 1 needs the model on a flash-attention implementation, "
-                    f"got {original!r}: veRL's Ulysses all-to-all runs only inside transformers' flash-attention "
-                    f"forward (verl.models.transformers.monkey_patch._ulysses_flash_attention_forward); on "
-                    f"{original!r} every rank attends to its own sequence shard only, in veRL itself")
+        if ulysses:
+            self._sp_group = self.engine.ulysses_parallel_group
             self.policy._ral_ulysses = self._attend_ulysses
         if implementation != "ral":
             model.set_attn_implementation(implementation)

@@ -296,3 +296,21 @@ def test_attention_statistics_metrics_match_eager_maps(model_path, remove_paddin
         want = float(sum(micro) / 2)
         assert abs(float(metrics[name][0]) - want) <= 2e-6 + 1e-5 * abs(want), (name, metrics[name], want)
     assert 0.05 < float(metrics["ral/attn_mass/response"][0]) < 0.95
+
+
+@pytest.mark.parametrize("attn,stats,match", [
+    ("sdpa", False, "needs the model on a flash-attention implementation, got 'sdpa'"),
+    (cpu_platform.ULYSSES_SDPA, True, r"RALConfig\(stats=True\) with ulysses_sequence_parallel_size > 1"),
+])
+def test_ulysses_refusals(model_path, attn, stats, match):
+    """Under Ulysses (an engine with use_ulysses_sp; no second process needed to build RAL's hook) an
+    SDPA / eager model is refused (veRL's all-to-all runs only in the flash-attention forward, so veRL
+    itself would attend within each rank's slice), and so are the statistics; nothing is attached."""
+    from types import SimpleNamespace
+    from transformers import Qwen2ForCausalLM as Model
+    model = Model.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    engine = SimpleNamespace(use_ulysses_sp=True, ulysses_parallel_group=None, pad_to_length=False, module=model)
+    worker = SimpleNamespace(engine=engine, loss_fn=None, set_loss_fn=None)
+    with pytest.raises(ValueError, match=match):
+        attach(worker, RALConfig(lambda_attn=1.0, stats=stats))
+    assert "forward_step" not in vars(engine)
