@@ -102,14 +102,14 @@ def test_reference_follows_shuffle_and_dynamic_batching(model_path):
         torch.testing.assert_close(torch.tensor(other), torch.tensor(terms[0]), rtol=1e-4, atol=1e-8)
 
 
-def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3):
+def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, checkpointing=False):
     """Two updates on one mini-batch of the whole batch; ``sp``: veRL's Ulysses size (the model then on
     cpu_platform's ULYSSES_SDPA, veRL's all-to-all over SDPA); ``lam=0``: veRL alone (nothing attached).
     The results of rank 0 (the others' metrics are None under sp)."""
     # Adam's eps 1e-4: the k_proj bias has an exactly-zero gradient (softmax ignores a constant added to
     # every key of a row), and Adam with eps 1e-8 turns its rounding noise into lr-sized steps that
     # differ between 1 and 2 processes. With eps 1e-4 that noise moves nothing.
-    worker, actor = make_worker(model_path, remove_padding, adam_eps=1e-4, sp=sp,
+    worker, actor = make_worker(model_path, remove_padding, checkpointing=checkpointing, adam_eps=1e-4, sp=sp,
                                 attn=cpu_platform.ULYSSES_SDPA if sp > 1 else "sdpa")
     handle = attach(worker, RALConfig(lambda_attn=lam), actor) if lam else None
     per = B // (world // sp)
@@ -132,14 +132,16 @@ def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3):
     return {"params": params(worker), "losses": losses, "terms": terms, "old_log_probs": batch["old_log_probs"]}
 
 
-def _dp_run(rank, world, port, model_path, remove_padding, out_path, sp=1, lams=(2.0,), seed=3):
+def _dp_run(rank, world, port, model_path, remove_padding, out_path, sp=1, runs=({},)):
+    """_dp_body on rank ``rank`` of ``world`` gloo processes, once per keyword dict of ``runs``; rank 0 saves
+    the results (a list for several runs)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), VERL_PLATFORM="cpu")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    results = [_dp_body(rank, world, model_path, remove_padding, sp, lam, seed) for lam in lams]
+    results = [_dp_body(rank, world, model_path, remove_padding, sp, **run) for run in runs]
     if rank == 0:
-        torch.save(results if len(lams) > 1 else results[0], out_path)
+        torch.save(results if len(runs) > 1 else results[0], out_path)
     torch.distributed.destroy_process_group()
 
 
@@ -172,10 +174,11 @@ def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
     import torch.multiprocessing as mp
     # seed 6: packed micro-batches of 35 and 28 tokens in the old-log-prob pass, 18, 17, 11, 17 in the
     # update: veRL pads the odd ones by one token for sp=2, the even ones not
-    lams, seed = (0.0, 2.0), 6
-    ones = [_dp_body(0, 1, model_path, True, 1, lam, seed) for lam in lams]
+    # with RAL: gradient checkpointing on (the chosen layer's recompute is paused, the others' all-to-alls recompute)
+    runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True))
+    ones = [_dp_body(0, 1, model_path, True, 1, **run) for run in runs]
     path = tmp_path / "sp2.pt"
-    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path), 2, lams, seed), nprocs=2, join=True,
+    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path), 2, runs), nprocs=2, join=True,
                        start_method="spawn")
     twos = torch.load(path, weights_only=False)
     for one, two in zip(ones, twos):
