@@ -458,8 +458,12 @@ class RALActor:
         """The recorded slices all-gathered over the sp group into the whole stream (padding dropped)."""
         from ral.distributed import unshard
         total = int(self._sp_cu[-1])
-        whole = lambda t: unshard(t.contiguous(), 0, total, self._sp_group, "contiguous")[:total - self._sp_pad]  # noqa: E731
-        layers = [LayerReference(whole(l.q), whole(l.k), whole(l.stats), l.scale) for l in reference.layers]
+
+        def whole(t):
+            return unshard(t.contiguous(), 0, total, self._sp_group, "contiguous")[:total - self._sp_pad]
+
+        layers = [LayerReference(whole(layer.q), whole(layer.k), whole(layer.stats), layer.scale)
+                  for layer in reference.layers]
         return AttentionReference(layers, None, self._sp_packing)
 
     def _attend_ulysses(self, slot: int, module, query: Tensor, key: Tensor, value: Tensor, scaling):

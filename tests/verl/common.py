@@ -50,7 +50,8 @@ def process_group():
 
 def make_worker(model_path, remove_padding=True, dynamic=False, checkpointing=False, agg="token-mean", lr=5e-2,
                 adam_eps=1e-8, attn="sdpa", sp=1):
-    engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False, ulysses_sequence_parallel_size=sp,
+    engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
+                              ulysses_sequence_parallel_size=sp,
                               mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
                               micro_batch_size_per_gpu=2 if not dynamic else None, infer_micro_batch_size_per_gpu=4,
                               use_dynamic_bsz=dynamic, max_token_len_per_gpu=40, infer_max_token_len_per_gpu=40)
