@@ -80,8 +80,21 @@ q 7,168 B + stats 224 B per response token, k 1,024 B per token: 8,416 B per res
 1,024 B per prompt / image token. E.g. 512 samples x (1,024 prompt + 1,024 response tokens):
 512 * (1,024 * 1,024 + 1,024 * 8,416) B = 4.95 GB (4.6 GiB) per step for the whole batch.
 
-Limits: ``ulysses_sequence_parallel_size`` must be 1 (the chosen layer would see a sequence shard;
-``ral.distributed.attention_kl_cp`` is the building block for it), ``pad_to_length`` must be off,
+Ulysses sequence parallelism (``ulysses_sequence_parallel_size`` = P > 1, ``use_remove_padding``):
+veRL pads each micro-batch's packed stream to a multiple of P and gives sp rank r the r-th contiguous
+slice; every other layer all-to-alls to (whole stream, H / P heads) and back inside transformers'
+flash-attention forward (veRL's ``_ulysses_flash_attention_forward``). The chosen layer keeps its
+slice with all heads and runs ``ral.distributed.attention_kl_cp_varlen`` (layout "contiguous", veRL's
+split) over veRL's sp group, which all-gathers the keys: the head-mean policy needs every head of a
+row. Recorded slices are all-gathered, so the batch holds the whole stream's reference as with P = 1;
+in the update each rank cuts its slice from it, and the per-token div is gathered like veRL's
+log-probs (``gather_outputs_and_unpad``, the same gradient scaling). Tested: P = 2 on 2 gloo ranks
+equals P = 1 (losses, attention terms, parameters; tests/verl, on CPU through a test-only SDPA
+stand-in for flash-attn). The model must be on a flash-attention implementation (on sdpa / eager
+veRL's all-to-all never runs: veRL itself would attend within each rank's slice; refused);
+``RALConfig(stats=True)`` is refused under Ulysses; VLMs under Ulysses are untested.
+
+Limits: ``pad_to_length`` must be off,
 ``use_fused_kernels`` is fine (the term does not need logits). Only FSDP/FSDP2 engines (language
 models and VLMs whose decoder layers transformers builds with ``layer_idx``).
 
@@ -233,6 +246,9 @@ def _register_implementation(original: str) -> str:
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         hook = getattr(module, "_ral_policy", None)
         if hook is not None and hook[0]._mode is not None:
+            ulysses = getattr(hook[0], "_ral_ulysses", None)        # set by RALActor under Ulysses sp
+            if ulysses is not None:
+                return ulysses(hook[1], module, query, key, value, scaling)
             return ral_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                          dropout=dropout, **kwargs)
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -248,8 +264,8 @@ def _register_implementation(original: str) -> str:
 # directly, past transformers' attention interface: the chosen layers would never reach RAL ("record:
 # the chosen layers did not run"), and without flash-attn (CPU) it cannot run at all. transformers'
 # own forward, kept here from before veRL patches it, routes through the model's attention
-# implementation and passes the text position ids that show the packing (sequence parallel, the
-# other reason for veRL's patch, is refused by RAL).
+# implementation and passes the text position ids that show the packing (under sequence parallel, the
+# other reason for veRL's patch, that path is untested).
 _VERL_PATCHED_ATTENTION = (("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention"),
                            ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLAttention"))
 _TRANSFORMERS_FORWARD = {}
@@ -311,21 +327,32 @@ class RALActor:
         self._cmp = None
         self._recording = False
         self._old_loss_fn = worker.loss_fn
+        self._sp_group = None
         if not self.active:
             return
-        if getattr(self.engine, "use_ulysses_sp", False):
-            raise ValueError("ral: ulysses_sequence_parallel_size > 1 is not supported (the chosen layer would see "
-                             "a sequence shard); set it to 1")
+        ulysses = bool(getattr(self.engine, "use_ulysses_sp", False))
+        if ulysses and config.stats:
+            raise ValueError("ral: RALConfig(stats=True) with ulysses_sequence_parallel_size > 1 is not supported "
+                             "(the statistics' key segments are not sharded); set stats=False or the sp size to 1")
         if getattr(self.engine, "pad_to_length", False):
             raise ValueError("ral: engine pad_to_length is not supported (it appends a padding sequence)")
         model = _hf_model(self.engine.module)
         original = model.config._attn_implementation
+        implementation = _register_implementation(original)
+        if ulysses and implementation == "ral":
+            raise ValueError(
+                f"ral: ulysses_sequence_parallel_size > 1 needs the model on a flash-attention implementation, "
+                f"got {original!r}: veRL's Ulysses all-to-all runs only inside transformers' flash-attention "
+                f"forward (verl.models.transformers.monkey_patch._ulysses_flash_attention_forward); on "
+                f"{original!r} every rank attends to its own sequence shard only, in veRL itself")
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
                                       heads="mean", backend=config.backend, stats=config.stats,
                                       segment_names=config.segment_names)
         self._original_implementation = original
         self._restored = _restore_attention_forwards(model)
-        implementation = _register_implementation(original)
+        if ulysses:
+            self._sp_group = self.engine.ulysses_parallel_group
+            self.policy._ral_ulysses = self._attend_ulysses
         if implementation != "ral":
             model.set_attn_implementation(implementation)
         self.engine.forward_step = self._forward_step          # the one hook (instance attribute)
@@ -364,6 +391,8 @@ class RALActor:
         original = type(self.engine).forward_step.__get__(self.engine)
         if self.policy is None:
             return original(micro_batch, loss_function, forward_only)
+        if self._sp_group is not None:
+            self._sp_stream(micro_batch)
         if forward_only and self._recording:
             with self.policy.record() as rec:
                 loss, output = original(micro_batch, loss_function, forward_only)
@@ -380,6 +409,8 @@ class RALActor:
         return original(micro_batch, loss_function, forward_only)
 
     def _to_batch(self, reference: AttentionReference, micro_batch) -> dict:
+        if self._sp_group is not None:
+            reference = self._sp_gathered(reference)
         cu = _seq_offsets(micro_batch)
         rows, lengths = _response_rows(micro_batch)
         out = {}
@@ -395,6 +426,79 @@ class RALActor:
             out[f"ral_stats{i}"] = _nested(stats[rows_d].contiguous(), lengths)
             out[f"ral_k{i}"] = _nested(k.contiguous(), cu.diff())
         return out
+
+    # -- Ulysses sequence parallelism ----------------------------------------------------------
+    # veRL pads the micro-batch's packed stream of T tokens to T_pad, a multiple of the sp size (the
+    # padding is one more sequence at the end, positions 0, 1, ...) and gives sp rank r the contiguous
+    # slice r * T_pad / sp ... (ulysses_pad_and_slice_inputs); the other layers' attention all-to-alls
+    # that to (the whole stream, 1/sp of the heads) and back. The chosen layer keeps its slice with all
+    # heads and runs ral.distributed.attention_kl_cp_varlen (layout "contiguous": the same split) over
+    # veRL's sp group, which all-gathers the keys. The reference in the batch is the whole stream's,
+    # as with sp = 1: recorded slices are all-gathered, compared ones are sliced out of it.
+
+    def _sp_stream(self, micro_batch):
+        from verl.utils.device import get_device_id
+        cu = _seq_offsets(micro_batch)
+        world = torch.distributed.get_world_size(self._sp_group)
+        total = int(cu[-1])
+        self._sp_pad = (world - total % world) % world            # veRL's ulysses_pad
+        cu_pad = torch.cat([cu, cu.new_tensor([total + self._sp_pad])]) if self._sp_pad else cu
+        self._sp_cu = cu_pad.to(device=get_device_id(), dtype=torch.int32)
+        self._sp_longest = int(cu_pad.diff().max())
+        self._sp_packing = Packing(cu.to(torch.int32), cu.to(torch.int32), int(cu.diff().max()), int(cu.diff().max()))
+
+    def _sp_local(self, t: Tensor) -> Tensor:
+        """This sp rank's contiguous slice of a whole-stream (T, ...) tensor padded like veRL's inputs."""
+        from ral.distributed import shard
+        if self._sp_pad:
+            t = torch.cat([t, t.new_zeros((self._sp_pad,) + tuple(t.shape[1:]))])
+        return shard(t, 0, self._sp_group, "contiguous")
+
+    def _sp_gathered(self, reference: AttentionReference) -> AttentionReference:
+        """The recorded slices all-gathered over the sp group into the whole stream (padding dropped)."""
+        from ral.distributed import unshard
+        total = int(self._sp_cu[-1])
+
+        def whole(t):
+            return unshard(t.contiguous(), 0, total, self._sp_group, "contiguous")[:total - self._sp_pad]
+
+        layers = [LayerReference(whole(layer.q), whole(layer.k), whole(layer.stats), layer.scale)
+                  for layer in reference.layers]
+        return AttentionReference(layers, None, self._sp_packing)
+
+    def _attend_ulysses(self, slot: int, module, query: Tensor, key: Tensor, value: Tensor, scaling):
+        """The chosen layer under Ulysses: query (1, H, T_r, D), key / value (1, Hkv, T_r, D), this
+        rank's slice with all heads -> ((1, T_r, H, Dv), None)."""
+        from ral.distributed import attention_kl_cp_varlen
+        from verl.utils.ulysses import gather_outputs_and_unpad
+        policy = self.policy
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        if query.dtype != value.dtype or key.dtype != value.dtype:
+            query, key = query.to(value.dtype), key.to(value.dtype)
+        if query.shape[0] != 1:
+            raise ValueError(f"ral: under Ulysses the chosen layer expects veRL's packed (1, T/sp) call, got batch "
+                             f"{query.shape[0]}")
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))          # (T_r, heads, dim)
+        opts = dict(cu_seqlens=self._sp_cu, max_seqlen=self._sp_longest, group=self._sp_group, layout="contiguous",
+                    divergence=policy.divergence, heads=policy.heads, exclude_self=policy.exclude_self, causal=True,
+                    backend=policy.backend, scale=scale)
+        if policy._mode == "record":
+            q_ref, k_ref = q.detach(), k.detach()
+            res = attention_kl_cp_varlen(q_ref, k_ref, v.detach(), q_ref=q_ref, k_ref=k_ref, ref_scale=scale, **opts)
+            policy._recorded(slot, LayerReference(q_ref, k_ref, res.stats, scale), None, self._sp_packing)
+            return res.out[None], None
+        if policy._mode != "compare":
+            raise ValueError(f"ral: mode {policy._mode!r} is not supported under Ulysses sequence parallelism")
+        reference, row_mask, cmp, _ = policy._state
+        ref = reference.layers[slot]
+        rows = None if row_mask is None else self._sp_local(row_mask.reshape(-1))
+        res = attention_kl_cp_varlen(q, k, v, q_ref=self._sp_local(ref.q), k_ref=self._sp_local(ref.k),
+                                     ref_stats=self._sp_local(ref.stats), ref_scale=ref.scale, row_mask=rows, **opts)
+        # the whole stream's div on every sp rank, as veRL gathers its log-probs (same gradient scaling)
+        div = gather_outputs_and_unpad(res.div, gather_dim=0, unpad_dim=0, padding_size=self._sp_pad,
+                                       group=self._sp_group)
+        cmp._add(policy.layers[slot], div[None], None, None)
+        return res.out[None], None
 
     def _from_batch(self, micro_batch):
         from verl.utils.device import get_device_id

@@ -26,6 +26,7 @@ import ral
 from ral.integrations.verl import RALConfig, attach
 
 cpu_platform.register_cpu_engine()
+cpu_platform.register_ulysses_sdpa()
 from verl.workers.engine_workers import TrainingWorker  # noqa: E402
 
 P, R, B = 5, 6, 8           # prompt width (left padded), response width (right padded), samples
@@ -48,8 +49,9 @@ def process_group():
 
 
 def make_worker(model_path, remove_padding=True, dynamic=False, checkpointing=False, agg="token-mean", lr=5e-2,
-                adam_eps=1e-8, attn="sdpa"):
+                adam_eps=1e-8, attn="sdpa", sp=1):
     engine = FSDPEngineConfig(strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
+                              ulysses_sequence_parallel_size=sp,
                               mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
                               micro_batch_size_per_gpu=2 if not dynamic else None, infer_micro_batch_size_per_gpu=4,
                               use_dynamic_bsz=dynamic, max_token_len_per_gpu=40, infer_max_token_len_per_gpu=40)
@@ -99,6 +101,12 @@ def old_log_probs(worker, batch, ral_handle=None):
             out = worker.infer_batch(data)
     else:
         out = worker.infer_batch(data)
+    if getattr(worker.engine, "use_ulysses_sp", False):
+        # only the sp group's first rank returns the output; veRL's driver hands the same batch to every
+        # rank of the group (here the whole world is one sp group)
+        box = [out]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
     batch["old_log_probs"] = no_padding_2_padding(tu.get(out, "log_probs"), batch).float()
     return out
 
@@ -116,7 +124,8 @@ def update(worker, batch, epochs=1, shuffle=False):
     data = batch.clone()
     tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
                          mini_batch_size=B // 2, epochs=epochs, seed=1, dataloader_kwargs={"shuffle": shuffle})
-    return tu.get(worker.train_mini_batch(data), "metrics")
+    out = worker.train_mini_batch(data)
+    return None if out is None else tu.get(out, "metrics")      # None: an sp rank that does not collect
 
 
 def params(worker):

@@ -109,3 +109,51 @@ def register_cpu_engine():
     registry = EngineRegistry._engines.get("language_model", {})
     if "cpu" not in registry.get("fsdp2", {}):
         EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(FSDPEngineWithLMHead)
+
+
+# ----------------------------------------------------------------------------------------------
+# veRL's Ulysses over SDPA (tests only)
+#
+# veRL 0.9.1's Ulysses head all-to-all lives only inside flash-attn: apply_monkey_patch replaces
+# transformers' ``flash_attention._flash_attention_forward`` with ``_ulysses_flash_attention_forward``
+# (all-to-all seq -> heads, all-gather of position_ids, ``_flash_attention_forward``, all-to-all back).
+# A model on "sdpa" never reaches it: with ulysses_sequence_parallel_size=2 each rank silently attends
+# to its own half of the packed stream only. Without flash-attn (CPU) the model cannot be on
+# "flash_attention_2" either. ULYSSES_SDPA is transformers' flash-attention interface (so veRL's
+# wrapper runs, all-to-alls included) whose inner ``_flash_attention_forward`` -- the name veRL's
+# wrapper calls -- is torch SDPA over the packed sequences that the gathered position ids show.
+# ----------------------------------------------------------------------------------------------
+
+ULYSSES_SDPA = "ulysses_sdpa"
+
+
+def _sdpa_packed_forward(query, key, value, attention_mask, query_length, *args, position_ids=None, is_causal=True,
+                         softmax_scale=None, **kwargs):
+    """flash-attn's varlen contract on SDPA: (1, S, H, D) packed q / k / v, a sequence starts where
+    position_ids is 0; returns (1, S, H, D)."""
+    assert query.shape[0] == 1 and attention_mask is None and position_ids is not None
+    pos = position_ids.reshape(-1, position_ids.shape[-1])[0]            # the text row of M-RoPE ids
+    seq_id = (pos == 0).cumsum(0)
+    idx = torch.arange(pos.numel(), device=pos.device)
+    allowed = seq_id[:, None] == seq_id[None, :]
+    if is_causal:
+        allowed &= idx[None, :] <= idx[:, None]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))           # (1, H, S, D)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=softmax_scale,
+                                                           enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+def register_ulysses_sdpa():
+    """Register attention implementation ULYSSES_SDPA and point veRL's Ulysses wrapper at SDPA."""
+    from transformers import AttentionInterface
+    from transformers.integrations import flash_attention
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from verl.models.transformers import monkey_patch
+
+    monkey_patch._flash_attention_forward = _sdpa_packed_forward
+    if flash_attention._flash_attention_forward.__module__ == "transformers.modeling_flash_attention_utils":
+        # no veRL patch yet (use_remove_padding off): the same SDPA, without the all-to-alls
+        flash_attention._flash_attention_forward = _sdpa_packed_forward
+    AttentionInterface.register(ULYSSES_SDPA, flash_attention.flash_attention_forward)
+    AttentionMaskInterface.register(ULYSSES_SDPA, flash_attention_mask)

@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from functools import partial  # noqa: E402
 
 # common registers the "cpu" platform and engine before veRL picks one; process_group: an autouse fixture
+import cpu_platform  # noqa: E402
 from common import (B, P, check_attention_term_matches_reference_op, check_lambda_zero_is_verl_exactly,  # noqa: E402,F401
-                    check_remove_padding_on_off_same_loss, expected_term, free_port, make_worker, padded_chunk,
-                    params, process_group, update, with_reference)
+                    check_remove_padding_on_off_same_loss, expected_term, free_port, make_worker, old_log_probs,
+                    padded_chunk, params, process_group, update, with_reference)
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -101,36 +102,55 @@ def test_reference_follows_shuffle_and_dynamic_batching(model_path):
         torch.testing.assert_close(torch.tensor(other), torch.tensor(terms[0]), rtol=1e-4, atol=1e-8)
 
 
-def _dp_body(rank, world, model_path, remove_padding):
+def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, checkpointing=False):
+    """Two updates on one mini-batch of the whole batch; ``sp``: veRL's Ulysses size (the model then on
+    cpu_platform's ULYSSES_SDPA, veRL's all-to-all over SDPA); ``lam=0``: veRL alone (nothing attached).
+    The results of rank 0 (the others' metrics are None under sp)."""
     # Adam's eps 1e-4: the k_proj bias has an exactly-zero gradient (softmax ignores a constant added to
     # every key of a row), and Adam with eps 1e-8 turns its rounding noise into lr-sized steps that
     # differ between 1 and 2 processes. With eps 1e-4 that noise moves nothing.
-    worker, actor = make_worker(model_path, remove_padding, adam_eps=1e-4)
-    handle = attach(worker, RALConfig(lambda_attn=2.0), actor)
-    per = B // world
-    # veRL's dispatch gives dp rank r the r-th contiguous chunk of the batch
-    batch = left_right_2_no_padding(padded_chunk(rank * per, (rank + 1) * per, 3))
-    with_reference(worker, batch, handle)
+    worker, actor = make_worker(model_path, remove_padding, checkpointing=checkpointing, adam_eps=1e-4, sp=sp,
+                                attn=cpu_platform.ULYSSES_SDPA if sp > 1 else "sdpa")
+    handle = attach(worker, RALConfig(lambda_attn=lam), actor) if lam else None
+    per = B // (world // sp)
+    # veRL's dispatch gives dp rank r the r-th contiguous chunk of the batch (the same to an sp group)
+    dp_rank = rank // sp
+    batch = left_right_2_no_padding(padded_chunk(dp_rank * per, (dp_rank + 1) * per, seed))
+    if handle is not None:
+        with_reference(worker, batch, handle)
+    else:
+        old_log_probs(worker, batch)
     losses, terms = [], []
     for _ in range(2):
         data = batch.clone()
         tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B,
                              mini_batch_size=B, epochs=1, seed=1, dataloader_kwargs={"shuffle": False})
-        metrics = tu.get(worker.train_mini_batch(data), "metrics")
+        out = worker.train_mini_batch(data)
+        metrics = tu.get(out, "metrics") if out is not None else {"loss": [], "ral/attn_loss": []}
         losses.append(metrics["loss"])
-        terms.append(metrics["ral/attn_loss"])
-    return {"params": params(worker), "losses": losses, "terms": terms}
+        terms.append(metrics.get("ral/attn_loss", [0.0]))
+    return {"params": params(worker), "losses": losses, "terms": terms, "old_log_probs": batch["old_log_probs"]}
 
 
-def _dp_run(rank, world, port, model_path, remove_padding, out_path):
+def _dp_run(rank, world, port, model_path, remove_padding, out_path, sp=1, runs=({},)):
+    """_dp_body on rank ``rank`` of ``world`` gloo processes, once per keyword dict of ``runs``; rank 0 saves
+    the results (a list for several runs)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), VERL_PLATFORM="cpu")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    result = _dp_body(rank, world, model_path, remove_padding)
+    results = [_dp_body(rank, world, model_path, remove_padding, sp, **run) for run in runs]
     if rank == 0:
-        torch.save(result, out_path)
+        torch.save(results if len(runs) > 1 else results[0], out_path)
     torch.distributed.destroy_process_group()
+
+
+def _assert_same_run(two, one, params_tol=(1e-5, 1e-6)):
+    for k, v in one["params"].items():
+        torch.testing.assert_close(two["params"][k], v, rtol=params_tol[0], atol=params_tol[1])
+    for key in ("losses", "terms"):
+        a, b = (torch.tensor([[float(x) for x in step] for step in r[key]]) for r in (one, two))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_two_fsdp_processes_equal_one(model_path, tmp_path):
@@ -142,12 +162,32 @@ def test_two_fsdp_processes_equal_one(model_path, tmp_path):
     mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path)), nprocs=2, join=True,
                        start_method="spawn")
     two = torch.load(path, weights_only=False)
-    for k, v in one["params"].items():
-        torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6)
-    for key in ("losses", "terms"):
-        a, b = (torch.tensor([[float(x) for x in step] for step in r[key]]) for r in (one, two))
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    _assert_same_run(two, one)
     assert abs(float(one["terms"][1][0])) > 1e-6
+
+
+def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
+    """veRL's Ulysses (ulysses_sequence_parallel_size=2 on 2 gloo processes; the model on cpu_platform's
+    ULYSSES_SDPA, so veRL's head all-to-all runs, over SDPA) gives sp=1's old log-probs, losses and
+    parameters: veRL alone, and with RAL, whose chosen layer runs ral.distributed.attention_kl_cp_varlen
+    on veRL's contiguous slices instead of the all-to-all (the attention terms equal, too)."""
+    import torch.multiprocessing as mp
+    # seed 6: packed micro-batches of 35 and 28 tokens in the old-log-prob pass, 18, 17, 11, 17 in the
+    # update: veRL pads the odd ones by one token for sp=2, the even ones not
+    # with RAL: gradient checkpointing on (the chosen layer's recompute is paused, the others' all-to-alls recompute)
+    runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True))
+    ones = [_dp_body(0, 1, model_path, True, 1, **run) for run in runs]
+    path = tmp_path / "sp2.pt"
+    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path), 2, runs), nprocs=2, join=True,
+                       start_method="spawn")
+    twos = torch.load(path, weights_only=False)
+    for one, two in zip(ones, twos):
+        torch.testing.assert_close(two["old_log_probs"], one["old_log_probs"], rtol=1e-5, atol=1e-6)
+        # the parameters after two Adam steps: attention over other shapes (heads split, keys gathered) rounds
+        # differently, and Adam turns gradient rounding into parameter moves of up to ~1e-5 relative
+        _assert_same_run(two, one, params_tol=(1e-4, 1e-5))
+    assert abs(float(ones[1]["terms"][1][0])) > 1e-6
+    assert float(ones[1]["losses"][1][0]) != float(ones[0]["losses"][1][0])      # the term moved the loss
 
 
 def test_actor_rollout_ref_worker_from_config(model_path):
@@ -261,3 +301,21 @@ def test_attention_statistics_metrics_match_eager_maps(model_path, remove_paddin
         want = float(sum(micro) / 2)
         assert abs(float(metrics[name][0]) - want) <= 2e-6 + 1e-5 * abs(want), (name, metrics[name], want)
     assert 0.05 < float(metrics["ral/attn_mass/response"][0]) < 0.95
+
+
+@pytest.mark.parametrize("attn,stats,match", [
+    ("sdpa", False, "needs the model on a flash-attention implementation, got 'sdpa'"),
+    (cpu_platform.ULYSSES_SDPA, True, r"RALConfig\(stats=True\) with ulysses_sequence_parallel_size > 1"),
+])
+def test_ulysses_refusals(model_path, attn, stats, match):
+    """Under Ulysses (an engine with use_ulysses_sp; no second process needed to build RAL's hook) an
+    SDPA / eager model is refused (veRL's all-to-all runs only in the flash-attention forward, so veRL
+    itself would attend within each rank's slice), and so are the statistics; nothing is attached."""
+    from types import SimpleNamespace
+    from transformers import Qwen2ForCausalLM as Model
+    model = Model.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    engine = SimpleNamespace(use_ulysses_sp=True, ulysses_parallel_group=None, pad_to_length=False, module=model)
+    worker = SimpleNamespace(engine=engine, loss_fn=None, set_loss_fn=None)
+    with pytest.raises(ValueError, match=match):
+        attach(worker, RALConfig(lambda_attn=1.0, stats=stats))
+    assert "forward_step" not in vars(engine)
