@@ -4,6 +4,7 @@ with loss div + out (+ entropy + weighted mass when segments > 0).
 
     PYTHONPATH=. python benchmarks/bench_stats_cpu.py S SEGMENTS REPS     (SEGMENTS 0: no statistics)
     PYTHONPATH=. python benchmarks/bench_stats_cpu.py S stats REPS        (ral.ops.attention_stats, 3 segments)
+    PYTHONPATH=. python benchmarks/bench_stats_cpu.py S SEGMENTS REPS fwd (the forward alone, no autograd)
 
 Run the variants alternately, several times, and compare the best times (the machine is shared).
 """
@@ -17,6 +18,7 @@ torch.set_num_threads(1)
 import ral  # noqa: E402
 
 S, what, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+forward_only = sys.argv[4:] == ["fwd"]
 torch.manual_seed(0)
 B, H, D = 1, 8, 64
 q, k, v = (torch.randn(B, H, S, D).requires_grad_(True) for _ in range(3))
@@ -39,7 +41,11 @@ def step():
 best = float("inf")
 for _ in range(reps):
     start = time.process_time()
-    step().backward()
+    if forward_only:
+        with torch.no_grad():
+            step()
+    else:
+        step().backward()
     best = min(best, time.process_time() - start)
     q.grad = k.grad = v.grad = None
-print(f"{ral.__file__} S={S} {what}: best {best:.3f} s")
+print(f"{ral.__file__} S={S} {what}{' forward' if forward_only else ''}: best {best:.3f} s")
