@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -90,6 +91,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
+from ..distributed import LAYOUTS, attention_kl_cp, chunks
 
 __all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
            "packed_sequences", "register", "ral_attention_forward", "token_segments", "IMPLEMENTATION",
@@ -584,6 +586,19 @@ class AttentionPolicy:
             names the segment ids come from the model call's ``input_ids`` (``token_segments``);
             given names need the ids from the caller (``key_segments`` of ``compare`` / ``observe``).
             Without segment ids the op gives the entropy only (all keys one segment; mass None).
+        cp_group: a ``torch.distributed`` process group for context parallelism (docs/design.md,
+            "Context parallelism"), or None. Given, every model call inside ``record`` / ``compare`` /
+            ``observe`` runs on this rank's shard of the sequence: the caller shards the inputs with
+            ``ral.distributed.shard(x, 1, cp_group, cp_layout)`` (``input_ids`` or embeddings, the 2-D
+            ``attention_mask``, ``row_mask``, ``key_segments``) and passes ``position_ids`` = the shard's
+            global positions (``shard(arange(S)[None], 1, cp_group, cp_layout)``) so RoPE is right. The
+            chosen layers then call ``ral.distributed.attention_kl_cp`` (all heads of the local rows,
+            keys gathered over the group; the model's local 4-D mask is ignored, the key padding comes
+            from the 2-D mask shard). Recorded references, ``Comparison`` results and ``row_mask`` are
+            this rank's shards (B, S_r). Every other attention layer is the caller's to parallelise
+            (a model whose only attention layer is the chosen one needs nothing else). Packed calls
+            (``cu_seq_lens_*`` or position ids that restart) are refused with a ValueError under CP.
+        cp_layout: the layout of the shards, "zigzag" (default) or "contiguous" (``ral.distributed``).
 
     Use ``record()`` to cache a reference and ``compare(reference, row_mask=...)`` to get the
     differentiable per-token divergence; see the module docstring. ``remove()`` undoes the hooks.
@@ -591,9 +606,12 @@ class AttentionPolicy:
 
     def __init__(self, model: nn.Module, layers: Sequence[int] = (-1,), *, divergence: str = "jsd",
                  heads: str = "mean", exclude_self: bool = True, backend: str = "auto",
-                 record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None):
+                 record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None,
+                 cp_group=None, cp_layout: str = "zigzag"):
         if not isinstance(stats, bool):
             raise TypeError(f"stats must be a bool, got {type(stats).__name__}")
+        _check_cp(cp_group, cp_layout)
+        self.cp_group, self.cp_layout = cp_group, cp_layout
         vision_tokens = _vision_token_ids(model)
         self.segment_names = _segment_names(segment_names, vision_tokens)
         self.stats = stats
@@ -652,9 +670,12 @@ class AttentionPolicy:
             return None
         mask = mask.to(device=key.device, dtype=torch.bool)
         if mask.shape != (key.shape[0], key.shape[2]):
+            shard = " (under cp_group: this rank's shard of the mask)" if self.cp_group is not None else ""
             raise ValueError(f"{source}: shape {tuple(mask.shape)} does not match the keys' "
-                             f"(B, S) = {(key.shape[0], key.shape[2])}; record/compare need full-sequence "
+                             f"(B, S) = {(key.shape[0], key.shape[2])}{shard}; record/compare need full-sequence "
                              f"calls without a KV cache, on the batch (or packing) that was recorded")
+        if self.cp_group is not None:     # every rank passes its shard to the gather, padded or not
+            return mask
         return None if bool(mask.all()) else mask
 
     # -- modes --------------------------------------------------------------------------------
@@ -791,13 +812,15 @@ class AttentionPolicy:
             # v's dtype, as SDPA does under autocast
             query, key = query.to(value.dtype), key.to(value.dtype)
         kpm = self._key_padding(key)
+        opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
+                    causal=True, backend=self.backend)
+        if self.cp_group is not None:
+            return self._attend_cp(slot, query, key, value, scale, kpm, kwargs, opts)
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
         reference = self._state[0] if self._mode == "compare" else None
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
-        opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
-                    causal=True, backend=self.backend)
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
@@ -874,11 +897,112 @@ class AttentionPolicy:
                  _unpack_rows(res.mass, batch, seq, each) if has_mass else None)
         return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), None
 
+    def _attend_cp(self, slot: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                   kpm: Optional[Tensor], kwargs: dict, opts: dict):
+        """The chosen layer on this rank's shard of the sequence (cp_group): ``attention_kl_cp`` on the
+        local rows with all heads, keys gathered over the group. Record keeps this rank's shard of
+        q, k and stats; compare / observe give the local rows' div / statistics."""
+        batch, local = query.shape[0], query.shape[2]
+        seq_len = self._cp_seq_len(kwargs, batch, local, key.device, padded=kpm is not None)
+        cp = dict(seq_len=seq_len, group=self.cp_group, layout=self.cp_layout, key_padding_mask=kpm, **opts)
+        if self._mode == "record":
+            q_ref, k_ref = query.detach(), key.detach()
+            res = attention_kl_cp(q_ref, k_ref, value.detach(), q_ref=q_ref, k_ref=k_ref, scale=scale,
+                                  ref_scale=scale, **cp)
+            self._recorded(slot, LayerReference(q_ref, k_ref, res.stats if self.record_stats else None, scale),
+                           kpm, None)
+            return res.out.transpose(1, 2).contiguous(), None
+        reference, row_mask, cmp, _ = self._state
+        if row_mask is not None and tuple(row_mask.shape) != (batch, local):
+            raise ValueError(f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
+                             f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
+        statistics, has_mass = self._statistics(key)
+        if self._mode == "observe":       # no reference: the layer's own q, k stand in (div dropped, no gradient)
+            ref = LayerReference(query.detach(), key.detach(), None, scale)
+        else:
+            if reference.packing is not None:
+                raise ValueError("reference: recorded on packed sequences; under cp_group record and compare "
+                                 "sequence shards")
+            ref = reference.layers[slot]
+            if ref.q.shape[0] != batch or ref.q.shape[2] != local:
+                raise ValueError(f"reference: recorded (B, S_r) = {(ref.q.shape[0], ref.q.shape[2])}, this rank's "
+                                 f"shard of the model call has {(batch, local)}; under cp_group a reference is "
+                                 f"the recording rank's shard, compare on the same rank and layout")
+        res = attention_kl_cp(query, key, value, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
+                              ref_scale=ref.scale, row_mask=None if row_mask is None else row_mask.to(torch.bool),
+                              **statistics, **cp)
+        cmp._add(self.layers[slot], None if self._mode == "observe" else res.div, res.entropy,
+                 res.mass if has_mass else None)
+        return res.out.transpose(1, 2).contiguous(), None
+
+    def _cp_seq_len(self, kwargs: dict, batch: int, local: int, device, padded: bool) -> int:
+        """The whole sequence's length S from every rank's (B, S_r), after checking on every rank (so all
+        raise together rather than leave the others waiting in a collective) that the shards fit the
+        layout, that the call is not packed and that its 2-D position ids are the shard's global positions
+        (a call with padding may use other position ids, e.g. cumsum(attention_mask) - 1)."""
+        rank, world = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
+        sizes = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([batch, local], dtype=torch.int64, device=device), group=self.cp_group)
+        sizes = [tuple(s.tolist()) for s in sizes]
+        seq_len = sum(s[1] for s in sizes)
+        want = [sum(length for _, length in c) for c in chunks(seq_len, world, self.cp_layout)]
+        if any(s[0] != batch for s in sizes) or [s[1] for s in sizes] != want:
+            raise ValueError(f"cp_group: the ranks' shards (B, S_r) are {sizes}; a sequence of {seq_len} in layout "
+                             f"{self.cp_layout!r} has {want} positions per rank with the same B: shard every input "
+                             f"with ral.distributed.shard(x, 1, cp_group, {self.cp_layout!r})")
+        problem = _cp_call_problem(kwargs, rank, world, seq_len, self.cp_layout, padded, device)
+        flags = torch.tensor([problem], dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cp_group)
+        if int(flags) > 0:
+            raise ValueError(_CP_PROBLEMS[int(flags)])
+        return seq_len
+
     def _recorded(self, slot: int, layer: LayerReference, kpm: Optional[Tensor], packing: Optional[Packing]):
         self._state._layers.setdefault(slot, []).append(layer)
         if slot == 0:
             self._state._masks.append(kpm)
             self._state._packings.append(packing)
+
+
+def _check_cp(cp_group, cp_layout: str) -> None:
+    if cp_layout not in LAYOUTS:
+        raise ValueError(f"cp_layout must be one of {LAYOUTS}, got {cp_layout!r}")
+    if cp_group is None:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("cp_group: context parallelism needs an initialised torch.distributed process group "
+                         "(torch.distributed.init_process_group), or cp_group=None")
+    if dist.get_rank(cp_group) < 0:
+        raise ValueError("cp_group: this process is not a member of the given process group")
+
+
+_CP_PROBLEMS = {
+    1: "cu_seq_lens_q: packed sequences (flash-attention kwargs) are not supported with cp_group; shard padded "
+       "batches, or packed streams with ral.distributed.attention_kl_cp_varlen directly",
+    2: "position_ids: under cp_group a call without padding needs position_ids = this rank's shard of the global "
+       "positions, ral.distributed.shard(torch.arange(S)[None], 1, cp_group, cp_layout); position ids that "
+       "restart (packed sequences) are not supported with context parallelism",
+    3: "position_ids: under cp_group the call's position ids are 0 .. S_r - 1, the shard's own; pass the shard's "
+       "global positions, ral.distributed.shard(torch.arange(S)[None], 1, cp_group, cp_layout)",
+}
+
+
+def _cp_call_problem(kwargs: dict, rank: int, world: int, seq_len: int, layout: str, padded: bool, device) -> int:
+    """0, or the key of ``_CP_PROBLEMS`` that this rank's attention call under cp_group has."""
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        return 1
+    position_ids = kwargs.get("position_ids")
+    local = sum(length for _, length in chunks(seq_len, world, layout)[rank])
+    if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != local:
+        return 0                         # M-RoPE (3-D / 4-D) position ids: the caller's business
+    spans = chunks(seq_len, world, layout)[rank]
+    glob = torch.cat([torch.arange(start, start + length, device=device) for start, length in spans])
+    if bool((position_ids.to(device) == glob).all()):
+        return 0
+    if not padded:
+        return 2
+    own = torch.arange(local, device=device)
+    return 3 if bool((position_ids.to(device) == own).all()) else 0
 
 
 def _sdpa_plain(module, query, key, value, kpm, scale):
