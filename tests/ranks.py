@@ -7,6 +7,7 @@ thread each); every process runs ``body(*args)``, which returns its report as a 
 module-level function (it is pickled into the children).
 """
 
+import gc
 import traceback
 
 import torch
@@ -25,6 +26,9 @@ def _worker(rank, world, store_path, report_path, body, args):
         with open(f"{report_path}.{rank}", "w") as f:
             f.write("EXCEPTION " + traceback.format_exc())
     finally:
+        # free what still holds the group (reference cycles such as a model and the policy hooked
+        # into it) before destroying it, not at interpreter exit after the other ranks have gone
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -12,7 +12,9 @@ of the single-process run, and the parameter gradients summed over ranks (the pe
 sum over its rows, the single-process loss over all rows) against the single-process gradients:
 in float64 (the reference backend) up to summation order (and the float32 rounding of the recorded
 reference stats for div and the gradients), and for the cpu kernels in float32 under the accuracy
-rule of tests/oracle.py against the float64 single-process run.
+rule of tests/oracle.py against the float64 single-process run. Calls that every rank must refuse
+together (no position ids, shards in another layout) and, on a one-process group, packed calls and
+whole-sequence row masks are checked too.
 """
 
 import pytest
@@ -111,18 +113,52 @@ def _cp_case(layout, backend, dtype_name):
             bound = 2.0 * _err(one, want) + FLOOR[dtype] * scale
             ok = _err(got, want) <= bound
         ok = ok and bool(one.abs().max() > 0)       # every checked quantity is nonzero somewhere
-        report.append(f"{name}:{'ok' if ok else 'FAIL'}:{_err(got, one):.3g}:{bound:.3g}")
+        report.append(f"{layout}/{dtype_name}/{name}:{'ok' if ok else 'FAIL'}:{_err(got, one):.3g}:{bound:.3g}")
     return report
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_policy_on_two_ranks_equals_one_process_float64(tmp_path, layout):
-    run_ranks(tmp_path, 2, f"policy-{layout}", _cp_case, layout, "reference", "float64")
+def _bad_calls(layout, group):
+    """Calls every rank must refuse with the same ValueError (none left waiting in a collective):
+    no position ids (RoPE would see the shard's own 0 .. S_r - 1), and shards in another layout."""
+    model = _model(torch.float64)
+    policy = AttentionPolicy(model, backend="reference", cp_group=group, cp_layout=layout)
+    ids, mask, *_ = _batch()
+    other = "contiguous" if layout == "zigzag" else "zigzag"
+
+    def sharded(which, **extra):
+        return dict(input_ids=shard(ids, 1, group, which), attention_mask=shard(mask, 1, group, which), **extra)
+
+    calls = {"own-positions": (sharded(layout), "the shard's own"),
+             "other-layout": (sharded(other, position_ids=shard(torch.arange(SEQ)[None], 1, group, other)),
+                              "cp_group: the ranks' shards")}
+    report = []
+    for name, (call, message) in calls.items():
+        try:
+            with torch.no_grad(), policy.record():
+                model(**call)
+            report.append(f"{layout}/{name}:FAIL:no-error")
+        except ValueError as e:
+            report.append(f"{layout}/{name}:{'ok' if message in str(e) else 'FAIL:' + repr(str(e))}")
+    return report
 
 
-@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="ral._C not built")
-def test_policy_on_two_ranks_cpu_kernels_float32(tmp_path):
-    run_ranks(tmp_path, 2, "policy-cpu", _cp_case, "zigzag", "cpu", "float32")
+def _cp_cases(variants):
+    """One rank's reports for every (layout, backend, dtype) variant, and the bad calls per layout
+    (one spawn for all: starting processes that import transformers is most of the time)."""
+    report = []
+    for layout, backend, dtype_name in variants:
+        report += _cp_case(layout, backend, dtype_name)
+    for layout in sorted({layout for layout, _, _ in variants}):
+        report += _bad_calls(layout, dist.group.WORLD)
+    return report
+
+
+def test_policy_on_two_ranks_equals_one_process(tmp_path):
+    """float64 (reference backend) in both layouts; float32 cpu kernels (zigzag) when ral._C is built."""
+    variants = [("zigzag", "reference", "float64"), ("contiguous", "reference", "float64")]
+    if backends.unavailable_reason("cpu") is None:
+        variants.append(("zigzag", "cpu", "float32"))
+    run_ranks(tmp_path, 2, "policy", _cp_cases, variants)
 
 
 def test_cp_group_needs_torch_distributed():
@@ -131,3 +167,33 @@ def test_cp_group_needs_torch_distributed():
         AttentionPolicy(_model(torch.float32), cp_group=object())
     with pytest.raises(ValueError, match="cp_layout must be one of"):
         AttentionPolicy(_model(torch.float32), cp_layout="ring")
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of this process alone (gloo), destroyed afterwards."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store-one'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cp_refuses_packed_calls_and_whole_sequence_row_masks(one_rank):
+    model = _model(torch.float64)
+    policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
+    ids, mask, rows, _, _ = _batch()
+    packed = torch.cat([torch.arange(9), torch.arange(SEQ - 9)])[None]       # two sequences in one row
+    with pytest.raises(ValueError, match="position ids that restart"), torch.no_grad(), policy.record():
+        model(ids[:1], position_ids=packed)
+    cu = torch.tensor([0, 9, SEQ], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seq_lens_q: packed sequences"), torch.no_grad(), policy.record():
+        model(ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+    with torch.no_grad(), policy.record() as rec:
+        model(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"row_mask: under cp_group it is this rank's shard"), \
+            policy.compare(rec.reference, row_mask=rows[:, -4:]):
+        model(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"reference: recorded \(B, S_r\)"), policy.compare(rec.reference):
+        model(ids[:, :-1], attention_mask=mask[:, :-1])
+
