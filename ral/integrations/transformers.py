@@ -70,6 +70,32 @@ masks) are not seen by the chosen layers, which apply causal + key-padding (or p
 masking only. Dropout in the chosen layers is not applied. Generation outside the blocks is
 unaffected (SDPA).
 
+Context parallelism (long sequences over a process group). ``AttentionPolicy(model,
+cp_group=group, cp_layout="zigzag")``: every model call inside ``record`` / ``compare`` / ``observe``
+is on this rank's shard of the sequence, and the chosen layers run ``ral.distributed.attention_kl_cp``
+(this rank's rows with all heads, keys gathered over the group), so div, entropy and mass of the
+local rows equal the single-process ones::
+
+    from ral.distributed import shard
+    def local(t):                                     # this rank's positions of a (B, S, ...) tensor
+        return shard(t, 1, group, "zigzag")
+    call = dict(input_ids=local(input_ids), attention_mask=local(attention_mask),
+                position_ids=local(torch.arange(S, device=device)[None]))   # global positions: RoPE
+    with torch.no_grad(), policy.record() as rec:
+        model(**call)
+    with policy.compare(rec.reference, row_mask=local(response_mask)) as cmp:
+        logits = model(**call).logits                 # (B, S_r, V): this rank's rows
+    (per_token_loss(logits) + lam * cmp.div).sum().backward()    # this rank's rows
+    # then sum the parameter gradients over the group (the whole sequence's loss is the sum over ranks)
+
+The model's local 4-D mask is ignored by the chosen layers (it was built for S_r positions); the key
+padding comes from the 2-D mask shard and is gathered inside the op. References, ``row_mask``,
+``key_segments`` and every ``Comparison`` tensor are this rank's shards (B, S_r). Only the chosen
+layers are parallelised here: every other attention layer of the model must be sequence parallel by
+other means (a model whose only attention layer is the chosen one, as in tests/test_cp_integration.py,
+needs nothing else). Packed calls (``cu_seq_lens_*``, or position ids that restart) are refused with
+a ValueError under ``cp_group`` (``ral.distributed.attention_kl_cp_varlen`` is the op for them).
+
 Distillation. A reference recorded by one model can be compared against by another, as long as
 the token sequences (and the number of chosen layers) match: a teacher's ``AttentionPolicy``
 records, the student's compares. Head count, kv-head count, head dim and softmax scale may
@@ -330,6 +356,10 @@ class AttentionReference:
     ``packing`` is set when the reference was recorded on packed sequences: then q, k, stats are
     packed (T, heads, dim), there is no padding mask, ``compare`` needs a call packed the same way,
     and the reference cannot be indexed (``cat`` appends packed streams).
+
+    Recorded by a policy with ``cp_group`` (context parallelism), it is the recording rank's shard:
+    q, k, stats and key_padding_mask hold that rank's S_r positions in the policy's layout (indexing
+    and ``cat`` act on the batch dim as usual); compare with it on the same rank, group and layout.
     """
 
     layers: List[LayerReference]
@@ -686,7 +716,9 @@ class AttentionPolicy:
         Run it under ``torch.no_grad()`` (the cache is detached anyway). Several model calls
         (batch chunks with the same sequence length, as TRL's old-log-prob loop makes) are
         concatenated along the batch (packed calls: their streams appended). Yields a
-        ``Recording``; its ``.reference`` (an ``AttentionReference``) is set on exit.
+        ``Recording``; its ``.reference`` (an ``AttentionReference``) is set on exit. Under
+        ``cp_group`` the reference is this rank's shard (q, k, stats, key padding mask over its S_r
+        positions): compare with it on the same rank, group and layout.
         """
         rec = Recording()
         with self._active("record", rec, attention_mask):
@@ -710,7 +742,8 @@ class AttentionPolicy:
             reference: recorded on the same token sequences (same B, S, or the same packing; any model).
             row_mask: (B, S) or (B, C) bool, the rows whose divergence counts (response tokens);
                 (B, C) is right-aligned to the last C positions. None: every row. For packed
-                sequences (B, S) is the input ids' shape, (1, T) for one packed row.
+                sequences (B, S) is the input ids' shape, (1, T) for one packed row. Under
+                ``cp_group``: this rank's shard (B, S_r), and ``.div`` etc. are its rows (B, S_r).
             attention_mask: (B, S) 2-D padding mask; default the one given to the model call,
                 else the reference's.
             key_segments: (B, S) integer segment ids of the keys in [0, len(segment_names)), the
