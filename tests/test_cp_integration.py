@@ -42,9 +42,13 @@ def _model(dtype):
     return transformers.Qwen2ForCausalLM(cfg).to(dtype)
 
 
-def _batch():
-    """ids, the left-padded 2-D mask, response rows, key segments (0 prompt, 1 response) and float64
-    upstream weights for logits, div, entropy and mass."""
+PACKED = (7, 10, 6)      # one packed row of three sequences; they straddle the ranks' chunks
+
+
+def _batch(packed=False):
+    """ids, the left-padded 2-D mask, position ids, response rows, key segments (0 prompt,
+    1 response) and float64 upstream weights for logits, div, entropy and mass. packed: the first
+    row as one packed row of the sequences PACKED, without a mask (position ids restart)."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
     mask = torch.ones(2, SEQ, dtype=torch.long)
@@ -55,20 +59,23 @@ def _batch():
     rows[1, 9:] = True
     weights = [torch.randn(shape, generator=gen, dtype=torch.float64)
                for shape in ((2, SEQ, VOCAB), (2, SEQ), (2, SEQ), (2, SEQ, len(NAMES)))]
-    return ids, mask, rows, rows.long(), weights
+    if packed:
+        positions = torch.cat([torch.arange(n) for n in PACKED])[None]
+        return ids[:1], None, positions, rows[:1], rows[:1].long(), [w[:1] for w in weights]
+    return ids, mask, torch.arange(SEQ)[None], rows, rows.long(), weights
 
 
-def _script(dtype, backend, group, layout):
+def _script(dtype, backend, group, layout, packed):
     """Record, perturb, compare + backward, observe: ({name: this rank's rows}, [parameter gradients
     summed over the group]). group None: one process on the whole sequence."""
     model = _model(dtype)
     policy = AttentionPolicy(model, backend=backend, segment_names=NAMES, cp_group=group, cp_layout=layout)
 
     def local(t):
-        return t if group is None else shard(t, 1, group, layout)
+        return t if group is None or t is None else shard(t, 1, group, layout)
 
-    ids, mask, rows, segments, weights = _batch()
-    call = dict(input_ids=local(ids), attention_mask=local(mask), position_ids=local(torch.arange(SEQ)[None]))
+    ids, mask, positions, rows, segments, weights = _batch(packed)
+    call = dict(input_ids=local(ids), attention_mask=local(mask), position_ids=local(positions))
     with torch.no_grad(), policy.record() as rec:
         recorded = model(**call).logits
     gen = torch.Generator().manual_seed(2)
@@ -90,19 +97,20 @@ def _script(dtype, backend, group, layout):
     return {name: t.detach().double() for name, t in got.items()}, grads
 
 
-def _cp_case(layout, backend, dtype_name):
+def _cp_case(layout, backend, dtype_name, packed):
     """One rank's report: its rows and the summed gradients against the single-process run."""
     dtype = getattr(torch, dtype_name)
     group = dist.group.WORLD
-    mine, mine_grads = _script(dtype, backend, group, layout)
-    single, single_grads = _script(dtype, backend, None, layout)
+    mine, mine_grads = _script(dtype, backend, group, layout, packed)
+    single, single_grads = _script(dtype, backend, None, layout, packed)
     oracle, oracle_grads = ((single, single_grads) if dtype == torch.float64
-                            else _script(torch.float64, "reference", None, layout))
-    pairs = [(name, mine[name], shard(single[name], 1, group, layout), shard(oracle[name], 1, group, layout))
-             for name in mine]
-    pairs += [(f"grad{i}", *triple) for i, triple in enumerate(zip(mine_grads, single_grads, oracle_grads))]
+                            else _script(torch.float64, "reference", None, layout, packed))
+    pairs = [(name, mine[name], shard(single[name], 1, group, layout), shard(oracle[name], 1, group, layout),
+              single[name]) for name in mine]
+    pairs += [(f"grad{i}", got, one, want, one)
+              for i, (got, one, want) in enumerate(zip(mine_grads, single_grads, oracle_grads))]
     report = []
-    for name, got, one, want in pairs:
+    for name, got, one, want, whole in pairs:
         scale = max(float(want.abs().max()), 1e-3)
         if dtype == torch.float64:       # the same math on the same rows: summation order only, but
             # the recorded reference stats are float32 whatever the input (docs/design.md), each run
@@ -112,8 +120,9 @@ def _cp_case(layout, backend, dtype_name):
         else:  # float32 kernels: the accuracy rule vs float64, with the single process's own error
             bound = 2.0 * _err(one, want) + FLOOR[dtype] * scale
             ok = _err(got, want) <= bound
-        ok = ok and bool(one.abs().max() > 0)       # every checked quantity is nonzero somewhere
-        report.append(f"{layout}/{dtype_name}/{name}:{'ok' if ok else 'FAIL'}:{_err(got, one):.3g}:{bound:.3g}")
+        ok = ok and bool(whole.abs().max() > 0)     # every checked quantity is nonzero somewhere
+        case = f"{layout}/{dtype_name}{'/packed' if packed else ''}/{name}"
+        report.append(f"{case}:{'ok' if ok else 'FAIL'}:{_err(got, one):.3g}:{bound:.3g}")
     return report
 
 
@@ -128,7 +137,7 @@ def _bad_calls(layout, group):
     def sharded(which, **extra):
         return dict(input_ids=shard(ids, 1, group, which), attention_mask=shard(mask, 1, group, which), **extra)
 
-    calls = {"own-positions": (sharded(layout), "the shard's own"),
+    calls = {"own-positions": (sharded(layout), "each rank's own 0 .. S_r - 1"),
              "other-layout": (sharded(other, position_ids=shard(torch.arange(SEQ)[None], 1, group, other)),
                               "cp_group: the ranks' shards")}
     report = []
@@ -146,18 +155,20 @@ def _cp_cases(variants):
     """One rank's reports for every (layout, backend, dtype) variant, and the bad calls per layout
     (one spawn for all: starting processes that import transformers is most of the time)."""
     report = []
-    for layout, backend, dtype_name in variants:
-        report += _cp_case(layout, backend, dtype_name)
-    for layout in sorted({layout for layout, _, _ in variants}):
+    for variant in variants:
+        report += _cp_case(*variant)
+    for layout in sorted({variant[0] for variant in variants}):
         report += _bad_calls(layout, dist.group.WORLD)
     return report
 
 
 def test_policy_on_two_ranks_equals_one_process(tmp_path):
-    """float64 (reference backend) in both layouts; float32 cpu kernels (zigzag) when ral._C is built."""
-    variants = [("zigzag", "reference", "float64"), ("contiguous", "reference", "float64")]
+    """float64 (reference backend) in both layouts, padded and packed; float32 cpu kernels (zigzag)
+    when ral._C is built."""
+    variants = [(layout, "reference", "float64", packed) for layout in ("zigzag", "contiguous")
+                for packed in (False, True)]
     if backends.unavailable_reason("cpu") is None:
-        variants.append(("zigzag", "cpu", "float32"))
+        variants += [("zigzag", "cpu", "float32", False), ("zigzag", "cpu", "float32", True)]
     run_ranks(tmp_path, 2, "policy", _cp_cases, variants)
 
 
@@ -179,16 +190,18 @@ def one_rank(tmp_path):
         dist.destroy_process_group()
 
 
-def test_cp_refuses_packed_calls_and_whole_sequence_row_masks(one_rank):
+def test_cp_refuses_bad_calls_on_one_rank(one_rank):
+    """Flash-attention packing kwargs, packed rows with B > 1, whole-sequence row masks, references
+    of another call."""
     model = _model(torch.float64)
     policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
-    ids, mask, rows, _, _ = _batch()
-    packed = torch.cat([torch.arange(9), torch.arange(SEQ - 9)])[None]       # two sequences in one row
-    with pytest.raises(ValueError, match="position ids that restart"), torch.no_grad(), policy.record():
-        model(ids[:1], position_ids=packed)
+    ids, mask, _, rows, _, _ = _batch()
     cu = torch.tensor([0, 9, SEQ], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seq_lens_q: packed sequences"), torch.no_grad(), policy.record():
+    with pytest.raises(ValueError, match="cu_seq_lens_q: flash-attention packing"), torch.no_grad(), policy.record():
         model(ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+    _, _, packed, *_ = _batch(packed=True)
+    with pytest.raises(ValueError, match=r"one packed row \(B = 1\)"), torch.no_grad(), policy.record():
+        model(ids, position_ids=packed)
     with torch.no_grad(), policy.record() as rec:
         model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match=r"row_mask: under cp_group it is this rank's shard"), \
@@ -196,4 +209,8 @@ def test_cp_refuses_packed_calls_and_whole_sequence_row_masks(one_rank):
         model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match=r"reference: recorded \(B, S_r\)"), policy.compare(rec.reference):
         model(ids[:, :-1], attention_mask=mask[:, :-1])
-
+    with torch.no_grad(), policy.record() as rec:
+        model(ids[:1])
+    with pytest.raises(ValueError, match="reference: recorded on a padded batch, the model call is a packed row"), \
+            policy.compare(rec.reference):
+        model(ids[:1], position_ids=packed)

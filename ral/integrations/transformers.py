@@ -117,7 +117,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
-from ..distributed import LAYOUTS, attention_kl_cp, chunks
+from ..distributed import LAYOUTS, attention_kl_cp, attention_kl_cp_varlen, chunks, unshard
 
 __all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
            "packed_sequences", "register", "ral_attention_forward", "token_segments", "IMPLEMENTATION",
@@ -933,62 +933,111 @@ class AttentionPolicy:
     def _attend_cp(self, slot: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
                    kpm: Optional[Tensor], kwargs: dict, opts: dict):
         """The chosen layer on this rank's shard of the sequence (cp_group): ``attention_kl_cp`` on the
-        local rows with all heads, keys gathered over the group. Record keeps this rank's shard of
-        q, k and stats; compare / observe give the local rows' div / statistics."""
+        local rows with all heads, keys gathered over the group (a packed row: ``attention_kl_cp_varlen``).
+        Record keeps this rank's shard of q, k and stats; compare / observe give the local rows'
+        div / statistics."""
         batch, local = query.shape[0], query.shape[2]
-        seq_len = self._cp_seq_len(kwargs, batch, local, key.device, padded=kpm is not None)
-        cp = dict(seq_len=seq_len, group=self.cp_group, layout=self.cp_layout, key_padding_mask=kpm, **opts)
-        if self._mode == "record":
-            q_ref, k_ref = query.detach(), key.detach()
-            res = attention_kl_cp(q_ref, k_ref, value.detach(), q_ref=q_ref, k_ref=k_ref, scale=scale,
-                                  ref_scale=scale, **cp)
-            self._recorded(slot, LayerReference(q_ref, k_ref, res.stats if self.record_stats else None, scale),
-                           kpm, None)
-            return res.out.transpose(1, 2).contiguous(), None
-        reference, row_mask, cmp, _ = self._state
+        reference, row_mask, cmp, _ = self._state if self._mode != "record" else (None, None, None, None)
+        error = None
         if row_mask is not None and tuple(row_mask.shape) != (batch, local):
-            raise ValueError(f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
-                             f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
+            error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
+                     f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
+        seq_len, packing = self._cp_call(kwargs, batch, local, key.device, kpm is not None, error)
+        rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
+        cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)
+        if packing is None:
+            cp.update(seq_len=seq_len, key_padding_mask=kpm)
+            q, k, v = query, key, value
+            op = attention_kl_cp
+        else:                              # one packed row: (T_r, heads, dim) of the whole stream's shard
+            cp.update(cu_seqlens=packing.cu_seqlens_q, max_seqlen=packing.max_seqlen_q)
+            q, k, v = _flat(query), _flat(key), _flat(value)
+            rows = None if rows is None else rows.reshape(-1)
+            if statistics:
+                statistics["key_segments"] = statistics["key_segments"].reshape(-1)
+            op = attention_kl_cp_varlen
+        if self._mode == "record":
+            q_ref, k_ref = q.detach(), k.detach()
+            res = op(q_ref, k_ref, v.detach(), q_ref=q_ref, k_ref=k_ref, scale=scale, ref_scale=scale, **cp)
+            self._recorded(slot, LayerReference(q_ref, k_ref, res.stats if self.record_stats else None, scale),
+                           kpm, packing)
+            return self._cp_out(res.out, batch, local, packing), None
         if self._mode == "observe":       # no reference: the layer's own q, k stand in (div dropped, no gradient)
-            ref = LayerReference(query.detach(), key.detach(), None, scale)
+            ref = LayerReference(q.detach(), k.detach(), None, scale)
         else:
-            if reference.packing is not None:
-                raise ValueError("reference: recorded on packed sequences; under cp_group record and compare "
-                                 "sequence shards")
             ref = reference.layers[slot]
-            if ref.q.shape[0] != batch or ref.q.shape[2] != local:
-                raise ValueError(f"reference: recorded (B, S_r) = {(ref.q.shape[0], ref.q.shape[2])}, this rank's "
-                                 f"shard of the model call has {(batch, local)}; under cp_group a reference is "
-                                 f"the recording rank's shard, compare on the same rank and layout")
-        res = attention_kl_cp(query, key, value, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
-                              ref_scale=ref.scale, row_mask=None if row_mask is None else row_mask.to(torch.bool),
-                              **statistics, **cp)
-        cmp._add(self.layers[slot], None if self._mode == "observe" else res.div, res.entropy,
-                 res.mass if has_mass else None)
-        return res.out.transpose(1, 2).contiguous(), None
+            _check_cp_reference(reference, ref, packing, batch, local)
+        res = op(q, k, v, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale, ref_scale=ref.scale,
+                 row_mask=rows, **statistics, **cp)
+        results = (None if self._mode == "observe" else res.div, res.entropy, res.mass if has_mass else None)
+        if packing is not None:
+            results = tuple(_unpack_rows(t, batch, local, self.heads == "each") for t in results)
+        cmp._add(self.layers[slot], *results)
+        return self._cp_out(res.out, batch, local, packing), None
 
-    def _cp_seq_len(self, kwargs: dict, batch: int, local: int, device, padded: bool) -> int:
-        """The whole sequence's length S from every rank's (B, S_r), after checking on every rank (so all
-        raise together rather than leave the others waiting in a collective) that the shards fit the
-        layout, that the call is not packed and that its 2-D position ids are the shard's global positions
-        (a call with padding may use other position ids, e.g. cumsum(attention_mask) - 1)."""
-        rank, world = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
-        sizes = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([batch, local], dtype=torch.int64, device=device), group=self.cp_group)
-        sizes = [tuple(s.tolist()) for s in sizes]
+    @staticmethod
+    def _cp_out(out: Tensor, batch: int, local: int, packing: Optional[Packing]) -> Tensor:
+        """The op's out, (B, H, S_r, Dv) or packed (T_r, H, Dv), as transformers wants it: (B, S_r, H, Dv)."""
+        if packing is None:
+            return out.transpose(1, 2).contiguous()
+        return out.reshape(batch, local, *out.shape[1:]).contiguous()
+
+    def _cp_call(self, kwargs: dict, batch: int, local: int, device, padded: bool,
+                 error: Optional[str] = None) -> Tuple[int, Optional[Packing]]:
+        """(S, the whole stream's packing or None) of a call on this rank's shard; `error`: this rank's
+        own reason to refuse the call, raised on every rank.
+
+        S is the sum of the ranks' S_r. The 2-D position ids are gathered over the group (every rank
+        then sees the same whole sequence's positions and raises the same errors, none is left
+        waiting in a collective): the shard's global positions 0 .. S-1 (or, with a padding mask,
+        any other than each rank's own 0 .. S_r - 1) make a padded batch; without a mask, position
+        ids that restart make one packed row (B = 1), as in ``packed_sequences``."""
+        world = dist.get_world_size(self.cp_group)
+        position_ids = kwargs.get("position_ids")
+        if not (isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == local
+                and position_ids.shape[0] in (1, batch)):
+            position_ids = None
+        has_cu = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+        mine = [batch, local, 0 if position_ids is None else position_ids.shape[0], int(has_cu), int(padded),
+                int(error is not None)]
+        sizes = [torch.zeros(len(mine), dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(mine, dtype=torch.int64, device=device), group=self.cp_group)
+        sizes = [s.tolist() for s in sizes]
         seq_len = sum(s[1] for s in sizes)
-        want = [sum(length for _, length in c) for c in chunks(seq_len, world, self.cp_layout)]
+        layout_chunks = chunks(seq_len, world, self.cp_layout)
+        want = [sum(length for _, length in c) for c in layout_chunks]
+        if any(s[5] for s in sizes):
+            raise ValueError(error or f"cp_group: ranks {[r for r, s in enumerate(sizes) if s[5]]} refused the call "
+                                      f"(see their error)")
+        if any(s[3] for s in sizes):
+            raise ValueError("cu_seq_lens_q: flash-attention packing kwargs are not supported with cp_group; pass "
+                             "the packed row's position ids (sharded like input_ids) instead")
         if any(s[0] != batch for s in sizes) or [s[1] for s in sizes] != want:
-            raise ValueError(f"cp_group: the ranks' shards (B, S_r) are {sizes}; a sequence of {seq_len} in layout "
-                             f"{self.cp_layout!r} has {want} positions per rank with the same B: shard every input "
-                             f"with ral.distributed.shard(x, 1, cp_group, {self.cp_layout!r})")
-        problem = _cp_call_problem(kwargs, rank, world, seq_len, self.cp_layout, padded, device)
-        flags = torch.tensor([problem], dtype=torch.int64, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cp_group)
-        if int(flags) > 0:
-            raise ValueError(_CP_PROBLEMS[int(flags)])
-        return seq_len
+            raise ValueError(f"cp_group: the ranks' shards have (B, S_r) = {[tuple(s[:2]) for s in sizes]}; a "
+                             f"sequence of {seq_len} in layout {self.cp_layout!r} has {want} positions per rank with "
+                             f"the same B: shard every input with ral.distributed.shard(x, 1, cp_group, "
+                             f"{self.cp_layout!r})")
+        if any(s[4] != sizes[0][4] for s in sizes):
+            raise ValueError("attention_mask: under cp_group give every rank its shard of the 2-D mask, or none")
+        if sizes[0][2] == 0 or any(s[2] != sizes[0][2] for s in sizes):
+            return seq_len, None           # no 2-D position ids on every rank (M-RoPE): the caller's business
+        whole = unshard(position_ids.to(device=device, dtype=torch.int64), 1, seq_len, self.cp_group, self.cp_layout)
+        glob = torch.arange(seq_len, device=device)
+        if bool((whole == glob).all()):
+            return seq_len, None
+        if bool((whole == _own_positions(layout_chunks, seq_len, device)).all()):
+            raise ValueError("position_ids: under cp_group the call's position ids are each rank's own 0 .. S_r - 1; "
+                             "pass the shard's global positions, ral.distributed.shard(torch.arange(S)[None], 1, "
+                             "cp_group, cp_layout) (a packing that restarts exactly at the shards is refused as "
+                             "ambiguous)")
+        if padded:
+            return seq_len, None
+        packing = _packing_from_positions(whole, whole.shape[0])
+        if packing is not None and batch != 1:
+            raise ValueError(f"position_ids: packed sequences under cp_group need one packed row (B = 1), "
+                             f"got B = {batch}")
+        return seq_len, packing
 
     def _recorded(self, slot: int, layer: LayerReference, kpm: Optional[Tensor], packing: Optional[Packing]):
         self._state._layers.setdefault(slot, []).append(layer)
@@ -1009,33 +1058,36 @@ def _check_cp(cp_group, cp_layout: str) -> None:
         raise ValueError("cp_group: this process is not a member of the given process group")
 
 
-_CP_PROBLEMS = {
-    1: "cu_seq_lens_q: packed sequences (flash-attention kwargs) are not supported with cp_group; shard padded "
-       "batches, or packed streams with ral.distributed.attention_kl_cp_varlen directly",
-    2: "position_ids: under cp_group a call without padding needs position_ids = this rank's shard of the global "
-       "positions, ral.distributed.shard(torch.arange(S)[None], 1, cp_group, cp_layout); position ids that "
-       "restart (packed sequences) are not supported with context parallelism",
-    3: "position_ids: under cp_group the call's position ids are 0 .. S_r - 1, the shard's own; pass the shard's "
-       "global positions, ral.distributed.shard(torch.arange(S)[None], 1, cp_group, cp_layout)",
-}
+def _own_positions(layout_chunks, seq_len: int, device) -> Tensor:
+    """(S,) the positions every rank would have without global position ids (its own 0 .. S_r - 1),
+    placed at its chunks' places in the whole sequence."""
+    whole = torch.empty(seq_len, dtype=torch.int64, device=device)
+    for rank_chunks in layout_chunks:
+        offset = 0
+        for start, length in rank_chunks:
+            whole[start:start + length] = torch.arange(offset, offset + length, device=device)
+            offset += length
+    return whole
 
 
-def _cp_call_problem(kwargs: dict, rank: int, world: int, seq_len: int, layout: str, padded: bool, device) -> int:
-    """0, or the key of ``_CP_PROBLEMS`` that this rank's attention call under cp_group has."""
-    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
-        return 1
-    position_ids = kwargs.get("position_ids")
-    local = sum(length for _, length in chunks(seq_len, world, layout)[rank])
-    if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != local:
-        return 0                         # M-RoPE (3-D / 4-D) position ids: the caller's business
-    spans = chunks(seq_len, world, layout)[rank]
-    glob = torch.cat([torch.arange(start, start + length, device=device) for start, length in spans])
-    if bool((position_ids.to(device) == glob).all()):
-        return 0
-    if not padded:
-        return 2
-    own = torch.arange(local, device=device)
-    return 3 if bool((position_ids.to(device) == own).all()) else 0
+def _check_cp_reference(reference: "AttentionReference", layer: "LayerReference", packing: Optional[Packing],
+                        batch: int, local: int) -> None:
+    """A reference recorded under cp_group on this rank's shard of the same (padded or packed) call."""
+    if (reference.packing is None) != (packing is None):
+        raise ValueError(f"reference: recorded on {'a padded batch' if reference.packing is None else 'a packed row'}"
+                         f", the model call is {'a padded batch' if packing is None else 'a packed row'}; "
+                         f"compare on the same call")
+    if packing is not None:
+        if not reference.packing.same_as(packing):
+            raise ValueError(f"reference: recorded with cu_seqlens {reference.packing.cu_seqlens_q.tolist()}, the "
+                             f"model call packs {packing.cu_seqlens_q.tolist()}")
+        if layer.q.shape[0] != local:
+            raise ValueError(f"reference: holds {layer.q.shape[0]} tokens, this rank's shard of the packed row has "
+                             f"{local}; under cp_group a reference is the recording rank's shard")
+    elif layer.q.shape[0] != batch or layer.q.shape[2] != local:
+        raise ValueError(f"reference: recorded (B, S_r) = {(layer.q.shape[0], layer.q.shape[2])}, this rank's "
+                         f"shard of the model call has {(batch, local)}; under cp_group a reference is "
+                         f"the recording rank's shard, compare on the same rank and layout")
 
 
 def _sdpa_plain(module, query, key, value, kpm, scale):
