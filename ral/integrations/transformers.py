@@ -93,8 +93,13 @@ padding comes from the 2-D mask shard and is gathered inside the op. References,
 ``key_segments`` and every ``Comparison`` tensor are this rank's shards (B, S_r). Only the chosen
 layers are parallelised here: every other attention layer of the model must be sequence parallel by
 other means (a model whose only attention layer is the chosen one, as in tests/test_cp_integration.py,
-needs nothing else). Packed calls (``cu_seq_lens_*``, or position ids that restart) are refused with
-a ValueError under ``cp_group`` (``ral.distributed.attention_kl_cp_varlen`` is the op for them).
+needs nothing else). Packed sequences under ``cp_group``: one packed row (B = 1) sharded like any
+sequence, with its position ids (that restart at each sequence) sharded the same way; the position
+ids are gathered to find the whole stream's packing and the chosen layers run
+``ral.distributed.attention_kl_cp_varlen`` (a reference recorded so is the rank's shard of the packed
+stream, with the whole stream's ``packing``). Refused with a ValueError: the flash-attention
+``cu_seq_lens_*`` kwargs, packed position ids with B > 1, and position ids equal to each rank's own
+0 .. S_r - 1 (forgotten global positions).
 
 Distillation. A reference recorded by one model can be compared against by another, as long as
 the token sequences (and the number of chosen layers) match: a teacher's ``AttentionPolicy``
@@ -626,8 +631,10 @@ class AttentionPolicy:
             keys gathered over the group; the model's local 4-D mask is ignored, the key padding comes
             from the 2-D mask shard). Recorded references, ``Comparison`` results and ``row_mask`` are
             this rank's shards (B, S_r). Every other attention layer is the caller's to parallelise
-            (a model whose only attention layer is the chosen one needs nothing else). Packed calls
-            (``cu_seq_lens_*`` or position ids that restart) are refused with a ValueError under CP.
+            (a model whose only attention layer is the chosen one needs nothing else). One packed
+            row (B = 1, position ids that restart, sharded like input_ids) runs
+            ``attention_kl_cp_varlen``; ``cu_seq_lens_*`` kwargs and packed B > 1 raise ValueError.
+            ``record_stats=False`` under CP still computes the recorded layer's output with the op.
         cp_layout: the layout of the shards, "zigzag" (default) or "contiguous" (``ral.distributed``).
 
     Use ``record()`` to cache a reference and ``compare(reference, row_mask=...)`` to get the
