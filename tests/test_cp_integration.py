@@ -191,8 +191,8 @@ def one_rank(tmp_path):
 
 
 def test_cp_refuses_bad_calls_on_one_rank(one_rank):
-    """Flash-attention packing kwargs, packed rows with B > 1, whole-sequence row masks, references
-    of another call."""
+    """Flash-attention packing kwargs, packed rows with B > 1, two packed calls in one record block,
+    whole-sequence row masks, references of another call."""
     model = _model(torch.float64)
     policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
     ids, mask, _, rows, _, _ = _batch()
@@ -209,6 +209,10 @@ def test_cp_refuses_bad_calls_on_one_rank(one_rank):
         model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match=r"reference: recorded \(B, S_r\)"), policy.compare(rec.reference):
         model(ids[:, :-1], attention_mask=mask[:, :-1])
+    with pytest.raises(ValueError, match="record: under cp_group record one packed call per block"), \
+            torch.no_grad(), policy.record():
+        model(ids[:1], position_ids=packed)
+        model(ids[:1], position_ids=packed)
     with torch.no_grad(), policy.record() as rec:
         model(ids[:1])
     with pytest.raises(ValueError, match="reference: recorded on a padded batch, the model call is a packed row"), \

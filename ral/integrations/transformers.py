@@ -365,6 +365,7 @@ class AttentionReference:
     Recorded by a policy with ``cp_group`` (context parallelism), it is the recording rank's shard:
     q, k, stats and key_padding_mask hold that rank's S_r positions in the policy's layout (indexing
     and ``cat`` act on the batch dim as usual); compare with it on the same rank, group and layout.
+    A packed one (the rank's T_r tokens, the whole stream's ``packing``) cannot be concatenated.
     """
 
     layers: List[LayerReference]
@@ -725,18 +726,23 @@ class AttentionPolicy:
         concatenated along the batch (packed calls: their streams appended). Yields a
         ``Recording``; its ``.reference`` (an ``AttentionReference``) is set on exit. Under
         ``cp_group`` the reference is this rank's shard (q, k, stats, key padding mask over its S_r
-        positions): compare with it on the same rank, group and layout.
+        positions): compare with it on the same rank, group and layout; a packed row under
+        ``cp_group`` is recorded one call per block (shards of two streams are not a shard of
+        their concatenation).
         """
         rec = Recording()
         with self._active("record", rec, attention_mask):
             yield rec
         if len(rec._layers) != len(self.modules):
             raise RuntimeError("record: the chosen layers did not run; call the model inside the block")
-        chunks = []
+        if self.cp_group is not None and len(rec._packings) > 1 and any(p is not None for p in rec._packings):
+            raise ValueError("record: under cp_group record one packed call per block (shards of two packed "
+                             "streams are not a shard of their concatenation)")
+        parts = []
         for c, (mask, packing) in enumerate(zip(rec._masks, rec._packings)):
             layers = [rec._layers[i][c] for i in range(len(self.modules))]
-            chunks.append(AttentionReference(layers, None if mask is None else mask.to(torch.bool), packing))
-        rec.reference = chunks[0] if len(chunks) == 1 else AttentionReference.cat(chunks)
+            parts.append(AttentionReference(layers, None if mask is None else mask.to(torch.bool), packing))
+        rec.reference = parts[0] if len(parts) == 1 else AttentionReference.cat(parts)
         self._attention_mask = None
 
     @contextlib.contextmanager
