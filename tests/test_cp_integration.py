@@ -192,7 +192,7 @@ def one_rank(tmp_path):
 
 def test_cp_refuses_bad_calls_on_one_rank(one_rank):
     """Flash-attention packing kwargs, packed rows with B > 1, two packed calls in one record block,
-    whole-sequence row masks, references of another call."""
+    whole-sequence row masks, references of another call; a packed row with an all-ones mask is packed."""
     model = _model(torch.float64)
     policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
     ids, mask, _, rows, _, _ = _batch()
@@ -213,6 +213,9 @@ def test_cp_refuses_bad_calls_on_one_rank(one_rank):
             torch.no_grad(), policy.record():
         model(ids[:1], position_ids=packed)
         model(ids[:1], position_ids=packed)
+    with torch.no_grad(), policy.record() as rec:         # a mask without padding: still packed, as in one process
+        model(ids[:1], attention_mask=torch.ones_like(ids[:1]), position_ids=packed)
+    assert rec.reference.packing is not None and rec.reference.key_padding_mask is None
     with torch.no_grad(), policy.record() as rec:
         model(ids[:1])
     with pytest.raises(ValueError, match="reference: recorded on a padded batch, the model call is a packed row"), \

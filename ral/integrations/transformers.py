@@ -955,7 +955,7 @@ class AttentionPolicy:
         if row_mask is not None and tuple(row_mask.shape) != (batch, local):
             error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
-        seq_len, packing = self._cp_call(kwargs, batch, local, key.device, kpm is not None, error)
+        seq_len, packing = self._cp_call(kwargs, batch, local, key.device, kpm, error)
         rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)
@@ -964,6 +964,7 @@ class AttentionPolicy:
             q, k, v = query, key, value
             op = attention_kl_cp
         else:                              # one packed row: (T_r, heads, dim) of the whole stream's shard
+            kpm = None                     # a mask without padding, if any: the packing masks per sequence
             cp.update(cu_seqlens=packing.cu_seqlens_q, max_seqlen=packing.max_seqlen_q)
             q, k, v = _flat(query), _flat(key), _flat(value)
             rows = None if rows is None else rows.reshape(-1)
@@ -996,24 +997,25 @@ class AttentionPolicy:
             return out.transpose(1, 2).contiguous()
         return out.reshape(batch, local, *out.shape[1:]).contiguous()
 
-    def _cp_call(self, kwargs: dict, batch: int, local: int, device, padded: bool,
+    def _cp_call(self, kwargs: dict, batch: int, local: int, device, kpm: Optional[Tensor],
                  error: Optional[str] = None) -> Tuple[int, Optional[Packing]]:
         """(S, the whole stream's packing or None) of a call on this rank's shard; `error`: this rank's
         own reason to refuse the call, raised on every rank.
 
         S is the sum of the ranks' S_r. The 2-D position ids are gathered over the group (every rank
         then sees the same whole sequence's positions and raises the same errors, none is left
-        waiting in a collective): the shard's global positions 0 .. S-1 (or, with a padding mask,
-        any other than each rank's own 0 .. S_r - 1) make a padded batch; without a mask, position
-        ids that restart make one packed row (B = 1), as in ``packed_sequences``."""
+        waiting in a collective): the shard's global positions 0 .. S-1 (or, with padding in the 2-D
+        mask `kpm` of some rank, any other than each rank's own 0 .. S_r - 1) make a padded batch;
+        without padding, position ids that restart make one packed row (B = 1), as in
+        ``packed_sequences``."""
         world = dist.get_world_size(self.cp_group)
         position_ids = kwargs.get("position_ids")
         if not (isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == local
                 and position_ids.shape[0] in (1, batch)):
             position_ids = None
         has_cu = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
-        mine = [batch, local, 0 if position_ids is None else position_ids.shape[0], int(has_cu), int(padded),
-                int(error is not None)]
+        mine = [batch, local, 0 if position_ids is None else position_ids.shape[0], int(has_cu), int(kpm is not None),
+                int(error is not None), int(kpm is not None and not bool(kpm.all()))]
         sizes = [torch.zeros(len(mine), dtype=torch.int64, device=device) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor(mine, dtype=torch.int64, device=device), group=self.cp_group)
         sizes = [s.tolist() for s in sizes]
@@ -1044,7 +1046,7 @@ class AttentionPolicy:
                              "pass the shard's global positions, ral.distributed.shard(torch.arange(S)[None], 1, "
                              "cp_group, cp_layout) (a packing that restarts exactly at the shards is refused as "
                              "ambiguous)")
-        if padded:
+        if any(s[6] for s in sizes):       # padding somewhere: a padded batch, whatever the position ids
             return seq_len, None
         packing = _packing_from_positions(whole, whole.shape[0])
         if packing is not None and batch != 1:
