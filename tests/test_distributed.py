@@ -8,17 +8,14 @@ dq / dk / dv with the single-process ``attention_kl`` on the whole sequence: exa
 accuracy rule of tests/oracle.py for the cpu kernels in float32.
 """
 
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ral
 from oracle import FLOOR, PackedProblem, Problem, _err, cast, packed_upstream, run, stats_upstream, upstream
 from ral import backends
 from ral.distributed import attention_kl_cp, attention_kl_cp_varlen, causal_work, chunks, shard
+from ranks import run_ranks
 
 CASES = {
     "causal-mean-jsd": dict(options=dict(heads="mean", divergence="jsd")),
@@ -40,23 +37,12 @@ PACKED_CASES = {
 }
 
 
-def _worker(rank, world, store_path, case, seq_len, layout, backend, dtype_name, errors_path):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        dtype = getattr(torch, dtype_name)
-        if case in PACKED_CASES:
-            report = _packed_case(case, layout, backend, dtype)
-        else:
-            report = _dense_case(case, seq_len, layout, backend, dtype)
-        with open(f"{errors_path}.{rank}", "w") as f:
-            f.write(" ".join(report))
-    except Exception:  # noqa: BLE001 - surfaced to the parent through the report file
-        with open(f"{errors_path}.{rank}", "w") as f:
-            f.write("EXCEPTION " + traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _case(case, seq_len, layout, backend, dtype_name):
+    """One rank's report for `case` (run by ranks.run_ranks in every spawned process)."""
+    dtype = getattr(torch, dtype_name)
+    if case in PACKED_CASES:
+        return _packed_case(case, layout, backend, dtype)
+    return _dense_case(case, seq_len, layout, backend, dtype)
 
 
 def _dense_case(case, seq_len, layout, backend, dtype):
@@ -146,12 +132,7 @@ def _compare(res, leaves, whole, want, local, dtype) -> list:
 
 
 def spawn(tmp_path, world, case, seq_len, layout="zigzag", backend="reference", dtype="float64"):
-    store, errors = tmp_path / f"store-{case}-{world}", tmp_path / f"errors-{case}-{world}"
-    mp.start_processes(_worker, args=(world, str(store), case, seq_len, layout, backend, dtype, str(errors)),
-                       nprocs=world, join=True, start_method="spawn")
-    for rank in range(world):
-        text = open(f"{errors}.{rank}").read()
-        assert "FAIL" not in text and "EXCEPTION" not in text, f"rank {rank}: {text}"
+    run_ranks(tmp_path, world, case, _case, case, seq_len, layout, backend, dtype)
 
 
 @pytest.mark.parametrize("case", list(CASES))

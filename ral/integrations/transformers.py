@@ -70,6 +70,37 @@ masks) are not seen by the chosen layers, which apply causal + key-padding (or p
 masking only. Dropout in the chosen layers is not applied. Generation outside the blocks is
 unaffected (SDPA).
 
+Context parallelism (long sequences over a process group). ``AttentionPolicy(model,
+cp_group=group, cp_layout="zigzag")``: every model call inside ``record`` / ``compare`` / ``observe``
+is on this rank's shard of the sequence, and the chosen layers run ``ral.distributed.attention_kl_cp``
+(this rank's rows with all heads, keys gathered over the group), so div, entropy and mass of the
+local rows equal the single-process ones::
+
+    from ral.distributed import shard
+    def local(t):                                     # this rank's positions of a (B, S, ...) tensor
+        return shard(t, 1, group, "zigzag")
+    call = dict(input_ids=local(input_ids), attention_mask=local(attention_mask),
+                position_ids=local(torch.arange(S, device=device)[None]))   # global positions: RoPE
+    with torch.no_grad(), policy.record() as rec:
+        model(**call)
+    with policy.compare(rec.reference, row_mask=local(response_mask)) as cmp:
+        logits = model(**call).logits                 # (B, S_r, V): this rank's rows
+    (per_token_loss(logits) + lam * cmp.div).sum().backward()    # this rank's rows
+    # then sum the parameter gradients over the group (the whole sequence's loss is the sum over ranks)
+
+The model's local 4-D mask is ignored by the chosen layers (it was built for S_r positions); the key
+padding comes from the 2-D mask shard and is gathered inside the op. References, ``row_mask``,
+``key_segments`` and every ``Comparison`` tensor are this rank's shards (B, S_r). Only the chosen
+layers are parallelised here: every other attention layer of the model must be sequence parallel by
+other means (a model whose only attention layer is the chosen one, as in tests/test_cp_integration.py,
+needs nothing else). Packed sequences under ``cp_group``: one packed row (B = 1) sharded like any
+sequence, with its position ids (that restart at each sequence) sharded the same way; the position
+ids are gathered to find the whole stream's packing and the chosen layers run
+``ral.distributed.attention_kl_cp_varlen`` (a reference recorded so is the rank's shard of the packed
+stream, with the whole stream's ``packing``). Refused with a ValueError: the flash-attention
+``cu_seq_lens_*`` kwargs, packed position ids with B > 1, and position ids equal to each rank's own
+0 .. S_r - 1 (forgotten global positions).
+
 Distillation. A reference recorded by one model can be compared against by another, as long as
 the token sequences (and the number of chosen layers) match: a teacher's ``AttentionPolicy``
 records, the student's compares. Head count, kv-head count, head dim and softmax scale may
@@ -83,6 +114,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -90,6 +122,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
+from ..distributed import LAYOUTS, attention_kl_cp, attention_kl_cp_varlen, chunks, unshard
 
 __all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
            "packed_sequences", "register", "ral_attention_forward", "token_segments", "IMPLEMENTATION",
@@ -328,6 +361,11 @@ class AttentionReference:
     ``packing`` is set when the reference was recorded on packed sequences: then q, k, stats are
     packed (T, heads, dim), there is no padding mask, ``compare`` needs a call packed the same way,
     and the reference cannot be indexed (``cat`` appends packed streams).
+
+    Recorded by a policy with ``cp_group`` (context parallelism), it is the recording rank's shard:
+    q, k, stats and key_padding_mask hold that rank's S_r positions in the policy's layout (indexing
+    and ``cat`` act on the batch dim as usual); compare with it on the same rank, group and layout.
+    A packed one (the rank's T_r tokens, the whole stream's ``packing``) cannot be concatenated.
     """
 
     layers: List[LayerReference]
@@ -584,6 +622,21 @@ class AttentionPolicy:
             names the segment ids come from the model call's ``input_ids`` (``token_segments``);
             given names need the ids from the caller (``key_segments`` of ``compare`` / ``observe``).
             Without segment ids the op gives the entropy only (all keys one segment; mass None).
+        cp_group: a ``torch.distributed`` process group for context parallelism (docs/design.md,
+            "Context parallelism"), or None. Given, every model call inside ``record`` / ``compare`` /
+            ``observe`` runs on this rank's shard of the sequence: the caller shards the inputs with
+            ``ral.distributed.shard(x, 1, cp_group, cp_layout)`` (``input_ids`` or embeddings, the 2-D
+            ``attention_mask``, ``row_mask``, ``key_segments``) and passes ``position_ids`` = the shard's
+            global positions (``shard(arange(S)[None], 1, cp_group, cp_layout)``) so RoPE is right. The
+            chosen layers then call ``ral.distributed.attention_kl_cp`` (all heads of the local rows,
+            keys gathered over the group; the model's local 4-D mask is ignored, the key padding comes
+            from the 2-D mask shard). Recorded references, ``Comparison`` results and ``row_mask`` are
+            this rank's shards (B, S_r). Every other attention layer is the caller's to parallelise
+            (a model whose only attention layer is the chosen one needs nothing else). One packed
+            row (B = 1, position ids that restart, sharded like input_ids) runs
+            ``attention_kl_cp_varlen``; ``cu_seq_lens_*`` kwargs and packed B > 1 raise ValueError.
+            ``record_stats=False`` under CP still computes the recorded layer's output with the op.
+        cp_layout: the layout of the shards, "zigzag" (default) or "contiguous" (``ral.distributed``).
 
     Use ``record()`` to cache a reference and ``compare(reference, row_mask=...)`` to get the
     differentiable per-token divergence; see the module docstring. ``remove()`` undoes the hooks.
@@ -591,9 +644,12 @@ class AttentionPolicy:
 
     def __init__(self, model: nn.Module, layers: Sequence[int] = (-1,), *, divergence: str = "jsd",
                  heads: str = "mean", exclude_self: bool = True, backend: str = "auto",
-                 record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None):
+                 record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None,
+                 cp_group=None, cp_layout: str = "zigzag"):
         if not isinstance(stats, bool):
             raise TypeError(f"stats must be a bool, got {type(stats).__name__}")
+        _check_cp(cp_group, cp_layout)
+        self.cp_group, self.cp_layout = cp_group, cp_layout
         vision_tokens = _vision_token_ids(model)
         self.segment_names = _segment_names(segment_names, vision_tokens)
         self.stats = stats
@@ -652,9 +708,12 @@ class AttentionPolicy:
             return None
         mask = mask.to(device=key.device, dtype=torch.bool)
         if mask.shape != (key.shape[0], key.shape[2]):
+            shard = " (under cp_group: this rank's shard of the mask)" if self.cp_group is not None else ""
             raise ValueError(f"{source}: shape {tuple(mask.shape)} does not match the keys' "
-                             f"(B, S) = {(key.shape[0], key.shape[2])}; record/compare need full-sequence "
+                             f"(B, S) = {(key.shape[0], key.shape[2])}{shard}; record/compare need full-sequence "
                              f"calls without a KV cache, on the batch (or packing) that was recorded")
+        if self.cp_group is not None:     # every rank passes its shard to the gather, padded or not
+            return mask
         return None if bool(mask.all()) else mask
 
     # -- modes --------------------------------------------------------------------------------
@@ -665,18 +724,25 @@ class AttentionPolicy:
         Run it under ``torch.no_grad()`` (the cache is detached anyway). Several model calls
         (batch chunks with the same sequence length, as TRL's old-log-prob loop makes) are
         concatenated along the batch (packed calls: their streams appended). Yields a
-        ``Recording``; its ``.reference`` (an ``AttentionReference``) is set on exit.
+        ``Recording``; its ``.reference`` (an ``AttentionReference``) is set on exit. Under
+        ``cp_group`` the reference is this rank's shard (q, k, stats, key padding mask over its S_r
+        positions): compare with it on the same rank, group and layout; a packed row under
+        ``cp_group`` is recorded one call per block (shards of two streams are not a shard of
+        their concatenation).
         """
         rec = Recording()
         with self._active("record", rec, attention_mask):
             yield rec
         if len(rec._layers) != len(self.modules):
             raise RuntimeError("record: the chosen layers did not run; call the model inside the block")
-        chunks = []
+        if self.cp_group is not None and len(rec._packings) > 1 and any(p is not None for p in rec._packings):
+            raise ValueError("record: under cp_group record one packed call per block (shards of two packed "
+                             "streams are not a shard of their concatenation)")
+        parts = []
         for c, (mask, packing) in enumerate(zip(rec._masks, rec._packings)):
             layers = [rec._layers[i][c] for i in range(len(self.modules))]
-            chunks.append(AttentionReference(layers, None if mask is None else mask.to(torch.bool), packing))
-        rec.reference = chunks[0] if len(chunks) == 1 else AttentionReference.cat(chunks)
+            parts.append(AttentionReference(layers, None if mask is None else mask.to(torch.bool), packing))
+        rec.reference = parts[0] if len(parts) == 1 else AttentionReference.cat(parts)
         self._attention_mask = None
 
     @contextlib.contextmanager
@@ -689,7 +755,8 @@ class AttentionPolicy:
             reference: recorded on the same token sequences (same B, S, or the same packing; any model).
             row_mask: (B, S) or (B, C) bool, the rows whose divergence counts (response tokens);
                 (B, C) is right-aligned to the last C positions. None: every row. For packed
-                sequences (B, S) is the input ids' shape, (1, T) for one packed row.
+                sequences (B, S) is the input ids' shape, (1, T) for one packed row. Under
+                ``cp_group``: this rank's shard (B, S_r), and ``.div`` etc. are its rows (B, S_r).
             attention_mask: (B, S) 2-D padding mask; default the one given to the model call,
                 else the reference's.
             key_segments: (B, S) integer segment ids of the keys in [0, len(segment_names)), the
@@ -791,13 +858,15 @@ class AttentionPolicy:
             # v's dtype, as SDPA does under autocast
             query, key = query.to(value.dtype), key.to(value.dtype)
         kpm = self._key_padding(key)
+        opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
+                    causal=True, backend=self.backend)
+        if self.cp_group is not None:
+            return self._attend_cp(slot, query, key, value, scale, kpm, kwargs, opts)
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
         reference = self._state[0] if self._mode == "compare" else None
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
-        opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
-                    causal=True, backend=self.backend)
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
@@ -874,11 +943,166 @@ class AttentionPolicy:
                  _unpack_rows(res.mass, batch, seq, each) if has_mass else None)
         return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), None
 
+    def _attend_cp(self, slot: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                   kpm: Optional[Tensor], kwargs: dict, opts: dict):
+        """The chosen layer on this rank's shard of the sequence (cp_group): ``attention_kl_cp`` on the
+        local rows with all heads, keys gathered over the group (a packed row: ``attention_kl_cp_varlen``).
+        Record keeps this rank's shard of q, k and stats; compare / observe give the local rows'
+        div / statistics."""
+        batch, local = query.shape[0], query.shape[2]
+        reference, row_mask, cmp, _ = self._state if self._mode != "record" else (None, None, None, None)
+        error = None
+        if row_mask is not None and tuple(row_mask.shape) != (batch, local):
+            error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
+                     f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
+        seq_len, packing = self._cp_call(kwargs, batch, local, key.device, kpm, error)
+        rows = None if row_mask is None else row_mask.to(torch.bool)
+        statistics, has_mass = self._statistics(key)
+        cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)
+        if packing is None:
+            cp.update(seq_len=seq_len, key_padding_mask=kpm)
+            q, k, v = query, key, value
+            op = attention_kl_cp
+        else:                              # one packed row: (T_r, heads, dim) of the whole stream's shard
+            kpm = None                     # a mask without padding, if any: the packing masks per sequence
+            cp.update(cu_seqlens=packing.cu_seqlens_q, max_seqlen=packing.max_seqlen_q)
+            q, k, v = _flat(query), _flat(key), _flat(value)
+            rows = None if rows is None else rows.reshape(-1)
+            if statistics:
+                statistics["key_segments"] = statistics["key_segments"].reshape(-1)
+            op = attention_kl_cp_varlen
+        if self._mode == "record":
+            q_ref, k_ref = q.detach(), k.detach()
+            res = op(q_ref, k_ref, v.detach(), q_ref=q_ref, k_ref=k_ref, scale=scale, ref_scale=scale, **cp)
+            self._recorded(slot, LayerReference(q_ref, k_ref, res.stats if self.record_stats else None, scale),
+                           kpm, packing)
+            return self._cp_out(res.out, batch, local, packing), None
+        if self._mode == "observe":       # no reference: the layer's own q, k stand in (div dropped, no gradient)
+            ref = LayerReference(q.detach(), k.detach(), None, scale)
+        else:
+            ref = reference.layers[slot]
+            _check_cp_reference(reference, ref, packing, batch, local)
+        res = op(q, k, v, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale, ref_scale=ref.scale,
+                 row_mask=rows, **statistics, **cp)
+        results = (None if self._mode == "observe" else res.div, res.entropy, res.mass if has_mass else None)
+        if packing is not None:
+            results = tuple(_unpack_rows(t, batch, local, self.heads == "each") for t in results)
+        cmp._add(self.layers[slot], *results)
+        return self._cp_out(res.out, batch, local, packing), None
+
+    @staticmethod
+    def _cp_out(out: Tensor, batch: int, local: int, packing: Optional[Packing]) -> Tensor:
+        """The op's out, (B, H, S_r, Dv) or packed (T_r, H, Dv), as transformers wants it: (B, S_r, H, Dv)."""
+        if packing is None:
+            return out.transpose(1, 2).contiguous()
+        return out.reshape(batch, local, *out.shape[1:]).contiguous()
+
+    def _cp_call(self, kwargs: dict, batch: int, local: int, device, kpm: Optional[Tensor],
+                 error: Optional[str] = None) -> Tuple[int, Optional[Packing]]:
+        """(S, the whole stream's packing or None) of a call on this rank's shard; `error`: this rank's
+        own reason to refuse the call, raised on every rank.
+
+        S is the sum of the ranks' S_r. The 2-D position ids are gathered over the group (every rank
+        then sees the same whole sequence's positions and raises the same errors, none is left
+        waiting in a collective): the shard's global positions 0 .. S-1 (or, with padding in the 2-D
+        mask `kpm` of some rank, any other than each rank's own 0 .. S_r - 1) make a padded batch;
+        without padding, position ids that restart make one packed row (B = 1), as in
+        ``packed_sequences``."""
+        world = dist.get_world_size(self.cp_group)
+        position_ids = kwargs.get("position_ids")
+        if not (isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == local
+                and position_ids.shape[0] in (1, batch)):
+            position_ids = None
+        has_cu = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+        mine = [batch, local, 0 if position_ids is None else position_ids.shape[0], int(has_cu), int(kpm is not None),
+                int(error is not None), int(kpm is not None and not bool(kpm.all()))]
+        sizes = [torch.zeros(len(mine), dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(mine, dtype=torch.int64, device=device), group=self.cp_group)
+        sizes = [s.tolist() for s in sizes]
+        seq_len = sum(s[1] for s in sizes)
+        layout_chunks = chunks(seq_len, world, self.cp_layout)
+        want = [sum(length for _, length in c) for c in layout_chunks]
+        if any(s[5] for s in sizes):
+            raise ValueError(error or f"cp_group: ranks {[r for r, s in enumerate(sizes) if s[5]]} refused the call "
+                                      f"(see their error)")
+        if any(s[3] for s in sizes):
+            raise ValueError("cu_seq_lens_q: flash-attention packing kwargs are not supported with cp_group; pass "
+                             "the packed row's position ids (sharded like input_ids) instead")
+        if any(s[0] != batch for s in sizes) or [s[1] for s in sizes] != want:
+            raise ValueError(f"cp_group: the ranks' shards have (B, S_r) = {[tuple(s[:2]) for s in sizes]}; a "
+                             f"sequence of {seq_len} in layout {self.cp_layout!r} has {want} positions per rank with "
+                             f"the same B: shard every input with ral.distributed.shard(x, 1, cp_group, "
+                             f"{self.cp_layout!r})")
+        if any(s[4] != sizes[0][4] for s in sizes):
+            raise ValueError("attention_mask: under cp_group give every rank its shard of the 2-D mask, or none")
+        if sizes[0][2] == 0 or any(s[2] != sizes[0][2] for s in sizes):
+            return seq_len, None           # no 2-D position ids on every rank (M-RoPE): the caller's business
+        whole = unshard(position_ids.to(device=device, dtype=torch.int64), 1, seq_len, self.cp_group, self.cp_layout)
+        glob = torch.arange(seq_len, device=device)
+        if bool((whole == glob).all()):
+            return seq_len, None
+        if bool((whole == _own_positions(layout_chunks, seq_len, device)).all()):
+            raise ValueError("position_ids: under cp_group the call's position ids are each rank's own 0 .. S_r - 1; "
+                             "pass the shard's global positions, ral.distributed.shard(torch.arange(S)[None], 1, "
+                             "cp_group, cp_layout) (a packing that restarts exactly at the shards is refused as "
+                             "ambiguous)")
+        if any(s[6] for s in sizes):       # padding somewhere: a padded batch, whatever the position ids
+            return seq_len, None
+        packing = _packing_from_positions(whole, whole.shape[0])
+        if packing is not None and batch != 1:
+            raise ValueError(f"position_ids: packed sequences under cp_group need one packed row (B = 1), "
+                             f"got B = {batch}")
+        return seq_len, packing
+
     def _recorded(self, slot: int, layer: LayerReference, kpm: Optional[Tensor], packing: Optional[Packing]):
         self._state._layers.setdefault(slot, []).append(layer)
         if slot == 0:
             self._state._masks.append(kpm)
             self._state._packings.append(packing)
+
+
+def _check_cp(cp_group, cp_layout: str) -> None:
+    if cp_layout not in LAYOUTS:
+        raise ValueError(f"cp_layout must be one of {LAYOUTS}, got {cp_layout!r}")
+    if cp_group is None:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("cp_group: context parallelism needs an initialised torch.distributed process group "
+                         "(torch.distributed.init_process_group), or cp_group=None")
+    if dist.get_rank(cp_group) < 0:
+        raise ValueError("cp_group: this process is not a member of the given process group")
+
+
+def _own_positions(layout_chunks, seq_len: int, device) -> Tensor:
+    """(S,) the positions every rank would have without global position ids (its own 0 .. S_r - 1),
+    placed at its chunks' places in the whole sequence."""
+    whole = torch.empty(seq_len, dtype=torch.int64, device=device)
+    for rank_chunks in layout_chunks:
+        offset = 0
+        for start, length in rank_chunks:
+            whole[start:start + length] = torch.arange(offset, offset + length, device=device)
+            offset += length
+    return whole
+
+
+def _check_cp_reference(reference: "AttentionReference", layer: "LayerReference", packing: Optional[Packing],
+                        batch: int, local: int) -> None:
+    """A reference recorded under cp_group on this rank's shard of the same (padded or packed) call."""
+    if (reference.packing is None) != (packing is None):
+        raise ValueError(f"reference: recorded on {'a padded batch' if reference.packing is None else 'a packed row'}"
+                         f", the model call is {'a padded batch' if packing is None else 'a packed row'}; "
+                         f"compare on the same call")
+    if packing is not None:
+        if not reference.packing.same_as(packing):
+            raise ValueError(f"reference: recorded with cu_seqlens {reference.packing.cu_seqlens_q.tolist()}, the "
+                             f"model call packs {packing.cu_seqlens_q.tolist()}")
+        if layer.q.shape[0] != local:
+            raise ValueError(f"reference: holds {layer.q.shape[0]} tokens, this rank's shard of the packed row has "
+                             f"{local}; under cp_group a reference is the recording rank's shard")
+    elif layer.q.shape[0] != batch or layer.q.shape[2] != local:
+        raise ValueError(f"reference: recorded (B, S_r) = {(layer.q.shape[0], layer.q.shape[2])}, this rank's "
+                         f"shard of the model call has {(batch, local)}; under cp_group a reference is "
+                         f"the recording rank's shard, compare on the same rank and layout")
 
 
 def _sdpa_plain(module, query, key, value, kpm, scale):
