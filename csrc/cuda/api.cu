@@ -24,9 +24,10 @@ cudaError_t device_info(DeviceInfo& dev) {
   return major >= 8 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
 }
 
+// With no_reference (statistics only) q_ref / k_ref are placeholders that are never read: any head dim.
 bool shapes_ok(const AttentionKLParams& p) {
   return (p.dtype == kFloat16 || p.dtype == kBFloat16) && p.ref_dtype == p.dtype && dim_ok(p.head_dim) &&
-         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim));
+         (p.no_reference || dim_ok(p.ref_head_dim)) && (!p.has_v || dim_ok(p.v_head_dim));
 }
 
 // Whether one block of every kernel fits the device's opt-in shared memory (sm_86 / sm_89 have
