@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import types
 
 import pytest
 import torch
@@ -85,7 +84,7 @@ def test_reference_gradients_are_finite_and_exact():
 
 # ---- the cpu kernel against the oracle -----------------------------------------------------
 
-def check_stats(problem: Problem, backend: str = "cpu", with_div: bool = True, op=None):
+def check_stats(problem: Problem, backend: str = "cpu", with_div: bool = True, op=None, device=None):
     """The accuracy rule with upstream weights on out, entropy, mass and (with_div) div."""
     base = problem.make()
     dout, ddiv = upstream(base)
@@ -94,7 +93,7 @@ def check_stats(problem: Problem, backend: str = "cpu", with_div: bool = True, o
     names = [n for n in STATS_NAMES if op is None or n != "div"]
     results = [run(kw, be, dout, ddiv, op=op, dstats=dstats)
                for kw, be in ((base, "reference"), (cast(base, problem.dtype), "reference"),
-                              (cast(base, problem.dtype), backend))]
+                              (cast(base, problem.dtype, device), backend))]
     return compare(*results, problem.dtype, names, what=f"{backend} for {problem}")
 
 
@@ -141,16 +140,13 @@ def test_low_precision(dtype):
     check_stats(Problem(batch=2, heads=4, kv_heads=2, q_len=33, k_len=33, dtype=dtype, segments=3, seed=2))
 
 
-@needs_cpu
-@pytest.mark.parametrize("heads", ["mean", "each"])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_empty_and_padded_rows_give_zero(heads, backend):
+def check_empty_and_padded_rows(backend: str, heads: str, dtype=torch.float32, device=None):
     """exclude_self's first row, rows before the first real key, a fully padded batch element and
     row_mask False rows: entropy 0 and mass 0, never NaN; gradients finite."""
     problem = Problem(batch=3, heads=4, kv_heads=2, q_len=12, k_len=12, left_pad=(3, 12, 0), segments=3,
                       options=dict(heads=heads))
-    kw = cast(problem.make(), torch.float32)
-    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool)
+    kw = cast(problem.make(), dtype, device)
+    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool, device=device)
     kw["row_mask"][2, 5] = False
     got = run(kw, backend, *upstream(kw), dstats=stats_upstream(kw))
     for name in ("entropy", "mass", "div", "dq", "dk", "dv"):
@@ -161,6 +157,13 @@ def test_empty_and_padded_rows_give_zero(heads, backend):
         assert (got["entropy"][index] == 0).all() and (got["mass"][index] == 0).all()
     assert (got["entropy"][0, ..., 5:] > 0).all() if heads == "mean" else (got["entropy"][0, :, 5:] > 0).all()
     assert (got["dq"][1] == 0).all()  # a fully padded element gets no gradient at all
+
+
+@needs_cpu
+@pytest.mark.parametrize("heads", ["mean", "each"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_empty_and_padded_rows_give_zero(heads, backend):
+    check_empty_and_padded_rows(backend, heads)
 
 
 @needs_cpu
@@ -186,14 +189,13 @@ def test_packed_reference_equals_dense_per_sequence():
 
 # ---- attention_stats ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("segments", [0, 3])
-@pytest.mark.parametrize("heads", ["mean", "each"])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_attention_stats(backend, heads, segments):
-    if backend == "cpu" and not CPU:
-        pytest.skip("ral._C not built")
-    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=30, k_len=30, left_pad=(2, 0), row_mask=True,
-                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True))
+def check_attention_stats(backend: str, heads: str, segments: int, dtype=torch.float32, device=None,
+                          k_len: int = 30, causal: bool = True):
+    """ral.ops.attention_stats on `backend` against the float64 reference: out, stats, entropy, mass and
+    the gradients (upstream weights on out, entropy, mass). Returns (the call's float64 arguments,
+    the three results of oracle.run)."""
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=30, k_len=k_len, left_pad=(2, 0), row_mask=True,
+                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True, causal=causal))
     base = problem.make()
     for name in ("q_ref", "k_ref", "heads"):
         base.pop(name)
@@ -206,11 +208,21 @@ def test_attention_stats(backend, heads, segments):
         return ral.ops.attention_stats(q, k, v, **kw)
 
     results = [run(kw, be, dout, None, op=stats_op, dstats=(dentropy, dmass))
-               for kw, be in ((base, "reference"), (cast(base, torch.float32), "reference"),
-                              (cast(base, torch.float32), backend))]
+               for kw, be in ((base, "reference"), (cast(base, dtype), "reference"),
+                              (cast(base, dtype, device), backend))]
     names = ("out", "stats", "entropy", "dq", "dk", "dv") + (("mass",) if segments else ())
-    compare(*results, torch.float32, names, what=f"attention_stats on {backend}")
+    compare(*results, dtype, names, what=f"attention_stats ({heads}, {segments} segments) on {backend}")
     assert (results[2]["mass"] is None) == (segments == 0)
+    return base, results
+
+
+@pytest.mark.parametrize("segments", [0, 3])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_attention_stats(backend, heads, segments):
+    if backend == "cpu" and not CPU:
+        pytest.skip("ral._C not built")
+    base, results = check_attention_stats(backend, heads, segments)
     # the same numbers as attention_kl's statistics against any reference
     kw = dict(base)
     key_segments = kw.pop("key_segments", torch.zeros(2, 30, dtype=torch.long))
@@ -307,7 +319,7 @@ def _stats_call(q):
                 key_segments=torch.zeros(1, 4, dtype=torch.int32))
 
 
-def test_triton_and_cuda_reject_statistics_clearly():
+def test_triton_rejects_statistics_clearly():
     try:
         triton_module = backends.module("triton")
     except ImportError:
@@ -315,18 +327,26 @@ def test_triton_and_cuda_reject_statistics_clearly():
     if triton_module is not None and backends.unavailable_reason("triton") is None:
         why = triton_module.unsupported_reason(_stats_call(torch.zeros(1, 1, 4, 8)))
         assert why is not None and "statistics" in why and "cpu" in why
-    # cuda: a stand-in for CUDA tensors reaches the check without a GPU
-    fake_q = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    call = types.SimpleNamespace(q=fake_q, options=Options(policy_stats=True, num_segments=1))
-    why = backends.module("cuda").unsupported_reason(call)
-    assert why is not None and "statistics" in why
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_auto_on_cuda_raises_naming_statistics():
-    kw = {k: v.cuda().half() for k, v in _good().items()}
-    with pytest.raises(ValueError, match="statistics"):
-        ral.attention_kl(**kw, key_segments=torch.zeros(2, 7, dtype=torch.long, device="cuda"), num_segments=2)
+def test_auto_on_cuda_runs_statistics_or_names_them():
+    """backend="auto" on CUDA tensors: float16 runs (the cuda kernels take statistics) and matches the
+    reference; float32, which the cuda kernels do not take, either runs or fails with an error that
+    names the statistics (a backend without them), never silently drops them."""
+    segments = torch.zeros(2, 7, dtype=torch.long, device="cuda")
+    segments[:, 3:] = 1
+    for dtype in (torch.float16, torch.float32):
+        kw = {k: v.cuda().to(dtype) for k, v in _good().items()}
+        try:
+            res = ral.attention_kl(**kw, key_segments=segments, num_segments=2)
+        except ValueError as err:
+            assert dtype == torch.float32 and "statistics" in str(err), err
+            continue
+        want = ral.attention_kl(**{k: v.double() for k, v in kw.items()}, key_segments=segments, num_segments=2,
+                                backend="reference")
+        torch.testing.assert_close(res.entropy.double(), want.entropy, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(res.mass.double(), want.mass, atol=1e-2, rtol=1e-2)
 
 
 def test_no_segments_means_no_statistics():

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (STATS_NAMES, PackedProblem, Problem, cast, check_packed, compare, option_grid,  # noqa: E402
-                    option_id, run, stats_upstream, upstream)
+from oracle import STATS_NAMES, PackedProblem, Problem, cast, check_packed, option_grid, option_id  # noqa: E402
 from test_cuda_emulated import BF16, F16, emu, emu_module, launches  # noqa: E402,F401  (fixtures)
-from test_stats import check_stats  # noqa: E402
+from test_stats import check_attention_stats, check_empty_and_padded_rows, check_stats  # noqa: E402
 
 import ral  # noqa: E402
+from ral import backends  # noqa: E402
 
 # every divergence, heads mode, exclude_self and causal value, in 8 of the 24 combinations
 OPTIONS = list(option_grid())[::3]
@@ -50,6 +50,37 @@ def test_other_reference_heads_and_ref_stats(emu):
     check_stats(problem, "cuda")
 
 
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_one_stage_and_other_schedules(emu, monkeypatch, heads):
+    """One pipeline stage (100000 bytes of opt-in shared memory), random thread orders between barriers
+    and cp.async landing at issue: the "mean" backward's thread-private sG sits beside sP, sdS."""
+    monkeypatch.setenv("RAL_EMU_SMEM_OPTIN", "100000")
+    monkeypatch.setenv("RAL_EMU_SCHEDULE", "random:3")
+    monkeypatch.setenv("RAL_EMU_CP_ASYNC", "early")
+    problem = Problem(batch=1, heads=2, kv_heads=1, q_len=100, k_len=130, head_dim=64, v_head_dim=64,
+                      row_mask=True, segments=3, seed=4, dtype=F16, options=dict(heads=heads))
+    check_stats(problem, "cuda")
+    smem = {smem for _, _, smem in launches(emu)}
+    assert max(smem) <= 100000
+    if heads == "mean":  # sP, sdS, sG and one stage of Q, K, V, dO tiles
+        assert 2 * 64 * 72 * 2 + 32 * 128 * 4 + 2 * 64 * (72 + 72) * 2 in smem, smem
+
+
+@pytest.mark.parametrize("heads,fits", [("mean", False), ("each", True)])
+def test_a100_shared_memory_at_head_dim_256(emu, monkeypatch, heads, fits):
+    """A100 (166912 bytes per block) at D = Dv = 256: the "mean" backward with statistics (16 KB of sG
+    more) does not fit, and cuda_supports says so before any launch; "each" needs no sG."""
+    monkeypatch.setenv("RAL_EMU_SMEM_OPTIN", "166912")
+    problem = Problem(batch=1, heads=1, kv_heads=1, q_len=4, k_len=4, head_dim=256, v_head_dim=256, segments=2,
+                      options=dict(heads=heads))
+    call = ral.ops._checked_call(**{k: v for k, v in cast(problem.make(), F16).items()
+                                    if k in ("q", "k", "v", "q_ref", "k_ref")},
+                                 ref_stats=None, divergence="jsd", heads=heads, exclude_self=True, causal=True,
+                                 scale=None, ref_scale=None, key_padding_mask=None, row_mask=None, backend="cuda",
+                                 key_segments=torch.zeros(1, 4, dtype=torch.long), num_segments=2)
+    assert (backends.module("cuda").unsupported_reason(call) is None) == fits
+
+
 @pytest.mark.parametrize("num_segments", range(1, 9))
 def test_every_segment_count(emu, num_segments):
     """the forward's masses (values only: cheap) for S = 1..8, both heads modes."""
@@ -65,21 +96,7 @@ def test_every_segment_count(emu, num_segments):
 
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_empty_and_padded_rows_give_zero(emu, heads):
-    """exclude_self's first row, rows before the first real key, a fully padded batch element and
-    row_mask False rows: entropy 0 and mass 0, never NaN; gradients finite."""
-    problem = Problem(batch=3, heads=4, kv_heads=2, q_len=12, k_len=12, left_pad=(3, 12, 0), segments=3,
-                      options=dict(heads=heads))
-    kw = cast(problem.make(), F16)
-    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool)
-    kw["row_mask"][2, 5] = False
-    got = run(kw, "cuda", *upstream(kw), dstats=stats_upstream(kw))
-    for name in ("entropy", "mass", "div", "dq", "dk", "dv"):
-        assert not torch.isnan(got[name]).any(), name
-    for b, rows in [(0, slice(0, 4)), (1, slice(None)), (2, 0), (2, 5)]:  # empty P or masked
-        index = (b, rows) if heads == "mean" else (b, slice(None), rows)
-        assert (got["entropy"][index] == 0).all() and (got["mass"][index] == 0).all()
-    assert (got["entropy"][0, ..., 5:] > 0).all() if heads == "mean" else (got["entropy"][0, :, 5:] > 0).all()
-    assert (got["dq"][1] == 0).all()  # a fully padded element gets no gradient at all
+    check_empty_and_padded_rows("cuda", heads, F16)
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])
@@ -93,25 +110,11 @@ def test_packed_sequences(emu, heads):
 @pytest.mark.parametrize("segments", [0, 3])
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_attention_stats(emu, heads, segments):
-    """no reference model: the placeholders are never swept (no reference launch), div is 0."""
-    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=30, k_len=70, left_pad=(2, 0), row_mask=True,
-                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True, causal=False))
-    base = problem.make()
-    for name in ("q_ref", "k_ref"):
-        base.pop(name)
-    dout, _ = upstream(base)
-    dentropy = stats_upstream(dict(base, key_segments=None))[0]
-    dmass = stats_upstream(base)[1] if segments else None
-
-    def stats_op(q, k, v=None, **kw):
-        return ral.ops.attention_stats(q, k, v, **kw)
-
+    """no reference model: the placeholders are never swept (no reference launch), div is 0; 70 keys
+    (two key tiles), no causal mask."""
     emu.ral_emu_take_log()
-    results = [run(kw, be, dout, None, op=stats_op, dstats=(dentropy, dmass))
-               for kw, be in ((base, "reference"), (cast(base, F16), "reference"), (cast(base, F16), "cuda"))]
-    names = ("out", "stats", "entropy", "dq", "dk", "dv") + (("mass",) if segments else ())
-    compare(*results, F16, names, what=f"attention_stats ({heads}, {segments} segments) on cuda")
-    assert (results[2]["mass"] is None) == (segments == 0)
-    # forward: the current heads' pass 1, pass 2, pass 3 (no reference pass 1); backward: one launch
-    heads_grid = [grid[1] for grid, _, _ in launches(emu)]
-    assert len(heads_grid) == 4 and heads_grid[0] == 4
+    check_attention_stats("cuda", heads, segments, F16, k_len=70, causal=False)
+    # forward and backward of the emulated kernels, then of the reference (no launches): the current
+    # heads' pass 1 (grid.y = H), pass 2, pass 3, and the backward; no pass 1 for reference heads
+    grids = [grid for grid, _, _ in launches(emu)]
+    assert len(grids) == 4 and grids[0][1] == 4, grids

@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (each) {
       for (int64_t h = 0; h < H && !any_w; ++h) any_w = w_in[(b * H + h) * Sq + row] != 0.f;
       if constexpr (kStats)
-        for (int64_t h = 0; h < H && !any_stat; ++h) any_stat = stats_row_live(sw_in + ((b * H + h) * Sq + row) * n_stat, n_stat);
+        for (int64_t h = 0; h < H && !any_stat; ++h)
+          any_stat = stats_row_live(sw_in + ((b * H + h) * Sq + row) * n_stat, n_stat);
     } else {
       any_w = any_w || w_in[b * Sq + row] != 0.f;
       if constexpr (kStats) any_stat = any_stat || stats_row_live(sw_in + (b * Sq + row) * n_stat, n_stat);
@@ -417,7 +418,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kStats)
             sG[(4 * nb + e) * kThreads] = stats_g(sw_in + (b * Sq + row[e >> 1]) * n_stat, p.num_segments, lpi,
                                                   segs(nb, e & 1));
-          if ((act >> (4 * nb + e)) & 1u) gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
+          if ((act >> (4 * nb + e)) & 1u)
+            gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
         }
     }
     for (int64_t h = 0; h < H; ++h) {

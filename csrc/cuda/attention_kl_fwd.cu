@@ -225,7 +225,9 @@ enum StepKind : int { kRefStep = 0, kCurStep = 1, kLastStep = 2 };
 // kStats (policy_stats): the same sweep also sums, per live row, the entropy -pi log pi and the
 // segment masses of pi into entropy / mass, and ("mean") per head the statistics' u sums into cstats
 // (finalized by pass 3); with no_reference the ref steps are skipped and div, gbar, cbar stay 0.
-// smem: stages x (sA [64][ld] + sB [64][ld]), ld = max(D16, Dr16) + 8.
+// The row sums of entropy and mass run per key tile in registers, then in thread-private shared
+// memory (sSum) across the tiles (registers are at the spill edge).
+// smem: stages x (sA [64][ld] + sB [64][ld]) (+ sSum fp32 [18][128] with statistics), ld = max(D16, Dr16) + 8.
 // ------------------------------------------------------------------------------------------------
 template <typename T, bool kSeqs, bool kStats>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -245,6 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ld = max(d16, dr16) + 8;
   T* sA = reinterpret_cast<T*>(smem_raw);   // [stages][64][ld]
   T* sB = sA + stages * kBlockM * ld;       // [stages][64][ld]
+  float* sSum = reinterpret_cast<float*>(sB + stages * kBlockN * ld) + threadIdx.x;  // kStats: [18] at stride 128
 
   int64_t jb, je;
   key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
@@ -301,8 +304,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   pipe.start(issue);
   float dacc[2] = {0.f, 0.f}, gacc[2] = {0.f, 0.f};
   float gl[8][4];   // log rho, then g (or log rho/pi for reverse_kl), per element of the tile
-  StatSums policy;  // kStats: entropy and masses of this lane's elements of both row halves
-  if constexpr (kStats) policy.zero();
+  const int n_stat = kStats ? int(1 + p.num_segments) : 0;
+  StatSums policy;  // kStats: entropy and masses of this lane's elements of both row halves, one key tile
+  if constexpr (kStats)
+    for (int k = 0; k < 2 * (1 + kMaxSegments); ++k) sSum[k * kThreads] = 0.f;  // thread-private: no barrier
   for (int64_t j = jb; j < je; ++j) {
     const int64_t j0 = u.k_begin() + j * kBlockN;
     TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
@@ -323,6 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       buf = pipe.begin(issue);
       gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
+      if constexpr (kStats) policy.zero();
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -336,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           dacc[e >> 1] += dt.f;
           gacc[e >> 1] += weighted_g(kind, lpi, g_or_log_ratio(kind, lpi, lrho, dt.g));
         }
+      if constexpr (kStats) policy.add_to(sSum, n_stat);
       pipe.end(issue);
       continue;
     }
@@ -379,6 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.scale - lse_a[e >> 1]);
       pipe.end(issue);
     }
+    if constexpr (kStats) policy.zero();
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -396,6 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         dacc[e >> 1] += dt.f;
         gacc[e >> 1] += weighted_g(kind, lpi, gl[nb][e]);
       }
+    if constexpr (kStats) policy.add_to(sSum, n_stat);
     // u_h = sum_P a_hj g_j / (H Z), one head at a time, into cbar (finalized by finalize_kernel);
     // normalised by H Z per element (never 1/Z afterwards: Z may underflow when a row attends
     // almost only to itself). kStats: likewise the statistics' u sums (g = -log pi, [seg = s]) into cstats.
@@ -425,9 +434,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if constexpr (kStats) {  // cstats (B, H, Sq, 1 + S)
-        const int64_t n = 1 + p.num_segments;
-        float* cstats = reinterpret_cast<float*>(p.cstats) + (b * H + h) * p.q_len * n;
-        us.flush(int(n), live, [&](int r, int k) { return cstats + row[r] * n + k; }, lane);
+        float* cstats = reinterpret_cast<float*>(p.cstats) + (b * H + h) * p.q_len * n_stat;
+        us.flush(n_stat, live, [&](int r, int k) { return cstats + row[r] * n_stat + k; }, lane);
       }
     }
   }
@@ -450,7 +458,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* entropy = reinterpret_cast<float*>(p.entropy);
     float* mass = reinterpret_cast<float*>(p.mass);
     const bool write[2] = {live[0] && je > jb, live[1] && je > jb};
-    policy.flush(int(1 + n_seg), write, [&](int r, int k) {
+    policy.load(sSum, n_stat);
+    policy.flush(n_stat, write, [&](int r, int k) {
       return k == 0 ? entropy + idx0 + row[r] : mass + (idx0 + row[r]) * n_seg + k - 1;
     }, lane);
   }
@@ -515,10 +524,10 @@ SmemPlan stats_smem(const AttentionKLParams& p, bool ref, int dvp, int c_off) {
   const int64_t ldv = dvp > 0 ? round_up16(int(min64(p.v_head_dim - c_off, dvp))) + 8 : 0, ld = dim16 + 8;
   return SmemPlan{int64_t(kBlockM) * ld * 2, int64_t(kBlockN) * (ld + ldv) * 2};
 }
-// pass 2: stages x (sA [64][ld] + sB [64][ld])
+// pass 2: stages x (sA [64][ld] + sB [64][ld]) (+ sSum with statistics)
 SmemPlan div_smem(const AttentionKLParams& p) {
   const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
-  return SmemPlan{0, 2 * int64_t(kBlockM) * ld * 2};
+  return SmemPlan{p.policy_stats ? kStatSumsSmem : 0, 2 * int64_t(kBlockM) * ld * 2};
 }
 
 template <typename Kernel>

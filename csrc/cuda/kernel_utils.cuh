@@ -462,6 +462,7 @@ __device__ __forceinline__ float g_or_log_ratio(int32_t kind, float lpi, float l
 // ---- statistics of the current policy (params.h: policy_stats) --------------------------------------
 constexpr int kMaxSegments = 8;
 constexpr int kNoSegment = 15;  // the id of a key past the unit's end, or of a call without segments
+constexpr int kStatSumsSmem = 2 * (1 + kMaxSegments) * kThreads * 4;  // StatSums::add_to's thread-private sums
 
 // The segment ids of the 16 keys a thread holds in a key tile (key j0 + 8nb + 2t + e, as key_bits),
 // 4 bits each: key (nb, e) in bits 4 (2 (nb & 3) + e) of word nb >> 2.
@@ -508,6 +509,21 @@ struct StatSums {
 #pragma unroll
     for (int s = 0; s < kMaxSegments; ++s)
       if (seg == s) v[r][1 + s] += c;
+  }
+  // Thread-private running sums in shared memory, priv[k * kThreads] for k < 2 (1 + kMaxSegments):
+  // priv += v (the first n sums of each row half), and v = priv.
+  __device__ __forceinline__ void add_to(float* priv, int n) const {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s)
+        if (s < n) priv[(r * (1 + kMaxSegments) + s) * kThreads] += v[r][s];
+  }
+  __device__ __forceinline__ void load(const float* priv, int n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s) v[r][s] = s < n ? priv[(r * (1 + kMaxSegments) + s) * kThreads] : 0.f;
   }
   // Sums the quad's lanes (every lane of the warp calls this), then lane t == 0 adds the n = 1 + S
   // sums of each row half r with live[r] to dst(r, k), k = 0 .. n - 1 (float*).
