@@ -197,17 +197,17 @@ def test_statistics_option_grid(opts, with_div):
     check_stats(problem, "cuda", with_div=with_div, device="cuda")
 
 
-def _stats_smem_fits(head_dim: int, heads: str) -> bool:
-    """The "mean" backward with statistics keeps 16 KB more shared memory per block: at D = 256 its
-    single stage (about 170 KB) needs a device with that much per block (H100, not A100)."""
+def _stats_smem_fits(head_dim: int) -> bool:
+    """The backward with statistics keeps 32 KB more shared memory per block: at D = 256 its single
+    stage (182 KB) needs a device with that much per block (H100, not A100)."""
     optin = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
-    return head_dim < 256 or heads == "each" or optin >= 170 * 1024
+    return head_dim < 256 or optin >= 186368
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_statistics_head_dims(head_dim, heads):
-    if not _stats_smem_fits(head_dim, heads):
+    if not _stats_smem_fits(head_dim):
         pytest.skip("the statistics' backward tiles do not fit this device's shared memory at D = 256")
     problem = Problem(batch=1, heads=3, kv_heads=3, q_len=150, k_len=150, head_dim=head_dim, v_head_dim=head_dim,
                       segments=5, seed=2, dtype=torch.bfloat16, options=dict(heads=heads, divergence="kl"))

@@ -62,17 +62,18 @@ def test_one_stage_and_other_schedules(emu, monkeypatch, heads):
     check_stats(problem, "cuda")
     smem = {smem for _, _, smem in launches(emu)}
     assert max(smem) <= 100000
-    if heads == "mean":  # sP, sdS, sG and one stage of Q, K, V, dO tiles
-        assert 2 * 64 * 72 * 2 + 32 * 128 * 4 + 2 * 64 * (72 + 72) * 2 in smem, smem
+    # the backward: sP, sdS, the statistics' gl and sG, and one stage of Q, K, V, dO tiles
+    assert 2 * 64 * 72 * 2 + 2 * 32 * 128 * 4 + 2 * 64 * (72 + 72) * 2 in smem, smem
 
 
-@pytest.mark.parametrize("heads,fits", [("mean", False), ("each", True)])
-def test_a100_shared_memory_at_head_dim_256(emu, monkeypatch, heads, fits):
-    """A100 (166912 bytes per block) at D = Dv = 256: the "mean" backward with statistics (16 KB of sG
-    more) does not fit, and cuda_supports says so before any launch; "each" needs no sG."""
+@pytest.mark.parametrize("head_dim,fits", [(192, True), (256, False)])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_a100_shared_memory(emu, monkeypatch, heads, head_dim, fits):
+    """A100 (166912 bytes per block): with statistics the backward keeps 32 KB more (gl, sG), so at
+    D = Dv = 256 its single stage does not fit and cuda_supports says so before any launch."""
     monkeypatch.setenv("RAL_EMU_SMEM_OPTIN", "166912")
-    problem = Problem(batch=1, heads=1, kv_heads=1, q_len=4, k_len=4, head_dim=256, v_head_dim=256, segments=2,
-                      options=dict(heads=heads))
+    problem = Problem(batch=1, heads=1, kv_heads=1, q_len=4, k_len=4, head_dim=head_dim, v_head_dim=head_dim,
+                      segments=2, options=dict(heads=heads))
     call = ral.ops._checked_call(**{k: v for k, v in cast(problem.make(), F16).items()
                                     if k in ("q", "k", "v", "q_ref", "k_ref")},
                                  ref_stats=None, divergence="jsd", heads=heads, exclude_self=True, causal=True,

@@ -45,8 +45,8 @@ cudaError_t prepare(const AttentionKLParams& p, bool backward, DeviceInfo& dev) 
   const cudaError_t err = device_info(dev);
   if (err != cudaSuccess) return err;
   require(fits(p, dev), "the CUDA kernels' tiles for these head dims do not fit this device's shared memory "
-                        "per block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so; statistics with heads='mean' "
-                        "take 16 KB more in the backward)");
+                        "per block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so; statistics take 32 KB "
+                        "more in the backward)");
   return cudaSuccess;
 }
 

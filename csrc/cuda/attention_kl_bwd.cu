@@ -23,8 +23,9 @@
 // Statistics (kStats, params.h policy_stats): w T uses g_total = w g + w_E (-log pi) + w_seg and
 // gbar_total (in gbar) in place of w g and w gbar: per element T = c (g_total - gbar_total) with
 // c = a_h / (H Z) ("mean") or pi_h ("each"). A row's term is live when any of its weights is nonzero;
-// the reference's steps run only when some row of the block has w != 0. "mean" keeps each element's
-// w_E (-log pi) + w_seg, formed in the cur steps, in a thread-private shared buffer sG for the full steps.
+// the reference's steps run only when some row of the block has w != 0. The statistics kernels keep
+// the per-element g (gl) and each element's w_E (-log pi) + w_seg (sG) in thread-private shared memory
+// (TileVals), not in registers; "mean" forms sG in the cur steps, "each" per head in the full step.
 //
 // Registers: the kernel is templated on the heads mode, the "mean" head reductions run on half a
 // key tile at a time, and the score gemms unroll their k loop by 2; together they keep both modes
@@ -34,8 +35,8 @@
 // on dead rows: row_mask False or empty P); log(H Z) keeps NaN (log_hz), so NaN stays in its rows.
 //
 // smem: stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][72]
-// (+ sG fp32 [32][128] for "mean" with statistics), ld = max(D16, Dr16) + 8, ldv = Dv16 + 8; two
-// stages when they fit (D <= 128 on A100/H100).
+// (+ with statistics gl and sG: fp32 [32][128] each), ld = max(D16, Dr16) + 8, ldv = Dv16 + 8;
+// two stages when they fit (D <= 128 on A100/H100).
 #include "cuda/kernel_utils.cuh"
 #include "cuda/launch.cuh"
 
@@ -43,7 +44,6 @@ namespace ral::cuda {
 namespace {
 
 constexpr int kLdP = kBlockN + 8;
-constexpr int kStatsSmem = 32 * kThreads * 4;  // sG: fp32 [32 elements][128 threads]
 
 enum BwdStep : int { kBwdRef = 0, kBwdCur = 1, kBwdFull = 2 };
 
@@ -56,8 +56,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3, g = lane >> 2;
   constexpr bool each = kEach;
   // the full step's score gemms unroll their k loop by 2; by 1 with a table (its unit's rows and keys
-  // take the registers: ptxas -v, no spill either way)
-  constexpr int kUnroll = kSeqs ? 1 : 2;
+  // take the registers) or statistics (ptxas -v, no spill either way)
+  constexpr int kUnroll = kSeqs || kStats ? 1 : 2;
   const bool has_v = p.has_v;
   const int64_t H = p.heads, Hr = p.ref_heads, Sq = p.q_len, Sk = p.k_len;  // tensor extents
   // Grid (q tiles, B, splits); with a table (q tiles x units, B, splits): blockIdx.x = unit x q tiles
@@ -79,14 +79,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* smem = reinterpret_cast<T*>(smem_raw);
   T* sP = smem + stages * stage_elems;  // [64][kLdP]
   T* sdS = sP + kBlockM * kLdP;         // [64][kLdP]
-  float* sG = reinterpret_cast<float*>(sdS + kBlockM * kLdP) + threadIdx.x;  // this thread's [32] at stride 128
+  float* sStat = reinterpret_cast<float*>(sdS + kBlockM * kLdP) + threadIdx.x;  // kStats: gl, then sG
+  const TileVals<true> sG{sStat + 32 * kThreads};
 
   int64_t jb, je;
   key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
   const RowPos rp = row_pos(u, q0, warp, lane);
   const float* w_in = reinterpret_cast<const float*>(p.ddiv);
   const float* sw_in = reinterpret_cast<const float*>(p.stats_w);  // (B, G, Sq, 1 + S), kStats
-  const int64_t n_stat = kStats ? 1 + p.num_segments : 0;
+  const int n_stat = kStats ? int(1 + p.num_segments) : 0;
   // Does any row of the block carry a divergence gradient (any_w), or a statistics one? If neither,
   // only the full steps run; the reference's steps run only with some w != 0.
   bool any_w = false, any_stat = false;
@@ -174,13 +175,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (rp.valid[r] && !each && stats_row_live(sw_in + (b * Sq + row[r]) * n_stat, n_stat))
         mean_live |= r ? 0xccccccccu : 0x33333333u;
 
-  float gl[8][4];   // log rho, then the per-element g (or log rho/pi for reverse_kl)
+  TileVals<kStats> gl;  // log rho, then the per-element g (or log rho/pi for reverse_kl)
+  if constexpr (kStats) gl.col = sStat;
   float s[8][4], ds[8][4];
 
   // One full step for head h: P, dP, dS -> dV, dK, dQ. `act`: elements with a divergence term (w != 0),
   // `live`: (kStats) elements with any term; for "each", gl holds log rho and the terms are built here.
-  auto full_step = [&](int64_t h, int buf, const TileMask& tm, uint32_t act, uint32_t live, const KeySegs& segs,
-                       int64_t j0) {
+  auto full_step = [&](int64_t h, int buf, const TileMask& tm, uint32_t act, uint32_t live, int64_t j0) {
     const T* sQ = smem + buf * stage_elems;
     const T* sK = sQ + kBlockM * ld;
     const T* sV = sK + kBlockN * ld;
@@ -205,17 +206,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         gbh[r] = gb[r];
       }
     }
-    const float* swh[2] = {nullptr, nullptr};  // kStats, "each": the rows' weights [w_E, w_0 ..] of head h
     if (each) {  // gl: log rho -> g (or log rho/pi), with log pi_h = S - lse_P,h
       act = tm.p & ((wh[0] != 0.f ? 0x33333333u : 0u) | (wh[1] != 0.f ? 0xccccccccu : 0u));
-      if constexpr (kStats) {
+      if constexpr (kStats) {  // sG: w_E (-log pi_h) + w_seg from the rows' weights of head h
         live = act;
+        const float* swh[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          if (!rp.valid[r]) continue;
           swh[r] = sw_in + ((b * H + h) * Sq + row[r]) * n_stat;
-          if (stats_row_live(swh[r], n_stat)) live |= tm.p & (r ? 0xccccccccu : 0x33333333u);
+          if (rp.valid[r] && stats_row_live(swh[r], n_stat)) live |= tm.p & (r ? 0xccccccccu : 0x33333333u);
         }
+        const KeySegs segs = key_segs(p, u, j0, lane);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if ((live >> (4 * nb + e)) & 1u)
+              sG(nb, e) = stats_g(swh[e >> 1], p.num_segments, s[nb][e] * p.scale - x[e >> 1], segs(nb, e & 1));
       }
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
@@ -223,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           if (!((act >> (4 * nb + e)) & 1u)) continue;
           const float lpi = s[nb][e] * p.scale - x[e >> 1];
-          gl[nb][e] = g_or_log_ratio(kind, lpi, gl[nb][e], divergence_term(kind, lpi, gl[nb][e]).g);
+          gl(nb, e) = g_or_log_ratio(kind, lpi, gl(nb, e), divergence_term(kind, lpi, gl(nb, e)).g);
         }
     }
 #pragma unroll
@@ -238,13 +245,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kStats) {  // c (w_E (-log pi) + w_seg - gbar_total) + w c g
           if ((live >> (4 * nb + e)) & 1u) {
             const float lw = sc - x[r];
-            const float gs = each ? stats_g(swh[r], p.num_segments, lw, segs(nb, e & 1)) : sG[(4 * nb + e) * kThreads];
-            d += fexp(lw) * (gs - gbh[r]);
-            if ((act >> (4 * nb + e)) & 1u) d += wh[r] * weighted_g(kind, lw, gl[nb][e]);
+            d += fexp(lw) * (sG(nb, e) - gbh[r]);
+            if ((act >> (4 * nb + e)) & 1u) d += wh[r] * weighted_g(kind, lw, gl(nb, e));
           }
         } else if ((act >> (4 * nb + e)) & 1u) {
           const float lw = sc - x[r];
-          d += wh[r] * (weighted_g(kind, lw, gl[nb][e]) - gbh[r] * fexp(lw));
+          d += wh[r] * (weighted_g(kind, lw, gl(nb, e)) - gbh[r] * fexp(lw));
         }
         s[nb][e] = pa;
         ds[nb][e] = d;
@@ -319,12 +325,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t j = jb; j < je; ++j) {
     const int64_t j0 = u.k_begin() + j * kBlockN;
     const TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
-    KeySegs segs{{0u, 0u}};
-    if constexpr (kStats) segs = key_segs(p, u, j0, lane);
     if (!div_on) {  // out gradient only (no weight on any row of the block)
       for (int64_t h = 0; h < H; ++h) {
         const int buf = pipe.begin(issue);
-        full_step(h, buf, tm, 0u, 0u, segs, j0);
+        full_step(h, buf, tm, 0u, 0u, j0);
         pipe.end(issue);
       }
       continue;
@@ -333,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int64_t h = 0; h < H; ++h) {
         if (kStats && !ref_on) {  // statistics terms only
           const int buf = pipe.begin(issue);
-          full_step(h, buf, tm, 0u, 0u, segs, j0);
+          full_step(h, buf, tm, 0u, 0u, j0);
           pipe.end(issue);
           continue;
         }
@@ -345,10 +349,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) gl[nb][e] = s[nb][e] * p.ref_scale - lse_p[e >> 1];
+          for (int e = 0; e < 4; ++e) gl(nb, e) = s[nb][e] * p.ref_scale - lse_p[e >> 1];
         pipe.end(issue);
         buf = pipe.begin(issue);
-        full_step(h, buf, tm, 0u, 0u, segs, j0);
+        full_step(h, buf, tm, 0u, 0u, j0);
         pipe.end(issue);
       }
       continue;
@@ -386,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          gl[nb][e] = lse_value(em[nb][e], el[nb][e]) - lzr[e >> 1];
+          gl(nb, e) = lse_value(em[nb][e], el[nb][e]) - lzr[e >> 1];
           em[nb][e] = neg_inf();
           el[nb][e] = 0.f;
         }
@@ -409,22 +413,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         pipe.end(issue);
       }
+      KeySegs segs{{0u, 0u}};
+      if constexpr (kStats) segs = key_segs(p, u, j0, lane);
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           if (!((live >> (4 * nb + e)) & 1u)) continue;
-          const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl[nb][e];
+          const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl(nb, e);
           if constexpr (kStats)
-            sG[(4 * nb + e) * kThreads] = stats_g(sw_in + (b * Sq + row[e >> 1]) * n_stat, p.num_segments, lpi,
-                                                  segs(nb, e & 1));
+            sG(nb, e) = stats_g(sw_in + (b * Sq + row[e >> 1]) * n_stat, p.num_segments, lpi, segs(nb, e & 1));
           if ((act >> (4 * nb + e)) & 1u)
-            gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
+            gl(nb, e) = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
         }
     }
     for (int64_t h = 0; h < H; ++h) {
       const int buf = pipe.begin(issue);
-      full_step(h, buf, tm, act, live, segs, j0);
+      full_step(h, buf, tm, act, live, j0);
       pipe.end(issue);
     }
   }
@@ -432,11 +437,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][kLdP] (2-byte elements)
-// + sG ("mean" with statistics)
+// + gl, sG (statistics)
 SmemPlan bwd_smem(const AttentionKLParams& p) {
   const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
   const int64_t ldv = p.has_v ? round_up16(int(p.v_head_dim)) + 8 : 0;
-  const int64_t stats = p.policy_stats && !p.heads_each ? kStatsSmem : 0;
+  const int64_t stats = p.policy_stats ? 2 * kTileValsSmem : 0;
   return SmemPlan{2 * int64_t(kBlockM) * kLdP * 2 + stats, 2 * int64_t(kBlockM) * (ld + ldv) * 2};
 }
 

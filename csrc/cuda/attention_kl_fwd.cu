@@ -253,11 +253,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
   const RowPos rp = row_pos(u, q0, warp, lane);
   const bool ref = !kStats || !p.no_reference;  // the reference's steps (and the divergence) run
-  const int64_t n_ref = ref ? (each ? 1 : Hr) : 0;
-  const int64_t spj = each ? n_ref + 1 : n_ref + 2 * H;  // steps per key tile
+  const int64_t n_ref = kStats && !ref ? 0 : Hr;  // "mean": ref steps per key tile
+  const int64_t spj = each ? (ref ? 2 : 1) : n_ref + 2 * H;  // steps per key tile
 
   auto decode = [&](int64_t tt, int& k, int64_t& head) {
-    if (each) { k = tt < n_ref ? kRefStep : kCurStep; head = he; return; }
+    if (each) { k = ref && tt == 0 ? kRefStep : kCurStep; head = he; return; }
     if (tt < n_ref) { k = kRefStep; head = tt; }
     else if (tt < n_ref + H) { k = kCurStep; head = tt - n_ref; }
     else { k = kLastStep; head = tt - n_ref - H; }

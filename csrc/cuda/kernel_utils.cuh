@@ -558,6 +558,21 @@ __device__ __forceinline__ bool stats_row_live(const float* sw, int64_t n) {
   return live;
 }
 
+// Per-element values of a key tile (this thread's 32 elements of the warp's 16 x 64 C layout):
+// registers, or (kShared) this thread's column of a thread-private fp32 [32][kThreads] shared buffer,
+// element (nb, e) at col[(4 nb + e) kThreads] (consecutive threads, consecutive banks).
+template <bool kShared>
+struct TileVals {
+  float v[8][4];
+  __device__ __forceinline__ float& operator()(int nb, int e) { return v[nb][e]; }
+};
+template <>
+struct TileVals<true> {
+  float* col;
+  __device__ __forceinline__ float& operator()(int nb, int e) const { return col[(4 * nb + e) * kThreads]; }
+};
+constexpr int kTileValsSmem = 32 * kThreads * 4;  // bytes of one TileVals<true> buffer
+
 // dst[0..1] += (a, b) for 8-byte aligned dst (one vector atomic on sm_90)
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -50,8 +50,8 @@ def unsupported_reason(call: Call) -> Optional[str]:
         dims = compiled._C.cuda_head_dims()
         return (f"the CUDA kernels take float16/bfloat16 with head dims D, Dr, Dv in {dims[0]}..{dims[-1]} "
                 f"(step {dims[1] - dims[0]}) whose tiles fit the device's shared memory per block "
-                f"(99 KB on sm_86 / sm_89 holds D, Dv up to about 144; statistics with heads='mean' take 16 KB "
-                f"more in the backward), got {call.q.dtype} with "
+                f"(99 KB on sm_86 / sm_89 holds D, Dv up to about 144; statistics take 32 KB more in the "
+                f"backward), got {call.q.dtype} with "
                 f"D={call.q.shape[-1]}, Dr={call.q_ref.shape[-1]}"
                 + (f", Dv={call.v.shape[-1]}" if call.v is not None else ""))
     return None
