@@ -81,24 +81,32 @@ std::vector<int> head_dims() {
   return dims;
 }
 
-int forward(const AttentionKLParams& p, uintptr_t stream) {
+namespace {
+
+// prepare(), then launch(T{}, stream, dev) with T the call's element type.
+template <typename Launch>
+int run(const AttentionKLParams& p, uintptr_t stream, bool backward, Launch&& launch) {
   DeviceInfo dev;
-  cudaError_t err = prepare(p, false, dev);
+  const cudaError_t err = prepare(p, backward, dev);
   if (err != cudaSuccess) return int(err);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  err = p.dtype == kFloat16 ? launch_forward<__half>(p, s, dev) : launch_forward<__nv_bfloat16>(p, s, dev);
-  return int(err);
+  return int(p.dtype == kFloat16 ? launch(__half{}, s, dev) : launch(__nv_bfloat16{}, s, dev));
+}
+
+}  // namespace
+
+int forward(const AttentionKLParams& p, uintptr_t stream) {
+  return run(p, stream, false, [&](auto t, cudaStream_t s, const DeviceInfo& dev) {
+    return launch_forward<decltype(t)>(p, s, dev);
+  });
 }
 
 int64_t backward_scratch_bytes(const AttentionKLParams&) { return 0; }  // no scratch: atomics into dq/dk/dv
 
 int backward(const AttentionKLParams& p, uintptr_t stream) {
-  DeviceInfo dev;
-  cudaError_t err = prepare(p, true, dev);
-  if (err != cudaSuccess) return int(err);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  err = p.dtype == kFloat16 ? launch_backward<__half>(p, s, dev) : launch_backward<__nv_bfloat16>(p, s, dev);
-  return int(err);
+  return run(p, stream, true, [&](auto t, cudaStream_t s, const DeviceInfo& dev) {
+    return launch_backward<decltype(t)>(p, s, dev);
+  });
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
