@@ -24,8 +24,9 @@
 // gbar_total (in gbar) in place of w g and w gbar: per element T = c (g_total - gbar_total) with
 // c = a_h / (H Z) ("mean") or pi_h ("each"). A row's term is live when any of its weights is nonzero;
 // the reference's steps run only when some row of the block has w != 0. The statistics kernels keep
-// the per-element g (gl) and each element's w_E (-log pi) + w_seg (sG) in thread-private shared memory
-// (TileVals), not in registers; "mean" forms sG in the cur steps, "each" per head in the full step.
+// the per-element g (gl) and statistics' g (sG) in thread-private shared memory (TileVals), not in
+// registers: "mean" forms sG = w_E (-log pi) + w_seg in the cur steps, "each" sG = w_seg per head at
+// the start of the full step (its w_E (-log pi_h) is formed in place).
 //
 // Registers: the kernel is templated on the heads mode, the "mean" head reductions run on half a
 // key tile at a time, and the score gemms unroll their k loop by 2; together they keep both modes
@@ -186,6 +187,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* sK = sQ + kBlockM * ld;
     const T* sV = sK + kBlockN * ld;
     const T* sdO = sV + kBlockN * ldv;
+    float w_e[2] = {0.f, 0.f};  // kStats, "each": the rows' w_E of head h
+    uint32_t stat_p = 0;        // kStats, "each": the P elements of rows with a statistics weight
+    if constexpr (kStats) {
+      if (each) {  // before the gemms, while registers are free: sG = w_seg of head h's rows
+        const float* swh[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          swh[r] = sw_in + ((b * H + h) * Sq + row[r]) * n_stat;
+          if (!rp.valid[r]) continue;
+          w_e[r] = swh[r][0];
+          if (stats_row_live(swh[r], n_stat)) stat_p |= tm.p & (r ? 0xccccccccu : 0x33333333u);
+        }
+        const KeySegs segs = key_segs(p, u, j0, lane);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if ((stat_p >> (4 * nb + e)) & 1u) sG(nb, e) = seg_weight(swh[e >> 1], p.num_segments, segs(nb, e & 1));
+      }
+    }
     gemm_abt<T, kUnroll>(s, sQ, sK, ld, d16 / 16, warp, lane);
     if (has_v) gemm_abt<T, kUnroll>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
     else zero(ds);
@@ -208,22 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (each) {  // gl: log rho -> g (or log rho/pi), with log pi_h = S - lse_P,h
       act = tm.p & ((wh[0] != 0.f ? 0x33333333u : 0u) | (wh[1] != 0.f ? 0xccccccccu : 0u));
-      if constexpr (kStats) {  // sG: w_E (-log pi_h) + w_seg from the rows' weights of head h
-        live = act;
-        const float* swh[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          swh[r] = sw_in + ((b * H + h) * Sq + row[r]) * n_stat;
-          if (rp.valid[r] && stats_row_live(swh[r], n_stat)) live |= tm.p & (r ? 0xccccccccu : 0x33333333u);
-        }
-        const KeySegs segs = key_segs(p, u, j0, lane);
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if ((live >> (4 * nb + e)) & 1u)
-              sG(nb, e) = stats_g(swh[e >> 1], p.num_segments, s[nb][e] * p.scale - x[e >> 1], segs(nb, e & 1));
-      }
+      if constexpr (kStats) live = act | stat_p;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -244,8 +250,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         float d = in_a ? pa * (ds[nb][e] - delta[r]) : 0.f;  // select: a non-finite dP off A stays out
         if constexpr (kStats) {  // c (w_E (-log pi) + w_seg - gbar_total) + w c g
           if ((live >> (4 * nb + e)) & 1u) {
-            const float lw = sc - x[r];
-            d += fexp(lw) * (sG(nb, e) - gbh[r]);
+            const float lw = sc - x[r];  // "each": log pi_h
+            const float gs = each ? sG(nb, e) - w_e[r] * lw : sG(nb, e);
+            d += fexp(lw) * (gs - gbh[r]);
             if ((act >> (4 * nb + e)) & 1u) d += wh[r] * weighted_g(kind, lw, gl(nb, e));
           }
         } else if ((act >> (4 * nb + e)) & 1u) {

@@ -546,9 +546,12 @@ struct StatSums {
 };
 
 // The statistics' part of g_total (params.h): w_E (-log pi) + w_seg of one element, from its row's
-// weights sw = [w_E, w_0 .. w_{S-1}].
+// weights sw = [w_E, w_0 .. w_{S-1}]; seg_weight: w_seg alone.
+__device__ __forceinline__ float seg_weight(const float* sw, int64_t num_segments, int seg) {
+  return seg < num_segments ? sw[1 + seg] : 0.f;
+}
 __device__ __forceinline__ float stats_g(const float* sw, int64_t num_segments, float log_pi, int seg) {
-  return sw[0] * -log_pi + (seg < num_segments ? sw[1 + seg] : 0.f);
+  return sw[0] * -log_pi + seg_weight(sw, num_segments, seg);
 }
 
 // Whether a row carries any statistics weight (sw: its n = 1 + S weights).
