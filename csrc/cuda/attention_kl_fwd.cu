@@ -8,6 +8,9 @@
 //      log rho per element, then f, g -> div, gbar and u_h = sum_P a_hj g_j / (H Z), accumulated
 //      with atomics into div, gbar, cbar (zeroed first).
 //   3. finalize_kernel (per row): c_h = H (u_h - gbar Z_h / (H Z)) ("mean"); zeros on dead rows.
+// With policy_stats (params.h) pass 2 also sums the policy's entropy and segment masses and ("mean")
+// the statistics' u sums, and pass 3 turns the latter into cstats; with no_reference there is no
+// reference sweep in either pass and div, gbar, cbar stay 0.
 //
 // Non-finite inputs (docs/design.md, "Bad input"): a row is dead (div = gbar = cbar = 0) only by row_mask or an
 // empty P, both read from the masks; pass 1 writes lse = -inf for an empty set and NaN for a
@@ -227,7 +230,8 @@ enum StepKind : int { kRefStep = 0, kCurStep = 1, kLastStep = 2 };
 // (finalized by pass 3); with no_reference the ref steps are skipped and div, gbar, cbar stay 0.
 // The row sums of entropy and mass run per key tile in registers, then in thread-private shared
 // memory (sSum) across the tiles (registers are at the spill edge).
-// smem: stages x (sA [64][ld] + sB [64][ld]) (+ sSum fp32 [18][128] with statistics), ld = max(D16, Dr16) + 8.
+// smem: stages x (sA [64][ld] + sB [64][ld]) (+ sSum fp32 [18][128] with statistics),
+// ld = max(D16, Dr16) + 8.
 // ------------------------------------------------------------------------------------------------
 template <typename T, bool kSeqs, bool kStats>
 __global__ void __launch_bounds__(kThreads, 1)

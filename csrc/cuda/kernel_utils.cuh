@@ -1,5 +1,6 @@
 // CUDA-only building blocks of the attention_kl kernels: mma.sync m16n8k16 (fp16/bf16 in, fp32
-// accumulate), ldmatrix, cp.async, tile loads into shared memory, and the per-element masks.
+// accumulate), ldmatrix, cp.async, tile loads into shared memory, the per-element masks, and the
+// pieces of the policy statistics shared by the forward and the backward (key segments, row sums).
 //
 // Conventions used by every kernel here (sm_80+):
 //   * a block has 4 warps (128 threads) and owns a tile of kBlockM = 64 query rows; warp w owns
