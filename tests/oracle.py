@@ -216,13 +216,13 @@ def check_stats(problem: Problem, backend: str, with_div: bool = True, op=None, 
     return compare(*results, problem.dtype, names, what=f"{backend} for {problem}")
 
 
-def check_dead_rows_give_zero(backend: str, heads: str) -> None:
+def check_dead_rows_give_zero(backend: str, heads: str, dtype=torch.float32, device=None) -> None:
     """exclude_self's first row, rows before the first real key, a fully padded batch element and
-    row_mask False rows: entropy 0 and mass 0, never NaN; gradients finite."""
+    row_mask False rows: entropy 0 and mass 0, never NaN; gradients finite (the backend on `device`)."""
     problem = Problem(batch=3, heads=4, kv_heads=2, q_len=12, k_len=12, left_pad=(3, 12, 0), segments=3,
                       options=dict(heads=heads))
-    kw = cast(problem.make(), torch.float32)
-    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool)
+    kw = cast(problem.make(), dtype, device)
+    kw["row_mask"] = torch.ones(3, 12, dtype=torch.bool, device=device)
     kw["row_mask"][2, 5] = False
     got = run(kw, backend, *upstream(kw), dstats=stats_upstream(kw))
     for name in ("entropy", "mass", "div", "dq", "dk", "dv"):
@@ -235,12 +235,14 @@ def check_dead_rows_give_zero(backend: str, heads: str) -> None:
     assert (got["dq"][1] == 0).all()  # a fully padded element gets no gradient at all
 
 
-def check_attention_stats(backend: str, heads: str, segments: int, seq: int = 30) -> None:
-    """ral.ops.attention_stats (no reference) on `backend` under the accuracy rule, with upstream
-    weights on out, entropy and (segments > 0) mass; its entropy equals attention_kl's against any
-    reference."""
-    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=seq, k_len=seq, left_pad=(2, 0), row_mask=True,
-                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True))
+def check_attention_stats(backend: str, heads: str, segments: int, dtype=torch.float32, device=None, seq: int = 30,
+                          k_len: Optional[int] = None, causal: bool = True) -> None:
+    """ral.ops.attention_stats (no reference) on `backend` (on `device`, in `dtype`) under the accuracy
+    rule, with upstream weights on out, entropy and (segments > 0) mass; its entropy equals
+    attention_kl's against any reference. seq query rows, k_len keys (default seq)."""
+    k_len = k_len or seq
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=seq, k_len=k_len, left_pad=(2, 0), row_mask=True,
+                      segments=segments, seed=7, options=dict(heads=heads, exclude_self=True, causal=causal))
     base = problem.make()
     for name in ("q_ref", "k_ref", "heads"):
         base.pop(name)
@@ -253,18 +255,19 @@ def check_attention_stats(backend: str, heads: str, segments: int, seq: int = 30
         return ral.ops.attention_stats(q, k, v, **kw)
 
     results = [run(kw, be, dout, None, op=stats_op, dstats=(dentropy, dmass))
-               for kw, be in ((base, "reference"), (cast(base, torch.float32), "reference"),
-                              (cast(base, torch.float32), backend))]
+               for kw, be in ((base, "reference"), (cast(base, dtype), "reference"),
+                              (cast(base, dtype, device), backend))]
     names = ("out", "stats", "entropy", "dq", "dk", "dv") + (("mass",) if segments else ())
-    compare(*results, torch.float32, names, what=f"attention_stats on {backend}")
+    compare(*results, dtype, names, what=f"attention_stats ({heads}, {segments} segments) on {backend}")
     assert (results[2]["mass"] is None) == (segments == 0)
     # the same numbers as attention_kl's statistics against any reference
     kw = dict(base)
-    key_segments = kw.pop("key_segments", torch.zeros(2, seq, dtype=torch.long))
+    key_segments = kw.pop("key_segments", torch.zeros(2, k_len, dtype=torch.long))
     kw.pop("num_segments", None)
     with_ref = ral.attention_kl(**kw, q_ref=torch.randn_like(kw["q"]), k_ref=torch.randn_like(kw["k"]),
                                 key_segments=key_segments, num_segments=segments or 1, backend="reference")
     torch.testing.assert_close(with_ref.entropy, results[0]["entropy"])
+
 
 @dataclass
 class PackedProblem:

@@ -6,7 +6,9 @@ Needs a CUDA device and ral._C built with nvcc; skips cleanly otherwise.
 import pytest
 import torch
 
-from oracle import Problem, cast, check, check_nan_stays_in_its_row, option_grid, option_id
+from oracle import (STATS_NAMES, PackedProblem, Problem, cast, check, check_nan_stays_in_its_row, check_packed,
+                    option_grid, option_id)
+from oracle import check_attention_stats, check_dead_rows_give_zero, check_stats
 
 import ral
 from ral import backends
@@ -182,3 +184,57 @@ def test_dead_rows_are_exactly_zero(heads):
     assert torch.isneginf(res.stats[1, :, :10]).all() and torch.isneginf(res.stats[1, :, 10, 1]).all()
     assert torch.isfinite(res.div).all()
     check(problem, "cuda", "cuda")
+
+
+# ---- statistics of the current policy (docs/design.md, "Attention statistics") -----------------------
+
+@pytest.mark.parametrize("with_div", [True, False], ids=["div+stats", "stats"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=option_id)
+def test_statistics_option_grid(opts, with_div):
+    problem = Problem(batch=2, heads=4, kv_heads=2, q_len=113, k_len=113, head_dim=64, v_head_dim=64,
+                      left_pad=(3, 0), right_pad=(0, 5), row_mask=True, segments=3, seed=1, dtype=torch.float16,
+                      options=opts)
+    check_stats(problem, "cuda", with_div=with_div, device="cuda")
+
+
+def _stats_smem_fits(head_dim: int) -> bool:
+    """The backward with statistics keeps 32 KB more shared memory per block: at D = 256 its single
+    stage (182 KB) needs a device with that much per block (H100, not A100)."""
+    optin = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return head_dim < 256 or optin >= 186368
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_statistics_head_dims(head_dim, heads):
+    if not _stats_smem_fits(head_dim):
+        pytest.skip("the statistics' backward tiles do not fit this device's shared memory at D = 256")
+    problem = Problem(batch=1, heads=3, kv_heads=3, q_len=150, k_len=150, head_dim=head_dim, v_head_dim=head_dim,
+                      segments=5, seed=2, dtype=torch.bfloat16, options=dict(heads=heads, divergence="kl"))
+    check_stats(problem, "cuda", device="cuda")
+
+
+@pytest.mark.parametrize("num_segments", range(1, 9))
+def test_statistics_every_segment_count(num_segments):
+    problem = Problem(batch=2, heads=4, kv_heads=1, q_len=100, k_len=100, head_dim=64, v_head_dim=64,
+                      segments=num_segments, seed=num_segments, dtype=torch.float16,
+                      options=dict(heads="mean" if num_segments % 2 else "each"))
+    check_stats(problem, "cuda", device="cuda")
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_statistics_packed(heads):
+    problem = PackedProblem(q_lens=(5, 0, 1, 113, 300), heads=4, kv_heads=2, head_dim=64, v_head_dim=64,
+                            row_mask=True, segments=3, dtype=torch.float16, options=dict(heads=heads))
+    check_packed(problem, "cuda", "cuda", names=STATS_NAMES)
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_statistics_empty_and_padded_rows_give_zero(heads):
+    check_dead_rows_give_zero("cuda", heads, torch.float16, "cuda")
+
+
+@pytest.mark.parametrize("segments", [0, 3])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_attention_stats(heads, segments):
+    check_attention_stats("cuda", heads, segments, torch.float16, "cuda", k_len=200, causal=False)

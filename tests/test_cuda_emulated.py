@@ -42,6 +42,7 @@ from oracle import (Problem, cast, check, check_nan_stays_in_its_row, option_gri
 import ral  # noqa: E402
 from ral import backends  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
+from ral.backends import cuda as cuda_backend  # noqa: E402
 
 
 def _import_build_helper():
@@ -94,7 +95,9 @@ def _allow_inputs(lib, p, backward):
 
 
 def _backend(mod, lib):
-    """A backend module (see ral.backends) whose kernels are the emulated CUDA ones."""
+    """A backend module (see ral.backends) whose kernels are the emulated CUDA ones (calls prepared as
+    ral.backends.cuda prepares them)."""
+    widen = cuda_backend._widened_placeholders
 
     def fwd(p):
         _allow_inputs(lib, p, False)
@@ -105,15 +108,16 @@ def _backend(mod, lib):
         mod.cuda_backward(p, 0)
 
     def forward(call):
-        return _compiled.forward(call, fwd)
+        return _compiled.forward(widen(call), fwd)
 
     def backward(call, dout, ddiv, delta, stats, ref_stats, gbar):
-        return _compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar, bwd, mod.cuda_backward_scratch_bytes)
+        return _compiled.backward(widen(call), dout, ddiv, delta, stats, ref_stats, gbar, bwd,
+                                  mod.cuda_backward_scratch_bytes)
 
     def unsupported_reason(call):
         if call.q.device.type != "cpu":
             return "the emulated CUDA kernels take CPU tensors"
-        p, _ = _compiled.params(call)
+        p, _ = _compiled.params(widen(call))
         return None if mod.cuda_supports(p) else "cuda_supports: False (dtype, head dims, or shared memory)"
 
     return types.SimpleNamespace(unavailable_reason=lambda: None, unsupported_reason=unsupported_reason,
@@ -137,6 +141,7 @@ def emu(emu_module, monkeypatch):
         name, value = item.split("=", 1)
         monkeypatch.setenv(name.strip(), value.strip())
     lib.ral_emu_take_log()
+    lib.ral_emu_clear_allowed()  # no cp.async ranges left from an earlier test (the selftests set none)
     return lib
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import types
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from oracle import (STATS_NAMES, PackedProblem, Problem, assert_compiled_matches
 
 import ral  # noqa: E402
 from ral import backends, reference  # noqa: E402
-from ral.backends import Options  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
 
 CPU = _compiled.import_error() is None
@@ -250,19 +248,24 @@ def test_opcheck_forward_op_with_segments():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_cuda_rejects_statistics_clearly():
-    # a stand-in for CUDA tensors reaches the check without a GPU
-    fake_q = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    call = types.SimpleNamespace(q=fake_q, options=Options(policy_stats=True, num_segments=1))
-    why = backends.module("cuda").unsupported_reason(call)
-    assert why is not None and "statistics" in why
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_auto_on_cuda_raises_naming_statistics():
-    kw = {k: v.cuda().half() for k, v in _good().items()}
-    with pytest.raises(ValueError, match="statistics"):
-        ral.attention_kl(**kw, key_segments=torch.zeros(2, 7, dtype=torch.long, device="cuda"), num_segments=2)
+def test_auto_on_cuda_runs_statistics_or_names_them():
+    """backend="auto" on CUDA tensors: float16 runs (the cuda kernels take statistics) and matches the
+    reference; float32, which the cuda kernels do not take, either runs or fails with an error that
+    names the statistics (a backend without them), never silently drops them."""
+    segments = torch.zeros(2, 7, dtype=torch.long, device="cuda")
+    segments[:, 3:] = 1
+    for dtype in (torch.float16, torch.float32):
+        kw = {k: v.cuda().to(dtype) for k, v in _good().items()}
+        try:
+            res = ral.attention_kl(**kw, key_segments=segments, num_segments=2)
+        except ValueError as err:
+            assert dtype == torch.float32 and "statistics" in str(err), err
+            continue
+        want = ral.attention_kl(**{k: v.double() for k, v in kw.items()}, key_segments=segments, num_segments=2,
+                                backend="reference")
+        torch.testing.assert_close(res.entropy.double(), want.entropy, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(res.mass.double(), want.mass, atol=1e-2, rtol=1e-2)
 
 
 def test_no_segments_means_no_statistics():

@@ -24,9 +24,10 @@ cudaError_t device_info(DeviceInfo& dev) {
   return major >= 8 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
 }
 
+// With no_reference (statistics only) q_ref / k_ref are placeholders that are never read: any head dim.
 bool shapes_ok(const AttentionKLParams& p) {
   return (p.dtype == kFloat16 || p.dtype == kBFloat16) && p.ref_dtype == p.dtype && dim_ok(p.head_dim) &&
-         dim_ok(p.ref_head_dim) && (!p.has_v || dim_ok(p.v_head_dim));
+         (p.no_reference || dim_ok(p.ref_head_dim)) && (!p.has_v || dim_ok(p.v_head_dim));
 }
 
 // Whether one block of every kernel fits the device's opt-in shared memory (sm_86 / sm_89 have
@@ -44,7 +45,8 @@ cudaError_t prepare(const AttentionKLParams& p, bool backward, DeviceInfo& dev) 
   const cudaError_t err = device_info(dev);
   if (err != cudaSuccess) return err;
   require(fits(p, dev), "the CUDA kernels' tiles for these head dims do not fit this device's shared memory "
-                        "per block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so)");
+                        "per block (99 KB on sm_86 / sm_89: D, Dv <= 144 or so; statistics take 32 KB "
+                        "more in the backward)");
   return cudaSuccess;
 }
 
@@ -79,24 +81,32 @@ std::vector<int> head_dims() {
   return dims;
 }
 
-int forward(const AttentionKLParams& p, uintptr_t stream) {
+namespace {
+
+// prepare(), then launch(T{}, stream, dev) with T the call's element type.
+template <typename Launch>
+int run(const AttentionKLParams& p, uintptr_t stream, bool backward, Launch&& launch) {
   DeviceInfo dev;
-  cudaError_t err = prepare(p, false, dev);
+  const cudaError_t err = prepare(p, backward, dev);
   if (err != cudaSuccess) return int(err);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  err = p.dtype == kFloat16 ? launch_forward<__half>(p, s, dev) : launch_forward<__nv_bfloat16>(p, s, dev);
-  return int(err);
+  return int(p.dtype == kFloat16 ? launch(__half{}, s, dev) : launch(__nv_bfloat16{}, s, dev));
+}
+
+}  // namespace
+
+int forward(const AttentionKLParams& p, uintptr_t stream) {
+  return run(p, stream, false, [&](auto t, cudaStream_t s, const DeviceInfo& dev) {
+    return launch_forward<decltype(t)>(p, s, dev);
+  });
 }
 
 int64_t backward_scratch_bytes(const AttentionKLParams&) { return 0; }  // no scratch: atomics into dq/dk/dv
 
 int backward(const AttentionKLParams& p, uintptr_t stream) {
-  DeviceInfo dev;
-  cudaError_t err = prepare(p, true, dev);
-  if (err != cudaSuccess) return int(err);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  err = p.dtype == kFloat16 ? launch_backward<__half>(p, s, dev) : launch_backward<__nv_bfloat16>(p, s, dev);
-  return int(err);
+  return run(p, stream, true, [&](auto t, cudaStream_t s, const DeviceInfo& dev) {
+    return launch_backward<decltype(t)>(p, s, dev);
+  });
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

@@ -20,6 +20,14 @@
 // into the zero-filled fp32 buffers of params.h, 64 output columns at a time. dS is 0 (a select)
 // off A(i), so a non-finite dP there stays out of the sums.
 //
+// Statistics (kStats, params.h policy_stats): w T uses g_total = w g + w_E (-log pi) + w_seg and
+// gbar_total (in gbar) in place of w g and w gbar: per element T = c (g_total - gbar_total) with
+// c = a_h / (H Z) ("mean") or pi_h ("each"). A row's term is live when any of its weights is nonzero;
+// the reference's steps run only when some row of the block has w != 0. The statistics kernels keep
+// the per-element g (gl) and statistics' g (sG) in thread-private shared memory (TileVals), not in
+// registers: "mean" forms sG = w_E (-log pi) + w_seg in the cur steps, "each" sG = w_seg per head at
+// the start of the full step (its w_E (-log pi_h) is formed in place).
+//
 // Registers: the kernel is templated on the heads mode, the "mean" head reductions run on half a
 // key tile at a time, and the score gemms unroll their k loop by 2; together they keep both modes
 // under 255 registers with no spill on sm_80 and sm_90a (ptxas -v).
@@ -27,8 +35,9 @@
 // Non-finite inputs: a row's divergence term is selected by w != 0 (the Python layer zeroes w only
 // on dead rows: row_mask False or empty P); log(H Z) keeps NaN (log_hz), so NaN stays in its rows.
 //
-// smem: stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][72],
-// ld = max(D16, Dr16) + 8, ldv = Dv16 + 8; two stages when they fit (D <= 128 on A100/H100).
+// smem: stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][72]
+// (+ with statistics gl and sG: fp32 [32][128] each), ld = max(D16, Dr16) + 8, ldv = Dv16 + 8;
+// two stages when they fit (D <= 128 on A100/H100).
 #include "cuda/kernel_utils.cuh"
 #include "cuda/launch.cuh"
 
@@ -40,16 +49,16 @@ constexpr int kLdP = kBlockN + 8;
 enum BwdStep : int { kBwdRef = 0, kBwdCur = 1, kBwdFull = 2 };
 
 // kEach: heads="each" (a compile-time split: one kernel for both modes needs more than 255
-// registers and spills). kSeqs: units from the sequence table (work_unit).
-template <typename T, bool kEach, bool kSeqs>
+// registers and spills). kStats: policy_stats. kSeqs: units from the sequence table (work_unit).
+template <typename T, bool kEach, bool kStats, bool kSeqs>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3, g = lane >> 2;
   constexpr bool each = kEach;
   // the full step's score gemms unroll their k loop by 2; by 1 with a table (its unit's rows and keys
-  // take the registers: ptxas -v, no spill either way)
-  constexpr int kUnroll = kSeqs ? 1 : 2;
+  // take the registers) or statistics (ptxas -v, no spill either way)
+  constexpr int kUnroll = kSeqs || kStats ? 1 : 2;
   const bool has_v = p.has_v;
   const int64_t H = p.heads, Hr = p.ref_heads, Sq = p.q_len, Sk = p.k_len;  // tensor extents
   // Grid (q tiles, B, splits); with a table (q tiles x units, B, splits): blockIdx.x = unit x q tiles
@@ -71,32 +80,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* smem = reinterpret_cast<T*>(smem_raw);
   T* sP = smem + stages * stage_elems;  // [64][kLdP]
   T* sdS = sP + kBlockM * kLdP;         // [64][kLdP]
+  float* sStat = reinterpret_cast<float*>(sdS + kBlockM * kLdP) + threadIdx.x;  // kStats: gl, then sG
+  const TileVals<true> sG{sStat + 32 * kThreads};
 
   int64_t jb, je;
   key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
   const RowPos rp = row_pos(u, q0, warp, lane);
   const float* w_in = reinterpret_cast<const float*>(p.ddiv);
-  // Does any row of the block carry a divergence gradient? If not, only the full steps run.
-  bool any_w = false;
+  const float* sw_in = reinterpret_cast<const float*>(p.stats_w);  // (B, G, Sq, 1 + S), kStats
+  const int n_stat = kStats ? int(1 + p.num_segments) : 0;
+  // Does any row of the block carry a divergence gradient (any_w), or a statistics one? If neither,
+  // only the full steps run; the reference's steps run only with some w != 0.
+  bool any_w = false, any_stat = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!rp.valid[r]) continue;
     const int64_t row = q0 + warp * 16 + g + 8 * r;
     if (each) {
       for (int64_t h = 0; h < H && !any_w; ++h) any_w = w_in[(b * H + h) * Sq + row] != 0.f;
+      if constexpr (kStats)
+        for (int64_t h = 0; h < H && !any_stat; ++h)
+          any_stat = stats_row_live(sw_in + ((b * H + h) * Sq + row) * n_stat, n_stat);
     } else {
       any_w = any_w || w_in[b * Sq + row] != 0.f;
+      if constexpr (kStats) any_stat = any_stat || stats_row_live(sw_in + (b * Sq + row) * n_stat, n_stat);
     }
   }
-  const bool div_on = __syncthreads_or(any_w) != 0;
-  const int64_t spj = !div_on ? H : each ? 2 * H : Hr + 2 * H;  // steps per key tile
+  const bool div_on = __syncthreads_or(any_w || any_stat) != 0;
+  const bool ref_on = kStats ? __syncthreads_or(any_w) != 0 : div_on;
+  const int64_t n_ref = kStats && !ref_on ? 0 : each ? H : Hr;  // ref steps per key tile (with div_on)
+  const int64_t spj = !div_on ? H : n_ref + (each ? H : 2 * H);  // steps per key tile
 
   auto decode = [&](int64_t tt, int& k, int64_t& head) {
-    if (!div_on) { k = kBwdFull; head = tt; return; }
+    if (!div_on || (each && !ref_on)) { k = kBwdFull; head = tt; return; }
     if (each) { k = (tt & 1) ? kBwdFull : kBwdRef; head = tt >> 1; return; }
-    if (tt < Hr) { k = kBwdRef; head = tt; }
-    else if (tt < Hr + H) { k = kBwdCur; head = tt - Hr; }
-    else { k = kBwdFull; head = tt - Hr - H; }
+    if (tt < n_ref) { k = kBwdRef; head = tt; }
+    else if (tt < n_ref + H) { k = kBwdCur; head = tt - n_ref; }
+    else { k = kBwdFull; head = tt - n_ref - H; }
   };
   // The Q/K tile issue stays inline here rather than going through load_qk_tiles (as div_kernel
   // does): that call costs 2-5 registers in this kernel (measured with ptxas), and the "mean"
@@ -142,23 +162,51 @@ __global__ void __launch_bounds__(kThreads, 1)
     w[r] = gb[r] = 0.f;
     if (!rp.valid[r] || each) continue;
     lz[r] = log_hz(stats + (b * H * Sq + row[r]) * 2, Sq * 2, 1, H);  // NaN stays NaN (live row)
-    lzr[r] = log_hz(rstats + b * rs0 + row[r] * rs2, rs1, rs3, Hr);
+    if (!kStats || !p.no_reference) lzr[r] = log_hz(rstats + b * rs0 + row[r] * rs2, rs1, rs3, Hr);
     w[r] = w_in[b * Sq + row[r]];
     gb[r] = gbar_in[b * Sq + row[r]];
   }
-  // "mean": rows whose divergence term is on (select, never multiply by a zero w)
+  // "mean": rows whose divergence term is on (select, never multiply by a zero w), and (kStats) rows
+  // whose term is on at all
   const uint32_t mean_rows = (w[0] != 0.f ? 0x33333333u : 0u) | (w[1] != 0.f ? 0xccccccccu : 0u);
+  uint32_t mean_live = mean_rows;
+  if constexpr (kStats)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (rp.valid[r] && !each && stats_row_live(sw_in + (b * Sq + row[r]) * n_stat, n_stat))
+        mean_live |= r ? 0xccccccccu : 0x33333333u;
 
-  float gl[8][4];   // log rho, then the per-element g (or log rho/pi for reverse_kl)
+  TileVals<kStats> gl;  // log rho, then the per-element g (or log rho/pi for reverse_kl)
+  if constexpr (kStats) gl.col = sStat;
   float s[8][4], ds[8][4];
 
-  // One full step for head h: P, dP, dS -> dV, dK, dQ. `act`: elements with a divergence term;
-  // for "each", gl holds log rho and the term is built here.
-  auto full_step = [&](int64_t h, int buf, const TileMask& tm, uint32_t act, int64_t j0) {
+  // One full step for head h: P, dP, dS -> dV, dK, dQ. `act`: elements with a divergence term (w != 0),
+  // `live`: (kStats) elements with any term; for "each", gl holds log rho and the terms are built here.
+  auto full_step = [&](int64_t h, int buf, const TileMask& tm, uint32_t act, uint32_t live, int64_t j0) {
     const T* sQ = smem + buf * stage_elems;
     const T* sK = sQ + kBlockM * ld;
     const T* sV = sK + kBlockN * ld;
     const T* sdO = sV + kBlockN * ldv;
+    float w_e[2] = {0.f, 0.f};  // kStats, "each": the rows' w_E of head h
+    uint32_t stat_p = 0;        // kStats, "each": the P elements of rows with a statistics weight
+    if constexpr (kStats) {
+      if (each) {  // before the gemms, while registers are free: sG = w_seg of head h's rows
+        const float* swh[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          swh[r] = sw_in + ((b * H + h) * Sq + row[r]) * n_stat;
+          if (!rp.valid[r]) continue;
+          w_e[r] = swh[r][0];
+          if (stats_row_live(swh[r], n_stat)) stat_p |= tm.p & (r ? 0xccccccccu : 0x33333333u);
+        }
+        const KeySegs segs = key_segs(p, u, j0, lane);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if ((stat_p >> (4 * nb + e)) & 1u) sG(nb, e) = seg_weight(swh[e >> 1], p.num_segments, segs(nb, e & 1));
+      }
+    }
     gemm_abt<T, kUnroll>(s, sQ, sK, ld, d16 / 16, warp, lane);
     if (has_v) gemm_abt<T, kUnroll>(ds, sdO, sV, ldv, dv16 / 16, warp, lane);
     else zero(ds);
@@ -181,13 +229,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (each) {  // gl: log rho -> g (or log rho/pi), with log pi_h = S - lse_P,h
       act = tm.p & ((wh[0] != 0.f ? 0x33333333u : 0u) | (wh[1] != 0.f ? 0xccccccccu : 0u));
+      if constexpr (kStats) live = act | stat_p;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           if (!((act >> (4 * nb + e)) & 1u)) continue;
           const float lpi = s[nb][e] * p.scale - x[e >> 1];
-          gl[nb][e] = g_or_log_ratio(kind, lpi, gl[nb][e], divergence_term(kind, lpi, gl[nb][e]).g);
+          gl(nb, e) = g_or_log_ratio(kind, lpi, gl(nb, e), divergence_term(kind, lpi, gl(nb, e)).g);
         }
     }
 #pragma unroll
@@ -199,9 +248,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool in_a = (tm.a >> (4 * nb + e)) & 1u;
         const float pa = in_a ? fexp(sc - lse_a[r]) : 0.f;
         float d = in_a ? pa * (ds[nb][e] - delta[r]) : 0.f;  // select: a non-finite dP off A stays out
-        if ((act >> (4 * nb + e)) & 1u) {
+        if constexpr (kStats) {  // c (w_E (-log pi) + w_seg - gbar_total) + w c g
+          if ((live >> (4 * nb + e)) & 1u) {
+            const float lw = sc - x[r];  // "each": log pi_h
+            const float gs = each ? sG(nb, e) - w_e[r] * lw : sG(nb, e);
+            d += fexp(lw) * (gs - gbh[r]);
+            if ((act >> (4 * nb + e)) & 1u) d += wh[r] * weighted_g(kind, lw, gl(nb, e));
+          }
+        } else if ((act >> (4 * nb + e)) & 1u) {
           const float lw = sc - x[r];
-          d += wh[r] * (weighted_g(kind, lw, gl[nb][e]) - gbh[r] * fexp(lw));
+          d += wh[r] * (weighted_g(kind, lw, gl(nb, e)) - gbh[r] * fexp(lw));
         }
         s[nb][e] = pa;
         ds[nb][e] = d;
@@ -276,16 +332,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t j = jb; j < je; ++j) {
     const int64_t j0 = u.k_begin() + j * kBlockN;
     const TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
-    if (!div_on) {  // out gradient only (w == 0 on every row of the block)
+    if (!div_on) {  // out gradient only (no weight on any row of the block)
       for (int64_t h = 0; h < H; ++h) {
         const int buf = pipe.begin(issue);
-        full_step(h, buf, tm, 0u, j0);
+        full_step(h, buf, tm, 0u, 0u, j0);
         pipe.end(issue);
       }
       continue;
     }
     if (each) {
       for (int64_t h = 0; h < H; ++h) {
+        if (kStats && !ref_on) {  // statistics terms only
+          const int buf = pipe.begin(issue);
+          full_step(h, buf, tm, 0u, 0u, j0);
+          pipe.end(issue);
+          continue;
+        }
         int buf = pipe.begin(issue);
         gemm_abt<T, 2>(s, smem + buf * stage_elems, smem + buf * stage_elems + kBlockM * ld, ld, dr16 / 16, warp, lane);
         float lse_p[2];
@@ -294,15 +356,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) gl[nb][e] = s[nb][e] * p.ref_scale - lse_p[e >> 1];
+          for (int e = 0; e < 4; ++e) gl(nb, e) = s[nb][e] * p.ref_scale - lse_p[e >> 1];
         pipe.end(issue);
         buf = pipe.begin(issue);
-        full_step(h, buf, tm, 0u, j0);
+        full_step(h, buf, tm, 0u, 0u, j0);
         pipe.end(issue);
       }
       continue;
     }
-    const uint32_t act = tm.p & mean_rows;
+    const uint32_t act = tm.p & mean_rows, live = tm.p & mean_live;
     {
       float em[8][4], el[8][4];
 #pragma unroll
@@ -312,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The reference-head and current-head folds below are twins (stats source, scale, head dim
       // differ). Merged into one lambda they cost this kernel 3 registers on sm_90a (255: at the
       // spill edge, measured with ptxas), so they stay written out.
-      for (int64_t hr = 0; hr < Hr; ++hr) {
+      for (int64_t hr = 0; hr < n_ref; ++hr) {
         const int buf = pipe.begin(issue);
         float lse_a[2];
 #pragma unroll
@@ -335,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          gl[nb][e] = lse_value(em[nb][e], el[nb][e]) - lzr[e >> 1];
+          gl(nb, e) = lse_value(em[nb][e], el[nb][e]) - lzr[e >> 1];
           em[nb][e] = neg_inf();
           el[nb][e] = 0.f;
         }
@@ -353,23 +415,28 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int nb = 0; nb < 4; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              if ((act >> (4 * (4 * hf + nb) + e)) & 1u)
+              if ((live >> (4 * (4 * hf + nb) + e)) & 1u)
                 lse_push(em[4 * hf + nb][e], el[4 * hf + nb][e], sh[nb][e] * p.scale - lse_a[e >> 1]);
         }
         pipe.end(issue);
       }
+      KeySegs segs{{0u, 0u}};
+      if constexpr (kStats) segs = key_segs(p, u, j0, lane);
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (!((act >> (4 * nb + e)) & 1u)) continue;
-          const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl[nb][e];
-          gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
+          if (!((live >> (4 * nb + e)) & 1u)) continue;
+          const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl(nb, e);
+          if constexpr (kStats)
+            sG(nb, e) = stats_g(sw_in + (b * Sq + row[e >> 1]) * n_stat, p.num_segments, lpi, segs(nb, e & 1));
+          if ((act >> (4 * nb + e)) & 1u)
+            gl(nb, e) = g_or_log_ratio(kind, lpi, lrho, divergence_term(kind, lpi, lrho).g);
         }
     }
     for (int64_t h = 0; h < H; ++h) {
       const int buf = pipe.begin(issue);
-      full_step(h, buf, tm, act, j0);
+      full_step(h, buf, tm, act, live, j0);
       pipe.end(issue);
     }
   }
@@ -377,10 +444,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // stages x (sA [64][ld] + sB [64][ld] + sV [64][ldv] + sdO [64][ldv]) + sP, sdS [64][kLdP] (2-byte elements)
+// + gl, sG (statistics)
 SmemPlan bwd_smem(const AttentionKLParams& p) {
   const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
   const int64_t ldv = p.has_v ? round_up16(int(p.v_head_dim)) + 8 : 0;
-  return SmemPlan{2 * int64_t(kBlockM) * kLdP * 2, 2 * int64_t(kBlockM) * (ld + ldv) * 2};
+  const int64_t stats = p.policy_stats ? 2 * kTileValsSmem : 0;
+  return SmemPlan{2 * int64_t(kBlockM) * kLdP * 2 + stats, 2 * int64_t(kBlockM) * (ld + ldv) * 2};
+}
+
+template <typename T, bool kSeqs>
+auto bwd_kernel_for(const AttentionKLParams& p) {
+  return p.heads_each ? (p.policy_stats ? bwd_kernel<T, true, true, kSeqs> : bwd_kernel<T, true, false, kSeqs>)
+                      : (p.policy_stats ? bwd_kernel<T, false, true, kSeqs> : bwd_kernel<T, false, false, kSeqs>);
 }
 
 }  // namespace
@@ -396,8 +471,7 @@ cudaError_t launch_backward(const AttentionKLParams& p, cudaStream_t stream, con
   const SmemPlan plan = bwd_smem(p);
   const int stages = plan.stages(dev);
   const int64_t bytes = plan.bytes(stages);
-  auto kernel = p.seqs ? (p.heads_each ? bwd_kernel<T, true, true> : bwd_kernel<T, false, true>)
-                       : (p.heads_each ? bwd_kernel<T, true, false> : bwd_kernel<T, false, false>);
+  auto kernel = p.seqs ? bwd_kernel_for<T, true>(p) : bwd_kernel_for<T, false>(p);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
   const int64_t q_tiles = (max_rows(p) + kBlockM - 1) / kBlockM;

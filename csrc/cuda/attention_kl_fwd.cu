@@ -8,6 +8,9 @@
 //      log rho per element, then f, g -> div, gbar and u_h = sum_P a_hj g_j / (H Z), accumulated
 //      with atomics into div, gbar, cbar (zeroed first).
 //   3. finalize_kernel (per row): c_h = H (u_h - gbar Z_h / (H Z)) ("mean"); zeros on dead rows.
+// With policy_stats (params.h) pass 2 also sums the policy's entropy and segment masses and ("mean")
+// the statistics' u sums, and pass 3 turns the latter into cstats; with no_reference there is no
+// reference sweep in either pass and div, gbar, cbar stay 0.
 //
 // Non-finite inputs (docs/design.md, "Bad input"): a row is dead (div = gbar = cbar = 0) only by row_mask or an
 // empty P, both read from the masks; pass 1 writes lse = -inf for an empty set and NaN for a
@@ -222,9 +225,15 @@ enum StepKind : int { kRefStep = 0, kCurStep = 1, kLastStep = 2 };
 // ------------------------------------------------------------------------------------------------
 // Pass 2. Grid (q tiles, units x G, splits) with G = 1 ("mean") or H ("each": one head per block).
 // Steps per key tile: "mean": Hr ref + H cur (log-sum over heads) + H last (u_h); "each": ref, cur.
-// smem: stages x (sA [64][ld] + sB [64][ld]), ld = max(D16, Dr16) + 8.
+// kStats (policy_stats): the same sweep also sums, per live row, the entropy -pi log pi and the
+// segment masses of pi into entropy / mass, and ("mean") per head the statistics' u sums into cstats
+// (finalized by pass 3); with no_reference the ref steps are skipped and div, gbar, cbar stay 0.
+// The row sums of entropy and mass run per key tile in registers, then in thread-private shared
+// memory (sSum) across the tiles (registers are at the spill edge).
+// smem: stages x (sA [64][ld] + sB [64][ld]) (+ sSum fp32 [18][128] with statistics),
+// ld = max(D16, Dr16) + 8.
 // ------------------------------------------------------------------------------------------------
-template <typename T, bool kSeqs>
+template <typename T, bool kSeqs, bool kStats>
 __global__ void __launch_bounds__(kThreads, 1)
     div_kernel(const AttentionKLParams p, const int stages, const int nsplit, const int vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -242,17 +251,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ld = max(d16, dr16) + 8;
   T* sA = reinterpret_cast<T*>(smem_raw);   // [stages][64][ld]
   T* sB = sA + stages * kBlockM * ld;       // [stages][64][ld]
+  float* sSum = reinterpret_cast<float*>(sB + stages * kBlockN * ld) + threadIdx.x;  // kStats: [18] at stride 128
 
   int64_t jb, je;
   key_tile_range(p, u, q0, blockIdx.z, nsplit, jb, je);
   const RowPos rp = row_pos(u, q0, warp, lane);
-  const int64_t spj = each ? 2 : Hr + 2 * H;  // steps per key tile
+  const bool ref = !kStats || !p.no_reference;  // the reference's steps (and the divergence) run
+  const int64_t n_ref = kStats && !ref ? 0 : Hr;  // "mean": ref steps per key tile
+  const int64_t spj = each ? (ref ? 2 : 1) : n_ref + 2 * H;  // steps per key tile
 
   auto decode = [&](int64_t tt, int& k, int64_t& head) {
-    if (each) { k = tt == 0 ? kRefStep : kCurStep; head = he; return; }
-    if (tt < Hr) { k = kRefStep; head = tt; }
-    else if (tt < Hr + H) { k = kCurStep; head = tt - Hr; }
-    else { k = kLastStep; head = tt - Hr - H; }
+    if (each) { k = ref && tt == 0 ? kRefStep : kCurStep; head = he; return; }
+    if (tt < n_ref) { k = kRefStep; head = tt; }
+    else if (tt < n_ref + H) { k = kCurStep; head = tt - n_ref; }
+    else { k = kLastStep; head = tt - n_ref - H; }
   };
   auto issue = [&](int64_t step, int buf) {
     const int64_t j0 = u.k_begin() + (jb + step / spj) * kBlockN;
@@ -283,10 +295,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* rst = rstats + b * rs0 + row[r] * rs2;
     if (each) {
       lz[r] = st[he * p.q_len * 2 + 1];
-      lzr[r] = rst[he * rs1 + rs3];
+      if (ref) lzr[r] = rst[he * rs1 + rs3];
     } else {
       lz[r] = log_hz(st, p.q_len * 2, 1, H);
-      lzr[r] = log_hz(rst, rs1, rs3, Hr);
+      if (ref) lzr[r] = log_hz(rst, rs1, rs3, Hr);
     }
     live[r] = lz[r] != neg_inf() &&
               (!p.has_row_mask || rmask[b * p.row_mask.stride[0] + row[r] * p.row_mask.stride[1]] != 0);
@@ -296,31 +308,45 @@ __global__ void __launch_bounds__(kThreads, 1)
   pipe.start(issue);
   float dacc[2] = {0.f, 0.f}, gacc[2] = {0.f, 0.f};
   float gl[8][4];   // log rho, then g (or log rho/pi for reverse_kl), per element of the tile
+  const int n_stat = kStats ? int(1 + p.num_segments) : 0;
+  StatSums policy;  // kStats: entropy and masses of this lane's elements of both row halves, one key tile
+  if constexpr (kStats)
+    for (int k = 0; k < 2 * (1 + kMaxSegments); ++k) sSum[k * kThreads] = 0.f;  // thread-private: no barrier
   for (int64_t j = jb; j < je; ++j) {
     const int64_t j0 = u.k_begin() + j * kBlockN;
     TileMask tm = tile_mask(p, rp, key_bits(p, u, j0, lane), j0, lane);
     tm.p &= (live[0] ? 0x33333333u : 0u) | (live[1] ? 0xccccccccu : 0u);  // only live rows count
+    KeySegs segs{{0u, 0u}};
+    if constexpr (kStats) segs = key_segs(p, u, j0, lane);
     float s[8][4];
     if (each) {
-      int buf = pipe.begin(issue);
-      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dr16 / 16, warp, lane);
+      int buf;
+      if (ref) {
+        buf = pipe.begin(issue);
+        gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dr16 / 16, warp, lane);
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+        for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) gl[nb][e] = s[nb][e] * p.ref_scale - lzr[e >> 1];
-      pipe.end(issue);
+          for (int e = 0; e < 4; ++e) gl[nb][e] = s[nb][e] * p.ref_scale - lzr[e >> 1];
+        pipe.end(issue);
+      }
       buf = pipe.begin(issue);
       gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
+      if constexpr (kStats) policy.zero();
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           if (!((tm.p >> (4 * nb + e)) & 1u)) continue;
-          const float lpi = s[nb][e] * p.scale - lz[e >> 1], lrho = gl[nb][e];
+          const float lpi = s[nb][e] * p.scale - lz[e >> 1];
+          if constexpr (kStats) policy.add(e >> 1, fexp(lpi), lpi, segs(nb, e & 1));
+          if (!ref) continue;
+          const float lrho = gl[nb][e];
           const DivergenceTerm dt = divergence_term(kind, lpi, lrho);
           dacc[e >> 1] += dt.f;
           gacc[e >> 1] += weighted_g(kind, lpi, g_or_log_ratio(kind, lpi, lrho, dt.g));
         }
+      if constexpr (kStats) policy.add_to(sSum, n_stat);
       pipe.end(issue);
       continue;
     }
@@ -330,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) { em[nb][e] = neg_inf(); el[nb][e] = 0.f; }
-    for (int64_t hr = 0; hr < Hr; ++hr) {
+    for (int64_t hr = 0; hr < n_ref; ++hr) {
       const int buf = pipe.begin(issue);
       gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dr16 / 16, warp, lane);
       float lse_a[2];
@@ -364,50 +390,82 @@ __global__ void __launch_bounds__(kThreads, 1)
           if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.scale - lse_a[e >> 1]);
       pipe.end(issue);
     }
+    if constexpr (kStats) policy.zero();
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (!((tm.p >> (4 * nb + e)) & 1u)) continue;
-        const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1], lrho = gl[nb][e];
+        const float lpi = lse_value(em[nb][e], el[nb][e]) - lz[e >> 1];
+        if constexpr (kStats) {
+          policy.add(e >> 1, fexp(lpi), lpi, segs(nb, e & 1));
+          em[nb][e] = lpi;  // kept for the statistics' u sums below
+        }
+        if (!ref) continue;
+        const float lrho = gl[nb][e];
         const DivergenceTerm dt = divergence_term(kind, lpi, lrho);
         gl[nb][e] = g_or_log_ratio(kind, lpi, lrho, dt.g);
         dacc[e >> 1] += dt.f;
         gacc[e >> 1] += weighted_g(kind, lpi, gl[nb][e]);
       }
+    if constexpr (kStats) policy.add_to(sSum, n_stat);
     // u_h = sum_P a_hj g_j / (H Z), one head at a time, into cbar (finalized by finalize_kernel);
     // normalised by H Z per element (never 1/Z afterwards: Z may underflow when a row attends
-    // almost only to itself)
+    // almost only to itself). kStats: likewise the statistics' u sums (g = -log pi, [seg = s]) into cstats.
     for (int64_t h = 0; h < H; ++h) {
       const int buf = pipe.begin(issue);
       gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
       float x[2], uh[2] = {0.f, 0.f};  // exp(s - x) = a_hj / (H Z)
+      StatSums us;
+      if constexpr (kStats) us.zero();
 #pragma unroll
       for (int r = 0; r < 2; ++r) x[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] + lz[r] : 0.f;
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if ((tm.p >> (4 * nb + e)) & 1u) uh[e >> 1] += weighted_g(kind, s[nb][e] * p.scale - x[e >> 1], gl[nb][e]);
+        for (int e = 0; e < 4; ++e) {
+          if (!((tm.p >> (4 * nb + e)) & 1u)) continue;
+          const float lw = s[nb][e] * p.scale - x[e >> 1];
+          if (ref) uh[e >> 1] += weighted_g(kind, lw, gl[nb][e]);
+          if constexpr (kStats) us.add(e >> 1, fexp(lw), em[nb][e], segs(nb, e & 1));
+        }
       pipe.end(issue);
+      if (ref) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        uh[r] = quad_sum(uh[r]);
-        if (t == 0 && live[r]) atomicAdd(reinterpret_cast<float*>(p.cbar) + (b * H + h) * p.q_len + row[r], uh[r]);
+        for (int r = 0; r < 2; ++r) {
+          uh[r] = quad_sum(uh[r]);
+          if (t == 0 && live[r]) atomicAdd(reinterpret_cast<float*>(p.cbar) + (b * H + h) * p.q_len + row[r], uh[r]);
+        }
+      }
+      if constexpr (kStats) {  // cstats (B, H, Sq, 1 + S)
+        float* cstats = reinterpret_cast<float*>(p.cstats) + (b * H + h) * p.q_len * n_stat;
+        us.flush(n_stat, live, [&](int r, int k) { return cstats + row[r] * n_stat + k; }, lane);
       }
     }
   }
   cp_async_wait<0>();
   float* div = reinterpret_cast<float*>(p.div);
   float* gbar = reinterpret_cast<float*>(p.gbar);
+  if (ref) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float d = quad_sum(dacc[r]), g = quad_sum(gacc[r]);
-    if (t == 0 && live[r] && je > jb) {
-      const int64_t idx = (b * groups + he) * p.q_len + row[r];
-      atomicAdd(div + idx, d);
-      atomicAdd(gbar + idx, g);
+    for (int r = 0; r < 2; ++r) {
+      const float d = quad_sum(dacc[r]), g = quad_sum(gacc[r]);
+      if (t == 0 && live[r] && je > jb) {
+        const int64_t idx = (b * groups + he) * p.q_len + row[r];
+        atomicAdd(div + idx, d);
+        atomicAdd(gbar + idx, g);
+      }
     }
+  }
+  if constexpr (kStats) {  // entropy (B, G, Sq), mass (B, G, Sq, S)
+    const int64_t n_seg = p.num_segments, idx0 = (b * groups + he) * p.q_len;
+    float* entropy = reinterpret_cast<float*>(p.entropy);
+    float* mass = reinterpret_cast<float*>(p.mass);
+    const bool write[2] = {live[0] && je > jb, live[1] && je > jb};
+    policy.load(sSum, n_stat);
+    policy.flush(n_stat, write, [&](int r, int k) {
+      return k == 0 ? entropy + idx0 + row[r] : mass + (idx0 + row[r]) * n_seg + k - 1;
+    }, lane);
   }
 }
 
@@ -415,8 +473,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Pass 3, one thread per row (b, i) ("mean") or (b, h, i) ("each") of a unit, grid (G x rows / 256,
 // units) with rows = the longest unit's (threads past their unit's rows exit): dead rows (row_mask False or
 // empty P) get div = gbar = 0 (and cbar = 0); live "mean" rows get
-// c_h = (sum_P a_hj g_j - gbar Z_h) / Z = H (u_h - gbar Z_h / (H Z)) with u_h = sum_P a_hj g_j / (H Z).
-// Liveness: row_mask and the emptiness of P (lse_P = -inf exactly for an empty P; a NaN row stays live).
+// c_h = (sum_P a_hj g_j - gbar Z_h) / Z = H (u_h - gbar Z_h / (H Z)) with u_h = sum_P a_hj g_j / (H Z),
+// and with policy_stats likewise cstats[h][k] = H (u_hk - stat_k Z_h / (H Z)) for stat = [entropy,
+// mass_0 ..]. Liveness: row_mask and the emptiness of P (lse_P = -inf exactly for an empty P; a NaN
+// row stays live). Dead rows keep their zeroed entropy, mass and cstats.
 // ------------------------------------------------------------------------------------------------
 template <bool kSeqs>
 __global__ void finalize_kernel(const AttentionKLParams p, const int64_t max_rows) {
@@ -444,10 +504,19 @@ __global__ void finalize_kernel(const AttentionKLParams p, const int64_t max_row
   }
   if (p.heads_each) return;  // cbar stays 0 (zero-filled)
   const float gb = gbar[idx];
+  const int64_t n_stat = p.policy_stats ? 1 + p.num_segments : 0;
+  const float* entropy = reinterpret_cast<const float*>(p.entropy);
+  const float* mass = reinterpret_cast<const float*>(p.mass);
+  float* cstats = reinterpret_cast<float*>(p.cstats) + (b * H * p.q_len + row) * n_stat;
   for (int64_t h = 0; h < H; ++h) {
     const float lse_a = stats[h * p.q_len * 2], lse_p = stats[h * p.q_len * 2 + 1];
     const float zn = fexp(lse_p - lse_a - lz);  // Z_h / (H Z)
     cbar[h * p.q_len] = float(H) * (cbar[h * p.q_len] - gb * zn);
+    float* c = cstats + h * p.q_len * n_stat;
+    for (int64_t k = 0; k < n_stat; ++k) {
+      const float stat = k == 0 ? entropy[idx] : mass[idx * p.num_segments + k - 1];
+      c[k] = float(H) * (c[k] - stat * zn);
+    }
   }
 }
 
@@ -459,10 +528,10 @@ SmemPlan stats_smem(const AttentionKLParams& p, bool ref, int dvp, int c_off) {
   const int64_t ldv = dvp > 0 ? round_up16(int(min64(p.v_head_dim - c_off, dvp))) + 8 : 0, ld = dim16 + 8;
   return SmemPlan{int64_t(kBlockM) * ld * 2, int64_t(kBlockN) * (ld + ldv) * 2};
 }
-// pass 2: stages x (sA [64][ld] + sB [64][ld])
+// pass 2: stages x (sA [64][ld] + sB [64][ld]) (+ sSum with statistics)
 SmemPlan div_smem(const AttentionKLParams& p) {
   const int64_t ld = max(round_up16(int(p.head_dim)), round_up16(int(p.ref_head_dim))) + 8;
-  return SmemPlan{0, 2 * int64_t(kBlockM) * ld * 2};
+  return SmemPlan{p.policy_stats ? kStatSumsSmem : 0, 2 * int64_t(kBlockM) * ld * 2};
 }
 
 template <typename Kernel>
@@ -513,18 +582,24 @@ cudaError_t launch_forward(const AttentionKLParams& p, cudaStream_t stream, cons
   if (!p.has_ref_stats && (err = launch_stats<T, 0>(p, true, stream, dev)) != cudaSuccess) return err;
 
   // pass 2: div, gbar and u_h accumulate atomically into zeroed buffers
+  // (and with policy_stats entropy, mass and the u sums of cstats)
   const int64_t groups = p.heads_each ? p.heads : 1;
   const int64_t rows = p.batch * groups * p.q_len;
-  if ((err = cudaMemsetAsync(reinterpret_cast<void*>(p.div), 0, rows * sizeof(float), stream)) ||
-      (err = cudaMemsetAsync(reinterpret_cast<void*>(p.gbar), 0, rows * sizeof(float), stream)) ||
-      (err = cudaMemsetAsync(reinterpret_cast<void*>(p.cbar), 0, p.batch * p.heads * p.q_len * sizeof(float),
-                             stream)))
+  auto zero = [&](uintptr_t ptr, int64_t floats) {
+    return cudaMemsetAsync(reinterpret_cast<void*>(ptr), 0, floats * sizeof(float), stream);
+  };
+  if ((err = zero(p.div, rows)) || (err = zero(p.gbar, rows)) || (err = zero(p.cbar, p.batch * p.heads * p.q_len)))
+    return err;
+  if (p.policy_stats &&
+      ((err = zero(p.entropy, rows)) || (p.num_segments && (err = zero(p.mass, rows * p.num_segments))) ||
+       (!p.heads_each && (err = zero(p.cstats, p.batch * p.heads * p.q_len * (1 + p.num_segments))))))
     return err;
   const SmemPlan plan = div_smem(p);
   const int stages = plan.stages(dev);
   const int64_t q_tiles = (max_rows(p) + kBlockM - 1) / kBlockM;
   const int nsplit = key_splits(p, q_tiles * units * groups, dev);
-  auto kernel = p.seqs ? div_kernel<T, true> : div_kernel<T, false>;
+  auto kernel = p.policy_stats ? (p.seqs ? div_kernel<T, true, true> : div_kernel<T, false, true>)
+                               : (p.seqs ? div_kernel<T, true, false> : div_kernel<T, false, false>);
   if ((err = set_smem(kernel, plan.bytes(stages))) != cudaSuccess) return err;
   kernel<<<dim3(unsigned(q_tiles), unsigned(units * groups), unsigned(nsplit)), kThreads, plan.bytes(stages), stream>>>(
       p, stages, nsplit, vec_bits(p));

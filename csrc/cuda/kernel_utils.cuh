@@ -1,5 +1,6 @@
 // CUDA-only building blocks of the attention_kl kernels: mma.sync m16n8k16 (fp16/bf16 in, fp32
-// accumulate), ldmatrix, cp.async, tile loads into shared memory, and the per-element masks.
+// accumulate), ldmatrix, cp.async, tile loads into shared memory, the per-element masks, and the
+// pieces of the policy statistics shared by the forward and the backward (key segments, row sums).
 //
 // Conventions used by every kernel here (sm_80+):
 //   * a block has 4 warps (128 threads) and owns a tile of kBlockM = 64 query rows; warp w owns
@@ -458,6 +459,123 @@ __device__ __forceinline__ float weighted_g(int32_t kind, float lw, float gl) {
 __device__ __forceinline__ float g_or_log_ratio(int32_t kind, float lpi, float lrho, float g) {
   return kind == kReverseKL ? lrho - lpi : g;
 }
+
+// ---- statistics of the current policy (params.h: policy_stats) --------------------------------------
+constexpr int kMaxSegments = 8;
+constexpr int kNoSegment = 15;  // the id of a key past the unit's end, or of a call without segments
+constexpr int kStatSumsSmem = 2 * (1 + kMaxSegments) * kThreads * 4;  // StatSums::add_to's thread-private sums
+
+// The segment ids of the 16 keys a thread holds in a key tile (key j0 + 8nb + 2t + e, as key_bits),
+// 4 bits each: key (nb, e) in bits 4 (2 (nb & 3) + e) of word nb >> 2.
+struct KeySegs {
+  uint32_t w[2];
+  __device__ __forceinline__ int operator()(int nb, int e) const {
+    return int((w[nb >> 2] >> (4 * (2 * (nb & 3) + e))) & 15u);
+  }
+};
+
+// Ids outside [0, S) (checked by the Python layer and check_params' callers) count in no segment.
+template <bool kSeqs>
+__device__ __forceinline__ KeySegs key_segs(const AttentionKLParams& p, const Unit<kSeqs>& u, int64_t j0, int lane) {
+  KeySegs s{{~0u, ~0u}};
+  if (p.num_segments == 0) return s;
+  const int32_t* ids = reinterpret_cast<const int32_t*>(p.key_segments.ptr) + u.batch() * p.key_segments.stride[0];
+  const int t = lane & 3;
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t key = j0 + nb * 8 + 2 * t + e;
+      const int32_t id = key < u.k_end() ? ids[key * p.key_segments.stride[1]] : kNoSegment;
+      const uint32_t bits = id >= 0 && id < p.num_segments ? uint32_t(id) : uint32_t(kNoSegment);
+      const int shift = 4 * (2 * (nb & 3) + e);
+      s.w[nb >> 2] = (s.w[nb >> 2] & ~(15u << shift)) | (bits << shift);
+    }
+  return s;
+}
+
+// Per-thread sums over the elements of both row halves r: v[r][0] = sum c (-log pi), v[r][1 + s] =
+// sum over keys of segment s of c. With c = pi: the row's entropy and masses; with c = a_hj / (H Z):
+// u^E_h and u^s_h / (H Z) of the statistics' c_h (params.h, cstats).
+struct StatSums {
+  float v[2][1 + kMaxSegments];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s) v[r][s] = 0.f;
+  }
+  __device__ __forceinline__ void add(int r, float c, float log_pi, int seg) {
+    v[r][0] -= c * log_pi;
+#pragma unroll
+    for (int s = 0; s < kMaxSegments; ++s)
+      if (seg == s) v[r][1 + s] += c;
+  }
+  // Thread-private running sums in shared memory, priv[k * kThreads] for k < 2 (1 + kMaxSegments):
+  // priv += v (the first n sums of each row half), and v = priv.
+  __device__ __forceinline__ void add_to(float* priv, int n) const {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s)
+        if (s < n) priv[(r * (1 + kMaxSegments) + s) * kThreads] += v[r][s];
+  }
+  __device__ __forceinline__ void load(const float* priv, int n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s) v[r][s] = s < n ? priv[(r * (1 + kMaxSegments) + s) * kThreads] : 0.f;
+  }
+  // Sums the quad's lanes (every lane of the warp calls this), then lane t == 0 adds the n = 1 + S
+  // sums of each row half r with live[r] to dst(r, k), k = 0 .. n - 1 (float*).
+  template <typename Dst>
+  __device__ __forceinline__ void flush(int n, const bool (&live)[2], Dst&& dst, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s)
+        if (s < n) v[r][s] = quad_sum(v[r][s]);
+    if ((lane & 3) != 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!live[r]) continue;
+#pragma unroll
+      for (int s = 0; s <= kMaxSegments; ++s)
+        if (s < n) atomicAdd(dst(r, s), v[r][s]);
+    }
+  }
+};
+
+// The statistics' part of g_total (params.h): w_E (-log pi) + w_seg of one element, from its row's
+// weights sw = [w_E, w_0 .. w_{S-1}]; seg_weight: w_seg alone.
+__device__ __forceinline__ float seg_weight(const float* sw, int64_t num_segments, int seg) {
+  return seg < num_segments ? sw[1 + seg] : 0.f;
+}
+__device__ __forceinline__ float stats_g(const float* sw, int64_t num_segments, float log_pi, int seg) {
+  return sw[0] * -log_pi + seg_weight(sw, num_segments, seg);
+}
+
+// Whether a row carries any statistics weight (sw: its n = 1 + S weights).
+__device__ __forceinline__ bool stats_row_live(const float* sw, int64_t n) {
+  bool live = false;
+  for (int64_t s = 0; s < n; ++s) live = live || sw[s] != 0.f;
+  return live;
+}
+
+// Per-element values of a key tile (this thread's 32 elements of the warp's 16 x 64 C layout):
+// registers, or (kShared) this thread's column of a thread-private fp32 [32][kThreads] shared buffer,
+// element (nb, e) at col[(4 nb + e) kThreads] (consecutive threads, consecutive banks).
+template <bool kShared>
+struct TileVals {
+  float v[8][4];
+  __device__ __forceinline__ float& operator()(int nb, int e) { return v[nb][e]; }
+};
+template <>
+struct TileVals<true> {
+  float* col;
+  __device__ __forceinline__ float& operator()(int nb, int e) const { return col[(4 * nb + e) * kThreads]; }
+};
+constexpr int kTileValsSmem = 32 * kThreads * 4;  // bytes of one TileVals<true> buffer
 
 // dst[0..1] += (a, b) for 8-byte aligned dst (one vector atomic on sm_90)
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {

@@ -5,6 +5,7 @@ Triton backend (an explicit backend="cuda" with float32 raises ValueError)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -21,19 +22,36 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+def _widened_placeholders(call: Call) -> Call:
+    """The call with ral.ops.attention_stats' reference placeholders (q_ref, k_ref: zero-stride, head dim 1)
+    zero-padded to head dim 8, the smallest the kernels take, still zero-stride over (B, H, S): every
+    score q_ref k_ref^T is unchanged. The kernels never read them with no_reference, nor in a backward
+    with w = 0, which is the only backward such a forward gets (ral.ops)."""
+    def placeholder(t):
+        return t.shape[-1] == 1 and all(s == 0 for s in t.stride())
+
+    if not (placeholder(call.q_ref) and placeholder(call.k_ref)):
+        return call
+
+    def widened(t):
+        row = torch.nn.functional.pad(t[(0,) * (t.dim() - 1)], (0, 7))  # [c, 0, 0, 0, 0, 0, 0, 0]
+        return row.expand(*t.shape[:-1], 8)
+
+    return dataclasses.replace(call, q_ref=widened(call.q_ref), k_ref=widened(call.k_ref))
+
+
 def unsupported_reason(call: Call) -> Optional[str]:
     if not call.q.is_cuda:
         return f"needs CUDA tensors, got {call.q.device}"
-    if call.options.policy_stats:
-        return "attention statistics (entropy, key_segments mass) are not implemented yet; use backend='cpu' or 'reference'"
-    p, _ = compiled.params(call)
+    p, _ = compiled.params(_widened_placeholders(call))
     with torch.cuda.device(call.q.device):  # cuda_supports checks that device's shared memory
         supported = compiled._C.cuda_supports(p)
     if not supported:
         dims = compiled._C.cuda_head_dims()
         return (f"the CUDA kernels take float16/bfloat16 with head dims D, Dr, Dv in {dims[0]}..{dims[-1]} "
                 f"(step {dims[1] - dims[0]}) whose tiles fit the device's shared memory per block "
-                f"(99 KB on sm_86 / sm_89 holds D, Dv up to about 144), got {call.q.dtype} with "
+                f"(99 KB on sm_86 / sm_89 holds D, Dv up to about 144; statistics take 32 KB more in the "
+                f"backward), got {call.q.dtype} with "
                 f"D={call.q.shape[-1]}, Dr={call.q_ref.shape[-1]}"
                 + (f", Dv={call.v.shape[-1]}" if call.v is not None else ""))
     return None
@@ -44,11 +62,13 @@ def _stream() -> int:
 
 
 def forward(call: Call):
+    call = _widened_placeholders(call)
     with torch.cuda.device(call.q.device):
         return compiled.forward(call, lambda p: compiled._C.cuda_forward(p, _stream()))
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
+    call = _widened_placeholders(call)
     with torch.cuda.device(call.q.device):
         return compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar,
                                   lambda p: compiled._C.cuda_backward(p, _stream()),
