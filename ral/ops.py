@@ -54,8 +54,8 @@ def attention_kl(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Ten
         backend: "auto", "triton", "cuda", "cpu" or "reference".
         key_segments: (B, Sk) integer segment ids in [0, num_segments) (e.g. 0 text, 1 image), or
             None: with them the op also returns the entropy and the per-segment mass of the current
-            policy, from the same pass (docs/design.md, "Attention statistics"). Only the cpu and
-            reference backends compute them so far.
+            policy, from the same pass (docs/design.md, "Attention statistics"); every backend
+            computes them.
         num_segments: 1..8, given exactly when key_segments is.
 
     Returns:

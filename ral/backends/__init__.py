@@ -19,8 +19,8 @@ already 0 on rows with row_mask False or an empty policy support (see ral.ops).
 Policy statistics (docs/design.md, "Attention statistics"; call.options.policy_stats): a backend
 that computes them returns the six outputs followed by outputs.StatsOutputs (entropy, mass,
 cstats), and its backward reads call.key_segments and call.stats_w (then `gbar` is gbar_total and
-delta already holds the statistics' c_h terms). A backend that does not must say so in
-unsupported_reason (cuda does, for now).
+delta already holds the statistics' c_h terms). Every backend computes them (reference, cpu,
+triton, cuda); a new one that does not must say so in unsupported_reason.
 """
 
 from __future__ import annotations
