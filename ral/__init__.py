@@ -15,5 +15,5 @@ from .losses import attention_policy_loss, group_advantages, grpo_token_loss
 from .ops import AttentionKL, AttentionStats, attention_kl, attention_kl_varlen, attention_stats
 
 __version__ = "0.1.0"
-__all__ = ["ops", "attention_kl", "attention_kl_varlen", "attention_stats", "AttentionKL", "AttentionStats", "available_backends", "attention_policy_loss",
-           "group_advantages", "grpo_token_loss", "__version__"]
+__all__ = ["ops", "attention_kl", "attention_kl_varlen", "attention_stats", "AttentionKL", "AttentionStats",
+           "available_backends", "attention_policy_loss", "group_advantages", "grpo_token_loss", "__version__"]
