@@ -356,7 +356,7 @@ def _checked_segments(key_segments, num_segments, q: Tensor, k: Tensor) -> Optio
     if tuple(key_segments.shape) != expected:
         raise ValueError(f"key_segments: shape must be (B, Sk) = {expected}, got {tuple(key_segments.shape)}")
     if not torch.compiler.is_compiling():  # one device-to-host copy; a compiled graph stays branch-free
-        low, high = int(key_segments.min()), int(key_segments.max())
+        low, high = torch.stack([key_segments.min(), key_segments.max()]).tolist()
         if low < 0 or high >= num_segments:
             raise ValueError(f"key_segments: ids must be in [0, num_segments={num_segments}), "
                              f"got values in [{low}, {high}]")
