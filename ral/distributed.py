@@ -24,6 +24,7 @@ gradients), which tests/test_distributed.py checks on 2 and 4 gloo processes.
 
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -150,7 +151,8 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
     rows of the single-process op on the whole sequence. Gradients reach the local q and, through the
     all-gather's backward (a reduce-scatter), the local k and v.
     """
-    rank, layout_chunks = _check_shards(group, seq_len, layout, "attention_kl_cp", (
+    _require_group("attention_kl_cp")
+    rank, layout_chunks = _check_shards(group, seq_len, layout, (
         ("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", k_ref, 2), ("v", v, 2), ("ref_stats", ref_stats, 2),
         ("key_padding_mask", key_padding_mask, 1), ("row_mask", row_mask, 1), ("key_segments", key_segments, 1)))
     k_all, v_all, k_ref_all, kpm_all, segments_all = _gather_keys(
@@ -185,32 +187,43 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
     (T_r, H), stats (T_r, H, 2), entropy / mass with key_segments; they equal the matching rows of the
     single-process op on the whole stream, and gradients reach the local q, k and v.
     """
-    rank, layout_chunks = _check_shards(group, None, layout, "attention_kl_cp_varlen", (
+    _require_group("attention_kl_cp_varlen")
+    cu = _checked_cu_seqlens(cu_seqlens, max_seqlen, causal)
+    total = cu[-1]
+    rank, layout_chunks = _check_shards(group, total, layout, (
         ("q", q, 0), ("k", k, 0), ("q_ref", q_ref, 0), ("k_ref", k_ref, 0), ("v", v, 0), ("ref_stats", ref_stats, 0),
-        ("row_mask", row_mask, 0), ("key_segments", key_segments, 0)), cu_seqlens=cu_seqlens)
-    total = int(cu_seqlens[-1])
+        ("row_mask", row_mask, 0), ("key_segments", key_segments, 0)))
     k_all, v_all, k_ref_all, _, segments_all = _gather_keys(k, v, k_ref, None, key_segments, 0, total, group, layout)
-    # the whole stream's table checks cu_seqlens / max_seqlen like the varlen op does
-    ops.sequence_table(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, total, total, causal, q.device)
     call = ops._checked_call(*(ops.packed_as_dense(t) for t in (q, k_all, v_all, q_ref, k_ref_all, ref_stats)),
                              divergence, heads, exclude_self, causal, scale, ref_scale, None,
                              None if row_mask is None else row_mask.unsqueeze(0), backend,
                              None if segments_all is None else segments_all.unsqueeze(0), num_segments)
-    seqs, longest = _local_packed_units(layout_chunks[rank], cu_seqlens.tolist(), causal, q.device)
+    seqs, longest = _local_packed_units(layout_chunks[rank], cu, causal, q.device)
     return ops.dense_as_packed(ops.run_table(call, seqs, longest, int(max_seqlen), backend), heads)
 
 
-def _check_shards(group, seq_len: Optional[int], layout: str, op: str, given, cu_seqlens=None):
-    """(rank, the layout's chunks) after checking that a process group exists and every given
-    tensor holds this rank's number of positions along its dim (seq_len None: cu_seqlens[-1])."""
+def _require_group(op: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"group: {op} needs an initialised torch.distributed process group")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32:
-            raise TypeError("cu_seqlens must be a (N + 1,) int32 torch.Tensor: the whole packed stream's offsets")
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1, got {tuple(cu_seqlens.shape)}")
-        seq_len = int(cu_seqlens[-1])
+
+
+def _checked_cu_seqlens(cu_seqlens, max_seqlen, causal: bool) -> List[int]:
+    """The whole packed stream's offsets as a list (one device-to-host copy), checked as the varlen op
+    checks them (a TypeError / ValueError naming the argument)."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32:
+        raise TypeError("cu_seqlens must be a (N + 1,) int32 torch.Tensor: the whole packed stream's offsets")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1, got {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    cu = cu_seqlens.tolist()
+    ops._check_cu_seqlens(cu, cu, max_seqlen, max_seqlen, cu[-1], cu[-1], causal)
+    return cu
+
+
+def _check_shards(group, seq_len: int, layout: str, given):
+    """(rank, the layout's chunks) after checking that every given (name, tensor, dim) holds this
+    rank's number of positions of a sequence of seq_len along its dim."""
     rank, world = _rank_world(group)
     layout_chunks = chunks(seq_len, world, layout)
     local = sum(length for _, length in layout_chunks[rank])
