@@ -121,7 +121,6 @@ import torch
 from torch import Tensor
 
 try:
-    import verl
     from verl.trainer.ppo.core_algos import agg_loss
     from verl.utils import tensordict_utils as tu
     from verl.utils.metric import AggregationType, Metric
