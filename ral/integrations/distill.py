@@ -150,7 +150,7 @@ def distill_loss(student: torch.nn.Module, teacher_out: Optional[TeacherOutputs]
     with ctx as cmp:
         hidden = forward_hidden(student, input_ids, attention_mask, **model_kwargs)
     pred = response_mask[:, 1:]
-    rows = hidden[:, :-1][pred]
+    rows = next_token_rows(hidden, response_mask)
     w_s, b_s = lm_head_params(student)
     loss = hidden.new_zeros((), dtype=torch.float32)
     metrics = {"loss_rl": float("nan"), "token_kl": float("nan"), "attn_jsd": float("nan")}

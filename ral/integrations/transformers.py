@@ -398,11 +398,7 @@ class AttentionReference:
         references (their streams are appended)."""
         if any(r.packing is not None for r in refs):
             return AttentionReference._cat_packed([r._as_packed() for r in refs])
-        layers = []
-        for parts in zip(*(r.layers for r in refs)):
-            stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
-            layers.append(LayerReference(torch.cat([p.q for p in parts]), torch.cat([p.k for p in parts]),
-                                         stats, parts[0].scale))
+        layers = _cat_layers(refs)
         masks = [r.key_padding_mask for r in refs]
         if all(m is None for m in masks):
             mask = None
@@ -426,11 +422,7 @@ class AttentionReference:
 
     @staticmethod
     def _cat_packed(refs: Sequence["AttentionReference"]) -> "AttentionReference":
-        layers = []
-        for parts in zip(*(r.layers for r in refs)):
-            stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
-            layers.append(LayerReference(torch.cat([p.q for p in parts]), torch.cat([p.k for p in parts]),
-                                         stats, parts[0].scale))
+        layers = _cat_layers(refs)
         cus = []
         for which in ("cu_seqlens_q", "cu_seqlens_k"):
             pieces, offset = [], 0
@@ -470,6 +462,16 @@ class AttentionReference:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (layer.q, layer.k, layer.stats) if t is not None)
+
+
+def _cat_layers(refs: Sequence[AttentionReference]) -> List[LayerReference]:
+    """Each chosen layer's q, k (and stats, None if any part has none) concatenated along dim 0."""
+    layers = []
+    for parts in zip(*(r.layers for r in refs)):
+        stats = None if any(p.stats is None for p in parts) else torch.cat([p.stats for p in parts])
+        layers.append(LayerReference(torch.cat([p.q for p in parts]), torch.cat([p.k for p in parts]),
+                                     stats, parts[0].scale))
+    return layers
 
 
 @dataclass

@@ -121,7 +121,6 @@ import torch
 from torch import Tensor
 
 try:
-    import verl
     from verl.trainer.ppo.core_algos import agg_loss
     from verl.utils import tensordict_utils as tu
     from verl.utils.metric import AggregationType, Metric
@@ -528,7 +527,7 @@ class RALActor:
             return AttentionReference(layers, None, Packing(cu32, cu32, longest, longest)), row_flat[None].to(device)
         width = int(cu.diff().max())
         kpm = torch.arange(width)[None] < cu.diff()[:, None]
-        return AttentionReference(layers, kpm.to(device)), self._pad_rows(row_flat, cu, width).to(device)
+        return AttentionReference(layers, kpm.to(device)), _padded_rows(row_flat, cu.diff(), width).to(device)
 
     def _segments(self, micro_batch, reference: AttentionReference) -> Optional[Tensor]:
         """The caller's ``ral_segments`` (nested, one id per token) in the call's layout: (1, T)
@@ -546,10 +545,6 @@ class RALActor:
     def _pad(t: Tensor, cu: Tensor) -> Tensor:
         """(T, heads, dim) packed -> (B, heads, S, dim) right-padded (veRL's no-rmpad layout)."""
         return _padded_rows(t, cu.diff(), int(cu.diff().max())).transpose(1, 2).contiguous()
-
-    @staticmethod
-    def _pad_rows(flat: Tensor, cu: Tensor, width: int) -> Tensor:
-        return _padded_rows(flat, cu.diff(), width)
 
     # -- the loss side ---------------------------------------------------------------------
     def response_div(self, micro_batch, width: int) -> Tensor:

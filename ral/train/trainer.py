@@ -334,12 +334,11 @@ class RALTrainer:
                 gnorm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
                 self.optimizer.step()
-                m = cmask.float()
-                div_tok = float((cmp.div.detach()[:, -cmask.shape[1]:] * m).sum() / m.sum().clamp(min=1))
+                div_tok = float(masked_token_mean(cmp.div.detach()[:, -cmask.shape[1]:], cmask))
                 vals = {"loss": float(loss.detach()), "loss_rl": float(rl.loss.detach()), "loss_attn": float(attn.detach()),
                         "attn_jsd": div_tok, "clip_ratio": float(rl.clip_ratio), "grad_norm": float(gnorm)}
                 if rl.kl is not None:
-                    vals["kl"] = float((rl.kl.detach() * m).sum() / m.sum().clamp(min=1))
+                    vals["kl"] = float(masked_token_mean(rl.kl.detach(), cmask))
                 if self.policy.stats:
                     vals.update(self._statistics_metrics(cmp, cmask))
                     if self._stats_loss:
