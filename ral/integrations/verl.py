@@ -192,9 +192,9 @@ def _response_rows(micro_batch):
     """Flat row indices (into the packed tokens) of every sample's response, and the lengths."""
     cu = _seq_offsets(micro_batch)
     lengths = _response_lengths(micro_batch).to(cu.device)
-    ends = cu[1:]
-    rows = torch.cat([torch.arange(int(e) - int(n), int(e), device=cu.device) for e, n in zip(ends, lengths)]) \
-        if len(lengths) else torch.zeros(0, dtype=torch.long)
+    first = (cu[1:].to(torch.long) - lengths).repeat_interleave(lengths)       # each row's response start
+    before = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)          # rows of earlier responses
+    rows = first + torch.arange(first.shape[0], device=cu.device) - before
     return rows, lengths
 
 
@@ -202,17 +202,19 @@ def _response_mask_flat(micro_batch, lengths: Tensor) -> Tensor:
     rm = micro_batch["response_mask"]
     if rm.is_nested:
         return rm.values().to(torch.bool)
-    return torch.cat([rm[i, :int(n)] for i, n in enumerate(lengths)]).to(torch.bool)
+    return rm[_within(lengths.to(rm.device), rm.shape[1])].to(torch.bool)
 
 
 def _padded_rows(flat: Tensor, lengths: Tensor, width: int) -> Tensor:
     """(sum(lengths), ...) -> (B, width, ...) right-padded with zeros."""
     out = flat.new_zeros((len(lengths), width) + tuple(flat.shape[1:]))
-    start = 0
-    for i, n in enumerate(lengths.tolist()):
-        out[i, :n] = flat[start:start + n]
-        start += n
+    out[_within(lengths.to(flat.device), width)] = flat
     return out
+
+
+def _within(lengths: Tensor, width: int) -> Tensor:
+    """(B, width) bool: position j of sample i is below lengths[i] (row-major = the packed order)."""
+    return torch.arange(width, device=lengths.device)[None] < lengths[:, None]
 
 
 def _flatten_padded(t: Tensor, cu: Tensor) -> Tensor:
