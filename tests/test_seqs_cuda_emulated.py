@@ -299,7 +299,6 @@ def test_context_parallel(emu, ranks, seq_len, batch, opts, dtype):
     dk = torch.zeros_like(want["dk"])
     dv = torch.zeros_like(want["dv"])
     for chunks in zigzag_chunks(seq_len, ranks):
-        rows = sum(n for _, n in chunks)
         q, q_ref = (rows_of(base[n].to(dtype), chunks, 2) for n in ("q", "q_ref"))
         table = seq_table([(b, sum(n for _, n in chunks[:c]), chunks[c][1], 0, seq_len, chunks[c][0])
                            for b in range(batch) for c in range(2)])
