@@ -17,6 +17,7 @@ from torch import Tensor
 
 import ral
 from ral import reference
+from ral.backends import Options
 from ral.lm_head import logits
 
 FACTOR = 2.0
@@ -365,6 +366,19 @@ def option_id(opts: dict) -> str:
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def seq_table(rows) -> Tensor:
+    """A kernel Call's sequence table: int32 (N, 8) from rows (batch, q_start, q_len, k_start, k_len, q_pos)."""
+    return torch.tensor([list(r) + [0, 0] for r in rows], dtype=torch.int32).reshape(-1, 8)
+
+
+def options(opts: dict, head_dim: int, ref_head_dim: int) -> Options:
+    """A kernel Call's Options from an option_grid dict (default scales 1/sqrt(d) unless opts give them)."""
+    return Options(divergence=opts.get("divergence", "jsd"), heads_each=opts.get("heads", "mean") == "each",
+                   exclude_self=opts.get("exclude_self", True), causal=opts.get("causal", True),
+                   scale=opts.get("scale") or default_scale(head_dim),
+                   ref_scale=opts.get("ref_scale") or default_scale(ref_head_dim))
 
 
 def check_nan_stays_in_its_row(backend: str, heads: str, dtype=torch.float32, device="cpu", q_len: int = 50,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import Problem, cast, compare, option_grid, option_id, run, upstream  # noqa: E402
+from oracle import Problem, cast, compare, option_grid, option_id, options, run, seq_table, upstream  # noqa: E402
 
 from ral import backends, ops, reference  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
@@ -28,17 +28,6 @@ ROW_DIM = {"out": 2, "stats": 2, "dq": 2}  # the row axis of (B, H, S, ...) resu
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-def seq_table(units) -> torch.Tensor:
-    """int32 (N, 8) rows [batch, q_start, q_len, k_start, k_len, q_pos, 0, 0]."""
-    return torch.tensor([list(u) + [0, 0] for u in units], dtype=torch.int32).reshape(-1, 8)
-
-
-def options(opts: dict, head_dim: int, ref_head_dim: int) -> Options:
-    return Options(divergence=opts.get("divergence", "jsd"), heads_each=opts.get("heads", "mean") == "each",
-                   exclude_self=opts.get("exclude_self", True), causal=opts.get("causal", True),
-                   scale=1 / math.sqrt(head_dim), ref_scale=1 / math.sqrt(ref_head_dim))
-
 
 def kernel_run(call: Call, dout, ddiv) -> dict:
     """Forward + backward of the cpu backend on `call`, with the backward's inputs made by ral.ops.

@@ -17,7 +17,6 @@ form w and delta for the backward as ral.ops does.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -25,12 +24,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import NAMES, compare, run  # noqa: E402
+from oracle import NAMES, compare, options, run, seq_table  # noqa: E402
 from test_cuda_emulated import BF16, F16, emu, emu_module, launches  # noqa: E402,F401  (fixtures)
 
 from ral import backends, ops, reference  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
-from ral.backends import Call, Options  # noqa: E402
+from ral.backends import Call  # noqa: E402
 
 
 # ---- tables ------------------------------------------------------------------------------------------
@@ -40,11 +39,6 @@ def cu_seqlens(lens) -> list:
     for n in lens:
         out.append(out[-1] + n)
     return out
-
-
-def seq_table(rows) -> torch.Tensor:
-    """int32 (N, 8) from rows (batch, q_start, q_len, k_start, k_len, q_pos)."""
-    return torch.tensor([list(r) + [0, 0] for r in rows], dtype=torch.int32).reshape(-1, 8)
 
 
 def packed_table(q_lens, k_lens) -> torch.Tensor:
@@ -61,13 +55,6 @@ def _heads_view(t):
     if t is None:
         return None
     return t.unsqueeze(0) if t.dim() == 1 else t.transpose(0, 1).unsqueeze(0)
-
-
-def options(opts: dict, head_dim: int, ref_head_dim: int) -> Options:
-    return Options(divergence=opts.get("divergence", "jsd"), heads_each=opts.get("heads", "mean") == "each",
-                   exclude_self=opts.get("exclude_self", True), causal=opts.get("causal", True),
-                   scale=opts.get("scale") or 1.0 / math.sqrt(head_dim),
-                   ref_scale=opts.get("ref_scale") or 1.0 / math.sqrt(ref_head_dim))
 
 
 def run_call(call: Call, dout, ddiv) -> dict:
@@ -299,7 +286,6 @@ def test_context_parallel(emu, ranks, seq_len, batch, opts, dtype):
     dk = torch.zeros_like(want["dk"])
     dv = torch.zeros_like(want["dv"])
     for chunks in zigzag_chunks(seq_len, ranks):
-        rows = sum(n for _, n in chunks)
         q, q_ref = (rows_of(base[n].to(dtype), chunks, 2) for n in ("q", "q_ref"))
         table = seq_table([(b, sum(n for _, n in chunks[:c]), chunks[c][1], 0, seq_len, chunks[c][0])
                            for b in range(batch) for c in range(2)])

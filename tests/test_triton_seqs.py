@@ -22,7 +22,8 @@ import dataclasses
 import pytest
 import torch
 
-from oracle import FACTOR, FLOOR, NAMES, Problem, _err, cast, run, upstream
+from oracle import NAMES, Problem, cast, run, upstream
+from oracle import compare as oracle_compare
 
 triton = pytest.importorskip("triton")
 
@@ -75,18 +76,7 @@ def table(monkeypatch):
 
 def compare(got: dict, want: dict, same: dict, dtype, label: str) -> None:
     """tests/oracle.py's accuracy rule on assembled results (float64 CPU tensors by name)."""
-    for name in NAMES:
-        if want[name] is None:
-            assert got[name] is None, f"{name}: expected None"
-            continue
-        assert got[name].shape == want[name].shape, f"{name}: shape {got[name].shape} != {want[name].shape}"
-        assert torch.equal(torch.isnan(got[name]), torch.isnan(want[name])), f"{name}: NaN pattern differs"
-        finite = torch.isfinite(want[name])
-        scale = float(want[name][finite].abs().max()) if finite.any() else 1.0
-        err, err_torch = _err(got[name], want[name]), _err(same[name], want[name])
-        bound = FACTOR * err_torch + FLOOR[dtype] * max(scale, 1e-3)
-        assert err <= bound, (f"{name}: triton error {err:.3g} > bound {bound:.3g} (PyTorch {dtype} error "
-                              f"{err_torch:.3g}, |ref| max {scale:.3g}) for {label}")
+    oracle_compare(want, same, got, dtype, what=label)
 
 
 def packed(t: torch.Tensor) -> torch.Tensor:

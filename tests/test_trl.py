@@ -157,7 +157,6 @@ def test_attached_policy_lambda_zero_matches_grpo(tmp_path):
     """lambda_attn = 0 with the policy attached: the reference is recorded and the loss forward runs
     the chosen (last) layer on ral's fused op (compare mode), not SDPA. Over several steps the
     losses and the trained weights equal plain GRPOTrainer's (SDPA everywhere) within float tolerance."""
-    from ral import backends
     cfg = {"loss_type": "bnpo", "beta": 0.04, "max_steps": 4}
     base = train(GRPOTrainer, tmp_path / "grpo", cfg)
     backend = "cpu" if "cpu" in backends.available() else "reference"

@@ -145,6 +145,15 @@ def _dp_run(rank, world, port, model_path, remove_padding, out_path, sp=1, runs=
     torch.distributed.destroy_process_group()
 
 
+def _two_ranks(tmp_path, model_path, sp=1, runs=({},)):
+    """_dp_run on 2 spawned gloo processes; rank 0's saved results."""
+    import torch.multiprocessing as mp
+    path = tmp_path / "world2.pt"
+    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path), sp, runs), nprocs=2, join=True,
+                       start_method="spawn")
+    return torch.load(path, weights_only=False)
+
+
 def _assert_same_run(two, one, params_tol=(1e-5, 1e-6)):
     for k, v in one["params"].items():
         torch.testing.assert_close(two["params"][k], v, rtol=params_tol[0], atol=params_tol[1])
@@ -156,12 +165,8 @@ def _assert_same_run(two, one, params_tol=(1e-5, 1e-6)):
 def test_two_fsdp_processes_equal_one(model_path, tmp_path):
     """FSDP2 over gloo: 2 data-parallel processes with the same global batch (one mini-batch) give the
     same losses, attention terms and parameters as 1 process (float tolerance: the reductions differ)."""
-    import torch.multiprocessing as mp
     one = _dp_body(0, 1, model_path, True)               # this process: a gloo group of 1
-    path = tmp_path / "world2.pt"
-    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path)), nprocs=2, join=True,
-                       start_method="spawn")
-    two = torch.load(path, weights_only=False)
+    two = _two_ranks(tmp_path, model_path)
     _assert_same_run(two, one)
     assert abs(float(one["terms"][1][0])) > 1e-6
 
@@ -171,16 +176,12 @@ def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
     ULYSSES_SDPA, so veRL's head all-to-all runs, over SDPA) gives sp=1's old log-probs, losses and
     parameters: veRL alone, and with RAL, whose chosen layer runs ral.distributed.attention_kl_cp_varlen
     on veRL's contiguous slices instead of the all-to-all (the attention terms equal, too)."""
-    import torch.multiprocessing as mp
     # seed 6: packed micro-batches of 35 and 28 tokens in the old-log-prob pass, 18, 17, 11, 17 in the
     # update: veRL pads the odd ones by one token for sp=2, the even ones not
     # with RAL: gradient checkpointing on (the chosen layer's recompute is paused, the others' all-to-alls recompute)
     runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True))
     ones = [_dp_body(0, 1, model_path, True, 1, **run) for run in runs]
-    path = tmp_path / "sp2.pt"
-    mp.start_processes(_dp_run, args=(2, free_port(), model_path, True, str(path), 2, runs), nprocs=2, join=True,
-                       start_method="spawn")
-    twos = torch.load(path, weights_only=False)
+    twos = _two_ranks(tmp_path, model_path, 2, runs)
     for one, two in zip(ones, twos):
         torch.testing.assert_close(two["old_log_probs"], one["old_log_probs"], rtol=1e-5, atol=1e-6)
         # the parameters after two Adam steps: attention over other shapes (heads split, keys gathered) rounds
