@@ -75,7 +75,11 @@ PYBIND11_MODULE(RAL_MODULE_NAME, m) {
 
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("cpu_forward", &ral::cpu::forward, py::arg("p"), release,
-        "Writes out, div, stats, gbar, cbar (and ref_stats_out without ref_stats).");
+        "Writes out, div, stats, gbar, cbar (and ref_stats_out without ref_stats); with scratch, caches "
+        "the scores of pass 1 for pass 2 (as many key tiles as it holds).");
+  m.def("cpu_forward_scratch_bytes", &ral::cpu::forward_scratch_bytes, py::arg("p"),
+        "Bytes of a score cache for cpu_forward that holds every key tile: per thread, both models' "
+        "scores of a query block against every key of its unit. Any smaller scratch caches fewer tiles.");
   m.def("cpu_backward", &ral::cpu::backward, py::arg("p"), release,
         "Accumulates fp32 dq, dk (and dv) into the zero-filled buffers of p.");
   m.def("cpu_backward_scratch_bytes", &ral::cpu::backward_scratch_bytes, py::arg("p"),

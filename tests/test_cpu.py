@@ -6,6 +6,7 @@ covered pairwise-style rather than as a full product, to keep the file at a few 
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import Problem, check, check_nan_stays_in_its_row, option_grid, option_id, run, upstream  # noqa: E402
+from oracle import (Problem, cast, check, check_nan_stays_in_its_row, option_grid, option_id, run,  # noqa: E402
+                    stats_upstream, upstream)
 
 import ral  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
@@ -144,6 +146,52 @@ def test_thread_counts_and_blocks(threads, n_threads, batch, q_len, k_len):
                   left_pad=(0, 7, 30, 0)[:batch], row_mask=True, options=OPTIONS[2]), "cpu")
     check(Problem(batch=batch, heads=4, kv_heads=4, q_len=q_len, k_len=k_len, head_dim=16, v_head_dim=16,
                   options=OPTIONS[9]), "cpu")
+
+
+@pytest.mark.parametrize("index", range(len(OPTIONS)), ids=[option_id(o) for o in OPTIONS])
+def test_score_cache_changes_no_bit(threads, monkeypatch, index):
+    """The forward's score cache (pass 1's scores kept for pass 2, ral.backends.cpu.SCORE_CACHE_BYTES)
+    only skips computing Q K^T again: with every key tile cached, with half of them (the rest
+    recomputed) and with none (budget 0), every output and gradient is bitwise the same. The problems
+    cycle through a cached reference (ref_stats: the cache holds the policy only), padding with
+    row_mask, key segments, and statistics without a reference."""
+    from ral.backends import cpu as cpu_backend
+    threads(1)  # one worker: dK/dV sum in the same order in every run
+    given, needed = [], []
+    budgeted = cpu_backend._forward_scratch_bytes
+
+    def record(p):
+        needed.append(_compiled._C.cpu_forward_scratch_bytes(p))
+        given.append(budgeted(p))
+        return given[-1]
+
+    monkeypatch.setattr(cpu_backend, "_forward_scratch_bytes", record)
+    q_len, k_len = LENGTHS[index % len(LENGTHS)]
+    heads, kv_heads, dim, v_dim = HEADS_DIMS[index % len(HEADS_DIMS)]
+    variant = index % 4
+    problem = Problem(batch=2, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=dim,
+                      v_head_dim=v_dim, seed=index, options=OPTIONS[index], with_ref_stats=variant == 1,
+                      left_pad=(0, k_len // 3) if variant == 2 else (), row_mask=variant == 2,
+                      segments=3 if variant >= 2 else 0)
+    kw = cast(problem.make(), torch.float32)
+    op = None
+    if variant == 3:  # statistics only: the cache holds the policy's scores, no reference
+        op = ral.attention_stats
+        accepted = inspect.signature(op).parameters
+        kw = {k: v for k, v in kw.items() if k in accepted}
+    dout, ddiv = upstream(kw)
+    dstats = stats_upstream(kw) if problem.segments else None
+    ddiv = None if op is not None else ddiv
+    results = {"all": run(kw, "cpu", dout, ddiv, op=op, dstats=dstats)}
+    assert given[-1] == needed[-1] > 0, "the default budget did not cache every key tile of this small call"
+    for name, budget in (("half", needed[-1] // 2), ("none", 0)):
+        monkeypatch.setattr(cpu_backend, "SCORE_CACHE_BYTES", budget)
+        results[name] = run(kw, "cpu", dout, ddiv, op=op, dstats=dstats)
+        assert given[-1] == budget
+    for name, want in results["none"].items():
+        for cached in ("all", "half"):
+            got = results[cached][name]
+            assert (got is None) if want is None else torch.equal(got, want), f"{name} with {cached} tiles cached"
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])

@@ -6,8 +6,11 @@
 
 namespace ral::cpu {
 
-// Writes out (when has_v), div, stats, gbar, cbar and, without ref_stats, ref_stats_out.
+// Writes out (when has_v), div, stats, gbar, cbar and, without ref_stats, ref_stats_out. With
+// p.scratch_bytes > 0 it keeps pass 1's scores of as many key tiles as p.scratch holds for pass 2.
 void forward(const AttentionKLParams& p);
+// Bytes of a score cache that holds every key tile (Python allocates any part of it, uint8).
+int64_t forward_scratch_bytes(const AttentionKLParams& p);
 // Bytes of scratch the backward needs for these params (Python allocates it, uint8).
 int64_t backward_scratch_bytes(const AttentionKLParams& p);
 // Accumulates dq, dk (and dv) in fp32 into the zero-filled buffers of p.

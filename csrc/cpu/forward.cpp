@@ -5,12 +5,15 @@
 //          kept aside, gives lse_P, lse_A = logaddexp(lse_P, s_self) and out (P V, then the self
 //          row added with its own weight, so lse_P never comes from 1 - a_self); the same for
 //          the reference heads unless ref_stats is given;
-//   pass 2 over key blocks: recompute the scores of both models, log pi and log rho in log
-//          space, and accumulate div = sum_P f, gbar = sum_P pi g and c_h; with policy_stats
-//          also the entropy, the segment masses and their per-head u sums (params.h).
+//   pass 2 over key blocks: the scores of both models again (read back from the score cache
+//          when the caller gives one, else recomputed), log pi and log rho in log space, and
+//          accumulate div = sum_P f, gbar = sum_P pi g and c_h; with policy_stats also the
+//          entropy, the segment masses and their per-head u sums (params.h).
 // Memory: per thread O(H * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
 // tiles, plus (H + 1) * BM * (1 + S) * kLanes accumulators with policy_stats (and, with a
-// key_padding_mask, one count per key of the unit); nothing grows with Sq x Sk.
+// key_padding_mask, one count per key of the unit); the optional score cache (p.scratch,
+// Python-allocated) holds at most (H + Hr) * BM * L floats per thread, L the longest unit's key
+// count; nothing grows with Sq x Sk.
 #include <cmath>
 #include <vector>
 
@@ -34,28 +37,31 @@ struct SoftmaxState {
   }
 };
 
-// One key tile of the online softmax, rows of one head: s (rows x kBlockN) becomes exp(s - max)
-// (0 outside P), the state is updated, and the rows of o (if given) are rescaled.
+// One key tile of the online softmax, rows of one head: the scores `src` (rows x kBlockN) give
+// e = exp(s - max) (0 outside P) in `e` (which may be `src`), the state is updated, and the rows
+// of o (if given) are rescaled.
 void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full,
-                  float* s, float* row_max, float* row_sum, float* self, float* o, int64_t ldo) {
+                  const float* src, float* e, float* row_max, float* row_sum, float* self, float* o, int64_t ldo) {
   for (int64_t r = 0; r < qb.rows; ++r) {
-    float* row = s + r * kBlockN;
+    const float* in = src + r * kBlockN;
+    float* row = e + r * kBlockN;
     const int64_t pos = qb.first_pos + r;
     if (!full) {
       const int64_t self_col = pos - kb.start;
-      if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = row[self_col];
+      if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = in[self_col];
       for (int64_t c = 0; c < kBlockN; c += kLanes)
-        vstore(row + c, vselect(lane_masks(p, kb, c, pos, true).support, vload(row + c), vbroadcast(-kInf)));
+        vstore(row + c, vselect(lane_masks(p, kb, c, pos, true).support, vload(in + c), vbroadcast(-kInf)));
+      in = row;
     }
     vfloat tile_max = vbroadcast(-kInf);
-    for (int64_t c = 0; c < kBlockN; c += kLanes) tile_max = vmax(tile_max, vload(row + c));
+    for (int64_t c = 0; c < kBlockN; c += kLanes) tile_max = vmax(tile_max, vload(in + c));
     const float old_max = row_max[r], tmax = hmax(tile_max);
     const float new_max = old_max < tmax ? tmax : old_max;
     const float shift = new_max == -kInf ? 0.f : new_max;
     const float alpha = std::exp(old_max - shift);
     vfloat total{};
     for (int64_t c = 0; c < kBlockN; c += kLanes) {
-      const vfloat e = vexp(vload(row + c) - shift);
+      const vfloat e = vexp(vload(in + c) - shift);
       vstore(row + c, e);
       total += e;
     }
@@ -81,18 +87,34 @@ void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p)
   }
 }
 
+// The optional score cache (p.scratch): per thread, one slot per key tile for the first key
+// tiles of a unit, holding the raw scores of the policy's H heads and, when pass 1 computes them
+// (no ref_stats), of the reference's Hr heads, (BM, kBlockN) each. Pass 2 reads a cached tile's
+// scores back instead of computing both models' Q K^T again (2 of the forward's 5 GEMMs) and
+// recomputes the tiles past the cache. The scratch is split evenly between the threads; any size
+// works (0: no cache), forward_scratch_bytes() caches every tile of the longest unit.
+inline int64_t score_slot_floats(const AttentionKLParams& p, const Geometry& geo) {
+  const bool ref_in_pass1 = !p.has_ref_stats && !p.no_reference;
+  return (p.heads + (ref_in_pass1 ? p.ref_heads : 0)) * geo.block_m * kBlockN;
+}
+inline int64_t key_tiles(const AttentionKLParams& p) { return (max_unit_keys(p) + kBlockN - 1) / kBlockN; }
+
 class Forward : UnitSweep {
  public:
-  Forward(const AttentionKLParams& p, const Geometry& geo)
+  // cache: this thread's `cache_tiles` slots of score_slot_floats() (0: no cache).
+  Forward(const AttentionKLParams& p, const Geometry& geo, float* cache, int64_t cache_tiles)
       : UnitSweep(p, geo),
+        slot_floats_(score_slot_floats(p, geo)),
+        cache_tiles_(cache ? cache_tiles : 0),
+        cache_(cache),
         q_(heads_ * bm_ * geo_.dp),
         q_ref_(ref_heads_ * bm_ * geo_.drp),
         k_rows_(kBlockN * std::max({geo_.dp, geo_.drp})),
         k_t_(p.kv_heads * geo_.dp * kBlockN),
         k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
         v_(p.kv_heads * kBlockN * std::max<int64_t>(geo_.dvp, 1)),
-        s_(heads_ * bm_ * kBlockN),
-        s_ref_(ref_heads_ * bm_ * kBlockN),
+        s_tile_(heads_ * bm_ * kBlockN),
+        s_ref_tile_(ref_heads_ * bm_ * kBlockN),
         o_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         v_self_(std::max<int64_t>(geo_.dvp, 1)),
         state_(3 * heads_ * bm_),
@@ -112,23 +134,38 @@ class Forward : UnitSweep {
   }
 
  private:
+  // The score cache (score_slot_floats): pass 1 writes the scores of a cached tile into its
+  // slot, pass 2 reads them back (and overwrites them with its exponentials).
+  bool in_cache(int64_t key0) const { return key0 / kBlockN < cache_tiles_; }
+  float* cache_slot(int64_t key0) const { return cache_ + (key0 / kBlockN) * slot_floats_; }
+
   // Calls tile(full) for every key tile of qb's unit that holds a real key, with kb_ set to the
-  // tile, its keys in k_t_ (Hkv, Dp, kBlockN) and the policy's scores in s_ (H, BM, kBlockN);
-  // full: the tile needs no masking (tile_is_full).
+  // tile and s_ pointing at the policy's scores (H, BM, kBlockN): its cache slot, else s_tile_.
+  // In pass 1 (pass2 false) and for tiles past the cache, the tile's keys are packed into k_t_
+  // (Hkv, Dp, kBlockN) and the scores computed. full: the tile needs no masking (tile_is_full).
   template <class Tile>
-  void sweep_keys(const QueryBlock& qb, Tile&& tile) {
+  void sweep_keys(const QueryBlock& qb, bool pass2, Tile&& tile) {
     const int64_t key_end = qb.key_end(p_);
     for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
       kb_.init(p_, qb, key0);
       if (!kb_.any_valid) continue;
-      load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
-      scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+      const bool cached = in_cache(key0);
+      s_ = cached ? cache_slot(key0) : s_tile_.get();
+      if (!(pass2 && cached)) {
+        load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+        scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
+      }
       tile(tile_is_full(p_, qb, kb_));
     }
   }
 
-  // The reference's scores of the current key tile: s_ref_ (Hr, BM, kBlockN).
-  void score_reference(const QueryBlock& qb) {
+  // Points s_ref_ at the reference's scores of the current key tile (Hr, BM, kBlockN): its cache
+  // slot when the cache holds them (pass 1 computes the reference's scores and the tile is
+  // cached), else s_ref_tile_; computes them unless pass 2 finds them cached.
+  void score_reference(const QueryBlock& qb, bool pass2) {
+    const bool cached = in_cache(kb_.start) && slot_floats_ > heads_ * bm_ * kBlockN;
+    s_ref_ = cached ? cache_slot(kb_.start) + heads_ * bm_ * kBlockN : s_ref_tile_.get();
+    if (pass2 && cached) return;
     load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
     scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
   }
@@ -185,25 +222,25 @@ class Forward : UnitSweep {
     ref.reset(n_ref);
     if (p_.has_v) std::fill(o_.get(), o_ + heads_ * bm_ * geo_.dvp, 0.f);
 
-    sweep_keys(qb, [&](bool full) {
+    sweep_keys(qb, /*pass2=*/false, [&](bool full) {
       if (p_.has_v)
         for (int64_t h = 0; h < p_.kv_heads; ++h)
           load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f,
                     v_ + h * kBlockN * geo_.dvp, geo_.dvp);
       for (int64_t h = 0; h < heads_; ++h) {
-        float* s = s_ + h * bm_ * kBlockN;
+        float* s = s_tile_ + h * bm_ * kBlockN;
         float* o = p_.has_v ? o_ + h * bm_ * geo_.dvp : nullptr;
-        softmax_tile(p_, qb, kb_, full, s, st.max + h * bm_, st.sum + h * bm_, st.self + h * bm_,
-                     o, geo_.dvp);
+        softmax_tile(p_, qb, kb_, full, s_ + h * bm_ * kBlockN, s, st.max + h * bm_, st.sum + h * bm_,
+                     st.self + h * bm_, o, geo_.dvp);
         if (o)
           gemm<true>(o, geo_.dvp, {s, kBlockN, 1}, v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp,
                      qb.rows, geo_.dvp, kb_.count);
       }
       if (need_ref) {
-        score_reference(qb);
+        score_reference(qb, /*pass2=*/false);
         for (int64_t h = 0; h < ref_heads_; ++h)
-          softmax_tile(p_, qb, kb_, full, s_ref_ + h * bm_ * kBlockN, ref.max + h * bm_,
-                       ref.sum + h * bm_, ref.self + h * bm_, nullptr, 0);
+          softmax_tile(p_, qb, kb_, full, s_ref_ + h * bm_ * kBlockN, s_ref_tile_ + h * bm_ * kBlockN,
+                       ref.max + h * bm_, ref.sum + h * bm_, ref.self + h * bm_, nullptr, 0);
       }
     });
 
@@ -277,7 +314,7 @@ class Forward : UnitSweep {
     if (nstat_) std::fill(sacc_.get(), sacc_ + bm_ * (heads_ + 1) * nstat_ * kLanes, 0.f);
 
     if (any_live) {
-      sweep_keys(qb, [&](bool full) {
+      sweep_keys(qb, /*pass2=*/true, [&](bool full) {
         if (p_.no_reference) {  // statistics only: no reference scores, no divergence
           if (p_.heads_each)
             divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
@@ -285,7 +322,7 @@ class Forward : UnitSweep {
             divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
           return;
         }
-        score_reference(qb);
+        score_reference(qb, /*pass2=*/true);
         if (p_.heads_each) {
           if (nstat_)
             divergence_tile_each<true>(qb, full, div_acc, gbar_acc);
@@ -501,30 +538,47 @@ class Forward : UnitSweep {
     }
   }
 
-  Floats q_, q_ref_;          // (H, BM, Dp), (Hr, BM, Drp): scaled queries
-  Floats k_rows_;             // (kBlockN, max(Dp, Drp)): a key tile before transposition
-  Floats k_t_, k_ref_t_;      // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
-  Floats v_;                  // (Hkv, kBlockN, Dvp)
-  Floats s_, s_ref_;          // (H, BM, kBlockN), (Hr, BM, kBlockN): scores
-  Floats o_, v_self_;         // (H, BM, Dvp) output accumulator; (Dvp,)
-  Floats state_, ref_state_;  // SoftmaxState of both models
-  Floats lse_, ref_lse_;      // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
-  Floats row_;                // (2, BM): log Z and log Z_ref per row
-  Floats acc_;                // pass-2 accumulators: div, gbar (and u_h for "mean")
-  Floats sacc_;               // pass-2 statistics accumulators (row_stats, head_stats)
-  std::vector<char> live_;    // (BM,): row_mask True and a non-empty support
+  const int64_t slot_floats_;    // floats per cache slot: (H or H + Hr) * BM * kBlockN
+  const int64_t cache_tiles_;    // key tiles cached (the first ones of each unit); 0: no cache
+  float* const cache_;           // (cache_tiles_, slot_floats_) or nullptr
+  Floats q_, q_ref_;             // (H, BM, Dp), (Hr, BM, Drp): scaled queries
+  Floats k_rows_;                // (kBlockN, max(Dp, Drp)): a key tile before transposition
+  Floats k_t_, k_ref_t_;         // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
+  Floats v_;                     // (Hkv, kBlockN, Dvp)
+  Floats s_tile_, s_ref_tile_;   // (H, BM, kBlockN), (Hr, BM, kBlockN): a tile's scores or exponentials
+  float* s_ = nullptr;           // the current tile's policy scores: a cache slot or s_tile_
+  float* s_ref_ = nullptr;       // the current tile's reference scores: a cache slot or s_ref_tile_
+  Floats o_, v_self_;            // (H, BM, Dvp) output accumulator; (Dvp,)
+  Floats state_, ref_state_;     // SoftmaxState of both models
+  Floats lse_, ref_lse_;         // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
+  Floats row_;                   // (2, BM): log Z and log Z_ref per row
+  Floats acc_;                   // pass-2 accumulators: div, gbar (and u_h for "mean")
+  Floats sacc_;                  // pass-2 statistics accumulators (row_stats, head_stats)
+  std::vector<char> live_;       // (BM,): row_mask True and a non-empty support
   KeyCounts counts_;
 };
 
 }  // namespace
 
+int64_t forward_scratch_bytes(const AttentionKLParams& p) {
+  check_host_call(p, /*backward=*/false);
+  const Geometry geo(p);
+  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * key_tiles(p) * score_slot_floats(p, geo);
+}
+
 void forward(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/false);
   const Geometry geo(p);
+  const int n_threads = worker_count(p, geo);
+  // the scratch split evenly between the threads, in whole slots, at most one per key tile
+  const int64_t slot_floats = score_slot_floats(p, geo);
+  const int64_t cache_tiles =
+      std::min(key_tiles(p), p.scratch_bytes / static_cast<int64_t>(sizeof(float)) / n_threads / slot_floats);
+  float* cache = cache_tiles > 0 ? reinterpret_cast<float*>(p.scratch) : nullptr;
   const Schedule schedule(p, geo);
   WorkQueue queue(schedule.size());
-  run_threads(worker_count(p, geo), [&](int) {
-    Forward kernel(p, geo);
+  run_threads(n_threads, [&](int t) {
+    Forward kernel(p, geo, cache ? cache + t * cache_tiles * slot_floats : nullptr, cache_tiles);
     int64_t item;
     while (queue.pop(item)) kernel.run(schedule.block(item));
   });

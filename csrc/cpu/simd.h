@@ -55,8 +55,12 @@ inline vmask iota() {
   return v;
 }
 
+// The per-element math is inlined everywhere: a call would make the caller spill its live vector
+// registers (all of them are caller-saved).
+#define RAL_VECTOR_INLINE inline __attribute__((always_inline))
+
 // exp(x), ~1 ulp on [-87, 88.7]; below -87 gives 0 (no subnormal results), above 88.72 inf, NaN stays NaN.
-inline vfloat vexp(vfloat x) {
+RAL_VECTOR_INLINE vfloat vexp(vfloat x) {
   const vfloat clamped = vmin(vmax(x, vbroadcast(-87.f)), vbroadcast(88.72f));
   // n = round(x log2 e) via the 1.5 * 2^23 trick; r = x - n ln 2 in two parts (Cody-Waite)
   const vfloat shifter = vbroadcast(12582912.f);
@@ -80,7 +84,7 @@ inline vfloat vexp(vfloat x) {
 }
 
 // log(x), ~1 ulp for normal x; 0 and subnormals give -inf, negatives NaN, inf inf, NaN NaN.
-inline vfloat vlog(vfloat x) {
+RAL_VECTOR_INLINE vfloat vlog(vfloat x) {
   vmask bits;
   memcpy(&bits, &x, sizeof(bits));
   // x = m * 2^e with m in [sqrt(1/2), sqrt(2))
@@ -111,14 +115,14 @@ inline vfloat vlog(vfloat x) {
 }
 
 // log(1 + t) for t >= 0, accurate for tiny t: log(u) * t / (u - 1) with u = 1 + t.
-inline vfloat vlog1p(vfloat t) {
+RAL_VECTOR_INLINE vfloat vlog1p(vfloat t) {
   const vfloat u = t + 1.f;
   const vfloat d = u - 1.f;
   return vselect(d == 0.f, t, vlog(u) * (t / vselect(d == 0.f, vbroadcast(1.f), d)));
 }
 
 // log(exp(a) + exp(b)) (ral::logaddexp).
-inline vfloat vlogaddexp(vfloat a, vfloat b) {
+RAL_VECTOR_INLINE vfloat vlogaddexp(vfloat a, vfloat b) {
   const vfloat hi = vmax(a, b), lo = vmin(a, b);
   const vfloat y = hi + vlog1p(vexp(lo - hi));
   return vselect(hi == -std::numeric_limits<float>::infinity(), hi, y);
@@ -129,7 +133,7 @@ struct VDivergenceTerm {
   vfloat f, g, pi;
 };
 
-inline VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, vfloat log_rho) {
+RAL_VECTOR_INLINE VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, vfloat log_rho) {
   VDivergenceTerm t;
   t.pi = vexp(log_pi);
   if (kind == kKL) {
@@ -149,7 +153,7 @@ inline VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, vfloat log_
 }
 
 // g only (the backward needs no f); pi only where `kind` needs it for g.
-inline vfloat vdivergence_grad(int32_t kind, vfloat log_pi, vfloat log_rho) {
+RAL_VECTOR_INLINE vfloat vdivergence_grad(int32_t kind, vfloat log_pi, vfloat log_rho) {
   if (kind == kKL) return log_pi - log_rho + 1.f;
   if (kind == kReverseKL) return -vexp(log_rho - log_pi);
   return 0.5f * (log_pi - (vlogaddexp(log_pi, log_rho) - kLn2));

@@ -82,10 +82,24 @@ def params(call: Call, num_threads: int = 1):
     return p, p_tensors
 
 
-def forward(call: Call, launch: Callable, num_threads: int = 1):
-    """Allocate the forward outputs, fill the params, run `launch(p)`. Returns the six outputs
-    described in ral.backends (ForwardOutputs), followed by the three StatsOutputs when the call
-    asks for policy statistics."""
+def _scratch(p, nbytes: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Allocates `nbytes` of kernel scratch (uint8) and points p at it; None (and p.scratch_bytes
+    0) for 0 bytes."""
+    nbytes = int(nbytes)
+    if nbytes <= 0:
+        p.scratch, p.scratch_bytes = 0, 0
+        return None
+    scratch = torch.empty((nbytes,), dtype=torch.uint8, device=device)
+    p.scratch, p.scratch_bytes = scratch.data_ptr(), nbytes
+    return scratch
+
+
+def forward(call: Call, launch: Callable, num_threads: int = 1,
+            scratch_bytes: Optional[Callable] = None):
+    """Allocate the forward outputs (and, when `scratch_bytes(p)` gives a positive size, the
+    kernel's scratch), fill the params, run `launch(p)`. Returns the six outputs described in
+    ral.backends (ForwardOutputs), followed by the three StatsOutputs when the call asks for
+    policy statistics."""
     opts = call.options
     out, div, stats, ref_stats_out, gbar, cbar = outputs.forward_outputs(
         call.q, call.v, call.q_ref, call.ref_stats is not None, opts.heads_each)
@@ -98,8 +112,9 @@ def forward(call: Call, launch: Callable, num_threads: int = 1):
         p.entropy = extra.entropy.data_ptr()
         p.mass = extra.mass.data_ptr() if opts.num_segments else 0
         p.cstats = extra.cstats.data_ptr() if not opts.heads_each else 0
+    scratch = _scratch(p, scratch_bytes(p) if scratch_bytes is not None else 0, call.q.device)
     launch(p)
-    del keep
+    del keep, scratch
     result = outputs.ForwardOutputs(out, div, stats, ref_stats_out, gbar, cbar)
     return result + extra if opts.policy_stats else result
 
@@ -126,9 +141,7 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar, launch: Call
     if v is not None:
         dout = dout.contiguous()
         p.dout, p.dv, p.out = dout.data_ptr(), dv.data_ptr(), dout.data_ptr()
-    nbytes = int(scratch_bytes(p))
-    scratch = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=q.device)
-    p.scratch, p.scratch_bytes = scratch.data_ptr(), nbytes
+    scratch = _scratch(p, scratch_bytes(p), q.device)
     launch(p)
-    del keep
+    del keep, scratch
     return outputs.cast_gradients(dq, dk, dv, q, k, v)
