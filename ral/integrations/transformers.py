@@ -806,9 +806,10 @@ class AttentionPolicy:
                              "AttentionPolicy(..., segment_names=(...)) naming ids 0, 1, ...")
         return key_segments
 
-    def _statistics(self, key: Tensor) -> Tuple[dict, bool]:
+    def _statistics(self, key: Tensor, shape: Optional[Tuple[int, int]] = None) -> Tuple[dict, bool]:
         """({key_segments, num_segments} for the op, True when they are real segment ids), or
-        ({}, False) for a call without statistics. Keys (B, Hkv, S, D); segment ids (B, S)."""
+        ({}, False) for a call without statistics. Keys (B, Hkv, S, D); segment ids (B, S), or
+        ``shape`` when the call's keys are a part of the segments' sequence (a sequence-parallel slice)."""
         if self._mode == "record":
             return {}, False
         segments = self._state[3]
@@ -816,10 +817,10 @@ class AttentionPolicy:
             return {}, False
         if segments is None and self._vision_tokens is not None and self._input_ids is not None:
             segments = token_segments(self._input_ids, *self._vision_tokens)
-        shape = (key.shape[0], key.shape[2])
+        shape = shape or (key.shape[0], key.shape[2])
         if segments is None:                    # one segment: the op still gives the entropy
             return dict(key_segments=torch.zeros(shape, dtype=torch.int32, device=key.device), num_segments=1), False
-        if tuple(segments.shape) != shape:
+        if tuple(segments.shape) != tuple(shape):
             raise ValueError(f"key_segments: shape {tuple(segments.shape)} does not match the keys' (B, S) = {shape}")
         return dict(key_segments=segments.to(key.device), num_segments=len(self.segment_names)), True
 

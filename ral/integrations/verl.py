@@ -91,8 +91,10 @@ in the update each rank cuts its slice from it, and the per-token div is gathere
 log-probs (``gather_outputs_and_unpad``, the same gradient scaling). Tested: P = 2 on 2 gloo ranks
 equals P = 1 (losses, attention terms, parameters; tests/verl, on CPU through a test-only SDPA
 stand-in for flash-attn). The model must be on a flash-attention implementation (on sdpa / eager
-veRL's all-to-all never runs: veRL itself would attend within each rank's slice; refused);
-``RALConfig(stats=True)`` is refused under Ulysses; VLMs under Ulysses are untested.
+veRL's all-to-all never runs: veRL itself would attend within each rank's slice; refused).
+``RALConfig(stats=True)`` works there too: each rank passes its slice of the ``ral_segments`` ids,
+gathered with the keys, and the entropy / masses are gathered like div (tested: P = 2 logs what P = 1
+logs). VLMs under Ulysses are untested.
 
 Limits: ``pad_to_length`` must be off,
 ``use_fused_kernels`` is fine (the term does not need logits). Only FSDP/FSDP2 engines (language
@@ -332,9 +334,6 @@ class RALActor:
         if not self.active:
             return
         ulysses = bool(getattr(self.engine, "use_ulysses_sp", False))
-        if ulysses and config.stats:
-            raise ValueError("ral: RALConfig(stats=True) with ulysses_sequence_parallel_size > 1 is not supported "
-                             "(the statistics' key segments are not sharded); set stats=False or the sp size to 1")
         if getattr(self.engine, "pad_to_length", False):
             raise ValueError("ral: engine pad_to_length is not supported (it appends a padding sequence)")
         model = _hf_model(self.engine.module)
@@ -493,12 +492,20 @@ class RALActor:
         reference, row_mask, cmp, _ = policy._state
         ref = reference.layers[slot]
         rows = None if row_mask is None else self._sp_local(row_mask.reshape(-1))
+        # the statistics' segment ids are the whole stream's (1, T): this rank passes its slice of them,
+        # attention_kl_cp_varlen gathers them with the keys
+        statistics, has_mass = policy._statistics(key, (1, int(self._sp_cu[-1]) - self._sp_pad))
+        if statistics:
+            statistics["key_segments"] = self._sp_local(statistics["key_segments"].reshape(-1))
         res = attention_kl_cp_varlen(q, k, v, q_ref=self._sp_local(ref.q), k_ref=self._sp_local(ref.k),
-                                     ref_stats=self._sp_local(ref.stats), ref_scale=ref.scale, row_mask=rows, **opts)
-        # the whole stream's div on every sp rank, as veRL gathers its log-probs (same gradient scaling)
-        div = gather_outputs_and_unpad(res.div, gather_dim=0, unpad_dim=0, padding_size=self._sp_pad,
-                                       group=self._sp_group)
-        cmp._add(policy.layers[slot], div[None], None, None)
+                                     ref_stats=self._sp_local(ref.stats), ref_scale=ref.scale, row_mask=rows,
+                                     **statistics, **opts)
+
+        def whole(t):  # the whole stream's rows on every sp rank, as veRL gathers its log-probs
+            return gather_outputs_and_unpad(t, gather_dim=0, unpad_dim=0, padding_size=self._sp_pad,
+                                            group=self._sp_group)[None]
+        cmp._add(policy.layers[slot], whole(res.div), whole(res.entropy) if statistics else None,
+                 whole(res.mass) if has_mass else None)
         return res.out[None], None
 
     def _from_batch(self, micro_batch):

@@ -102,16 +102,30 @@ def test_reference_follows_shuffle_and_dynamic_batching(model_path):
         torch.testing.assert_close(torch.tensor(other), torch.tensor(terms[0]), rtol=1e-4, atol=1e-8)
 
 
-def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, checkpointing=False):
+def prompt_response_segments(batch):
+    """A ``ral_segments`` field for a batch from make_batch / padded_chunk: per token 0 in the prompt,
+    1 in the response (nested like input_ids)."""
+    cu = batch["input_ids"].offsets()
+    rlen = batch["attention_mask"][:, P:].sum(1)
+    segments = torch.cat([(torch.arange(int(n)) >= int(n) - int(r)).long() for n, r in zip(cu.diff(), rlen)])
+    return torch.nested.nested_tensor_from_jagged(segments, offsets=cu)
+
+
+STATS_METRICS = ("ral/attn_entropy", "ral/attn_mass/prompt", "ral/attn_mass/response")
+
+
+def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, checkpointing=False, stats=False):
     """Two updates on one mini-batch of the whole batch; ``sp``: veRL's Ulysses size (the model then on
-    cpu_platform's ULYSSES_SDPA, veRL's all-to-all over SDPA); ``lam=0``: veRL alone (nothing attached).
+    cpu_platform's ULYSSES_SDPA, veRL's all-to-all over SDPA); ``lam=0``: veRL alone (nothing attached);
+    ``stats``: RALConfig(stats=True) with prompt / response segments, their metrics in "stats".
     The results of rank 0 (the others' metrics are None under sp)."""
     # Adam's eps 1e-4: the k_proj bias has an exactly-zero gradient (softmax ignores a constant added to
     # every key of a row), and Adam with eps 1e-8 turns its rounding noise into lr-sized steps that
     # differ between 1 and 2 processes. With eps 1e-4 that noise moves nothing.
     worker, actor = make_worker(model_path, remove_padding, checkpointing=checkpointing, adam_eps=1e-4, sp=sp,
                                 attn=cpu_platform.ULYSSES_SDPA if sp > 1 else "sdpa")
-    handle = attach(worker, RALConfig(lambda_attn=lam), actor) if lam else None
+    config = RALConfig(lambda_attn=lam, stats=stats, segment_names=("prompt", "response") if stats else None)
+    handle = attach(worker, config, actor) if lam else None
     per = B // (world // sp)
     # veRL's dispatch gives dp rank r the r-th contiguous chunk of the batch (the same to an sp group)
     dp_rank = rank // sp
@@ -120,7 +134,9 @@ def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, che
         with_reference(worker, batch, handle)
     else:
         old_log_probs(worker, batch)
-    losses, terms = [], []
+    if stats:
+        batch["ral_segments"] = prompt_response_segments(batch)
+    losses, terms, stat_values = [], [], []
     for _ in range(2):
         data = batch.clone()
         tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B,
@@ -129,7 +145,10 @@ def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, che
         metrics = tu.get(out, "metrics") if out is not None else {"loss": [], "ral/attn_loss": []}
         losses.append(metrics["loss"])
         terms.append(metrics.get("ral/attn_loss", [0.0]))
-    return {"params": params(worker), "losses": losses, "terms": terms, "old_log_probs": batch["old_log_probs"]}
+        if stats:
+            stat_values.append([float(x) for name in STATS_METRICS for x in metrics.get(name, [])])
+    return {"params": params(worker), "losses": losses, "terms": terms, "stats": stat_values,
+            "old_log_probs": batch["old_log_probs"]}
 
 
 def _dp_run(rank, world, port, model_path, remove_padding, out_path, sp=1, runs=({},)):
@@ -175,11 +194,12 @@ def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
     """veRL's Ulysses (ulysses_sequence_parallel_size=2 on 2 gloo processes; the model on cpu_platform's
     ULYSSES_SDPA, so veRL's head all-to-all runs, over SDPA) gives sp=1's old log-probs, losses and
     parameters: veRL alone, and with RAL, whose chosen layer runs ral.distributed.attention_kl_cp_varlen
-    on veRL's contiguous slices instead of the all-to-all (the attention terms equal, too)."""
+    on veRL's contiguous slices instead of the all-to-all (the attention terms equal, too, and with
+    RALConfig(stats=True) the logged entropy and segment masses)."""
     # seed 6: packed micro-batches of 35 and 28 tokens in the old-log-prob pass, 18, 17, 11, 17 in the
     # update: veRL pads the odd ones by one token for sp=2, the even ones not
     # with RAL: gradient checkpointing on (the chosen layer's recompute is paused, the others' all-to-alls recompute)
-    runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True))
+    runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True, stats=True))
     ones = [_dp_body(0, 1, model_path, True, 1, **run) for run in runs]
     twos = _two_ranks(tmp_path, model_path, 2, runs)
     for one, two in zip(ones, twos):
@@ -189,6 +209,11 @@ def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
         _assert_same_run(two, one, params_tol=(1e-4, 1e-5))
     assert abs(float(ones[1]["terms"][1][0])) > 1e-6
     assert float(ones[1]["losses"][1][0]) != float(ones[0]["losses"][1][0])      # the term moved the loss
+    # the statistics: logged at both steps (3 metrics each), equal under sp = 2, not all the same number
+    stats_one, stats_two = (torch.tensor(r["stats"]) for r in (ones[1], twos[1]))
+    assert stats_one.shape == (2, len(STATS_METRICS)) and stats_one[:, 1:].min() > 0.01
+    torch.testing.assert_close(stats_two, stats_one, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats_one[:, 1] + stats_one[:, 2], torch.ones(2, dtype=stats_one.dtype))
 
 
 def test_actor_rollout_ref_worker_from_config(model_path):
@@ -277,8 +302,7 @@ def test_attention_statistics_metrics_match_eager_maps(model_path, remove_paddin
     ids, cu = batch["input_ids"].values(), batch["input_ids"].offsets()
     rlen = batch["attention_mask"][:, P:].sum(1)
     lengths = cu.diff()
-    segments = torch.cat([(torch.arange(int(n)) >= int(n) - int(r)).long() for n, r in zip(lengths, rlen)])
-    batch["ral_segments"] = torch.nested.nested_tensor_from_jagged(segments, offsets=cu)
+    batch["ral_segments"] = prompt_response_segments(batch)
     metrics = update(worker, batch)
     handle.remove()
 
@@ -304,19 +328,15 @@ def test_attention_statistics_metrics_match_eager_maps(model_path, remove_paddin
     assert 0.05 < float(metrics["ral/attn_mass/response"][0]) < 0.95
 
 
-@pytest.mark.parametrize("attn,stats,match", [
-    ("sdpa", False, "needs the model on a flash-attention implementation, got 'sdpa'"),
-    (cpu_platform.ULYSSES_SDPA, True, r"RALConfig\(stats=True\) with ulysses_sequence_parallel_size > 1"),
-])
-def test_ulysses_refusals(model_path, attn, stats, match):
+def test_ulysses_refuses_sdpa(model_path):
     """Under Ulysses (an engine with use_ulysses_sp; no second process needed to build RAL's hook) an
     SDPA / eager model is refused (veRL's all-to-all runs only in the flash-attention forward, so veRL
-    itself would attend within each rank's slice), and so are the statistics; nothing is attached."""
+    itself would attend within each rank's slice); nothing is attached."""
     from types import SimpleNamespace
     from transformers import Qwen2ForCausalLM as Model
-    model = Model.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    model = Model.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
     engine = SimpleNamespace(use_ulysses_sp=True, ulysses_parallel_group=None, pad_to_length=False, module=model)
     worker = SimpleNamespace(engine=engine, loss_fn=None, set_loss_fn=None)
-    with pytest.raises(ValueError, match=match):
-        attach(worker, RALConfig(lambda_attn=1.0, stats=stats))
+    with pytest.raises(ValueError, match="needs the model on a flash-attention implementation, got 'sdpa'"):
+        attach(worker, RALConfig(lambda_attn=1.0))
     assert "forward_step" not in vars(engine)
