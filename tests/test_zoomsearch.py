@@ -8,8 +8,8 @@ import torch
 
 from ral import reference
 from ral.losses import attention_policy_loss, group_advantages
-from ral.train.tasks.zoomsearch import (ANS, LOOK, ZoomSearchTask, ZoomTrainer, row_policy,
-                                  zoom_attention_metrics)
+from ral.train.diagnostics import row_policy
+from ral.train.tasks.zoomsearch import ANS, LOOK, ZoomSearchTask, ZoomTrainer, zoom_attention_metrics
 from ral.train.trainer import TrainConfig, completion_mask
 
 pytest.importorskip("transformers")
@@ -160,6 +160,36 @@ def test_row_policy_matches_dense_softmax():
     assert float(pi[:, row].abs().max()) == 0.0
     pe, _ = row_policy(q, k, 1 / 3.0, row, heads="each")
     torch.testing.assert_close(pe[..., :row], each, rtol=1e-5, atol=1e-6)
+
+
+def test_row_policy_per_sample_rows_and_attention_metrics():
+    """row_policy with one row per sample ((B,) rows, left padding) equals a dense masked softmax at
+    those rows, and attention_metrics' entropy / target mass / uniform entropy are that policy's."""
+    from types import SimpleNamespace
+    from ral.train.diagnostics import attention_metrics
+    gen = torch.Generator().manual_seed(1)
+    b, h, hkv, s, d = 3, 4, 2, 11, 8
+    q, k = torch.randn(b, h, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[1, :3] = False                                       # sample 1 left-padded by 3
+    rows, targets = torch.tensor([10, 6, 4]), torch.tensor([2, 4, 0])
+    kk = k.repeat_interleave(2, 1)
+    want = torch.zeros(b, s, dtype=torch.float64)
+    for i in range(b):
+        r = int(rows[i])
+        keys = kpm[i, :r + 1]
+        scores = torch.einsum("hd,hjd->hj", q[i, :, r].double(), kk[i, :, :r + 1].double()) * 0.5
+        att = torch.softmax(scores.masked_fill(~keys, float("-inf")), -1).mean(0)
+        att[r] = 0.0
+        want[i, :r + 1] = att / att.sum()
+    pi, support = row_policy(q, k, 0.5, rows, kpm)
+    torch.testing.assert_close(pi.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(support, want > 0)
+    m = attention_metrics(SimpleNamespace(q=q, k=k, scale=0.5), kpm, rows, targets)
+    entropy = -(torch.where(want > 0, want * want.clamp_min(1e-300).log(), torch.zeros_like(want))).sum(-1)
+    assert m["attn_entropy"] == pytest.approx(float(entropy.mean()), rel=1e-5)
+    assert m["attn_on_target"] == pytest.approx(float(want[torch.arange(b), targets].mean()), rel=1e-5)
+    assert m["attn_uniform_entropy"] == pytest.approx(float((want > 0).sum(-1).double().log().mean()), rel=1e-6)
 
 
 def _group_batch(task, model, completions, g):

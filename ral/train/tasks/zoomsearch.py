@@ -63,14 +63,14 @@ from torch import Tensor
 
 from tqdm.auto import tqdm
 
-from ... import reference as _ref
 from ...integrations.models import language_model
 from ...integrations.transformers import AttentionPolicy, _sdpa_plain
 from ...losses import attention_policy_loss
+from ..diagnostics import policy_entropy, row_policy
 from ..trainer import RALTrainer, TrainConfig, atomic_save, evaluate, token_logps
 from .grounding import BOS, EOS, IMG, PAD, PromptBatch, TinyModelConfig, TinyVLM
 
-__all__ = ["ZoomConfig", "ZoomSearchTask", "ZoomPrompts", "ZoomTrainer", "row_policy", "zoom_attention_metrics",
+__all__ = ["ZoomConfig", "ZoomSearchTask", "ZoomPrompts", "ZoomTrainer", "zoom_attention_metrics",
            "add_zoom_arguments", "cmd_train", "FORMATS", "CONTROLS"]
 
 FORMATS = ("zoom", "direct")
@@ -310,32 +310,6 @@ class _MixedGrids:
 # Attention policy at single rows
 # ----------------------------------------------------------------------------------------------
 
-def row_policy(q: Tensor, k: Tensor, scale: float, row: int, key_padding_mask: Optional[Tensor] = None,
-               heads: str = "mean") -> Tuple[Tensor, Tensor]:
-    """The attention policy (SPEC section 3: causal, self excluded, renormalised) of one query row.
-
-    q (B, H, S, D) and k (B, Hkv, S, D) post-rotary (a ``LayerReference``'s, or captured during a
-    forward: differentiable). Returns (pi, support): pi (B, row + 1) for heads="mean" or
-    (B, H, row + 1) for "each", 0 off the support; support (B, row + 1) bool. Uses the float
-    ``ral.reference`` functions on the one row: O(B * H * S) memory.
-    """
-    b = q.shape[0]
-    q1, k1 = q[:, :, row:row + 1].float(), k[:, :, :row + 1].float()
-    kpm = None if key_padding_mask is None else key_padding_mask[:, :row + 1]
-    attended, support = _ref.key_sets(b, 1, row + 1, causal=True, exclude_self=True, key_padding_mask=kpm,
-                                      device=q.device)
-    scores = _ref.head_scores(q1, k1, scale)
-    stats = _ref.row_stats(scores, attended, support)
-    log_pi = _ref.log_policy(scores, stats, attended, support, heads)
-    sup = support if heads == "mean" else support[:, None]
-    pi = torch.where(sup, log_pi.exp(), torch.zeros_like(log_pi))
-    return pi.squeeze(-2), support.squeeze(1)
-
-
-def _entropy(p: Tensor) -> Tensor:
-    return -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p))).sum(-1)
-
-
 def zoom_attention_metrics(layer_ref, key_padding_mask: Optional[Tensor], task: ZoomSearchTask,
                            prompts: ZoomPrompts, completions: Tensor, group_size: int) -> Dict[str, float]:
     """Diagnostics of the recorded (old) attention policy; see the module doc. Keys:
@@ -352,8 +326,8 @@ def zoom_attention_metrics(layer_ref, key_padding_mask: Optional[Tensor], task: 
             out[f"attn_{name}_target_best_head"] = float(each[idx, :, targets].mean(0).max())
             if name == "ans":
                 groups = pi.view(-1, group_size, pi.shape[-1])
-                out["attn_ans_dispersion"] = float((_entropy(groups.mean(1)) - _entropy(groups).mean(1)).mean())
-                out["attn_ans_entropy"] = float(_entropy(pi).mean())
+                out["attn_ans_dispersion"] = float((policy_entropy(groups.mean(1)) - policy_entropy(groups).mean(1)).mean())
+                out["attn_ans_entropy"] = float(policy_entropy(pi).mean())
         if task.cfg.fmt == "zoom":
             regions = completions[:, 1].view(-1, group_size)
             out["region_diversity"] = float((regions != regions[:, :1]).any(1).float().mean())
