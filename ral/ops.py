@@ -535,12 +535,12 @@ def _backward(ctx, dout, ddiv, _stats, _ref_stats_out, _gbar, _cbar, dentropy, d
      policy_stats, num_segments, no_reference) = ctx.flags
     if no_reference:  # no divergence: w = 0, and the backward never reads the placeholder reference
         ddiv = None
-    dout, w, delta = _backward_inputs(dout, ddiv, out if v is not None else None, stats, gbar, cbar, row_mask,
-                                      heads_each)
+    live = _live_rows(stats, row_mask, heads_each)
+    dout, w, delta = _backward_inputs(dout, ddiv, out if v is not None else None, stats, gbar, cbar, live, heads_each)
     stats_w = None
     if policy_stats and (dentropy is not None or (num_segments and dmass is not None)):
         gbar, stats_w, delta = _stats_backward_inputs(w, gbar, delta, dentropy, dmass if num_segments else None,
-                                                      entropy, mass, cstats, stats, row_mask, heads_each,
+                                                      entropy, mass, cstats, stats, live, heads_each,
                                                       num_segments)
     dq, dk, dv = torch.ops.ral.attention_kl_backward(
         dout, w, delta, q, k, v, q_ref, k_ref, stats, ref_stats, gbar,
@@ -559,12 +559,11 @@ def _live_rows(stats, row_mask, heads_each):
     return live
 
 
-def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, row_mask, heads_each):
+def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, live, heads_each):
     """(dout, w, delta) that a backend's backward takes (ral.backends), from the upstream
-    gradients and the forward's outputs (out None when there is no v); row-wise."""
+    gradients and the forward's outputs (out None when there is no v); live = _live_rows(...); row-wise."""
     n_heads = stats.shape[1]
     # w: the upstream gradient of div, 0 on rows that carry no divergence (row_mask False, empty P).
-    live = _live_rows(stats, row_mask, heads_each)
     w = ddiv.float() if ddiv is not None else torch.zeros_like(gbar)
     w = torch.where(live, w, torch.zeros_like(w))
     # delta = rowsum(dout * out) + w * c_h / H: the c_h term has the shape of the softmax's Delta.
@@ -578,13 +577,13 @@ def _backward_inputs(dout, ddiv, out, stats, gbar, cbar, row_mask, heads_each):
     return dout, w.contiguous(), delta.contiguous()
 
 
-def _stats_backward_inputs(w, gbar, delta, dentropy, dmass, entropy, mass, cstats, stats, row_mask, heads_each,
+def _stats_backward_inputs(w, gbar, delta, dentropy, dmass, entropy, mass, cstats, stats, live, heads_each,
                            num_segments):
     """(gbar_total, stats_w, delta) of a backward with policy statistics (docs/design.md, "Attention
     statistics"): g_j gains w_E (-log pi_j) + w_seg(j), so, being linear in the weights,
     gbar_total = w gbar + w_E entropy + sum_s w_s mass_s, and ("mean") delta gains
-    (w_E c^E_h + sum_s w_s c^s_h) / H from the forward's cstats. stats_w = [w_E, w_0 ..] per row, 0 on dead rows."""
-    live = _live_rows(stats, row_mask, heads_each)
+    (w_E c^E_h + sum_s w_s c^s_h) / H from the forward's cstats. stats_w = [w_E, w_0 ..] per row, 0 on
+    dead rows (live False: _live_rows)."""
     w_e = dentropy.float() if dentropy is not None else torch.zeros_like(w)
     weights = [w_e[..., None]]
     if num_segments:

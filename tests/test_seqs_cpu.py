@@ -37,7 +37,8 @@ def kernel_run(call: Call, dout, ddiv) -> dict:
     has_v = call.v is not None
     ref_stats = call.ref_stats if call.ref_stats is not None else ref_stats_out
     dout, w, delta = ops._backward_inputs(dout.to(out.dtype) if has_v else None, ddiv.float(),
-                                          out if has_v else None, stats, gbar, cbar, call.row_mask,
+                                          out if has_v else None, stats, gbar, cbar,
+                                          ops._live_rows(stats, call.row_mask, call.options.heads_each),
                                           call.options.heads_each)
     dq, dk, dv = cpu.backward(call, dout, w, delta, stats, ref_stats, gbar)
     got = dict(out=out if has_v else None, div=div, stats=stats, dq=dq, dk=dk, dv=dv if has_v else None)

@@ -65,7 +65,8 @@ def run_call(call: Call, dout, ddiv) -> dict:
     out, div, stats, ref_stats_out, gbar, cbar = be.forward(call)
     ref_stats = call.ref_stats if call.ref_stats is not None else ref_stats_out
     dout, w, delta = ops._backward_inputs(dout.to(out.dtype) if call.v is not None else None, ddiv,
-                                          out if call.v is not None else None, stats, gbar, cbar, call.row_mask,
+                                          out if call.v is not None else None, stats, gbar, cbar,
+                                          ops._live_rows(stats, call.row_mask, call.options.heads_each),
                                           call.options.heads_each)
     dq, dk, dv = be.backward(call, dout, w, delta, stats, ref_stats, gbar)
     got = dict(out=out if call.v is not None else None, div=div, stats=stats, dq=dq, dk=dk,
