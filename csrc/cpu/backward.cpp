@@ -425,6 +425,7 @@ void backward(const AttentionKLParams& p) {
   const Schedule schedule(p, geo);
   WorkQueue queue(schedule.size());
   float* scratch = reinterpret_cast<float*>(p.scratch);
+  advise_huge_pages(p.scratch, p.scratch_bytes);
   run_threads(n_threads, [&](int t) {
     Backward kernel(p, geo, scratch + t * partial_floats(p, geo), batch_locks);
     int64_t item;

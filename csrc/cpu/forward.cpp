@@ -575,6 +575,7 @@ void forward(const AttentionKLParams& p) {
   const int64_t cache_tiles =
       std::min(key_tiles(p), p.scratch_bytes / static_cast<int64_t>(sizeof(float)) / n_threads / slot_floats);
   float* cache = cache_tiles > 0 ? reinterpret_cast<float*>(p.scratch) : nullptr;
+  if (cache) advise_huge_pages(p.scratch, p.scratch_bytes);
   const Schedule schedule(p, geo);
   WorkQueue queue(schedule.size());
   run_threads(n_threads, [&](int t) {
