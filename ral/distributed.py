@@ -18,6 +18,13 @@ Memory per rank: O(S/P · H · D) for its queries, outputs and their gradients, 
 for the gathered keys / values (and k_ref with Hrkv · Dr), plus the op's O(B · H · S/P) row
 statistics. Nothing grows as S × S or (S/P) × S.
 
+Overlap: the reference's keys are known before the forward starts, so ``prefetch_keys`` all-gathers
+them asynchronously ahead of the chosen layer (and a caller holding the whole stream's reference
+passes it as ``GatheredKeys(whole)``, with no collective); the policy's own keys and values exist only
+at the chosen layer and are gathered there, synchronously: overlapping that gather with the op's own
+work would need the op split into a statistics sweep per arriving key chunk and a second sweep,
+which the kernels do not offer.
+
 The result equals ``ral.ops.attention_kl`` on the whole sequence in one process (values and
 gradients), which tests/test_distributed.py checks on 2 and 4 gloo processes.
 """
@@ -34,7 +41,8 @@ from torch import Tensor
 from . import ops
 from .reference import AttentionKL
 
-__all__ = ["attention_kl_cp", "attention_kl_cp_varlen", "shard", "unshard", "chunks", "causal_work", "LAYOUTS"]
+__all__ = ["attention_kl_cp", "attention_kl_cp_varlen", "shard", "unshard", "prefetch_keys", "GatheredKeys", "chunks",
+           "causal_work", "LAYOUTS"]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -82,25 +90,77 @@ def unshard(x: Tensor, dim: int, seq_len: int, group=None, layout: str = "zigzag
     return _Gather.apply(x, dim, seq_len, group, layout)
 
 
+def _start_gather(x: Tensor, dim: int, seq_len: int, group, layout: str, async_op: bool):
+    """Starts the all-gather of every rank's shard (padded to the longest): (work or None, parts, chunks)."""
+    _, world = _rank_world(group)
+    layout_chunks = chunks(seq_len, world, layout)
+    longest = max(sum(length for _, length in c) for c in layout_chunks)
+    padded = _pad_to(x.contiguous(), dim, longest)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    work = dist.all_gather(parts, padded, group=group, async_op=async_op)
+    return work, parts, layout_chunks
+
+
+def _assemble(parts: List[Tensor], dim: int, layout_chunks) -> Tensor:
+    """The whole sequence, in natural order, from the gathered (padded) shards of every rank."""
+    pieces = []
+    for part, rank_chunks in zip(parts, layout_chunks):
+        offset = 0
+        for start, length in rank_chunks:
+            pieces.append((start, part.narrow(dim, offset, length)))
+            offset += length
+    return torch.cat([piece for _, piece in sorted(pieces, key=lambda item: item[0])], dim=dim)
+
+
+class GatheredKeys:
+    """A whole sequence of reference keys for the ``k_ref`` argument of ``attention_kl_cp`` /
+    ``attention_kl_cp_varlen``, in place of this rank's shard, so that the op does not all-gather it
+    at the chosen layer: ``prefetch_keys`` starts that all-gather early and asynchronously (NCCL runs
+    it on its own stream, gloo on its worker thread) so that it overlaps whatever the rank computes
+    before the chosen layer (the reference's keys are known before the forward starts), and
+    ``GatheredKeys(whole)`` wraps a tensor that already holds every position (a reference recorded for
+    the whole stream), which needs no collective at all. Every rank of the group must pass the same
+    kind of k_ref (shards, or GatheredKeys). No gradient flows through it (k_ref never gets one).
+
+    whole: the whole sequence, (B, Hrkv, S, Dr) for attention_kl_cp or (T, Hrkv, Dr) for the varlen op.
+    """
+
+    def __init__(self, whole: Optional[Tensor] = None):
+        if whole is not None and not isinstance(whole, Tensor):
+            raise TypeError(f"whole: expected a Tensor, got {type(whole).__name__}")
+        self._whole = None if whole is None else whole.detach()
+        self._pending = None  # (work, parts, dim, chunks) of a prefetch not waited for yet
+
+    def wait(self) -> Tensor:
+        """The whole sequence (waits for the prefetch's all-gather the first time)."""
+        if self._pending is not None:
+            work, parts, dim, layout_chunks = self._pending
+            work.wait()
+            self._whole, self._pending = _assemble(parts, dim, layout_chunks), None
+        return self._whole
+
+
+def prefetch_keys(x: Tensor, dim: int, seq_len: int, group=None, layout: str = "zigzag") -> GatheredKeys:
+    """Starts the all-gather of this rank's shard `x` (positions along `dim`, as ``shard`` gives them) of
+    a sequence of `seq_len` positions and returns it as ``GatheredKeys`` for the ``k_ref`` of
+    ``attention_kl_cp`` (dim 2) or ``attention_kl_cp_varlen`` (dim 0), which waits for it. A
+    collective: every rank of `group` calls it, in the same order as its other collectives there."""
+    _require_group("prefetch_keys")
+    _check_shards(group, seq_len, layout, (("x", x, dim),))
+    keys = GatheredKeys()
+    work, parts, layout_chunks = _start_gather(x.detach(), dim, seq_len, group, layout, async_op=True)
+    keys._pending = (work, parts, dim, layout_chunks)
+    return keys
+
+
 class _Gather(torch.autograd.Function):
     """All-gather of sequence shards into natural order; backward: reduce-scatter of the gradient."""
 
     @staticmethod
     def forward(ctx, x, dim, seq_len, group, layout):
-        rank, world = _rank_world(group)
-        layout_chunks = chunks(seq_len, world, layout)
-        ctx.dim, ctx.group, ctx.rank, ctx.chunks = dim, group, rank, layout_chunks
-        longest = max(sum(length for _, length in c) for c in layout_chunks)
-        padded = _pad_to(x.contiguous(), dim, longest)
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=group)
-        pieces = []
-        for part, rank_chunks in zip(parts, layout_chunks):
-            offset = 0
-            for start, length in rank_chunks:
-                pieces.append((start, part.narrow(dim, offset, length)))
-                offset += length
-        return torch.cat([piece for _, piece in sorted(pieces, key=lambda item: item[0])], dim=dim)
+        _, parts, layout_chunks = _start_gather(x, dim, seq_len, group, layout, async_op=False)
+        ctx.dim, ctx.group, ctx.rank, ctx.chunks = dim, group, _rank_world(group)[0], layout_chunks
+        return _assemble(parts, dim, layout_chunks)
 
     @staticmethod
     def backward(ctx, grad):
@@ -143,7 +203,8 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
     Every tensor is this rank's shard in `layout` (see ``shard``), with all heads:
         q (B, H, S_r, D), k (B, Hkv, S_r, D), v (B, Hkv, S_r, Dv) or None, q_ref (B, Hr, S_r, Dr),
         k_ref (B, Hrkv, S_r, Dr), ref_stats (B, Hr, S_r, 2), key_padding_mask (B, S_r), row_mask (B, S_r),
-        key_segments (B, S_r) with num_segments;
+        key_segments (B, S_r) with num_segments; k_ref may instead be a ``GatheredKeys`` of the whole
+        (B, Hrkv, S, Dr) (``prefetch_keys``: gathered ahead, overlapping earlier compute);
     seq_len: S, the whole sequence's length. Other arguments as in ``attention_kl``.
 
     Returns this rank's rows: out (B, H, S_r, Dv), div (B, S_r) or (B, H, S_r), stats (B, H, S_r, 2),
@@ -153,7 +214,8 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
     """
     _require_group("attention_kl_cp")
     rank, layout_chunks = _check_shards(group, seq_len, layout, (
-        ("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", k_ref, 2), ("v", v, 2), ("ref_stats", ref_stats, 2),
+        ("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", _shard_or_none(k_ref), 2), ("v", v, 2),
+        ("ref_stats", ref_stats, 2),
         ("key_padding_mask", key_padding_mask, 1), ("row_mask", row_mask, 1), ("key_segments", key_segments, 1)))
     k_all, v_all, k_ref_all, kpm_all, segments_all = _gather_keys(
         k, v, k_ref, key_padding_mask, key_segments, 2, seq_len, group, layout)
@@ -178,8 +240,9 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
     so a rank's chunk may hold the end of one packed sequence and the start of the next. Each rank
     passes its shard with all heads: q (T_r, H, D), k (T_r, Hkv, D), v (T_r, Hkv, Dv) or None,
     q_ref (T_r, Hr, Dr), k_ref (T_r, Hrkv, Dr), ref_stats (T_r, Hr, 2), row_mask (T_r,),
-    key_segments (T_r,); and the whole stream's cu_seqlens (N + 1,) int32 (the same on every rank)
-    with max_seqlen, its longest sequence. Other arguments as in ``attention_kl_varlen``.
+    key_segments (T_r,) (k_ref may instead be a ``GatheredKeys`` of the whole (T, Hrkv, Dr)); and the
+    whole stream's cu_seqlens (N + 1,) int32 (the same on every rank) with max_seqlen, its longest
+    sequence. Other arguments as in ``attention_kl_varlen``.
 
     Keys, values, k_ref and the segment ids are all-gathered; every (local chunk, packed sequence)
     overlap is one work unit whose rows sit at their positions inside their own sequence. Returns
@@ -191,7 +254,8 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
     cu = _checked_cu_seqlens(cu_seqlens, max_seqlen, causal)
     total = cu[-1]
     rank, layout_chunks = _check_shards(group, total, layout, (
-        ("q", q, 0), ("k", k, 0), ("q_ref", q_ref, 0), ("k_ref", k_ref, 0), ("v", v, 0), ("ref_stats", ref_stats, 0),
+        ("q", q, 0), ("k", k, 0), ("q_ref", q_ref, 0), ("k_ref", _shard_or_none(k_ref), 0), ("v", v, 0),
+        ("ref_stats", ref_stats, 0),
         ("row_mask", row_mask, 0), ("key_segments", key_segments, 0)))
     k_all, v_all, k_ref_all, _, segments_all = _gather_keys(k, v, k_ref, None, key_segments, 0, total, group, layout)
     call = ops._checked_call(*(ops.packed_as_dense(t) for t in (q, k_all, v_all, q_ref, k_ref_all, ref_stats)),
@@ -200,6 +264,11 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
                              None if segments_all is None else segments_all.unsqueeze(0), num_segments)
     seqs, longest = _local_packed_units(layout_chunks[rank], cu, causal, q.device)
     return ops.dense_as_packed(ops.run_table(call, seqs, longest, int(max_seqlen), backend), heads)
+
+
+def _shard_or_none(k_ref):
+    """k_ref for the shard check: None for a GatheredKeys (checked whole when it is used)."""
+    return None if isinstance(k_ref, GatheredKeys) else k_ref
 
 
 def _require_group(op: str) -> None:
@@ -236,10 +305,16 @@ def _check_shards(group, seq_len: int, layout: str, given):
 
 
 def _gather_keys(k, v, k_ref, key_padding_mask, key_segments, dim: int, seq_len: int, group, layout: str):
-    """The whole sequence's k, v (differentiable gathers), k_ref, key padding mask (along dim - 1)
-    and key segment ids (likewise) from every rank's shard; None stays None."""
+    """The whole sequence's k, v (differentiable gathers), k_ref (from a GatheredKeys as it is), key
+    padding mask (along dim - 1) and key segment ids (likewise) from every rank's shard; None stays None."""
     k_all, v_all = (None if t is None else unshard(t, dim, seq_len, group, layout) for t in (k, v))
-    k_ref_all = unshard(k_ref.detach(), dim, seq_len, group, layout)
+    if isinstance(k_ref, GatheredKeys):
+        k_ref_all = k_ref.wait()
+        if k_ref_all.dim() <= dim or k_ref_all.shape[dim] != seq_len:
+            raise ValueError(f"k_ref: a GatheredKeys holds the whole sequence, {seq_len} positions along dim {dim}, "
+                             f"got shape {tuple(k_ref_all.shape)}")
+    else:
+        k_ref_all = unshard(k_ref.detach(), dim, seq_len, group, layout)
     mask_dim = max(dim - 1, 0)
     kpm_all = (None if key_padding_mask is None
                else unshard(key_padding_mask.to(torch.uint8), mask_dim, seq_len, group, layout).to(torch.bool))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from oracle import FLOOR, _err
 from ral import backends
-from ral.distributed import shard
+from ral.distributed import GatheredKeys, shard
 from ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -83,6 +83,9 @@ def _script(dtype, backend, group, layout, packed):
         for p in model.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype))
     with policy.compare(rec.reference, row_mask=local(rows), key_segments=local(segments)) as cmp:
+        # under cp_group the reference keys' all-gather is in flight before the model runs
+        assert group is None or (len(policy._prefetched) == 1 and
+                                 isinstance(policy._prefetched[0], GatheredKeys)), policy._prefetched
         logits = model(**call).logits
     got = dict(recorded=recorded, logits=logits, div=cmp.div, entropy=cmp.entropy, mass=cmp.mass)
     loss = sum((got[name].double() * local(w)).sum() for name, w in zip(("logits", "div", "entropy", "mass"), weights))

@@ -14,7 +14,8 @@ import torch
 import ral
 from oracle import FLOOR, PackedProblem, Problem, _err, cast, packed_upstream, run, stats_upstream, upstream
 from ral import backends
-from ral.distributed import attention_kl_cp, attention_kl_cp_varlen, causal_work, chunks, shard
+from ral.distributed import (GatheredKeys, attention_kl_cp, attention_kl_cp_varlen, causal_work, chunks, prefetch_keys,
+                             shard)
 from ranks import run_ranks
 
 CASES = {
@@ -37,15 +38,24 @@ PACKED_CASES = {
 }
 
 
-def _case(case, seq_len, layout, backend, dtype_name):
-    """One rank's report for `case` (run by ranks.run_ranks in every spawned process)."""
+def _case(case, seq_len, layout, backend, dtype_name, keys="shard"):
+    """One rank's report for `case` (run by ranks.run_ranks in every spawned process); keys: how k_ref
+    is passed: this rank's "shard", "prefetch" (prefetch_keys) or "whole" (GatheredKeys of the whole)."""
     dtype = getattr(torch, dtype_name)
     if case in PACKED_CASES:
-        return _packed_case(case, layout, backend, dtype)
-    return _dense_case(case, seq_len, layout, backend, dtype)
+        return _packed_case(case, layout, backend, dtype, keys)
+    return _dense_case(case, seq_len, layout, backend, dtype, keys)
 
 
-def _dense_case(case, seq_len, layout, backend, dtype):
+def _reference_keys(k_ref_whole, dim, seq_len, layout, keys):
+    """k_ref for the op, passed as `keys` says (see _case)."""
+    if keys == "whole":
+        return GatheredKeys(k_ref_whole)
+    mine = shard(k_ref_whole, dim, layout=layout)
+    return prefetch_keys(mine, dim, seq_len, layout=layout) if keys == "prefetch" else mine
+
+
+def _dense_case(case, seq_len, layout, backend, dtype, keys="shard"):
     fields = {"batch": 2, "heads": 4, "kv_heads": 4, "head_dim": 16, "seed": 7, **CASES[case]}
     problem = Problem(q_len=seq_len, k_len=seq_len, **fields)
     base = problem.make()
@@ -59,8 +69,9 @@ def _dense_case(case, seq_len, layout, backend, dtype):
 
     kw = cast(base, dtype)
     leaves = {name: local(kw[name], 2).detach().requires_grad_(True) for name in ("q", "k", "v")}
+    k_ref = _reference_keys(kw["k_ref"], 2, seq_len, layout, keys)
     res = attention_kl_cp(
-        leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"], 2), k_ref=local(kw["k_ref"], 2),
+        leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"], 2), k_ref=k_ref,
         seq_len=seq_len, layout=layout, ref_stats=local(kw.get("ref_stats"), 2),
         key_padding_mask=local(kw.get("key_padding_mask"), 1), row_mask=local(kw.get("row_mask"), 1),
         key_segments=local(kw.get("key_segments"), 1), num_segments=kw.get("num_segments"),
@@ -73,7 +84,7 @@ def _dense_case(case, seq_len, layout, backend, dtype):
     return _compare(res, leaves, whole, want, lambda t, name: local(t, dims.get(name, 2)), dtype)
 
 
-def _packed_case(case, layout, backend, dtype):
+def _packed_case(case, layout, backend, dtype, keys="shard"):
     problem = PackedProblem(seed=7, **PACKED_CASES[case])
     base = problem.make()
     dout, ddiv = packed_upstream(base)
@@ -87,8 +98,9 @@ def _packed_case(case, layout, backend, dtype):
 
     kw = cast(base, dtype)
     leaves = {name: local(kw[name]).detach().requires_grad_(True) for name in ("q", "k", "v")}
+    k_ref = _reference_keys(kw["k_ref"], 0, int(kw["cu_seqlens_q"][-1]), layout, keys)
     res = attention_kl_cp_varlen(
-        leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"]), k_ref=local(kw["k_ref"]),
+        leaves["q"], leaves["k"], leaves["v"], q_ref=local(kw["q_ref"]), k_ref=k_ref,
         cu_seqlens=kw["cu_seqlens_q"], max_seqlen=kw["max_seqlen_q"], layout=layout,
         ref_stats=local(kw.get("ref_stats")), row_mask=local(kw.get("row_mask")),
         key_segments=local(kw.get("key_segments")), num_segments=kw.get("num_segments"), backend=backend,
@@ -131,8 +143,8 @@ def _compare(res, leaves, whole, want, local, dtype) -> list:
     return report
 
 
-def spawn(tmp_path, world, case, seq_len, layout="zigzag", backend="reference", dtype="float64"):
-    run_ranks(tmp_path, world, case, _case, case, seq_len, layout, backend, dtype)
+def spawn(tmp_path, world, case, seq_len, layout="zigzag", backend="reference", dtype="float64", keys="shard"):
+    run_ranks(tmp_path, world, f"{case}-{keys}", _case, case, seq_len, layout, backend, dtype, keys)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -160,6 +172,28 @@ def test_packed_stream_on_four_ranks_equals_one_process_float64(tmp_path, layout
                                         (2, "segments-mean"), (4, "packed-segments")])
 def test_cpu_kernels_on_ranks(tmp_path, world, case):
     spawn(tmp_path, world, case, seq_len=37, backend="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("case,keys", [("gqa-teacher-rkl", "prefetch"), ("ref-stats", "whole"),
+                                       ("packed-teacher-rowmask", "prefetch"), ("packed-segments", "whole")])
+def test_reference_keys_gathered_ahead_or_given_whole(tmp_path, case, keys):
+    """k_ref as prefetch_keys' asynchronous all-gather (started before the op) or as a GatheredKeys of
+    the whole sequence gives what this rank's shard gives: the single-process op's rows."""
+    spawn(tmp_path, 2, case, seq_len=23 if case in CASES else None, keys=keys)
+
+
+def test_gathered_keys_of_the_wrong_length_are_refused(tmp_path):
+    run_ranks(tmp_path, 2, "wrong-keys", _wrong_keys)
+
+
+def _wrong_keys():
+    q = torch.zeros(1, 2, 5, 8)                                   # rank's shard of S = 10 (either rank)
+    try:
+        attention_kl_cp(q, q, q, q_ref=q, k_ref=GatheredKeys(torch.zeros(1, 2, 9, 8)), seq_len=10,
+                        layout="contiguous", backend="reference")
+    except ValueError as e:
+        return ["refused:ok" if "k_ref: a GatheredKeys holds the whole sequence, 10 positions" in str(e) else f"FAIL:{e}"]
+    return ["FAIL:accepted"]
 
 
 def test_chunks_cover_the_sequence_once():

@@ -122,7 +122,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
-from ..distributed import LAYOUTS, attention_kl_cp, attention_kl_cp_varlen, chunks, unshard
+from ..distributed import LAYOUTS, GatheredKeys, attention_kl_cp, attention_kl_cp_varlen, chunks, prefetch_keys, unshard
 
 __all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
            "packed_sequences", "register", "ral_attention_forward", "token_segments", "IMPLEMENTATION",
@@ -682,6 +682,7 @@ class AttentionPolicy:
             module._ral_policy = (self, slot)
         self._mode: Optional[str] = None
         self._state = None
+        self._prefetched: Dict[int, GatheredKeys] = {}   # compare under cp_group: reference keys in flight
         self._attention_mask: Optional[Tensor] = None
         self._input_ids: Optional[Tensor] = None
         self._explicit_mask = False
@@ -773,8 +774,32 @@ class AttentionPolicy:
         cmp = Comparison(segment_names=self.segment_names)
         with self._active("compare", (reference, row_mask, cmp, self._checked_segments(key_segments)),
                           attention_mask):
-            yield cmp
+            self._prefetched = self._prefetch_reference_keys(reference) if self.cp_group is not None else {}
+            try:
+                yield cmp
+            finally:
+                self._prefetched = {}
         self._attention_mask = None
+
+    def _prefetch_reference_keys(self, reference: "AttentionReference") -> Dict[int, GatheredKeys]:
+        """Under cp_group: every chosen layer's reference keys (this rank's shard), all-gathered now,
+        asynchronously, while the model runs the layers before the chosen one (``prefetch_keys``);
+        the chosen layer hands them to the op as its k_ref. The shards' sizes are gathered first and
+        checked on every rank alike, so that a bad reference raises on all ranks, not in a collective."""
+        dim = 0 if reference.packing is not None else 2
+        local = reference.layers[0].k.shape[dim]
+        world = dist.get_world_size(self.cp_group)
+        device = reference.layers[0].k.device
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local], dtype=torch.int64, device=device), group=self.cp_group)
+        sizes = [int(n) for n in sizes]
+        seq_len = sum(sizes)
+        want = [sum(length for _, length in c) for c in chunks(seq_len, world, self.cp_layout)]
+        if sizes != want:
+            raise ValueError(f"reference: the ranks hold {sizes} key positions; shards of a sequence of {seq_len} in "
+                             f"layout {self.cp_layout!r} have {want}: compare with the reference each rank recorded")
+        return {slot: prefetch_keys(layer.k, dim, seq_len, self.cp_group, self.cp_layout)
+                for slot, layer in enumerate(reference.layers)}
 
     @contextlib.contextmanager
     def observe(self, row_mask: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
@@ -985,7 +1010,8 @@ class AttentionPolicy:
         else:
             ref = reference.layers[slot]
             _check_cp_reference(reference, ref, packing, batch, local)
-        res = op(q, k, v, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale, ref_scale=ref.scale,
+        k_ref = self._prefetched.get(slot, ref.k) if self._mode == "compare" else ref.k
+        res = op(q, k, v, q_ref=ref.q, k_ref=k_ref, ref_stats=ref.stats, scale=scale, ref_scale=ref.scale,
                  row_mask=rows, **statistics, **cp)
         results = (None if self._mode == "observe" else res.div, res.entropy, res.mass if has_mass else None)
         if packing is not None:

@@ -447,12 +447,16 @@ class RALActor:
         self._sp_longest = int(cu_pad.diff().max())
         self._sp_packing = Packing(cu.to(torch.int32), cu.to(torch.int32), int(cu.diff().max()), int(cu.diff().max()))
 
+    def _sp_whole(self, t: Tensor) -> Tensor:
+        """A whole-stream (T, ...) tensor padded like veRL's inputs: (T_pad, ...)."""
+        if self._sp_pad:
+            t = torch.cat([t, t.new_zeros((self._sp_pad,) + tuple(t.shape[1:]))])
+        return t
+
     def _sp_local(self, t: Tensor) -> Tensor:
         """This sp rank's contiguous slice of a whole-stream (T, ...) tensor padded like veRL's inputs."""
         from ral.distributed import shard
-        if self._sp_pad:
-            t = torch.cat([t, t.new_zeros((self._sp_pad,) + tuple(t.shape[1:]))])
-        return shard(t, 0, self._sp_group, "contiguous")
+        return shard(self._sp_whole(t), 0, self._sp_group, "contiguous")
 
     def _sp_gathered(self, reference: AttentionReference) -> AttentionReference:
         """The recorded slices all-gathered over the sp group into the whole stream (padding dropped)."""
@@ -469,7 +473,7 @@ class RALActor:
     def _attend_ulysses(self, slot: int, module, query: Tensor, key: Tensor, value: Tensor, scaling):
         """The chosen layer under Ulysses: query (1, H, T_r, D), key / value (1, Hkv, T_r, D), this
         rank's slice with all heads -> ((1, T_r, H, Dv), None)."""
-        from ral.distributed import attention_kl_cp_varlen
+        from ral.distributed import GatheredKeys, attention_kl_cp_varlen
         from verl.utils.ulysses import gather_outputs_and_unpad
         policy = self.policy
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
@@ -497,7 +501,8 @@ class RALActor:
         statistics, has_mass = policy._statistics(key, (1, int(self._sp_cu[-1]) - self._sp_pad))
         if statistics:
             statistics["key_segments"] = self._sp_local(statistics["key_segments"].reshape(-1))
-        res = attention_kl_cp_varlen(q, k, v, q_ref=self._sp_local(ref.q), k_ref=self._sp_local(ref.k),
+        # the batch holds the whole stream's reference: its keys go in whole, with no all-gather
+        res = attention_kl_cp_varlen(q, k, v, q_ref=self._sp_local(ref.q), k_ref=GatheredKeys(self._sp_whole(ref.k)),
                                      ref_stats=self._sp_local(ref.stats), ref_scale=ref.scale, row_mask=rows,
                                      **statistics, **opts)
 
