@@ -94,7 +94,8 @@ stand-in for flash-attn). The model must be on a flash-attention implementation 
 veRL's all-to-all never runs: veRL itself would attend within each rank's slice; refused).
 ``RALConfig(stats=True)`` works there too: each rank passes its slice of the ``ral_segments`` ids,
 gathered with the keys, and the entropy / masses are gathered like div (tested: P = 2 logs what P = 1
-logs). VLMs under Ulysses are untested.
+logs). Qwen2-VL / Qwen2.5-VL under Ulysses are refused: veRL's all-to-all for them lives in the
+attention forward RAL replaces (``qwen2_vl_attn_forward``, which also needs flash-attn).
 
 Limits: ``pad_to_length`` must be off,
 ``use_fused_kernels`` is fine (the term does not need logits). Only FSDP/FSDP2 engines (language
@@ -267,8 +268,9 @@ def _register_implementation(original: str) -> str:
 # directly, past transformers' attention interface: the chosen layers would never reach RAL ("record:
 # the chosen layers did not run"), and without flash-attn (CPU) it cannot run at all. transformers'
 # own forward, kept here from before veRL patches it, routes through the model's attention
-# implementation and passes the text position ids that show the packing (under sequence parallel, the
-# other reason for veRL's patch, that path is untested).
+# implementation and passes the text position ids that show the packing. Under sequence parallelism,
+# the other reason for veRL's patch, the patched forward also holds veRL's all-to-all: such models
+# are refused there.
 _VERL_PATCHED_ATTENTION = (("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention"),
                            ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLAttention"))
 _TRANSFORMERS_FORWARD = {}
@@ -290,9 +292,9 @@ def _keep_transformers_forwards():
 _keep_transformers_forwards()
 
 
-def _restore_attention_forwards(model) -> list:
-    """Give the decoder attention modules veRL patched transformers' forward back (per instance)."""
-    restored = []
+def _verl_patched_attention(model) -> list:
+    """(module, transformers' forward) of every decoder attention module whose class veRL patched."""
+    found = []
     for module in model.modules():
         cls = next((c for c in type(module).__mro__ if c in _TRANSFORMERS_FORWARD), None)
         if cls is None or cls.forward is _TRANSFORMERS_FORWARD[cls]:
@@ -300,7 +302,15 @@ def _restore_attention_forwards(model) -> list:
         if _TRANSFORMERS_FORWARD[cls] is None:
             raise RuntimeError(f"ral: veRL patched {cls.__name__}.forward before ral.integrations.verl was imported; "
                                "import it before building the worker")
-        module.forward = MethodType(_TRANSFORMERS_FORWARD[cls], module)
+        found.append((module, _TRANSFORMERS_FORWARD[cls]))
+    return found
+
+
+def _restore_attention_forwards(model) -> list:
+    """Give the decoder attention modules veRL patched transformers' forward back (per instance)."""
+    restored = []
+    for module, forward in _verl_patched_attention(model):
+        module.forward = MethodType(forward, module)
         restored.append(module)
     return restored
 
@@ -345,6 +355,12 @@ class RALActor:
                 f"got {original!r}: veRL's Ulysses all-to-all runs only inside transformers' flash-attention "
                 f"forward (verl.models.transformers.monkey_patch._ulysses_flash_attention_forward); on "
                 f"{original!r} every rank attends to its own sequence shard only, in veRL itself")
+        if ulysses and _verl_patched_attention(model):
+            raise ValueError(
+                "ral: ulysses_sequence_parallel_size > 1 with a Qwen2-VL / Qwen2.5-VL model is not supported: veRL's "
+                "Ulysses all-to-all for these models lives in its own attention forward "
+                "(verl.models.transformers.qwen2_vl.qwen2_vl_attn_forward), which RAL replaces with transformers' "
+                "forward to reach the chosen layer, so the other layers would attend within each rank's slice")
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
                                       heads="mean", backend=config.backend, stats=config.stats,
                                       segment_names=config.segment_names)

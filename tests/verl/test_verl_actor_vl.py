@@ -202,3 +202,22 @@ def test_vl_packed_log_probs_are_verls(model_path):
     batch = with_reference(worker, make_batch(2), handle)
     assert batch["ral_k0"].values().shape[0] == batch["input_ids"].values().shape[0]   # image tokens' keys too
     torch.testing.assert_close(batch["old_log_probs"], expected["old_log_probs"], rtol=1e-5, atol=1e-5)
+
+
+def test_vl_under_ulysses_is_refused(model_path):
+    """Under Ulysses a Qwen2.5-VL model whose attention veRL patched (its all-to-all lives in that
+    patched forward, which RAL would replace) is refused; nothing is attached, the patch stays."""
+    import cpu_platform
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32,
+                                                               attn_implementation=cpu_platform.ULYSSES_SDPA)
+    with transformers_forwards():
+        apply_monkey_patch(model, ulysses_sp_size=2, use_remove_padding=True)
+        patched = qwen2_5_vl.Qwen2_5_VLAttention.forward
+        assert patched is not _TRANSFORMERS[qwen2_5_vl.Qwen2_5_VLAttention]
+        engine = SimpleNamespace(use_ulysses_sp=True, ulysses_parallel_group=None, pad_to_length=False, module=model)
+        worker = SimpleNamespace(engine=engine, loss_fn=None, set_loss_fn=None)
+        with pytest.raises(ValueError, match="with a Qwen2-VL / Qwen2.5-VL model is not supported"):
+            attach(worker, RALConfig(lambda_attn=1.0))
+        assert "forward_step" not in vars(engine)
+        assert all("forward" not in vars(m) for m in model.modules())      # no instance forward restored
