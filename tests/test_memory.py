@@ -70,6 +70,11 @@ elif what == "cp":
     res = attention_kl_cp(q, k, v, q_ref=q_ref, k_ref=k_ref, seq_len=S, backend="cpu")
     (res.div.sum() + res.out.sum()).backward()
     dist.barrier()
+elif what.startswith("forward:"):  # forward only, the score cache's budget (bytes) after the colon
+    from ral.backends import cpu as cpu_backend
+    cpu_backend.SCORE_CACHE_BYTES = int(what.split(":")[1])
+    with torch.no_grad():
+        res = ral.attention_kl(q, k, v, q_ref=q_ref, k_ref=k_ref, backend="cpu")
 else:  # control: one materialised S x S score matrix
     scores = q.detach()[0, 0] @ k.detach()[0, 0].T
     del scores
@@ -93,6 +98,20 @@ def test_cpu_backend_never_holds_an_s_by_s_buffer():
     growth = measure("ral")
     # outputs + gradients + stats + scratch are O(S * D): a few MiB; one S x S fp32 matrix is 256 MiB
     assert growth < SXS_BYTES / 8, f"forward + backward grew the RSS peak by {growth / 2**20:.1f} MiB at S={S}"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read the RSS peak")
+def test_cpu_forward_score_cache_stays_within_its_budget():
+    """The forward's score cache (ral.backends.cpu.SCORE_CACHE_BYTES) is bounded scratch: against the
+    same forward without it, a 4 MiB budget adds at most 4 MiB to the peak, an unlimited one the whole
+    cache, 2 threads x 128 key tiles x (H + Hr = 2) x 128 rows x 64 keys x 4 B = 16 MiB, and no more."""
+    assert backends.unavailable_reason("cpu") is None, backends.unavailable_reason("cpu")
+    mib = 1 << 20
+    whole = 2 * (S // 64) * 2 * 128 * 64 * 4
+    none, small, unlimited = (measure(f"forward:{budget}") for budget in (0, 4 * mib, 1 << 40))
+    slack = 3 * mib  # resident-set granularity (2 MiB huge pages) and allocator noise
+    assert small - none <= 4 * mib + slack, (none, small)
+    assert 0.8 * whole <= unlimited - none <= whole + slack, (none, unlimited, whole)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read the RSS peak")
