@@ -89,8 +89,8 @@ split) over veRL's sp group, which all-gathers the keys: the head-mean policy ne
 row. Recorded slices are all-gathered, so the batch holds the whole stream's reference as with P = 1;
 in the update each rank cuts its slice from it, and the per-token div is gathered like veRL's
 log-probs (``gather_outputs_and_unpad``, the same gradient scaling). Tested: P = 2 on 2 gloo ranks
-equals P = 1 (losses, attention terms, parameters; tests/verl, on CPU through a test-only SDPA
-stand-in for flash-attn). The model must be on a flash-attention implementation (on sdpa / eager
+equals P = 1 (losses, attention terms, parameters; with and without dynamic batch size; tests/verl,
+on CPU through a test-only SDPA stand-in for flash-attn). The model must be on a flash-attention implementation (on sdpa / eager
 veRL's all-to-all never runs: veRL itself would attend within each rank's slice; refused).
 ``RALConfig(stats=True)`` works there too: each rank passes its slice of the ``ral_segments`` ids,
 gathered with the keys, and the entropy / masses are gathered like div (tested: P = 2 logs what P = 1

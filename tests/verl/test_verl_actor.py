@@ -114,16 +114,18 @@ def prompt_response_segments(batch):
 STATS_METRICS = ("ral/attn_entropy", "ral/attn_mass/prompt", "ral/attn_mass/response")
 
 
-def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, checkpointing=False, stats=False):
+def _dp_body(rank, world, model_path, remove_padding, sp=1, lam=2.0, seed=3, checkpointing=False, stats=False,
+             dynamic=False):
     """Two updates on one mini-batch of the whole batch; ``sp``: veRL's Ulysses size (the model then on
     cpu_platform's ULYSSES_SDPA, veRL's all-to-all over SDPA); ``lam=0``: veRL alone (nothing attached);
-    ``stats``: RALConfig(stats=True) with prompt / response segments, their metrics in "stats".
+    ``stats``: RALConfig(stats=True) with prompt / response segments, their metrics in "stats";
+    ``dynamic``: veRL's dynamic batch size (micro-batches by token budget).
     The results of rank 0 (the others' metrics are None under sp)."""
     # Adam's eps 1e-4: the k_proj bias has an exactly-zero gradient (softmax ignores a constant added to
     # every key of a row), and Adam with eps 1e-8 turns its rounding noise into lr-sized steps that
     # differ between 1 and 2 processes. With eps 1e-4 that noise moves nothing.
-    worker, actor = make_worker(model_path, remove_padding, checkpointing=checkpointing, adam_eps=1e-4, sp=sp,
-                                attn=cpu_platform.ULYSSES_SDPA if sp > 1 else "sdpa")
+    worker, actor = make_worker(model_path, remove_padding, dynamic=dynamic, checkpointing=checkpointing, adam_eps=1e-4,
+                                sp=sp, attn=cpu_platform.ULYSSES_SDPA if sp > 1 else "sdpa")
     config = RALConfig(lambda_attn=lam, stats=stats, segment_names=("prompt", "response") if stats else None)
     handle = attach(worker, config, actor) if lam else None
     per = B // (world // sp)
@@ -195,11 +197,12 @@ def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
     ULYSSES_SDPA, so veRL's head all-to-all runs, over SDPA) gives sp=1's old log-probs, losses and
     parameters: veRL alone, and with RAL, whose chosen layer runs ral.distributed.attention_kl_cp_varlen
     on veRL's contiguous slices instead of the all-to-all (the attention terms equal, too, and with
-    RALConfig(stats=True) the logged entropy and segment masses)."""
+    RALConfig(stats=True) the logged entropy and segment masses), also with veRL's dynamic batch size."""
     # seed 6: packed micro-batches of 35 and 28 tokens in the old-log-prob pass, 18, 17, 11, 17 in the
     # update: veRL pads the odd ones by one token for sp=2, the even ones not
     # with RAL: gradient checkpointing on (the chosen layer's recompute is paused, the others' all-to-alls recompute)
-    runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True, stats=True))
+    runs = (dict(lam=0.0, seed=6), dict(lam=2.0, seed=6, checkpointing=True, stats=True),
+            dict(lam=2.0, seed=6, dynamic=True))
     ones = [_dp_body(0, 1, model_path, True, 1, **run) for run in runs]
     twos = _two_ranks(tmp_path, model_path, 2, runs)
     for one, two in zip(ones, twos):
@@ -207,7 +210,7 @@ def test_ulysses_two_ranks_equal_one(model_path, tmp_path):
         # the parameters after two Adam steps: attention over other shapes (heads split, keys gathered) rounds
         # differently, and Adam turns gradient rounding into parameter moves of up to ~1e-5 relative
         _assert_same_run(two, one, params_tol=(1e-4, 1e-5))
-    assert abs(float(ones[1]["terms"][1][0])) > 1e-6
+    assert abs(float(ones[1]["terms"][1][0])) > 1e-6 and abs(float(ones[2]["terms"][1][0])) > 1e-6
     assert float(ones[1]["losses"][1][0]) != float(ones[0]["losses"][1][0])      # the term moved the loss
     # the statistics: logged at both steps (3 metrics each), equal under sp = 2, not all the same number
     stats_one, stats_two = (torch.tensor(r["stats"]) for r in (ones[1], twos[1]))
