@@ -93,9 +93,11 @@ void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p)
 // scores back instead of computing both models' Q K^T again (2 of the forward's 5 GEMMs) and
 // recomputes the tiles past the cache. The scratch is split evenly between the threads; any size
 // works (0: no cache), forward_scratch_bytes() caches every tile of the longest unit.
+// Whether pass 1 sweeps the reference too (for its lse_A, lse_P): not with ref_stats given, nor
+// without a reference.
+inline bool reference_in_pass1(const AttentionKLParams& p) { return !p.has_ref_stats && !p.no_reference; }
 inline int64_t score_slot_floats(const AttentionKLParams& p, const Geometry& geo) {
-  const bool ref_in_pass1 = !p.has_ref_stats && !p.no_reference;
-  return (p.heads + (ref_in_pass1 ? p.ref_heads : 0)) * geo.block_m * kBlockN;
+  return (p.heads + (reference_in_pass1(p) ? p.ref_heads : 0)) * geo.block_m * kBlockN;
 }
 inline int64_t key_tiles(const AttentionKLParams& p) { return (max_unit_keys(p) + kBlockN - 1) / kBlockN; }
 
@@ -163,7 +165,7 @@ class Forward : UnitSweep {
   // slot when the cache holds them (pass 1 computes the reference's scores and the tile is
   // cached), else s_ref_tile_; computes them unless pass 2 finds them cached.
   void score_reference(const QueryBlock& qb, bool pass2) {
-    const bool cached = in_cache(kb_.start) && slot_floats_ > heads_ * bm_ * kBlockN;
+    const bool cached = in_cache(kb_.start) && reference_in_pass1(p_);
     s_ref_ = cached ? cache_slot(kb_.start) + heads_ * bm_ * kBlockN : s_ref_tile_.get();
     if (pass2 && cached) return;
     load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
@@ -214,7 +216,7 @@ class Forward : UnitSweep {
 
   // ---- pass 1: lse_A, lse_P (both models) and out -------------------------------------------
   void pass_statistics(const QueryBlock& qb) {
-    const bool need_ref = !p_.has_ref_stats && !p_.no_reference;
+    const bool need_ref = reference_in_pass1(p_);
     const int64_t n = heads_ * bm_, n_ref = ref_heads_ * bm_;
     SoftmaxState st{state_, state_ + n, state_ + 2 * n};
     SoftmaxState ref{ref_state_, ref_state_ + n_ref, ref_state_ + 2 * n_ref};
