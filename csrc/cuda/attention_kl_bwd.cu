@@ -199,12 +199,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           w_e[r] = swh[r][0];
           if (stats_row_live(swh[r], n_stat)) stat_p |= tm.p & (r ? 0xccccccccu : 0x33333333u);
         }
-        const KeySegs segs = key_segs(p, u, j0, lane);
+        if (stat_p) {  // the key tile's segment ids only where a row of this thread has a weight
+          const KeySegs segs = key_segs(p, u, j0, lane);
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)
+          for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if ((stat_p >> (4 * nb + e)) & 1u) sG(nb, e) = seg_weight(swh[e >> 1], p.num_segments, segs(nb, e & 1));
+            for (int e = 0; e < 4; ++e)
+              if ((stat_p >> (4 * nb + e)) & 1u) sG(nb, e) = seg_weight(swh[e >> 1], p.num_segments, segs(nb, e & 1));
+        }
       }
     }
     gemm_abt<T, kUnroll>(s, sQ, sK, ld, d16 / 16, warp, lane);
