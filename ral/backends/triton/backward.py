@@ -30,9 +30,9 @@ as one tuple (common.py: BATCH, HEAD, ROW / KEY, DIM / COL).
 
 from __future__ import annotations
 
-from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, ROW, at, div_terms, finite, key_ok, key_sets, load_row,
-                     load_segments, load_tile, log_policy, log_zsum, matmul, model_bases, row_tile, scores, stat_grad,
-                     times_g, tl, triton, work_unit)
+from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, ROW, any_row, at, div_terms, finite, key_ok, key_sets,
+                     load_row, load_segments, load_tile, log_policy, log_zsum, matmul, model_bases, row_tile, scores,
+                     stat_grad, times_g, tl, triton, work_unit)
 
 
 @triton.jit
@@ -69,12 +69,6 @@ def flush_kv(DKb, DVb, kv_head, offs_n, offs_d, offs_dv, stride_dk, stride_dv, d
     if HAS_V:
         flush(DVb + kv_head * stride_dv[HEAD] + rows * stride_dv[KEY] + offs_dv[None, :] * stride_dv[DIM], dv_acc,
               v_mask, sole_write)
-
-
-@triton.jit
-def any_nonzero(w):
-    """Whether some row of the (BLOCK_M,) weights w is nonzero (a runtime branch condition)."""
-    return tl.max((w != 0.0).to(tl.int32), 0) > 0
 
 
 @triton.jit
@@ -191,12 +185,12 @@ def backward_kernel(
             lrho = zero_tile
             g = zero_tile
             g_stat = zero_tile
-            if any_nonzero(live.to(tl.float32)):
+            if any_row(live):
                 lpi = log_policy(Qb, Kb, Sb, stride_q, stride_k, stride_stats, kv0, n_heads, group, offs_m, offs_n,
                                  q_len, k_len, head_dim, scale2, log_z, BLOCK_M, BLOCK_N, D_PAD, False, UPCAST, PREC)
                 if POLICY_STATS:
                     g_stat = stat_grad(-lpi * LN2, seg, sw, NUM_SEG, NSTAT_PAD)
-                    need_g = any_nonzero(w)
+                    need_g = any_row(w != 0.0)
                 else:
                     need_g = True  # live is w != 0
                 if need_g:
@@ -242,7 +236,7 @@ def backward_kernel(
                     g = zero_tile
                     if POLICY_STATS:
                         g_stat = stat_grad(-lpi * LN2, seg, sw, NUM_SEG, NSTAT_PAD)
-                        need_g = any_nonzero(w)
+                        need_g = any_row(w != 0.0)
                     else:
                         need_g = True
                     if need_g:

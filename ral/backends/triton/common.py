@@ -141,6 +141,12 @@ def finite(x):
 
 
 @triton.jit
+def any_row(mask):
+    """Whether some row of the (BLOCK_M,) bool mask is set (a runtime branch condition)."""
+    return tl.max(mask.to(tl.int32), 0) > 0
+
+
+@triton.jit
 def nonzero(l):
     """A softmax sum with 0 (an empty set) -> 1, so it can divide or go into log2; NaN passes."""
     return tl.where(l == 0.0, 1.0, l)

@@ -49,8 +49,8 @@ scratch. Every tensor's strides come as one tuple (common.py: BATCH, HEAD, ROW /
 
 from __future__ import annotations
 
-from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, NEG_INF, ROW, at, div_terms, finite, key_ok, key_sets,
-                     load_row, load_segments, load_tile, log_attention, log_policy, log_zsum, lse2, matmul,
+from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, NEG_INF, ROW, any_row, at, div_terms, finite, key_ok,
+                     key_sets, load_row, load_segments, load_tile, log_attention, log_policy, log_zsum, lse2, matmul,
                      model_bases, nonzero, online, row_tile, stat_sums, times_g, tl, triton, work_unit)
 
 
@@ -339,7 +339,7 @@ def forward_kernel(
         log_z = tl.where(live, log_z, 0.0)
         if not NO_REF:
             log_zr = finite(log_zsum(RSb, stride_ref_stats, h0, NHR, offs_m, q_len, BLOCK_M))
-        n_end2 = tl.where(tl.max(live.to(tl.int32), 0) > 0, n_end, 0)
+        n_end2 = tl.where(any_row(live), n_end, 0)
         div = tl.full([BLOCK_M], 0.0, tl.float32)
         gbar = tl.full([BLOCK_M], 0.0, tl.float32)
         u = tl.full([BLOCK_M, H_PAD], 0.0, tl.float32)
