@@ -527,6 +527,20 @@ class Comparison:
             return {}
         return {name: mass[..., i] for i, name in enumerate(self.segment_names)}
 
+    def statistics_columns(self) -> Tuple[List[str], Optional[Tensor]]:
+        """The metric names ``ral/attn_entropy`` and ``ral/attn_mass/<segment>`` (the masses only
+        when segment ids were known) and their values as the columns of one tensor, entropy first:
+        (B, S, 1 + num_segments) (heads="each": (B, H, S, ...)), differentiable; ([], None) without
+        statistics."""
+        entropy = self.entropy
+        if entropy is None:
+            return [], None
+        mass = self.mass
+        if mass is None:
+            return ["ral/attn_entropy"], entropy[..., None]
+        names = ["ral/attn_entropy"] + [f"ral/attn_mass/{name}" for name in self.segment_names]
+        return names, torch.cat([entropy[..., None], mass], -1)
+
     def _add(self, layer: int, div: Optional[Tensor], entropy: Optional[Tensor], mass: Optional[Tensor]) -> None:
         for store, value in ((self.per_layer, div), (self.per_layer_entropy, entropy), (self.per_layer_mass, mass)):
             if value is not None:

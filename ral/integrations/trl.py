@@ -341,18 +341,14 @@ class RALGRPOTrainer(GRPOTrainer):
         reduction over processes) from the loss forward's ``Comparison``; return the statistics
         loss (0 when its coefficients are)."""
         n_completion = mask.shape[1]
-        entropy, mass = cmp.entropy[:, -n_completion:], cmp.mass
-        names = ["ral/attn_entropy"]
-        values = [entropy.detach()]
-        if mass is not None:
-            names += [f"ral/attn_mass/{name}" for name in cmp.segment_names]
-            values += list(mass[:, -n_completion:].detach().unbind(-1))
+        names, columns = cmp.statistics_columns()
         metrics = self._metrics[mode]
-        for name, value in zip(names, self._global_masked_means(torch.stack(values, -1), mask)):
+        for name, value in zip(names, self._global_masked_means(columns[:, -n_completion:].detach(), mask)):
             metrics[name].append(value)
         if not self._stats_loss:
             return None
-        per_token = attention_stats_token_loss(cmp.entropy, mass, n_completion, entropy_coef=self.attn_entropy_coef,
+        mass = columns[..., 1:] if len(names) > 1 else None
+        per_token = attention_stats_token_loss(columns[..., 0], mass, n_completion, entropy_coef=self.attn_entropy_coef,
                                                mass_coef=self.attn_mass_coef, segments=self._mass_segments)
         stats_loss = aggregate_like_trl(self, per_token, mask, inputs, mode)
         metrics["ral/attn_stats_loss"].append(self.accelerator.gather(stats_loss.detach()).mean().item())

@@ -351,10 +351,10 @@ class RALTrainer:
     @staticmethod
     def _statistics_metrics(cmp, cmask: Tensor) -> Dict[str, float]:
         """Token means over the response rows ``cmask`` (B, T) of the compare call's entropy and per-segment mass."""
-        length = cmask.shape[1]
-        values = {"ral/attn_entropy": cmp.entropy}
-        values.update({f"ral/attn_mass/{name}": mass for name, mass in cmp.mass_by_segment().items()})
-        return {k: float(masked_token_mean(v.detach()[:, -length:], cmask)) for k, v in values.items()}
+        names, columns = cmp.statistics_columns()
+        columns = columns.detach()[:, -cmask.shape[1]:]
+        means = torch.stack([masked_token_mean(columns[..., i], cmask) for i in range(len(names))]).tolist()
+        return dict(zip(names, means))
 
     def train_step(self) -> Dict[str, float]:
         t0 = time.time()
