@@ -222,7 +222,7 @@ def _within(lengths: Tensor, width: int) -> Tensor:
 
 def _flatten_padded(t: Tensor, cu: Tensor) -> Tensor:
     """(B, heads, S, dim) right-padded -> (T, heads, dim) packed in sample order."""
-    return torch.cat([t[i, :, :int(cu[i + 1] - cu[i])].transpose(0, 1) for i in range(t.shape[0])])
+    return t.transpose(1, 2)[_within(cu.diff().to(t.device), t.shape[2])]
 
 
 def _nested(values: Tensor, lengths: Tensor) -> Tensor:
@@ -457,6 +457,7 @@ class RALActor:
         cu = _seq_offsets(micro_batch)
         world = torch.distributed.get_world_size(self._sp_group)
         total = int(cu[-1])
+        self._sp_total = total                                     # the stream's tokens, unpadded
         self._sp_pad = (world - total % world) % world            # veRL's ulysses_pad
         cu_pad = torch.cat([cu, cu.new_tensor([total + self._sp_pad])]) if self._sp_pad else cu
         self._sp_cu = cu_pad.to(device=get_device_id(), dtype=torch.int32)
@@ -477,7 +478,7 @@ class RALActor:
     def _sp_gathered(self, reference: AttentionReference) -> AttentionReference:
         """The recorded slices all-gathered over the sp group into the whole stream (padding dropped)."""
         from ral.distributed import unshard
-        total = int(self._sp_cu[-1])
+        total = self._sp_total + self._sp_pad
 
         def whole(t):
             return unshard(t.contiguous(), 0, total, self._sp_group, "contiguous")[:total - self._sp_pad]
@@ -514,7 +515,7 @@ class RALActor:
         rows = None if row_mask is None else self._sp_local(row_mask.reshape(-1))
         # the statistics' segment ids are the whole stream's (1, T): this rank passes its slice of them,
         # attention_kl_cp_varlen gathers them with the keys
-        statistics, has_mass = policy._statistics(key, (1, int(self._sp_cu[-1]) - self._sp_pad))
+        statistics, has_mass = policy._statistics(key, (1, self._sp_total))
         if statistics:
             statistics["key_segments"] = self._sp_local(statistics["key_segments"].reshape(-1))
         # the batch holds the whole stream's reference: its keys go in whole, with no all-gather
@@ -587,7 +588,7 @@ class RALActor:
         response rows: (B, width, ...) right-padded like veRL's response tensors."""
         cu = _seq_offsets(micro_batch)
         flat = values.flatten(0, 1) if values.shape[0] == 1 and values.shape[1] == int(cu[-1]) else \
-            torch.cat([values[i, :int(n)] for i, n in enumerate(cu.diff())])
+            values[_within(cu.diff().to(values.device), values.shape[1])]
         rows, lengths = _response_rows(micro_batch)
         return _padded_rows(flat[rows.to(flat.device)], lengths, width)
 
@@ -617,14 +618,12 @@ def ral_ppo_loss(config, model_output, data, dp_group=None, *, ral: RALActor, ba
     metrics["ral/attn_loss"] = Metric(value=attn_loss.detach(), aggregation=aggregation)
     div_mean = (div.detach() * mask).sum() / mask.sum().clamp(min=1)
     metrics["ral/attn_div"] = Metric(value=div_mean, aggregation=AggregationType.MEAN)
-    cmp = ral._cmp[0]
-    if cmp.entropy is not None:
-        values = {"ral/attn_entropy": cmp.entropy}
-        values.update({f"ral/attn_mass/{name}": mass for name, mass in cmp.mass_by_segment().items()})
-        for name, value in values.items():
-            value = ral.response_values(value.detach(), data, mask.shape[1]).to(advantages.device)
-            metrics[name] = Metric(value=(value * mask).sum() / mask.sum().clamp(min=1),
-                                   aggregation=AggregationType.MEAN)
+    names, columns = ral._cmp[0].statistics_columns()
+    if columns is not None:
+        values = ral.response_values(columns.detach(), data, mask.shape[1]).to(advantages.device)
+        means = (values * mask[..., None]).sum((0, 1)) / mask.sum().clamp(min=1)
+        for i, name in enumerate(names):
+            metrics[name] = Metric(value=means[i], aggregation=AggregationType.MEAN)
     return loss, metrics
 
 
