@@ -203,18 +203,17 @@ def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=N
 
 
 
-def check_stats(problem: Problem, backend: str, with_div: bool = True, op=None, device="cpu"):
+def check_stats(problem: Problem, backend: str, with_div: bool = True, device="cpu"):
     """The accuracy rule with upstream weights on out, entropy, mass and (with_div) div; the backend
     runs on `device`, the references on the CPU."""
     base = problem.make()
     dout, ddiv = upstream(base)
     ddiv = ddiv if with_div else None
     dstats = stats_upstream(base)
-    names = [n for n in STATS_NAMES if op is None or n != "div"]
-    results = [run(kw, be, dout, ddiv, op=op, dstats=dstats)
+    results = [run(kw, be, dout, ddiv, dstats=dstats)
                for kw, be in ((base, "reference"), (cast(base, problem.dtype), "reference"),
                               (cast(base, problem.dtype, device), backend))]
-    return compare(*results, problem.dtype, names, what=f"{backend} for {problem}")
+    return compare(*results, problem.dtype, STATS_NAMES, what=f"{backend} for {problem}")
 
 
 def check_dead_rows_give_zero(backend: str, heads: str, dtype=torch.float32, device=None) -> None:

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import STATS_NAMES, PackedProblem, Problem, cast, check_packed, option_grid, option_id  # noqa: E402
+from oracle import (STATS_NAMES, PackedProblem, Problem, cast, check_attention_stats, check_dead_rows_give_zero,  # noqa: E402
+                    check_packed, check_stats, option_grid, option_id)
 from test_cuda_emulated import BF16, F16, emu, emu_module, launches  # noqa: E402,F401  (fixtures)
-from oracle import check_attention_stats, check_dead_rows_give_zero, check_stats  # noqa: E402
 
 import ral  # noqa: E402
 from ral import backends  # noqa: E402

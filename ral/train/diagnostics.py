@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import reference as _ref
 
-__all__ = ["attention_metrics", "row_policy"]
+__all__ = ["attention_metrics", "policy_entropy", "row_policy"]
 
 
 def row_policy(q: Tensor, k: Tensor, scale: float, rows: Union[int, Tensor],
