@@ -15,15 +15,22 @@ Layouts of a sequence of S positions over P ranks:
 Chunk sizes differ by at most one position; S need not be divisible by 2P.
 
 Memory per rank: O(S/P · H · D) for its queries, outputs and their gradients, plus O(S · Hkv · D)
-for the gathered keys / values (and k_ref with Hrkv · Dr), plus the op's O(B · H · S/P) row
-statistics. Nothing grows as S × S or (S/P) × S.
+for the gathered keys / values (1.5 S · Hkv · D with the causal zigzag halves, see "Overlap") and
+k_ref (S · Hrkv · Dr), plus the op's O(B · H · S/P) row statistics. Nothing grows as S × S or
+(S/P) × S.
 
 Overlap: the reference's keys are known before the forward starts, so ``prefetch_keys`` all-gathers
 them asynchronously ahead of the chosen layer (and a caller holding the whole stream's reference
-passes it as ``GatheredKeys(whole)``, with no collective); the policy's own keys and values exist only
-at the chosen layer and are gathered there, synchronously: overlapping that gather with the op's own
-work would need the op split into a statistics sweep per arriving key chunk and a second sweep,
-which the kernels do not offer.
+passes it as ``GatheredKeys(whole)``, with no collective). The policy's own keys and values exist only
+at the chosen layer. Under causal masking in the zigzag layout they are gathered in two all-gathers,
+the sequence's first half then its second, both started at once: rank r's first chunk lies in the
+first half and attends nothing after it, so its rows run (one op call) while the second half is in
+flight, and the rows of its late chunk run once it has arrived (a second op call on the whole
+sequence). That costs the first half's keys and values held a second time (the late call's keys are
+one concatenated tensor). Without causal masking, or in the contiguous layout, every row may need
+every rank's keys, so they are gathered in one all-gather before the op; overlapping that would need
+the op split into a statistics sweep per arriving key chunk and a second sweep, which the kernels do
+not offer.
 
 The result equals ``ral.ops.attention_kl`` on the whole sequence in one process (values and
 gradients), which tests/test_distributed.py checks on 2 and 4 gloo processes.
@@ -87,29 +94,49 @@ def shard(x: Tensor, dim: int, group=None, layout: str = "zigzag") -> Tensor:
 def unshard(x: Tensor, dim: int, seq_len: int, group=None, layout: str = "zigzag") -> Tensor:
     """The whole-sequence tensor from every rank's shard along `dim` (all-gather; differentiable:
     the gradient of each position goes back to the rank that holds it, summed over ranks)."""
-    return _Gather.apply(x, dim, seq_len, group, layout)
+    return _Gather.apply(x, _Pending(x, dim, chunks(seq_len, _rank_world(group)[1], layout), group))[0]
 
 
-def _start_gather(x: Tensor, dim: int, seq_len: int, group, layout: str, async_op: bool):
-    """Starts the all-gather of every rank's shard (padded to the longest): (work or None, parts, chunks)."""
-    _, world = _rank_world(group)
-    layout_chunks = chunks(seq_len, world, layout)
-    longest = max(sum(length for _, length in c) for c in layout_chunks)
-    padded = _pad_to(x.contiguous(), dim, longest)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    work = dist.all_gather(parts, padded, group=group, async_op=async_op)
-    return work, parts, layout_chunks
+class _Pending:
+    """An all-gather, started asynchronously, of every rank's positions of a sequence: rank r passes
+    its positions ``layout_chunks[r]`` (concatenated along `dim`) and ``wait()`` gives every rank's
+    chunks in position order (one tensor covering their union, which must be contiguous), written into
+    ``buffer()`` if that was asked for first."""
+
+    def __init__(self, x: Tensor, dim: int, layout_chunks, group):
+        longest = max(sum(length for _, length in c) for c in layout_chunks)
+        padded = _pad_to(x.detach().contiguous(), dim, longest)
+        self.parts = [torch.empty_like(padded) for _ in layout_chunks]
+        self.work = dist.all_gather(self.parts, padded, group=group, async_op=True)
+        self.dim, self.chunks, self.group, self._whole, self._buffer = dim, layout_chunks, group, None, None
+
+    def buffer(self) -> Tensor:
+        """The tensor ``wait()`` will fill, allocated now (uninitialised until then)."""
+        shape = list(self.parts[0].shape)
+        shape[self.dim] = sum(length for rank_chunks in self.chunks for _, length in rank_chunks)
+        self._buffer = self.parts[0].new_empty(shape)
+        return self._buffer
+
+    def wait(self) -> Tensor:
+        if self._whole is None:
+            self.work.wait()
+            with torch.no_grad():
+                self._whole = _assemble(self.parts, self.dim, self.chunks, out=self._buffer)
+            self.parts = None
+        return self._whole
 
 
-def _assemble(parts: List[Tensor], dim: int, layout_chunks) -> Tensor:
-    """The whole sequence, in natural order, from the gathered (padded) shards of every rank."""
+def _assemble(parts: List[Tensor], dim: int, layout_chunks, out: Optional[Tensor] = None) -> Tensor:
+    """The positions of every rank's chunks, in natural order, from the gathered (padded) shards
+    (written into `out` when given)."""
     pieces = []
     for part, rank_chunks in zip(parts, layout_chunks):
         offset = 0
         for start, length in rank_chunks:
             pieces.append((start, part.narrow(dim, offset, length)))
             offset += length
-    return torch.cat([piece for _, piece in sorted(pieces, key=lambda item: item[0])], dim=dim)
+    ordered = [piece for _, piece in sorted(pieces, key=lambda item: item[0])]
+    return torch.cat(ordered, dim=dim) if out is None else torch.cat(ordered, dim=dim, out=out)
 
 
 class GatheredKeys:
@@ -129,14 +156,12 @@ class GatheredKeys:
         if whole is not None and not isinstance(whole, Tensor):
             raise TypeError(f"whole: expected a Tensor, got {type(whole).__name__}")
         self._whole = None if whole is None else whole.detach()
-        self._pending = None  # (work, parts, dim, chunks) of a prefetch not waited for yet
+        self._pending: Optional[_Pending] = None  # a prefetch's all-gather, not waited for yet
 
     def wait(self) -> Tensor:
         """The whole sequence (waits for the prefetch's all-gather the first time)."""
         if self._pending is not None:
-            work, parts, dim, layout_chunks = self._pending
-            work.wait()
-            self._whole, self._pending = _assemble(parts, dim, layout_chunks), None
+            self._whole, self._pending = self._pending.wait(), None
         return self._whole
 
 
@@ -148,33 +173,42 @@ def prefetch_keys(x: Tensor, dim: int, seq_len: int, group=None, layout: str = "
     _require_group("prefetch_keys")
     _check_shards(group, seq_len, layout, (("x", x, dim),))
     keys = GatheredKeys()
-    work, parts, layout_chunks = _start_gather(x.detach(), dim, seq_len, group, layout, async_op=True)
-    keys._pending = (work, parts, dim, layout_chunks)
+    keys._pending = _Pending(x, dim, chunks(seq_len, _rank_world(group)[1], layout), group)
     return keys
 
 
 class _Gather(torch.autograd.Function):
-    """All-gather of sequence shards into natural order; backward: reduce-scatter of the gradient."""
+    """The positions that started all-gathers of x bring, in natural order: one ``_Pending`` per part
+    of x (consecutive slices of x along the same dim, in order). Part 0 is waited for here; later parts
+    come back as their buffers, which the caller fills with ``pending.wait()`` when it needs them (so
+    that work on part 0 overlaps their transfer). Backward: each part's gradient reduce-scattered,
+    one after the other, each rank keeping its own positions (x's), once every part's gradient is
+    complete (one reduction point, so ranks whose work per part differs do not wait on each other
+    halfway)."""
 
     @staticmethod
-    def forward(ctx, x, dim, seq_len, group, layout):
-        _, parts, layout_chunks = _start_gather(x, dim, seq_len, group, layout, async_op=False)
-        ctx.dim, ctx.group, ctx.rank, ctx.chunks = dim, group, _rank_world(group)[0], layout_chunks
-        return _assemble(parts, dim, layout_chunks)
+    def forward(ctx, x, *pendings):
+        ctx.dim, ctx.group = pendings[0].dim, pendings[0].group
+        ctx.parts = [pending.chunks for pending in pendings]
+        ctx.rank = _rank_world(ctx.group)[0]
+        return (pendings[0].wait(),) + tuple(pending.buffer() for pending in pendings[1:])
 
     @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":   # reduce-scatter each rank's positions
-            longest = max(sum(length for _, length in c) for c in ctx.chunks)
-            inputs = [_pad_to(_take(grad, ctx.dim, c), ctx.dim, longest) for c in ctx.chunks]
-            out = torch.empty_like(inputs[ctx.rank])
-            dist.reduce_scatter(out, inputs, group=ctx.group)
-            mine = out.narrow(ctx.dim, 0, sum(length for _, length in ctx.chunks[ctx.rank]))
-        else:  # gloo has no reduce-scatter: sum the whole gradient, keep this rank's positions
-            dist.all_reduce(grad, group=ctx.group)
-            mine = _take(grad, ctx.dim, ctx.chunks[ctx.rank])
-        return mine, None, None, None, None
+    def backward(ctx, *grads):
+        mine = []
+        for grad, part in zip(grads, ctx.parts):
+            grad = grad.contiguous()
+            local = sum(length for _, length in part[ctx.rank])
+            if dist.get_backend(ctx.group) == "nccl":   # reduce-scatter each rank's positions
+                longest = max(sum(length for _, length in c) for c in part)
+                inputs = [_pad_to(_take(grad, ctx.dim, c), ctx.dim, longest) for c in part]
+                out = torch.empty_like(inputs[ctx.rank])
+                dist.reduce_scatter(out, inputs, group=ctx.group)
+                mine.append(out.narrow(ctx.dim, 0, local))
+            else:  # gloo has no reduce-scatter: sum the whole gradient, keep this rank's positions
+                dist.all_reduce(grad, group=ctx.group)
+                mine.append(_take(grad, ctx.dim, part[ctx.rank]))
+        return (mine[0] if len(mine) == 1 else torch.cat(mine, ctx.dim),) + (None,) * len(ctx.parts)
 
 
 def _take(x: Tensor, dim: int, rank_chunks) -> Tensor:
@@ -217,13 +251,20 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
         ("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", _shard_or_none(k_ref), 2), ("v", v, 2),
         ("ref_stats", ref_stats, 2),
         ("key_padding_mask", key_padding_mask, 1), ("row_mask", row_mask, 1), ("key_segments", key_segments, 1)))
-    k_all, v_all, k_ref_all, kpm_all, segments_all = _gather_keys(
-        k, v, k_ref, key_padding_mask, key_segments, 2, seq_len, group, layout)
-    call = ops._checked_call(q, k_all, v_all, q_ref, k_ref_all, ref_stats, divergence, heads, exclude_self, causal,
-                             scale, ref_scale, kpm_all, row_mask, backend, segments_all, num_segments)
-    seqs = _local_units(layout_chunks[rank], q.shape[0], seq_len, causal, q.device)
-    longest = max(length for _, length in layout_chunks[rank])
-    return ops.run_table(call, seqs, longest, seq_len, backend)
+    parts = _key_parts(layout_chunks, seq_len, layout, causal)
+    keys = _KeysInFlight(k, v, k_ref, key_padding_mask, key_segments, 2, seq_len, group, layout, parts)
+    results = []
+    for i, (piece_chunks, row0, rows) in enumerate(_row_pieces(layout_chunks[rank], len(parts))):
+        k_all, v_all, k_ref_all, kpm_all, segments_all = keys.upto(i)
+        call = ops._checked_call(_rows(q, 2, row0, rows), k_all, v_all, _rows(q_ref, 2, row0, rows), k_ref_all,
+                                 _rows(ref_stats, 2, row0, rows), divergence, heads, exclude_self, causal, scale,
+                                 ref_scale, kpm_all, _rows(row_mask, 1, row0, rows), backend, segments_all,
+                                 num_segments)
+        seqs = _local_units(piece_chunks, q.shape[0], seq_len, causal, q.device)
+        longest = max(length for _, length in piece_chunks)
+        results.append(ops.run_table(call, seqs, longest, k_all.shape[2], backend))
+    row_dim = 1 if heads == "mean" else 2
+    return _rows_joined(results, (2, row_dim, 2, row_dim, row_dim))
 
 
 def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: Tensor, k_ref: Tensor,
@@ -257,13 +298,111 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
         ("q", q, 0), ("k", k, 0), ("q_ref", q_ref, 0), ("k_ref", _shard_or_none(k_ref), 0), ("v", v, 0),
         ("ref_stats", ref_stats, 0),
         ("row_mask", row_mask, 0), ("key_segments", key_segments, 0)))
-    k_all, v_all, k_ref_all, _, segments_all = _gather_keys(k, v, k_ref, None, key_segments, 0, total, group, layout)
-    call = ops._checked_call(*(ops.packed_as_dense(t) for t in (q, k_all, v_all, q_ref, k_ref_all, ref_stats)),
-                             divergence, heads, exclude_self, causal, scale, ref_scale, None,
-                             None if row_mask is None else row_mask.unsqueeze(0), backend,
-                             None if segments_all is None else segments_all.unsqueeze(0), num_segments)
-    seqs, longest = _local_packed_units(layout_chunks[rank], cu, causal, q.device)
-    return ops.dense_as_packed(ops.run_table(call, seqs, longest, int(max_seqlen), backend), heads)
+    parts = _key_parts(layout_chunks, total, layout, causal)
+    keys = _KeysInFlight(k, v, k_ref, None, key_segments, 0, total, group, layout, parts)
+    results = []
+    for i, (piece_chunks, row0, rows) in enumerate(_row_pieces(layout_chunks[rank], len(parts))):
+        k_all, v_all, k_ref_all, _, segments_all = keys.upto(i)
+        mine_q, mine_q_ref, mine_ref_stats, mine_row_mask = (_rows(t, 0, row0, rows)
+                                                             for t in (q, q_ref, ref_stats, row_mask))
+        call = ops._checked_call(*(ops.packed_as_dense(t) for t in (mine_q, k_all, v_all, mine_q_ref, k_ref_all,
+                                                                    mine_ref_stats)),
+                                 divergence, heads, exclude_self, causal, scale, ref_scale, None,
+                                 None if mine_row_mask is None else mine_row_mask.unsqueeze(0), backend,
+                                 None if segments_all is None else segments_all.unsqueeze(0), num_segments)
+        seqs, longest = _local_packed_units(piece_chunks, cu, causal, q.device)
+        results.append(ops.dense_as_packed(ops.run_table(call, seqs, longest, int(max_seqlen), backend), heads))
+    return _rows_joined(results, (0, 0, 0, 0, 0))
+
+
+def _key_parts(layout_chunks, seq_len: int, layout: str, causal: bool):
+    """How the policy's keys and values are all-gathered: a list of parts, each one all-gather's
+    chunks per rank (positions relative to the part's first), covering consecutive ranges of the
+    sequence in order. One part, the whole sequence; or, under causal masking in the zigzag layout, two:
+    the sequence's halves, gathered one after the other. Rank r's first chunk lies in the first half
+    and attends nothing after it, so its rows run while the second half is still in flight."""
+    world = len(layout_chunks)
+    if not (layout == "zigzag" and causal and world > 1 and seq_len >= 2 * world):
+        return [layout_chunks]
+    halves = []
+    for j in (0, 1):  # every rank's j-th chunk: chunks 0..P-1, then chunks P..2P-1
+        first = min(rank_chunks[j][0] for rank_chunks in layout_chunks)
+        halves.append([[(rank_chunks[j][0] - first, rank_chunks[j][1])] for rank_chunks in layout_chunks])
+    return halves
+
+
+def _row_pieces(rank_chunks, n_parts: int):
+    """This rank's rows, run as one op call per piece: (the piece's chunks, its first local row, its
+    rows). With one key part, one piece of every row; with the halves, one piece per chunk (piece i
+    attends key parts 0..i)."""
+    if n_parts == 1:
+        return [(rank_chunks, 0, sum(length for _, length in rank_chunks))]
+    pieces, row0 = [], 0
+    for start, length in rank_chunks:
+        pieces.append(([(start, length)], row0, length))
+        row0 += length
+    return pieces
+
+
+def _rows(t: Optional[Tensor], dim: int, row0: int, rows: int) -> Optional[Tensor]:
+    """Local rows row0 .. row0 + rows of a row-indexed tensor along dim (a view; None stays None)."""
+    return None if t is None else t.narrow(dim, row0, rows)
+
+
+def _rows_joined(results: List[AttentionKL], dims) -> AttentionKL:
+    """The pieces' results as one: each field concatenated along its row dim (`dims`, in field order)."""
+    if len(results) == 1:
+        return results[0]
+    return AttentionKL(*(None if fields[0] is None else torch.cat(fields, dim)
+                         for fields, dim in zip(zip(*results), dims)))
+
+
+class _KeysInFlight:
+    """The keys the op needs, from every rank's shard: the policy's k and v all-gathered as `parts`
+    says (differentiable: the backward reduce-scatters dK / dV), k_ref gathered whole (asynchronously,
+    unless it came as ``GatheredKeys``), and the key padding mask and segment ids (small, gathered whole
+    and at once). Every all-gather starts here, in the same order on every rank; ``upto(i)`` waits for
+    parts 0..i and gives the positions they cover, from the sequence's start."""
+
+    def __init__(self, k, v, k_ref, key_padding_mask, key_segments, dim: int, seq_len: int, group, layout: str,
+                 parts):
+        mask_dim = max(dim - 1, 0)
+        self.kpm = (None if key_padding_mask is None else
+                    unshard(key_padding_mask.to(torch.uint8), mask_dim, seq_len, group, layout).to(torch.bool))
+        self.segments = (None if key_segments is None
+                         else unshard(key_segments.to(torch.int32), mask_dim, seq_len, group, layout))
+        rank, world = _rank_world(group)
+        if not isinstance(k_ref, GatheredKeys):  # this rank's shard: its all-gather starts first
+            shard_of_k_ref, k_ref = k_ref, GatheredKeys()
+            k_ref._pending = _Pending(shard_of_k_ref, dim, chunks(seq_len, world, layout), group)
+        self.k_ref, self.dim, self.mask_dim, self.seq_len = k_ref, dim, mask_dim, seq_len
+        self.ends, self.pending, row0, end = [], ([], []), 0, 0
+        for part in parts:
+            rows = sum(length for _, length in part[rank])
+            end += sum(length for rank_chunks in part for _, length in rank_chunks)
+            self.ends.append(end)
+            for t, started in zip((k, v), self.pending):
+                if t is not None:
+                    started.append(_Pending(t.narrow(dim, row0, rows), dim, part, group))
+            row0 += rows
+        # one autograd node per tensor for all its parts: part 0 waited for, the others still in flight
+        self.gathered = [_Gather.apply(t, *started) if started else None for t, started in zip((k, v), self.pending)]
+
+    def upto(self, i: int):
+        """(k, v, k_ref, key padding mask, key segment ids) over positions 0 .. the end of part i."""
+        for started in self.pending:
+            for pending in started[1:i + 1]:
+                pending.wait()  # fills the buffer _Gather returned for that part
+        k_all, v_all = (None if gathered is None else gathered[0] if i == 0 else torch.cat(gathered[:i + 1], self.dim)
+                        for gathered in self.gathered)
+        k_ref_all = self.k_ref.wait()
+        if k_ref_all.dim() <= self.dim or k_ref_all.shape[self.dim] != self.seq_len:
+            raise ValueError(f"k_ref: a GatheredKeys holds the whole sequence, {self.seq_len} positions along dim "
+                             f"{self.dim}, got shape {tuple(k_ref_all.shape)}")
+        end = self.ends[i]
+        kpm_all, segments_all = (None if t is None else t.narrow(self.mask_dim, 0, end)
+                                 for t in (self.kpm, self.segments))
+        return k_all, v_all, k_ref_all.narrow(self.dim, 0, end), kpm_all, segments_all
 
 
 def _shard_or_none(k_ref):
@@ -302,25 +441,6 @@ def _check_shards(group, seq_len: int, layout: str, given):
             raise ValueError(f"{name}: rank {rank}'s shard of a sequence of {seq_len} in layout {layout!r} has "
                              f"{local} positions along dim {dim}, got {got}")
     return rank, layout_chunks
-
-
-def _gather_keys(k, v, k_ref, key_padding_mask, key_segments, dim: int, seq_len: int, group, layout: str):
-    """The whole sequence's k, v (differentiable gathers), k_ref (from a GatheredKeys as it is), key
-    padding mask (along dim - 1) and key segment ids (likewise) from every rank's shard; None stays None."""
-    k_all, v_all = (None if t is None else unshard(t, dim, seq_len, group, layout) for t in (k, v))
-    if isinstance(k_ref, GatheredKeys):
-        k_ref_all = k_ref.wait()
-        if k_ref_all.dim() <= dim or k_ref_all.shape[dim] != seq_len:
-            raise ValueError(f"k_ref: a GatheredKeys holds the whole sequence, {seq_len} positions along dim {dim}, "
-                             f"got shape {tuple(k_ref_all.shape)}")
-    else:
-        k_ref_all = unshard(k_ref.detach(), dim, seq_len, group, layout)
-    mask_dim = max(dim - 1, 0)
-    kpm_all = (None if key_padding_mask is None
-               else unshard(key_padding_mask.to(torch.uint8), mask_dim, seq_len, group, layout).to(torch.bool))
-    segments_all = (None if key_segments is None
-                    else unshard(key_segments.to(torch.int32), mask_dim, seq_len, group, layout))
-    return k_all, v_all, k_ref_all, kpm_all, segments_all
 
 
 def _local_packed_units(rank_chunks: Sequence[Tuple[int, int]], cu: List[int], causal: bool, device):

@@ -196,6 +196,49 @@ def _wrong_keys():
     return ["FAIL:accepted"]
 
 
+@pytest.mark.parametrize("layout,causal", [("zigzag", True), ("zigzag", False), ("contiguous", True)])
+def test_early_rows_run_while_the_second_half_of_the_keys_is_gathered(tmp_path, layout, causal):
+    """Causal zigzag: the policy's keys and values come in two all-gathers (the sequence's halves, 12
+    and 11 of 23 positions on 2 ranks); the rows of the rank's early chunk run on the first half before
+    the second is waited for, the late rows on all 23 keys after. Otherwise: one all-gather, one op
+    call. Either way the rows equal the single-process op's (float64, reference backend)."""
+    run_ranks(tmp_path, 2, f"halves-{layout}-{causal}", _key_gather_order, layout, causal)
+
+
+def _key_gather_order(layout, causal, seq_len=23):
+    from ral import distributed
+    torch.manual_seed(3)
+    whole = [torch.randn(2, 3, seq_len, 8, dtype=torch.float64) for _ in range(5)]
+    q, k, v, q_ref, k_ref = (shard(t, 2, layout=layout) for t in whole)
+    events, wait, run_table = [], distributed._Pending.wait, ral.ops.run_table
+
+    def logged_wait(pending):
+        if pending._whole is None:
+            events.append(f"wait{sum(length for c in pending.chunks for _, length in c)}")
+        return wait(pending)
+
+    def logged_table(call, *args):
+        events.append(f"op{call.k.shape[2]}")
+        return run_table(call, *args)
+
+    distributed._Pending.wait, ral.ops.run_table = logged_wait, logged_table
+    try:
+        res = attention_kl_cp(q, k, v, q_ref=q_ref, k_ref=k_ref, seq_len=seq_len, layout=layout, causal=causal,
+                              backend="reference")
+    finally:
+        distributed._Pending.wait, ral.ops.run_table = wait, run_table
+    single = ral.attention_kl(*whole[:3], q_ref=whole[3], k_ref=whole[4], causal=causal, backend="reference")
+    # k and v of the first half, k_ref (whole), the early rows, k and v of the second half, the late rows
+    want = (["wait12", "wait12", "wait23", "op12", "wait11", "wait11", "op23"] if layout == "zigzag" and causal
+            else ["wait23"] * 3 + ["op23"])
+    report = [f"order:{'ok' if events == want else 'FAIL'}:{events}"]
+    for name, dim in (("out", 2), ("div", 1), ("stats", 2)):
+        err = _err(getattr(res, name).double(), shard(getattr(single, name).double(), dim, layout=layout))
+        bound = 1e-6 if name == "stats" else 1e-9        # stats are float32 whatever the input
+        report.append(f"{name}:{'ok' if err <= bound else 'FAIL'}:{err:.3g}")
+    return report
+
+
 def test_chunks_cover_the_sequence_once():
     for layout in ("zigzag", "contiguous"):
         for seq_len, world in ((23, 2), (29, 4), (8, 4), (1000, 3)):
