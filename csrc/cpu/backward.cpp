@@ -51,9 +51,9 @@ class Backward : UnitSweep {
         v_t_(p.kv_heads * std::max<int64_t>(geo_.dvp, 1) * kBlockN),
         k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
         rows_tmp_(kBlockN * std::max({geo_.dvp, geo_.drp, int64_t{1}})),
-        s_(heads_ * bm_ * kBlockN),
-        s_ref_(ref_heads_ * bm_ * kBlockN),
-        ds_(heads_ * bm_ * kBlockN),
+        s_(heads_ * head_plane(bm_)),
+        s_ref_(ref_heads_ * head_plane(bm_)),
+        ds_(heads_ * head_plane(bm_)),
         dq_(heads_ * bm_ * geo_.dp),
         row_(bm_ * (6 * heads_ + 2 * ref_heads_ + 2)),
         stats_w_(heads_ * bm_ * nstat_),
@@ -189,15 +189,16 @@ class Backward : UnitSweep {
                   q_ref_ + h * bm_ * geo_.drp, geo_.drp);
     // rows past Sq never get written by the GEMMs below: keep their a and dS at 0
     for (int64_t h = 0; h < heads_; ++h) {
-      std::fill(s_ + (h * bm_ + qb.rows) * kBlockN, s_ + (h + 1) * bm_ * kBlockN, 0.f);
-      std::fill(ds_ + (h * bm_ + qb.rows) * kBlockN, ds_ + (h + 1) * bm_ * kBlockN, 0.f);
+      const int64_t tile = h * head_plane(bm_);
+      std::fill(s_ + tile + qb.rows * kBlockN, s_ + tile + bm_ * kBlockN, 0.f);
+      std::fill(ds_ + tile + qb.rows * kBlockN, ds_ + tile + bm_ * kBlockN, 0.f);
     }
     std::fill(dq_.get(), dq_ + heads_ * bm_ * geo_.dp, 0.f);
   }
 
   void tile(const QueryBlock& qb) {
     const bool full = tile_is_full(p_, qb, kb_);
-    const int64_t plane = bm_ * kBlockN;
+    const int64_t plane = head_plane(bm_);
     for (int64_t h = 0; h < p_.kv_heads; ++h) {
       float* k = k_ + h * kBlockN * geo_.dp;
       load_tile(p_.k, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.head_dim, 1.f, k, geo_.dp);
@@ -242,15 +243,16 @@ class Backward : UnitSweep {
         grad_tile_mean<false>(qb, full);
     }
 
-    const int64_t group_rows = geo_.group * bm_;  // the query heads of a kv head, stacked
-    const int64_t key_row = kb_.abs - base_;      // the block's first key in the partials' window
-    for (int64_t kv = 0; kv < p_.kv_heads; ++kv) {
-      const int64_t h0 = kv * geo_.group;
+    // dV and dK of a kv head sum over the rows of its query heads, one head's tile after the other
+    // (the same order of additions as one GEMM over the stacked rows).
+    const int64_t key_row = kb_.abs - base_;  // the block's first key in the partials' window
+    for (int64_t h = 0; h < heads_; ++h) {
+      const int64_t kv = h / geo_.group;
       if (p_.has_v)
-        gemm<true>(dv_partial_ + (kv * window_ + key_row) * geo_.dvp, geo_.dvp, {s_ + h0 * plane, 1, kBlockN},
-                   dout_ + h0 * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, group_rows);
-      gemm<true>(dk_partial_ + (kv * window_ + key_row) * geo_.dp, geo_.dp, {ds_ + h0 * plane, 1, kBlockN},
-                 q_ + h0 * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, group_rows);
+        gemm<true>(dv_partial_ + (kv * window_ + key_row) * geo_.dvp, geo_.dvp, {s_ + h * plane, 1, kBlockN},
+                   dout_ + h * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, bm_);
+      gemm<true>(dk_partial_ + (kv * window_ + key_row) * geo_.dp, geo_.dp, {ds_ + h * plane, 1, kBlockN},
+                 q_ + h * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, bm_);
     }
     for (int64_t h = 0; h < heads_; ++h)
       gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane, kBlockN, 1},
@@ -264,7 +266,7 @@ class Backward : UnitSweep {
   //   w T_h = e_h * w exp(max x - log H - log Z) (g - gbar)   (the factor is <= pi, never overflows).
   template <bool kStats>
   void grad_tile_mean(const QueryBlock& qb, bool full) {
-    const int64_t plane = bm_ * kBlockN;
+    const int64_t plane = head_plane(bm_);
     for (int64_t r = 0; r < qb.rows; ++r) {
       const int64_t pos = qb.first_pos + r;
       float* s_row = s_ + r * kBlockN;
@@ -355,10 +357,10 @@ class Backward : UnitSweep {
   void grad_tile_each(const QueryBlock& qb, bool full) {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
-        const int64_t i = h * bm_ + r, pos = qb.first_pos + r;
-        float* s_row = s_ + i * kBlockN;
-        float* ds_row = ds_ + i * kBlockN;
-        const float* sr_row = s_ref_ + i * kBlockN;
+        const int64_t i = h * bm_ + r, pos = qb.first_pos + r, at = h * head_plane(bm_) + r * kBlockN;
+        float* s_row = s_ + at;
+        float* ds_row = ds_ + at;
+        const float* sr_row = s_ref_ + at;
         const bool live = w_live_[i];
         for (int64_t c = 0; c < kBlockN; c += kLanes) {
           LaneMasks mask{};
@@ -395,7 +397,7 @@ class Backward : UnitSweep {
   Floats q_, dout_, q_ref_;    // (H, BM, Dp) scaled, (H, BM, Dvp), (Hr, BM, Drp) scaled
   Floats k_, k_t_, v_t_;       // (Hkv, kBlockN, Dp), (Hkv, Dp, kBlockN), (Hkv, Dvp, kBlockN)
   Floats k_ref_t_, rows_tmp_;  // (Hrkv, Drp, kBlockN); a tile before transposition
-  Floats s_, s_ref_, ds_;      // (H | Hr, BM, kBlockN): scores, then a; dP, then dS
+  Floats s_, s_ref_, ds_;      // (H | Hr, BM, kBlockN), heads head_plane(BM) apart: scores, then a; dP, then dS
   Floats dq_;                  // (H, BM, Dp) unscaled dq accumulator
   Floats row_;                 // per-row scalars (see the accessors)
   Floats stats_w_;             // (heads | 1, BM, 1 + S): [w_E, w_0 ..] per row, with policy_stats

@@ -97,7 +97,7 @@ void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p)
 // without a reference.
 inline bool reference_in_pass1(const AttentionKLParams& p) { return !p.has_ref_stats && !p.no_reference; }
 inline int64_t score_slot_floats(const AttentionKLParams& p, const Geometry& geo) {
-  return (p.heads + (reference_in_pass1(p) ? p.ref_heads : 0)) * geo.block_m * kBlockN;
+  return (p.heads + (reference_in_pass1(p) ? p.ref_heads : 0)) * head_plane(geo.block_m);
 }
 inline int64_t key_tiles(const AttentionKLParams& p) { return (max_unit_keys(p) + kBlockN - 1) / kBlockN; }
 
@@ -115,8 +115,8 @@ class Forward : UnitSweep {
         k_t_(p.kv_heads * geo_.dp * kBlockN),
         k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
         v_(p.kv_heads * kBlockN * std::max<int64_t>(geo_.dvp, 1)),
-        s_tile_(heads_ * bm_ * kBlockN),
-        s_ref_tile_(ref_heads_ * bm_ * kBlockN),
+        s_tile_(heads_ * head_plane(bm_)),
+        s_ref_tile_(ref_heads_ * head_plane(bm_)),
         o_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         v_self_(std::max<int64_t>(geo_.dvp, 1)),
         state_(3 * heads_ * bm_),
@@ -166,7 +166,7 @@ class Forward : UnitSweep {
   // cached), else s_ref_tile_; computes them unless pass 2 finds them cached.
   void score_reference(const QueryBlock& qb, bool pass2) {
     const bool cached = in_cache(kb_.start) && reference_in_pass1(p_);
-    s_ref_ = cached ? cache_slot(kb_.start) + heads_ * bm_ * kBlockN : s_ref_tile_.get();
+    s_ref_ = cached ? cache_slot(kb_.start) + heads_ * head_plane(bm_) : s_ref_tile_.get();
     if (pass2 && cached) return;
     load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
     scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
@@ -210,7 +210,7 @@ class Forward : UnitSweep {
   void scores(const float* q, const float* k_t, int64_t heads, int64_t group, int64_t dim,
                      int64_t dim_padded, int64_t rows, float* s) {
     for (int64_t h = 0; h < heads; ++h)
-      gemm<false>(s + h * bm_ * kBlockN, kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
+      gemm<false>(s + h * head_plane(bm_), kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
                   k_t + (h / group) * dim_padded * kBlockN, kBlockN, rows, kBlockN, dim);
   }
 
@@ -230,9 +230,9 @@ class Forward : UnitSweep {
           load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f,
                     v_ + h * kBlockN * geo_.dvp, geo_.dvp);
       for (int64_t h = 0; h < heads_; ++h) {
-        float* s = s_tile_ + h * bm_ * kBlockN;
+        float* s = s_tile_ + h * head_plane(bm_);
         float* o = p_.has_v ? o_ + h * bm_ * geo_.dvp : nullptr;
-        softmax_tile(p_, qb, kb_, full, s_ + h * bm_ * kBlockN, s, st.max + h * bm_, st.sum + h * bm_,
+        softmax_tile(p_, qb, kb_, full, s_ + h * head_plane(bm_), s, st.max + h * bm_, st.sum + h * bm_,
                      st.self + h * bm_, o, geo_.dvp);
         if (o)
           gemm<true>(o, geo_.dvp, {s, kBlockN, 1}, v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp,
@@ -241,7 +241,7 @@ class Forward : UnitSweep {
       if (need_ref) {
         score_reference(qb, /*pass2=*/false);
         for (int64_t h = 0; h < ref_heads_; ++h)
-          softmax_tile(p_, qb, kb_, full, s_ref_ + h * bm_ * kBlockN, s_ref_tile_ + h * bm_ * kBlockN,
+          softmax_tile(p_, qb, kb_, full, s_ref_ + h * head_plane(bm_), s_ref_tile_ + h * head_plane(bm_),
                        ref.max + h * bm_, ref.sum + h * bm_, ref.self + h * bm_, nullptr, 0);
       }
     });
@@ -372,7 +372,7 @@ class Forward : UnitSweep {
   template <bool kStats, bool kDiv = true>
   void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
                             float* div_acc, float* gbar_acc, float* u_acc) {
-    const int64_t plane = bm_ * kBlockN;
+    const int64_t plane = head_plane(bm_);
     for (int64_t r = 0; r < qb.rows; ++r) {
       if (!live_[r]) continue;
       const float log_norm = geo_.log_heads + log_z[r], log_norm_ref = geo_.log_ref_heads + log_z_ref[r];
@@ -456,10 +456,10 @@ class Forward : UnitSweep {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
         if (!live_[r]) continue;
-        const int64_t i = h * bm_ + r;
+        const int64_t i = h * bm_ + r, at = h * head_plane(bm_) + r * kBlockN;
         vfloat div_sum = vload(div_acc + i * kLanes), gbar_sum = vload(gbar_acc + i * kLanes);
-        const float* s = s_ + i * kBlockN;
-        const float* sr = s_ref_ + i * kBlockN;
+        const float* s = s_ + at;
+        const float* sr = s_ref_ + at;
         for (int64_t c = 0; c < kBlockN; c += kLanes) {
           const vfloat log_pi = vload(s + c) - lse_p(h)[r];
           vmask support{};
@@ -540,14 +540,14 @@ class Forward : UnitSweep {
     }
   }
 
-  const int64_t slot_floats_;    // floats per cache slot: (H or H + Hr) * BM * kBlockN
+  const int64_t slot_floats_;    // floats per cache slot: (H or H + Hr) * head_plane(BM)
   const int64_t cache_tiles_;    // key tiles cached (the first ones of each unit); 0: no cache
   float* const cache_;           // (cache_tiles_, slot_floats_) or nullptr
   Floats q_, q_ref_;             // (H, BM, Dp), (Hr, BM, Drp): scaled queries
   Floats k_rows_;                // (kBlockN, max(Dp, Drp)): a key tile before transposition
   Floats k_t_, k_ref_t_;         // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
   Floats v_;                     // (Hkv, kBlockN, Dvp)
-  Floats s_tile_, s_ref_tile_;   // (H, BM, kBlockN), (Hr, BM, kBlockN): a tile's scores or exponentials
+  Floats s_tile_, s_ref_tile_;   // (H | Hr, BM, kBlockN), heads head_plane(BM) apart: scores or exponentials
   float* s_ = nullptr;           // the current tile's policy scores: a cache slot or s_tile_
   float* s_ref_ = nullptr;       // the current tile's reference scores: a cache slot or s_ref_tile_
   Floats o_, v_self_;            // (H, BM, Dvp) output accumulator; (Dvp,)

@@ -14,8 +14,9 @@
 namespace ral::cpu {
 
 // Register block of the micro-kernel: kGemmRows x (kGemmVectors * kLanes) accumulators.
-// AVX-512 has 32 vector registers (6 x 4 = 24 accumulators); AVX2/SSE have 16 (4 x 2 = 8).
-constexpr int kGemmRows = kLanes == 16 ? 6 : 4;
+// AVX-512 has 32 vector registers (6 x 4 = 24 accumulators); AVX2 has 16 (6 x 2 = 12, with two B
+// vectors and one broadcast A: the 6 x 16 block of BLIS's Haswell kernel); SSE 4 x 2.
+constexpr int kGemmRows = kLanes == 4 ? 4 : 6;
 constexpr int kGemmVectors = kLanes == 16 ? 4 : 2;
 
 struct MatA {
@@ -52,8 +53,18 @@ inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* 
 
 namespace detail {
 
+// With 16 vector registers (AVX2, SSE) the accumulators fit only in a frame of their own: inlined
+// into a caller that keeps other vectors live (pass 1's softmax, around P V), GCC spilled them to
+// the stack (benchmarks/RESULTS.md, 2026-12-06).
+#if defined(__AVX512F__)
+#define RAL_GEMM_ROWS_INLINE inline
+#else
+#define RAL_GEMM_ROWS_INLINE __attribute__((noinline))
+#endif
+
 template <int RM, bool kAccumulate>
-inline void gemm_rows(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t n, int64_t k_len) {
+RAL_GEMM_ROWS_INLINE void gemm_rows(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t n,
+                                    int64_t k_len) {
   int64_t col = 0;
   for (; col + kGemmVectors * kLanes <= n; col += kGemmVectors * kLanes)
     micro_gemm<RM, kGemmVectors, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len);

@@ -38,6 +38,11 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+// Floats between two heads' (rows x kBlockN) score tiles: one cache line more than the tile, so that
+// the same row of consecutive heads (read together by the per-element loops of "mean") falls in
+// different L1 sets and does not alias at 4 KiB (block_m x kBlockN floats is a multiple of 4 KiB).
+inline int64_t head_plane(int64_t block_m) { return block_m * kBlockN + 16; }
+
 // ---- work units ------------------------------------------------------------------------------
 // Rows [q_start, q_start + q_len) and keys [k_start, k_start + k_len) of batch element `batch`;
 // row i sits at key position q_pos + i, counted from k_start (masks work in these unit-local key
