@@ -79,6 +79,8 @@ else:  # control: one materialised S x S score matrix
     scores = q.detach()[0, 0] @ k.detach()[0, 0].T
     del scores
 print(json.dumps({"growth": peak() - base}))
+if what == "cp":  # a gloo group left to interpreter exit can abort it ("terminate called ..."; pytorch #65231)
+    dist.destroy_process_group()
 """
 
 
