@@ -39,7 +39,7 @@ gradients), which tests/test_distributed.py checks on 2 and 4 gloo processes.
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -81,6 +81,11 @@ def causal_work(seq_len: int, world: int, layout: str = "zigzag", block: int = 6
     return work
 
 
+def _positions(rank_chunks) -> int:
+    """How many positions a list of (start, length) chunks holds."""
+    return sum(length for _, length in rank_chunks)
+
+
 def _rank_world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -104,7 +109,7 @@ class _Pending:
     ``buffer()`` if that was asked for first."""
 
     def __init__(self, x: Tensor, dim: int, layout_chunks, group):
-        longest = max(sum(length for _, length in c) for c in layout_chunks)
+        longest = max(_positions(c) for c in layout_chunks)
         padded = _pad_to(x.detach().contiguous(), dim, longest)
         self.parts = [torch.empty_like(padded) for _ in layout_chunks]
         self.work = dist.all_gather(self.parts, padded, group=group, async_op=True)
@@ -113,7 +118,7 @@ class _Pending:
     def buffer(self) -> Tensor:
         """The tensor ``wait()`` will fill, allocated now (uninitialised until then)."""
         shape = list(self.parts[0].shape)
-        shape[self.dim] = sum(length for rank_chunks in self.chunks for _, length in rank_chunks)
+        shape[self.dim] = sum(_positions(c) for c in self.chunks)
         self._buffer = self.parts[0].new_empty(shape)
         return self._buffer
 
@@ -195,16 +200,15 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        mine = []
+        mine, nccl = [], dist.get_backend(ctx.group) == "nccl"
         for grad, part in zip(grads, ctx.parts):
             grad = grad.contiguous()
-            local = sum(length for _, length in part[ctx.rank])
-            if dist.get_backend(ctx.group) == "nccl":   # reduce-scatter each rank's positions
-                longest = max(sum(length for _, length in c) for c in part)
+            if nccl:   # reduce-scatter each rank's positions
+                longest = max(_positions(c) for c in part)
                 inputs = [_pad_to(_take(grad, ctx.dim, c), ctx.dim, longest) for c in part]
                 out = torch.empty_like(inputs[ctx.rank])
                 dist.reduce_scatter(out, inputs, group=ctx.group)
-                mine.append(out.narrow(ctx.dim, 0, local))
+                mine.append(out.narrow(ctx.dim, 0, _positions(part[ctx.rank])))
             else:  # gloo has no reduce-scatter: sum the whole gradient, keep this rank's positions
                 dist.all_reduce(grad, group=ctx.group)
                 mine.append(_take(grad, ctx.dim, part[ctx.rank]))
@@ -251,10 +255,10 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
         ("q", q, 2), ("k", k, 2), ("q_ref", q_ref, 2), ("k_ref", _shard_or_none(k_ref), 2), ("v", v, 2),
         ("ref_stats", ref_stats, 2),
         ("key_padding_mask", key_padding_mask, 1), ("row_mask", row_mask, 1), ("key_segments", key_segments, 1)))
-    parts = _key_parts(layout_chunks, seq_len, layout, causal)
-    keys = _KeysInFlight(k, v, k_ref, key_padding_mask, key_segments, 2, seq_len, group, layout, parts)
+    pieces = _row_pieces(_key_parts(layout_chunks, seq_len, layout, causal), rank)
+    keys = _KeysInFlight(k, v, k_ref, key_padding_mask, key_segments, 2, seq_len, group, layout, pieces)
     results = []
-    for i, (piece_chunks, row0, rows) in enumerate(_row_pieces(layout_chunks[rank], len(parts))):
+    for i, (_, piece_chunks, row0, rows, key_end) in enumerate(pieces):
         k_all, v_all, k_ref_all, kpm_all, segments_all = keys.upto(i)
         call = ops._checked_call(_rows(q, 2, row0, rows), k_all, v_all, _rows(q_ref, 2, row0, rows), k_ref_all,
                                  _rows(ref_stats, 2, row0, rows), divergence, heads, exclude_self, causal, scale,
@@ -262,7 +266,7 @@ def attention_kl_cp(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, q_ref: 
                                  num_segments)
         seqs = _local_units(piece_chunks, q.shape[0], seq_len, causal, q.device)
         longest = max(length for _, length in piece_chunks)
-        results.append(ops.run_table(call, seqs, longest, k_all.shape[2], backend))
+        results.append(ops.run_table(call, seqs, longest, key_end, backend))
     row_dim = 1 if heads == "mean" else 2
     return _rows_joined(results, (2, row_dim, 2, row_dim, row_dim))
 
@@ -298,10 +302,10 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
         ("q", q, 0), ("k", k, 0), ("q_ref", q_ref, 0), ("k_ref", _shard_or_none(k_ref), 0), ("v", v, 0),
         ("ref_stats", ref_stats, 0),
         ("row_mask", row_mask, 0), ("key_segments", key_segments, 0)))
-    parts = _key_parts(layout_chunks, total, layout, causal)
-    keys = _KeysInFlight(k, v, k_ref, None, key_segments, 0, total, group, layout, parts)
+    pieces = _row_pieces(_key_parts(layout_chunks, total, layout, causal), rank)
+    keys = _KeysInFlight(k, v, k_ref, None, key_segments, 0, total, group, layout, pieces)
     results = []
-    for i, (piece_chunks, row0, rows) in enumerate(_row_pieces(layout_chunks[rank], len(parts))):
+    for i, (_, piece_chunks, row0, rows, _) in enumerate(pieces):
         k_all, v_all, k_ref_all, _, segments_all = keys.upto(i)
         mine_q, mine_q_ref, mine_ref_stats, mine_row_mask = (_rows(t, 0, row0, rows)
                                                              for t in (q, q_ref, ref_stats, row_mask))
@@ -316,31 +320,38 @@ def attention_kl_cp_varlen(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, 
 
 
 def _key_parts(layout_chunks, seq_len: int, layout: str, causal: bool):
-    """How the policy's keys and values are all-gathered: a list of parts, each one all-gather's
-    chunks per rank (positions relative to the part's first), covering consecutive ranges of the
-    sequence in order. One part, the whole sequence; or, under causal masking in the zigzag layout, two:
-    the sequence's halves, gathered one after the other. Rank r's first chunk lies in the first half
-    and attends nothing after it, so its rows run while the second half is still in flight."""
+    """How the policy's keys and values are all-gathered: a list of parts, each (its first position,
+    one all-gather's chunks per rank relative to it), covering consecutive ranges of the sequence in
+    order. One part, the whole sequence; or, under causal masking in the zigzag layout, two: the
+    sequence's halves, gathered one after the other. Rank r's first chunk lies in the first half and
+    attends nothing after it, so its rows run while the second half is still in flight."""
     world = len(layout_chunks)
     if not (layout == "zigzag" and causal and world > 1 and seq_len >= 2 * world):
-        return [layout_chunks]
+        return [(0, layout_chunks)]
     halves = []
     for j in (0, 1):  # every rank's j-th chunk: chunks 0..P-1, then chunks P..2P-1
         first = min(rank_chunks[j][0] for rank_chunks in layout_chunks)
-        halves.append([[(rank_chunks[j][0] - first, rank_chunks[j][1])] for rank_chunks in layout_chunks])
+        halves.append((first, [[(rank_chunks[j][0] - first, rank_chunks[j][1])] for rank_chunks in layout_chunks]))
     return halves
 
 
-def _row_pieces(rank_chunks, n_parts: int):
-    """This rank's rows, run as one op call per piece: (the piece's chunks, its first local row, its
-    rows). With one key part, one piece of every row; with the halves, one piece per chunk (piece i
-    attends key parts 0..i)."""
-    if n_parts == 1:
-        return [(rank_chunks, 0, sum(length for _, length in rank_chunks))]
+class _Piece(NamedTuple):
+    """This rank's rows of one key part: one op call."""
+
+    part: list       # the part's all-gather chunks per rank (relative to its first position)
+    chunks: list     # this rank's chunks of it, in sequence positions
+    row0: int        # their first local row
+    rows: int        # their row count
+    key_end: int     # the part's end: the call attends keys 0 .. key_end (parts 0..i)
+
+
+def _row_pieces(parts, rank: int) -> List[_Piece]:
+    """One piece per key part (``_key_parts``), in order."""
     pieces, row0 = [], 0
-    for start, length in rank_chunks:
-        pieces.append(([(start, length)], row0, length))
-        row0 += length
+    for first, part in parts:
+        mine = [(first + start, length) for start, length in part[rank]]
+        pieces.append(_Piece(part, mine, row0, _positions(mine), first + sum(_positions(c) for c in part)))
+        row0 += _positions(mine)
     return pieces
 
 
@@ -362,29 +373,25 @@ class _KeysInFlight:
     says (differentiable: the backward reduce-scatters dK / dV), k_ref gathered whole (asynchronously,
     unless it came as ``GatheredKeys``), and the key padding mask and segment ids (small, gathered whole
     and at once). Every all-gather starts here, in the same order on every rank; ``upto(i)`` waits for
-    parts 0..i and gives the positions they cover, from the sequence's start."""
+    parts 0..i (of ``_row_pieces``) and gives the positions they cover, from the sequence's start."""
 
     def __init__(self, k, v, k_ref, key_padding_mask, key_segments, dim: int, seq_len: int, group, layout: str,
-                 parts):
+                 pieces):
         mask_dim = max(dim - 1, 0)
         self.kpm = (None if key_padding_mask is None else
                     unshard(key_padding_mask.to(torch.uint8), mask_dim, seq_len, group, layout).to(torch.bool))
         self.segments = (None if key_segments is None
                          else unshard(key_segments.to(torch.int32), mask_dim, seq_len, group, layout))
-        rank, world = _rank_world(group)
+        world = _rank_world(group)[1]
         if not isinstance(k_ref, GatheredKeys):  # this rank's shard: its all-gather starts first
             shard_of_k_ref, k_ref = k_ref, GatheredKeys()
             k_ref._pending = _Pending(shard_of_k_ref, dim, chunks(seq_len, world, layout), group)
         self.k_ref, self.dim, self.mask_dim, self.seq_len = k_ref, dim, mask_dim, seq_len
-        self.ends, self.pending, row0, end = [], ([], []), 0, 0
-        for part in parts:
-            rows = sum(length for _, length in part[rank])
-            end += sum(length for rank_chunks in part for _, length in rank_chunks)
-            self.ends.append(end)
+        self.pieces, self.pending = pieces, ([], [])
+        for piece in pieces:
             for t, started in zip((k, v), self.pending):
                 if t is not None:
-                    started.append(_Pending(t.narrow(dim, row0, rows), dim, part, group))
-            row0 += rows
+                    started.append(_Pending(t.narrow(dim, piece.row0, piece.rows), dim, piece.part, group))
         # one autograd node per tensor for all its parts: part 0 waited for, the others still in flight
         self.gathered = [_Gather.apply(t, *started) if started else None for t, started in zip((k, v), self.pending)]
 
@@ -399,7 +406,7 @@ class _KeysInFlight:
         if k_ref_all.dim() <= self.dim or k_ref_all.shape[self.dim] != self.seq_len:
             raise ValueError(f"k_ref: a GatheredKeys holds the whole sequence, {self.seq_len} positions along dim "
                              f"{self.dim}, got shape {tuple(k_ref_all.shape)}")
-        end = self.ends[i]
+        end = self.pieces[i].key_end
         kpm_all, segments_all = (None if t is None else t.narrow(self.mask_dim, 0, end)
                                  for t in (self.kpm, self.segments))
         return k_all, v_all, k_ref_all.narrow(self.dim, 0, end), kpm_all, segments_all
@@ -434,7 +441,7 @@ def _check_shards(group, seq_len: int, layout: str, given):
     rank's number of positions of a sequence of seq_len along its dim."""
     rank, world = _rank_world(group)
     layout_chunks = chunks(seq_len, world, layout)
-    local = sum(length for _, length in layout_chunks[rank])
+    local = _positions(layout_chunks[rank])
     for name, t, dim in given:
         if t is not None and (not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != local):
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
