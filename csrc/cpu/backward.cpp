@@ -301,7 +301,9 @@ class Backward : UnitSweep {
           e_sum += e;
         }
         const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
-        vfloat g{};
+        // coef = exp(x_max - log H - log Z) (g_total - gbar), its w g part as vweighted_grad
+        const vfloat log_factor = x_max - log_norm, factor = vexp(log_factor);
+        vfloat wg{};
         if (with_g) {
           const float* sr = s_ref_ + r * kBlockN + c;
           vfloat xr_max = vbroadcast(-kInf);
@@ -310,13 +312,13 @@ class Backward : UnitSweep {
           for (int64_t h = 0; h < ref_heads_; ++h)
             er_sum += vexp(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
           const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
-          g = vdivergence_grad(p_.divergence, log_pi, log_rho);
+          wg = w_row * vweighted_grad(p_.divergence, log_factor, log_pi, log_rho);
         }
         vfloat coef;
         if constexpr (kStats)
-          coef = vexp(x_max - log_norm) * (total_g(r, c, w_row, g, log_pi, with_g) - gbar_row);
+          coef = factor * (stats_g(r, c, log_pi) - gbar_row) + wg;
         else
-          coef = w_row * vexp(x_max - log_norm) * (g - gbar_row);
+          coef = wg - w_row * factor * gbar_row;
         const vfloat a_scale = vexp(x_max);
         LaneMasks mask{};
         if (!full) mask = lane_masks(p_, kb_, c, pos, true);
@@ -335,12 +337,11 @@ class Backward : UnitSweep {
     }
   }
 
-  // g_total = w g + w_E (-log pi) + w_seg of lanes [c, c + kLanes), from the stats_w of row i
-  // (index h * BM + r); the w g part only when with_g.
-  vfloat total_g(int64_t i, int64_t c, float w_row, vfloat g, vfloat log_pi, bool with_g) const {
+  // g_total - w g = w_E (-log pi) + w_seg of lanes [c, c + kLanes), from the stats_w of row i
+  // (index h * BM + r); the w g part is added by the caller (vweighted_grad).
+  vfloat stats_g(int64_t i, int64_t c, vfloat log_pi) const {
     const float* sw = stats_w_ + i * nstat_;
     vfloat total = sw[0] * -log_pi;
-    if (with_g) total += w_row * g;
     if (nstat_ > 1) {
       vmask seg;
       memcpy(&seg, kb_.seg + c, sizeof(seg));
@@ -370,16 +371,16 @@ class Backward : UnitSweep {
           if (!full) a = vselect(mask.attended, a, vfloat{});
           vfloat ds = a * (vload(ds_row + c) - delta()[i]);
           if (live) {
-            const vfloat log_pi = s - lse_p()[i];
+            const vfloat log_pi = s - lse_p()[i], pi = vexp(log_pi);
+            // pi (g_total - gbar), its w pi g part as vweighted_grad
             vfloat term;
             if constexpr (kStats) {
-              const bool with_g = w()[i] != 0.f;
-              const vfloat g = with_g ? vdivergence_grad(p_.divergence, log_pi, vload(sr_row + c) - ref_lse_p()[i])
-                                      : vfloat{};
-              term = vexp(log_pi) * (total_g(i, c, w()[i], g, log_pi, with_g) - gbar()[i]);
+              term = pi * (stats_g(i, c, log_pi) - gbar()[i]);
+              if (w()[i] != 0.f)
+                term += w()[i] * vweighted_grad(p_.divergence, log_pi, log_pi, vload(sr_row + c) - ref_lse_p()[i]);
             } else {
               const vfloat log_rho = vload(sr_row + c) - ref_lse_p()[i];
-              term = w()[i] * vexp(log_pi) * (vdivergence_grad(p_.divergence, log_pi, log_rho) - gbar()[i]);
+              term = w()[i] * (vweighted_grad(p_.divergence, log_pi, log_pi, log_rho) - pi * gbar()[i]);
             }
             if (!full) term = vselect(mask.support, term, vfloat{});
             ds += term;

@@ -4,16 +4,22 @@
 //   pass 1 over key blocks: per head an online softmax over the support P, with the self key
 //          kept aside, gives lse_P, lse_A = logaddexp(lse_P, s_self) and out (P V, then the self
 //          row added with its own weight, so lse_P never comes from 1 - a_self); the same for
-//          the reference heads unless ref_stats is given;
-//   pass 2 over key blocks: the scores of both models again (read back from the score cache
-//          when the caller gives one, else recomputed), log pi and log rho in log space, and
-//          accumulate div = sum_P f, gbar = sum_P pi g and c_h; with policy_stats also the
+//          the reference heads unless ref_stats is given. A tile's exponentials are taken
+//          against the tile's own maximum m_tile (exponentiate_row), so that pass 2 can form
+//          them again, bit for bit, from the tile alone;
+//   pass 2 over key blocks: per head the exponentials e = exp(s - m_tile) of both models (read
+//          back from the score cache when the caller gives one, else scored and exponentiated
+//          again); heads="mean" mixes them linearly, pi_j = exp(offset) sum_h w_h e_hj with one
+//          weight per head and row (mixture_weights), so that a key costs one log per model and
+//          no exponential; lanes that mixture cannot carry (kLinearFloor) take the log-space
+//          route from the raw scores. heads="each" works from the raw scores: log pi = s - lse_P.
+//          Accumulates div = sum_P f, gbar = sum_P pi g and c_h; with policy_stats also the
 //          entropy, the segment masses and their per-head u sums (params.h).
-// Memory: per thread O(H * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
+// Memory: per thread O((H + Hr) * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
 // tiles, plus (H + 1) * BM * (1 + S) * kLanes accumulators with policy_stats (and, with a
 // key_padding_mask, one count per key of the unit); the optional score cache (p.scratch,
-// Python-allocated) holds at most (H + Hr) * BM * L floats per thread, L the longest unit's key
-// count; nothing grows with Sq x Sk.
+// Python-allocated) holds at most (H + Hr) * BM * (L + L / kBlockN) floats per thread, L the
+// longest unit's key count; nothing grows with Sq x Sk.
 #include <cmath>
 #include <vector>
 
@@ -37,11 +43,38 @@ struct SoftmaxState {
   }
 };
 
-// One key tile of the online softmax, rows of one head: the scores `src` (rows x kBlockN) give
-// e = exp(s - max) (0 outside P) in `e` (which may be `src`), the state is updated, and the rows
-// of o (if given) are rescaled.
-void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full,
-                  const float* src, float* e, float* row_max, float* row_sum, float* self, float* o, int64_t ldo) {
+// One row of a key tile: the scores `in`, masked to -inf outside the row's support P unless `full`
+// (into `e`, which may be `in`), become e = exp(s - m), m the row's largest support score in this
+// tile; returns m (-inf when no key of the tile is in P; e is 0 there) and the lane sums of e.
+// Both passes exponentiate a tile through here, so pass 2's recomputed e has pass 1's bits.
+RAL_VECTOR_INLINE float exponentiate_row(const AttentionKLParams& p, const KeyBlock& kb, bool full, int64_t pos,
+                                         const float* in, float* e, vfloat& sum) {
+  if (!full) {
+    for (int64_t c = 0; c < kBlockN; c += kLanes)
+      vstore(e + c, vselect(lane_masks(p, kb, c, pos, true).support, vload(in + c), vbroadcast(-kInf)));
+    in = e;
+  }
+  vfloat tile_max = vbroadcast(-kInf);
+  for (int64_t c = 0; c < kBlockN; c += kLanes) tile_max = vmax(tile_max, vload(in + c));
+  const float m = hmax(tile_max);
+  const float shift = m == -kInf ? 0.f : m;
+  vfloat total{};
+  for (int64_t c = 0; c < kBlockN; c += kLanes) {
+    const vfloat x = vexp(vload(in + c) - shift);
+    vstore(e + c, x);
+    total += x;
+  }
+  sum = total;
+  return m;
+}
+
+// One key tile of pass 1's online softmax, rows of one head: e = exp(s - m_tile) per row
+// (exponentiate_row) into `e` (which may be `src`), m_tile into `tile_max` when given; the state is
+// updated, the rows of o (if given) rescaled, and e rescaled to the running max written to `pv`
+// (which may be `e`) for P V. The self score is read before `e` overwrites `src`.
+void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full, const float* src,
+                  float* e, float* pv, float* tile_max, float* row_max, float* row_sum, float* self, float* o,
+                  int64_t ldo) {
   for (int64_t r = 0; r < qb.rows; ++r) {
     const float* in = src + r * kBlockN;
     float* row = e + r * kBlockN;
@@ -49,26 +82,21 @@ void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlo
     if (!full) {
       const int64_t self_col = pos - kb.start;
       if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = in[self_col];
-      for (int64_t c = 0; c < kBlockN; c += kLanes)
-        vstore(row + c, vselect(lane_masks(p, kb, c, pos, true).support, vload(in + c), vbroadcast(-kInf)));
-      in = row;
     }
-    vfloat tile_max = vbroadcast(-kInf);
-    for (int64_t c = 0; c < kBlockN; c += kLanes) tile_max = vmax(tile_max, vload(in + c));
-    const float old_max = row_max[r], tmax = hmax(tile_max);
-    const float new_max = old_max < tmax ? tmax : old_max;
+    vfloat total;
+    const float m = exponentiate_row(p, kb, full, pos, in, row, total);
+    if (tile_max) tile_max[r] = m;
+    const float old_max = row_max[r];
+    const float new_max = old_max < m ? m : old_max;
     const float shift = new_max == -kInf ? 0.f : new_max;
     const float alpha = std::exp(old_max - shift);
-    vfloat total{};
-    for (int64_t c = 0; c < kBlockN; c += kLanes) {
-      const vfloat e = vexp(vload(in + c) - shift);
-      vstore(row + c, e);
-      total += e;
-    }
-    row_sum[r] = row_sum[r] * alpha + hsum(total);
+    const float beta = m == -kInf ? 0.f : std::exp(m - shift);  // this tile's e relative to the running max
+    row_sum[r] = row_sum[r] * alpha + hsum(total) * beta;
     row_max[r] = new_max;
     if (o && alpha != 1.f)
       for (int64_t d = 0; d < ldo; d += kLanes) vstore(o + r * ldo + d, vload(o + r * ldo + d) * alpha);
+    if (pv && !(pv == e && beta == 1.f))
+      for (int64_t c = 0; c < kBlockN; c += kLanes) vstore(pv + r * kBlockN + c, vload(row + c) * beta);
   }
 }
 
@@ -88,18 +116,29 @@ void finish_stats(const SoftmaxState& st, int64_t n, float* lse_a, float* lse_p)
 }
 
 // The optional score cache (p.scratch): per thread, one slot per key tile for the first key
-// tiles of a unit, holding the raw scores of the policy's H heads and, when pass 1 computes them
-// (no ref_stats), of the reference's Hr heads, (BM, kBlockN) each. Pass 2 reads a cached tile's
-// scores back instead of computing both models' Q K^T again (2 of the forward's 5 GEMMs) and
-// recomputes the tiles past the cache. The scratch is split evenly between the threads; any size
-// works (0: no cache), forward_scratch_bytes() caches every tile of the longest unit.
+// tiles of a unit, (BM, kBlockN) per head of the policy's H heads and, when pass 1 computes them
+// (no ref_stats), of the reference's Hr heads. With heads="mean" a slot holds pass 1's exponentials
+// e = exp(s - m_tile) (exponentiate_row) and, after the heads' planes, each head's m_tile per row:
+// pass 2 builds both models' head mixtures from them with no exponential of its own. With
+// heads="each" it holds the raw scores (pass 2 needs s - lse_P, not e). Tiles past the cache are
+// scored and exponentiated again in pass 2, the same bits either way. The scratch is split evenly
+// between the threads; any size works (0: no cache), forward_scratch_bytes() caches every tile of
+// the longest unit.
 // Whether pass 1 sweeps the reference too (for its lse_A, lse_P): not with ref_stats given, nor
 // without a reference.
 inline bool reference_in_pass1(const AttentionKLParams& p) { return !p.has_ref_stats && !p.no_reference; }
+inline int64_t cached_heads(const AttentionKLParams& p) {
+  return p.heads + (reference_in_pass1(p) ? p.ref_heads : 0);
+}
 inline int64_t score_slot_floats(const AttentionKLParams& p, const Geometry& geo) {
-  return (p.heads + (reference_in_pass1(p) ? p.ref_heads : 0)) * head_plane(geo.block_m);
+  return cached_heads(p) * (head_plane(geo.block_m) + (p.heads_each ? 0 : geo.block_m));
 }
 inline int64_t key_tiles(const AttentionKLParams& p) { return (max_unit_keys(p) + kBlockN - 1) / kBlockN; }
+
+// Below this, pass 2 does not trust a lane's linear head mixture sum_h w_h e_h (max w_h = 1): the e
+// that vexp flushed to 0 (below e^-87 each) could be up to 2^-45 of it per head. Such lanes (far below
+// every head's tile maximum) take the log-space route from the raw scores.
+constexpr float kLinearFloor = 0x1p-80f;
 
 class Forward : UnitSweep {
  public:
@@ -117,15 +156,19 @@ class Forward : UnitSweep {
         v_(p.kv_heads * kBlockN * std::max<int64_t>(geo_.dvp, 1)),
         s_tile_(heads_ * head_plane(bm_)),
         s_ref_tile_(ref_heads_ * head_plane(bm_)),
+        tile_max_((heads_ + ref_heads_) * bm_),
         o_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         v_self_(std::max<int64_t>(geo_.dvp, 1)),
         state_(3 * heads_ * bm_),
         ref_state_(3 * ref_heads_ * bm_),
         lse_(2 * heads_ * bm_),
         ref_lse_(2 * ref_heads_ * bm_),
-        row_(2 * bm_),
+        row_(6 * bm_),
         acc_(bm_ * (2 * heads_ + 2) * kLanes),
         sacc_(bm_ * (heads_ + 1) * nstat_ * kLanes),
+        weights_(3 * round_up(std::max(heads_, ref_heads_), kLanes), 0.f),
+        g_row_(kBlockN),
+        lanes_((heads_ + ref_heads_) * kLanes),
         live_(bm_) {}
 
   void run(const QueryBlock& qb) {
@@ -151,10 +194,10 @@ class Forward : UnitSweep {
     for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
       kb_.init(p_, qb, key0);
       if (!kb_.any_valid) continue;
-      const bool cached = in_cache(key0);
-      s_ = cached ? cache_slot(key0) : s_tile_.get();
-      if (!(pass2 && cached)) {
-        load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+      cached_ = in_cache(key0);
+      s_ = cached_ ? cache_slot(key0) : s_tile_.get();
+      if (!(pass2 && cached_)) {
+        load_policy_keys(qb);
         scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
       }
       tile(tile_is_full(p_, qb, kb_));
@@ -163,13 +206,37 @@ class Forward : UnitSweep {
 
   // Points s_ref_ at the reference's scores of the current key tile (Hr, BM, kBlockN): its cache
   // slot when the cache holds them (pass 1 computes the reference's scores and the tile is
-  // cached), else s_ref_tile_; computes them unless pass 2 finds them cached.
-  void score_reference(const QueryBlock& qb, bool pass2) {
-    const bool cached = in_cache(kb_.start) && reference_in_pass1(p_);
+  // cached), else s_ref_tile_; computes them unless pass 2 finds them cached. Returns whether the
+  // slot holds them.
+  bool score_reference(const QueryBlock& qb, bool pass2) {
+    const bool cached = cached_ && reference_in_pass1(p_);
     s_ref_ = cached ? cache_slot(kb_.start) + heads_ * head_plane(bm_) : s_ref_tile_.get();
-    if (pass2 && cached) return;
-    load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
+    if (pass2 && cached) return true;
+    load_reference_keys(qb);
     scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
+    return cached;
+  }
+
+  // Each head's m_tile per row in a cache slot (heads="mean"): the policy's H rows of BM, then the
+  // reference's Hr.
+  float* slot_tile_max(int64_t key0) const { return cache_slot(key0) + cached_heads(p_) * head_plane(bm_); }
+
+  // K^T of the current key tile for both models (k_t_, k_ref_t_), packed once per tile: pass 2
+  // packs a cached tile's keys only when a lane falls back to the raw scores.
+  struct PackedTile {
+    int64_t b = -1, abs = -1, count = -1;
+    bool holds(const QueryBlock& qb, const KeyBlock& kb) const { return b == qb.b && abs == kb.abs && count == kb.count; }
+    void set(const QueryBlock& qb, const KeyBlock& kb) { b = qb.b, abs = kb.abs, count = kb.count; }
+  };
+  void load_policy_keys(const QueryBlock& qb) {
+    if (k_t_tile_.holds(qb, kb_)) return;
+    load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+    k_t_tile_.set(qb, kb_);
+  }
+  void load_reference_keys(const QueryBlock& qb) {
+    if (k_ref_t_tile_.holds(qb, kb_)) return;
+    load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
+    k_ref_t_tile_.set(qb, kb_);
   }
 
   // Writes [lse_A, lse_P] of `heads` heads for qb's rows into a (B, heads, Sq, 2) statistics
@@ -187,6 +254,9 @@ class Forward : UnitSweep {
   float* lse_p(int64_t h) { return lse_ + (heads_ + h) * bm_; }
   float* ref_lse_a(int64_t h) { return ref_lse_ + h * bm_; }
   float* ref_lse_p(int64_t h) { return ref_lse_ + (ref_heads_ + h) * bm_; }
+  // normaliser()'s M' and log sum_h w'_h per row, of the policy (model 0) and the reference (1)
+  float* norm_max(int model) { return row_ + (2 + 2 * model) * bm_; }
+  float* norm_log(int model) { return row_ + (3 + 2 * model) * bm_; }
 
   void load_queries(const QueryBlock& qb) {
     for (int64_t h = 0; h < heads_; ++h)
@@ -229,20 +299,27 @@ class Forward : UnitSweep {
         for (int64_t h = 0; h < p_.kv_heads; ++h)
           load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f,
                     v_ + h * kBlockN * geo_.dvp, geo_.dvp);
+      // "mean" keeps a cached tile's exponentials (and m_tile) in its slot, else they go to the tile
+      const bool keep = cached_ && !p_.heads_each;
+      float* tile_max = keep ? slot_tile_max(kb_.start) : nullptr;
       for (int64_t h = 0; h < heads_; ++h) {
-        float* s = s_tile_ + h * head_plane(bm_);
+        float* pv = s_tile_ + h * head_plane(bm_);
         float* o = p_.has_v ? o_ + h * bm_ * geo_.dvp : nullptr;
-        softmax_tile(p_, qb, kb_, full, s_ + h * head_plane(bm_), s, st.max + h * bm_, st.sum + h * bm_,
-                     st.self + h * bm_, o, geo_.dvp);
+        float* src = s_ + h * head_plane(bm_);
+        softmax_tile(p_, qb, kb_, full, src, keep ? src : pv, o ? pv : nullptr, keep ? tile_max + h * bm_ : nullptr,
+                     st.max + h * bm_, st.sum + h * bm_, st.self + h * bm_, o, geo_.dvp);
         if (o)
-          gemm<true>(o, geo_.dvp, {s, kBlockN, 1}, v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp,
+          gemm<true>(o, geo_.dvp, {pv, kBlockN, 1}, v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp,
                      qb.rows, geo_.dvp, kb_.count);
       }
       if (need_ref) {
-        score_reference(qb, /*pass2=*/false);
-        for (int64_t h = 0; h < ref_heads_; ++h)
-          softmax_tile(p_, qb, kb_, full, s_ref_ + h * head_plane(bm_), s_ref_tile_ + h * head_plane(bm_),
-                       ref.max + h * bm_, ref.sum + h * bm_, ref.self + h * bm_, nullptr, 0);
+        const bool keep_ref = score_reference(qb, /*pass2=*/false) && !p_.heads_each;
+        for (int64_t h = 0; h < ref_heads_; ++h) {
+          float* src = s_ref_ + h * head_plane(bm_);
+          softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * head_plane(bm_), nullptr,
+                       keep_ref ? tile_max + (heads_ + h) * bm_ : nullptr, ref.max + h * bm_, ref.sum + h * bm_,
+                       ref.self + h * bm_, nullptr, 0);
+        }
       }
     });
 
@@ -298,15 +375,19 @@ class Forward : UnitSweep {
                  row_mask[qb.b * p_.row_mask.stride[0] + (qb.start + r) * p_.row_mask.stride[1]] != 0);
       any_live = any_live || live[r];
     }
-    // per row: log Z and log Z_ref ("mean")
+    // per row ("mean"): log Z and log Z_ref, and both models' normaliser()
     float* log_z = row_;
     float* log_z_ref = row_ + bm_;
     if (!p_.heads_each)
       for (int64_t r = 0; r < qb.rows; ++r) {
-        log_z[r] = live[r] ? log_support_mass(lse_a(0) + r, lse_p(0) + r, heads_, bm_, geo_.log_heads) : 0.f;
-        log_z_ref[r] = live[r] ? log_support_mass(ref_lse_a(0) + r, ref_lse_p(0) + r, ref_heads_, bm_,
-                                                  geo_.log_ref_heads)
-                               : 0.f;
+        if (!live[r]) {
+          log_z[r] = log_z_ref[r] = 0.f;
+          continue;
+        }
+        log_z[r] = log_support_mass(lse_a(0) + r, lse_p(0) + r, heads_, bm_, geo_.log_heads);
+        log_z_ref[r] = log_support_mass(ref_lse_a(0) + r, ref_lse_p(0) + r, ref_heads_, bm_, geo_.log_ref_heads);
+        norm_max(0)[r] = normaliser(lse_p(0), lse_a(0), heads_, r, norm_log(0) + r);
+        if (!p_.no_reference) norm_max(1)[r] = normaliser(ref_lse_p(0), ref_lse_a(0), ref_heads_, r, norm_log(1) + r);
       }
     const int64_t acc_rows = p_.heads_each ? heads_ : 1;
     float* div_acc = acc_;                               // (acc_rows, BM, kLanes)
@@ -317,25 +398,25 @@ class Forward : UnitSweep {
 
     if (any_live) {
       sweep_keys(qb, /*pass2=*/true, [&](bool full) {
-        if (p_.no_reference) {  // statistics only: no reference scores, no divergence
-          if (p_.heads_each)
-            divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
-          else
+        if (!p_.heads_each) {
+          tile_exponentials(qb, full);
+          if (p_.no_reference)  // statistics only: no reference, no divergence
             divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
-          return;
-        }
-        score_reference(qb, /*pass2=*/true);
-        if (p_.heads_each) {
-          if (nstat_)
-            divergence_tile_each<true>(qb, full, div_acc, gbar_acc);
-          else
-            divergence_tile_each<false>(qb, full, div_acc, gbar_acc);
-        } else {
-          if (nstat_)
+          else if (nstat_)
             divergence_tile_mean<true>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
           else
             divergence_tile_mean<false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+          return;
         }
+        if (p_.no_reference) {
+          divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
+          return;
+        }
+        score_reference(qb, /*pass2=*/true);
+        if (nstat_)
+          divergence_tile_each<true>(qb, full, div_acc, gbar_acc);
+        else
+          divergence_tile_each<false>(qb, full, div_acc, gbar_acc);
       });
     }
     write_divergence(qb, log_z, div_acc, gbar_acc, u_acc);
@@ -366,88 +447,257 @@ class Forward : UnitSweep {
     }
   }
 
-  // heads="mean": log pi_j = logsumexp_h(s_hj - lse_A_h) - log H - log Z (likewise log rho);
-  // accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j per row (and, kStats, the statistics;
-  // without kDiv only those: no reference, div and gbar stay 0).
+  // heads="mean" statistics of lanes [c, c + kLanes) of row r: pi's (accumulate_policy_stats), then
+  // per head u^E_h / Z += (a_hj / Z) (-log pi_j) and u^s_h / Z += (a_hj / Z) [seg(j) = s], with
+  // a_hj / Z = share(h).
+  template <class Share>
+  void accumulate_mean_stats(int64_t r, int64_t c, vfloat log_pi, vfloat pi, bool full, vmask support, Share&& share) {
+    accumulate_policy_stats(row_stats(r), log_pi, pi, full, support, c);
+    vfloat neg_log_pi = -log_pi;
+    if (!full) neg_log_pi = vselect(support, neg_log_pi, vfloat{});
+    vmask seg{};
+    if (nstat_ > 1) memcpy(&seg, kb_.seg + c, sizeof(seg));
+    for (int64_t h = 0; h < heads_; ++h) {
+      vfloat a = share(h);
+      if (!full) a = vselect(support, a, vfloat{});
+      float* u = head_stats(r, h);
+      vstore(u, vload(u) + a * neg_log_pi);
+      for (int64_t k = 0; k + 1 < nstat_; ++k) {
+        float* m = u + (1 + k) * kLanes;
+        vstore(m, vload(m) + vselect(seg == (vmask{} + static_cast<int32_t>(k)), a, vfloat{}));
+      }
+    }
+  }
+
+  // Pass 2, heads="mean": points policy_max_ / ref_max_ at the tile's m_tile rows and leaves both
+  // models' exponentials e = exp(s - m_tile) in s_ / s_ref_: read from the cache slot, or scored
+  // again (sweep_keys, score_reference) and exponentiated here (live rows only).
+  void tile_exponentials(const QueryBlock& qb, bool full) {
+    if (cached_) {
+      policy_max_ = slot_tile_max(kb_.start);
+    } else {
+      policy_max_ = tile_max_;
+      exponentiate_tile(qb, full, s_, heads_, policy_max_);
+    }
+    if (p_.no_reference) return;
+    if (score_reference(qb, /*pass2=*/true)) {
+      ref_max_ = slot_tile_max(kb_.start) + heads_ * bm_;
+    } else {
+      ref_max_ = tile_max_ + heads_ * bm_;
+      exponentiate_tile(qb, full, s_ref_, ref_heads_, ref_max_);
+    }
+  }
+  void exponentiate_tile(const QueryBlock& qb, bool full, float* s, int64_t heads, float* tile_max) {
+    vfloat sum;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t r = 0; r < qb.rows; ++r) {
+        if (!live_[r]) continue;
+        float* row = s + h * head_plane(bm_) + r * kBlockN;
+        tile_max[h * bm_ + r] = exponentiate_row(p_, kb_, full, qb.first_pos + r, row, row, sum);
+      }
+  }
+
+  // A model's head mixture on row r of the tile: with d_h = m_tile_h - lse_A_h and M = max_h d_h,
+  // abar_j = (1/H) sum_h exp(d_h) e_hj = exp(M - log H) sum_h w_h e_hj, w_h = exp(d_h - M) in
+  // w[0:heads] (at most 1, one of them 1). Returns M: -inf when no key of the tile is in the row's
+  // support (w then 0), NaN when a statistic is. With `share`, also a_hj / Z = share[h] e_hj,
+  // share[h] = exp(d_h - log Z).
+  float mixture_weights(const float* tile_max, const float* lse_a, int64_t heads, int64_t r, float* w,
+                        float* share = nullptr, float log_z = 0.f) const {
+    float m = -kInf;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float d = tile_max[h * bm_ + r] - lse_a[h * bm_ + r];
+      w[h] = d;
+      m = (m < d || d != d) ? d : m;
+    }
+    if (m == -kInf || m != m) {
+      std::fill(w, w + heads, m == -kInf ? 0.f : m);
+      return m;
+    }
+    for (int64_t h = 0; h < heads; h += kLanes) {
+      const vfloat d = vload(w + h);
+      if (share) vstore(share + h, vexp(d - log_z));
+      vstore(w + h, vexp(d - m));
+    }
+    return m;
+  }
+
+  // sum_h w_h e_h of one lane group, accumulated in head order.
+  static vfloat mix_lanes(const float* e, int64_t plane, const float* w, int64_t heads) {
+    vfloat sum{};
+    for (int64_t h = 0; h < heads; ++h) sum = vfma(vload(e + h * plane), vbroadcast(w[h]), sum);
+    return sum;
+  }
+
+  // A row's normaliser in the linear route's own arithmetic: log(H Z) = M' + log(sum_h w'_h), with
+  // d'_h = lse_P_h - lse_A_h, M' = max_h d'_h and w'_h = exp(d'_h - M') formed and summed as
+  // mixture_weights and mix_lanes form a lane's. A key that is a row's whole support has
+  // m_tile = lse_P in every head, hence the same sum bit for bit, and log pi = 0 exactly.
+  // Returns M' with log(sum_h w'_h) in *log_sum.
+  float normaliser(const float* lse_p, const float* lse_a, int64_t heads, int64_t r, float* log_sum) {
+    float* w = weights_.data();
+    const float m = mixture_weights(lse_p, lse_a, heads, r, w);
+    vfloat sum{};
+    for (int64_t h = 0; h < heads; ++h) sum = vfma(vbroadcast(1.f), vbroadcast(w[h]), sum);
+    *log_sum = vlog(sum)[0];
+    return m;
+  }
+
+  // Raw scores of row r at keys [c, c + kLanes) of the current tile, every head of a model, into
+  // out (heads, kLanes), for the lanes that leave the linear route: the GEMM micro-kernel on one
+  // row and one vector, so that they have the bits pass 1's scores had (lse_A and lse_P came from
+  // those; a score off by an ulp would shift the row's pi against its normalisation).
+  void lane_scores(const float* q, const float* k_t, int64_t heads, int64_t group, int64_t dim, int64_t dim_padded,
+                   int64_t r, int64_t c, float* out) const {
+    for (int64_t h = 0; h < heads; ++h)
+      micro_gemm<1, 1, false>(out + h * kLanes, kLanes, {q + (h * bm_ + r) * dim_padded, dim_padded, 1},
+                              k_t + (h / group) * dim_padded * kBlockN + c, kBlockN, dim);
+  }
+
+  // heads="mean", linear route: per row, pi_j = exp(offset) * sum_h w_h e_hj from the tile's
+  // exponentials (mixture_weights) and rho_j likewise, log pi and log rho by one log each; jsd's
+  // log(pi + rho) by a third. Accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j (per head, as
+  // share[h] * sum_j e_hj g_j) per row, and (kStats) the statistics; without kDiv only those: no
+  // reference, div and gbar stay 0. Lanes whose mixtures fall under kLinearFloor go the log-space
+  // route instead (divergence_lanes_from_scores).
   template <bool kStats, bool kDiv = true>
   void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
                             float* div_acc, float* gbar_acc, float* u_acc) {
     const int64_t plane = head_plane(bm_);
+    const int64_t padded = static_cast<int64_t>(weights_.size()) / 3;
+    float* w = weights_.data();
+    float* share = w + padded;
+    float* w_ref = share + padded;
+    const bool ratio = p_.divergence == kReverseKL;
     for (int64_t r = 0; r < qb.rows; ++r) {
       if (!live_[r]) continue;
-      const float log_norm = geo_.log_heads + log_z[r], log_norm_ref = geo_.log_ref_heads + log_z_ref[r];
+      // log pi_j = (log(sum_h w_h e_hj) - log sum_h w'_h) + (M - M'), normaliser()'s M' and w'
+      const float m = mixture_weights(policy_max_, lse_a(0), heads_, r, w, share, log_z[r]);
+      if (m == -kInf) continue;  // no key of this tile in the row's support
+      const float log_norm = norm_log(0)[r], shift = m - norm_max(0)[r];
+      const float scale = std::exp(shift - log_norm);
+      float log_norm_ref = 0.f, shift_ref = 0.f, scale_ref = 0.f;
+      if constexpr (kDiv) {
+        shift_ref = mixture_weights(ref_max_, ref_lse_a(0), ref_heads_, r, w_ref) - norm_max(1)[r];
+        log_norm_ref = norm_log(1)[r];
+        scale_ref = std::exp(shift_ref - log_norm_ref);
+      }
       vfloat div_sum = vload(div_acc + r * kLanes), gbar_sum = vload(gbar_acc + r * kLanes);
       float* u_row = u_acc + r * heads_ * kLanes;
+      const float* e = s_ + r * kBlockN;
+      const float* e_ref = s_ref_ + r * kBlockN;
+      float* g_row = g_row_;
       for (int64_t c = 0; c < kBlockN; c += kLanes) {
-        float* s = s_ + r * kBlockN + c;
-        // current model: x_h = s_h - lse_A_h, e_h = exp(x_h - max_h x) kept in place of s
-        vfloat x_max = vbroadcast(-kInf);
-        for (int64_t h = 0; h < heads_; ++h) {
-          const vfloat x = vload(s + h * plane) - lse_a(h)[r];
-          vstore(s + h * plane, x);
-          x_max = vmax(x_max, x);
-        }
-        vfloat e_sum{};
-        for (int64_t h = 0; h < heads_; ++h) {
-          const vfloat e = vexp(vload(s + h * plane) - x_max);
-          vstore(s + h * plane, e);
-          e_sum += e;
-        }
-        const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
-        // a_hj / Z = e_h * exp(x_max - log Z): the factor is at most H * pi_j, never overflows
-        const vfloat a_over_z = vexp(x_max - log_z[r]);
-        vmask support{};
+        vmask support = vmask{} - 1;
         if (!full) support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
-        vfloat pi;
+        const vfloat sum = mix_lanes(e + c, plane, w, heads_);
+        vfloat sum_ref{};
+        vmask low = sum < kLinearFloor;
         if constexpr (kDiv) {
-          // reference model
-          const float* sr = s_ref_ + r * kBlockN + c;
-          vfloat xr_max = vbroadcast(-kInf);
-          for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a(h)[r]);
-          vfloat er_sum{};
-          for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(sr + h * plane) - ref_lse_a(h)[r] - xr_max);
-          const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
-
-          const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
-          vfloat g_scaled = t.g * a_over_z;
-          vfloat f = t.f, pi_g = t.pi * t.g;
+          sum_ref = mix_lanes(e_ref + c, plane, w_ref, ref_heads_);
+          low |= sum_ref < kLinearFloor;
+        }
+        if (any(low & support)) {
+          if constexpr (kDiv) vstore(g_row + c, vfloat{});
+          divergence_lanes_from_scores<kStats, kDiv>(qb, r, c, full, support, log_z[r], log_z_ref[r], div_sum,
+                                                     gbar_sum, u_row);
+          continue;
+        }
+        const vfloat log_pi = (vlog(sum) - log_norm) + shift;
+        const vfloat pi = sum * scale;
+        if constexpr (kDiv) {
+          const vfloat rho = sum_ref * scale_ref;
+          const vfloat log_rho = (vlog(sum_ref) - log_norm_ref) + shift_ref;
+          const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, pi, log_rho, rho);
+          // u_h's summand over e_hj: g_j with factor share[h], or for reverse_kl (a_hj / Z) g_j / e_hj =
+          // -H w_h rho_j / sum_j, finite where pi_j underflows
+          vfloat f = t.f, pi_g = t.pi_g, g = ratio ? -rho / sum : t.g;
           if (!full) {
             f = vselect(support, f, vfloat{});
             pi_g = vselect(support, pi_g, vfloat{});
-            g_scaled = vselect(support, g_scaled, vfloat{});
+            g = vselect(support, g, vfloat{});
           }
           div_sum += f;
           gbar_sum += pi_g;
-          for (int64_t h = 0; h < heads_; ++h) {
-            vfloat term = vload(s + h * plane) * g_scaled;
-            if (!full) term = vselect(support, term, vfloat{});  // e_h is NaN outside A
-            vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
-          }
-          pi = t.pi;
-        } else {
-          pi = vexp(log_pi);
+          vstore(g_row + c, g);
         }
-        if constexpr (kStats) {
-          accumulate_policy_stats(row_stats(r), log_pi, pi, full, support, c);
-          // per head: u^E_h / Z += (a_hj / Z) (-log pi_j), u^s_h / Z += (a_hj / Z) [seg(j) = s]
-          const vfloat neg_log_pi = -log_pi;
-          vmask seg{};
-          if (nstat_ > 1) memcpy(&seg, kb_.seg + c, sizeof(seg));
-          for (int64_t h = 0; h < heads_; ++h) {
-            vfloat a = vload(s + h * plane) * a_over_z;
-            if (!full) a = vselect(support, a, vfloat{});
-            float* u = head_stats(r, h);
-            vstore(u, vload(u) + a * neg_log_pi);
-            for (int64_t k = 0; k + 1 < nstat_; ++k) {
-              float* m = u + (1 + k) * kLanes;
-              vstore(m, vload(m) + vselect(seg == (vmask{} + static_cast<int32_t>(k)), a, vfloat{}));
-            }
-          }
-        }
+        if constexpr (kStats)
+          accumulate_mean_stats(r, c, log_pi, pi, full, support,
+                                [&](int64_t h) { return vload(e + h * plane + c) * share[h]; });
       }
+      if constexpr (kDiv)
+        for (int64_t h = 0; h < heads_; ++h) {  // e_h is 0 outside P, and so is g
+          vfloat even{}, odd{};
+          for (int64_t c = 0; c < kBlockN; c += 2 * kLanes) {
+            even += vload(e + h * plane + c) * vload(g_row + c);
+            odd += vload(e + h * plane + c + kLanes) * vload(g_row + c + kLanes);
+          }
+          const float factor = ratio ? static_cast<float>(heads_) * w[h] : share[h];
+          vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + (even + odd) * factor);
+        }
       vstore(div_acc + r * kLanes, div_sum);
       vstore(gbar_acc + r * kLanes, gbar_sum);
     }
+  }
+
+  // heads="mean", log-space route for lanes [c, c + kLanes) of row r, from the raw scores:
+  // log pi_j = logsumexp_h(s_hj - lse_A_h) - log H - log Z (likewise log rho), so that a lane far
+  // below every head's tile maximum keeps a finite log pi. Adds to the same sums as the linear
+  // route, and (a_hj / Z) g_j into u_row directly.
+  template <bool kStats, bool kDiv>
+  void divergence_lanes_from_scores(const QueryBlock& qb, int64_t r, int64_t c, bool full, vmask support, float log_z,
+                                    float log_z_ref, vfloat& div_sum, vfloat& gbar_sum, float* u_row) {
+    float* e = lanes_;
+    load_policy_keys(qb);
+    lane_scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, r, c, e);
+    // x_h = s_h - lse_A_h, e_h = exp(x_h - max_h x) in place
+    vfloat x_max = vbroadcast(-kInf);
+    for (int64_t h = 0; h < heads_; ++h) {
+      const vfloat x = vload(e + h * kLanes) - lse_a(h)[r];
+      vstore(e + h * kLanes, x);
+      x_max = vmax(x_max, x);
+    }
+    vfloat e_sum{};
+    for (int64_t h = 0; h < heads_; ++h) {
+      const vfloat x = vexp(vload(e + h * kLanes) - x_max);
+      vstore(e + h * kLanes, x);
+      e_sum += x;
+    }
+    const vfloat log_pi = x_max + vlog(e_sum) - (geo_.log_heads + log_z);
+    // a_hj / Z = e_h * exp(x_max - log Z): the factor is at most H * pi_j, never overflows
+    const vfloat a_over_z = vexp(x_max - log_z);
+    vfloat pi;
+    if constexpr (kDiv) {
+      float* s_ref = lanes_ + heads_ * kLanes;
+      load_reference_keys(qb);
+      lane_scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, r, c, s_ref);
+      vfloat xr_max = vbroadcast(-kInf);
+      for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(s_ref + h * kLanes) - ref_lse_a(h)[r]);
+      vfloat er_sum{};
+      for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(s_ref + h * kLanes) - ref_lse_a(h)[r] - xr_max);
+      const vfloat log_rho = xr_max + vlog(er_sum) - (geo_.log_ref_heads + log_z_ref);
+
+      const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
+      vfloat g_scaled = vweighted_grad(p_.divergence, x_max - log_z, log_pi, log_rho);  // (a_hj / Z) g_j / e_h
+      vfloat f = t.f, pi_g = t.pi_g;
+      if (!full) {
+        f = vselect(support, f, vfloat{});
+        pi_g = vselect(support, pi_g, vfloat{});
+        g_scaled = vselect(support, g_scaled, vfloat{});
+      }
+      div_sum += f;
+      gbar_sum += pi_g;
+      for (int64_t h = 0; h < heads_; ++h) {
+        vfloat term = vload(e + h * kLanes) * g_scaled;
+        if (!full) term = vselect(support, term, vfloat{});
+        vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + term);
+      }
+      pi = t.pi;
+    } else {
+      pi = vexp(log_pi);
+    }
+    if constexpr (kStats)
+      accumulate_mean_stats(r, c, log_pi, pi, full, support, [&](int64_t h) { return vload(e + h * kLanes) * a_over_z; });
   }
 
   // heads="each": log pi = s - lse_P, log rho = s_ref - lse_P_ref, per head.
@@ -469,7 +719,7 @@ class Forward : UnitSweep {
             continue;
           }
           const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, vload(sr + c) - ref_lse_p(h)[r]);
-          vfloat f = t.f, pi_g = t.pi * t.g;
+          vfloat f = t.f, pi_g = t.pi_g;
           if (!full) {
             f = vselect(support, f, vfloat{});
             pi_g = vselect(support, pi_g, vfloat{});
@@ -548,14 +798,22 @@ class Forward : UnitSweep {
   Floats k_t_, k_ref_t_;         // (Hkv, Dp, kBlockN), (Hrkv, Drp, kBlockN)
   Floats v_;                     // (Hkv, kBlockN, Dvp)
   Floats s_tile_, s_ref_tile_;   // (H | Hr, BM, kBlockN), heads head_plane(BM) apart: scores or exponentials
+  bool cached_ = false;          // whether the current key tile has a cache slot
   float* s_ = nullptr;           // the current tile's policy scores: a cache slot or s_tile_
   float* s_ref_ = nullptr;       // the current tile's reference scores: a cache slot or s_ref_tile_
+  Floats tile_max_;              // (H + Hr, BM): pass 2's m_tile of a tile past the cache
+  float* policy_max_ = nullptr;  // (H, BM): the current tile's m_tile, policy (a slot's or tile_max_)
+  float* ref_max_ = nullptr;     // (Hr, BM): the same, reference
+  PackedTile k_t_tile_, k_ref_t_tile_;  // the key tiles k_t_ and k_ref_t_ hold
   Floats o_, v_self_;            // (H, BM, Dvp) output accumulator; (Dvp,)
   Floats state_, ref_state_;     // SoftmaxState of both models
   Floats lse_, ref_lse_;         // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
-  Floats row_;                   // (2, BM): log Z and log Z_ref per row
+  Floats row_;                   // (6, BM): log Z, log Z_ref, then norm_max / norm_log of both models
   Floats acc_;                   // pass-2 accumulators: div, gbar (and u_h for "mean")
   Floats sacc_;                  // pass-2 statistics accumulators (row_stats, head_stats)
+  std::vector<float> weights_;   // 3 x round_up(max(H, Hr), kLanes): mixture_weights' w, share, w_ref
+  Floats g_row_;                 // (kBlockN,): g on one row of a tile (0 outside P)
+  Floats lanes_;                 // (H + Hr, kLanes): raw scores of one lane group
   std::vector<char> live_;       // (BM,): row_mask True and a non-empty support
   KeyCounts counts_;
 };

@@ -42,7 +42,7 @@ inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* 
     for (int r = 0; r < RM; ++r) {
       const vfloat a_val = vbroadcast(a_ptr[r * a.row]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += a_val * b_vec[v];
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(a_val, b_vec[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8

@@ -8,6 +8,10 @@
 
 #include "common/math.h"
 
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace ral::cpu {
 
 #if defined(__AVX512F__)
@@ -53,6 +57,21 @@ inline vmask iota() {
   vmask v;
   for (int i = 0; i < kLanes; ++i) v[i] = i;
   return v;
+}
+
+// a * b + c, rounded once where the target has FMA. The GEMM micro-kernel accumulates through this,
+// so every instance of it forms the same bits: left to the compiler, contraction is a heuristic
+// per loop (GCC's Zen tunings keep some accumulation chains as separate multiply and add).
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__) && defined(__AVX__)
+  return _mm256_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
 // The per-element math is inlined everywhere: a call would make the caller spill its live vector
@@ -114,49 +133,90 @@ RAL_VECTOR_INLINE vfloat vlog(vfloat x) {
   return vselect(x == inf, vbroadcast(inf), y);
 }
 
-// log(1 + t) for t >= 0, accurate for tiny t: log(u) * t / (u - 1) with u = 1 + t.
+// exp(x) - 1 for x <= 0, with relative accuracy near 0: a Taylor polynomial on (-0.5, 0] (its
+// truncation is below 2^-27 relative there), exp(x) - 1 further down.
+RAL_VECTOR_INLINE vfloat vexpm1_nonpositive(vfloat x) {
+  vfloat poly = vbroadcast(1.f / 40320.f);
+  poly = poly * x + 1.f / 5040.f;
+  poly = poly * x + 1.f / 720.f;
+  poly = poly * x + 1.f / 120.f;
+  poly = poly * x + 1.f / 24.f;
+  poly = poly * x + 1.f / 6.f;
+  poly = poly * x + 0.5f;
+  poly = (poly * x) * x + x;
+  return vselect(x > -0.5f, poly, vexp(x) - 1.f);
+}
+
+// log(1 + t) for t > -1, accurate for tiny t: log(u) * t / (u - 1) with u = 1 + t.
 RAL_VECTOR_INLINE vfloat vlog1p(vfloat t) {
   const vfloat u = t + 1.f;
   const vfloat d = u - 1.f;
   return vselect(d == 0.f, t, vlog(u) * (t / vselect(d == 0.f, vbroadcast(1.f), d)));
 }
 
-// log(exp(a) + exp(b)) (ral::logaddexp).
-RAL_VECTOR_INLINE vfloat vlogaddexp(vfloat a, vfloat b) {
-  const vfloat hi = vmax(a, b), lo = vmin(a, b);
-  const vfloat y = hi + vlog1p(vexp(lo - hi));
-  return vselect(hi == -std::numeric_limits<float>::infinity(), hi, y);
+// JSD's two logarithms from t = log pi - log rho: (log(2 pi / (pi + rho)), log(2 rho / (pi + rho))).
+// With u = -|t| the larger side's is -log(1 + expm1(u) / 2) in [0, ln 2] and the smaller side's that
+// plus u; both are exactly 0 at t = 0 and within an ulp of t / 2 in size near it, so that the
+// divergence of two nearly equal distributions, second order in t, is not buried under a
+// first-order rounding (as log(pi + rho) - ln 2 would bury it).
+struct VJsdLogs {
+  vfloat pi_side, rho_side;
+};
+RAL_VECTOR_INLINE VJsdLogs vjsd_logs(vfloat t) {
+  const vfloat u = vmin(t, -t);
+  const vfloat larger = -vlog1p(0.5f * vexpm1_nonpositive(u)), smaller = larger + u;
+  const vmask pi_larger = t >= 0.f;
+  return {vselect(pi_larger, larger, smaller), vselect(pi_larger, smaller, larger)};
 }
 
-// Lane-wise ral::divergence_term: f(pi, rho), g = df/dpi and pi, from log pi and log rho.
+// Lane-wise ral::divergence_term: f(pi, rho), g = df/dpi and pi, from log pi, pi, log rho and rho.
+// The linear values only weigh terms: where one underflows while its log is finite, its term is
+// below fp32's reach anyway.
 struct VDivergenceTerm {
-  vfloat f, g, pi;
+  vfloat f, g, pi, pi_g;  // pi_g = pi * g, formed as -rho for reverse_kl (whose g = -rho/pi overflows where pi underflows)
 };
 
-RAL_VECTOR_INLINE VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, vfloat log_rho) {
+RAL_VECTOR_INLINE VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, vfloat pi, vfloat log_rho,
+                                                   vfloat rho) {
   VDivergenceTerm t;
-  t.pi = vexp(log_pi);
+  t.pi = pi;
   if (kind == kKL) {
     const vfloat d = log_pi - log_rho;
-    t.f = t.pi * d;
+    t.f = pi * d;
     t.g = d + 1.f;
+    t.pi_g = pi * t.g;
   } else if (kind == kReverseKL) {
     const vfloat d = log_rho - log_pi;
-    t.f = vexp(log_rho) * d;
+    t.f = rho * d;
     t.g = -vexp(d);
+    t.pi_g = -rho;
   } else {
-    const vfloat log_mid = vlogaddexp(log_pi, log_rho) - kLn2;
-    t.f = 0.5f * (t.pi * (log_pi - log_mid) + vexp(log_rho) * (log_rho - log_mid));
-    t.g = 0.5f * (log_pi - log_mid);
+    const VJsdLogs l = vjsd_logs(log_pi - log_rho);
+    t.f = 0.5f * (pi * l.pi_side + rho * l.rho_side);
+    t.g = 0.5f * l.pi_side;
+    t.pi_g = pi * t.g;
   }
   return t;
+}
+
+// The same from log pi and log rho alone.
+RAL_VECTOR_INLINE VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, vfloat log_rho) {
+  const vfloat rho = kind == kKL ? vfloat{} : vexp(log_rho);
+  return vdivergence_term(kind, log_pi, vexp(log_pi), log_rho, rho);
 }
 
 // g only (the backward needs no f); pi only where `kind` needs it for g.
 RAL_VECTOR_INLINE vfloat vdivergence_grad(int32_t kind, vfloat log_pi, vfloat log_rho) {
   if (kind == kKL) return log_pi - log_rho + 1.f;
   if (kind == kReverseKL) return -vexp(log_rho - log_pi);
-  return 0.5f * (log_pi - (vlogaddexp(log_pi, log_rho) - kLn2));
+  return 0.5f * vjsd_logs(log_pi - log_rho).pi_side;
+}
+
+// exp(log_w) * g for a weight w that shrinks with pi (w <= H pi: a / Z, pi): reverse_kl's g = -rho/pi
+// overflows where pi underflows, so its product is formed as -exp(log_w + log rho - log pi).
+RAL_VECTOR_INLINE vfloat vweighted_grad(int32_t kind, vfloat log_w, vfloat log_pi, vfloat log_rho) {
+  if (kind == kReverseKL) return -vexp(log_w + log_rho - log_pi);
+  return vexp(log_w) * vdivergence_grad(kind, log_pi, log_rho);
 }
 
 }  // namespace ral::cpu
