@@ -60,7 +60,7 @@ RAL_VECTOR_INLINE float exponentiate_row(const AttentionKLParams& p, const KeyBl
   const float shift = m == -kInf ? 0.f : m;
   vfloat total{};
   for (int64_t c = 0; c < kBlockN; c += kLanes) {
-    const vfloat x = vexp(vload(in + c) - shift);
+    const vfloat x = vexp_nonpositive(vload(in + c) - shift);
     vstore(e + c, x);
     total += x;
   }
@@ -69,22 +69,21 @@ RAL_VECTOR_INLINE float exponentiate_row(const AttentionKLParams& p, const KeyBl
 }
 
 // One key tile of pass 1's online softmax, rows of one head: e = exp(s - m_tile) per row
-// (exponentiate_row) into `e` (which may be `src`), m_tile into `tile_max` when given; the state is
-// updated, the rows of o (if given) rescaled, and e rescaled to the running max written to `pv`
-// (which may be `e`) for P V. The self score is read before `e` overwrites `src`.
+// (exponentiate_row) into `e` (which may be `src`), m_tile into `tile_max` when given, and the state
+// updated. With `keep` / `add` given, each row's factors for the output, o = keep o + add (e V): the
+// old rows rescaled to the new running maximum, this tile's e weighted from m_tile to it (the P V
+// GEMM applies them in its store, RowScale). The self score is read before `e` overwrites `src`.
 void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full, const float* src,
-                  float* e, float* pv, float* tile_max, float* row_max, float* row_sum, float* self, float* o,
-                  int64_t ldo) {
+                  float* e, float* tile_max, float* row_max, float* row_sum, float* self, float* keep, float* add) {
   for (int64_t r = 0; r < qb.rows; ++r) {
     const float* in = src + r * kBlockN;
-    float* row = e + r * kBlockN;
     const int64_t pos = qb.first_pos + r;
     if (!full) {
       const int64_t self_col = pos - kb.start;
       if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = in[self_col];
     }
     vfloat total;
-    const float m = exponentiate_row(p, kb, full, pos, in, row, total);
+    const float m = exponentiate_row(p, kb, full, pos, in, e + r * kBlockN, total);
     if (tile_max) tile_max[r] = m;
     const float old_max = row_max[r];
     const float new_max = old_max < m ? m : old_max;
@@ -93,10 +92,10 @@ void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlo
     const float beta = m == -kInf ? 0.f : std::exp(m - shift);  // this tile's e relative to the running max
     row_sum[r] = row_sum[r] * alpha + hsum(total) * beta;
     row_max[r] = new_max;
-    if (o && alpha != 1.f)
-      for (int64_t d = 0; d < ldo; d += kLanes) vstore(o + r * ldo + d, vload(o + r * ldo + d) * alpha);
-    if (pv && !(pv == e && beta == 1.f))
-      for (int64_t c = 0; c < kBlockN; c += kLanes) vstore(pv + r * kBlockN + c, vload(row + c) * beta);
+    if (keep) {
+      keep[r] = alpha;
+      add[r] = beta;
+    }
   }
 }
 
@@ -161,6 +160,7 @@ class Forward : UnitSweep {
         v_self_(std::max<int64_t>(geo_.dvp, 1)),
         state_(3 * heads_ * bm_),
         ref_state_(3 * ref_heads_ * bm_),
+        row_scale_(2 * bm_),
         lse_(2 * heads_ * bm_),
         ref_lse_(2 * ref_heads_ * bm_),
         row_(6 * bm_),
@@ -302,23 +302,25 @@ class Forward : UnitSweep {
       // "mean" keeps a cached tile's exponentials (and m_tile) in its slot, else they go to the tile
       const bool keep = cached_ && !p_.heads_each;
       float* tile_max = keep ? slot_tile_max(kb_.start) : nullptr;
+      float* keep_o = p_.has_v ? row_scale_.get() : nullptr;
+      float* add_o = p_.has_v ? row_scale_ + bm_ : nullptr;
       for (int64_t h = 0; h < heads_; ++h) {
-        float* pv = s_tile_ + h * head_plane(bm_);
-        float* o = p_.has_v ? o_ + h * bm_ * geo_.dvp : nullptr;
         float* src = s_ + h * head_plane(bm_);
-        softmax_tile(p_, qb, kb_, full, src, keep ? src : pv, o ? pv : nullptr, keep ? tile_max + h * bm_ : nullptr,
-                     st.max + h * bm_, st.sum + h * bm_, st.self + h * bm_, o, geo_.dvp);
-        if (o)
-          gemm<true>(o, geo_.dvp, {pv, kBlockN, 1}, v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp,
-                     qb.rows, geo_.dvp, kb_.count);
+        float* e = keep ? src : s_tile_ + h * head_plane(bm_);
+        softmax_tile(p_, qb, kb_, full, src, e, keep ? tile_max + h * bm_ : nullptr, st.max + h * bm_,
+                     st.sum + h * bm_, st.self + h * bm_, keep_o, add_o);
+        if (p_.has_v)
+          gemm<false, true>(o_ + h * bm_ * geo_.dvp, geo_.dvp, {e, kBlockN, 1},
+                            v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp, qb.rows, geo_.dvp, kb_.count,
+                            {keep_o, add_o});
       }
       if (need_ref) {
         const bool keep_ref = score_reference(qb, /*pass2=*/false) && !p_.heads_each;
         for (int64_t h = 0; h < ref_heads_; ++h) {
           float* src = s_ref_ + h * head_plane(bm_);
-          softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * head_plane(bm_), nullptr,
+          softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * head_plane(bm_),
                        keep_ref ? tile_max + (heads_ + h) * bm_ : nullptr, ref.max + h * bm_, ref.sum + h * bm_,
-                       ref.self + h * bm_, nullptr, 0);
+                       ref.self + h * bm_, nullptr, nullptr);
         }
       }
     });
@@ -807,6 +809,7 @@ class Forward : UnitSweep {
   PackedTile k_t_tile_, k_ref_t_tile_;  // the key tiles k_t_ and k_ref_t_ hold
   Floats o_, v_self_;            // (H, BM, Dvp) output accumulator; (Dvp,)
   Floats state_, ref_state_;     // SoftmaxState of both models
+  Floats row_scale_;             // (2, BM): softmax_tile's keep and add of one head, for P V
   Floats lse_, ref_lse_;         // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
   Floats row_;                   // (6, BM): log Z, log Z_ref, then norm_max / norm_log of both models
   Floats acc_;                   // pass-2 accumulators: div, gbar (and u_h for "mean")

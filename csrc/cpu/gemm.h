@@ -1,6 +1,6 @@
 // Register-blocked fp32 GEMM for the small tiles of the CPU kernels.
 //
-//   C (M x N) = or += A (M x K) * B (K x N)
+//   C (M x N) = or += A (M x K) * B (K x N), or C = keep[i] C + add[i] (A B) row by row (RowScale)
 //
 // B is row-major with N contiguous (N a multiple of kLanes); A is read one scalar at a time
 // through (a_row, a_col) strides, so the same kernel does Q K^T (A = Q, B = K^T packed),
@@ -25,9 +25,18 @@ struct MatA {
   int64_t col;  // stride between columns of A (the K index)
 };
 
-template <int RM, int NV, bool kAccumulate>
+// Per row i of C, with kRowScale: C[i] = keep[i] * C[i] + add[i] * (A B)[i] (the online softmax's
+// rescale of the output and the weight of a tile's exponentials, in the GEMM's own store).
+struct RowScale {
+  const float* keep = nullptr;
+  const float* add = nullptr;
+  RowScale rows_from(int64_t row) const { return {keep ? keep + row : nullptr, add ? add + row : nullptr}; }
+};
+
+template <int RM, int NV, bool kAccumulate, bool kRowScale = false>
 inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* __restrict__ b,
-                       int64_t ldb, int64_t k_len) {
+                       int64_t ldb, int64_t k_len, RowScale scale = {}) {
+  static_assert(!(kAccumulate && kRowScale), "RowScale already reads C");
   vfloat acc[RM][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < RM; ++r)
@@ -48,7 +57,13 @@ inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* 
 #pragma GCC unroll 8
   for (int r = 0; r < RM; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kLanes, acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      float* out = c + r * ldc + v * kLanes;
+      if constexpr (kRowScale)
+        vstore(out, vload(out) * scale.keep[r] + acc[r][v] * scale.add[r]);
+      else
+        vstore(out, acc[r][v]);
+    }
 }
 
 namespace detail {
@@ -62,16 +77,16 @@ namespace detail {
 #define RAL_GEMM_ROWS_INLINE __attribute__((noinline))
 #endif
 
-template <int RM, bool kAccumulate>
+template <int RM, bool kAccumulate, bool kRowScale>
 RAL_GEMM_ROWS_INLINE void gemm_rows(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t n,
-                                    int64_t k_len) {
+                                    int64_t k_len, RowScale scale) {
   int64_t col = 0;
   for (; col + kGemmVectors * kLanes <= n; col += kGemmVectors * kLanes)
-    micro_gemm<RM, kGemmVectors, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len);
+    micro_gemm<RM, kGemmVectors, kAccumulate, kRowScale>(c + col, ldc, a, b + col, ldb, k_len, scale);
   switch ((n - col) / kLanes) {
-    case 3: micro_gemm<RM, 3, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len); break;
-    case 2: micro_gemm<RM, 2, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len); break;
-    case 1: micro_gemm<RM, 1, kAccumulate>(c + col, ldc, a, b + col, ldb, k_len); break;
+    case 3: micro_gemm<RM, 3, kAccumulate, kRowScale>(c + col, ldc, a, b + col, ldb, k_len, scale); break;
+    case 2: micro_gemm<RM, 2, kAccumulate, kRowScale>(c + col, ldc, a, b + col, ldb, k_len, scale); break;
+    case 1: micro_gemm<RM, 1, kAccumulate, kRowScale>(c + col, ldc, a, b + col, ldb, k_len, scale); break;
     default: break;
   }
 }
@@ -79,21 +94,25 @@ RAL_GEMM_ROWS_INLINE void gemm_rows(float* c, int64_t ldc, MatA a, const float* 
 }  // namespace detail
 
 // C (m x n, row stride ldc) = or += A (m x k_len) * B (k_len x n, row stride ldb); n % kLanes == 0.
-template <bool kAccumulate>
+// With kRowScale (kAccumulate false): C = keep[i] C + add[i] (A B), row by row.
+template <bool kAccumulate, bool kRowScale = false>
 inline void gemm(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t m, int64_t n,
-                 int64_t k_len) {
+                 int64_t k_len, RowScale scale = {}) {
   constexpr int kRM = kGemmRows;
   static_assert(kRM <= 6, "the row tail below handles up to 5 rows");
   int64_t row = 0;
   for (; row + kRM <= m; row += kRM)
-    detail::gemm_rows<kRM, kAccumulate>(c + row * ldc, ldc, {a.ptr + row * a.row, a.row, a.col}, b, ldb, n, k_len);
+    detail::gemm_rows<kRM, kAccumulate, kRowScale>(c + row * ldc, ldc, {a.ptr + row * a.row, a.row, a.col}, b, ldb,
+                                                   n, k_len, scale.rows_from(row));
   const MatA rest{a.ptr + row * a.row, a.row, a.col};
+  const RowScale rest_scale = scale.rows_from(row);
+  float* c_rest = c + row * ldc;
   switch (m - row) {
-    case 5: detail::gemm_rows<5, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
-    case 4: detail::gemm_rows<4, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
-    case 3: detail::gemm_rows<3, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
-    case 2: detail::gemm_rows<2, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
-    case 1: detail::gemm_rows<1, kAccumulate>(c + row * ldc, ldc, rest, b, ldb, n, k_len); break;
+    case 5: detail::gemm_rows<5, kAccumulate, kRowScale>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 4: detail::gemm_rows<4, kAccumulate, kRowScale>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 3: detail::gemm_rows<3, kAccumulate, kRowScale>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 2: detail::gemm_rows<2, kAccumulate, kRowScale>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 1: detail::gemm_rows<1, kAccumulate, kRowScale>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
     default: break;
   }
 }
