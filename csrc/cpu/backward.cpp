@@ -296,7 +296,7 @@ class Backward : UnitSweep {
         }
         vfloat e_sum{};
         for (int64_t h = 0; h < heads_; ++h) {
-          const vfloat e = vexp(vload(s_row + h * plane + c) - x_max);
+          const vfloat e = vexp_nonpositive(vload(s_row + h * plane + c) - x_max);
           vstore(s_row + h * plane + c, e);
           e_sum += e;
         }
@@ -310,9 +310,9 @@ class Backward : UnitSweep {
           for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a()[h * bm_ + r]);
           vfloat er_sum{};
           for (int64_t h = 0; h < ref_heads_; ++h)
-            er_sum += vexp(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
+            er_sum += vexp_nonpositive(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
           const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
-          wg = w_row * vweighted_grad(p_.divergence, log_factor, log_pi, log_rho);
+          wg = w_row * vweighted_grad(p_.divergence, log_factor, factor, log_pi, log_rho);
         }
         vfloat coef;
         if constexpr (kStats)
@@ -377,10 +377,10 @@ class Backward : UnitSweep {
             if constexpr (kStats) {
               term = pi * (stats_g(i, c, log_pi) - gbar()[i]);
               if (w()[i] != 0.f)
-                term += w()[i] * vweighted_grad(p_.divergence, log_pi, log_pi, vload(sr_row + c) - ref_lse_p()[i]);
+                term += w()[i] * vweighted_grad(p_.divergence, log_pi, pi, log_pi, vload(sr_row + c) - ref_lse_p()[i]);
             } else {
               const vfloat log_rho = vload(sr_row + c) - ref_lse_p()[i];
-              term = w()[i] * (vweighted_grad(p_.divergence, log_pi, log_pi, log_rho) - pi * gbar()[i]);
+              term = w()[i] * (vweighted_grad(p_.divergence, log_pi, pi, log_pi, log_rho) - pi * gbar()[i]);
             }
             if (!full) term = vselect(mask.support, term, vfloat{});
             ds += term;

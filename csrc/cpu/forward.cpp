@@ -661,7 +661,7 @@ class Forward : UnitSweep {
     }
     vfloat e_sum{};
     for (int64_t h = 0; h < heads_; ++h) {
-      const vfloat x = vexp(vload(e + h * kLanes) - x_max);
+      const vfloat x = vexp_nonpositive(vload(e + h * kLanes) - x_max);
       vstore(e + h * kLanes, x);
       e_sum += x;
     }
@@ -676,11 +676,12 @@ class Forward : UnitSweep {
       vfloat xr_max = vbroadcast(-kInf);
       for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(s_ref + h * kLanes) - ref_lse_a(h)[r]);
       vfloat er_sum{};
-      for (int64_t h = 0; h < ref_heads_; ++h) er_sum += vexp(vload(s_ref + h * kLanes) - ref_lse_a(h)[r] - xr_max);
+      for (int64_t h = 0; h < ref_heads_; ++h)
+        er_sum += vexp_nonpositive(vload(s_ref + h * kLanes) - ref_lse_a(h)[r] - xr_max);
       const vfloat log_rho = xr_max + vlog(er_sum) - (geo_.log_ref_heads + log_z_ref);
 
       const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
-      vfloat g_scaled = vweighted_grad(p_.divergence, x_max - log_z, log_pi, log_rho);  // (a_hj / Z) g_j / e_h
+      vfloat g_scaled = vweighted_grad(p_.divergence, x_max - log_z, a_over_z, log_pi, log_rho);  // (a_hj / Z) g_j / e_h
       vfloat f = t.f, pi_g = t.pi_g;
       if (!full) {
         f = vselect(support, f, vfloat{});

@@ -223,11 +223,11 @@ RAL_VECTOR_INLINE vfloat vdivergence_grad(int32_t kind, vfloat log_pi, vfloat lo
   return 0.5f * vjsd_logs(log_pi - log_rho).pi_side;
 }
 
-// exp(log_w) * g for a weight w that shrinks with pi (w <= H pi: a / Z, pi): reverse_kl's g = -rho/pi
-// overflows where pi underflows, so its product is formed as -exp(log_w + log rho - log pi).
-RAL_VECTOR_INLINE vfloat vweighted_grad(int32_t kind, vfloat log_w, vfloat log_pi, vfloat log_rho) {
+// w * g for a weight w = exp(log_w) that shrinks with pi (w <= H pi: a / Z, pi): reverse_kl's
+// g = -rho/pi overflows where pi underflows, so its product is formed as -exp(log_w + log rho - log pi).
+RAL_VECTOR_INLINE vfloat vweighted_grad(int32_t kind, vfloat log_w, vfloat w, vfloat log_pi, vfloat log_rho) {
   if (kind == kReverseKL) return -vexp(log_w + log_rho - log_pi);
-  return vexp(log_w) * vdivergence_grad(kind, log_pi, log_rho);
+  return w * vdivergence_grad(kind, log_pi, log_rho);
 }
 
 }  // namespace ral::cpu
