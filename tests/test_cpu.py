@@ -194,27 +194,6 @@ def test_score_cache_changes_no_bit(threads, monkeypatch, index):
             assert (got is None) if want is None else torch.equal(got, want), f"{name} with {cached} tiles cached"
 
 
-def test_pooled_scratch_carries_nothing_between_calls(threads):
-    """The CPU kernel scratch a thread keeps between calls (compiled.SCRATCH_POOL_BYTES) carries no
-    state: a call gives the same bits after other calls (larger and smaller, forward and backward
-    taking turns with the buffer) as with a fresh pool, and release_scratch() frees it."""
-    threads(1)
-    small = Problem(batch=1, heads=4, kv_heads=2, q_len=70, k_len=90, head_dim=16, v_head_dim=16, seed=3,
-                    options=dict(divergence="kl", causal=False))
-    large = Problem(batch=2, heads=6, kv_heads=3, q_len=150, k_len=150, head_dim=64, v_head_dim=32, seed=4,
-                    left_pad=(0, 20), row_mask=True)
-    kw_small, kw_large = (cast(pr.make(), torch.float32) for pr in (small, large))
-    _compiled.release_scratch()
-    first = run(kw_small, "cpu", *upstream(kw_small))
-    run(kw_large, "cpu", *upstream(kw_large))
-    assert _compiled._pool.buffer is not None and _compiled._pool.buffer.numel() > 0
-    again = run(kw_small, "cpu", *upstream(kw_small))
-    for name, want in first.items():
-        assert (again[name] is None) if want is None else torch.equal(again[name], want), name
-    _compiled.release_scratch()
-    assert _compiled._pool.buffer is None
-
-
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_nan_stays_in_its_row(heads):
     check_nan_stays_in_its_row("cpu", heads)

@@ -7,7 +7,6 @@ and element strides, plus (on CUDA) torch's current stream.
 
 from __future__ import annotations
 
-import threading
 from typing import Callable, Optional
 
 import torch
@@ -83,35 +82,14 @@ def params(call: Call, num_threads: int = 1):
     return p, p_tensors
 
 
-# CPU kernel scratch kept between calls, one buffer per calling thread (forward and backward take
-# turns with it), up to SCRATCH_POOL_BYTES: torch's CPU allocator hands a request of tens of MiB
-# back to the OS when it is freed, and a fresh one costs its page faults on every call again (about
-# 15 ms per 48 MiB on the 2-core machine of benchmarks/RESULTS.md, 2026-12-06), where torch's CUDA
-# allocator caches. Larger requests are allocated per call. release_scratch() frees this thread's.
-SCRATCH_POOL_BYTES = 64 << 20
-_pool = threading.local()
-
-
-def release_scratch() -> None:
-    """Frees the CPU kernel scratch this thread keeps between calls (at most SCRATCH_POOL_BYTES)."""
-    _pool.buffer = None
-
-
 def _scratch(p, nbytes: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Points p at `nbytes` of kernel scratch (uint8; on the CPU from this thread's pool when it
-    fits SCRATCH_POOL_BYTES) and returns the tensor that owns it; None (and p.scratch_bytes 0) for
-    0 bytes. The kernels never assume the scratch is zeroed."""
+    """Allocates `nbytes` of kernel scratch (uint8) and points p at it; None (and p.scratch_bytes
+    0) for 0 bytes."""
     nbytes = int(nbytes)
     if nbytes <= 0:
         p.scratch, p.scratch_bytes = 0, 0
         return None
-    if device.type == "cpu" and nbytes <= SCRATCH_POOL_BYTES:
-        scratch = getattr(_pool, "buffer", None)
-        if scratch is None or scratch.numel() < nbytes:
-            _pool.buffer = None  # the old buffer goes before the new one comes
-            scratch = _pool.buffer = torch.empty((nbytes,), dtype=torch.uint8)
-    else:
-        scratch = torch.empty((nbytes,), dtype=torch.uint8, device=device)
+    scratch = torch.empty((nbytes,), dtype=torch.uint8, device=device)
     p.scratch, p.scratch_bytes = scratch.data_ptr(), nbytes
     return scratch
 

@@ -3,8 +3,7 @@ interface), with or without a sequence table (Call.seqs). Extra memory: O(B·H·
 plus a backward scratch of per-thread fp32 dK/dV partials (threads × Hkv·L·(D+Dv) floats, L = Sk,
 or max_k_len with a table), and in the forward a score cache of at most SCORE_CACHE_BYTES (at most
 threads × (H+Hr)·BM·(L + L/64) floats, BM <= 128 query rows: pass 1's exponentials and tile maxima
-for heads="mean", the scores for "each"): linear in the key length, never Sq × Sk. Scratch up to
-compiled.SCRATCH_POOL_BYTES stays with the calling thread between calls (compiled.release_scratch())."""
+for heads="mean", the scores for "each"): linear in the key length, never Sq × Sk."""
 
 from __future__ import annotations
 
