@@ -79,8 +79,9 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #define RAL_VECTOR_INLINE inline __attribute__((always_inline))
 
 namespace detail {
-// exp(x) for x in [-87, 88.72] (the callers clamp), ~1 ulp.
-RAL_VECTOR_INLINE vfloat exp_in_range(vfloat x) {
+// x = n ln 2 + r, |r| <= ln 2 / 2 (x in [-87, 88.72]: the callers clamp): returns exp(r) - 1 and
+// 2^(n-1) in half_power.
+RAL_VECTOR_INLINE vfloat expm1_reduced(vfloat x, vfloat& half_power) {
   // n = round(x log2 e) via the 1.5 * 2^23 trick; r = x - n ln 2 in two parts (Cody-Waite)
   const vfloat shifter = vbroadcast(12582912.f);
   const vfloat n = (x * kLog2e + shifter) - shifter;
@@ -92,12 +93,17 @@ RAL_VECTOR_INLINE vfloat exp_in_range(vfloat x) {
   poly = poly * r + 4.1665795894e-2f;
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
-  poly = poly * (r * r) + r + 1.f;
   // 2^n as 2 * 2^(n-1): n-1 in [-127, 127] keeps the biased exponent in [0, 254]
   const vmask biased = (__builtin_convertvector(n, vmask) + 126) << 23;
-  vfloat power;
-  memcpy(&power, &biased, sizeof(power));
-  return (poly + poly) * power;
+  memcpy(&half_power, &biased, sizeof(half_power));
+  return poly * (r * r) + r;
+}
+
+// exp(x) for x in [-87, 88.72] (the callers clamp), ~1 ulp.
+RAL_VECTOR_INLINE vfloat exp_in_range(vfloat x) {
+  vfloat half_power;
+  const vfloat poly = expm1_reduced(x, half_power) + 1.f;
+  return (poly + poly) * half_power;
 }
 }  // namespace detail
 
@@ -144,18 +150,13 @@ RAL_VECTOR_INLINE vfloat vlog(vfloat x) {
   return vselect(x == inf, vbroadcast(inf), y);
 }
 
-// exp(x) - 1 for x <= 0, with relative accuracy near 0: a Taylor polynomial on (-0.5, 0] (its
-// truncation is below 2^-27 relative there), exp(x) - 1 further down.
+// exp(x) - 1 for x <= 0 (NaN stays NaN), with relative accuracy near 0: 2^n (exp(r) - 1) + (2^n - 1)
+// from vexp's reduction, which is exp(r) - 1 itself for |x| <= ln 2 / 2 (n = 0); below -87, -1.
 RAL_VECTOR_INLINE vfloat vexpm1_nonpositive(vfloat x) {
-  vfloat poly = vbroadcast(1.f / 40320.f);
-  poly = poly * x + 1.f / 5040.f;
-  poly = poly * x + 1.f / 720.f;
-  poly = poly * x + 1.f / 120.f;
-  poly = poly * x + 1.f / 24.f;
-  poly = poly * x + 1.f / 6.f;
-  poly = poly * x + 0.5f;
-  poly = (poly * x) * x + x;
-  return vselect(x > -0.5f, poly, vexp(x) - 1.f);
+  vfloat half_power;
+  const vfloat q = detail::expm1_reduced(vmax(x, vbroadcast(-87.f)), half_power);
+  const vfloat power = half_power + half_power;
+  return vselect(x < -87.f, vbroadcast(-1.f), q * power + (power - 1.f));
 }
 
 // log(1 + t) for t > -1, accurate for tiny t: log(u) * t / (u - 1) with u = 1 + t.
