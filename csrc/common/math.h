@@ -71,9 +71,14 @@ RAL_HD DivergenceTerm divergence_term(int32_t kind, float log_pi, float log_rho)
     t.f = rho * d;
     t.g = -expf(d);
   } else {
-    const float log_mid = logaddexp(log_pi, log_rho) - kLn2;
-    t.f = 0.5f * (pi * (log_pi - log_mid) + rho * (log_rho - log_mid));
-    t.g = 0.5f * (log_pi - log_mid);
+    // log(2 pi / (pi + rho)) and log(2 rho / (pi + rho)) from t = log pi - log rho: -log(1 + expm1(-|t|)/2)
+    // for the larger side, that minus |t| for the other; both exactly 0 at t = 0, so that nearly
+    // equal distributions get a divergence of second order in t (docs/design.md, "The math")
+    const float d = log_pi - log_rho, u = -fabsf(d);
+    const float larger = -log1pf(0.5f * expm1f(u)), smaller = larger + u;
+    const float pi_side = d >= 0.f ? larger : smaller, rho_side = d >= 0.f ? smaller : larger;
+    t.f = 0.5f * (pi * pi_side + rho * rho_side);
+    t.g = 0.5f * pi_side;
   }
   return t;
 }
