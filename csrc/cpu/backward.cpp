@@ -288,30 +288,15 @@ class Backward : UnitSweep {
       const float w_row = w()[r], gbar_row = gbar()[r];
       const bool with_g = !kStats || w_row != 0.f;
       for (int64_t c = 0; c < kBlockN; c += kLanes) {
-        vfloat x_max = vbroadcast(-kInf);
-        for (int64_t h = 0; h < heads_; ++h) {
-          const vfloat x = vload(s_row + h * plane + c) - lse_a()[h * bm_ + r];
-          vstore(s_row + h * plane + c, x);
-          x_max = vmax(x_max, x);
-        }
-        vfloat e_sum{};
-        for (int64_t h = 0; h < heads_; ++h) {
-          const vfloat e = vexp_nonpositive(vload(s_row + h * plane + c) - x_max);
-          vstore(s_row + h * plane + c, e);
-          e_sum += e;
-        }
-        const vfloat log_pi = x_max + vlog(e_sum) - log_norm;
+        // e_h = exp(x_h - max_h x) in place of s, x_h = s_h - lse_A_h
+        const LogMixture mix = log_mixture(s_row + c, plane, lse_a() + r, bm_, heads_, s_row + c);
+        const vfloat x_max = mix.max, log_pi = x_max + mix.log_sum - log_norm;
         // coef = exp(x_max - log H - log Z) (g_total - gbar), its w g part as vweighted_grad
         const vfloat log_factor = x_max - log_norm, factor = vexp(log_factor);
         vfloat wg{};
         if (with_g) {
-          const float* sr = s_ref_ + r * kBlockN + c;
-          vfloat xr_max = vbroadcast(-kInf);
-          for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(sr + h * plane) - ref_lse_a()[h * bm_ + r]);
-          vfloat er_sum{};
-          for (int64_t h = 0; h < ref_heads_; ++h)
-            er_sum += vexp_nonpositive(vload(sr + h * plane) - ref_lse_a()[h * bm_ + r] - xr_max);
-          const vfloat log_rho = xr_max + vlog(er_sum) - log_norm_ref;
+          const LogMixture ref = log_mixture(s_ref_ + r * kBlockN + c, plane, ref_lse_a() + r, bm_, ref_heads_);
+          const vfloat log_rho = ref.max + ref.log_sum - log_norm_ref;
           wg = w_row * vweighted_grad(p_.divergence, log_factor, factor, log_pi, log_rho);
         }
         vfloat coef;

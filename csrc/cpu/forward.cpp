@@ -449,6 +449,12 @@ class Forward : UnitSweep {
     }
   }
 
+  // Adds the support's f and pi g of one lane group to a row's div and gbar sums.
+  static void add_divergence(const VDivergenceTerm& t, bool full, vmask support, vfloat& div_sum, vfloat& gbar_sum) {
+    div_sum += full ? t.f : vselect(support, t.f, vfloat{});
+    gbar_sum += full ? t.pi_g : vselect(support, t.pi_g, vfloat{});
+  }
+
   // heads="mean" statistics of lanes [c, c + kLanes) of row r: pi's (accumulate_policy_stats), then
   // per head u^E_h / Z += (a_hj / Z) (-log pi_j) and u^s_h / Z += (a_hj / Z) [seg(j) = s], with
   // a_hj / Z = share(h).
@@ -537,11 +543,11 @@ class Forward : UnitSweep {
   // m_tile = lse_P in every head, hence the same sum bit for bit, and log pi = 0 exactly.
   // Returns M' with log(sum_h w'_h) in *log_sum.
   float normaliser(const float* lse_p, const float* lse_a, int64_t heads, int64_t r, float* log_sum) {
+    static_assert(kLanes <= 16, "ones below");
+    static const float ones[16] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
     float* w = weights_.data();
     const float m = mixture_weights(lse_p, lse_a, heads, r, w);
-    vfloat sum{};
-    for (int64_t h = 0; h < heads; ++h) sum = vfma(vbroadcast(1.f), vbroadcast(w[h]), sum);
-    *log_sum = vlog(sum)[0];
+    *log_sum = vlog(mix_lanes(ones, 0, w, heads))[0];  // e = 1 in every head: a one-key support's lane
     return m;
   }
 
@@ -557,8 +563,8 @@ class Forward : UnitSweep {
   }
 
   // heads="mean", linear route: per row, pi_j = exp(offset) * sum_h w_h e_hj from the tile's
-  // exponentials (mixture_weights) and rho_j likewise, log pi and log rho by one log each; jsd's
-  // log(pi + rho) by a third. Accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j (per head, as
+  // exponentials (mixture_weights, offset from normaliser()) and rho_j likewise, log pi and log rho
+  // by one log each (jsd's own two logarithms then come from their difference, vjsd_logs). Accumulates f, pi g and u_h / Z = sum_P (a_hj / Z) g_j (per head, as
   // share[h] * sum_j e_hj g_j) per row, and (kStats) the statistics; without kDiv only those: no
   // reference, div and gbar stay 0. Lanes whose mixtures fall under kLinearFloor go the log-space
   // route instead (divergence_lanes_from_scores).
@@ -613,14 +619,9 @@ class Forward : UnitSweep {
           const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, pi, log_rho, rho);
           // u_h's summand over e_hj: g_j with factor share[h], or for reverse_kl (a_hj / Z) g_j / e_hj =
           // -H w_h rho_j / sum_j, finite where pi_j underflows
-          vfloat f = t.f, pi_g = t.pi_g, g = ratio ? -rho / sum : t.g;
-          if (!full) {
-            f = vselect(support, f, vfloat{});
-            pi_g = vselect(support, pi_g, vfloat{});
-            g = vselect(support, g, vfloat{});
-          }
-          div_sum += f;
-          gbar_sum += pi_g;
+          vfloat g = ratio ? -rho / sum : t.g;
+          if (!full) g = vselect(support, g, vfloat{});
+          add_divergence(t, full, support, div_sum, gbar_sum);
           vstore(g_row + c, g);
         }
         if constexpr (kStats)
@@ -652,20 +653,9 @@ class Forward : UnitSweep {
     float* e = lanes_;
     load_policy_keys(qb);
     lane_scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, r, c, e);
-    // x_h = s_h - lse_A_h, e_h = exp(x_h - max_h x) in place
-    vfloat x_max = vbroadcast(-kInf);
-    for (int64_t h = 0; h < heads_; ++h) {
-      const vfloat x = vload(e + h * kLanes) - lse_a(h)[r];
-      vstore(e + h * kLanes, x);
-      x_max = vmax(x_max, x);
-    }
-    vfloat e_sum{};
-    for (int64_t h = 0; h < heads_; ++h) {
-      const vfloat x = vexp_nonpositive(vload(e + h * kLanes) - x_max);
-      vstore(e + h * kLanes, x);
-      e_sum += x;
-    }
-    const vfloat log_pi = x_max + vlog(e_sum) - (geo_.log_heads + log_z);
+    // e_h = exp(x_h - max_h x) in place of the scores, x_h = s_h - lse_A_h
+    const LogMixture mix = log_mixture(e, kLanes, lse_a(0) + r, bm_, heads_, e);
+    const vfloat x_max = mix.max, log_pi = x_max + mix.log_sum - (geo_.log_heads + log_z);
     // a_hj / Z = e_h * exp(x_max - log Z): the factor is at most H * pi_j, never overflows
     const vfloat a_over_z = vexp(x_max - log_z);
     vfloat pi;
@@ -673,23 +663,13 @@ class Forward : UnitSweep {
       float* s_ref = lanes_ + heads_ * kLanes;
       load_reference_keys(qb);
       lane_scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, r, c, s_ref);
-      vfloat xr_max = vbroadcast(-kInf);
-      for (int64_t h = 0; h < ref_heads_; ++h) xr_max = vmax(xr_max, vload(s_ref + h * kLanes) - ref_lse_a(h)[r]);
-      vfloat er_sum{};
-      for (int64_t h = 0; h < ref_heads_; ++h)
-        er_sum += vexp_nonpositive(vload(s_ref + h * kLanes) - ref_lse_a(h)[r] - xr_max);
-      const vfloat log_rho = xr_max + vlog(er_sum) - (geo_.log_ref_heads + log_z_ref);
+      const LogMixture ref = log_mixture(s_ref, kLanes, ref_lse_a(0) + r, bm_, ref_heads_);
+      const vfloat log_rho = ref.max + ref.log_sum - (geo_.log_ref_heads + log_z_ref);
 
       const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
       vfloat g_scaled = vweighted_grad(p_.divergence, x_max - log_z, a_over_z, log_pi, log_rho);  // (a_hj / Z) g_j / e_h
-      vfloat f = t.f, pi_g = t.pi_g;
-      if (!full) {
-        f = vselect(support, f, vfloat{});
-        pi_g = vselect(support, pi_g, vfloat{});
-        g_scaled = vselect(support, g_scaled, vfloat{});
-      }
-      div_sum += f;
-      gbar_sum += pi_g;
+      if (!full) g_scaled = vselect(support, g_scaled, vfloat{});
+      add_divergence(t, full, support, div_sum, gbar_sum);
       for (int64_t h = 0; h < heads_; ++h) {
         vfloat term = vload(e + h * kLanes) * g_scaled;
         if (!full) term = vselect(support, term, vfloat{});

@@ -392,6 +392,25 @@ inline float log_support_mass(const float* lse_a, const float* lse_p, int64_t he
   return lse_value(m, l) - log_heads;
 }
 
+// One lane group's head mixture in log space: with x_h = s_h - lse_A_h (s_h at s + h * stride,
+// lse_A_h at lse_a + h * lse_stride), returns max_h x_h and log sum_h exp(x_h - max); with `e`,
+// also exp(x_h - max) there (same stride, may be s). log abar = max + log_sum - log H.
+struct LogMixture {
+  vfloat max, log_sum;
+};
+RAL_VECTOR_INLINE LogMixture log_mixture(const float* s, int64_t stride, const float* lse_a, int64_t lse_stride,
+                                         int64_t heads, float* e = nullptr) {
+  vfloat x_max = vbroadcast(-kInf);
+  for (int64_t h = 0; h < heads; ++h) x_max = vmax(x_max, vload(s + h * stride) - lse_a[h * lse_stride]);
+  vfloat e_sum{};
+  for (int64_t h = 0; h < heads; ++h) {
+    const vfloat x = vexp_nonpositive(vload(s + h * stride) - lse_a[h * lse_stride] - x_max);
+    if (e) vstore(e + h * stride, x);
+    e_sum += x;
+  }
+  return {x_max, vlog(e_sum)};
+}
+
 // ---- threads ----------------------------------------------------------------------------------
 // Runs worker(thread_index) on n_threads threads (the caller is thread 0); rethrows the first
 // exception any of them threw.
