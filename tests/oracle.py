@@ -380,6 +380,34 @@ def options(opts: dict, head_dim: int, ref_head_dim: int) -> Options:
                    ref_scale=opts.get("ref_scale") or default_scale(ref_head_dim))
 
 
+class SelfPeakedProblem(Problem):
+    """k = q (each kv head the first query head of its group): at a large scale every row's self
+    score is far above the rest, so with exclude_self the support's share Z falls below fp32's range
+    in many rows and lse_P must be its own log-sum."""
+
+    def make(self, device="cpu") -> dict:
+        kw = super().make(device)
+        kw["k"] = kw["q"][:, ::self.heads // self.kv_heads].clone()
+        return kw
+
+
+def check_peaky_self_attention(backend: str, divergence: str, heads: str, q_len: int, device="cpu") -> None:
+    """The self score beats every other key by far more than 87 nats in many rows (scale 8, fp16
+    inputs): lse_P exact and finite (never 1 - a_self, never underflowed through lse_A's max), div
+    finite, and the accuracy rule on every output and gradient (`backend` on `device`)."""
+    opts = dict(divergence=divergence, heads=heads, exclude_self=True, causal=True, scale=8.0)
+    problem = SelfPeakedProblem(batch=1, heads=2, kv_heads=2, q_len=q_len, k_len=q_len, head_dim=64,
+                                v_head_dim=64, dtype=torch.float16, options=opts)
+    kw = cast(problem.make(), torch.float16, device)
+    res = ral.attention_kl(backend=backend, **kw)
+    want = ral.attention_kl(backend="reference", **cast(kw, torch.float64))
+    gap = (want.stats[..., 0] - want.stats[..., 1])[:, :, 1:]
+    assert float(gap.max()) > 100.0, "the problem is not peaky enough to test the lse_P underflow"
+    assert torch.isfinite(res.stats[..., 1][:, :, 1:]).all() and torch.isfinite(res.div[..., 1:]).all()
+    torch.testing.assert_close(res.stats.double().cpu(), want.stats.cpu(), rtol=1e-4, atol=1e-3)
+    check(problem, backend, device)
+
+
 def check_nan_stays_in_its_row(backend: str, heads: str, dtype=torch.float32, device="cpu", q_len: int = 50,
                                head_dim: int = 16, tol: float = 1e-5) -> None:
     """docs/design.md, "Bad input": a NaN in one query row of one head gives NaN in that row's out, stats, div

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (Problem, cast, check, check_nan_stays_in_its_row, check_stats, option_grid, option_id,  # noqa: E402
-                    run, stats_upstream, upstream)
+from oracle import (Problem, SelfPeakedProblem, cast, check, check_nan_stays_in_its_row,  # noqa: E402
+                    check_peaky_self_attention, check_stats, option_grid, option_id, run, stats_upstream, upstream)
 
 import ral  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
@@ -199,37 +199,12 @@ def test_nan_stays_in_its_row(heads):
     check_nan_stays_in_its_row("cpu", heads)
 
 
-class _FarKeysProblem(Problem):
-    """k = q at a large scale: each row's self score is ~160 nats above the rest (the support's share
-    Z far below fp32's range) and the support's scores spread over ~100 nats, so that some key lanes
-    lie more than 55 nats below every head's tile maximum (the "mean" forward's pass 2 takes its
-    log-space route from the raw scores there) and most do not (the linear route from pass 1's
-    exponentials), often within one lane group. (At larger scales PyTorch's own fp32 gradient
-    overflows, and the accuracy rule has no bound to give.)"""
-
-    def make(self, device="cpu") -> dict:
-        kw = super().make(device)
-        kw["k"] = kw["q"][:, ::self.heads // self.kv_heads].clone()
-        return kw
-
-
 @pytest.mark.parametrize("heads", ["mean", "each"])
 @pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
 def test_peaky_self_attention(divergence, heads):
-    """Every row attends almost only to itself (k = q, scale 8; fp16 inputs, as the CUDA kernels'
-    test): lse_P is exact and finite, Z below fp32's range in many rows, and reverse_kl's
-    g = -rho/pi, which overflows where pi underflows, only enters as products formed in log space
-    (it gave NaN gradients before)."""
-    opts = dict(divergence=divergence, heads=heads, exclude_self=True, causal=True, scale=8.0)
-    problem = _FarKeysProblem(batch=1, heads=2, kv_heads=2, q_len=90, k_len=90, head_dim=64, v_head_dim=64,
-                              dtype=torch.float16, options=opts)
-    kw = cast(problem.make(), torch.float16)
-    res = ral.attention_kl(backend="cpu", **kw)
-    want = ral.attention_kl(backend="reference", **cast(kw, torch.float64))
-    gap = (want.stats[..., 0] - want.stats[..., 1])[:, :, 1:]
-    assert float(gap.max()) > 100.0, "the problem is not peaky enough to test the lse_P underflow"
-    assert torch.isfinite(res.stats[..., 1][:, :, 1:]).all() and torch.isfinite(res.div[..., 1:]).all()
-    check(problem, "cpu")
+    """The CUDA kernels' peaky problem; reverse_kl's g = -rho/pi, which overflows where pi underflows,
+    only enters as products formed in log space (it gave NaN gradients before)."""
+    check_peaky_self_attention("cpu", divergence, heads, q_len=90)
 
 
 def _lanes_by_route(kw: dict, tile: int = 64, floor: float = 2.0 ** -80) -> tuple:
@@ -261,13 +236,16 @@ def _lanes_by_route(kw: dict, tile: int = 64, floor: float = 2.0 ** -80) -> tupl
 def test_far_keys_take_the_log_space_route(divergence, budget, monkeypatch):
     """Where a key's head mixture underflows pass 1's exponentials, pass 2 recomputes that lane group
     from the raw scores: div, statistics and gradients keep the accuracy rule, with the score cache
-    (the exponentials read back) and without (recomputed)."""
+    (the exponentials read back) and without (recomputed). k = q at scale 2.5: the self score ~160
+    nats above the rest, the support's scores spread over ~100 nats, so some lanes lie more than 55
+    nats below every head's tile maximum and most do not, often within one lane group (at larger
+    scales PyTorch's own fp32 gradient overflows and the rule has no bound to give)."""
     from ral.backends import cpu as cpu_backend
     if budget == "none":
         monkeypatch.setattr(cpu_backend, "_forward_scratch_bytes", lambda p: 0)
     opts = dict(divergence=divergence, heads="mean", exclude_self=True, causal=True, scale=2.5)
-    problem = _FarKeysProblem(batch=1, heads=4, kv_heads=2, q_len=150, k_len=150, head_dim=64, v_head_dim=32,
-                              seed=11, options=opts)
+    problem = SelfPeakedProblem(batch=1, heads=4, kv_heads=2, q_len=150, k_len=150, head_dim=64, v_head_dim=32,
+                                seed=11, options=opts)
     kw = problem.make()
     far, near = _lanes_by_route(kw)
     assert far > 200 and near > 1000, (far, near)
@@ -276,8 +254,8 @@ def test_far_keys_take_the_log_space_route(divergence, budget, monkeypatch):
     assert torch.isfinite(res.div).all()
     if divergence == "kl":
         return  # with statistics at this scale kl's dk is ~3.7x PyTorch's error (also before the linear route)
-    stats = _FarKeysProblem(batch=1, heads=4, kv_heads=2, q_len=150, k_len=150, head_dim=64, v_head_dim=None,
-                            seed=12, segments=3, options=opts)
+    stats = SelfPeakedProblem(batch=1, heads=4, kv_heads=2, q_len=150, k_len=150, head_dim=64, v_head_dim=None,
+                              seed=12, segments=3, options=opts)
     check_stats(stats, "cpu")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from oracle import (STATS_NAMES, PackedProblem, Problem, cast, check, check_nan_stays_in_its_row, check_packed,
                     option_grid, option_id)
-from oracle import check_attention_stats, check_dead_rows_give_zero, check_stats
+from oracle import check_attention_stats, check_dead_rows_give_zero, check_peaky_self_attention, check_stats
 
 import ral
 from ral import backends
@@ -135,32 +135,10 @@ def test_auto_routes_float32_elsewhere():
         q, q, q, q, q, None, "jsd", "mean", True, True, None, None, None, None, "auto")) == "triton"
 
 
-class _PeakyProblem(Problem):
-    """Every row attends almost only to itself (k = q, large scale): with exclude_self the policy
-    support's share Z is tiny (below fp32's range for some rows), so lse_P must be its own log-sum."""
-
-    def make(self, device="cpu") -> dict:
-        kw = super().make(device)
-        kw["k"] = kw["q"].clone()
-        return kw
-
-
 @pytest.mark.parametrize("heads", ["mean", "each"])
 @pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
 def test_peaky_self_attention(divergence, heads):
-    """The self score beats every other key by far more than 87 nats in many rows: lse_P stays exact
-    and finite (never 1 - a_self, never underflowed through lse_A's max), div and gradients finite."""
-    opts = dict(divergence=divergence, heads=heads, exclude_self=True, causal=True, scale=8.0)
-    problem = _PeakyProblem(batch=1, heads=2, kv_heads=2, q_len=90, k_len=90, head_dim=64, v_head_dim=64,
-                            dtype=torch.float16, options=opts)
-    kw = cast(problem.make(), torch.float16, "cuda")
-    res = ral.attention_kl(backend="cuda", **kw)
-    want = ral.attention_kl(backend="reference", **cast(kw, torch.float64))
-    gap = (want.stats[..., 0] - want.stats[..., 1])[:, :, 1:]
-    assert float(gap.max()) > 100.0, "the problem is not peaky enough to test the lse_P underflow"
-    assert torch.isfinite(res.stats[..., 1][:, :, 1:]).all() and torch.isfinite(res.div[..., 1:]).all()
-    torch.testing.assert_close(res.stats.double().cpu(), want.stats.cpu(), rtol=1e-4, atol=1e-3)
-    check(problem, "cuda", "cuda")
+    check_peaky_self_attention("cuda", divergence, heads, q_len=90, device="cuda")
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])

@@ -217,18 +217,13 @@ RAL_VECTOR_INLINE VDivergenceTerm vdivergence_term(int32_t kind, vfloat log_pi, 
   return vdivergence_term(kind, log_pi, vexp(log_pi), log_rho, rho);
 }
 
-// g only (the backward needs no f); pi only where `kind` needs it for g.
-RAL_VECTOR_INLINE vfloat vdivergence_grad(int32_t kind, vfloat log_pi, vfloat log_rho) {
-  if (kind == kKL) return log_pi - log_rho + 1.f;
-  if (kind == kReverseKL) return -vexp(log_rho - log_pi);
-  return 0.5f * vjsd_logs(log_pi - log_rho).pi_side;
-}
-
-// w * g for a weight w = exp(log_w) that shrinks with pi (w <= H pi: a / Z, pi): reverse_kl's
-// g = -rho/pi overflows where pi underflows, so its product is formed as -exp(log_w + log rho - log pi).
+// w * g for a weight w = exp(log_w) that shrinks with pi (w <= H pi: a / Z, pi), as the backward
+// needs it (no f): reverse_kl's g = -rho/pi overflows where pi underflows, so its product is formed as
+// -exp(log_w + log rho - log pi).
 RAL_VECTOR_INLINE vfloat vweighted_grad(int32_t kind, vfloat log_w, vfloat w, vfloat log_pi, vfloat log_rho) {
   if (kind == kReverseKL) return -vexp(log_w + log_rho - log_pi);
-  return w * vdivergence_grad(kind, log_pi, log_rho);
+  if (kind == kKL) return w * (log_pi - log_rho + 1.f);
+  return w * (0.5f * vjsd_logs(log_pi - log_rho).pi_side);
 }
 
 }  // namespace ral::cpu
