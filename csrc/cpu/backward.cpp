@@ -276,7 +276,7 @@ class Backward : UnitSweep {
           const vmask attended = full ? vmask{} : lane_masks(p_, kb_, c, pos, true).attended;
           for (int64_t h = 0; h < heads_; ++h) {
             const int64_t at = h * plane + c;
-            vfloat a = vexp(vload(s_row + at) - lse_a()[h * bm_ + r]);
+            vfloat a = vexp_nonpositive(vload(s_row + at) - lse_a()[h * bm_ + r]);
             if (!full) a = vselect(attended, a, vfloat{});
             vstore(s_row + at, a);
             vstore(ds_row + at, a * (vload(ds_row + at) - delta()[h * bm_ + r]));
@@ -352,11 +352,11 @@ class Backward : UnitSweep {
           LaneMasks mask{};
           if (!full) mask = lane_masks(p_, kb_, c, pos, true);
           const vfloat s = vload(s_row + c);
-          vfloat a = vexp(s - lse_a()[i]);
+          vfloat a = vexp_nonpositive(s - lse_a()[i]);
           if (!full) a = vselect(mask.attended, a, vfloat{});
           vfloat ds = a * (vload(ds_row + c) - delta()[i]);
           if (live) {
-            const vfloat log_pi = s - lse_p()[i], pi = vexp(log_pi);
+            const vfloat log_pi = s - lse_p()[i], pi = vexp_nonpositive(log_pi);
             // pi (g_total - gbar), its w pi g part as vweighted_grad
             vfloat term;
             if constexpr (kStats) {

@@ -73,8 +73,13 @@ RAL_VECTOR_INLINE float exponentiate_row(const AttentionKLParams& p, const KeyBl
 // updated. With `keep` / `add` given, each row's factors for the output, o = keep o + add (e V): the
 // old rows rescaled to the new running maximum, this tile's e weighted from m_tile to it (the P V
 // GEMM applies them in its store, RowScale). The self score is read before `e` overwrites `src`.
+// The state update runs kLanes rows at a time (rows past qb.rows, up to a multiple of kLanes, as
+// an empty tile); `scratch` holds 2 * BM floats (the tile maxima without `tile_max`, the tile sums).
 void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full, const float* src,
-                  float* e, float* tile_max, float* row_max, float* row_sum, float* self, float* keep, float* add) {
+                  float* e, float* tile_max, float* row_max, float* row_sum, float* self, float* keep, float* add,
+                  float* scratch) {
+  float* m_tile = tile_max ? tile_max : scratch;
+  float* tile_sum = scratch + qb.block_m;
   for (int64_t r = 0; r < qb.rows; ++r) {
     const float* in = src + r * kBlockN;
     const int64_t pos = qb.first_pos + r;
@@ -83,18 +88,25 @@ void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlo
       if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = in[self_col];
     }
     vfloat total;
-    const float m = exponentiate_row(p, kb, full, pos, in, e + r * kBlockN, total);
-    if (tile_max) tile_max[r] = m;
-    const float old_max = row_max[r];
-    const float new_max = old_max < m ? m : old_max;
-    const float shift = new_max == -kInf ? 0.f : new_max;
-    const float alpha = std::exp(old_max - shift);
-    const float beta = m == -kInf ? 0.f : std::exp(m - shift);  // this tile's e relative to the running max
-    row_sum[r] = row_sum[r] * alpha + hsum(total) * beta;
-    row_max[r] = new_max;
+    m_tile[r] = exponentiate_row(p, kb, full, pos, in, e + r * kBlockN, total);
+    tile_sum[r] = hsum(total);
+  }
+  const int64_t rows = round_up(qb.rows, kLanes);
+  std::fill(m_tile + qb.rows, m_tile + rows, -kInf);
+  std::fill(tile_sum + qb.rows, tile_sum + rows, 0.f);
+  const vfloat minus_inf = vbroadcast(-kInf);
+  for (int64_t r = 0; r < rows; r += kLanes) {
+    const vfloat m = vload(m_tile + r), old_max = vload(row_max + r);
+    const vfloat new_max = vmax(old_max, m);
+    const vfloat shift = vselect(new_max == minus_inf, vfloat{}, new_max);
+    const vfloat alpha = vexp_nonpositive(old_max - shift);
+    // this tile's e relative to the running max
+    const vfloat beta = vselect(m == minus_inf, vfloat{}, vexp_nonpositive(m - shift));
+    vstore(row_sum + r, vload(row_sum + r) * alpha + vload(tile_sum + r) * beta);
+    vstore(row_max + r, new_max);
     if (keep) {
-      keep[r] = alpha;
-      add[r] = beta;
+      vstore(keep + r, alpha);
+      vstore(add + r, beta);
     }
   }
 }
@@ -161,6 +173,7 @@ class Forward : UnitSweep {
         state_(3 * heads_ * bm_),
         ref_state_(3 * ref_heads_ * bm_),
         row_scale_(2 * bm_),
+        softmax_rows_(2 * bm_),
         lse_(2 * heads_ * bm_),
         ref_lse_(2 * ref_heads_ * bm_),
         row_(6 * bm_),
@@ -308,7 +321,7 @@ class Forward : UnitSweep {
         float* src = s_ + h * head_plane(bm_);
         float* e = keep ? src : s_tile_ + h * head_plane(bm_);
         softmax_tile(p_, qb, kb_, full, src, e, keep ? tile_max + h * bm_ : nullptr, st.max + h * bm_,
-                     st.sum + h * bm_, st.self + h * bm_, keep_o, add_o);
+                     st.sum + h * bm_, st.self + h * bm_, keep_o, add_o, softmax_rows_.get());
         if (p_.has_v)
           gemm<false, true>(o_ + h * bm_ * geo_.dvp, geo_.dvp, {e, kBlockN, 1},
                             v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp, qb.rows, geo_.dvp, kb_.count,
@@ -320,7 +333,7 @@ class Forward : UnitSweep {
           float* src = s_ref_ + h * head_plane(bm_);
           softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * head_plane(bm_),
                        keep_ref ? tile_max + (heads_ + h) * bm_ : nullptr, ref.max + h * bm_, ref.sum + h * bm_,
-                       ref.self + h * bm_, nullptr, nullptr);
+                       ref.self + h * bm_, nullptr, nullptr, softmax_rows_.get());
         }
       }
     });
@@ -509,15 +522,16 @@ class Forward : UnitSweep {
   // abar_j = (1/H) sum_h exp(d_h) e_hj = exp(M - log H) sum_h w_h e_hj, w_h = exp(d_h - M) in
   // w[0:heads] (at most 1, one of them 1). Returns M: -inf when no key of the tile is in the row's
   // support (w then 0), NaN when a statistic is. With `share`, also a_hj / Z = share[h] e_hj,
-  // share[h] = exp(d_h - log Z).
+  // share[h] = exp(d_h - log Z). w and share hold round_up(heads, kLanes) floats.
   float mixture_weights(const float* tile_max, const float* lse_a, int64_t heads, int64_t r, float* w,
                         float* share = nullptr, float log_z = 0.f) const {
-    float m = -kInf;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float d = tile_max[h * bm_ + r] - lse_a[h * bm_ + r];
-      w[h] = d;
-      m = (m < d || d != d) ? d : m;
-    }
+    // the maximum branch-free (which head holds it is data), over lanes padded with -inf
+    const int64_t padded = round_up(heads, kLanes);
+    for (int64_t h = 0; h < heads; ++h) w[h] = tile_max[h * bm_ + r] - lse_a[h * bm_ + r];
+    std::fill(w + heads, w + padded, -kInf);
+    vfloat d_max = vbroadcast(-kInf);
+    for (int64_t h = 0; h < padded; h += kLanes) d_max = vmax_nan(d_max, vload(w + h));
+    const float m = hmax(d_max);
     if (m == -kInf || m != m) {
       std::fill(w, w + heads, m == -kInf ? 0.f : m);
       return m;
@@ -791,6 +805,7 @@ class Forward : UnitSweep {
   Floats o_, v_self_;            // (H, BM, Dvp) output accumulator; (Dvp,)
   Floats state_, ref_state_;     // SoftmaxState of both models
   Floats row_scale_;             // (2, BM): softmax_tile's keep and add of one head, for P V
+  Floats softmax_rows_;          // (2, BM): softmax_tile's scratch
   Floats lse_, ref_lse_;         // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
   Floats row_;                   // (6, BM): log Z, log Z_ref, then norm_max / norm_log of both models
   Floats acc_;                   // pass-2 accumulators: div, gbar (and u_h for "mean")

@@ -8,7 +8,7 @@
 
 #include "common/math.h"
 
-#if defined(__FMA__) || defined(__AVX512F__)
+#if defined(__FMA__) || defined(__AVX512F__) || defined(__AVX__) || defined(__SSE4_1__)
 #include <immintrin.h>
 #endif
 
@@ -37,21 +37,77 @@ inline vfloat vselect(vmask keep, vfloat a, vfloat b) { return keep ? a : b; }
 // NaN-propagating in `a` (the comparisons are false for NaN).
 inline vfloat vmax(vfloat a, vfloat b) { return a < b ? b : a; }
 inline vfloat vmin(vfloat a, vfloat b) { return a > b ? b : a; }
+// The larger per lane, NaN where either is.
+inline vfloat vmax_nan(vfloat a, vfloat b) { return b != b ? b : vmax(a, b); }
 
+namespace detail {
+// v with each lane i exchanged for lane i ^ kWidth (kWidth a power of two below kLanes).
+template <int kWidth>
+inline vfloat exchange_lanes(vfloat v) {
+  vmask index;
+  for (int i = 0; i < kLanes; ++i) index[i] = i ^ kWidth;
+  return __builtin_shuffle(v, index);
+}
+// A butterfly over the lanes: every lane ends up holding combine over all of them.
+template <class Combine>
+inline float reduce_lanes(vfloat v, Combine combine) {
+  if constexpr (kLanes >= 16) v = combine(v, exchange_lanes<8>(v));
+  if constexpr (kLanes >= 8) v = combine(v, exchange_lanes<4>(v));
+  v = combine(v, exchange_lanes<2>(v));
+  v = combine(v, exchange_lanes<1>(v));
+  return v[0];
+}
+// Two-source butterfly step of a kLanes x kLanes transpose: for rows a (index bit kBit clear) and b
+// (set), exchanges a's lanes with that bit set for b's lanes with it clear.
+template <int kBit>
+inline void exchange_blocks(vfloat& a, vfloat& b) {
+  vmask low, high;  // __builtin_shuffle indices: [0, kLanes) from a, [kLanes, 2 kLanes) from b
+  for (int j = 0; j < kLanes; ++j) {
+    low[j] = (j & kBit) ? kLanes + (j ^ kBit) : j;
+    high[j] = (j & kBit) ? kLanes + j : (j ^ kBit);
+  }
+  const vfloat new_a = __builtin_shuffle(a, b, low), new_b = __builtin_shuffle(a, b, high);
+  a = new_a;
+  b = new_b;
+}
+template <int kBit>
+inline void butterfly_stage(vfloat* rows) {
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & kBit)) exchange_blocks<kBit>(rows[i], rows[i | kBit]);
+}
+}  // namespace detail
+
+// rows[i][j] <- rows[j][i]: log2(kLanes) butterfly stages, each exchanging one bit of the row index
+// with the same bit of the lane index.
+inline void transpose_block(vfloat* rows) {
+  if constexpr (kLanes >= 16) detail::butterfly_stage<8>(rows);
+  if constexpr (kLanes >= 8) detail::butterfly_stage<4>(rows);
+  detail::butterfly_stage<2>(rows);
+  detail::butterfly_stage<1>(rows);
+}
+
+// The lane sum, as a tree (pairs kLanes / 2 apart first).
 inline float hsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  return detail::reduce_lanes(v, [](vfloat a, vfloat b) { return a + b; });
 }
+// The largest lane; NaN when any lane is NaN. Branch-free: which lane holds the maximum is data,
+// and a scalar loop's compare-and-branch mispredicted on it (benchmarks/RESULTS.md, 2026-12-06).
 inline float hmax(vfloat v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = (m < v[i] || v[i] != v[i]) ? v[i] : m;
-  return m;
+  return detail::reduce_lanes(v, [](vfloat a, vfloat b) { return vmax_nan(a, b); });
 }
+// Whether any lane is set: one test instruction where the target has one.
 inline bool any(vmask m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(m), reinterpret_cast<__m512i>(m)) != 0;
+#elif defined(__AVX__)
+  return !_mm256_testz_si256(reinterpret_cast<__m256i>(m), reinterpret_cast<__m256i>(m));
+#elif defined(__SSE4_1__)
+  return !_mm_testz_si128(reinterpret_cast<__m128i>(m), reinterpret_cast<__m128i>(m));
+#else
   for (int i = 0; i < kLanes; ++i)
     if (m[i]) return true;
   return false;
+#endif
 }
 inline vmask iota() {
   vmask v;
@@ -79,44 +135,55 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #define RAL_VECTOR_INLINE inline __attribute__((always_inline))
 
 namespace detail {
-// x = n ln 2 + r, |r| <= ln 2 / 2 (x in [-87, 88.72]: the callers clamp): returns exp(r) - 1 and
-// 2^(n-1) in half_power.
-RAL_VECTOR_INLINE vfloat expm1_reduced(vfloat x, vfloat& half_power) {
-  // n = round(x log2 e) via the 1.5 * 2^23 trick; r = x - n ln 2 in two parts (Cody-Waite)
+// x = n ln 2 + r, |r| <= ln 2 / 2, for x in [-87, 88.72] (the callers clamp, or select other lanes
+// away): returns exp(r) - 1, and n << 23 in n_field (n in a float's exponent field, unbiased).
+RAL_VECTOR_INLINE vfloat expm1_reduced(vfloat x, vmask& n_field) {
+  // n = round(x log2 e) via the 1.5 * 2^23 trick: the sum's lowest mantissa bits are n itself, so
+  // that shifting them into the exponent field needs no conversion; r = x - n ln 2 in two parts
+  // (Cody-Waite)
   const vfloat shifter = vbroadcast(12582912.f);
-  const vfloat n = (x * kLog2e + shifter) - shifter;
-  vfloat r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  const vfloat shifted = vfma(x, vbroadcast(kLog2e), shifter);
+  const vfloat n = shifted - shifter;
+  vfloat r = vfma(n, vbroadcast(-0.693359375f), x);
+  r = vfma(n, vbroadcast(2.12194440e-4f), r);
   vfloat poly = vbroadcast(1.9875691500e-4f);
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  // 2^n as 2 * 2^(n-1): n-1 in [-127, 127] keeps the biased exponent in [0, 254]
-  const vmask biased = (__builtin_convertvector(n, vmask) + 126) << 23;
-  memcpy(&half_power, &biased, sizeof(half_power));
-  return poly * (r * r) + r;
+  poly = vfma(poly, r, vbroadcast(1.3981999507e-3f));
+  poly = vfma(poly, r, vbroadcast(8.3334519073e-3f));
+  poly = vfma(poly, r, vbroadcast(4.1665795894e-2f));
+  poly = vfma(poly, r, vbroadcast(1.6666665459e-1f));
+  poly = vfma(poly, r, vbroadcast(5.0000001201e-1f));
+  vmask bits;
+  memcpy(&bits, &shifted, sizeof(bits));
+  n_field = bits << 23;  // the shifter's own bits leave the word
+  return vfma(poly, r * r, r);
 }
 
-// exp(x) for x in [-87, 88.72] (the callers clamp), ~1 ulp.
-RAL_VECTOR_INLINE vfloat exp_in_range(vfloat x) {
-  vfloat half_power;
-  const vfloat poly = expm1_reduced(x, half_power) + 1.f;
-  return (poly + poly) * half_power;
+// 2^(n + bias) from expm1_reduced's n_field; n + bias in [-126, 127].
+RAL_VECTOR_INLINE vfloat power_of_two(vmask n_field, int32_t bias) {
+  const vmask biased = n_field + ((127 + bias) << 23);
+  vfloat power;
+  memcpy(&power, &biased, sizeof(power));
+  return power;
 }
 }  // namespace detail
 
 // exp(x), ~1 ulp on [-87, 88.7]; below -87 gives 0 (no subnormal results), above 88.72 inf, NaN stays NaN.
 RAL_VECTOR_INLINE vfloat vexp(vfloat x) {
-  const vfloat y = vselect(x < -87.f, vfloat{}, detail::exp_in_range(vmin(vmax(x, vbroadcast(-87.f)), vbroadcast(88.72f))));
+  vmask n_field;
+  const vfloat q = detail::expm1_reduced(vmin(vmax(x, vbroadcast(-87.f)), vbroadcast(88.72f)), n_field) + 1.f;
+  // 2^n as 2 * 2^(n-1): n = 128 at the top of the range
+  const vfloat y = vselect(x < -87.f, vfloat{}, (q + q) * detail::power_of_two(n_field, -1));
   return vselect(x > 88.72f, vbroadcast(std::numeric_limits<float>::infinity()), y);
 }
 
-// vexp for x <= 0 (a score minus a maximum at least as large; -inf and NaN as vexp): one clamp and
-// one select fewer. The same bits as vexp there.
+// vexp for x <= 88 (a score minus a maximum or a log-sum-exp at least as large, with room for
+// rounding; -inf and NaN as vexp; lanes above 88 come out wrong and must be selected away by the
+// caller, as masked keys are): n <= 127, so 2^n is formed directly, with one clamp and one select
+// fewer. The same bits as vexp on [-87 + 2^-6, 88].
 RAL_VECTOR_INLINE vfloat vexp_nonpositive(vfloat x) {
-  return vselect(x < -87.f, vfloat{}, detail::exp_in_range(vmax(x, vbroadcast(-87.f))));
+  vmask n_field;
+  const vfloat q = detail::expm1_reduced(vmax(x, vbroadcast(-87.f)), n_field) + 1.f;
+  return vselect(x < -87.f, vfloat{}, q * detail::power_of_two(n_field, 0));
 }
 
 // log(x), ~1 ulp for normal x; 0 and subnormals give -inf, negatives NaN, inf inf, NaN NaN.
@@ -153,9 +220,9 @@ RAL_VECTOR_INLINE vfloat vlog(vfloat x) {
 // exp(x) - 1 for x <= 0 (NaN stays NaN), with relative accuracy near 0: 2^n (exp(r) - 1) + (2^n - 1)
 // from vexp's reduction, which is exp(r) - 1 itself for |x| <= ln 2 / 2 (n = 0); below -87, -1.
 RAL_VECTOR_INLINE vfloat vexpm1_nonpositive(vfloat x) {
-  vfloat half_power;
-  const vfloat q = detail::expm1_reduced(vmax(x, vbroadcast(-87.f)), half_power);
-  const vfloat power = half_power + half_power;
+  vmask n_field;
+  const vfloat q = detail::expm1_reduced(vmax(x, vbroadcast(-87.f)), n_field);
+  const vfloat power = detail::power_of_two(n_field, 0);
   return vselect(x < -87.f, vbroadcast(-1.f), q * power + (power - 1.f));
 }
 

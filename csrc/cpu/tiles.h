@@ -197,10 +197,20 @@ inline void load_tile(const View& v, int32_t dtype, int64_t b, int64_t h, int64_
   }
 }
 
-// The transpose of load_tile's result: dst[d * ld + r] (ld >= rows), from the packed rows `tile`.
+// The transpose of load_tile's result: dst[d * ld + r] (ld >= rows), from the packed rows `tile`;
+// kLanes x kLanes blocks through registers (transpose_block), the rows past a multiple of kLanes
+// one element at a time.
 inline void transpose_tile(const float* tile, int64_t rows, int64_t dim_padded, float* dst, int64_t ld) {
+  const int64_t block_rows = rows - rows % kLanes;
+  vfloat block[kLanes];
+  for (int64_t r = 0; r < block_rows; r += kLanes)
+    for (int64_t d = 0; d < dim_padded; d += kLanes) {
+      for (int i = 0; i < kLanes; ++i) block[i] = vload(tile + (r + i) * dim_padded + d);
+      transpose_block(block);
+      for (int i = 0; i < kLanes; ++i) vstore(dst + (d + i) * ld + r, block[i]);
+    }
   for (int64_t d = 0; d < dim_padded; ++d)
-    for (int64_t r = 0; r < rows; ++r) dst[d * ld + r] = tile[r * dim_padded + d];
+    for (int64_t r = block_rows; r < rows; ++r) dst[d * ld + r] = tile[r * dim_padded + d];
 }
 
 // ---- query and key blocks --------------------------------------------------------------------
