@@ -17,7 +17,8 @@ Modes: ``fwd`` (forward, no autograd graph), ``bwd`` (backward only, after a for
 measurement), ``full`` (forward + backward).
 
 Memory: CPU = resident-set peak (VmHWM, reset through /proc/self/clear_refs) above the resident
-set once the inputs exist; run each point in a fresh process (bench_memory.py does). GPU =
+set once the inputs exist; run each point in a fresh process (bench_memory.py does, with glibc's
+mmap threshold fixed there: fixed_mmap_threshold). GPU =
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` above
 ``memory_allocated`` once the inputs exist. Both include the outputs and the gradients.
 """
@@ -255,6 +256,20 @@ def _malloc_trim() -> None:
     """Give freed heap pages back to the OS (glibc) so they are not reused invisibly to RSS."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Serve every allocation of `nbytes` or more (glibc) by its own mmap, returned to the OS when
+    freed. glibc's default threshold moves up to the size of the last large block freed, after
+    which same-sized tensors come from the heap and stay resident once freed; the resident-set
+    peak of one call then depended on what earlier calls had left (the same ral-cpu point at
+    S=4096 measured 69.0-79.0 MiB over nine fresh processes, 69.4-71.0 MiB with this). Call it in a
+    process that only measures memory: timing after it pays fresh pages on every large
+    allocation."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -651,6 +666,8 @@ def worker(conn, provider: str, mode: str, seq: int, cfg_dict: dict, opts: dict)
     try:
         if opts.get("threads"):
             torch.set_num_threads(int(opts["threads"]))
+        if not cfg_dict.get("device", "cpu").startswith("cuda"):
+            fixed_mmap_threshold()
         res = measure_peak(provider, mode, seq, Config(**cfg_dict))
     except BaseException as err:  # noqa: BLE001
         res = dict(status="error", peak_bytes=None, time_s=None, times=[], note=f"{type(err).__name__}: {err}")

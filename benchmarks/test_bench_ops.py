@@ -143,3 +143,34 @@ def test_cuda_device_without_gpu_is_a_clear_exit():
     with pytest.raises(SystemExit, match="sees no CUDA device"):
         P.pick_device("cuda")
     assert P.pick_device("auto") == "cpu"
+
+
+_RSS_AFTER_FREE = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import providers as P
+if sys.argv[2] == "fixed":
+    P.fixed_mmap_threshold()
+def rss():
+    return P._status_kib("VmRSS") * 1024
+def touch_and_free(nbytes):
+    t = torch.empty(nbytes // 4, dtype=torch.float32)
+    t.fill_(1.0)
+    del t
+touch_and_free(16 << 20)   # glibc's default: freeing this raises the mmap threshold to 16 MiB
+before = rss()
+touch_and_free(8 << 20)    # ... so this one would come from the heap and stay resident
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or P._status_kib("VmRSS") is None
+                    or "glibc" not in " ".join(__import__("platform").libc_ver()),
+                    reason="glibc on Linux only (mallopt, /proc/self/status)")
+def test_fixed_mmap_threshold_returns_freed_tensors_to_the_os():
+    """The memory workers' allocator setting: a freed 8 MiB tensor leaves nothing resident, so that
+    a point's resident-set peak does not depend on what earlier calls left on the heap."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, HERE, "fixed"], capture_output=True,
+                         text=True, check=True).stdout
+    assert int(out.strip()) < (1 << 20), out
