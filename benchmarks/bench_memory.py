@@ -363,7 +363,9 @@ def main(argv=None):
         load_average_start=load_start, load_average_end=P.load_average(), wall_s=round(wall, 1),
         ral_backends_available=P.ral.backends.available(), memory_meter=None if args.metric == "speed" else (
             "torch.cuda.max_memory_allocated above the inputs" if gpu else
-            "VmHWM (reset via /proc/self/clear_refs) above VmRSS once the inputs exist, fresh process per point"),
+            "VmHWM (reset via /proc/self/clear_refs) above VmRSS once the inputs exist, "
+            + ("fresh process per point, glibc's mmap threshold fixed at 1 MiB there (providers.fixed_mmap_threshold)"
+               if run_opts["isolate"] == "process" else "in this process")),
         timer="CUDA events" if gpu else "time.perf_counter",
         flop_count=("FlashAttention's: 4*B*H*S*S*D fwd, x2.5 bwd, halved causal (tflops_attn); tflops_total "
                     "adds the divergence's score products for ral (providers.divergence_flops)"),
