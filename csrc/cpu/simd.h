@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "common/math.h"
 
@@ -41,59 +42,72 @@ inline vfloat vmin(vfloat a, vfloat b) { return a > b ? b : a; }
 inline vfloat vmax_nan(vfloat a, vfloat b) { return b != b ? b : vmax(a, b); }
 
 namespace detail {
-// v with each lane i exchanged for lane i ^ kWidth (kWidth a power of two below kLanes).
-template <int kWidth>
-inline vfloat exchange_lanes(vfloat v) {
-  vmask index;
-  for (int i = 0; i < kLanes; ++i) index[i] = i ^ kWidth;
-  return __builtin_shuffle(v, index);
+// A constant two-source shuffle: lane j of the result is lane Index::at(j) of a (indices below
+// kLanes) or lane Index::at(j) - kLanes of b.
+template <class Index, int... kJ>
+inline vfloat shuffle_lanes(vfloat a, vfloat b, std::integer_sequence<int, kJ...>) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  return __builtin_shufflevector(a, b, Index::at(kJ)...);
+#else
+  const vmask index = {Index::at(kJ)...};
+  return __builtin_shuffle(a, b, index);
+#endif
 }
-// A butterfly over the lanes: every lane ends up holding combine over all of them.
-template <class Combine>
-inline float reduce_lanes(vfloat v, Combine combine) {
-  if constexpr (kLanes >= 16) v = combine(v, exchange_lanes<8>(v));
-  if constexpr (kLanes >= 8) v = combine(v, exchange_lanes<4>(v));
-  v = combine(v, exchange_lanes<2>(v));
-  v = combine(v, exchange_lanes<1>(v));
-  return v[0];
+template <class Index>
+inline vfloat shuffle_lanes(vfloat a, vfloat b) {
+  return shuffle_lanes<Index>(a, b, std::make_integer_sequence<int, kLanes>{});
 }
-// Two-source butterfly step of a kLanes x kLanes transpose: for rows a (index bit kBit clear) and b
-// (set), exchanges a's lanes with that bit set for b's lanes with it clear.
+
+// Lane j <- lane j ^ kBit.
 template <int kBit>
-inline void exchange_blocks(vfloat& a, vfloat& b) {
-  vmask low, high;  // __builtin_shuffle indices: [0, kLanes) from a, [kLanes, 2 kLanes) from b
-  for (int j = 0; j < kLanes; ++j) {
-    low[j] = (j & kBit) ? kLanes + (j ^ kBit) : j;
-    high[j] = (j & kBit) ? kLanes + j : (j ^ kBit);
-  }
-  const vfloat new_a = __builtin_shuffle(a, b, low), new_b = __builtin_shuffle(a, b, high);
-  a = new_a;
-  b = new_b;
+struct Exchange {
+  static constexpr int at(int j) { return j ^ kBit; }
+};
+// One butterfly step over lanes kBit apart, then the steps below it: every lane ends up holding
+// combine over all of them.
+template <int kBit, class Combine>
+inline vfloat reduce_lanes(vfloat v, Combine combine) {
+  v = combine(v, shuffle_lanes<Exchange<kBit>>(v, v));
+  if constexpr (kBit > 1) v = reduce_lanes<kBit / 2>(v, combine);
+  return v;
 }
+
+// A transpose step for rows a (row index bit kBit clear) and b (set): a keeps its lanes with that
+// bit clear and takes b's lanes with it clear in the others; b takes a's lanes with it set and keeps
+// its own with it set.
 template <int kBit>
-inline void butterfly_stage(vfloat* rows) {
+struct BlockLow {
+  static constexpr int at(int j) { return (j & kBit) ? kLanes + (j ^ kBit) : j; }
+};
+template <int kBit>
+struct BlockHigh {
+  static constexpr int at(int j) { return (j & kBit) ? kLanes + j : (j ^ kBit); }
+};
+// Stages kBit, kBit / 2, .. 1, each exchanging one bit of the row index with the same bit of the
+// lane index.
+template <int kBit>
+inline void transpose_stages(vfloat* rows) {
   for (int i = 0; i < kLanes; ++i)
-    if (!(i & kBit)) exchange_blocks<kBit>(rows[i], rows[i | kBit]);
+    if (!(i & kBit)) {
+      const vfloat a = rows[i], b = rows[i | kBit];
+      rows[i] = shuffle_lanes<BlockLow<kBit>>(a, b);
+      rows[i | kBit] = shuffle_lanes<BlockHigh<kBit>>(a, b);
+    }
+  if constexpr (kBit > 1) transpose_stages<kBit / 2>(rows);
 }
 }  // namespace detail
 
-// rows[i][j] <- rows[j][i]: log2(kLanes) butterfly stages, each exchanging one bit of the row index
-// with the same bit of the lane index.
-inline void transpose_block(vfloat* rows) {
-  if constexpr (kLanes >= 16) detail::butterfly_stage<8>(rows);
-  if constexpr (kLanes >= 8) detail::butterfly_stage<4>(rows);
-  detail::butterfly_stage<2>(rows);
-  detail::butterfly_stage<1>(rows);
-}
+// rows[i][j] <- rows[j][i] for kLanes rows: log2(kLanes) butterfly stages of two-source shuffles.
+inline void transpose_block(vfloat* rows) { detail::transpose_stages<kLanes / 2>(rows); }
 
 // The lane sum, as a tree (pairs kLanes / 2 apart first).
 inline float hsum(vfloat v) {
-  return detail::reduce_lanes(v, [](vfloat a, vfloat b) { return a + b; });
+  return detail::reduce_lanes<kLanes / 2>(v, [](vfloat a, vfloat b) { return a + b; })[0];
 }
 // The largest lane; NaN when any lane is NaN. Branch-free: which lane holds the maximum is data,
 // and a scalar loop's compare-and-branch mispredicted on it (benchmarks/RESULTS.md, 2026-12-06).
 inline float hmax(vfloat v) {
-  return detail::reduce_lanes(v, [](vfloat a, vfloat b) { return vmax_nan(a, b); });
+  return detail::reduce_lanes<kLanes / 2>(v, [](vfloat a, vfloat b) { return vmax_nan(a, b); })[0];
 }
 // Whether any lane is set: one test instruction where the target has one.
 inline bool any(vmask m) {
