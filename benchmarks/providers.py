@@ -252,12 +252,17 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc) so they are not reused invisibly to RSS."""
+def _glibc(call: str, *args) -> None:
+    """libc.so.6's `call`(*args) where the C library is glibc; nothing elsewhere."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL("libc.so.6"), call)(*args)
     except (OSError, AttributeError):
         pass
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc) so they are not reused invisibly to RSS."""
+    _glibc("malloc_trim", 0)
 
 
 def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
@@ -268,10 +273,7 @@ def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
     S=4096 measured 69.0-79.0 MiB over nine fresh processes, 69.4-71.0 MiB with this). Call it in a
     process that only measures memory: timing after it pays fresh pages on every large
     allocation."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", -3, int(nbytes))  # M_MMAP_THRESHOLD
 
 
 class RssMeter:

@@ -8,6 +8,7 @@ The shape is small on purpose (CI); the real sweeps are bench_memory.py and benc
 """
 
 import os
+import platform
 import sys
 
 import pytest
@@ -164,8 +165,7 @@ print(rss() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or P._status_kib("VmRSS") is None
-                    or "glibc" not in " ".join(__import__("platform").libc_ver()),
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or P._status_kib("VmRSS") is None,
                     reason="glibc on Linux only (mallopt, /proc/self/status)")
 def test_fixed_mmap_threshold_returns_freed_tensors_to_the_os():
     """The memory workers' allocator setting: a freed 8 MiB tensor leaves nothing resident, so that
