@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (Problem, SelfPeakedProblem, cast, check, check_nan_stays_in_its_row,  # noqa: E402
+from oracle import (Problem, SelfPeakedProblem, cast, check, check_nan_stays_in_its_row, check_near_reference,  # noqa: E402
                     check_peaky_self_attention, check_stats, option_grid, option_id, run, stats_upstream, upstream)
 
 import ral  # noqa: E402
@@ -205,6 +205,11 @@ def test_peaky_self_attention(divergence, heads):
     """The CUDA kernels' peaky problem; reverse_kl's g = -rho/pi, which overflows where pi underflows,
     only enters as products formed in log space (it gave NaN gradients before)."""
     check_peaky_self_attention("cpu", divergence, heads, q_len=90)
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_jsd_near_reference(heads):
+    check_near_reference("cpu", heads)
 
 
 def _lanes_by_route(kw: dict, tile: int = 64, floor: float = 2.0 ** -80) -> tuple:

@@ -8,7 +8,8 @@ import torch
 
 from oracle import (STATS_NAMES, PackedProblem, Problem, cast, check, check_nan_stays_in_its_row, check_packed,
                     option_grid, option_id)
-from oracle import check_attention_stats, check_dead_rows_give_zero, check_peaky_self_attention, check_stats
+from oracle import (check_attention_stats, check_dead_rows_give_zero, check_near_reference, check_peaky_self_attention,
+                    check_stats)
 
 import ral
 from ral import backends
@@ -139,6 +140,12 @@ def test_auto_routes_float32_elsewhere():
 @pytest.mark.parametrize("divergence", ["jsd", "kl", "reverse_kl"])
 def test_peaky_self_attention(divergence, heads):
     check_peaky_self_attention("cuda", divergence, heads, q_len=90, device="cuda")
+
+
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.float16), ("cuda", torch.bfloat16), ("triton", torch.float32)])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_jsd_near_reference(backend, dtype, heads):
+    check_near_reference(backend, heads, dtype, device="cuda", q_len=200)
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])

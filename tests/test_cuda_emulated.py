@@ -36,7 +36,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (Problem, cast, check, check_nan_stays_in_its_row, check_peaky_self_attention,  # noqa: E402
+from oracle import (Problem, cast, check, check_nan_stays_in_its_row, check_near_reference, check_peaky_self_attention,  # noqa: E402
                     option_grid, option_id, upstream, run)
 
 import ral  # noqa: E402
@@ -293,6 +293,11 @@ def test_nan_stays_in_its_row(emu, heads):
 @pytest.mark.parametrize("divergence", ["jsd", "reverse_kl"])
 def test_peaky_self_attention(emu, divergence, heads):
     check_peaky_self_attention("cuda", divergence, heads, q_len=70)
+
+
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_jsd_near_reference(emu, heads):
+    check_near_reference("cuda", heads, F16)
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])

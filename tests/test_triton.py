@@ -22,7 +22,7 @@ import types
 import pytest
 import torch
 
-from oracle import Problem, cast, check, check_stats, option_grid, option_id
+from oracle import Problem, cast, check, check_near_reference, check_stats, option_grid, option_id
 
 triton = pytest.importorskip("triton")
 
@@ -134,6 +134,12 @@ def test_peaky_self_attention_log_space():
     torch.testing.assert_close(res.div.double(), want.div, rtol=1e-4, atol=1e-6)
     finite = torch.isfinite(want.stats)
     torch.testing.assert_close(res.stats.double()[finite], want.stats[finite], rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_jsd_near_reference(heads):
+    check_near_reference("triton", heads, q_len=40)
 
 
 @compiled
