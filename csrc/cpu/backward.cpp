@@ -199,15 +199,9 @@ class Backward : UnitSweep {
   void tile(const QueryBlock& qb) {
     const bool full = tile_is_full(p_, qb, kb_);
     const int64_t plane = head_plane(bm_);
-    for (int64_t h = 0; h < p_.kv_heads; ++h) {
-      float* k = k_ + h * kBlockN * geo_.dp;
-      load_tile(p_.k, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.head_dim, 1.f, k, geo_.dp);
-      transpose_tile(k, kBlockN, geo_.dp, k_t_ + h * geo_.dp * kBlockN, kBlockN);
-      if (p_.has_v) {
-        load_tile(p_.v, p_.dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.v_head_dim, 1.f, rows_tmp_, geo_.dvp);
-        transpose_tile(rows_tmp_, kBlockN, geo_.dvp, v_t_ + h * geo_.dvp * kBlockN, kBlockN);
-      }
-    }
+    load_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_, kBlockN * geo_.dp, k_t_);
+    if (p_.has_v)
+      load_transposed(p_.v, p_.dtype, p_.kv_heads, p_.v_head_dim, geo_.dvp, qb, kb_, rows_tmp_, 0, v_t_);
     for (int64_t h = 0; h < heads_; ++h) {
       const int64_t kv = h / geo_.group;
       gemm<false>(s_ + h * plane, kBlockN, {q_ + h * bm_ * geo_.dp, geo_.dp, 1}, k_t_ + kv * geo_.dp * kBlockN,
@@ -219,11 +213,8 @@ class Backward : UnitSweep {
         std::fill(ds_ + h * plane, ds_ + h * plane + qb.rows * kBlockN, 0.f);
     }
     if (need_ref_) {
-      for (int64_t h = 0; h < p_.ref_kv_heads; ++h) {
-        load_tile(p_.k_ref, p_.ref_dtype, qb.b, h, kb_.abs, kBlockN, kb_.count, p_.ref_head_dim, 1.f, rows_tmp_,
-                  geo_.drp);
-        transpose_tile(rows_tmp_, kBlockN, geo_.drp, k_ref_t_ + h * geo_.drp * kBlockN, kBlockN);
-      }
+      load_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, rows_tmp_, 0,
+                      k_ref_t_);
       for (int64_t h = 0; h < ref_heads_; ++h)
         gemm<false>(s_ref_ + h * plane, kBlockN, {q_ref_ + h * bm_ * geo_.drp, geo_.drp, 1},
                     k_ref_t_ + (h / geo_.ref_group) * geo_.drp * kBlockN, kBlockN, qb.rows, kBlockN,

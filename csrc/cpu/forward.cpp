@@ -243,12 +243,13 @@ class Forward : UnitSweep {
   };
   void load_policy_keys(const QueryBlock& qb) {
     if (k_t_tile_.holds(qb, kb_)) return;
-    load_keys_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_t_);
+    load_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_rows_, 0, k_t_);
     k_t_tile_.set(qb, kb_);
   }
   void load_reference_keys(const QueryBlock& qb) {
     if (k_ref_t_tile_.holds(qb, kb_)) return;
-    load_keys_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_ref_t_);
+    load_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, k_rows_, 0,
+                    k_ref_t_);
     k_ref_t_tile_.set(qb, kb_);
   }
 
@@ -278,15 +279,6 @@ class Forward : UnitSweep {
     for (int64_t h = 0; h < ref_heads_; ++h)
       load_tile(p_.q_ref, p_.ref_dtype, qb.b, h, qb.start, bm_, qb.rows, p_.ref_head_dim, p_.ref_scale,
                 q_ref_ + h * bm_ * geo_.drp, geo_.drp);
-  }
-
-  // K^T (dim_padded x kBlockN) of every kv head of a model, for the key block.
-  void load_keys_transposed(const View& k, int32_t dtype, int64_t kv_heads, int64_t dim, int64_t dim_padded,
-                            const QueryBlock& qb, const KeyBlock& kb, float* dst) {
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      load_tile(k, dtype, qb.b, h, kb.abs, kBlockN, kb.count, dim, 1.f, k_rows_, dim_padded);
-      transpose_tile(k_rows_, kBlockN, dim_padded, dst + h * dim_padded * kBlockN, kBlockN);
-    }
   }
 
   // scores (heads x BM x kBlockN) = Q K^T for the block's rows (scale folded into Q).

@@ -275,6 +275,19 @@ struct KeyBlock {
   }
 };
 
+// The key block of every head of a (B, heads, S, dim) view, transposed: dst + h * dim_padded *
+// kBlockN holds head h's K^T (dim_padded x kBlockN). Head h's rows (kBlockN x dim_padded, zero past
+// the block's keys and past dim) go through rows + h * rows_step: a step of 0 reuses one scratch
+// tile, kBlockN * dim_padded keeps every head's rows (the backward's dQ = dS K reads them).
+inline void load_transposed(const View& x, int32_t dtype, int64_t heads, int64_t dim, int64_t dim_padded,
+                            const QueryBlock& qb, const KeyBlock& kb, float* rows, int64_t rows_step, float* dst) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* head_rows = rows + h * rows_step;
+    load_tile(x, dtype, qb.b, h, kb.abs, kBlockN, kb.count, dim, 1.f, head_rows, dim_padded);
+    transpose_tile(head_rows, kBlockN, dim_padded, dst + h * dim_padded * kBlockN, kBlockN);
+  }
+}
+
 // What the forward and the backward worker share: the call, its geometry, the query rows per
 // work item, the head counts of both models, the statistics columns, and the key tile in hand.
 struct UnitSweep {
