@@ -4,6 +4,8 @@ Environment:
   RAL_SKIP_CUDA_BUILD=1   never build the CUDA kernels
   RAL_CUDA_ARCHS="80;90a" target architectures (PTX of the lowest is embedded too)
   RAL_CPU_ARCH=native     value of -march for the CPU kernels ("" to leave it out)
+  RAL_CPU_LANES=8         floats per vector in the CPU kernels (4, 8 or 16; default: the widest the
+                          target has, csrc/cpu/simd.h), e.g. 8 for the AVX2 code path on an AVX-512 CPU
   RAL_BUILD_JOBS=N        parallel compile jobs (default: number of CPUs)
 
 No libtorch: the module needs only pybind11 and the C++/CUDA toolchains, so one build serves
@@ -97,7 +99,12 @@ class BuildExt(build_ext):
 
 
 cpu_arch = os.environ.get("RAL_CPU_ARCH", "native")
+cpu_lanes = os.environ.get("RAL_CPU_LANES", "")
+if cpu_lanes not in ("", "4", "8", "16"):
+    raise SystemExit(f"RAL_CPU_LANES must be 4, 8 or 16 (or unset), got {cpu_lanes!r}")
 cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + ([f"-march={cpu_arch}"] if cpu_arch else [])
+if cpu_lanes:
+    cxx_flags += [f"-DRAL_CPU_LANES={cpu_lanes}", "-Wno-psabi"]
 
 ParallelCompile(default=JOBS).install()
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import ral.backends
 import ral.ops
+from ral.backends import compiled
 
 MODES = ("fwd", "bwd", "full")
 GIB = 1024 ** 3
@@ -604,7 +605,9 @@ def device_description(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
-    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    lanes = getattr(compiled._C, "cpu_lanes", None)  # 16 AVX-512, 8 AVX / AVX2, 4 SSE (csrc/cpu/simd.h)
+    width = f", ral-cpu vectors of {lanes} floats" if lanes else ""
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}{width}"
 
 
 def load_average() -> Optional[list]:

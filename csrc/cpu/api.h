@@ -15,5 +15,7 @@ int64_t forward_scratch_bytes(const AttentionKLParams& p);
 int64_t backward_scratch_bytes(const AttentionKLParams& p);
 // Accumulates dq, dk (and dv) in fp32 into the zero-filled buffers of p.
 void backward(const AttentionKLParams& p);
+// Floats per vector register the kernels were built for (simd.h): 16 AVX-512, 8 AVX2, 4 SSE.
+int vector_lanes();
 
 }  // namespace ral::cpu

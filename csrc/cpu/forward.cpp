@@ -811,6 +811,8 @@ class Forward : UnitSweep {
 
 }  // namespace
 
+int vector_lanes() { return kLanes; }
+
 int64_t forward_scratch_bytes(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/false);
   const Geometry geo(p);

@@ -15,13 +15,22 @@
 
 namespace ral::cpu {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
+// Floats per vector: the target's widest (16 with AVX-512, 8 with AVX, 4 otherwise), or RAL_CPU_LANES
+// (4, 8 or 16) on any target. The intrinsics below are used where the target has them at this width
+// and portable code stands in elsewhere, so a forced width builds anywhere: 8 on an AVX-512 machine
+// is the AVX2 code path, and 16 on an AVX2 machine runs AVX-512's lane logic (GCC lowers each vector
+// to two), which is how tests/test_cpu_lanes.py checks every width on one host.
+#if defined(RAL_CPU_LANES)
+#define RAL_LANES RAL_CPU_LANES
+#elif defined(__AVX512F__)
+#define RAL_LANES 16
 #elif defined(__AVX__)
-constexpr int kLanes = 8;
+#define RAL_LANES 8
 #else
-constexpr int kLanes = 4;
+#define RAL_LANES 4
 #endif
+static_assert(RAL_LANES == 4 || RAL_LANES == 8 || RAL_LANES == 16, "RAL_CPU_LANES must be 4, 8 or 16");
+constexpr int kLanes = RAL_LANES;
 
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vmask __attribute__((vector_size(kLanes * sizeof(int32_t))));  // lanes: 0 or -1
@@ -111,11 +120,11 @@ inline float hmax(vfloat v) {
 }
 // Whether any lane is set: one test instruction where the target has one.
 inline bool any(vmask m) {
-#if defined(__AVX512F__)
+#if RAL_LANES == 16 && defined(__AVX512F__)
   return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(m), reinterpret_cast<__m512i>(m)) != 0;
-#elif defined(__AVX__)
+#elif RAL_LANES == 8 && defined(__AVX__)
   return !_mm256_testz_si256(reinterpret_cast<__m256i>(m), reinterpret_cast<__m256i>(m));
-#elif defined(__SSE4_1__)
+#elif RAL_LANES == 4 && defined(__SSE4_1__)
   return !_mm_testz_si128(reinterpret_cast<__m128i>(m), reinterpret_cast<__m128i>(m));
 #else
   for (int i = 0; i < kLanes; ++i)
@@ -133,12 +142,16 @@ inline vmask iota() {
 // so every instance of it forms the same bits: left to the compiler, contraction is a heuristic
 // per loop (GCC's Zen tunings keep some accumulation chains as separate multiply and add).
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
-#if defined(__AVX512F__)
+#if RAL_LANES == 16 && defined(__AVX512F__)
   return _mm512_fmadd_ps(a, b, c);
-#elif defined(__FMA__) && defined(__AVX__)
+#elif RAL_LANES == 8 && defined(__FMA__)
   return _mm256_fmadd_ps(a, b, c);
-#elif defined(__FMA__)
+#elif RAL_LANES == 4 && defined(__FMA__)
   return _mm_fmadd_ps(a, b, c);
+#elif defined(__FMA__)  // 16 lanes without AVX-512: fused lane by lane, still one rounding
+  vfloat r;
+  for (int i = 0; i < kLanes; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return r;
 #else
   return a * b + c;
 #endif

@@ -14,30 +14,23 @@ cache entry) for tests/cuda_emu/memcheck.py, which runs it with libasan preloade
 
 from __future__ import annotations
 
-import fcntl
 import glob
-import hashlib
-import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+import native_build  # noqa: E402  (tests/native_build.py)
+from native_build import Unavailable  # noqa: E402,F401  (the callers' exception)
+
 # RAL_EMU_CSRC: build another copy of csrc (e.g. a mutated one, to check that the tests catch it)
 CSRC = os.environ.get("RAL_EMU_CSRC") or os.path.join(ROOT, "csrc")
 MODULE = "_ral_cuda_emu"
-
-
-class Unavailable(RuntimeError):
-    """The emulated build cannot run here (no g++, no CUDA headers, no pybind11)."""
 
 
 def cuda_include() -> Optional[str]:
@@ -89,94 +82,34 @@ def build(verbose: bool = False, opt: str = "-O2"):
     san = sanitize_flags()
     if san:
         opt = "-O1"
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise Unavailable(f"no C++ compiler ({cxx})")
     inc = cuda_include()
     if inc is None:
         raise Unavailable("no CUDA headers (cuda_fp16.h, cuda_bf16.h, cuda_runtime.h) found")
-    try:
-        import pybind11
-    except ImportError as err:
-        raise Unavailable(f"pybind11 is not installed ({err})")
     cu, cpp, deps = _sources()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h = hashlib.sha256()
-    for part in (version, opt, " ".join(san), sys.version, inc, pybind11.__version__):
-        h.update(part.encode())
-    for d in deps:
-        h.update(d.encode())
-        with open(d, "rb") as f:
-            h.update(f.read())
-    out_dir = os.path.join(ROOT, "build", "cuda_emu", h.hexdigest()[:16])
-    target = os.path.join(out_dir, MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
-    if os.path.exists(target):
-        return target
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    with open(os.path.join(os.path.dirname(out_dir), ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (parallel test workers)
-        if os.path.exists(target):
-            return target
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir))
-        try:
-            _compile(cxx, inc, pybind11.get_include(), cu, cpp, tmp, os.path.basename(target), verbose, opt, san)
-            os.replace(tmp, out_dir) if not os.path.exists(out_dir) else shutil.rmtree(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _prune(os.path.dirname(out_dir), keep=4)
-    return target
 
+    def jobs(tmp):
+        cxx = native_build.compiler()
+        common = [*native_build.python_flags(CSRC), opt, *san, "-I", inc, "-DRAL_WITH_CUDA", "-DRAL_CUDA_EMULATE"]
+        emu = ["-include", os.path.join(HERE, "cuda_emu.h"), "-I", HERE]
+        out = []
+        for src in cu:
+            rewritten = os.path.join(tmp, os.path.basename(src) + ".cpp")
+            with open(src) as f, open(rewritten, "w") as g:
+                g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
+            out.append([cxx, *common, *emu, "-x", "c++", "-c", rewritten])
+        for src in cpp:
+            out.append([cxx, *common, f"-DRAL_MODULE_NAME={MODULE}", "-c", src])
+        out.append([cxx, *common, *emu, "-c", os.path.join(HERE, "cuda_emu.cpp")])
+        return out
 
-def _prune(cache: str, keep: int) -> None:
-    """Drop all but the `keep` newest builds (one per source state) from the cache."""
-    dirs = sorted((d for d in glob.glob(os.path.join(cache, "*")) if os.path.isdir(d) and not
-                   os.path.basename(d).startswith("tmp")), key=os.path.getmtime, reverse=True)
-    for d in dirs[keep:]:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _compile(cxx, inc, pyinc, cu, cpp, tmp, target_name, verbose, opt, san=()):
-    common = ["-std=c++17", opt, *san, "-fPIC", "-fvisibility=hidden", "-I", CSRC, "-I", inc,
-              "-I", pyinc, "-I", sysconfig.get_paths()["include"], "-DRAL_WITH_CUDA", "-DRAL_CUDA_EMULATE"]
-    emu = ["-include", os.path.join(HERE, "cuda_emu.h"), "-I", HERE]
-    jobs = []
-    for src in cu:
-        rewritten = os.path.join(tmp, os.path.basename(src) + ".cpp")
-        with open(src) as f, open(rewritten, "w") as g:
-            g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
-        jobs.append([cxx, *common, *emu, "-x", "c++", "-c", rewritten])
-    for src in cpp:
-        jobs.append([cxx, *common, f"-DRAL_MODULE_NAME={MODULE}", "-c", src])
-    jobs.append([cxx, *common, *emu, "-c", os.path.join(HERE, "cuda_emu.cpp")])
-    objs = []
-    for i, job in enumerate(jobs):
-        obj = os.path.join(tmp, f"{i}_{os.path.basename(job[-1])}.o")
-        job += ["-o", obj]
-        objs.append(obj)
-
-    def run(cmd):
-        t0 = time.time()
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"cuda_emu build failed: {' '.join(cmd)}\n{done.stdout[-20000:]}")
-        if verbose:
-            print(f"{time.time() - t0:6.1f}s {os.path.basename(cmd[-3])}", flush=True)
-
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        list(pool.map(run, jobs))
-    run([cxx, "-shared", *san, "-o", os.path.join(tmp, target_name), *objs, "-pthread"])
+    return native_build.cached_module(MODULE, "cuda_emu", deps, (opt, " ".join(san), inc), jobs, san, verbose)
 
 
 def load(path: Optional[str] = None):
     """Import the built module (once per process)."""
     if MODULE in sys.modules:
         return sys.modules[MODULE]
-    path = path or build()
-    spec = importlib.util.spec_from_file_location(MODULE, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules[MODULE] = mod
-    return mod
+    return native_build.load(MODULE, path or build())
 
 
 if __name__ == "__main__":
