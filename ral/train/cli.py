@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -222,11 +222,11 @@ def _smooth(values, window):
     return out
 
 
-def summarize(runs: List[str], metrics: List[str], tail: int = 10) -> dict:
-    """Per method: per-run curves, and across runs the mean of each metric over the last ``tail`` steps."""
+def summarize(runs: List[Tuple[str, List[dict]]], metrics: List[str], tail: int = 10) -> dict:
+    """Per method: per-run curves, and across runs the mean of each metric over the last ``tail`` steps.
+    ``runs``: (run directory, its metrics.jsonl rows) pairs (``_read_metrics``)."""
     by_method: dict = {}
-    for run in runs:
-        rows = _read_metrics(run)
+    for run, rows in runs:
         curves = {m: [[r["step"], r[m]] for r in rows if m in r] for m in metrics}
         start = _sft_eval(run)           # the SFT checkpoint's greedy eval = step 0 of eval_* curves
         for m in metrics:
@@ -253,14 +253,14 @@ def summarize(runs: List[str], metrics: List[str], tail: int = 10) -> dict:
     return {"methods": summary, "per_run": by_method, "tail_steps": tail}
 
 
-def _attention_metrics(runs: List[str], spec: str) -> List[str]:
+def _attention_metrics(runs: List[Tuple[str, List[dict]]], spec: str) -> List[str]:
     """The metrics of the attention-statistics figure: ``spec`` split on commas, or for "auto"
     ``ral/attn_entropy`` and every ``ral/attn_mass/<segment>`` that some run logged."""
     if spec != "auto":
         return [m for m in spec.split(",") if m]
     keys = set()
-    for run in runs:
-        for row in _read_metrics(run):
+    for _, rows in runs:
+        for row in rows:
             keys.update(k for k in row if k == "ral/attn_entropy" or k.startswith("ral/attn_mass/"))
     return sorted(keys, key=lambda k: (k != "ral/attn_entropy", k))
 
@@ -297,12 +297,13 @@ def _plot(result: dict, metrics: List[str], path: str, smooth: int) -> None:
 
 def cmd_compare(args) -> int:
     metrics = [m for m in args.metrics.split(",") if m]
-    result = summarize(args.runs, metrics)
+    runs = [(run, _read_metrics(run)) for run in args.runs]  # each metrics.jsonl read once
+    result = summarize(runs, metrics)
     _plot(result, metrics, args.out, args.smooth)
     written = [args.out]
-    attn_metrics = _attention_metrics(args.runs, args.attn_metrics)
+    attn_metrics = _attention_metrics(runs, args.attn_metrics)
     if attn_metrics:            # the attention statistics: a second figure, and "attention" in the JSON
-        result["attention"] = summarize(args.runs, attn_metrics)
+        result["attention"] = summarize(runs, attn_metrics)
         attn_png = os.path.splitext(args.out)[0] + "-attention.png"
         _plot(result["attention"], attn_metrics, attn_png, args.smooth)
         written.append(attn_png)
