@@ -68,7 +68,7 @@ student's LM head weight directly and is not supported there.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -305,23 +305,22 @@ class RALGRPOTrainer(GRPOTrainer):
         rl_weight = self.distill.lambda_rl if self.distill is not None else 1.0
         if rl_weight != 1.0:
             loss = loss * rl_weight
-        metrics = self._metrics[mode]
-        stats_loss = self._log_statistics(cmp, mask, inputs, mode) if self._stats else None
+        logged = _StepMetrics(mask)
+        stats_loss = self._log_statistics(cmp, mask, inputs, mode, logged) if self._stats else None
         if stats_loss is not None:
             loss = loss + stats_loss
         if self._self_reference or self._teacher_attn:
             div = cmp.div[:, -n_completion:]
-            div_mean = self._global_masked_mean(div.detach(), mask)
             if self._self_reference:
                 advantages = inputs["advantages"]
                 advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
                 attn_loss = aggregate_like_trl(self, advantages * div, mask, inputs, mode)
                 loss = loss + self.lambda_attn * attn_loss
-                metrics["ral/attn_div"].append(div_mean)
-                metrics["ral/attn_loss"].append(self.accelerator.gather(attn_loss.detach()).mean().item())
+                logged.token_means(["ral/attn_div"], div.detach()[..., None])
+                logged.process_mean("ral/attn_loss", attn_loss)
             else:
                 loss = loss + self.distill.gamma_attn * aggregate_like_trl(self, div, mask, inputs, mode)
-                metrics["ral/teacher_attn_jsd"].append(div_mean)
+                logged.token_means(["ral/teacher_attn_jsd"], div.detach()[..., None])
         if self._teacher_tokens:
             h_s = captured["hidden"][:, -n_completion - 1:-1]
             rows = mask.bool()
@@ -333,36 +332,60 @@ class RALGRPOTrainer(GRPOTrainer):
                                     temperature=self.distill.temperature, chunk_size=self.distill.chunk_size)
             per_token = torch.zeros(rows.shape, dtype=kl.dtype, device=kl.device).masked_scatter(rows, kl)
             loss = loss + self.distill.mu * aggregate_like_trl(self, per_token, mask, inputs, mode)
-            metrics["ral/token_kl"].append(self._global_masked_mean(per_token.detach(), mask))
+            logged.token_means(["ral/token_kl"], per_token.detach()[..., None])
+        logged.log(self.accelerator, self._metrics[mode])
         return loss
 
-    def _log_statistics(self, cmp, mask: Tensor, inputs: dict, mode: str) -> Tensor:
-        """Log ``ral/attn_entropy`` and ``ral/attn_mass/<segment>`` (token means over ``mask``, one
-        reduction over processes) from the loss forward's ``Comparison``; return the statistics
-        loss (0 when its coefficients are)."""
+    def _log_statistics(self, cmp, mask: Tensor, inputs: dict, mode: str, logged: "_StepMetrics") -> Tensor:
+        """Log ``ral/attn_entropy`` and ``ral/attn_mass/<segment>`` (token means over ``mask``) from the
+        loss forward's ``Comparison`` into ``logged``; return the statistics loss (None when its
+        coefficients are 0)."""
         n_completion = mask.shape[1]
         names, columns = cmp.statistics_columns()
-        metrics = self._metrics[mode]
-        for name, value in zip(names, self._global_masked_means(columns[:, -n_completion:].detach(), mask)):
-            metrics[name].append(value)
+        logged.token_means(names, columns[:, -n_completion:].detach())
         if not self._stats_loss:
             return None
         mass = columns[..., 1:] if len(names) > 1 else None
         per_token = attention_stats_token_loss(columns[..., 0], mass, n_completion, entropy_coef=self.attn_entropy_coef,
                                                mass_coef=self.attn_mass_coef, segments=self._mass_segments)
         stats_loss = aggregate_like_trl(self, per_token, mask, inputs, mode)
-        metrics["ral/attn_stats_loss"].append(self.accelerator.gather(stats_loss.detach()).mean().item())
+        logged.process_mean("ral/attn_stats_loss", stats_loss)
         return stats_loss
 
-    def _global_masked_means(self, x: Tensor, mask: Tensor) -> list:
-        """Token means over ``mask`` (B, T) of x (B, T, K), summed over processes: K floats."""
-        mask = mask.to(x.dtype)
-        sums = torch.cat([(x * mask[..., None]).sum((0, 1)), mask.sum()[None]])
-        totals = self.accelerator.reduce(sums, reduction="sum")
-        return (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
 
-    def _global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
-        return self._global_masked_means(x[..., None], mask)[0]
+class _StepMetrics:
+    """What one loss call logs, summed over processes in a single reduction: token means over ``mask``
+    (B, T) (sum over every process's tokens / their count) and per-process means of scalars (as
+    ``accelerator.gather(x).mean()``)."""
+
+    def __init__(self, mask: Tensor):
+        self._mask = mask.float()
+        self._token = []     # (names, (K,) masked sums)
+        self._scalar = []    # (name, (1,) value)
+
+    def token_means(self, names: List[str], x: Tensor) -> None:
+        """x (B, T, K): column k logged as names[k]."""
+        self._token.append((list(names), (x.float() * self._mask[..., None]).sum((0, 1))))
+
+    def process_mean(self, name: str, value: Tensor) -> None:
+        self._scalar.append((name, value.detach().float().reshape(1)))
+
+    def log(self, accelerator, metrics) -> None:
+        """One reduce over processes, then each value appended to metrics[name]."""
+        if not (self._token or self._scalar):
+            return
+        ones = self._mask.new_ones(1)
+        parts = [s for _, s in self._token] + [v for _, v in self._scalar] + [self._mask.sum()[None], ones]
+        totals = accelerator.reduce(torch.cat(parts), reduction="sum").tolist()
+        tokens, processes = max(totals[-2], 1.0), totals[-1]
+        at = 0
+        for names, _ in self._token:
+            for name in names:
+                metrics[name].append(totals[at] / tokens)
+                at += 1
+        for name, _ in self._scalar:
+            metrics[name].append(totals[at] / processes)
+            at += 1
 
 
 @contextlib.contextmanager
