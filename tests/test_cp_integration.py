@@ -35,9 +35,9 @@ VOCAB = 64
 NAMES = ("prompt", "response")
 
 
-def _model(dtype):
+def _model(dtype, layers=1):
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return transformers.Qwen2ForCausalLM(cfg).to(dtype)
 
@@ -224,3 +224,26 @@ def test_cp_refuses_bad_calls_on_one_rank(one_rank):
     with pytest.raises(ValueError, match="reference: recorded on a padded batch, the model call is a packed row"), \
             policy.compare(rec.reference):
         model(ids[:1], position_ids=packed)
+
+
+def test_cp_asks_the_group_once_per_model_call(one_rank, monkeypatch):
+    """Two chosen layers under cp_group: the call's layout (sequence length, packing) is agreed on by
+    the group once per model call, not per layer; the logits and div equal the same policy without
+    cp_group (on one rank a shard is the whole sequence)."""
+    asked = []
+    original = AttentionPolicy._cp_call
+    monkeypatch.setattr(AttentionPolicy, "_cp_call", lambda self, *a, **k: asked.append(1) or original(self, *a, **k))
+    ids, mask, positions, rows, *_ = _batch()
+    call = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+    got = {}
+    for group in (None, one_rank):
+        model = _model(torch.float64, layers=2)
+        policy = AttentionPolicy(model, layers=(0, 1), backend="reference", cp_group=group)
+        with torch.no_grad(), policy.record() as rec:
+            model(**call)
+        with torch.no_grad(), policy.compare(rec.reference, row_mask=rows) as cmp:
+            logits = model(**call).logits
+        got[group is None] = (logits, cmp.div)
+    assert len(asked) == 2                      # the record call and the compare call, two chosen layers each
+    for one, cp in zip(got[True], got[False]):
+        torch.testing.assert_close(cp, one, rtol=1e-12, atol=1e-12)

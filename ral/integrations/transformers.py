@@ -700,10 +700,14 @@ class AttentionPolicy:
         self._attention_mask: Optional[Tensor] = None
         self._input_ids: Optional[Tensor] = None
         self._explicit_mask = False
+        # under cp_group: the group's answer for this model call's layout (_cp_call), kept for its other
+        # chosen layers; (position ids, B, S_r, mask given, answer), cleared at each model call
+        self._cp_answer: Optional[tuple] = None
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
     # -- mask capture -----------------------------------------------------------------------
     def _capture_mask(self, module, args, kwargs):
+        self._cp_answer = None
         if self._mode is None:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -881,6 +885,7 @@ class AttentionPolicy:
             yield
         finally:
             self._mode, self._state, self._explicit_mask, self._input_ids = None, None, False, None
+            self._cp_answer = None
             for holder in paused:
                 holder.gradient_checkpointing = True
 
@@ -997,7 +1002,7 @@ class AttentionPolicy:
         if row_mask is not None and tuple(row_mask.shape) != (batch, local):
             error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
-        seq_len, packing = self._cp_call(kwargs, batch, local, key.device, kpm, error)
+        seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
         rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)
@@ -1039,6 +1044,19 @@ class AttentionPolicy:
         if packing is None:
             return out.transpose(1, 2).contiguous()
         return out.reshape(batch, local, *out.shape[1:]).contiguous()
+
+    def _cp_layout(self, kwargs: dict, batch: int, local: int, device, kpm: Optional[Tensor],
+                   error: Optional[str] = None) -> Tuple[int, Optional[Packing]]:
+        """_cp_call's answer, asked of the group once per model call: the chosen layers after the first
+        see the same position ids and mask (the model's forward pre-hook clears it)."""
+        position_ids = kwargs.get("position_ids")
+        seen = self._cp_answer
+        if (error is None and seen is not None and seen[0] is position_ids
+                and seen[1:4] == (batch, local, kpm is not None)):
+            return seen[4]
+        answer = self._cp_call(kwargs, batch, local, device, kpm, error)
+        self._cp_answer = (position_ids, batch, local, kpm is not None, answer)
+        return answer
 
     def _cp_call(self, kwargs: dict, batch: int, local: int, device, kpm: Optional[Tensor],
                  error: Optional[str] = None) -> Tuple[int, Optional[Packing]]:
