@@ -51,9 +51,9 @@ class Backward : UnitSweep {
         v_t_(p.kv_heads * std::max<int64_t>(geo_.dvp, 1) * kBlockN),
         k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
         rows_tmp_(kBlockN * std::max({geo_.dvp, geo_.drp, int64_t{1}})),
-        s_(heads_ * head_plane(bm_)),
-        s_ref_(ref_heads_ * head_plane(bm_)),
-        ds_(heads_ * head_plane(bm_)),
+        s_(heads_ * plane_),
+        s_ref_(ref_heads_ * plane_),
+        ds_(heads_ * plane_),
         dq_(heads_ * bm_ * geo_.dp),
         row_(bm_ * (6 * heads_ + 2 * ref_heads_ + 2)),
         stats_w_(heads_ * bm_ * nstat_),
@@ -189,7 +189,7 @@ class Backward : UnitSweep {
                   q_ref_ + h * bm_ * geo_.drp, geo_.drp);
     // rows past Sq never get written by the GEMMs below: keep their a and dS at 0
     for (int64_t h = 0; h < heads_; ++h) {
-      const int64_t tile = h * head_plane(bm_);
+      const int64_t tile = h * plane_;
       std::fill(s_ + tile + qb.rows * kBlockN, s_ + tile + bm_ * kBlockN, 0.f);
       std::fill(ds_ + tile + qb.rows * kBlockN, ds_ + tile + bm_ * kBlockN, 0.f);
     }
@@ -198,25 +198,24 @@ class Backward : UnitSweep {
 
   void tile(const QueryBlock& qb) {
     const bool full = tile_is_full(p_, qb, kb_);
-    const int64_t plane = head_plane(bm_);
     load_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_, kBlockN * geo_.dp, k_t_);
     if (p_.has_v)
       load_transposed(p_.v, p_.dtype, p_.kv_heads, p_.v_head_dim, geo_.dvp, qb, kb_, rows_tmp_, 0, v_t_);
     for (int64_t h = 0; h < heads_; ++h) {
       const int64_t kv = h / geo_.group;
-      gemm<false>(s_ + h * plane, kBlockN, {q_ + h * bm_ * geo_.dp, geo_.dp, 1}, k_t_ + kv * geo_.dp * kBlockN,
+      gemm<false>(s_ + h * plane_, kBlockN, {q_ + h * bm_ * geo_.dp, geo_.dp, 1}, k_t_ + kv * geo_.dp * kBlockN,
                   kBlockN, qb.rows, kBlockN, p_.head_dim);
       if (p_.has_v)
-        gemm<false>(ds_ + h * plane, kBlockN, {dout_ + h * bm_ * geo_.dvp, geo_.dvp, 1},
+        gemm<false>(ds_ + h * plane_, kBlockN, {dout_ + h * bm_ * geo_.dvp, geo_.dvp, 1},
                     v_t_ + kv * geo_.dvp * kBlockN, kBlockN, qb.rows, kBlockN, p_.v_head_dim);
       else
-        std::fill(ds_ + h * plane, ds_ + h * plane + qb.rows * kBlockN, 0.f);
+        std::fill(ds_ + h * plane_, ds_ + h * plane_ + qb.rows * kBlockN, 0.f);
     }
     if (need_ref_) {
       load_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, rows_tmp_, 0,
                       k_ref_t_);
       for (int64_t h = 0; h < ref_heads_; ++h)
-        gemm<false>(s_ref_ + h * plane, kBlockN, {q_ref_ + h * bm_ * geo_.drp, geo_.drp, 1},
+        gemm<false>(s_ref_ + h * plane_, kBlockN, {q_ref_ + h * bm_ * geo_.drp, geo_.drp, 1},
                     k_ref_t_ + (h / geo_.ref_group) * geo_.drp * kBlockN, kBlockN, qb.rows, kBlockN,
                     p_.ref_head_dim);
     }
@@ -240,13 +239,13 @@ class Backward : UnitSweep {
     for (int64_t h = 0; h < heads_; ++h) {
       const int64_t kv = h / geo_.group;
       if (p_.has_v)
-        gemm<true>(dv_partial_ + (kv * window_ + key_row) * geo_.dvp, geo_.dvp, {s_ + h * plane, 1, kBlockN},
+        gemm<true>(dv_partial_ + (kv * window_ + key_row) * geo_.dvp, geo_.dvp, {s_ + h * plane_, 1, kBlockN},
                    dout_ + h * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, bm_);
-      gemm<true>(dk_partial_ + (kv * window_ + key_row) * geo_.dp, geo_.dp, {ds_ + h * plane, 1, kBlockN},
+      gemm<true>(dk_partial_ + (kv * window_ + key_row) * geo_.dp, geo_.dp, {ds_ + h * plane_, 1, kBlockN},
                  q_ + h * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, bm_);
     }
     for (int64_t h = 0; h < heads_; ++h)
-      gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane, kBlockN, 1},
+      gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane_, kBlockN, 1},
                  k_ + (h / geo_.group) * kBlockN * geo_.dp, geo_.dp, qb.rows, geo_.dp, kb_.count);
     touched_begin_ = std::min(touched_begin_, kb_.abs);
     touched_end_ = std::max(touched_end_, kb_.abs + kb_.count);
@@ -257,7 +256,6 @@ class Backward : UnitSweep {
   //   w T_h = e_h * w exp(max x - log H - log Z) (g - gbar)   (the factor is <= pi, never overflows).
   template <bool kStats>
   void grad_tile_mean(const QueryBlock& qb, bool full) {
-    const int64_t plane = head_plane(bm_);
     for (int64_t r = 0; r < qb.rows; ++r) {
       const int64_t pos = qb.first_pos + r;
       float* s_row = s_ + r * kBlockN;
@@ -266,7 +264,7 @@ class Backward : UnitSweep {
         for (int64_t c = 0; c < kBlockN; c += kLanes) {
           const vmask attended = full ? vmask{} : lane_masks(p_, kb_, c, pos, true).attended;
           for (int64_t h = 0; h < heads_; ++h) {
-            const int64_t at = h * plane + c;
+            const int64_t at = h * plane_ + c;
             vfloat a = vexp_nonpositive(vload(s_row + at) - lse_a()[h * bm_ + r]);
             if (!full) a = vselect(attended, a, vfloat{});
             vstore(s_row + at, a);
@@ -280,13 +278,13 @@ class Backward : UnitSweep {
       const bool with_g = !kStats || w_row != 0.f;
       for (int64_t c = 0; c < kBlockN; c += kLanes) {
         // e_h = exp(x_h - max_h x) in place of s, x_h = s_h - lse_A_h
-        const LogMixture mix = log_mixture(s_row + c, plane, lse_a() + r, bm_, heads_, s_row + c);
+        const LogMixture mix = log_mixture(s_row + c, plane_, lse_a() + r, bm_, heads_, s_row + c);
         const vfloat x_max = mix.max, log_pi = x_max + mix.log_sum - log_norm;
         // coef = exp(x_max - log H - log Z) (g_total - gbar), its w g part as vweighted_grad
         const vfloat log_factor = x_max - log_norm, factor = vexp(log_factor);
         vfloat wg{};
         if (with_g) {
-          const LogMixture ref = log_mixture(s_ref_ + r * kBlockN + c, plane, ref_lse_a() + r, bm_, ref_heads_);
+          const LogMixture ref = log_mixture(s_ref_ + r * kBlockN + c, plane_, ref_lse_a() + r, bm_, ref_heads_);
           const vfloat log_rho = ref.max + ref.log_sum - log_norm_ref;
           wg = w_row * vweighted_grad(p_.divergence, log_factor, factor, log_pi, log_rho);
         }
@@ -299,7 +297,7 @@ class Backward : UnitSweep {
         LaneMasks mask{};
         if (!full) mask = lane_masks(p_, kb_, c, pos, true);
         for (int64_t h = 0; h < heads_; ++h) {
-          const int64_t at = h * plane + c;
+          const int64_t at = h * plane_ + c;
           const vfloat e = vload(s_row + at);
           vfloat a = e * a_scale, term = e * coef;
           if (!full) {
@@ -334,7 +332,7 @@ class Backward : UnitSweep {
   void grad_tile_each(const QueryBlock& qb, bool full) {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
-        const int64_t i = h * bm_ + r, pos = qb.first_pos + r, at = h * head_plane(bm_) + r * kBlockN;
+        const int64_t i = h * bm_ + r, pos = qb.first_pos + r, at = h * plane_ + r * kBlockN;
         float* s_row = s_ + at;
         float* ds_row = ds_ + at;
         const float* sr_row = s_ref_ + at;

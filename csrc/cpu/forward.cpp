@@ -165,8 +165,8 @@ class Forward : UnitSweep {
         k_t_(p.kv_heads * geo_.dp * kBlockN),
         k_ref_t_(p.ref_kv_heads * geo_.drp * kBlockN),
         v_(p.kv_heads * kBlockN * std::max<int64_t>(geo_.dvp, 1)),
-        s_tile_(heads_ * head_plane(bm_)),
-        s_ref_tile_(ref_heads_ * head_plane(bm_)),
+        s_tile_(heads_ * plane_),
+        s_ref_tile_(ref_heads_ * plane_),
         tile_max_((heads_ + ref_heads_) * bm_),
         o_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         v_self_(std::max<int64_t>(geo_.dvp, 1)),
@@ -223,7 +223,7 @@ class Forward : UnitSweep {
   // slot holds them.
   bool score_reference(const QueryBlock& qb, bool pass2) {
     const bool cached = cached_ && reference_in_pass1(p_);
-    s_ref_ = cached ? cache_slot(kb_.start) + heads_ * head_plane(bm_) : s_ref_tile_.get();
+    s_ref_ = cached ? cache_slot(kb_.start) + heads_ * plane_ : s_ref_tile_.get();
     if (pass2 && cached) return true;
     load_reference_keys(qb);
     scores(q_ref_, k_ref_t_, ref_heads_, geo_.ref_group, p_.ref_head_dim, geo_.drp, qb.rows, s_ref_);
@@ -232,7 +232,7 @@ class Forward : UnitSweep {
 
   // Each head's m_tile per row in a cache slot (heads="mean"): the policy's H rows of BM, then the
   // reference's Hr.
-  float* slot_tile_max(int64_t key0) const { return cache_slot(key0) + cached_heads(p_) * head_plane(bm_); }
+  float* slot_tile_max(int64_t key0) const { return cache_slot(key0) + cached_heads(p_) * plane_; }
 
   // K^T of the current key tile for both models (k_t_, k_ref_t_), packed once per tile: pass 2
   // packs a cached tile's keys only when a lane falls back to the raw scores.
@@ -285,7 +285,7 @@ class Forward : UnitSweep {
   void scores(const float* q, const float* k_t, int64_t heads, int64_t group, int64_t dim,
                      int64_t dim_padded, int64_t rows, float* s) {
     for (int64_t h = 0; h < heads; ++h)
-      gemm<false>(s + h * head_plane(bm_), kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
+      gemm<false>(s + h * plane_, kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
                   k_t + (h / group) * dim_padded * kBlockN, kBlockN, rows, kBlockN, dim);
   }
 
@@ -310,8 +310,8 @@ class Forward : UnitSweep {
       float* keep_o = p_.has_v ? row_scale_.get() : nullptr;
       float* add_o = p_.has_v ? row_scale_ + bm_ : nullptr;
       for (int64_t h = 0; h < heads_; ++h) {
-        float* src = s_ + h * head_plane(bm_);
-        float* e = keep ? src : s_tile_ + h * head_plane(bm_);
+        float* src = s_ + h * plane_;
+        float* e = keep ? src : s_tile_ + h * plane_;
         softmax_tile(p_, qb, kb_, full, src, e, keep ? tile_max + h * bm_ : nullptr, st.max + h * bm_,
                      st.sum + h * bm_, st.self + h * bm_, keep_o, add_o, softmax_rows_.get());
         if (p_.has_v)
@@ -322,8 +322,8 @@ class Forward : UnitSweep {
       if (need_ref) {
         const bool keep_ref = score_reference(qb, /*pass2=*/false) && !p_.heads_each;
         for (int64_t h = 0; h < ref_heads_; ++h) {
-          float* src = s_ref_ + h * head_plane(bm_);
-          softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * head_plane(bm_),
+          float* src = s_ref_ + h * plane_;
+          softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * plane_,
                        keep_ref ? tile_max + (heads_ + h) * bm_ : nullptr, ref.max + h * bm_, ref.sum + h * bm_,
                        ref.self + h * bm_, nullptr, nullptr, softmax_rows_.get());
         }
@@ -505,7 +505,7 @@ class Forward : UnitSweep {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
         if (!live_[r]) continue;
-        float* row = s + h * head_plane(bm_) + r * kBlockN;
+        float* row = s + h * plane_ + r * kBlockN;
         tile_max[h * bm_ + r] = exponentiate_row(p_, kb_, full, qb.first_pos + r, row, row, sum);
       }
   }
@@ -549,8 +549,8 @@ class Forward : UnitSweep {
   // m_tile = lse_P in every head, hence the same sum bit for bit, and log pi = 0 exactly.
   // Returns M' with log(sum_h w'_h) in *log_sum.
   float normaliser(const float* lse_p, const float* lse_a, int64_t heads, int64_t r, float* log_sum) {
-    static_assert(kLanes <= 16, "ones below");
-    static const float ones[16] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+    float ones[kLanes];
+    std::fill(ones, ones + kLanes, 1.f);
     float* w = weights_.data();
     const float m = mixture_weights(lse_p, lse_a, heads, r, w);
     *log_sum = vlog(mix_lanes(ones, 0, w, heads))[0];  // e = 1 in every head: a one-key support's lane
@@ -577,7 +577,6 @@ class Forward : UnitSweep {
   template <bool kStats, bool kDiv = true>
   void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
                             float* div_acc, float* gbar_acc, float* u_acc) {
-    const int64_t plane = head_plane(bm_);
     const int64_t padded = static_cast<int64_t>(weights_.size()) / 3;
     float* w = weights_.data();
     float* share = w + padded;
@@ -604,11 +603,11 @@ class Forward : UnitSweep {
       for (int64_t c = 0; c < kBlockN; c += kLanes) {
         vmask support = vmask{} - 1;
         if (!full) support = lane_masks(p_, kb_, c, qb.first_pos + r, true).support;
-        const vfloat sum = mix_lanes(e + c, plane, w, heads_);
+        const vfloat sum = mix_lanes(e + c, plane_, w, heads_);
         vfloat sum_ref{};
         vmask low = sum < kLinearFloor;
         if constexpr (kDiv) {
-          sum_ref = mix_lanes(e_ref + c, plane, w_ref, ref_heads_);
+          sum_ref = mix_lanes(e_ref + c, plane_, w_ref, ref_heads_);
           low |= sum_ref < kLinearFloor;
         }
         if (any(low & support)) {
@@ -632,14 +631,14 @@ class Forward : UnitSweep {
         }
         if constexpr (kStats)
           accumulate_mean_stats(r, c, log_pi, pi, full, support,
-                                [&](int64_t h) { return vload(e + h * plane + c) * share[h]; });
+                                [&](int64_t h) { return vload(e + h * plane_ + c) * share[h]; });
       }
       if constexpr (kDiv)
         for (int64_t h = 0; h < heads_; ++h) {  // e_h is 0 outside P, and so is g
           vfloat even{}, odd{};
           for (int64_t c = 0; c < kBlockN; c += 2 * kLanes) {
-            even += vload(e + h * plane + c) * vload(g_row + c);
-            odd += vload(e + h * plane + c + kLanes) * vload(g_row + c + kLanes);
+            even += vload(e + h * plane_ + c) * vload(g_row + c);
+            odd += vload(e + h * plane_ + c + kLanes) * vload(g_row + c + kLanes);
           }
           const float factor = ratio ? static_cast<float>(heads_) * w[h] : share[h];
           vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + (even + odd) * factor);
@@ -695,7 +694,7 @@ class Forward : UnitSweep {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
         if (!live_[r]) continue;
-        const int64_t i = h * bm_ + r, at = h * head_plane(bm_) + r * kBlockN;
+        const int64_t i = h * bm_ + r, at = h * plane_ + r * kBlockN;
         vfloat div_sum = vload(div_acc + i * kLanes), gbar_sum = vload(gbar_acc + i * kLanes);
         const float* s = s_ + at;
         const float* sr = s_ref_ + at;

@@ -295,13 +295,15 @@ struct UnitSweep {
       : p_(p),
         geo_(geo),
         bm_(geo.block_m),
+        plane_(head_plane(geo.block_m)),
         heads_(p.heads),
         ref_heads_(p.ref_heads),
         nstat_(p.policy_stats ? 1 + p.num_segments : 0) {}
 
   const AttentionKLParams& p_;
   const Geometry& geo_;
-  const int64_t bm_;  // query rows per work item
+  const int64_t bm_;     // query rows per work item
+  const int64_t plane_;  // floats between heads in a (heads, BM, kBlockN) score tile: head_plane(bm_)
   const int64_t heads_, ref_heads_;
   const int64_t nstat_;  // 1 + S with policy_stats (entropy, S masses), else 0
   KeyBlock kb_;
