@@ -298,6 +298,29 @@ if given is not None:
         check(problem, "cpu")
 
 
+def test_backward_scratch_does_not_grow_with_the_sequence(threads, monkeypatch):
+    """The backward's scratch is one key tile's dK / dV a worker, added into dk / dv tile by tile:
+    the same bytes for 500 and 4000 keys (two workers both times)."""
+    threads(2)
+    sizes = []
+
+    class Recorder:  # ral._C, with the backward's scratch sizes written down
+        def __getattr__(self, name):
+            return getattr(compiled_module, name)
+
+        def cpu_backward_scratch_bytes(self, p):
+            sizes.append(compiled_module.cpu_backward_scratch_bytes(p))
+            return sizes[-1]
+
+    compiled_module = _compiled._C
+    monkeypatch.setattr(_compiled, "_C", Recorder())
+    for k_len in (500, 4000):
+        kw = cast(Problem(batch=1, heads=4, kv_heads=2, q_len=k_len, k_len=k_len, head_dim=64, v_head_dim=32).make(),
+                  torch.float32)
+        run(kw, "cpu", *upstream(kw))
+    assert sizes == [2 * 2 * 64 * (64 + 32) * 4] * 2, sizes
+
+
 # ---- the binding itself -----------------------------------------------------------------------
 
 def test_binding_rechecks_params():

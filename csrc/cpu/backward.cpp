@@ -12,13 +12,12 @@
 // place of w g and w gbar; a row's term is live when any of its weights is nonzero, and g (so the
 // reference) is only evaluated on rows with w != 0.
 //
-// Scratch (Python-allocated, backward_scratch_bytes): per thread, fp32 dK and dV partial sums
-// over a window of L consecutive keys of one batch element, (Hkv, L, Dp) + (Hkv, L, Dvp) floats
-// (D, Dv padded to kLanes), L = Sk for a dense call and max_k_len with a sequence table: linear
-// in the key length, never Sq x Sk. A thread adds its partials into dk/dv (under a per-batch
-// lock) when its next unit's keys lie in another batch element or outside the window, and when
-// it is done; units that share keys (context-parallel chunks) thus add, never store. dq rows
-// belong to one item: written directly.
+// Scratch (Python-allocated, backward_scratch_bytes): per thread, one key tile's fp32 dK and dV,
+// (Hkv, kBlockN, Dp) + (Hkv, kBlockN, Dvp) floats (D, Dv padded to kLanes): independent of the
+// sequence length. Each tile's dK / dV (summed over the query heads of each kv head) is added into
+// dk / dv under the locks of the key blocks it covers (one lock per kBlockN rows of dk, at most two
+// per tile), so units that share keys (context-parallel chunks, threads on one batch element) add,
+// never store. dq rows belong to one item: written directly.
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -31,18 +30,25 @@
 namespace ral::cpu {
 namespace {
 
-int64_t partial_floats(const AttentionKLParams& p, const Geometry& geo) {
-  return p.kv_heads * max_unit_keys(p) * (geo.dp + geo.dvp);
+int64_t tile_grad_floats(const AttentionKLParams& p, const Geometry& geo) {
+  return p.kv_heads * kBlockN * (geo.dp + geo.dvp);
 }
+
+// One lock per kBlockN rows of dk / dv (and of each batch element's): the key tiles they cover.
+struct KeyRowLocks {
+  explicit KeyRowLocks(const AttentionKLParams& p)
+      : blocks((p.k_len + kBlockN - 1) / kBlockN), locks(static_cast<size_t>(p.batch * blocks)) {}
+  int64_t blocks;  // per batch element
+  std::vector<std::mutex> locks;
+};
 
 class Backward : UnitSweep {
  public:
-  Backward(const AttentionKLParams& p, const Geometry& geo, float* partial, std::vector<std::mutex>& batch_locks)
+  Backward(const AttentionKLParams& p, const Geometry& geo, float* tile_grads, KeyRowLocks& key_locks)
       : UnitSweep(p, geo),
-        batch_locks_(batch_locks),
-        window_(max_unit_keys(p)),
-        dk_partial_(partial),
-        dv_partial_(partial + p.kv_heads * window_ * geo_.dp),
+        key_locks_(key_locks),
+        dk_tile_(tile_grads),
+        dv_tile_(tile_grads + p.kv_heads * kBlockN * geo_.dp),
         q_(heads_ * bm_ * geo_.dp),
         dout_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         q_ref_(ref_heads_ * bm_ * geo_.drp),
@@ -57,17 +63,9 @@ class Backward : UnitSweep {
         dq_(heads_ * bm_ * geo_.dp),
         row_(bm_ * (6 * heads_ + 2 * ref_heads_ + 2)),
         stats_w_(heads_ * bm_ * nstat_),
-        w_live_(heads_ * bm_) {
-    std::memset(partial, 0, sizeof(float) * partial_floats(p, geo_));
-  }
+        w_live_(heads_ * bm_) {}
 
   void run(const QueryBlock& qb) {
-    // the partials hold keys [base_, base_ + window_) of batch_: move them if this unit's are elsewhere
-    if (qb.b != batch_ || qb.k_start < base_ || qb.k_start + qb.k_len > base_ + window_) {
-      flush();
-      batch_ = qb.b;
-      base_ = p_.seqs ? qb.k_start : 0;
-    }
     load_rows(qb);
     const int64_t key_end = qb.key_end(p_);
     for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
@@ -83,16 +81,6 @@ class Backward : UnitSweep {
       }
   }
 
-  // Adds this thread's dK/dV partials into dk/dv of the current batch element, and clears them.
-  void flush() {
-    if (batch_ < 0 || touched_end_ <= touched_begin_) return;
-    std::lock_guard<std::mutex> hold(batch_locks_[batch_]);
-    add_partial(dk_partial_, geo_.dp, reinterpret_cast<float*>(p_.dk), p_.head_dim);
-    if (p_.has_v) add_partial(dv_partial_, geo_.dvp, reinterpret_cast<float*>(p_.dv), p_.v_head_dim);
-    touched_begin_ = std::numeric_limits<int64_t>::max();
-    touched_end_ = 0;
-  }
-
  private:
   // per (head, row) scalars, each (heads, BM)
   float* lse_a() { return row_; }
@@ -104,16 +92,6 @@ class Backward : UnitSweep {
   float* ref_lse_p() { return ref_lse_a() + ref_heads_ * bm_; }
   float* log_z() { return ref_lse_p() + ref_heads_ * bm_; }  // (BM), "mean"
   float* log_z_ref() { return log_z() + bm_; }
-
-  void add_partial(float* partial, int64_t ld, float* grad, int64_t dim) {
-    for (int64_t h = 0; h < p_.kv_heads; ++h)
-      for (int64_t j = touched_begin_; j < touched_end_; ++j) {
-        float* src = partial + (h * window_ + j - base_) * ld;
-        float* dst = grad + ((batch_ * p_.kv_heads + h) * p_.k_len + j) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
-        std::fill(src, src + ld, 0.f);
-      }
-  }
 
   void load_rows(const QueryBlock& qb) {
     const int64_t n_each = p_.heads_each ? heads_ : 1;
@@ -234,21 +212,52 @@ class Backward : UnitSweep {
     }
 
     // dV and dK of a kv head sum over the rows of its query heads, one head's tile after the other
-    // (the same order of additions as one GEMM over the stacked rows).
-    const int64_t key_row = kb_.abs - base_;  // the block's first key in the partials' window
+    // (the same order of additions as one GEMM over the stacked rows); then into dv / dk.
     for (int64_t h = 0; h < heads_; ++h) {
       const int64_t kv = h / geo_.group;
+      const bool first = h % geo_.group == 0;
       if (p_.has_v)
-        gemm<true>(dv_partial_ + (kv * window_ + key_row) * geo_.dvp, geo_.dvp, {s_ + h * plane_, 1, kBlockN},
+        set_or_add(first, dv_tile_ + kv * kBlockN * geo_.dvp, geo_.dvp, {s_ + h * plane_, 1, kBlockN},
                    dout_ + h * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, bm_);
-      gemm<true>(dk_partial_ + (kv * window_ + key_row) * geo_.dp, geo_.dp, {ds_ + h * plane_, 1, kBlockN},
+      set_or_add(first, dk_tile_ + kv * kBlockN * geo_.dp, geo_.dp, {ds_ + h * plane_, 1, kBlockN},
                  q_ + h * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, bm_);
     }
+    add_tile_grads(qb.b);
     for (int64_t h = 0; h < heads_; ++h)
       gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane_, kBlockN, 1},
                  k_ + (h / geo_.group) * kBlockN * geo_.dp, geo_.dp, qb.rows, geo_.dp, kb_.count);
-    touched_begin_ = std::min(touched_begin_, kb_.abs);
-    touched_end_ = std::max(touched_end_, kb_.abs + kb_.count);
+  }
+
+  // C = A B (set) or C += A B.
+  static void set_or_add(bool set, float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int64_t m, int64_t n,
+                         int64_t k_len) {
+    if (set)
+      gemm<false>(c, ldc, a, b, ldb, m, n, k_len);
+    else
+      gemm<true>(c, ldc, a, b, ldb, m, n, k_len);
+  }
+
+  // dk / dv rows [abs, abs + count) of batch element b += the tile's, under the locks of the (one or
+  // two) kBlockN-row blocks they span, taken in increasing order.
+  void add_tile_grads(int64_t b) {
+    const int64_t first = kb_.abs / kBlockN, last = (kb_.abs + kb_.count - 1) / kBlockN;
+    std::mutex* locks = key_locks_.locks.data() + b * key_locks_.blocks;
+    std::lock_guard<std::mutex> hold_first(locks[first]);
+    std::unique_lock<std::mutex> hold_last;
+    if (last != first) hold_last = std::unique_lock<std::mutex>(locks[last]);
+    add_rows(dk_tile_, geo_.dp, reinterpret_cast<float*>(p_.dk), p_.head_dim, b);
+    if (p_.has_v) add_rows(dv_tile_, geo_.dvp, reinterpret_cast<float*>(p_.dv), p_.v_head_dim, b);
+  }
+
+  void add_rows(const float* tile, int64_t ld, float* grad, int64_t dim, int64_t b) {
+    for (int64_t kv = 0; kv < p_.kv_heads; ++kv)
+      for (int64_t j = 0; j < kb_.count; ++j) {
+        const float* src = tile + (kv * kBlockN + j) * ld;
+        float* dst = grad + ((b * p_.kv_heads + kv) * p_.k_len + kb_.abs + j) * dim;
+        int64_t d = 0;
+        for (; d + kLanes <= dim; d += kLanes) vstore(dst + d, vload(dst + d) + vload(src + d));
+        for (; d < dim; ++d) dst[d] += src[d];
+      }
   }
 
   // heads="mean". With x_h = s_h - lse_A_h and e_h = exp(x_h - max_h x):
@@ -365,10 +374,9 @@ class Backward : UnitSweep {
       }
   }
 
-  std::vector<std::mutex>& batch_locks_;
-  const int64_t window_;       // L: keys the partials hold (Sk dense, max_k_len with a table)
-  float* dk_partial_;          // (Hkv, L, Dp), in the scratch
-  float* dv_partial_;          // (Hkv, L, Dvp), in the scratch
+  KeyRowLocks& key_locks_;
+  float* dk_tile_;             // (Hkv, kBlockN, Dp): the key tile's dK, in the scratch
+  float* dv_tile_;             // (Hkv, kBlockN, Dvp): its dV
   Floats q_, dout_, q_ref_;    // (H, BM, Dp) scaled, (H, BM, Dvp), (Hr, BM, Drp) scaled
   Floats k_, k_t_, v_t_;       // (Hkv, kBlockN, Dp), (Hkv, Dp, kBlockN), (Hkv, Dvp, kBlockN)
   Floats k_ref_t_, rows_tmp_;  // (Hrkv, Drp, kBlockN); a tile before transposition
@@ -379,9 +387,6 @@ class Backward : UnitSweep {
   std::vector<char> w_live_;   // (heads, BM): the row's divergence (or statistics) term is live
   bool need_div_ = false;      // some row's term is live
   bool need_ref_ = false;      // some row has w != 0: the reference's scores are needed
-  // the partials hold keys [base_, base_ + window_) of batch_, nonzero in [touched_begin_, touched_end_)
-  int64_t batch_ = -1, base_ = 0;
-  int64_t touched_begin_ = std::numeric_limits<int64_t>::max(), touched_end_ = 0;
 };
 
 }  // namespace
@@ -389,25 +394,24 @@ class Backward : UnitSweep {
 int64_t backward_scratch_bytes(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/false);
   const Geometry geo(p);
-  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * partial_floats(p, geo);
+  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * tile_grad_floats(p, geo);
 }
 
 void backward(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/true);
   const Geometry geo(p);
   const int n_threads = worker_count(p, geo);
-  require(p.scratch_bytes >= static_cast<int64_t>(sizeof(float)) * n_threads * partial_floats(p, geo),
+  require(p.scratch_bytes >= static_cast<int64_t>(sizeof(float)) * n_threads * tile_grad_floats(p, geo),
           "scratch_bytes is smaller than backward_scratch_bytes()");
-  std::vector<std::mutex> batch_locks(p.batch);
+  KeyRowLocks key_locks(p);
   const Schedule schedule(p, geo);
   WorkQueue queue(schedule.size());
   float* scratch = reinterpret_cast<float*>(p.scratch);
   advise_huge_pages(p.scratch, p.scratch_bytes);
   run_threads(n_threads, [&](int t) {
-    Backward kernel(p, geo, scratch + t * partial_floats(p, geo), batch_locks);
+    Backward kernel(p, geo, scratch + t * tile_grad_floats(p, geo), key_locks);
     int64_t item;
     while (queue.pop(item)) kernel.run(schedule.block(item));
-    kernel.flush();
   });
 }
 

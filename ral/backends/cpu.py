@@ -1,7 +1,7 @@
 """backend="cpu": the tiled, multithreaded C++ kernels of csrc/cpu (see ral.backends for the
 interface), with or without a sequence table (Call.seqs). Extra memory: O(B·H·Sq) row statistics,
-plus a backward scratch of per-thread fp32 dK/dV partials (threads × Hkv·L·(D+Dv) floats, L = Sk,
-or max_k_len with a table), and in the forward a score cache of at most SCORE_CACHE_BYTES (at most
+plus a backward scratch of one key tile's fp32 dK/dV per thread (threads × Hkv·64·(D+Dv) floats,
+added into dk/dv tile by tile), and in the forward a score cache of at most SCORE_CACHE_BYTES (at most
 threads × (H+Hr)·BM·(L + L/64) floats, BM <= 128 query rows: pass 1's exponentials and tile maxima
 for heads="mean", the scores for "each"): linear in the key length, never Sq × Sk."""
 
@@ -19,8 +19,8 @@ from .call import Call
 # the second (saving 2 of its 5 GEMMs on every cached key tile) in a cache of at most this many
 # bytes, all threads together; key tiles past it are recomputed. It is freed when the forward
 # returns. At the main job's shape (S=4096, H=Hr=8, 2 threads) it holds the first 2048 keys of
-# each query block, about 3/4 of the causal tiles, and the forward's peak stays below the
-# backward's.
+# each query block, about 3/4 of the causal tiles, and it sets the peak of a forward + backward
+# there (the backward's own scratch is one key tile a thread).
 SCORE_CACHE_BYTES = 48 << 20
 
 
