@@ -67,9 +67,13 @@ class Backward : UnitSweep {
 
   void run(const QueryBlock& qb) {
     load_rows(qb);
-    const int64_t key_end = qb.key_end(p_);
-    for (int64_t key0 = 0; key0 < key_end; key0 += kBlockN) {
-      kb_.init(p_, qb, key0);
+    // The key tiles in a rotated order, starting at the block's own index: workers that start
+    // together on neighbouring query blocks would otherwise add into the same dk / dv rows (and wait
+    // for one lock) tile after tile.
+    const int64_t tiles = (qb.key_end(p_) + kBlockN - 1) / kBlockN;
+    const int64_t first_tile = tiles > 0 ? (qb.start / bm_) % tiles : 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      kb_.init(p_, qb, ((first_tile + t) % tiles) * kBlockN);
       if (kb_.any_valid) tile(qb);
     }
     float* dq = reinterpret_cast<float*>(p_.dq);
