@@ -83,7 +83,7 @@ PYBIND11_MODULE(RAL_MODULE_NAME, m) {
   m.def("cpu_backward", &ral::cpu::backward, py::arg("p"), release,
         "Accumulates fp32 dq, dk (and dv) into the zero-filled buffers of p.");
   m.def("cpu_backward_scratch_bytes", &ral::cpu::backward_scratch_bytes, py::arg("p"),
-        "Bytes of scratch cpu_backward needs: per thread, fp32 dK/dV partials of one batch element.");
+        "Bytes of scratch cpu_backward needs: per thread, one key tile's fp32 dK/dV.");
   m.attr("cpu_lanes") = ral::cpu::vector_lanes();  // 16 AVX-512, 8 AVX2, 4 SSE (csrc/cpu/simd.h)
 
 #if defined(RAL_WITH_CUDA)

@@ -131,7 +131,7 @@ def test_non_contiguous_inputs(opts_index):
     strided["key_padding_mask"] = wide[:, ::2]
     got = run(strided, "cpu", dout, ddiv)
     for name, t in want.items():
-        # dk/dv add per-thread partials in scheduling order: equal up to summation order
+        # dk/dv add each key tile's sum in scheduling order: equal up to summation order
         tol = 1e-6 if name in ("dk", "dv") else 0.0
         torch.testing.assert_close(got[name], t, rtol=tol, atol=tol, msg=name)
 
@@ -140,7 +140,7 @@ def test_non_contiguous_inputs(opts_index):
                          ids=["block128", "block64", "block32-3threads"])
 def test_thread_counts_and_blocks(threads, n_threads, batch, q_len, k_len):
     """Every query-block size (128 / 64 / 32 rows, chosen from the work per thread) and several
-    batch elements across threads (the per-thread dK/dV partials are flushed per batch)."""
+    batch elements across threads (adding their key tiles' dK/dV into one dk / dv)."""
     threads(n_threads)
     check(Problem(batch=batch, heads=4, kv_heads=2, q_len=q_len, k_len=k_len, head_dim=16, v_head_dim=16,
                   left_pad=(0, 7, 30, 0)[:batch], row_mask=True, options=OPTIONS[2]), "cpu")

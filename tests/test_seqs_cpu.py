@@ -189,7 +189,7 @@ def test_packed_rows_without_keys_and_key_mask(opts_index):
 
 
 def test_packed_threads_and_blocks():
-    """One thread and three threads (several units per thread, partials re-based per unit), with
+    """One thread and three threads (several units per thread, key tiles that straddle two dk locks), with
     many small sequences (32-row blocks) and a long one (128-row blocks)."""
     before = torch.get_num_threads()
     try:
@@ -221,7 +221,7 @@ def test_dense_table_equals_dense(opts_index):
     for name, t in want.items():
         if t is None:
             continue
-        # dk/dv add per-thread partials in scheduling order: equal up to summation order
+        # dk/dv add each key tile's sum in scheduling order: equal up to summation order
         tol = 1e-6 if name in ("dk", "dv") else 0.0
         torch.testing.assert_close(got[name], t, rtol=tol, atol=tol, msg=name)
 
