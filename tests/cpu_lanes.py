@@ -7,7 +7,8 @@ transposes, the tile loops and the GEMM's register blocking (4 x 2, 6 x 2 or 6 x
 forces another width on the same target (RAL_CPU_LANES, as setup.py does): GCC lowers a vector wider
 than the target's to pairs of its own, and where the target has no intrinsic of that width (any, vfma)
 portable code stands in (vfma lane by lane through fmaf, still one rounding). So an AVX2 machine runs
-AVX-512's lane logic and SSE's intrinsics, and an AVX-512 machine the AVX2 and SSE paths. Cached under build/cpu_lanes/<hash of every input> (tests/native_build.py).
+AVX-512's lane logic and SSE's intrinsics, and an AVX-512 machine the AVX2 and SSE paths. Cached
+under build/cpu_lanes/<hash of every input> (tests/native_build.py).
 
     python tests/cpu_lanes.py 16     # build (or find) the 16-lane module and print its path
 """
@@ -54,10 +55,7 @@ def build(lanes: int, verbose: bool = False) -> str:
 
 def load(lanes: int):
     """Import the module of `lanes` (building it if needed; once per process)."""
-    name = module_name(lanes)
-    if name in sys.modules:
-        return sys.modules[name]
-    return native_build.load(name, build(lanes))
+    return native_build.load(module_name(lanes), lambda: build(lanes))
 
 
 if __name__ == "__main__":

@@ -115,11 +115,11 @@ def _prune(cache: str, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def load(module: str, path: str):
-    """Import the module built at `path` (once per process)."""
+def load(module: str, locate: Callable[[], str]):
+    """Import `module` from the path locate() gives (building it there if needed), once per process."""
     if module in sys.modules:
         return sys.modules[module]
-    spec = importlib.util.spec_from_file_location(module, path)
+    spec = importlib.util.spec_from_file_location(module, locate())
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     sys.modules[module] = mod

@@ -316,11 +316,11 @@ class RALGRPOTrainer(GRPOTrainer):
                 advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
                 attn_loss = aggregate_like_trl(self, advantages * div, mask, inputs, mode)
                 loss = loss + self.lambda_attn * attn_loss
-                logged.token_means(["ral/attn_div"], div.detach()[..., None])
+                logged.token_means(["ral/attn_div"], div)
                 logged.process_mean("ral/attn_loss", attn_loss)
             else:
                 loss = loss + self.distill.gamma_attn * aggregate_like_trl(self, div, mask, inputs, mode)
-                logged.token_means(["ral/teacher_attn_jsd"], div.detach()[..., None])
+                logged.token_means(["ral/teacher_attn_jsd"], div)
         if self._teacher_tokens:
             h_s = captured["hidden"][:, -n_completion - 1:-1]
             rows = mask.bool()
@@ -332,7 +332,7 @@ class RALGRPOTrainer(GRPOTrainer):
                                     temperature=self.distill.temperature, chunk_size=self.distill.chunk_size)
             per_token = torch.zeros(rows.shape, dtype=kl.dtype, device=kl.device).masked_scatter(rows, kl)
             loss = loss + self.distill.mu * aggregate_like_trl(self, per_token, mask, inputs, mode)
-            logged.token_means(["ral/token_kl"], per_token.detach()[..., None])
+            logged.token_means(["ral/token_kl"], per_token)
         logged.log(self.accelerator, self._metrics[mode])
         return loss
 
@@ -342,7 +342,7 @@ class RALGRPOTrainer(GRPOTrainer):
         coefficients are 0)."""
         n_completion = mask.shape[1]
         names, columns = cmp.statistics_columns()
-        logged.token_means(names, columns[:, -n_completion:].detach())
+        logged.token_means(names, columns[:, -n_completion:])
         if not self._stats_loss:
             return None
         mass = columns[..., 1:] if len(names) > 1 else None
@@ -364,8 +364,11 @@ class _StepMetrics:
         self._scalar = []    # (name, (1,) value)
 
     def token_means(self, names: List[str], x: Tensor) -> None:
-        """x (B, T, K): column k logged as names[k]."""
-        self._token.append((list(names), (x.float() * self._mask[..., None]).sum((0, 1))))
+        """x (B, T, K): column k logged as names[k]; or x (B, T) and one name."""
+        x = x.detach().float()
+        if x.dim() == 2:
+            x = x[..., None]
+        self._token.append((list(names), (x * self._mask[..., None]).sum((0, 1))))
 
     def process_mean(self, name: str, value: Tensor) -> None:
         self._scalar.append((name, value.detach().float().reshape(1)))

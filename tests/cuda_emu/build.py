@@ -107,9 +107,7 @@ def build(verbose: bool = False, opt: str = "-O2"):
 
 def load(path: Optional[str] = None):
     """Import the built module (once per process)."""
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    return native_build.load(MODULE, path or build())
+    return native_build.load(MODULE, lambda: path or build())
 
 
 if __name__ == "__main__":
