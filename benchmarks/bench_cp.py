@@ -67,11 +67,7 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--divergence", default="jsd", choices=["jsd", "kl", "reverse_kl"])
-    ap.add_argument("--heads-mode", default="mean", choices=["mean", "each"])
-    ap.add_argument("--no-causal", action="store_true")
+    P.add_problem_arguments(ap)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch / ral threads per rank (default 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 3)")
@@ -112,8 +108,7 @@ def resolve(args) -> dict:
         configs += [(world, "single")] if world == 1 else [(world, lay) for lay in layouts]
     return dict(device=device, seqlen=args.seqlen or (1024 if args.quick else 8192), ranks=ranks, layouts=layouts,
                 configs=configs, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                dtype=args.dtype or P.default_dtype(device), divergence=args.divergence, heads_mode=args.heads_mode,
-                causal=not args.no_causal, backend=args.backend, threads=args.threads,
+                **P.problem_options(args, device), backend=args.backend, threads=args.threads,
                 repeats=args.repeats or 3, max_seconds=args.max_seconds, block=args.block)
 
 
@@ -346,11 +341,8 @@ def summary_lines(rows: list, cfg: dict) -> list:
 
 
 def plot(rows: list, meta: dict, path: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = report.pyplot()
+    if plt is None:  # pragma: no cover
         return None
     ok = [r for r in rows if r["status"] == "ok" and r.get("cpu_s_max")]
     if not ok:

@@ -73,11 +73,7 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=None, help="query heads H (default CPU 8, GPU 28)")
     ap.add_argument("--kv-heads", type=int, default=None, help="kv heads Hkv (default CPU = H, GPU 4)")
     ap.add_argument("--head-dim", type=int, default=None, help="D (default CPU 64, GPU 128)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--divergence", default="jsd", choices=["jsd", "kl", "reverse_kl"])
-    ap.add_argument("--heads-mode", default="mean", choices=["mean", "each"])
-    ap.add_argument("--no-causal", action="store_true")
+    P.add_problem_arguments(ap)
     ap.add_argument("--repeats", type=int, default=None,
                     help="at most this many timed repeats per point (default CPU 5, GPU 25)")
     ap.add_argument("--min-time", type=float, default=None,
@@ -120,9 +116,8 @@ def resolve(args):
     heads = args.heads or (28 if gpu else 8)
     kv_heads = args.kv_heads or (4 if gpu else heads)
     head_dim = args.head_dim or (128 if gpu else 64)
-    cfg = P.Config(batch=args.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                   dtype=args.dtype or P.default_dtype(device), device=device, causal=not args.no_causal,
-                   divergence=args.divergence, heads_mode=args.heads_mode)
+    cfg = P.Config(batch=args.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, device=device,
+                   **P.problem_options(args, device))
     providers = args.providers.split(",") if args.providers else P.default_providers(device)
     modes = args.modes.split(",") if args.modes else (["full"] if args.quick else list(P.MODES))
     for m in modes:

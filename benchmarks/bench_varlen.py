@@ -88,11 +88,7 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=8, help="query heads H (default 8)")
     ap.add_argument("--kv-heads", type=int, default=2, help="kv heads Hkv (default 2)")
     ap.add_argument("--head-dim", type=int, default=64, help="D (default 64)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--divergence", default="jsd", choices=["jsd", "kl", "reverse_kl"])
-    ap.add_argument("--heads-mode", default="mean", choices=["mean", "each"])
-    ap.add_argument("--no-causal", action="store_true")
+    P.add_problem_arguments(ap)
     ap.add_argument("--backend", default="auto", help="ral backend (default auto: cpu on CPU tensors)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 5)")
@@ -120,8 +116,7 @@ def resolve(args) -> dict:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; choose from {METHODS}")
     return dict(device=device, lengths=lengths, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                dtype=args.dtype or P.default_dtype(device), divergence=args.divergence, heads_mode=args.heads_mode,
-                causal=not args.no_causal, backend=args.backend, seed=args.seed, methods=methods,
+                **P.problem_options(args, device), backend=args.backend, seed=args.seed, methods=methods,
                 threads=args.threads if args.threads else (None if gpu else 1),
                 repeats=args.repeats or (5 if args.quick else 3), max_seconds=args.max_seconds)
 
@@ -387,11 +382,8 @@ def table(rows: list) -> str:
 
 
 def plot(rows: list, meta: dict, path: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = report.pyplot()
+    if plt is None:  # pragma: no cover
         return None
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:

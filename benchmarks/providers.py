@@ -649,6 +649,22 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+def add_problem_arguments(ap) -> None:
+    """The op's options every sweep takes: --dtype, --divergence, --heads-mode, --no-causal
+    (read back by problem_options)."""
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="default float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--divergence", default="jsd", choices=["jsd", "kl", "reverse_kl"])
+    ap.add_argument("--heads-mode", default="mean", choices=["mean", "each"])
+    ap.add_argument("--no-causal", action="store_true")
+
+
+def problem_options(args, device: str) -> dict:
+    """add_problem_arguments' values as Config's fields: dtype, divergence, heads_mode, causal."""
+    return dict(dtype=args.dtype or default_dtype(device), divergence=args.divergence, heads_mode=args.heads_mode,
+                causal=not args.no_causal)
+
+
 def pick_device(requested: str) -> str:
     """"auto" -> "cuda" when a GPU is visible, else "cpu"; exits with a clear message when a
     CUDA device is asked for and torch cannot see one."""

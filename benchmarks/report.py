@@ -53,14 +53,25 @@ def load_text(load_average) -> str:
     return "?" if not load_average else " / ".join(f"{x:.1f}" for x in load_average)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None without matplotlib (an optional
+    dependency: the train extra)."""
+    try:
+        import matplotlib
+    except ImportError:  # pragma: no cover
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def finish_figure(fig, headline: str, meta: dict, path: str) -> str:
     """Title (headline, then the device and the load at the start), tight layout, save, close."""
     fig.suptitle(f"{headline}\n{meta['device_description']}; load average {load_text(meta['load_average_start'])}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt  # optional dependency (the train extra): only where a figure exists
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -235,14 +246,11 @@ def _time_formatter(y, _pos=None):
 def plot(rows: list, meta: dict, path: str, metric: str, modes: list, providers: list) -> Optional[str]:
     """Log-log lines of `metric` ("memory" | "time" | "tflops") vs S, one panel per mode.
     Points that ran out of memory or were skipped are marked with x at the top of the panel."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
-        from matplotlib.transforms import blended_transform_factory
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:  # pragma: no cover
         return None
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+    from matplotlib.transforms import blended_transform_factory
     modes = [m for m in modes if any(r["mode"] == m for r in rows)]
     if not modes:
         return None
