@@ -293,12 +293,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    // dV[key][c] += sum_i P[i][key] dO[i][c]
-    if (has_v) {
-      float* dvg = reinterpret_cast<float*>(p.dv) + (b * p.kv_heads + kvh) * Sk * dv;
-      for (int c0 = 0; c0 < dv; c0 += 64) {
+    // grad[key][c] += factor sum_i X[i][key] Y[i][c] for this warp's 16 keys, c < width: the key
+    // gradients (dV from P and dO, dK from dS and Q)
+    auto add_key_grads = [&](float* grad, const T* sX, const T* sY, int ldy, int width, int width16, float factor) {
+      for (int c0 = 0; c0 < width; c0 += 64) {
         zero(acc);
-        gemm_at_b<T>(acc, sP, kLdP, sdO, ldv, c0, dv16, warp, lane);
+        gemm_at_b<T>(acc, sX, kLdP, sY, ldy, c0, width16, warp, lane);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t key = j0 + warp * 16 + g + 8 * r;
@@ -306,27 +306,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int nb = 0; nb < 8; ++nb) {
             const int col = c0 + nb * 8 + 2 * t;
-            if (col < dv) atomic_add2(dvg + key * dv + col, acc[nb][2 * r], acc[nb][2 * r + 1]);
+            if (col < width)
+              atomic_add2(grad + key * width + col, acc[nb][2 * r] * factor, acc[nb][2 * r + 1] * factor);
           }
         }
       }
-    }
+    };
+    // dV[key][c] += sum_i P[i][key] dO[i][c]
+    const int64_t kv_row0 = (b * p.kv_heads + kvh) * Sk;
+    if (has_v) add_key_grads(reinterpret_cast<float*>(p.dv) + kv_row0 * dv, sP, sdO, ldv, dv, dv16, 1.f);
     // dK[key][c] += scale sum_i dS[i][key] Q[i][c]
-    float* dkg = reinterpret_cast<float*>(p.dk) + (b * p.kv_heads + kvh) * Sk * dim;
-    for (int c0 = 0; c0 < dim; c0 += 64) {
-      zero(acc);
-      gemm_at_b<T>(acc, sdS, kLdP, sQ, ld, c0, d16, warp, lane);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t key = j0 + warp * 16 + g + 8 * r;
-        if (key >= k_end) continue;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          const int col = c0 + nb * 8 + 2 * t;
-          if (col < dim) atomic_add2(dkg + key * dim + col, acc[nb][2 * r] * p.scale, acc[nb][2 * r + 1] * p.scale);
-        }
-      }
-    }
+    add_key_grads(reinterpret_cast<float*>(p.dk) + kv_row0 * dim, sdS, sQ, ld, dim, d16, p.scale);
   };
 
   Pipeline pipe{stages, 0, (je - jb) * spj};

@@ -356,19 +356,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) { em[nb][e] = neg_inf(); el[nb][e] = 0.f; }
-    for (int64_t hr = 0; hr < n_ref; ++hr) {
-      const int buf = pipe.begin(issue);
-      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dr16 / 16, warp, lane);
-      float lse_a[2];
+    // (em, el) += each of `heads` pipeline steps' s * scale - lse_A, lse_A of the step's head h and
+    // the row at lse[first + h * head_stride + row * row_stride]
+    auto push_heads = [&](int64_t heads, int dim16, float scale, const float* lse, int64_t first,
+                          int64_t head_stride, int64_t row_stride) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int buf = pipe.begin(issue);
+        gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, dim16 / 16, warp, lane);
+        float lse_a[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? rstats[b * rs0 + hr * rs1 + row[r] * rs2] : 0.f;
+        for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? lse[first + h * head_stride + row[r] * row_stride] : 0.f;
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+        for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.ref_scale - lse_a[e >> 1]);
-      pipe.end(issue);
-    }
+          for (int e = 0; e < 4; ++e)
+            if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * scale - lse_a[e >> 1]);
+        pipe.end(issue);
+      }
+    };
+    push_heads(n_ref, dr16, p.ref_scale, rstats, b * rs0, rs1, rs2);
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -377,19 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         em[nb][e] = neg_inf();
         el[nb][e] = 0.f;
       }
-    for (int64_t h = 0; h < H; ++h) {
-      const int buf = pipe.begin(issue);
-      gemm_abt<T>(s, sA + buf * kBlockM * ld, sB + buf * kBlockN * ld, ld, d16 / 16, warp, lane);
-      float lse_a[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) lse_a[r] = rp.valid[r] ? stats[((b * H + h) * p.q_len + row[r]) * 2] : 0.f;
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if ((tm.p >> (4 * nb + e)) & 1u) lse_push(em[nb][e], el[nb][e], s[nb][e] * p.scale - lse_a[e >> 1]);
-      pipe.end(issue);
-    }
+    push_heads(H, d16, p.scale, stats, b * H * p.q_len * 2, p.q_len * 2, 2);
     if constexpr (kStats) policy.zero();
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
