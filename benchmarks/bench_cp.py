@@ -448,7 +448,7 @@ def main(argv=None):
     meta = dict(command="python benchmarks/bench_cp.py" + (" " + shlex.join(argv_list) if argv_list else ""),
                 date=datetime.datetime.now().isoformat(timespec="seconds"), config=cfg,
                 device_description=(P.device_description("cuda") + f" x{max(cfg['ranks'])} ranks" if gpu else
-                                    f"{P.cpu_model()}, {os.cpu_count()} logical CPUs, {cfg['threads']} thread(s) "
+                                    f"{P.cpu_description()}, {cfg['threads']} thread(s) "
                                     f"per rank, gloo"),
                 cpu_count=os.cpu_count(), load_average_start=load_start, load_average_end=P.load_average(),
                 wall_s=round(wall, 1), oversubscribed=(not gpu and max(cfg["ranks"]) * cfg["threads"] >

@@ -601,13 +601,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> Optional[int]:
+    """How many cores the logical CPUs this process may run on sit on (SMT siblings, e.g. a cloud
+    VM's two vCPUs on one core, counted once), from Linux's CPU topology; None where it is unknown."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in cpus:
+            with open(os.path.join(sysfs, f"cpu{cpu}", "topology", "thread_siblings_list")) as fh:
+                cores.add(fh.read().strip())
+    except (AttributeError, OSError):
+        return None
+    return len(cores)
+
+
+def cpu_description() -> str:
+    """The CPU model, logical CPUs and ("SMT") the cores under them when fewer."""
+    cores = physical_cores()
+    smt = f" on {cores} core{'s' if cores > 1 else ''} (SMT)" if cores and cores < os.cpu_count() else ""
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs{smt}"
+
+
 def device_description(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
     lanes = getattr(compiled._C, "cpu_lanes", None)  # 16 AVX-512, 8 AVX / AVX2, 4 SSE (csrc/cpu/simd.h)
     width = f", ral-cpu vectors of {lanes} floats" if lanes else ""
-    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}{width}"
+    return f"{cpu_description()}, torch threads {torch.get_num_threads()}{width}"
 
 
 def load_average() -> Optional[list]:

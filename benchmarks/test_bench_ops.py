@@ -174,3 +174,24 @@ def test_fixed_mmap_threshold_returns_freed_tensors_to_the_os():
     out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, HERE, "fixed"], capture_output=True,
                          text=True, check=True).stdout
     assert int(out.strip()) < (1 << 20), out
+
+
+def _topology(root, siblings: dict) -> str:
+    for cpu, text in siblings.items():
+        d = root / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(text + "\n")
+    return str(root)
+
+
+def test_physical_cores_counts_smt_siblings_once(tmp_path, monkeypatch):
+    """The device line's SMT note (issue 17's question: are a VM's two vCPUs one core?)."""
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 2)
+    assert P.physical_cores(_topology(tmp_path / "smt", {0: "0-1", 1: "0-1"})) == 1
+    assert P.physical_cores(_topology(tmp_path / "two", {0: "0", 1: "1"})) == 2
+    assert P.physical_cores(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(P, "physical_cores", lambda: 1)
+    assert "2 logical CPUs on 1 core (SMT)" in P.cpu_description()
+    monkeypatch.setattr(P, "physical_cores", lambda: 2)
+    assert "SMT" not in P.cpu_description()
