@@ -355,7 +355,7 @@ def main(argv=None):
                 + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:])), metric=args.metric,
         date=datetime.datetime.now().isoformat(timespec="seconds"), config=cfg.asdict(), providers=providers,
         modes=modes, device_description=P.device_description(cfg.device), cpu_count=os.cpu_count(),
-        physical_cores=P.physical_cores(),
+        usable_cpus_and_cores=P.cpu_cores(),
         load_average_start=load_start, load_average_end=P.load_average(), wall_s=round(wall, 1),
         ral_backends_available=P.ral.backends.available(), memory_meter=None if args.metric == "speed" else (
             "torch.cuda.max_memory_allocated above the inputs" if gpu else

@@ -601,9 +601,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> Optional[int]:
-    """How many cores the logical CPUs this process may run on sit on (SMT siblings, e.g. a cloud
-    VM's two vCPUs on one core, counted once), from Linux's CPU topology; None where it is unknown."""
+def cpu_cores(sysfs: str = "/sys/devices/system/cpu") -> Optional[tuple]:
+    """(the logical CPUs this process may run on, the cores they sit on): SMT siblings, e.g. a cloud
+    VM's two vCPUs on one core, count as one core (Linux's CPU topology); None where it is unknown."""
     try:
         cpus = os.sched_getaffinity(0)
         cores = set()
@@ -612,13 +612,15 @@ def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> Optional[int]:
                 cores.add(fh.read().strip())
     except (AttributeError, OSError):
         return None
-    return len(cores)
+    return len(cpus), len(cores)
 
 
 def cpu_description() -> str:
-    """The CPU model, logical CPUs and ("SMT") the cores under them when fewer."""
-    cores = physical_cores()
-    smt = f" on {cores} core{'s' if cores > 1 else ''} (SMT)" if cores and cores < os.cpu_count() else ""
+    """The CPU model, its logical CPUs and, where the usable ones share cores, how many (SMT)."""
+    topology = cpu_cores()
+    smt = ""
+    if topology and topology[1] < topology[0]:
+        smt = f" (SMT: {topology[0]} usable on {topology[1]} core{'s' if topology[1] > 1 else ''})"
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs{smt}"
 
 

@@ -184,14 +184,13 @@ def _topology(root, siblings: dict) -> str:
     return str(root)
 
 
-def test_physical_cores_counts_smt_siblings_once(tmp_path, monkeypatch):
+def test_cpu_cores_counts_smt_siblings_once(tmp_path, monkeypatch):
     """The device line's SMT note (issue 17's question: are a VM's two vCPUs one core?)."""
     monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(P.os, "cpu_count", lambda: 2)
-    assert P.physical_cores(_topology(tmp_path / "smt", {0: "0-1", 1: "0-1"})) == 1
-    assert P.physical_cores(_topology(tmp_path / "two", {0: "0", 1: "1"})) == 2
-    assert P.physical_cores(str(tmp_path / "missing")) is None
-    monkeypatch.setattr(P, "physical_cores", lambda: 1)
-    assert "2 logical CPUs on 1 core (SMT)" in P.cpu_description()
-    monkeypatch.setattr(P, "physical_cores", lambda: 2)
+    assert P.cpu_cores(_topology(tmp_path / "smt", {0: "0-1", 1: "0-1"})) == (2, 1)
+    assert P.cpu_cores(_topology(tmp_path / "two", {0: "0", 1: "1"})) == (2, 2)
+    assert P.cpu_cores(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(P, "cpu_cores", lambda: (2, 1))
+    assert "(SMT: 2 usable on 1 core)" in P.cpu_description()
+    monkeypatch.setattr(P, "cpu_cores", lambda: (2, 2))
     assert "SMT" not in P.cpu_description()
