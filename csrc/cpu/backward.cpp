@@ -33,6 +33,10 @@ namespace {
 int64_t tile_grad_floats(const AttentionKLParams& p, const Geometry& geo) {
   return p.kv_heads * kBlockN * (geo.dp + geo.dvp);
 }
+// The whole scratch: one tile_grad_floats() slot per worker.
+int64_t scratch_bytes(const AttentionKLParams& p, const Geometry& geo) {
+  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * tile_grad_floats(p, geo);
+}
 
 // One lock per kBlockN rows of dk / dv (and of each batch element's): the key tiles they cover.
 struct KeyRowLocks {
@@ -398,21 +402,18 @@ class Backward : UnitSweep {
 int64_t backward_scratch_bytes(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/false);
   const Geometry geo(p);
-  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * tile_grad_floats(p, geo);
+  return scratch_bytes(p, geo);
 }
 
 void backward(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/true);
   const Geometry geo(p);
-  const int n_threads = worker_count(p, geo);
-  require(p.scratch_bytes >= static_cast<int64_t>(sizeof(float)) * n_threads * tile_grad_floats(p, geo),
-          "scratch_bytes is smaller than backward_scratch_bytes()");
+  require(p.scratch_bytes >= scratch_bytes(p, geo), "scratch_bytes is smaller than backward_scratch_bytes()");
   KeyRowLocks key_locks(p);
   const Schedule schedule(p, geo);
   WorkQueue queue(schedule.size());
   float* scratch = reinterpret_cast<float*>(p.scratch);
-  advise_huge_pages(p.scratch, p.scratch_bytes);
-  run_threads(n_threads, [&](int t) {
+  run_threads(worker_count(p, geo), [&](int t) {
     Backward kernel(p, geo, scratch + t * tile_grad_floats(p, geo), key_locks);
     int64_t item;
     while (queue.pop(item)) kernel.run(schedule.block(item));
