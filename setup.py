@@ -6,7 +6,7 @@ Environment:
   RAL_CPU_ARCH=native     value of -march for the CPU kernels ("" to leave it out)
   RAL_CPU_LANES=8         floats per vector in the CPU kernels (4, 8 or 16; default: the widest the
                           target has, csrc/cpu/simd.h), e.g. 8 for the AVX2 code path on an AVX-512 CPU
-  RAL_BUILD_JOBS=N        parallel compile jobs (default: number of CPUs)
+  RAL_BUILD_JOBS=N        parallel compile jobs, and the threads one nvcc may use (default: number of CPUs)
 
 No libtorch: the module needs only pybind11 and the C++/CUDA toolchains, so one build serves
 every torch version and `pip install -e .` works with pip's build isolation.
@@ -52,6 +52,25 @@ def cuda_gencode_flags():
     return flags
 
 
+def nvcc_parallel_flags(nvcc, jobs):
+    """Let each nvcc use up to `jobs` threads where it can: one per target architecture (--threads)
+    and ptxas one per kernel (its --split-compile, where this ptxas has it). The sources already
+    compile in parallel; these keep the cores busy while the longest one finishes alone. The machine
+    code is the same as without them (ptxas compiles each kernel on its own either way). nvcc's own
+    --split-compile is left out: its front end then emits slightly different PTX."""
+    if jobs <= 1:
+        return []
+    flags = ["--threads", str(jobs)]
+    ptxas = os.path.join(os.path.dirname(nvcc), "ptxas")
+    try:
+        usage = subprocess.run([ptxas, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    except OSError:
+        usage = ""
+    if "--split-compile" in usage:
+        flags += ["-Xptxas", f"--split-compile={jobs}"]
+    return flags
+
+
 class BuildExt(build_ext):
     """build_ext that compiles csrc/cuda/*.cu with nvcc (in parallel) and links them in."""
 
@@ -81,7 +100,8 @@ class BuildExt(build_ext):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
         flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo", "-Xptxas", "-v",
-                 "--expt-relaxed-constexpr", f"-I{os.path.join(ROOT, 'csrc')}", *cuda_gencode_flags()]
+                 "--expt-relaxed-constexpr", f"-I{os.path.join(ROOT, 'csrc')}", *cuda_gencode_flags(),
+                 *nvcc_parallel_flags(nvcc, JOBS)]
 
         def compile_one(src):
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")

@@ -544,7 +544,7 @@ def sanitizer_step(ctx: Ctx, cap: float, tool: str) -> dict:
 
 STEPS = [
     Step("env", 10, 10, step_env, gpu=False, fair=False, what="versions, device, capability, tools"),
-    Step("build", 150, 60, step_build, fair=False,
+    Step("build", 100, 60, step_build, fair=False,
          what="pip install --no-build-isolation --no-deps -e . for the device's arch only"),
     Step("test-cuda", 60, 20, step_test_cuda, what="pytest tests/test_cuda.py"),
     Step("test-triton-cuda", 150, 30, step_test_triton_cuda, what="pytest tests/test_triton.py -m cuda"),

@@ -141,7 +141,7 @@ __device__ __forceinline__ float quad_max(float x) {
 // max_k_len), not for addresses: an entry reaching outside the tensors (bad batch, negative start
 // or length) is empty and its row / key ranges are clipped to Sq / Sk, so a bad table never reads
 // or writes out of bounds (the Python layer rejects such tables before the call). The backward
-// takes its batch index from the grid instead (attention_kl_bwd.cu).
+// takes its batch index from the grid instead (attention_kl_bwd.cuh).
 template <bool kSeqs>
 struct Unit;
 

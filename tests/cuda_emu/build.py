@@ -1,7 +1,8 @@
 """Builds the CUDA kernels of csrc/cuda as host C++ on top of the CPU emulator (cuda_emu.h), into a
 pybind11 module with the same interface as ral._C (csrc/bindings.cpp, module name _ral_cuda_emu).
 
-The .cu sources compile unchanged except for two mechanical rewrites done on temporary copies:
+The .cu sources (and the .cuh headers they include) compile unchanged except for two mechanical
+rewrites done on temporary copies:
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``ral_emu::launch(kernel, {grid, block,
 smem, stream}, args)`` and ``extern __shared__ ... name[];`` becomes a pointer to the emulator's
 per-block dynamic shared memory. The module is cached under build/cuda_emu/<hash of every input>.
@@ -57,10 +58,11 @@ def rewrite_cu(text: str) -> str:
 
 def _sources():
     cu = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))) + [os.path.join(HERE, "selftest.cu")]
+    headers = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh")))
     cpp = [os.path.join(CSRC, "bindings.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     deps = sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True) +
                   glob.glob(os.path.join(HERE, "*")))
-    return cu, cpp, [d for d in deps if os.path.isfile(d) and not d.endswith((".pyc",))]
+    return cu, headers, cpp, [d for d in deps if os.path.isfile(d) and not d.endswith((".pyc",))]
 
 
 def sanitize_flags() -> list:
@@ -85,18 +87,24 @@ def build(verbose: bool = False, opt: str = "-O2"):
     inc = cuda_include()
     if inc is None:
         raise Unavailable("no CUDA headers (cuda_fp16.h, cuda_bf16.h, cuda_runtime.h) found")
-    cu, cpp, deps = _sources()
+    cu, headers, cpp, deps = _sources()
 
     def jobs(tmp):
         cxx = native_build.compiler()
         common = [*native_build.python_flags(CSRC), opt, *san, "-I", inc, "-DRAL_WITH_CUDA", "-DRAL_CUDA_EMULATE"]
-        emu = ["-include", os.path.join(HERE, "cuda_emu.h"), "-I", HERE]
+        # the rewritten copies in tmp/cuda/, found first by both the .cu files and their includes
+        # ("cuda/....cuh"): -I tmp comes before csrc's own -I
+        emu = ["-include", os.path.join(HERE, "cuda_emu.h"), "-I", HERE, "-I", tmp]
+        os.makedirs(os.path.join(tmp, "cuda"))
+        for src in headers:
+            with open(src) as f, open(os.path.join(tmp, "cuda", os.path.basename(src)), "w") as g:
+                g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
         out = []
         for src in cu:
-            rewritten = os.path.join(tmp, os.path.basename(src) + ".cpp")
+            rewritten = os.path.join(tmp, "cuda", os.path.basename(src) + ".cpp")
             with open(src) as f, open(rewritten, "w") as g:
                 g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
-            out.append([cxx, *common, *emu, "-x", "c++", "-c", rewritten])
+            out.append([cxx, *emu, *common, "-x", "c++", "-c", rewritten])
         for src in cpp:
             out.append([cxx, *common, f"-DRAL_MODULE_NAME={MODULE}", "-c", src])
         out.append([cxx, *common, *emu, "-c", os.path.join(HERE, "cuda_emu.cpp")])

@@ -37,7 +37,7 @@ REPORT_MARKERS = ("ERROR: AddressSanitizer", "AddressSanitizer: CHECK failed", "
 # The planted bug of --plant: the backward reads stats for the rows past q_len of its last query
 # tile (a value it then discards), i.e. up to 63 rows past the end of the stats tensor. The value
 # checks cannot see it (the result is the same); on a GPU it is an out-of-bounds read.
-PLANT = ("cuda/attention_kl_bwd.cu", "      lse_a[r] = v ? stats[i * 2] : 0.f;\n",
+PLANT = ("cuda/attention_kl_bwd.cuh", "      lse_a[r] = v ? stats[i * 2] : 0.f;\n",
          "      lse_a[r] = stats[i * 2];\n      if (!v) lse_a[r] = 0.f;\n", "test_lengths")
 
 
