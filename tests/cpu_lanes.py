@@ -10,7 +10,8 @@ portable code stands in (vfma lane by lane through fmaf, still one rounding). So
 AVX-512's lane logic and SSE's intrinsics, and an AVX-512 machine the AVX2 and SSE paths. Cached
 under build/cpu_lanes/<hash of every input> (tests/native_build.py).
 
-    python tests/cpu_lanes.py 16     # build (or find) the 16-lane module and print its path
+    python tests/cpu_lanes.py 16         # build (or find) the 16-lane module (-O2) and print its path
+    python tests/cpu_lanes.py 8 -O3      # the 8-lane one at setup.py's -O3 (benchmarks/cpu_check.py)
 """
 
 from __future__ import annotations
@@ -26,21 +27,22 @@ import native_build  # noqa: E402
 from native_build import Unavailable  # noqa: E402,F401  (the callers' exception)
 
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-# setup.py's flags for the CPU kernels with RAL_CPU_LANES (-O2 for a shorter build; -Wno-psabi: GCC notes
-# that a vector wider than the target's is passed differently, which only the module's own code sees)
-FLAGS = ["-O2", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
+# setup.py's flags for the CPU kernels with RAL_CPU_LANES (the tests build at -O2, a shorter build;
+# benchmarks/cpu_check.py at setup.py's -O3; -Wno-psabi: GCC notes that a vector wider than the
+# target's is passed differently, which only the module's own code sees)
+FLAGS = ["-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
 
 
 def module_name(lanes: int) -> str:
     return f"_ral_cpu_lanes{lanes}"
 
 
-def build(lanes: int, verbose: bool = False) -> str:
-    """The path of the module built with RAL_CPU_LANES = lanes (4, 8 or 16)."""
+def build(lanes: int, verbose: bool = False, opt: str = "-O2") -> str:
+    """The path of the module built with RAL_CPU_LANES = lanes (4, 8 or 16) at optimisation `opt`."""
     if lanes not in (4, 8, 16):
         raise ValueError(f"lanes must be 4, 8 or 16, got {lanes}")
     arch = os.environ.get("RAL_CPU_ARCH", "native")  # as setup.py
-    flags = FLAGS + ([f"-march={arch}"] if arch else []) + [f"-DRAL_CPU_LANES={lanes}",
+    flags = [opt] + FLAGS + ([f"-march={arch}"] if arch else []) + [f"-DRAL_CPU_LANES={lanes}",
                                                             f"-DRAL_MODULE_NAME={module_name(lanes)}"]
     sources = [os.path.join(CSRC, "bindings.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     inputs = [p for p in glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)
@@ -60,4 +62,5 @@ def load(lanes: int):
 
 if __name__ == "__main__":
     t0 = time.time()
-    print(build(int(sys.argv[1]) if len(sys.argv) > 1 else 16, verbose=True), f"({time.time() - t0:.1f}s)")
+    lanes = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    print(build(lanes, verbose=True, opt=sys.argv[2] if len(sys.argv) > 2 else "-O2"), f"({time.time() - t0:.1f}s)")
