@@ -123,8 +123,11 @@ def run_worker(job: dict) -> dict:
 
 
 def spawn_worker(job: dict, timeout: float) -> dict:
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"no result within {timeout:.0f} s")
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         return dict(error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300])
