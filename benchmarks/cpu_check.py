@@ -63,9 +63,8 @@ AGREEMENT_TOL = 1e-4             # variant vs installed kernels, relative to eac
 
 def load_variant(lanes: int, path: str):
     """The CPU kernels built with RAL_CPU_LANES = lanes, imported from `path` (tests/cpu_lanes.py's
-    module, ral._C's interface)."""
-    name = f"_ral_cpu_lanes{lanes}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    module, ral._C's interface; its module name is the file's)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path).split(".")[0], path)
     try:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -104,15 +103,15 @@ def run_worker(job: dict) -> dict:
     from ral.backends import compiled
     torch.set_num_threads(job["threads"])
     cfg = P.Config(**job["cfg"])
-    res = dict(lanes=compiled._C.cpu_lanes, threads=torch.get_num_threads(), agreement=None, modes={})
+    checked = None
     if job.get("path"):
         module = load_variant(job["lanes"], job["path"])
-        res["agreement"] = agreement(module, cfg)
-        if not res["agreement"] <= AGREEMENT_TOL:
+        checked = agreement(module, cfg)
+        if not checked <= AGREEMENT_TOL:
             raise RuntimeError(f"the {job['lanes']}-lane build disagrees with the installed kernels by "
-                               f"{res['agreement']:.2e} (relative): not timed")
+                               f"{checked:.2e} (relative): not timed")
         compiled._C = module
-        res["lanes"] = module.cpu_lanes
+    res = dict(lanes=compiled._C.cpu_lanes, threads=torch.get_num_threads(), agreement=checked, modes={})
     for mode in job["modes"]:
         timed = P.time_interleaved(["sdpa", "ral-cpu"], mode, job["seq"], cfg, repeats=job["repeats"],
                                    min_time=job["min_time"], min_repeats=job["min_repeats"])
@@ -157,13 +156,6 @@ def build_variant(lanes: int) -> str:
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"building the {lanes}-lane kernels failed: {(done.stdout + done.stderr)[-2000:]}")
     return lines[-1].split()[0]
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def summarize(cells: dict, native: int) -> dict:
@@ -291,7 +283,7 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"--lanes: widths are 4, 8 or 16, got {bad}")
     lanes = [n for n in dict.fromkeys(lanes) if n != native]
-    cpus = usable_cpus()
+    cpus = len(P.usable_cpus())
     threads = sorted({1, cpus}) if args.threads is None else sorted(set(int_list(args.threads, "threads")))
     seq = args.seq or (512 if args.quick else 4096)
     rounds = args.rounds or (1 if args.quick else 3)

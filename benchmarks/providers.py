@@ -601,11 +601,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cpus() -> set:
+    """The logical CPUs this process may run on (all of them where the OS does not say)."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        return set(range(os.cpu_count() or 1))
+
+
 def cpu_cores(sysfs: str = "/sys/devices/system/cpu") -> Optional[tuple]:
     """(the logical CPUs this process may run on, the cores they sit on): SMT siblings, e.g. a cloud
     VM's two vCPUs on one core, count as one core (Linux's CPU topology); None where it is unknown."""
     try:
-        cpus = os.sched_getaffinity(0)
+        cpus = usable_cpus()
         cores = set()
         for cpu in cpus:
             with open(os.path.join(sysfs, f"cpu{cpu}", "topology", "thread_siblings_list")) as fh:

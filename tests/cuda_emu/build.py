@@ -96,15 +96,16 @@ def build(verbose: bool = False, opt: str = "-O2"):
         # ("cuda/....cuh"): -I tmp comes before csrc's own -I
         emu = ["-include", os.path.join(HERE, "cuda_emu.h"), "-I", HERE, "-I", tmp]
         os.makedirs(os.path.join(tmp, "cuda"))
+
+        def copy_rewritten(src, name):
+            dst = os.path.join(tmp, "cuda", name)
+            with open(src) as f, open(dst, "w") as g:
+                g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
+            return dst
         for src in headers:
-            with open(src) as f, open(os.path.join(tmp, "cuda", os.path.basename(src)), "w") as g:
-                g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
-        out = []
-        for src in cu:
-            rewritten = os.path.join(tmp, "cuda", os.path.basename(src) + ".cpp")
-            with open(src) as f, open(rewritten, "w") as g:
-                g.write(f'#line 1 "{src}"\n' + rewrite_cu(f.read()))
-            out.append([cxx, *emu, *common, "-x", "c++", "-c", rewritten])
+            copy_rewritten(src, os.path.basename(src))
+        out = [[cxx, *emu, *common, "-x", "c++", "-c", copy_rewritten(src, os.path.basename(src) + ".cpp")]
+               for src in cu]
         for src in cpp:
             out.append([cxx, *common, f"-DRAL_MODULE_NAME={MODULE}", "-c", src])
         out.append([cxx, *common, *emu, "-c", os.path.join(HERE, "cuda_emu.cpp")])
