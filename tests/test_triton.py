@@ -170,6 +170,30 @@ def test_kernels_follow_the_interpret_mode_at_import():
     assert backends.unavailable_reason("triton") is None
 
 
+def test_interpreter_problem_names_the_versions_that_cannot_run_the_kernels():
+    """Triton's interpreter before 3.7 converts loop bounds with int() of a 1-element array, which numpy
+    2.4 refuses (seen: triton 3.6.0 with numpy 2.4.6 and 2.5.5, every interpreted kernel call failing;
+    numpy 2.3.5 ran them); the reason names both versions and the way out."""
+    from ral.backends.triton.configs import interpreter_problem
+
+    why = interpreter_problem("3.6.0", "2.4.6")
+    assert why is not None and "3.6.0" in why and "2.4.6" in why and "triton>=3.7" in why
+    assert interpreter_problem("3.6.0", "2.5.5") is not None
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.0", "2.5.5"), ("3.9.0", "2.4.6"),
+                                          ("3.10.0+git1a2b3c", "2.4.0rc1"), ("3.2.0", "1.26.4")):
+        assert interpreter_problem(triton_version, numpy_version) is None, (triton_version, numpy_version)
+
+
+@interpreted
+def test_interpreter_problem_stops_the_call_with_its_reason(monkeypatch):
+    import ral.backends.triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "interpreter_problem", lambda: "triton 3.6.0 with numpy 2.4.6: reason")
+    kw = cast(Problem(batch=1, heads=1, kv_heads=1, q_len=4, k_len=4, head_dim=8).make(), torch.float32)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: triton 3.6.0 with numpy 2.4.6"):
+        ral.attention_kl(backend="triton", **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # heads="each" with kl / reverse_kl: the single-sweep forward
 # ----------------------------------------------------------------------------------------------

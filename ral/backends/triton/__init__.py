@@ -36,7 +36,7 @@ from .. import outputs
 from ..call import Call
 
 from .common import IMPORT_ERROR
-from .configs import MAX_HEAD_DIM
+from .configs import MAX_HEAD_DIM, interpreter_problem
 from .launch import INTERPRETED, backward_launch, forward_launch
 
 __all__ = ["unavailable_reason", "unsupported_reason", "forward", "backward"]
@@ -54,6 +54,9 @@ def unsupported_reason(call: Call) -> Optional[str]:
         if not INTERPRETED:
             return ("CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 before "
                     "importing ral (slow; meant for tests), or use CUDA tensors")
+        problem = interpreter_problem()
+        if problem is not None:
+            return problem
     elif device.type != "cuda":
         return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
     dims = {"D (q.shape[3])": call.q.shape[3], "Dr (q_ref.shape[3])": call.q_ref.shape[3]}

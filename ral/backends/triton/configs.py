@@ -8,12 +8,14 @@
   RAL_TRITON_Q_SPLITS   n: force the backward's query splits (tests, A/B timings).
 
 GPU: autotuned over a few (BLOCK_M, BLOCK_N, warps, stages) per head-dim class (FORWARD_TABLE,
-BACKWARD_TABLE). Interpreter: one small fixed config (INTERPRETER_BLOCKS), no autotuning.
+BACKWARD_TABLE). Interpreter: one small fixed config (INTERPRETER_BLOCKS), no autotuning; and
+``interpreter_problem()`` names the one known pairing of versions under which it cannot run them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +41,36 @@ def settings() -> Settings:
     return Settings(interpret=interpret,
                     autotune=os.environ.get("RAL_TRITON_AUTOTUNE", "1") not in ("0", ""),
                     q_splits=int(forced) if forced else None)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """"3.6.0", "2.4.0rc1", "3.7.0+git1a2b" -> (3, 6), (2, 4), (3, 7)."""
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
+
+
+def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
+    """Why TRITON_INTERPRET=1 cannot run these kernels with the installed triton and numpy, or None.
+
+    Triton's interpreter before 3.7 hands a loop bound held in a runtime argument to Python as
+    ``int(array of shape (1,))``, which numpy 2.4 and later refuse (TypeError: only 0-dimensional
+    arrays can be converted to Python scalars); every kernel here loops to such a bound (key blocks,
+    heads). Seen with triton 3.6.0 and numpy 2.4.6 / 2.5.5; triton 3.7 converts with ``squeeze()``.
+    The compiled kernels are not affected. Defaults: the installed versions."""
+    if IMPORT_ERROR is not None:
+        return None
+    if numpy_version is None:
+        try:
+            import numpy
+        except ImportError:  # triton's interpreter says so itself
+            return None
+        numpy_version = numpy.__version__
+    triton_version = triton.__version__ if triton_version is None else triton_version
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} cannot run these kernels with numpy "
+                f"{numpy_version} (it turns loop bounds into Python ints with int() of a 1-element array, "
+                "which numpy >= 2.4 refuses): install triton>=3.7 or numpy<2.4")
+    return None
 
 
 MAX_HEAD_DIM = 256  # D, Dv and Dr above this: unsupported_reason says so
