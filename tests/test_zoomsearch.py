@@ -274,7 +274,7 @@ def test_oracle_loss_raises_target_mass(tmp_path, one_thread):
         q, k, scale = trainer.policy.captured
         pi, _ = row_policy(q, k, scale, task.rows()["ans"])
         mass = pi[idx, task.target_positions(batch["prompts"])].mean()
-        return loss, float(mass)
+        return loss, float(mass.detach())
 
     loss, before = loss_and_mass()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
