@@ -279,7 +279,10 @@ def test_compare_with_gradient_checkpointing():
     grads = []
     for checkpointing in (False, True):
         m = copy.deepcopy(model)
-        if checkpointing:
+        # activation_checkpointing_enable: transformers 5.25's name (5.17 has only the deprecated one)
+        if checkpointing and hasattr(m, "activation_checkpointing_enable"):
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
         policy = AttentionPolicy(m)
