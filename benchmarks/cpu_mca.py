@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -146,7 +147,7 @@ def model(loop_lines: list, mcpu: str, workdir: str, name: str) -> float:
     return int(re.search(r"Total Cycles:\s+(\d+)", done.stdout).group(1)) / ITERATIONS
 
 
-def analyse(march: str, lanes: int, workdir: str, mcpu: str = None) -> dict:
+def analyse(march: str, lanes: int, workdir: str, mcpu: Optional[str] = None) -> dict:
     """One target: the three loops and the per-(row, key, head) model (see the module docstring)."""
     asm_text = open(compile_probe(march, lanes, workdir)).read()
     loops = {}
