@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CSRC = os.path.join(REPO, "csrc")
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from cpu_lanes import FLAGS  # noqa: E402  setup.py's flags for the CPU kernels
+from cpu_lanes import FLAGS, SETUP_OPT, WIDTHS  # noqa: E402  setup.py's flags for the CPU kernels
 
 DEFAULT_TARGETS = ("sapphirerapids:16", "sapphirerapids:8", "znver3:8")
 ITERATIONS = 400
@@ -92,7 +92,7 @@ def compile_probe(march: str, lanes: int, workdir: str, cxx: str = "g++") -> str
     asm = os.path.join(workdir, f"probe_{march}_{lanes}.s")
     with open(src, "w") as f:
         f.write(PROBE)
-    cmd = [cxx, "-O3", *FLAGS, f"-march={march}", f"-DRAL_CPU_LANES={lanes}", "-std=c++17", f"-I{CSRC}",
+    cmd = [cxx, SETUP_OPT, *FLAGS, f"-march={march}", f"-DRAL_CPU_LANES={lanes}", "-std=c++17", f"-I{CSRC}",
            "-S", src, "-o", asm]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -188,8 +188,8 @@ def markdown(results: list, args) -> str:
 
 def parse_target(text: str) -> tuple:
     march, _, lanes = text.partition(":")
-    if not march or lanes not in ("4", "8", "16"):
-        raise argparse.ArgumentTypeError(f"a target is march:lanes with lanes 4, 8 or 16, got {text!r}")
+    if not march or lanes not in [str(n) for n in WIDTHS]:
+        raise argparse.ArgumentTypeError(f"a target is march:lanes with lanes one of {WIDTHS}, got {text!r}")
     return march, int(lanes)
 
 

@@ -31,6 +31,8 @@ CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 # benchmarks/cpu_check.py at setup.py's -O3; -Wno-psabi: GCC notes that a vector wider than the
 # target's is passed differently, which only the module's own code sees)
 FLAGS = ["-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
+SETUP_OPT = "-O3"      # setup.py's optimisation level
+WIDTHS = (4, 8, 16)    # the vector widths RAL_CPU_LANES takes (floats: SSE, AVX2, AVX-512)
 
 
 def module_name(lanes: int) -> str:
@@ -39,8 +41,8 @@ def module_name(lanes: int) -> str:
 
 def build(lanes: int, verbose: bool = False, opt: str = "-O2") -> str:
     """The path of the module built with RAL_CPU_LANES = lanes (4, 8 or 16) at optimisation `opt`."""
-    if lanes not in (4, 8, 16):
-        raise ValueError(f"lanes must be 4, 8 or 16, got {lanes}")
+    if lanes not in WIDTHS:
+        raise ValueError(f"lanes must be one of {WIDTHS}, got {lanes}")
     arch = os.environ.get("RAL_CPU_ARCH", "native")  # as setup.py
     flags = [opt] + FLAGS + ([f"-march={arch}"] if arch else []) + [f"-DRAL_CPU_LANES={lanes}",
                                                             f"-DRAL_MODULE_NAME={module_name(lanes)}"]

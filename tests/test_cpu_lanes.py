@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(_compiled.import_error() is not None,
                                 reason=f"ral._C not built: {_compiled.import_error()}")
 
 
-@pytest.mark.parametrize("lanes", [n for n in (4, 8, 16) if n != NATIVE], ids=lambda n: f"lanes{n}")
+@pytest.mark.parametrize("lanes", [n for n in cpu_lanes.WIDTHS if n != NATIVE], ids=lambda n: f"lanes{n}")
 def test_cpu_kernels_at_another_vector_width(lanes):
     try:
         cpu_lanes.build(lanes)

@@ -14,6 +14,7 @@ BACKWARD_TABLE). Interpreter: one small fixed config (INTERPRETER_BLOCKS), no au
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def _major_minor(version: str) -> tuple[int, int]:
     return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
 
 
+@functools.lru_cache(maxsize=None)  # asked on every interpreted call; the versions do not change
 def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
     """Why TRITON_INTERPRET=1 cannot run these kernels with the installed triton and numpy, or None.
 
