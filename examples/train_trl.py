@@ -20,7 +20,7 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from ral.integrations.distill import DistillConfig
-from ral.integrations.trl import RALGRPOTrainer
+from ral.integrations.trl import RALGRPOTrainer, checkpointing_config
 
 
 def tiny_model_and_tokenizer():
@@ -64,7 +64,7 @@ def main():
                       max_completion_length=8 if a.tiny else 64, max_steps=a.max_steps, learning_rate=1e-5,
                       beta=0.0 if a.tiny else 0.04, temperature=1.0, num_iterations=2,    # > 1: the attention term needs it
                       logging_steps=1, report_to="none", bf16=a.bf16, use_cpu=not torch.cuda.is_available(),
-                      gradient_checkpointing=not a.tiny, save_strategy="no")
+                      save_strategy="no", **checkpointing_config(not a.tiny))
     teacher, distill = None, None
     if a.teacher:
         from transformers import AutoModelForCausalLM

@@ -19,7 +19,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from ral import backends  # noqa: E402
 from ral.integrations.distill import DistillConfig  # noqa: E402
 from ral.integrations.transformers import token_segments  # noqa: E402
-from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl  # noqa: E402
+from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl, checkpointing_config  # noqa: E402
 from ral.losses import attention_stats_token_loss  # noqa: E402
 from test_attention_stats_integration import eager_statistics  # noqa: E402
 from test_transformers_integration import IMAGE_TOKEN, _batch, _eager, _qwen25vl  # noqa: E402
@@ -54,7 +54,7 @@ def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                 max_completion_length=6, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to="none",
                 use_cpu=True, save_strategy="no", seed=0, num_iterations=2, gradient_accumulation_steps=2,
-                gradient_checkpointing=False, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+                bf16=False, dataloader_num_workers=0, disable_tqdm=True, **checkpointing_config(False))
     base.update(kw)
     return GRPOConfig(**base)
 
@@ -132,12 +132,23 @@ def test_ral_steps_and_normalisation(tmp_path, loss_type):
 
 
 def test_ral_with_gradient_checkpointing(tmp_path):
-    trainer = train(RALGRPOTrainer, tmp_path, {"gradient_checkpointing": True, "max_steps": 2}, lambda_attn=1.0)
+    trainer = train(RALGRPOTrainer, tmp_path, {**checkpointing_config(True), "max_steps": 2}, lambda_attn=1.0)
     assert all(torch.isfinite(torch.tensor(x)) for x in losses(trainer))
     # compare() pauses checkpointing of the chosen layer only for its block: the setting is back on
     layers = trainer.model.model.layers
     assert layers[-1].gradient_checkpointing is True
     assert all(layer.gradient_checkpointing is True for layer in layers)
+
+
+def test_checkpointing_config_uses_the_current_name(tmp_path):
+    """checkpointing_config names the field this transformers reads without a deprecation warning, and
+    TRL sees the setting through args.gradient_checkpointing either way."""
+    import warnings
+    for enabled in (True, False):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+            args = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **checkpointing_config(enabled))
+        assert args.gradient_checkpointing is enabled
 
 
 def test_distillation_terms(tmp_path):

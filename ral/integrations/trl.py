@@ -68,6 +68,7 @@ student's LM head weight directly and is not supported there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -87,7 +88,7 @@ from .distill import DistillConfig
 from .models import backbone, lm_head_params
 from .transformers import AttentionPolicy, AttentionReference
 
-__all__ = ["RALGRPOTrainer", "SUPPORTED_TRL", "aggregate_like_trl"]
+__all__ = ["RALGRPOTrainer", "SUPPORTED_TRL", "aggregate_like_trl", "checkpointing_config"]
 
 SUPPORTED_TRL = ">=1.16,<1.17"
 
@@ -98,6 +99,18 @@ for _hook in ("_generate_and_score_completions", "_compute_loss", "_get_per_toke
 # Batch keys that TRL's GRPOTrainer forwards to the model besides input ids and the mask.
 _MODEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
                "mm_token_type_ids", "image_position_ids", "spatial_shapes")
+
+
+def checkpointing_config(enabled: bool) -> dict:
+    """The GRPOConfig keyword that turns activation (gradient) checkpointing on or off under the
+    installed transformers: ``{"activation_checkpointing": enabled}`` where TrainingArguments has that
+    field (transformers 5.25; ``gradient_checkpointing`` is its deprecated alias there and warns),
+    else ``{"gradient_checkpointing": enabled}``. TRL reads either through ``args.gradient_checkpointing``.
+
+        GRPOConfig(output_dir="out", **checkpointing_config(True))
+    """
+    names = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def aggregate_like_trl(trainer: GRPOTrainer, per_token: Tensor, mask: Tensor, inputs: dict, mode: str) -> Tensor:
