@@ -14,8 +14,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (Problem, SelfPeakedProblem, cast, check, check_nan_stays_in_its_row, check_near_reference,  # noqa: E402
-                    check_peaky_self_attention, check_stats, option_grid, option_id, run, stats_upstream, upstream)
+from oracle import (Problem, SelfPeakedProblem, cast, check, check_far_from_reference, check_nan_stays_in_its_row,  # noqa: E402
+                    check_near_reference, check_out_weights_sum_to_one, check_peaky_self_attention, check_stats, option_grid,
+                    option_id, run, stats_upstream, upstream)
 
 import ral  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
@@ -210,6 +211,19 @@ def test_peaky_self_attention(divergence, heads):
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_jsd_near_reference(heads):
     check_near_reference("cpu", heads)
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_kl_far_from_reference(heads, exclude_self):
+    """gbar normalised by the pi the kernels form (and c_h by the accumulated a): without that, dq
+    and dk were 3-7x PyTorch's error here."""
+    check_far_from_reference("cpu", heads, exclude_self)
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_out_weights_sum_to_one(exclude_self):
+    check_out_weights_sum_to_one("cpu", exclude_self)
 
 
 def _lanes_by_route(kw: dict, tile: int = 64, floor: float = 2.0 ** -80) -> tuple:

@@ -13,8 +13,8 @@
 //          weight per head and row (mixture_weights), so that a key costs one log per model and
 //          no exponential; lanes that mixture cannot carry (kLinearFloor) take the log-space
 //          route from the raw scores. heads="each" works from the raw scores: log pi = s - lse_P.
-//          Accumulates div = sum_P f, gbar = sum_P pi g and c_h; with policy_stats also the
-//          entropy, the segment masses and their per-head u sums (params.h).
+//          Accumulates div = sum_P f, gbar = sum_P pi g / sum_P pi and c_h = u_h - gbar z_h (write_divergence);
+//          with policy_stats also the entropy, the segment masses and their per-head u sums (params.h).
 // Memory: per thread O((H + Hr) * BM * (kBlockN + D + Dv) + Hkv * kBlockN * (D + Dv)) floats of
 // tiles, plus (H + 1) * BM * (1 + S) * kLanes accumulators with policy_stats (and, with a
 // key_padding_mask, one count per key of the unit); the optional score cache (p.scratch,
@@ -177,7 +177,7 @@ class Forward : UnitSweep {
         lse_(2 * heads_ * bm_),
         ref_lse_(2 * ref_heads_ * bm_),
         row_(6 * bm_),
-        acc_(bm_ * (2 * heads_ + 2) * kLanes),
+        acc_(bm_ * (5 * heads_ + 3) * kLanes),
         sacc_(bm_ * (heads_ + 1) * nstat_ * kLanes),
         weights_(3 * round_up(std::max(heads_, ref_heads_), kLanes), 0.f),
         g_row_(kBlockN),
@@ -349,18 +349,26 @@ class Forward : UnitSweep {
     }
   }
 
-  // out = (P V / l) * exp(lse_P - lse_A) + exp(s_self - lse_A) * v_self, per head and row.
+  // out = (P V + e_self v_self) / (l + e_self), P V and l relative to the support's running max m,
+  // e_self = exp(s_self - m); formed relative to M = max(m, s_self). The weights sum to 1 to fp32's
+  // rounding: the backward's delta = rowsum(dout * out) meets the a = exp(s - lse_A) it recomputes
+  // without the rounding of lse_P - lse_A (|lse| ~ 100 rounds by 4e-6, and a peaked row's
+  // dS = a (dP - delta) would carry that error times delta).
   void write_out(const QueryBlock& qb, const SoftmaxState& st) {
     const int64_t dv = p_.v_head_dim, bytes = dtype_bytes(p_.dtype);
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
         const int64_t i = h * bm_ + r;
-        const float la = lse_a(h)[r], lp = lse_p(h)[r], self = st.self[i];
-        const float w_support = lp == -kInf ? 0.f : std::exp(lp - la) / st.sum[i];
+        const float m = st.max[i], self = st.self[i];
+        const float top = std::max(m, self);  // -inf: no key attended (out = 0); NaN propagates
+        const float e_support = st.sum[i] == 0.f ? 0.f : std::exp(m - top) * st.sum[i];
+        const float e_self = self == -kInf ? 0.f : std::exp(self - top);
+        const float total = e_support + e_self;
+        const float w_support = e_support == 0.f ? 0.f : std::exp(m - top) / total;
         float* o = o_ + i * geo_.dvp;
         for (int64_t d = 0; d < dv; ++d) o[d] *= w_support;
         if (self != -kInf) {
-          const float w_self = std::exp(self - la);
+          const float w_self = e_self / total;
           load_row(row_address(p_.v, p_.dtype, qb.b, h / geo_.group, qb.k_start + qb.first_pos + r), p_.dtype,
                    dv, 1.f, v_self_);
           for (int64_t d = 0; d < dv; ++d) o[d] += w_self * v_self_[d];
@@ -396,11 +404,13 @@ class Forward : UnitSweep {
         norm_max(0)[r] = normaliser(lse_p(0), lse_a(0), heads_, r, norm_log(0) + r);
         if (!p_.no_reference) norm_max(1)[r] = normaliser(ref_lse_p(0), ref_lse_a(0), ref_heads_, r, norm_log(1) + r);
       }
-    const int64_t acc_rows = p_.heads_each ? heads_ : 1;
-    float* div_acc = acc_;                               // (acc_rows, BM, kLanes)
-    float* gbar_acc = acc_ + acc_rows * bm_ * kLanes;  // (acc_rows, BM, kLanes)
-    float* u_acc = gbar_acc + acc_rows * bm_ * kLanes;  // (BM, heads, kLanes), "mean"
-    std::fill(acc_.get(), acc_ + bm_ * (2 * heads_ + 2) * kLanes, 0.f);
+    const int64_t acc_rows = p_.heads_each ? heads_ : 1, row_sums = acc_rows * bm_ * kLanes;
+    sums_.div = acc_;                      // (acc_rows, BM, kLanes) each
+    sums_.gbar = sums_.div + row_sums;
+    sums_.mass = sums_.gbar + row_sums;
+    sums_.u = sums_.mass + row_sums;        // (BM, heads, kLanes) each, "mean"
+    sums_.z = sums_.u + bm_ * heads_ * kLanes;
+    std::fill(acc_.get(), sums_.z + bm_ * heads_ * kLanes, 0.f);
     if (nstat_) std::fill(sacc_.get(), sacc_ + bm_ * (heads_ + 1) * nstat_ * kLanes, 0.f);
 
     if (any_live) {
@@ -408,26 +418,26 @@ class Forward : UnitSweep {
         if (!p_.heads_each) {
           tile_exponentials(qb, full);
           if (p_.no_reference)  // statistics only: no reference, no divergence
-            divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+            divergence_tile_mean<true, false>(qb, full, log_z, log_z_ref);
           else if (nstat_)
-            divergence_tile_mean<true>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+            divergence_tile_mean<true>(qb, full, log_z, log_z_ref);
           else
-            divergence_tile_mean<false>(qb, full, log_z, log_z_ref, div_acc, gbar_acc, u_acc);
+            divergence_tile_mean<false>(qb, full, log_z, log_z_ref);
           return;
         }
         if (p_.no_reference) {
-          divergence_tile_each<true, false>(qb, full, div_acc, gbar_acc);
+          divergence_tile_each<true, false>(qb, full);
           return;
         }
         score_reference(qb, /*pass2=*/true);
         if (nstat_)
-          divergence_tile_each<true>(qb, full, div_acc, gbar_acc);
+          divergence_tile_each<true>(qb, full);
         else
-          divergence_tile_each<false>(qb, full, div_acc, gbar_acc);
+          divergence_tile_each<false>(qb, full);
       });
     }
-    write_divergence(qb, log_z, div_acc, gbar_acc, u_acc);
-    if (nstat_) write_policy_stats(qb, log_z);
+    write_divergence(qb, log_z);
+    if (nstat_) write_policy_stats(qb);
   }
 
   // Statistics accumulators (kLanes floats each): "mean": per row [entropy, mass_0 ..] at
@@ -454,10 +464,12 @@ class Forward : UnitSweep {
     }
   }
 
-  // Adds the support's f and pi g of one lane group to a row's div and gbar sums.
-  static void add_divergence(const VDivergenceTerm& t, bool full, vmask support, vfloat& div_sum, vfloat& gbar_sum) {
+  // Adds the support's f, pi g and pi of one lane group to a row's div, gbar and mass sums.
+  static void add_divergence(const VDivergenceTerm& t, bool full, vmask support, vfloat& div_sum, vfloat& gbar_sum,
+                             vfloat& mass_sum) {
     div_sum += full ? t.f : vselect(support, t.f, vfloat{});
     gbar_sum += full ? t.pi_g : vselect(support, t.pi_g, vfloat{});
+    mass_sum += full ? t.pi : vselect(support, t.pi, vfloat{});
   }
 
   // heads="mean" statistics of lanes [c, c + kLanes) of row r: pi's (accumulate_policy_stats), then
@@ -575,8 +587,7 @@ class Forward : UnitSweep {
   // reference, div and gbar stay 0. Lanes whose mixtures fall under kLinearFloor go the log-space
   // route instead (divergence_lanes_from_scores).
   template <bool kStats, bool kDiv = true>
-  void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref,
-                            float* div_acc, float* gbar_acc, float* u_acc) {
+  void divergence_tile_mean(const QueryBlock& qb, bool full, const float* log_z, const float* log_z_ref) {
     const int64_t padded = static_cast<int64_t>(weights_.size()) / 3;
     float* w = weights_.data();
     float* share = w + padded;
@@ -595,8 +606,10 @@ class Forward : UnitSweep {
         log_norm_ref = norm_log(1)[r];
         scale_ref = std::exp(shift_ref - log_norm_ref);
       }
-      vfloat div_sum = vload(div_acc + r * kLanes), gbar_sum = vload(gbar_acc + r * kLanes);
-      float* u_row = u_acc + r * heads_ * kLanes;
+      vfloat div_sum = vload(sums_.div + r * kLanes), gbar_sum = vload(sums_.gbar + r * kLanes);
+      vfloat mass_sum = vload(sums_.mass + r * kLanes);
+      float* u_row = sums_.u + r * heads_ * kLanes;
+      float* z_row = sums_.z + r * heads_ * kLanes;
       const float* e = s_ + r * kBlockN;
       const float* e_ref = s_ref_ + r * kBlockN;
       float* g_row = g_row_;
@@ -613,7 +626,7 @@ class Forward : UnitSweep {
         if (any(low & support)) {
           if constexpr (kDiv) vstore(g_row + c, vfloat{});
           divergence_lanes_from_scores<kStats, kDiv>(qb, r, c, full, support, log_z[r], log_z_ref[r], div_sum,
-                                                     gbar_sum, u_row);
+                                                     gbar_sum, mass_sum, u_row);
           continue;
         }
         const vfloat log_pi = (vlog(sum) - log_norm) + shift;
@@ -626,25 +639,33 @@ class Forward : UnitSweep {
           // -H w_h rho_j / sum_j, finite where pi_j underflows
           vfloat g = ratio ? -rho / sum : t.g;
           if (!full) g = vselect(support, g, vfloat{});
-          add_divergence(t, full, support, div_sum, gbar_sum);
+          add_divergence(t, full, support, div_sum, gbar_sum, mass_sum);
           vstore(g_row + c, g);
         }
         if constexpr (kStats)
           accumulate_mean_stats(r, c, log_pi, pi, full, support,
                                 [&](int64_t h) { return vload(e + h * plane_ + c) * share[h]; });
       }
-      if constexpr (kDiv)
-        for (int64_t h = 0; h < heads_; ++h) {  // e_h is 0 outside P, and so is g
-          vfloat even{}, odd{};
-          for (int64_t c = 0; c < kBlockN; c += 2 * kLanes) {
-            even += vload(e + h * plane_ + c) * vload(g_row + c);
-            odd += vload(e + h * plane_ + c + kLanes) * vload(g_row + c + kLanes);
+      for (int64_t h = 0; h < heads_; ++h) {  // e_h is 0 outside P, and so is g
+        vfloat even{}, odd{}, mass_even{}, mass_odd{};
+        for (int64_t c = 0; c < kBlockN; c += 2 * kLanes) {
+          const vfloat e0 = vload(e + h * plane_ + c), e1 = vload(e + h * plane_ + c + kLanes);
+          mass_even += e0;
+          mass_odd += e1;
+          if constexpr (kDiv) {
+            even += e0 * vload(g_row + c);
+            odd += e1 * vload(g_row + c + kLanes);
           }
+        }
+        vstore(z_row + h * kLanes, vload(z_row + h * kLanes) + (mass_even + mass_odd) * share[h]);
+        if constexpr (kDiv) {
           const float factor = ratio ? static_cast<float>(heads_) * w[h] : share[h];
           vstore(u_row + h * kLanes, vload(u_row + h * kLanes) + (even + odd) * factor);
         }
-      vstore(div_acc + r * kLanes, div_sum);
-      vstore(gbar_acc + r * kLanes, gbar_sum);
+      }
+      vstore(sums_.div + r * kLanes, div_sum);
+      vstore(sums_.gbar + r * kLanes, gbar_sum);
+      vstore(sums_.mass + r * kLanes, mass_sum);
     }
   }
 
@@ -654,7 +675,8 @@ class Forward : UnitSweep {
   // route, and (a_hj / Z) g_j into u_row directly.
   template <bool kStats, bool kDiv>
   void divergence_lanes_from_scores(const QueryBlock& qb, int64_t r, int64_t c, bool full, vmask support, float log_z,
-                                    float log_z_ref, vfloat& div_sum, vfloat& gbar_sum, float* u_row) {
+                                    float log_z_ref, vfloat& div_sum, vfloat& gbar_sum, vfloat& mass_sum,
+                                    float* u_row) {
     float* e = lanes_;
     load_policy_keys(qb);
     lane_scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, r, c, e);
@@ -674,7 +696,7 @@ class Forward : UnitSweep {
       const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, log_rho);
       vfloat g_scaled = vweighted_grad(p_.divergence, x_max - log_z, a_over_z, log_pi, log_rho);  // (a_hj / Z) g_j / e_h
       if (!full) g_scaled = vselect(support, g_scaled, vfloat{});
-      add_divergence(t, full, support, div_sum, gbar_sum);
+      add_divergence(t, full, support, div_sum, gbar_sum, mass_sum);
       for (int64_t h = 0; h < heads_; ++h) {
         vfloat term = vload(e + h * kLanes) * g_scaled;
         if (!full) term = vselect(support, term, vfloat{});
@@ -690,12 +712,13 @@ class Forward : UnitSweep {
 
   // heads="each": log pi = s - lse_P, log rho = s_ref - lse_P_ref, per head.
   template <bool kStats, bool kDiv = true>
-  void divergence_tile_each(const QueryBlock& qb, bool full, float* div_acc, float* gbar_acc) {
+  void divergence_tile_each(const QueryBlock& qb, bool full) {
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
         if (!live_[r]) continue;
         const int64_t i = h * bm_ + r, at = h * plane_ + r * kBlockN;
-        vfloat div_sum = vload(div_acc + i * kLanes), gbar_sum = vload(gbar_acc + i * kLanes);
+        vfloat div_sum = vload(sums_.div + i * kLanes), gbar_sum = vload(sums_.gbar + i * kLanes);
+        vfloat mass_sum = vload(sums_.mass + i * kLanes);
         const float* s = s_ + at;
         const float* sr = s_ref_ + at;
         for (int64_t c = 0; c < kBlockN; c += kLanes) {
@@ -707,22 +730,23 @@ class Forward : UnitSweep {
             continue;
           }
           const VDivergenceTerm t = vdivergence_term(p_.divergence, log_pi, vload(sr + c) - ref_lse_p(h)[r]);
-          vfloat f = t.f, pi_g = t.pi_g;
-          if (!full) {
-            f = vselect(support, f, vfloat{});
-            pi_g = vselect(support, pi_g, vfloat{});
-          }
           if constexpr (kStats) accumulate_policy_stats(row_stats(i), log_pi, t.pi, full, support, c);
-          div_sum += f;
-          gbar_sum += pi_g;
+          add_divergence(t, full, support, div_sum, gbar_sum, mass_sum);
         }
-        vstore(div_acc + i * kLanes, div_sum);
-        vstore(gbar_acc + i * kLanes, gbar_sum);
+        vstore(sums_.div + i * kLanes, div_sum);
+        vstore(sums_.gbar + i * kLanes, gbar_sum);
+        vstore(sums_.mass + i * kLanes, mass_sum);
       }
   }
 
-  void write_divergence(const QueryBlock& qb, const float* log_z, const float* div_acc, const float* gbar_acc,
-                        const float* u_acc) {
+  // gbar = sum_P pi g / sum_P pi, both sums over the pi this forward formed (and the backward forms
+  // again): their sum is 1 only to the rounding of lse_P (and log Z), a relative error that
+  // sum_P pi_j (g_j - gbar) would otherwise carry as that error times gbar, large where the
+  // divergence is (kl of two peaked distributions: gbar = kl + 1). Likewise c_h = u_h - gbar z_h with
+  // the accumulated z_h = sum_P a_hj / Z, not Z_h / Z from the statistics.
+  static float weighted_mean(float sum, float mass) { return mass > 0.f ? sum / mass : sum; }
+
+  void write_divergence(const QueryBlock& qb, const float* log_z) {
     float* div = reinterpret_cast<float*>(p_.div);
     float* gbar = reinterpret_cast<float*>(p_.gbar);
     float* cbar = reinterpret_cast<float*>(p_.cbar);
@@ -731,26 +755,27 @@ class Forward : UnitSweep {
       if (p_.heads_each) {
         for (int64_t h = 0; h < heads_; ++h) {
           const int64_t out = (qb.b * heads_ + h) * p_.q_len + i, acc = (h * bm_ + r) * kLanes;
-          div[out] = live_[r] ? hsum(vload(div_acc + acc)) : 0.f;
-          gbar[out] = live_[r] ? hsum(vload(gbar_acc + acc)) : 0.f;
+          div[out] = live_[r] ? hsum(vload(sums_.div + acc)) : 0.f;
+          gbar[out] = live_[r] ? weighted_mean(hsum(vload(sums_.gbar + acc)), hsum(vload(sums_.mass + acc))) : 0.f;
           cbar[out] = 0.f;
         }
         continue;
       }
-      const float g = live_[r] ? hsum(vload(gbar_acc + r * kLanes)) : 0.f;
-      div[qb.b * p_.q_len + i] = live_[r] ? hsum(vload(div_acc + r * kLanes)) : 0.f;
+      const float g =
+          live_[r] ? weighted_mean(hsum(vload(sums_.gbar + r * kLanes)), hsum(vload(sums_.mass + r * kLanes))) : 0.f;
+      div[qb.b * p_.q_len + i] = live_[r] ? hsum(vload(sums_.div + r * kLanes)) : 0.f;
       gbar[qb.b * p_.q_len + i] = g;
-      // c_h = (u_h - gbar Z_h) / Z, with u_h / Z accumulated and Z_h / Z = exp(lse_P - lse_A - log Z)
-      for (int64_t h = 0; h < heads_; ++h)
+      // c_h = sum_P (a_hj / Z) (g_j - gbar) = u_h - gbar z_h, both accumulated over P
+      for (int64_t h = 0; h < heads_; ++h) {
+        const int64_t acc = (r * heads_ + h) * kLanes;
         cbar[(qb.b * heads_ + h) * p_.q_len + i] =
-            live_[r] ? hsum(vload(u_acc + (r * heads_ + h) * kLanes)) -
-                           g * std::exp(lse_p(h)[r] - lse_a(h)[r] - log_z[r])
-                     : 0.f;
+            live_[r] ? hsum(vload(sums_.u + acc)) - g * hsum(vload(sums_.z + acc)) : 0.f;
+      }
     }
   }
 
   // Writes entropy, mass and ("mean") cstats of qb's rows; 0 on dead rows.
-  void write_policy_stats(const QueryBlock& qb, const float* log_z) {
+  void write_policy_stats(const QueryBlock& qb) {
     float* entropy = reinterpret_cast<float*>(p_.entropy);
     float* mass = reinterpret_cast<float*>(p_.mass);
     float* cstats = reinterpret_cast<float*>(p_.cstats);
@@ -768,9 +793,9 @@ class Forward : UnitSweep {
         for (int64_t s = 0; s < n_seg; ++s) mass[out * n_seg + s] = value[1 + s];
       }
       if (p_.heads_each) continue;
-      // c_h = u_h / Z - stat * Z_h / Z, as for the divergence's cbar
+      // c_h = u_h / Z - stat * z_h, z_h = sum_P a_hj / Z as accumulated (write_divergence)
       for (int64_t h = 0; h < heads_; ++h) {
-        const float z_ratio = live ? std::exp(lse_p(h)[r] - lse_a(h)[r] - log_z[r]) : 0.f;
+        const float z_ratio = live ? hsum(vload(sums_.z + (r * heads_ + h) * kLanes)) : 0.f;
         const float* u = head_stats(r, h);
         float* dst = cstats + ((qb.b * heads_ + h) * p_.q_len + i) * nstat_;
         for (int64_t t = 0; t < nstat_; ++t) dst[t] = live ? hsum(vload(u + t * kLanes)) - value[t] * z_ratio : 0.f;
@@ -799,7 +824,13 @@ class Forward : UnitSweep {
   Floats softmax_rows_;          // (2, BM): softmax_tile's scratch
   Floats lse_, ref_lse_;         // (2, H, BM): lse_A then lse_P; likewise (2, Hr, BM)
   Floats row_;                   // (6, BM): log Z, log Z_ref, then norm_max / norm_log of both models
-  Floats acc_;                   // pass-2 accumulators: div, gbar (and u_h for "mean")
+  Floats acc_;                   // pass-2 accumulators: div, gbar, mass (and u_h, z_h for "mean"): sums_
+  // Pass 2's sums in acc_, kLanes lanes each (pass_divergence): per row ("mean") or per head and row
+  // ("each") div = sum_P f, gbar = sum_P pi g and mass = sum_P pi; "mean" also per row and head
+  // u = sum_P (a_hj / Z) g_j and z = sum_P a_hj / Z.
+  struct Sums {
+    float *div, *gbar, *mass, *u, *z;
+  } sums_{};
   Floats sacc_;                  // pass-2 statistics accumulators (row_stats, head_stats)
   std::vector<float> weights_;   // 3 x round_up(max(H, Hr), kLanes): mixture_weights' w, share, w_ref
   Floats g_row_;                 // (kBlockN,): g on one row of a tile (0 outside P)

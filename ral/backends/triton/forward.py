@@ -31,9 +31,10 @@ two sweeps, every other call (jsd, heads="mean", policy statistics), because the
           `stats` / `ref_stats_out` and are read back after a barrier (no register file of H rows).
   pass 2, one key sweep: per key tile, log pi = logsumexp_h(s_h - lse_A_h) - log sum_h Z_h (an
           online logsumexp over the heads, one exp2 per element and head) and log rho likewise;
-          f and g of the divergence -> div, gbar; then ("mean") a second loop over the heads
-          recomputes a_h and accumulates u_h = sum_P a_h g in a (BLOCK_M, H_PAD) register tile,
-          giving cbar_h = (u_h - gbar Z_h) / Z at the end.
+          f and g of the divergence -> div, gbar = sum_P pi g / sum_P pi (normalised by the sum of
+          the very pi formed here, which misses 1 by the statistics' rounding); then ("mean") a
+          second loop over the heads recomputes a_h and accumulates u_h = sum_P a_h g and
+          z_h = sum_P a_h in (BLOCK_M, H_PAD) register tiles, giving cbar_h = (u_h - gbar z_h) / Z.
   POLICY_STATS (docs/design.md, "Attention statistics"): pass 2 also sums, per row, the entropy
           -sum_P pi log pi and the mass of each of the NUM_SEG key segments (SEGS, the keys' ids)
           in a (BLOCK_M, NSTAT_PAD) tile [entropy, mass_0 ..] and, for "mean", per head the same
@@ -342,7 +343,9 @@ def forward_kernel(
         n_end2 = tl.where(any_row(live), n_end, 0)
         div = tl.full([BLOCK_M], 0.0, tl.float32)
         gbar = tl.full([BLOCK_M], 0.0, tl.float32)
+        mass = tl.full([BLOCK_M], 0.0, tl.float32)                        # sum_P pi
         u = tl.full([BLOCK_M, H_PAD], 0.0, tl.float32)
+        z_acc = tl.full([BLOCK_M, H_PAD], 0.0, tl.float32)               # sum_P a_h per head ("mean")
         heads = tl.arange(0, H_PAD)
         pstat = tl.full([BLOCK_M, NSTAT_PAD], 0.0, tl.float32)           # [entropy, mass_0 ..] per row
         ustat = tl.full([BLOCK_M, H_PAD, NSTAT_PAD], 0.0, tl.float32)    # their u_h per head ("mean")
@@ -360,6 +363,7 @@ def forward_kernel(
                 f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
                 div += tl.sum(tl.where(keep, f, 0.0), 1)
                 gbar += tl.sum(tl.where(keep, pig, 0.0), 1)
+                mass += tl.sum(tl.where(keep, tl.exp2(lpi), 0.0), 1)
             if POLICY_STATS:
                 seg = load_segments(SEGb, stride_seg, offs_n, k_len)
                 neg_log_pi = -lpi * LN2
@@ -368,6 +372,8 @@ def forward_kernel(
                 for hh in range(NH):
                     log_a = log_attention(Qb, Kb, Sb, stride_q, stride_k, stride_stats, h0 + hh, group, offs_m,
                                           offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
+                    zh = tl.sum(tl.where(keep, tl.exp2(log_a), 0.0), 1)
+                    z_acc += tl.where(heads[None, :] == hh, zh[:, None], 0.0)
                     if not NO_REF:
                         uh = tl.sum(tl.where(keep, times_g(log_a, g, lpi, lrho, DIVERGENCE), 0.0), 1)
                         u += tl.where(heads[None, :] == hh, uh[:, None], 0.0)
@@ -375,18 +381,19 @@ def forward_kernel(
                         sh = stat_sums(tl.exp2(log_a), neg_log_pi, seg, keep, NUM_SEG, NSTAT_PAD)
                         ustat += tl.where(heads[None, :, None] == hh, sh[:, None, :], 0.0)
 
+        # gbar = sum_P pi g / sum_P pi over the pi formed here (and again by the backward): their sum
+        # misses 1 by the rounding of the statistics, and sum_P pi (g - gbar) would carry that error
+        # times gbar (large for kl far from the reference); c_h below uses the accumulated sum_P a_h.
+        gbar = tl.where(mass > 0.0, gbar / tl.where(mass > 0.0, mass, 1.0), gbar)
         if not HEADS_EACH:
-            # c_h = (u_h - gbar Z_h) / Z per head, likewise per statistic
+            # c_h = (u_h - gbar z_h) / Z per head, z_h = sum_P a_h as accumulated; likewise per statistic
             inv_z = n_heads * tl.exp2(-log_z)  # 1 / Z, Z = (1/H) sum_h Z_h
             crow = at(CBAR, b, stride_cbar[BATCH], q_start, stride_cbar[ROW], HAS_SEQS) \
                 + offs_m.to(tl.int64) * stride_cbar[ROW]
             CSb = at(CSTATS, b, stride_cstats[BATCH], q_start, stride_cstats[ROW], HAS_SEQS)
             for hh in range(NH):
                 h = h0 + hh
-                la = load_row(Sb + h * stride_stats[HEAD], offs_m, stride_stats[ROW], q_len, 0.0) * LOG2E
-                lp = load_row(Sb + h * stride_stats[HEAD] + stride_stats[COL], offs_m, stride_stats[ROW], q_len,
-                              NEG_INF) * LOG2E
-                z_h = tl.where(lp == NEG_INF, 0.0, tl.exp2(lp - finite(la)))
+                z_h = tl.sum(tl.where(heads[None, :] == hh, z_acc, 0.0), 1)
                 uh = tl.sum(tl.where(heads[None, :] == hh, u, 0.0), 1)
                 tl.store(crow + h * stride_cbar[HEAD], tl.where(live, (uh - gbar * z_h) * inv_z, 0.0), mask=row_ok)
                 if POLICY_STATS:
