@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Random problems against the float64 oracle for as long as asked: not part of the suite (whose
+``test_random_problems`` draws 12 fixed examples), a bug hunt that prints every problem that breaks
+tests/oracle.py's accuracy rule, with its seed, so that one line reproduces it.
+
+    python tests/random_campaign.py cpu --seconds 100          # ~3,300 problems on this 2-core host
+    TRITON_INTERPRET=1 python tests/random_campaign.py triton --seconds 600
+
+Each seed draws one problem: dense (``Problem``, with left / right key padding one time in three) or
+packed (``PackedProblem``, 1-5 sequences, empty ones included), an option combination of the grid,
+H / Hkv / Hr / Hrkv from 1 to 9, head dims 8-128, v or not, a row mask, given ref_stats, 0-3 key
+segments (``check_stats`` then), fp32 / fp16 / bf16 (fp32 only for triton) and, one time in five, a
+scale of 0.05, 0.5 or 2.0. A failure is not always a bug: benchmarks/RESULTS.md (2026-12-07) sorts
+the kinds seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from oracle import PackedProblem, Problem, check, check_packed, check_stats, option_grid  # noqa: E402
+
+OPTIONS = list(option_grid())
+
+
+def draw(seed: int, backend: str):
+    """The problem of `seed` and the check that runs it."""
+    rng = random.Random(seed)
+    opts = dict(rng.choice(OPTIONS))
+    if rng.random() < 0.2:
+        opts["scale"] = rng.choice([0.05, 0.5, 2.0])
+    kv = rng.randint(1, 3)
+    heads = kv * rng.randint(1, 3)
+    mean = opts["heads"] == "mean"
+    ref_kv = rng.randint(1, 3) if mean else kv
+    ref_heads = ref_kv * rng.randint(1, 2) if mean else heads
+    dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.float32, torch.float16, torch.bfloat16]
+    common = dict(heads=heads, kv_heads=kv, head_dim=rng.choice([8, 16, 40, 64, 72, 128]),
+                  v_head_dim=rng.choice([None, 16, 24, 64]), ref_heads=ref_heads, ref_kv_heads=ref_kv,
+                  ref_head_dim=rng.choice([16, 32, 64]) if mean else None, dtype=rng.choice(dtypes),
+                  seed=seed, options=opts, segments=rng.choice([0, 0, 1, 2, 3]))
+    if rng.random() < 2 / 3:
+        k_len = rng.randint(1, 200)
+        q_len = rng.randint(1, k_len) if opts["causal"] else rng.randint(1, 200)
+        batch = rng.randint(1, 2)
+        left = tuple(rng.randint(0, k_len) for _ in range(batch)) if rng.random() < 0.4 else ()
+        right = tuple(rng.randint(0, k_len // 2) for _ in range(batch)) if rng.random() < 0.2 else ()
+        problem = Problem(batch=batch, q_len=q_len, k_len=k_len, left_pad=left, right_pad=right,
+                          row_mask=rng.random() < 0.5, with_ref_stats=rng.random() < 0.4, **common)
+        if problem.segments:
+            with_div = rng.random() < 0.7
+            return problem, lambda: check_stats(problem, backend, with_div=with_div)
+        return problem, lambda: check(problem, backend)
+    q_lens = tuple(rng.choice([0, 1, 2, rng.randint(1, 150)]) for _ in range(rng.randint(1, 5)))
+    if opts["causal"]:
+        k_lens = tuple(q + rng.choice([0, 0, rng.randint(0, 30)]) for q in q_lens)
+    else:
+        k_lens = tuple(rng.choice([0, 1, rng.randint(1, 150)]) if q == 0 else rng.randint(1, 150) for q in q_lens)
+    if max(q_lens) == 0 or max(k_lens) == 0:
+        return None, None
+    problem = PackedProblem(q_lens=q_lens, k_lens=k_lens, row_mask=rng.random() < 0.5,
+                            with_ref_stats=rng.random() < 0.4, **common)
+    return problem, lambda: check_packed(problem, backend)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("backend", choices=["cpu", "triton", "cuda", "reference"])
+    ap.add_argument("--seconds", type=float, default=100.0)
+    ap.add_argument("--first-seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start, seed, done, failed = time.time(), args.first_seed, 0, 0
+    while time.time() - start < args.seconds:
+        problem, run = draw(seed, args.backend)
+        seed += 1
+        if problem is None:
+            continue
+        done += 1
+        try:
+            run()
+        except AssertionError as err:
+            failed += 1
+            print(f"FAIL seed={seed - 1}: {str(err).splitlines()[0][:300]}\n  {problem!r}", flush=True)
+    print(f"{done} problems, {failed} failed, seeds {args.first_seed}..{seed - 1}, {time.time() - start:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
