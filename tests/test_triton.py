@@ -147,10 +147,10 @@ def test_jsd_near_reference(heads):
 @pytest.mark.parametrize("exclude_self", [True, False])
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_kl_far_from_reference(heads, exclude_self):
-    """dq / dk within 4x PyTorch's error here, not the CPU kernels' 2x. Measured at this size
-    (2026-12-07, dq and dk of seeds 0 and 1): "mean" 4.5-8.3x before gbar was normalised and c_h taken
-    from the accumulated a, 1.2-3.2x after; "each" (the one-sweep kl path, whose gbar = div + 1 is
-    not normalised by the backward's pi) 1.0-2.3x, unchanged. The bound keeps "mean" from going back."""
+    """dq / dk within 4x PyTorch's error here, not the CPU kernels' 2x: "mean" (gbar and c_h over the
+    pi and a the kernels form) measures 1.2-3.2x at this size, "each" (the one-sweep kl path, whose
+    gbar = div + 1 is not normalised by the backward's pi) 1.0-2.3x; a gbar of sum_P pi g alone gave
+    "mean" 4.5-8.3x (benchmarks/RESULTS.md, 2026-12-07)."""
     check_far_from_reference("triton", heads, exclude_self, q_len=48, factor=4.0)
 
 
