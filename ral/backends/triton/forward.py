@@ -22,7 +22,8 @@ one sweep (``one_sweep``), heads="each" with kl / reverse_kl and no statistics. 
   (m, l / m_r, l_r: running max and sum over P of the model / the reference; with ref_stats,
   m_r = lse_RP and l_r = sum_P rho, and the log l_r of kl is 0.) Every term is relative to the
   running maxes, so no difference of two large log-normalisers appears; when a max moves, T gets
-  alpha (T + l_old (shift change)). gbar = div + 1 (kl), gbar = -sum_P rho (reverse_kl), cbar = 0.
+  alpha (T + l_old (shift change)). gbar = div + 1 (kl), gbar = -sum_P rho (reverse_kl), each as the
+  mean under the pi the backward forms from the stored statistics (one_sweep), cbar = 0.
 
 two sweeps, every other call (jsd, heads="mean", policy statistics), because the divergence of a
   key needs the row's normalisers (jsd: log((pi + rho)/2); "mean": log sum_h Z_h).
@@ -162,7 +163,9 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
     relative to the running maxes (never s - lse of two large numbers), and when a max moves the
     carried T gets alpha * l_old * (shift change) besides the rescale alpha. Writes out, stats and
     (unless HAS_REF_STATS) ref_stats of the head; returns (div, gbar, lse_P) per row (log2 lse_P),
-    gbar = div + 1 (kl), -sum_P rho (reverse_kl: -1 on non-empty rows); dead rows are not zeroed."""
+    gbar the mean of g under the pi the backward forms from the stored statistics: div + 1 (kl),
+    -sum_P rho / sum_P pi (reverse_kl), each corrected by those statistics' rounding (delta below);
+    dead rows are not zeroed."""
     row_ok = offs_m < q_len
     offs_d = tl.arange(0, D_PAD)
     offs_dr = tl.arange(0, DR_PAD)
@@ -239,21 +242,31 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < v_dim))
 
     l_safe = nonzero(l_p)
+    # The backward forms pi = exp2(s - lp) and rho = exp2(s_ref - lr) with lp, lr the stored (natural)
+    # lse_P's read back in log2: over P they sum to exp2(delta), exp2(delta_r), delta = lse2 - lp, not
+    # to 1. gbar is the mean of g under those pi (docs/design.md, "Gradient"), so that the backward's
+    # sum_P pi (g - gbar) vanishes: for kl div + 1 + (delta - delta_r) ln 2, for reverse_kl
+    # -sum_P rho / sum_P pi. With ref_stats the backward's lr is m_r itself (delta_r = 0).
+    delta = (finite(m_p) - finite(lse_p * LN2) * LOG2E) + tl.log2(l_safe)  # 0 on empty rows
+    if HAS_REF_STATS:
+        delta_r = zero
+    else:
+        delta_r = (finite(m_r) - finite(lse2(m_r, l_r) * LN2) * LOG2E) + tl.log2(nonzero(l_r))
     if DIVERGENCE == 1:
         if HAS_REF_STATS:
             ref_off = zero  # log(sum_P e^(s_ref - lse_RP)) = 0: the reference enters through m_r
         else:
             ref_off = tl.log2(nonzero(l_r))
         div = (t / l_safe - tl.log2(l_safe) + ref_off) * LN2
-        gbar = div + 1.0
+        gbar = div + 1.0 + (delta - delta_r) * LN2
     else:
         lr_safe = nonzero(l_r)
         if HAS_REF_STATS:
             div = (t + tl.log2(l_safe)) * LN2  # the weights e^(s_ref - lse_RP) are rho already
-            gbar = -l_r
+            gbar = -l_r * tl.exp2(-delta)
         else:
             div = (t / lr_safe - tl.log2(lr_safe) + tl.log2(l_safe)) * LN2
-            gbar = -l_r / lr_safe
+            gbar = -tl.exp2(delta_r - delta)
     return div, gbar, lse_p
 
 
