@@ -361,10 +361,10 @@ class Forward : UnitSweep {
         const int64_t i = h * bm_ + r;
         const float m = st.max[i], self = st.self[i];
         const float top = std::max(m, self);  // -inf: no key attended (out = 0); NaN propagates
-        const float e_support = st.sum[i] == 0.f ? 0.f : std::exp(m - top) * st.sum[i];
+        const float to_top = st.sum[i] == 0.f ? 0.f : std::exp(m - top);  // P V and l are relative to m
         const float e_self = self == -kInf ? 0.f : std::exp(self - top);
-        const float total = e_support + e_self;
-        const float w_support = e_support == 0.f ? 0.f : std::exp(m - top) / total;
+        const float total = to_top * st.sum[i] + e_self;
+        const float w_support = to_top == 0.f ? 0.f : to_top / total;
         float* o = o_ + i * geo_.dvp;
         for (int64_t d = 0; d < dv; ++d) o[d] *= w_support;
         if (self != -kInf) {
