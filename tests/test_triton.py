@@ -147,11 +147,11 @@ def test_jsd_near_reference(heads):
 @pytest.mark.parametrize("exclude_self", [True, False])
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_kl_far_from_reference(heads, exclude_self):
-    """dq / dk within 4x PyTorch's error here, not the CPU kernels' 2x: "mean" (gbar and c_h over the
-    pi and a the kernels form) measures 1.2-3.2x at this size, "each" (the one-sweep kl path, its gbar
-    corrected for the stored statistics' rounding) 0.6-1.2x; a gbar of sum_P pi g alone gave "mean"
-    4.5-8.3x, "each" 1.0-2.3x (benchmarks/RESULTS.md, 2026-12-07)."""
-    check_far_from_reference("triton", heads, exclude_self, q_len=48, factor=4.0)
+    """dq / dk within 2x PyTorch's error, as the CPU kernels'. Fails if gbar is sum_P pi g alone
+    ("mean" measured 4.5-8.3x, "each" 1.0-2.3x) or if the stored lse's are rounded twice and read
+    back with a third rounding ("mean" up to 2.45x on the test's cases; benchmarks/RESULTS.md,
+    2026-12-07)."""
+    check_far_from_reference("triton", heads, exclude_self, q_len=48)
 
 
 @interpreted

@@ -30,9 +30,9 @@ as one tuple (common.py: BATCH, HEAD, ROW / KEY, DIM / COL).
 
 from __future__ import annotations
 
-from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, ROW, any_row, at, div_terms, finite, key_ok, key_sets,
-                     load_row, load_segments, load_tile, log_policy, log_zsum, matmul, model_bases, row_tile, scores,
-                     stat_grad, times_g, tl, triton, work_unit)
+from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, ROW, any_row, at, div_terms, finite, key_ok, key_sets,
+                     load_row, load_segments, load_tile, log_policy, log_zsum, matmul, model_bases, row_tile,
+                     scores, stat_grad, sub_lse, times_g, tl, triton, work_unit)
 
 
 @triton.jit
@@ -213,8 +213,9 @@ def backward_kernel(
                 h = kvh * group + hh
                 q = load_tile(Qb + h * stride_q[HEAD], offs_m, offs_d, stride_q[ROW], stride_q[DIM], q_len, head_dim)
                 s = matmul(q, tl.trans(k), UPCAST, PREC) * scale2
-                la = finite(load_row(Sb + h * stride_stats[HEAD], offs_m, stride_stats[ROW], q_len, 0.0) * LOG2E)
-                a = tl.where(att, tl.exp2(s - la[:, None]), 0.0)
+                la = finite(load_row(Sb + h * stride_stats[HEAD], offs_m, stride_stats[ROW], q_len, 0.0))
+                log_a = sub_lse(s, la[:, None])
+                a = tl.where(att, tl.exp2(log_a), 0.0)
                 delta = load_row(DLb + h * stride_delta[HEAD], offs_m, stride_delta[ROW], q_len, 0.0)
                 if HAS_V:
                     do = load_tile(DOb + h * stride_dout[HEAD], offs_m, offs_dv, stride_dout[ROW], stride_dout[DIM],
@@ -230,8 +231,8 @@ def backward_kernel(
                                                   q_len, POLICY_STATS, NUM_SEG, NSTAT_PAD)
                     keep = sup & live[:, None]
                     lp = finite(load_row(Sb + h * stride_stats[HEAD] + stride_stats[COL], offs_m, stride_stats[ROW],
-                                         q_len, 0.0) * LOG2E)
-                    lpi = s - lp[:, None]
+                                         q_len, 0.0))
+                    lpi = sub_lse(s, lp[:, None])
                     lrho = zero_tile
                     g = zero_tile
                     if POLICY_STATS:
@@ -241,15 +242,15 @@ def backward_kernel(
                         need_g = True
                     if need_g:
                         lrp = finite(load_row(RSb + h * stride_ref_stats[HEAD] + stride_ref_stats[COL], offs_m,
-                                              stride_ref_stats[ROW], q_len, 0.0) * LOG2E)
+                                              stride_ref_stats[ROW], q_len, 0.0))
                         sr = scores(QRb + h * stride_q_ref[HEAD], KRb + (h // ref_group) * stride_k_ref[HEAD],
                                     stride_q_ref, stride_k_ref, offs_m, offs_n, q_len, k_len, ref_dim, ref_scale2,
                                     DR_PAD, UPCAST, PREC)
-                        lrho = sr - lrp[:, None]
+                        lrho = sub_lse(sr, lrp[:, None])
                         f, g, pig = div_terms(lpi, lrho, DIVERGENCE)
                     lc = lpi  # T = pi (g - gbar)
                 else:
-                    lc = s - la[:, None] - log_z[:, None]  # T = (a / H) (g - gbar) / Z
+                    lc = log_a - log_z[:, None]  # T = (a / H) (g - gbar) / Z
                 if POLICY_STATS:  # g_total = w g + g_stat, gb = gbar_total
                     t = w[:, None] * times_g(lc, g, lpi, lrho, DIVERGENCE) + tl.exp2(lc) * (g_stat - gb[:, None])
                 else:

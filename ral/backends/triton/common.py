@@ -1,8 +1,9 @@
 """Device helpers shared by the forward and backward kernels (``@triton.jit``, inlined at each call).
 
 Everything here works in log2 units: the launchers fold log2(e) into the softmax scales
-(``scale2 = scale * log2(e)``), so a score tile ``s`` is ready for ``tl.exp2`` and the natural-log
-statistics the kernels store are ``LN2`` times the log2 ones. Pointers handed to the helpers are
+(``scale2 = scale * log2(e)``), so a score tile ``s`` is ready for ``tl.exp2``; the statistics the
+kernels store are natural-log, converted with no rounding of their own (``lse_natural`` on the way
+out, ``sub_lse`` on the way back in). Pointers handed to the helpers are
 already at the right (batch, head) and, with a sequence table, at the unit's first row / key
 (``at``); ``q_len`` / ``k_len`` are the unit's lengths and ``pos0`` the key position of its row 0.
 Strides travel as one 4-tuple per tensor, indexed by the slots BATCH, HEAD, ROW / KEY, DIM / COL
@@ -36,6 +37,12 @@ except Exception as err:  # pragma: no cover - exercised only where triton is mi
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Each as its float32 value (HI) and the rest (LO): inside an fma x * HI is exact, so a conversion
+# between natural and log2 units adds no rounding of its own (``lse_natural``, ``sub_lse``).
+LOG2E_HI = tl.constexpr(1.4426950216293335)
+LOG2E_LO = tl.constexpr(1.92596298909109e-08)
+LN2_HI = tl.constexpr(0.6931471824645996)
+LN2_LO = tl.constexpr(-1.904654323148236e-09)
 NEG_INF = tl.constexpr(float("-inf"))
 
 # Slots of a stride tuple: every tensor reaches the kernels with its strides as one 4-tuple
@@ -153,6 +160,25 @@ def nonzero(l):
 
 
 @triton.jit
+def lse_natural(m, l):
+    """The natural-log sum of a running max m and sum l in log2 units, rounded once: one fma takes
+    m ln 2 exactly, plus the small rest (m (ln 2 - LN2_HI) + ln l); -inf for an empty set (l == 0),
+    NaN for NaN. Stored as lse_A / lse_P: at |lse| ~ 50 one fp32 rounding is 2e-6 and every
+    a = exp(s - lse) formed after carries it, so there is no second (m + log2 l, then times ln 2)."""
+    mf = finite(m)
+    return tl.where(l == 0.0, NEG_INF, tl.fma(mf, LN2_HI, mf * LN2_LO + tl.log2(nonzero(l)) * LN2))
+
+
+@triton.jit
+def sub_lse(s, lse):
+    """s - lse log2(e): a score (or running max) in log2 units minus a finite natural-log statistic
+    of its row (broadcast by the caller), with no rounding of lse log2(e) of its own (4e-6 at
+    |lse| ~ 50): lse * LOG2E_HI is exact inside one explicit fma, which the compiler's fp
+    contraction cannot split or fuse differently; lse * LOG2E_LO follows."""
+    return tl.fma(-lse, LOG2E_HI, s) - lse * LOG2E_LO
+
+
+@triton.jit
 def lse2(m, l):
     """log2 sum from a running max and sum: -inf for an empty set (l == 0), NaN for NaN (a NaN input
     must not turn its row into an empty one)."""
@@ -211,8 +237,8 @@ def log_attention(q_ptr, k_ptr, stats, stride_q, stride_k, stride_s, h, group, o
     (meaningful on A only), from the natural-log statistics at `stats`."""
     s = scores(q_ptr + h * stride_q[HEAD], k_ptr + (h // group) * stride_k[HEAD], stride_q, stride_k,
                offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
-    la = load_row(stats + h * stride_s[HEAD], offs_m, stride_s[ROW], q_len, 0.0) * LOG2E
-    return s - finite(la)[:, None]
+    la = finite(load_row(stats + h * stride_s[HEAD], offs_m, stride_s[ROW], q_len, 0.0))
+    return sub_lse(s, la[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,9 +254,9 @@ def log_zsum(stats, stride_s, h0, n_heads, offs_m, q_len, BLOCK_M: tl.constexpr)
     sm = tl.full([BLOCK_M], 0.0, tl.float32)
     for hh in range(n_heads):
         h = h0 + hh
-        la = load_row(stats + h * stride_s[HEAD], offs_m, stride_s[ROW], q_len, 0.0) * LOG2E
-        lp = load_row(stats + h * stride_s[HEAD] + stride_s[COL], offs_m, stride_s[ROW], q_len, NEG_INF) * LOG2E
-        x = tl.where(lp == NEG_INF, NEG_INF, lp - la)
+        la = finite(load_row(stats + h * stride_s[HEAD], offs_m, stride_s[ROW], q_len, 0.0))
+        lp = load_row(stats + h * stride_s[HEAD] + stride_s[COL], offs_m, stride_s[ROW], q_len, NEG_INF)
+        x = tl.where(lp == NEG_INF, NEG_INF, (lp - la) * LOG2E)  # log2 Z_h: the difference first
         m_new = tl.maximum(mx, x)
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
         sm = sm * tl.exp2(mx - m_use) + tl.exp2(x - m_use)
@@ -249,8 +275,8 @@ def log_policy(q_ptr, k_ptr, stats, stride_q, stride_k, stride_s, h0, n_heads, g
     if HEADS_EACH:
         s = scores(q_ptr + h0 * stride_q[HEAD], k_ptr + (h0 // group) * stride_k[HEAD], stride_q, stride_k,
                    offs_m, offs_n, q_len, k_len, head_dim, scale2, D_PAD, UPCAST, PREC)
-        lp = load_row(stats + h0 * stride_s[HEAD] + stride_s[COL], offs_m, stride_s[ROW], q_len, 0.0) * LOG2E
-        res = s - finite(lp)[:, None]
+        lp = finite(load_row(stats + h0 * stride_s[HEAD] + stride_s[COL], offs_m, stride_s[ROW], q_len, 0.0))
+        res = sub_lse(s, lp[:, None])
     else:
         mx = tl.full([BLOCK_M, BLOCK_N], NEG_INF, tl.float32)
         sm = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)

@@ -51,9 +51,9 @@ scratch. Every tensor's strides come as one tuple (common.py: BATCH, HEAD, ROW /
 
 from __future__ import annotations
 
-from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, LOG2E, NEG_INF, ROW, any_row, at, div_terms, finite, key_ok,
-                     key_sets, load_row, load_segments, load_tile, log_attention, log_policy, log_zsum, lse2, matmul,
-                     model_bases, nonzero, online, row_tile, stat_sums, times_g, tl, triton, work_unit)
+from .common import (BATCH, COL, DIM, HEAD, KEY, LN2, NEG_INF, ROW, any_row, at, div_terms, finite, key_ok, key_sets,
+                     load_row, load_segments, load_tile, log_attention, log_policy, log_zsum, lse_natural, matmul,
+                     model_bases, nonzero, online, row_tile, stat_sums, sub_lse, times_g, tl, triton, work_unit)
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def head_softmax(q_ptr, k_ptr, v_ptr, out_ptr, stride_q, stride_k, stride_v, str
                  HAS_V: tl.constexpr, HAS_KEY_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                  EXCLUDE_SELF: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Pass 1 for one head: one sweep over keys [0, n_end). Returns (lse_A, lse_P), (BLOCK_M,) each
-    in log2 units (-inf for an empty set), and writes out = softmax_A(s) v (0 for an empty A)."""
+    in natural log as stored (``lse_natural``; -inf for an empty set), and writes out = softmax_A(s) v
+    (0 for an empty A)."""
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     q = load_tile(q_ptr, offs_m, offs_d, stride_q[ROW], stride_q[DIM], q_len, head_dim)
@@ -95,9 +96,9 @@ def head_softmax(q_ptr, k_ptr, v_ptr, out_ptr, stride_q, stride_k, stride_v, str
                                              HAS_V, UPCAST, PREC)
         if EXCLUDE_SELF:
             m_p, l_p, _, _, _ = online(m_p, l_p, tl.where(sup, s, NEG_INF))
-    lse_a = lse2(m_a, l_a)
+    lse_a = lse_natural(m_a, l_a)
     if EXCLUDE_SELF:
-        lse_p = lse2(m_p, l_p)
+        lse_p = lse_natural(m_p, l_p)
     else:
         lse_p = lse_a
     if HAS_V:
@@ -109,10 +110,10 @@ def head_softmax(q_ptr, k_ptr, v_ptr, out_ptr, stride_q, stride_k, stride_v, str
 
 @triton.jit
 def store_lse(ptr, stride, offs_m, row_ok, lse_a, lse_p):
-    """[lse_A, lse_P] (log2 units in, natural log out) of one head's rows into a statistics tensor."""
+    """[lse_A, lse_P] (natural log, ``lse_natural``) of one head's rows into a statistics tensor."""
     ptrs = ptr + offs_m.to(tl.int64) * stride[ROW]
-    tl.store(ptrs, lse_a * LN2, mask=row_ok)
-    tl.store(ptrs + stride[COL], lse_p * LN2, mask=row_ok)
+    tl.store(ptrs, lse_a, mask=row_ok)
+    tl.store(ptrs + stride[COL], lse_p, mask=row_ok)
 
 
 @triton.jit
@@ -184,9 +185,12 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
     t = zero
     acc = tl.full([BLOCK_M, DV_PAD], 0.0, tl.float32)
     if HAS_REF_STATS:
-        # the given normaliser is the reference's fixed shift: e^(s_ref - m_r) = rho exactly
-        m_r = finite(load_row(ref_stats_ptr + stride_ref_stats[COL], offs_m, stride_ref_stats[ROW], q_len,
-                              NEG_INF) * LOG2E)
+        # the given normaliser in log2 units is m_r + r_lo exactly: m_r (a float32 near it, formed by
+        # sub_lse so that s_ref - m_r is never contracted into an fma of its own) is the reference's
+        # fixed shift, and rho = e^(s_ref - m_r) 2^(-r_lo), as the backward forms it (sub_lse)
+        lse_rp = finite(load_row(ref_stats_ptr + stride_ref_stats[COL], offs_m, stride_ref_stats[ROW], q_len, 0.0))
+        m_r = -sub_lse(zero, lse_rp)
+        r_lo = -sub_lse(m_r, lse_rp)
     else:
         m_r = ninf
     for start_n in range(0, n_end, BLOCK_N):
@@ -232,29 +236,30 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
             t = alpha_r * (t + lr_old * ((r_old - sh_r) + (sh_p - p_old))) \
                 + tl.sum(tl.where(sup, e_r * x, 0.0), 1)
 
-    lse_p = lse2(m_p, l_p)
-    store_lse(stats_ptr, stride_stats, offs_m, row_ok, lse2(m_a, l_a), lse_p)
+    lse_p = lse_natural(m_p, l_p)
+    store_lse(stats_ptr, stride_stats, offs_m, row_ok, lse_natural(m_a, l_a), lse_p)
     if not HAS_REF_STATS:
-        store_lse(ref_stats_ptr, stride_ref_stats, offs_m, row_ok, lse2(m_ra, l_ra), lse2(m_r, l_r))
+        lse_rp = lse_natural(m_r, l_r)
+        store_lse(ref_stats_ptr, stride_ref_stats, offs_m, row_ok, lse_natural(m_ra, l_ra), lse_rp)
     if HAS_V:
         o = acc / nonzero(l_a)[:, None]
         ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_out[ROW] + offs_dv[None, :].to(tl.int64) * stride_out[DIM]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < v_dim))
 
     l_safe = nonzero(l_p)
-    # The backward forms pi = exp2(s - lp) and rho = exp2(s_ref - lr) with lp, lr the stored (natural)
-    # lse_P's read back in log2: over P they sum to exp2(delta), exp2(delta_r), delta = lse2 - lp, not
-    # to 1. gbar is the mean of g under those pi (docs/design.md, "Gradient"), so that the backward's
-    # sum_P pi (g - gbar) vanishes: for kl div + 1 + (delta - delta_r) ln 2, for reverse_kl
-    # -sum_P rho / sum_P pi. With ref_stats the backward's lr is m_r itself (delta_r = 0).
-    delta = (finite(m_p) - finite(lse_p * LN2) * LOG2E) + tl.log2(l_safe)  # 0 on empty rows
+    # The backward forms pi = exp2(s - lp) and rho = exp2(s_ref - lr) with lp, lr the stored lse_P's
+    # in log2 (``sub_lse``): over P they sum to exp2(delta), exp2(delta_r), delta = m + log2 l - lp,
+    # not to 1. gbar is the mean of g under those pi (docs/design.md, "Gradient"), so that the
+    # backward's sum_P pi (g - gbar) vanishes: for kl div + 1 + (delta - delta_r) ln 2, for
+    # reverse_kl -sum_P rho / sum_P pi. With ref_stats the backward's rho is the one below (delta_r = 0).
+    delta = sub_lse(finite(m_p), finite(lse_p)) + tl.log2(l_safe)  # 0 on empty rows
     if HAS_REF_STATS:
         delta_r = zero
     else:
-        delta_r = (finite(m_r) - finite(lse2(m_r, l_r) * LN2) * LOG2E) + tl.log2(nonzero(l_r))
+        delta_r = sub_lse(finite(m_r), finite(lse_rp)) + tl.log2(nonzero(l_r))
     if DIVERGENCE == 1:
         if HAS_REF_STATS:
-            ref_off = zero  # log(sum_P e^(s_ref - lse_RP)) = 0: the reference enters through m_r
+            ref_off = r_lo  # log rho = (s_ref - m_r) - r_lo
         else:
             ref_off = tl.log2(nonzero(l_r))
         div = (t / l_safe - tl.log2(l_safe) + ref_off) * LN2
@@ -262,8 +267,9 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
     else:
         lr_safe = nonzero(l_r)
         if HAS_REF_STATS:
-            div = (t + tl.log2(l_safe)) * LN2  # the weights e^(s_ref - lse_RP) are rho already
-            gbar = -l_r * tl.exp2(-delta)
+            # rho = e_r 2^(-r_lo) with e_r = e^(s_ref - m_r), sum_P e_r = l_r (1 up to the rounding of lse_RP)
+            div = tl.exp2(-r_lo) * (t + l_r * (tl.log2(l_safe) - r_lo)) * LN2
+            gbar = -l_r * tl.exp2(-delta - r_lo)
         else:
             div = (t / lr_safe - tl.log2(lr_safe) + tl.log2(l_safe)) * LN2
             gbar = -tl.exp2(delta_r - delta)
