@@ -388,6 +388,18 @@ def test_cuda_strided_bf16():
 @compiled
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("exclude_self", [True, False])
+@pytest.mark.parametrize("heads", ["mean", "each"])
+def test_cuda_kl_far_from_reference(heads, exclude_self):
+    """test_kl_far_from_reference compiled (fp32, ieee dots): the statistics' conversions between
+    natural and log2 units (common.lse_natural, common.sub_lse) keep their accuracy where the
+    compiler fuses multiplies into adds, which the interpreter never does."""
+    check_far_from_reference("triton", heads, exclude_self, q_len=48, device="cuda")
+
+
+@compiled
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", range(2))
 @pytest.mark.parametrize("opts", [GRID[0], GRID[13]], ids=lambda o: option_id(o))
 def test_cuda_statistics(case, opts):
