@@ -6,6 +6,7 @@ fp32 error on the same problem (tests/oracle.py's ``run``; nothing asserted), as
 
     python benchmarks/accuracy_far.py cpu
     TRITON_INTERPRET=1 python benchmarks/accuracy_far.py triton       # ~1.5 min on 2 cores
+    python benchmarks/accuracy_far.py triton --device cuda             # compiled, on a GPU
 
 The problems are ``check_far_from_reference``'s (kl, causal, scale 2.0 on D = 16: kl of a few to
 tens per row; B = 1, H = 4 on 2 kv heads, no v) for heads "mean" and "each", exclude_self on and
@@ -32,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from oracle import Problem, cast, run, upstream  # noqa: E402
 
 
-def ratios(backend: str, seeds: int) -> dict:
+def ratios(backend: str, seeds: int, device: str = "cpu") -> dict:
     """{"heads q_len": {"max": [max over dq, dk of the max-abs error / PyTorch's, per (exclude_self,
     seed)], "rms": [the rms error / PyTorch's, dq and dk of each case]}}."""
     cases = [(heads, q_len, exclude_self, seed) for heads in ("mean", "each") for q_len in (48, 80)
@@ -47,7 +48,7 @@ def ratios(backend: str, seeds: int) -> dict:
         dout, ddiv = upstream(base)
         want = run(base, "reference", dout, ddiv)
         torch_same = run(cast(base, torch.float32), "reference", dout, ddiv)
-        got = run(cast(base, torch.float32), backend, dout, ddiv)
+        got = run(cast(base, torch.float32, device), backend, dout, ddiv)
         cell = out.setdefault(f"{heads} {q_len}", {"max": [], "rms": []})
         err, err_torch = [{name: r[name] - want[name] for name in ("dq", "dk")} for r in (got, torch_same)]
         cell["max"].append(max(float(err[n].abs().max() / err_torch[n].abs().max()) for n in err))
@@ -57,12 +58,13 @@ def ratios(backend: str, seeds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("backend", choices=["cpu", "triton", "cuda"])
+    parser.add_argument("backend", choices=["cpu", "triton"], help="an fp32 backend (the cuda one takes fp16 / bf16)")
+    parser.add_argument("--device", default="cpu", help="where the backend runs: cpu, or cuda for compiled triton")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--json", help="write the ratios here")
     args = parser.parse_args()
     start = time.time()
-    res = ratios(args.backend, args.seeds)
+    res = ratios(args.backend, args.seeds, args.device)
     for key, cell in res.items():
         worst, rms = sorted(cell["max"]), sorted(cell["rms"])
         print(f"{args.backend:7s} {key:8s} max-abs: median {worst[len(worst) // 2]:.2f}x max {worst[-1]:.2f}x "
