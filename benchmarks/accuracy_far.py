@@ -8,9 +8,9 @@ fp32 error on the same problem (tests/oracle.py's ``run``; nothing asserted), as
     TRITON_INTERPRET=1 python benchmarks/accuracy_far.py triton       # ~1.5 min on 2 cores
     python benchmarks/accuracy_far.py triton --device cuda             # compiled, on a GPU
 
-The problems are ``check_far_from_reference``'s (kl, causal, scale 2.0 on D = 16: kl of a few to
-tens per row; B = 1, H = 4 on 2 kv heads, no v) for heads "mean" and "each", exclude_self on and
-off, q_len 48 and 80, seeds 0 .. --seeds-1. Per (heads, q_len) it prints the max-abs ratios sorted
+The problems are ``check_far_from_reference``'s (tests/oracle.py, ``far_from_reference_problem``:
+kl, causal, scale 2.0 on D = 16, kl of a few to tens per row) for heads "mean" and "each", exclude_self
+on and off, q_len 48 and 80, seeds 0 .. --seeds-1. Per (heads, q_len) it prints the max-abs ratios sorted
 (max(dq, dk) per case; the suite holds 2x on seeds 0 and 1 at q_len 48), their median and maximum,
 and the median and maximum of the rms ratios (dq and dk apart), and writes them to --json when
 asked. A max-abs ratio is one element's error over another's, so single cases scatter by 2x either
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from oracle import Problem, cast, run, upstream  # noqa: E402
+from oracle import cast, far_from_reference_problem, run, upstream  # noqa: E402
 
 
 def ratios(backend: str, seeds: int, device: str = "cpu") -> dict:
@@ -40,11 +40,7 @@ def ratios(backend: str, seeds: int, device: str = "cpu") -> dict:
              for exclude_self in (True, False) for seed in range(seeds)]
     out: dict = {}
     for heads, q_len, exclude_self, seed in tqdm(cases, desc=backend):
-        problem = Problem(dtype=torch.float32, batch=1, heads=4, kv_heads=2, head_dim=16, v_head_dim=None,
-                          q_len=q_len, k_len=q_len, seed=seed,
-                          options=dict(divergence="kl", heads=heads, exclude_self=exclude_self, causal=True,
-                                       scale=2.0))
-        base = problem.make()
+        base = far_from_reference_problem(heads, exclude_self, q_len, seed).make()
         dout, ddiv = upstream(base)
         want = run(base, "reference", dout, ddiv)
         torch_same = run(cast(base, torch.float32), "reference", dout, ddiv)

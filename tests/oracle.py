@@ -439,6 +439,15 @@ def check_near_reference(backend: str, heads: str, dtype=torch.float32, device="
     check(problem, backend, device)
 
 
+def far_from_reference_problem(heads: str, exclude_self: bool, q_len: int, seed: int,
+                               dtype=torch.float32) -> Problem:
+    """kl, causal, a policy peaked by scale 2.0 on D = 16 (scores of tens) against a reference at the
+    default scale: kl of a few to tens per row. B = 1, H = 4 on 2 kv heads, no v, Sk = Sq."""
+    return Problem(dtype=dtype, batch=1, heads=4, kv_heads=2, head_dim=16, v_head_dim=None, q_len=q_len,
+                   k_len=q_len, seed=seed, options=dict(divergence="kl", heads=heads, exclude_self=exclude_self,
+                                                        causal=True, scale=2.0))
+
+
 def check_far_from_reference(backend: str, heads: str, exclude_self: bool, dtype=torch.float32, device="cpu",
                              q_len: int = 80, factor: float = FACTOR) -> None:
     """kl between a policy peaked by a large scale (2.0 on D = 16: scores of tens) and a reference at
@@ -449,9 +458,7 @@ def check_far_from_reference(backend: str, heads: str, exclude_self: bool, dtype
     and the accuracy rule's floor hides it. So dq and dk must be within `factor` x PyTorch's error
     with no floor; then the accuracy rule on everything."""
     for seed in (0, 1):
-        problem = Problem(dtype=dtype, batch=1, heads=4, kv_heads=2, head_dim=16, v_head_dim=None, q_len=q_len,
-                          k_len=q_len, seed=seed, options=dict(divergence="kl", heads=heads, exclude_self=exclude_self,
-                                                               causal=True, scale=2.0))
+        problem = far_from_reference_problem(heads, exclude_self, q_len, seed, dtype)
         errors = check(problem, backend, device)
         for name in ("dq", "dk"):
             err, err_torch, _ = errors[name]

@@ -20,7 +20,7 @@ one sweep (``one_sweep``), heads="each" with kl / reverse_kl and no statistics. 
     kl:         T = sum_P e^(s-m) [(s-m) - (s_ref-m_r)]          div = T/l - log l + log l_r
     reverse_kl: T = sum_P e^(s_ref-m_r) [(s_ref-m_r) - (s-m)]    div = T/l_r - log l_r + log l
   (m, l / m_r, l_r: running max and sum over P of the model / the reference; with ref_stats,
-  m_r = lse_RP and l_r = sum_P rho, and the log l_r of kl is 0.) Every term is relative to the
+  m_r = lse_RP in log2 units, its float32 part, whose exact rest r_lo enters div.) Every term is relative to the
   running maxes, so no difference of two large log-normalisers appears; when a max moves, T gets
   alpha (T + l_old (shift change)). gbar = div + 1 (kl), gbar = -sum_P rho (reverse_kl), each as the
   mean under the pi the backward forms from the stored statistics (one_sweep), cbar = 0.
@@ -163,7 +163,7 @@ def one_sweep(q_ptr, k_ptr, v_ptr, q_ref_ptr, k_ref_ptr, stats_ptr, ref_stats_pt
     m, l / m_r, l_r: the running max and sum over P of the current model / reference; every term is
     relative to the running maxes (never s - lse of two large numbers), and when a max moves the
     carried T gets alpha * l_old * (shift change) besides the rescale alpha. Writes out, stats and
-    (unless HAS_REF_STATS) ref_stats of the head; returns (div, gbar, lse_P) per row (log2 lse_P),
+    (unless HAS_REF_STATS) ref_stats of the head; returns (div, gbar, lse_P) per row (lse_P natural, as stored),
     gbar the mean of g under the pi the backward forms from the stored statistics: div + 1 (kl),
     -sum_P rho / sum_P pi (reverse_kl), each corrected by those statistics' rounding (delta below);
     dead rows are not zeroed."""
