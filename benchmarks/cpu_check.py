@@ -123,18 +123,6 @@ def run_worker(job: dict) -> dict:
     return res
 
 
-def spawn_worker(job: dict, timeout: float) -> dict:
-    try:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"no result within {timeout:.0f} s")
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return dict(error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300])
-    return json.loads(lines[-1])
-
-
 # ----------------------------------------------------------------------------------------------
 # Variants, rounds and the summary
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +297,7 @@ def main(argv=None) -> int:
         for n, t in order:
             job = dict(lanes=n, path=paths[n], threads=t, seq=seq, cfg=cfg.asdict(), modes=list(MODES),
                        repeats=args.repeats, min_time=args.min_time, min_repeats=3)
-            res = spawn_worker(job, timeout=1800)
+            res = P.spawn_json_worker(__file__, job, timeout=1800)
             cells[(n, t)].append(res)
             if "error" in res:
                 print(f"  {n} lanes, {t} thread(s), round {rnd + 1}: {res['error']}", flush=True)

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -739,3 +741,17 @@ def time_worker(conn, providers: list, mode: str, seq: int, cfg_dict: dict, opts
         res = {p: dict(status="error", time_s=None, times=[], note=f"{type(err).__name__}: {err}") for p in providers}
     conn.send(res)
     conn.close()
+
+
+def spawn_json_worker(script: str, job: dict, timeout: float, env: Optional[dict] = None) -> dict:
+    """Runs ``python script --worker <job as JSON>`` in a fresh process and returns the last JSON
+    line it printed, or {"error": why} (a timeout, an exit status, the last line of its stderr)."""
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"no result within {timeout:.0f} s")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return dict(error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300])
+    return json.loads(lines[-1])

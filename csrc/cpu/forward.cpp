@@ -6,7 +6,8 @@
 //          row added with its own weight, so lse_P never comes from 1 - a_self); the same for
 //          the reference heads unless ref_stats is given. A tile's exponentials are taken
 //          against the tile's own maximum m_tile (exponentiate_row), so that pass 2 can form
-//          them again, bit for bit, from the tile alone;
+//          them again, bit for bit, from the tile alone. While a tile is worked on, the next
+//          tile's keys and values are prefetched a few lines per softmax row (TilePrefetcher);
 //   pass 2 over key blocks: per head the exponentials e = exp(s - m_tile) of both models (read
 //          back from the score cache when the caller gives one, else scored and exponentiated
 //          again); heads="mean" mixes them linearly, pi_j = exp(offset) sum_h w_h e_hj with one
@@ -75,9 +76,10 @@ RAL_VECTOR_INLINE float exponentiate_row(const AttentionKLParams& p, const KeyBl
 // GEMM applies them in its store, RowScale). The self score is read before `e` overwrites `src`.
 // The state update runs kLanes rows at a time (rows past qb.rows, up to a multiple of kLanes, as
 // an empty tile); `scratch` holds 2 * BM floats (the tile maxima without `tile_max`, the tile sums).
+// Each row steps `prefetch` (the next tile's keys and values) once.
 void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlock& kb, bool full, const float* src,
                   float* e, float* tile_max, float* row_max, float* row_sum, float* self, float* keep, float* add,
-                  float* scratch) {
+                  float* scratch, TilePrefetcher& prefetch) {
   float* m_tile = tile_max ? tile_max : scratch;
   float* tile_sum = scratch + qb.block_m;
   for (int64_t r = 0; r < qb.rows; ++r) {
@@ -87,6 +89,7 @@ void softmax_tile(const AttentionKLParams& p, const QueryBlock& qb, const KeyBlo
       const int64_t self_col = pos - kb.start;
       if (p.exclude_self && self_col >= 0 && self_col < kBlockN && kb.valid[self_col]) self[r] = in[self_col];
     }
+    prefetch.step();
     vfloat total;
     m_tile[r] = exponentiate_row(p, kb, full, pos, in, e + r * kBlockN, total);
     tile_sum[r] = hsum(total);
@@ -209,6 +212,7 @@ class Forward : UnitSweep {
       if (!kb_.any_valid) continue;
       cached_ = in_cache(key0);
       s_ = cached_ ? cache_slot(key0) : s_tile_.get();
+      if (!pass2) prefetch_next_tile(qb, key0 + kBlockN, key_end);
       if (!(pass2 && cached_)) {
         load_policy_keys(qb);
         scores(q_, k_t_, heads_, geo_.group, p_.head_dim, geo_.dp, qb.rows, s_);
@@ -233,6 +237,19 @@ class Forward : UnitSweep {
   // Each head's m_tile per row in a cache slot (heads="mean"): the policy's H rows of BM, then the
   // reference's Hr.
   float* slot_tile_max(int64_t key0) const { return cache_slot(key0) + cached_heads(p_) * plane_; }
+
+  // Pass 1: queues the keys (both models) and values of the tile at next0 (none past key_end) in
+  // prefetch_, paced over this tile's softmax rows (softmax_tile steps it once a head and row).
+  void prefetch_next_tile(const QueryBlock& qb, int64_t next0, int64_t key_end) {
+    prefetch_.clear();
+    if (next0 >= key_end) return;
+    const int64_t abs = qb.k_start + next0, rows = std::min(kBlockN, qb.k_len - next0);
+    prefetch_.add(p_.k, p_.dtype, qb.b, p_.kv_heads, abs, rows, p_.head_dim);
+    if (p_.has_v) prefetch_.add(p_.v, p_.dtype, qb.b, p_.kv_heads, abs, rows, p_.v_head_dim);
+    const bool need_ref = reference_in_pass1(p_);
+    if (need_ref) prefetch_.add(p_.k_ref, p_.ref_dtype, qb.b, p_.ref_kv_heads, abs, rows, p_.ref_head_dim);
+    prefetch_.pace((heads_ + (need_ref ? ref_heads_ : 0)) * qb.rows);
+  }
 
   // K^T of the current key tile for both models (k_t_, k_ref_t_), packed once per tile: pass 2
   // packs a cached tile's keys only when a lane falls back to the raw scores.
@@ -313,7 +330,7 @@ class Forward : UnitSweep {
         float* src = s_ + h * plane_;
         float* e = keep ? src : s_tile_ + h * plane_;
         softmax_tile(p_, qb, kb_, full, src, e, keep ? tile_max + h * bm_ : nullptr, st.max + h * bm_,
-                     st.sum + h * bm_, st.self + h * bm_, keep_o, add_o, softmax_rows_.get());
+                     st.sum + h * bm_, st.self + h * bm_, keep_o, add_o, softmax_rows_.get(), prefetch_);
         if (p_.has_v)
           gemm<false, true>(o_ + h * bm_ * geo_.dvp, geo_.dvp, {e, kBlockN, 1},
                             v_ + (h / geo_.group) * kBlockN * geo_.dvp, geo_.dvp, qb.rows, geo_.dvp, kb_.count,
@@ -325,7 +342,7 @@ class Forward : UnitSweep {
           float* src = s_ref_ + h * plane_;
           softmax_tile(p_, qb, kb_, full, src, keep_ref ? src : s_ref_tile_ + h * plane_,
                        keep_ref ? tile_max + (heads_ + h) * bm_ : nullptr, ref.max + h * bm_, ref.sum + h * bm_,
-                       ref.self + h * bm_, nullptr, nullptr, softmax_rows_.get());
+                       ref.self + h * bm_, nullptr, nullptr, softmax_rows_.get(), prefetch_);
         }
       }
     });
@@ -818,6 +835,7 @@ class Forward : UnitSweep {
   float* policy_max_ = nullptr;  // (H, BM): the current tile's m_tile, policy (a slot's or tile_max_)
   float* ref_max_ = nullptr;     // (Hr, BM): the same, reference
   PackedTile k_t_tile_, k_ref_t_tile_;  // the key tiles k_t_ and k_ref_t_ hold
+  TilePrefetcher prefetch_;      // pass 1: the next key tile's rows (prefetch_next_tile)
   Floats o_, v_self_;            // (H, BM, Dvp) output accumulator; (Dvp,)
   Floats state_, ref_state_;     // SoftmaxState of both models
   Floats row_scale_;             // (2, BM): softmax_tile's keep and add of one head, for P V

@@ -197,6 +197,56 @@ inline void load_tile(const View& v, int32_t dtype, int64_t b, int64_t h, int64_
   }
 }
 
+// Prefetches the rows of the next key tile a few cache lines at a time, from inside the work on the
+// current one. A key tile's keys and values are read again for every query block, and at long
+// lengths they come from memory (the score cache fills the L3); copied when the tile starts, each
+// line is a wait. Asked for all at once, the requests would queue behind the few misses a core keeps
+// in flight and stall the same way; spread over the tile's rows (step), they overlap its arithmetic.
+class TilePrefetcher {
+ public:
+  // Forgets what was queued.
+  void clear() { spans_ = 0, span_ = 0, head_ = 0, row_ = 0, line_ = 0, queued_ = 0, per_step_ = 0; }
+
+  // Queues rows [row0, row0 + rows) of heads [0, heads) of batch element b of a (B, heads, S, dim)
+  // view (at most kMaxSpans views).
+  void add(const View& v, int32_t dtype, int64_t b, int64_t heads, int64_t row0, int64_t rows, int64_t dim) {
+    if (spans_ == kMaxSpans || heads <= 0 || rows <= 0 || dim <= 0) return;
+    const int64_t bytes = dtype_bytes(dtype);
+    spans_of_[spans_++] = {row_address(v, dtype, b, 0, row0), bytes * v.stride[1], bytes * v.stride[2], heads, rows,
+                           (dim * bytes + kLine - 1) / kLine};
+    queued_ += heads * rows * ((dim * bytes + kLine - 1) / kLine);
+  }
+
+  // Spreads the queued lines evenly over `steps` calls of step().
+  void pace(int64_t steps) { per_step_ = (queued_ + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1); }
+
+  // Asks for the next queued lines (pace()'s share; fewer when the queue runs out).
+  RAL_VECTOR_INLINE void step() {
+    for (int64_t n = per_step_; n > 0 && span_ < spans_; --n) {
+      const Span& s = spans_of_[span_];
+      __builtin_prefetch(s.base + head_ * s.head_stride + row_ * s.row_stride + line_ * kLine, 0, 3);
+      if (++line_ < s.lines) continue;
+      line_ = 0;
+      if (++row_ < s.rows) continue;
+      row_ = 0;
+      if (++head_ < s.heads) continue;
+      head_ = 0;
+      ++span_;
+    }
+  }
+
+ private:
+  static constexpr int kMaxSpans = 4;
+  static constexpr int64_t kLine = 64;
+  struct Span {
+    const char* base;  // row row0 of head 0
+    int64_t head_stride, row_stride, heads, rows, lines;
+  };
+  Span spans_of_[kMaxSpans];
+  int spans_ = 0, span_ = 0;
+  int64_t head_ = 0, row_ = 0, line_ = 0, queued_ = 0, per_step_ = 0;
+};
+
 // The transpose of load_tile's result: dst[d * ld + r] (ld >= rows), from the packed rows `tile`;
 // kLanes x kLanes blocks through registers (transpose_block), the rows past a multiple of kLanes
 // one element at a time.
