@@ -5,12 +5,16 @@ tests/oracle.py's accuracy rule, with its seed, so that one line reproduces it.
 
     python tests/random_campaign.py cpu --seconds 100          # ~3,300 problems on this 2-core host
     TRITON_INTERPRET=1 python tests/random_campaign.py triton --seconds 600
+    python tests/random_campaign.py cuda-emu --seconds 600     # the CUDA kernels on the CPU emulator
 
 Each seed draws one problem: dense (``Problem``, with left / right key padding one time in three) or
 packed (``PackedProblem``, 1-5 sequences, empty ones included), an option combination of the grid,
 H / Hkv / Hr / Hrkv from 1 to 9, head dims 8-128, v or not, a row mask, given ref_stats, 0-3 key
-segments (``check_stats`` then), fp32 / fp16 / bf16 (fp32 only for triton) and, one time in five, a
-scale of 0.05, 0.5 or 2.0. A failure is not always a bug: benchmarks/RESULTS.md (2026-12-07) sorts
+segments (``check_stats`` then), fp32 / fp16 / bf16 (fp32 only for triton, fp16 / bf16 for the CUDA
+kernels) and, one time in five, a scale of 0.05, 0.5 or 2.0. ``cuda-emu`` runs backend="cuda" on CPU
+tensors through the emulator of tests/cuda_emu, as tests/test_cuda_emulated.py does (its checks of
+cp.async ranges, unwritten shared memory and warp collectives included; ``RAL_EMU_SCHEDULE=random:5``
+in the environment shuffles the warps' interleaving). A failure is not always a bug: benchmarks/RESULTS.md (2026-12-07) sorts
 the kinds seen.
 """
 
@@ -31,8 +35,8 @@ from oracle import PackedProblem, Problem, check, check_packed, check_stats, opt
 OPTIONS = list(option_grid())
 
 
-def draw(seed: int, backend: str):
-    """The problem of `seed` and the check that runs it."""
+def draw(seed: int, backend: str, device: str = "cpu"):
+    """The problem of `seed` and the check that runs it (the backend on `device`'s tensors)."""
     rng = random.Random(seed)
     opts = dict(rng.choice(OPTIONS))
     if rng.random() < 0.2:
@@ -42,7 +46,8 @@ def draw(seed: int, backend: str):
     mean = opts["heads"] == "mean"
     ref_kv = rng.randint(1, 3) if mean else kv
     ref_heads = ref_kv * rng.randint(1, 2) if mean else heads
-    dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.float32, torch.float16, torch.bfloat16]
+    dtypes = {"triton": [torch.float32], "cuda": [torch.float16, torch.bfloat16]}.get(
+        backend, [torch.float32, torch.float32, torch.float16, torch.bfloat16])
     common = dict(heads=heads, kv_heads=kv, head_dim=rng.choice([8, 16, 40, 64, 72, 128]),
                   v_head_dim=rng.choice([None, 16, 24, 64]), ref_heads=ref_heads, ref_kv_heads=ref_kv,
                   ref_head_dim=rng.choice([16, 32, 64]) if mean else None, dtype=rng.choice(dtypes),
@@ -57,8 +62,8 @@ def draw(seed: int, backend: str):
                           row_mask=rng.random() < 0.5, with_ref_stats=rng.random() < 0.4, **common)
         if problem.segments:
             with_div = rng.random() < 0.7
-            return problem, lambda: check_stats(problem, backend, with_div=with_div)
-        return problem, lambda: check(problem, backend)
+            return problem, lambda: check_stats(problem, backend, with_div=with_div, device=device)
+        return problem, lambda: check(problem, backend, device=device)
     q_lens = tuple(rng.choice([0, 1, 2, rng.randint(1, 150)]) for _ in range(rng.randint(1, 5)))
     if opts["causal"]:
         k_lens = tuple(q + rng.choice([0, 0, rng.randint(0, 30)]) for q in q_lens)
@@ -68,20 +73,25 @@ def draw(seed: int, backend: str):
         return None, None
     problem = PackedProblem(q_lens=q_lens, k_lens=k_lens, row_mask=rng.random() < 0.5,
                             with_ref_stats=rng.random() < 0.4, **common)
-    return problem, lambda: check_packed(problem, backend)
+    return problem, lambda: check_packed(problem, backend, device=device)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("backend", choices=["cpu", "triton", "cuda", "reference"])
+    ap.add_argument("backend", choices=["cpu", "triton", "cuda", "cuda-emu", "reference"])
     ap.add_argument("--seconds", type=float, default=100.0)
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    backend, device = args.backend, "cuda" if args.backend == "cuda" else "cpu"
+    if backend == "cuda-emu":
+        import test_cuda_emulated as emulated
+        emulated.route_cuda_to_emulator(emulated.emu_build.load())
+        backend = "cuda"
     start, seed, done, failed = time.time(), args.first_seed, 0, 0
     while time.time() - start < args.seconds:
-        problem, run = draw(seed, args.backend)
+        problem, run = draw(seed, backend, device)
         seed += 1
         if problem is None:
             continue

@@ -124,16 +124,24 @@ def _backend(mod, lib):
                                  forward=forward, backward=backward)
 
 
+def route_cuda_to_emulator(mod, setattr=setattr):
+    """From now on backend="cuda" on CPU tensors runs the emulated kernels of `mod` (emu_build.load()),
+    through `setattr` (the fixture passes monkeypatch's, which undoes it). Returns the emulator's
+    ctypes handle (launch log)."""
+    lib = _lib(mod)
+    backend = _backend(mod, lib)
+    original = backends.module
+    setattr(backends, "module", lambda name: backend if name == "cuda" else original(name))
+    setattr(_compiled, "_C", mod)
+    setattr(_compiled, "_IMPORT_ERROR", None)
+    return lib
+
+
 @pytest.fixture
 def emu(emu_module, monkeypatch):
     """backend="cuda" on CPU tensors runs the emulated kernels (undone after the test). Returns the
     emulator's ctypes handle (launch log)."""
-    lib = _lib(emu_module)
-    backend = _backend(emu_module, lib)
-    original = backends.module
-    monkeypatch.setattr(backends, "module", lambda name: backend if name == "cuda" else original(name))
-    monkeypatch.setattr(_compiled, "_C", emu_module)
-    monkeypatch.setattr(_compiled, "_IMPORT_ERROR", None)
+    lib = route_cuda_to_emulator(emu_module, monkeypatch.setattr)
     for name in ("RAL_EMU_SCHEDULE", "RAL_EMU_CP_ASYNC", "RAL_EMU_BLOCK_ORDER", "RAL_EMU_SMS", "RAL_EMU_SMEM_OPTIN"):
         monkeypatch.delenv(name, raising=False)
     # RAL_EMU_DEFAULTS="RAL_EMU_SCHEDULE=random:5,RAL_EMU_CP_ASYNC=early": run every test so (local sweeps)
