@@ -211,10 +211,10 @@ class TilePrefetcher {
   // view (at most kMaxSpans views).
   void add(const View& v, int32_t dtype, int64_t b, int64_t heads, int64_t row0, int64_t rows, int64_t dim) {
     if (spans_ == kMaxSpans || heads <= 0 || rows <= 0 || dim <= 0) return;
-    const int64_t bytes = dtype_bytes(dtype);
+    const int64_t bytes = dtype_bytes(dtype), lines = (dim * bytes + kLine - 1) / kLine;
     spans_of_[spans_++] = {row_address(v, dtype, b, 0, row0), bytes * v.stride[1], bytes * v.stride[2], heads, rows,
-                           (dim * bytes + kLine - 1) / kLine};
-    queued_ += heads * rows * ((dim * bytes + kLine - 1) / kLine);
+                           lines};
+    queued_ += heads * rows * lines;
   }
 
   // Spreads the queued lines evenly over `steps` calls of step().
