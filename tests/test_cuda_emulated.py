@@ -124,16 +124,16 @@ def _backend(mod, lib):
                                  forward=forward, backward=backward)
 
 
-def route_cuda_to_emulator(mod, setattr=setattr):
+def route_cuda_to_emulator(mod, set_attribute=setattr):
     """From now on backend="cuda" on CPU tensors runs the emulated kernels of `mod` (emu_build.load()),
-    through `setattr` (the fixture passes monkeypatch's, which undoes it). Returns the emulator's
+    through `set_attribute` (the fixture passes monkeypatch's, which undoes it). Returns the emulator's
     ctypes handle (launch log)."""
     lib = _lib(mod)
     backend = _backend(mod, lib)
     original = backends.module
-    setattr(backends, "module", lambda name: backend if name == "cuda" else original(name))
-    setattr(_compiled, "_C", mod)
-    setattr(_compiled, "_IMPORT_ERROR", None)
+    set_attribute(backends, "module", lambda name: backend if name == "cuda" else original(name))
+    set_attribute(_compiled, "_C", mod)
+    set_attribute(_compiled, "_IMPORT_ERROR", None)
     return lib
 
 

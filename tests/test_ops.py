@@ -154,3 +154,60 @@ def test_non_contiguous_inputs_are_not_a_problem():
     b = ral.attention_kl(**strided, backend="cpu")
     torch.testing.assert_close(a.out, b.out)
     torch.testing.assert_close(a.div, b.div)
+
+
+# ---- torch.use_deterministic_algorithms ------------------------------------------------------------
+
+@pytest.fixture
+def deterministic():
+    """Sets torch.use_deterministic_algorithms(mode, warn_only=...) for the test, then restores it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_alert_follows_torch_rule(deterministic):
+    """alert_not_deterministic: silent by default, a RuntimeError naming the computation under
+    torch.use_deterministic_algorithms(True), a warning with warn_only=True."""
+    backends.alert_not_deterministic("the thing")
+    deterministic(True)
+    with pytest.raises(RuntimeError, match="the thing adds fp32 partial sums with atomics"):
+        backends.alert_not_deterministic("the thing")
+    deterministic(True, warn_only=True)
+    with pytest.warns(UserWarning, match="the thing"):
+        backends.alert_not_deterministic("the thing")
+
+
+@pytest.mark.parametrize("backend,phase", [("cuda", "forward"), ("cuda", "backward"), ("triton", "backward")])
+def test_gpu_backends_refuse_deterministic_mode(deterministic, backend, phase):
+    """Under torch.use_deterministic_algorithms(True) the GPU kernels that add fp32 partial sums with
+    atomics (CUDA's forward and backward, Triton's backward) raise before they launch, as PyTorch's
+    own such ops do; checked on CPU tensors, where the alert comes first."""
+    try:
+        module = backends.module(backend)
+    except ImportError as err:  # triton not installed
+        pytest.skip(str(err))
+    kw = good()
+    call = ral.ops._checked_call(kw["q"], kw["k"], kw["v"], kw["q_ref"], kw["k_ref"], None, "jsd", "mean", True,
+                                 True, None, None, None, None, backend)
+    args = (call,) if phase == "forward" else (call, None, None, None, None, None, None)
+    deterministic(True)
+    with pytest.raises(RuntimeError, match=f"ral's {'CUDA' if backend == 'cuda' else 'Triton'} {phase}"):
+        getattr(module, phase)(*args)
+
+
+@pytest.mark.skipif(not CPU_BUILT, reason="ral._C not built")
+def test_cpu_backend_runs_in_deterministic_mode(deterministic):
+    """The cpu backend is deterministic (tests/test_cpu.py: test_gradients_are_reproducible), so it
+    runs under torch.use_deterministic_algorithms(True), forward and backward, and gives the same bits
+    as without it."""
+    kw = {k: v.requires_grad_(k in ("q", "k", "v")) for k, v in good().items()}
+
+    def grads():
+        res = ral.attention_kl(**kw, backend="cpu")
+        return torch.autograd.grad(res.out.square().sum() + res.div.sum(), [kw["q"], kw["k"], kw["v"]])
+
+    want = grads()
+    deterministic(True)
+    for got, ref in zip(grads(), want):
+        assert torch.equal(got, ref)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -215,6 +216,38 @@ def test_kernel_rechecks_segment_ids():
     call.key_segments = torch.full((2, 7), 5, dtype=torch.int32)
     with pytest.raises(ValueError, match="key_segments must hold ids"):
         backends.module("cpu").forward(call)
+
+
+@needs_cpu
+def test_backward_rechecks_segment_ids_and_never_hangs(monkeypatch):
+    """The backward re-checks them too. With 3 workers and no causal mask every query block sweeps
+    every key tile and adds into each dk row in its turn (csrc/cpu/backward.cpp, KeyRowTurns): a bad
+    id in the middle tile makes the call raise, it never leaves a worker waiting for a turn."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the cpu backend's worker count
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 600, 8), torch.randn(1, 2, 600, 8), torch.randn(1, 2, 600, 8)
+    call = ral.ops._checked_call(q, k, v, q.clone(), k.clone(), None, "jsd", "mean", True, False, None, None, None,
+                                 None, "cpu", torch.zeros(1, 600, dtype=torch.long), 2)
+    out, div, stats, ref_stats, gbar, cbar, *_ = backends.module("cpu").forward(call)
+    segments = call.key_segments.clone()
+    segments[0, 300] = 5
+    args = (torch.ones_like(out), torch.ones_like(div), torch.zeros_like(cbar), q, k, v, call.q_ref, call.k_ref,
+            stats, ref_stats, gbar, None, "jsd", False, True, False, call.options.scale, call.options.ref_scale,
+            "cpu", None, 0, 0, segments, 2, torch.ones(1, 600, 3))
+    outcome = []
+
+    def backward():
+        try:
+            torch.ops.ral.attention_kl_backward(*args)
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - the test looks at it below
+            outcome.append(err)
+
+    worker = threading.Thread(target=backward, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the backward hung"
+    assert isinstance(outcome[0], ValueError) and "key_segments must hold ids" in str(outcome[0]), outcome
 
 
 @needs_cpu

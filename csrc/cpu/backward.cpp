@@ -12,15 +12,21 @@
 // place of w g and w gbar; a row's term is live when any of its weights is nonzero, and g (so the
 // reference) is only evaluated on rows with w != 0.
 //
-// Scratch (Python-allocated, backward_scratch_bytes): per thread, one key tile's fp32 dK and dV,
-// (Hkv, kBlockN, Dp) + (Hkv, kBlockN, Dvp) floats (D, Dv padded to kLanes): independent of the
+// Scratch (Python-allocated, backward_scratch_bytes): per thread, two key tiles' fp32 dK and dV,
+// 2 x ((Hkv, kBlockN, Dp) + (Hkv, kBlockN, Dvp)) floats (D, Dv padded to kLanes): independent of the
 // sequence length. Each tile's dK / dV (summed over the query heads of each kv head) is added into
-// dk / dv under the locks of the key blocks it covers (one lock per kBlockN rows of dk, at most two
-// per tile), so units that share keys (context-parallel chunks, threads on one batch element) add,
-// never store. dq rows belong to one item: written directly.
+// dk / dv row by row, each row's additions in the schedule's order of the work items (KeyRowTurns;
+// a tile whose rows are not free yet waits in its slot while the worker goes on with the next one),
+// so units that share keys (context-parallel chunks, threads on one batch element) add, never store,
+// and dk / dv do not depend on the threads' timing (the thread count sets the query block size,
+// Geometry::block_m, and so the partial sums). dq rows belong to one item: written directly. Beyond
+// the scratch: one int32 turn counter per (batch element, key).
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <mutex>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/check.h"
@@ -33,26 +39,165 @@ namespace {
 int64_t tile_grad_floats(const AttentionKLParams& p, const Geometry& geo) {
   return p.kv_heads * kBlockN * (geo.dp + geo.dvp);
 }
-// The whole scratch: one tile_grad_floats() slot per worker.
+constexpr int kGradSlots = 2;  // key tiles' dK / dV a worker may hold until their rows' turn
+// The whole scratch: kGradSlots tile_grad_floats() slots per worker.
 int64_t scratch_bytes(const AttentionKLParams& p, const Geometry& geo) {
-  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * tile_grad_floats(p, geo);
+  return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * kGradSlots * tile_grad_floats(p, geo);
 }
 
-// One lock per kBlockN rows of dk / dv (and of each batch element's): the key tiles they cover.
-struct KeyRowLocks {
-  explicit KeyRowLocks(const AttentionKLParams& p)
-      : blocks((p.k_len + kBlockN - 1) / kBlockN), locks(static_cast<size_t>(p.batch * blocks)) {}
-  int64_t blocks;  // per batch element
-  std::vector<std::mutex> locks;
+// Key rows [0, reach) of its unit that block `blk` sweeps: whole kBlockN tiles up to its key_end,
+// the last one cut at the unit's k_len (Backward::run).
+int64_t swept_keys(const AttentionKLParams& p, const Unit& u, int64_t blk, int64_t block_m) {
+  const int64_t key_end = QueryBlock(u, blk, block_m).key_end(p);
+  return std::min(round_up(key_end, kBlockN), u.k_len);
+}
+
+// The order of the additions into dk / dv. Every work item adds into each key row it sweeps exactly
+// once (rows of padded keys get nothing from any item and keep no turn), and the items that sweep a
+// row add in the order the schedule hands them out (Schedule::Order::kByUnit): the item of rank n
+// waits until the row has received n additions. So no sum depends on the threads' timing, and the
+// earliest unfinished item never waits (nothing can deadlock). An item's rank at a row, the number of
+// items handed out before it that sweep the row: the later blocks of its own unit (handed out last to
+// first; under causal masking a later block sweeps every key an earlier one does) and, for every
+// unit handed out before its own with keys in the same rows (context-parallel chunks of one
+// sequence), that unit's blocks that sweep the row.
+class KeyRowTurns {
+ public:
+  struct Abandoned {};  // thrown to a waiting worker after another one failed
+
+  KeyRowTurns(const AttentionKLParams& p, const Geometry& geo, const Schedule& schedule)
+      : p_(p), bm_(geo.block_m), done_(static_cast<size_t>(p.batch * p.k_len)) {
+    for (auto& d : done_) d.store(0, std::memory_order_relaxed);
+    if (p.seqs) find_earlier_overlaps(schedule);
+  }
+
+  // What an item's rank at a row is made of: its unit and the blocks of that unit after it.
+  struct Item {
+    int64_t unit;
+    int32_t later_blocks;
+  };
+  Item item(const Schedule& schedule, int64_t index) const {
+    const auto [unit, blk] = schedule.unit_block(index);
+    return {unit, static_cast<int32_t>(blocks(unit_at(p_, unit)) - 1 - blk)};
+  }
+
+  // The rank of `item` at key row `row` (absolute): the additions that row gets before the item's.
+  int32_t rank(const Item& item, int64_t row) const {
+    int32_t n = item.later_blocks;
+    if (!earlier_.empty())
+      for (int64_t i = earlier_start_[item.unit]; i < earlier_start_[item.unit + 1]; ++i)
+        n += blocks_sweeping(earlier_[i], row);
+    return n;
+  }
+  // Whether row `row` of batch element b has had its first `rank` additions.
+  bool ready(int64_t b, int64_t row, int32_t rank) const {
+    return done_[static_cast<size_t>(b * p_.k_len + row)].load(std::memory_order_acquire) == rank;
+  }
+  void wait(int64_t b, int64_t row, int32_t rank) const {
+    for (int spins = 0; !ready(b, row, rank); ++spins) {
+      if (abandoned_.load(std::memory_order_relaxed)) throw Abandoned{};
+      if (spins < 64)
+        pause();
+      else
+        std::this_thread::yield();
+    }
+  }
+  void release(int64_t b, int64_t row, int32_t rank) {
+    done_[static_cast<size_t>(b * p_.k_len + row)].store(rank + 1, std::memory_order_release);
+  }
+  void abandon() { abandoned_.store(true, std::memory_order_relaxed); }
+
+ private:
+  int64_t blocks(const Unit& u) const { return (std::max<int64_t>(u.q_len, 0) + bm_ - 1) / bm_; }
+
+  // Blocks of unit s that sweep the absolute key row `row`.
+  int32_t blocks_sweeping(int64_t s, int64_t row) const {
+    const Unit u = unit_at(p_, s);
+    const int64_t key = row - u.k_start, n = blocks(u);
+    if (key < 0 || key >= u.k_len) return 0;
+    int64_t lo = 0, hi = n;  // the first block whose swept keys reach past `key` (they grow with the block)
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (swept_keys(p_, u, mid, bm_) > key)
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    return static_cast<int32_t>(n - lo);
+  }
+
+  // earlier_[earlier_start_[s] ..]: the units handed out before unit s whose swept keys share rows of
+  // its batch element with its own.
+  void find_earlier_overlaps(const Schedule& schedule) {
+    const int64_t units = p_.num_seqs;
+    std::vector<int64_t> position(static_cast<size_t>(units), -1), sorted;
+    for (int64_t i = 0, next = 0; i < schedule.size(); ++i) {
+      const int64_t s = schedule.unit_block(i).first;
+      if (position[s] < 0) position[s] = next++;
+    }
+    for (int64_t s = 0; s < units; ++s)
+      if (position[s] >= 0) sorted.push_back(s);
+    auto rows = [&](int64_t s) {  // [first, end) of the rows unit s sweeps
+      const Unit u = unit_at(p_, s);
+      return std::pair<int64_t, int64_t>(u.k_start, u.k_start + swept_keys(p_, u, blocks(u) - 1, bm_));
+    };
+    std::sort(sorted.begin(), sorted.end(), [&](int64_t a, int64_t b) {
+      return std::make_pair(unit_at(p_, a).batch, rows(a).first) < std::make_pair(unit_at(p_, b).batch, rows(b).first);
+    });
+    std::vector<std::vector<int64_t>> lists(static_cast<size_t>(units));
+    std::vector<int64_t> open;  // units of the current batch element whose rows may still overlap
+    for (size_t i = 0; i < sorted.size(); ++i) {
+      const int64_t s = sorted[i];
+      if (i > 0 && unit_at(p_, sorted[i - 1]).batch != unit_at(p_, s).batch) open.clear();
+      const auto [first, end] = rows(s);
+      open.erase(std::remove_if(open.begin(), open.end(), [&](int64_t o) { return rows(o).second <= first; }),
+                 open.end());
+      if (first >= end) continue;
+      for (int64_t o : open) {
+        if (position[o] < position[s])
+          lists[s].push_back(o);
+        else
+          lists[o].push_back(s);
+      }
+      open.push_back(s);
+    }
+    earlier_start_.assign(static_cast<size_t>(units) + 1, 0);
+    for (int64_t s = 0; s < units; ++s) earlier_start_[s + 1] = earlier_start_[s] + static_cast<int64_t>(lists[s].size());
+    if (earlier_start_[units] == 0) return;
+    for (const auto& list : lists) earlier_.insert(earlier_.end(), list.begin(), list.end());
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  const AttentionKLParams& p_;
+  const int64_t bm_;
+  std::vector<std::atomic<int32_t>> done_;    // (B, Sk): additions each key row has received
+  std::vector<int64_t> earlier_start_, earlier_;  // per unit, the units before it sharing its rows (tables)
+  std::atomic<bool> abandoned_{false};
 };
+
+// A key tile's dK / dV in the scratch, until its rows' turn: the rows abs + j (j < count) of batch
+// element b whose key is valid (bit j of `valid`) get them; ranks[j] is the item's rank at row abs + j.
+// A padded key's rows get no addition from any item (their dK and dV are 0), so they keep no turn.
+struct TileGrads {
+  float* dk = nullptr;  // (Hkv, kBlockN, Dp)
+  float* dv = nullptr;  // (Hkv, kBlockN, Dvp)
+  int64_t b = 0, abs = 0, count = 0;
+  uint64_t valid = 0;
+  bool waiting = false;
+  int32_t ranks[kBlockN];
+};
+static_assert(kBlockN <= 64, "TileGrads::valid has a bit per key of the tile");
 
 class Backward : UnitSweep {
  public:
-  Backward(const AttentionKLParams& p, const Geometry& geo, float* tile_grads, KeyRowLocks& key_locks)
+  Backward(const AttentionKLParams& p, const Geometry& geo, float* tile_grads, KeyRowTurns& turns)
       : UnitSweep(p, geo),
-        key_locks_(key_locks),
-        dk_tile_(tile_grads),
-        dv_tile_(tile_grads + p.kv_heads * kBlockN * geo_.dp),
+        turns_(turns),
         q_(heads_ * bm_ * geo_.dp),
         dout_(heads_ * bm_ * std::max<int64_t>(geo_.dvp, 1)),
         q_ref_(ref_heads_ * bm_ * geo_.drp),
@@ -67,19 +212,38 @@ class Backward : UnitSweep {
         dq_(heads_ * bm_ * geo_.dp),
         row_(bm_ * (6 * heads_ + 2 * ref_heads_ + 2)),
         stats_w_(heads_ * bm_ * nstat_),
-        w_live_(heads_ * bm_) {}
-
-  void run(const QueryBlock& qb) {
-    load_rows(qb);
-    // The key tiles in a rotated order, starting at the block's own index: workers that start
-    // together on neighbouring query blocks would otherwise add into the same dk / dv rows (and wait
-    // for one lock) tile after tile.
-    const int64_t tiles = (qb.key_end(p_) + kBlockN - 1) / kBlockN;
-    const int64_t first_tile = tiles > 0 ? (qb.start / bm_) % tiles : 0;
-    for (int64_t t = 0; t < tiles; ++t) {
-      kb_.init(p_, qb, ((first_tile + t) % tiles) * kBlockN);
-      if (kb_.any_valid) tile(qb);
+        w_live_(heads_ * bm_) {
+    for (int i = 0; i < kGradSlots; ++i) {
+      slots_[i].dk = tile_grads + i * tile_grad_floats(p, geo);
+      slots_[i].dv = slots_[i].dk + p.kv_heads * kBlockN * geo_.dp;
     }
+  }
+
+  // The work item `item` (its query block qb): key tiles first to last, each row of dk / dv in its
+  // turn (KeyRowTurns). A tile's dK / dV goes into the slot of the tile before last, which is
+  // added first if it still waits; then whatever is free is added.
+  void run(const QueryBlock& qb, const KeyRowTurns::Item& item) {
+    load_rows(qb);
+    const int64_t tiles = (qb.key_end(p_) + kBlockN - 1) / kBlockN;
+    for (int64_t t = 0, used = 0; t < tiles; ++t) {
+      kb_.init(p_, qb, t * kBlockN);
+      if (!kb_.any_valid) continue;
+      TileGrads& slot = slots_[used++ % kGradSlots];
+      if (slot.waiting) add_tile_grads(slot, /*block=*/true);
+      slot.b = qb.b;
+      slot.abs = kb_.abs;
+      slot.count = kb_.count;
+      slot.valid = 0;
+      for (int64_t j = 0; j < kb_.count; ++j) {
+        if (!kb_.valid[j]) continue;
+        slot.valid |= uint64_t{1} << j;
+        slot.ranks[j] = turns_.rank(item, kb_.abs + j);
+      }
+      slot.waiting = true;
+      tile(qb, slot);
+    }
+    for (TileGrads& slot : slots_)
+      if (slot.waiting) add_tile_grads(slot, /*block=*/true);
     float* dq = reinterpret_cast<float*>(p_.dq);
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t r = 0; r < qb.rows; ++r) {
@@ -182,7 +346,8 @@ class Backward : UnitSweep {
     std::fill(dq_.get(), dq_ + heads_ * bm_ * geo_.dp, 0.f);
   }
 
-  void tile(const QueryBlock& qb) {
+  // Scores, dS and this tile's dK / dV (into `slot`), the waiting tiles added, dq += dS K.
+  void tile(const QueryBlock& qb, TileGrads& slot) {
     const bool full = tile_is_full(p_, qb, kb_);
     load_transposed(p_.k, p_.dtype, p_.kv_heads, p_.head_dim, geo_.dp, qb, kb_, k_, kBlockN * geo_.dp, k_t_);
     if (p_.has_v)
@@ -225,12 +390,12 @@ class Backward : UnitSweep {
       const int64_t kv = h / geo_.group;
       const bool first = h % geo_.group == 0;
       if (p_.has_v)
-        set_or_add(first, dv_tile_ + kv * kBlockN * geo_.dvp, geo_.dvp, {s_ + h * plane_, 1, kBlockN},
+        set_or_add(first, slot.dv + kv * kBlockN * geo_.dvp, geo_.dvp, {s_ + h * plane_, 1, kBlockN},
                    dout_ + h * bm_ * geo_.dvp, geo_.dvp, kb_.count, geo_.dvp, bm_);
-      set_or_add(first, dk_tile_ + kv * kBlockN * geo_.dp, geo_.dp, {ds_ + h * plane_, 1, kBlockN},
+      set_or_add(first, slot.dk + kv * kBlockN * geo_.dp, geo_.dp, {ds_ + h * plane_, 1, kBlockN},
                  q_ + h * bm_ * geo_.dp, geo_.dp, kb_.count, geo_.dp, bm_);
     }
-    add_tile_grads(qb.b);
+    add_waiting_tiles(slot);
     for (int64_t h = 0; h < heads_; ++h)
       gemm<true>(dq_ + h * bm_ * geo_.dp, geo_.dp, {ds_ + h * plane_, kBlockN, 1},
                  k_ + (h / geo_.group) * kBlockN * geo_.dp, geo_.dp, qb.rows, geo_.dp, kb_.count);
@@ -245,23 +410,36 @@ class Backward : UnitSweep {
       gemm<true>(c, ldc, a, b, ldb, m, n, k_len);
   }
 
-  // dk / dv rows [abs, abs + count) of batch element b += the tile's, under the locks of the (one or
-  // two) kBlockN-row blocks they span, taken in increasing order.
-  void add_tile_grads(int64_t b) {
-    const int64_t first = kb_.abs / kBlockN, last = (kb_.abs + kb_.count - 1) / kBlockN;
-    std::mutex* locks = key_locks_.locks.data() + b * key_locks_.blocks;
-    std::lock_guard<std::mutex> hold_first(locks[first]);
-    std::unique_lock<std::mutex> hold_last;
-    if (last != first) hold_last = std::unique_lock<std::mutex>(locks[last]);
-    add_rows(dk_tile_, geo_.dp, reinterpret_cast<float*>(p_.dk), p_.head_dim, b);
-    if (p_.has_v) add_rows(dv_tile_, geo_.dvp, reinterpret_cast<float*>(p_.dv), p_.v_head_dim, b);
+  // Adds the waiting slots whose rows are free, the older (the other) one first, `current` last.
+  void add_waiting_tiles(TileGrads& current) {
+    TileGrads& other = &current == &slots_[0] ? slots_[1] : slots_[0];
+    if (other.waiting) add_tile_grads(other, /*block=*/false);
+    add_tile_grads(current, /*block=*/false);
   }
 
-  void add_rows(const float* tile, int64_t ld, float* grad, int64_t dim, int64_t b) {
+  // dk / dv rows of `slot` += its tile's, once each of those rows has had the additions that come
+  // before this item's: waiting for them (`block`), or leaving the slot waiting if one has not.
+  void add_tile_grads(TileGrads& slot, bool block) {
+    for (int64_t j = 0; j < slot.count; ++j) {
+      if (!(slot.valid >> j & 1)) continue;
+      if (block)
+        turns_.wait(slot.b, slot.abs + j, slot.ranks[j]);
+      else if (!turns_.ready(slot.b, slot.abs + j, slot.ranks[j]))
+        return;
+    }
+    add_rows(slot, slot.dk, geo_.dp, reinterpret_cast<float*>(p_.dk), p_.head_dim);
+    if (p_.has_v) add_rows(slot, slot.dv, geo_.dvp, reinterpret_cast<float*>(p_.dv), p_.v_head_dim);
+    for (int64_t j = 0; j < slot.count; ++j)
+      if (slot.valid >> j & 1) turns_.release(slot.b, slot.abs + j, slot.ranks[j]);
+    slot.waiting = false;
+  }
+
+  void add_rows(const TileGrads& slot, const float* tile, int64_t ld, float* grad, int64_t dim) {
     for (int64_t kv = 0; kv < p_.kv_heads; ++kv)
-      for (int64_t j = 0; j < kb_.count; ++j) {
+      for (int64_t j = 0; j < slot.count; ++j) {
+        if (!(slot.valid >> j & 1)) continue;
         const float* src = tile + (kv * kBlockN + j) * ld;
-        float* dst = grad + ((b * p_.kv_heads + kv) * p_.k_len + kb_.abs + j) * dim;
+        float* dst = grad + ((slot.b * p_.kv_heads + kv) * p_.k_len + slot.abs + j) * dim;
         int64_t d = 0;
         for (; d + kLanes <= dim; d += kLanes) vstore(dst + d, vload(dst + d) + vload(src + d));
         for (; d < dim; ++d) dst[d] += src[d];
@@ -382,9 +560,8 @@ class Backward : UnitSweep {
       }
   }
 
-  KeyRowLocks& key_locks_;
-  float* dk_tile_;             // (Hkv, kBlockN, Dp): the key tile's dK, in the scratch
-  float* dv_tile_;             // (Hkv, kBlockN, Dvp): its dV
+  KeyRowTurns& turns_;
+  TileGrads slots_[kGradSlots];  // key tiles' dK / dV, in the scratch
   Floats q_, dout_, q_ref_;    // (H, BM, Dp) scaled, (H, BM, Dvp), (Hr, BM, Drp) scaled
   Floats k_, k_t_, v_t_;       // (Hkv, kBlockN, Dp), (Hkv, Dp, kBlockN), (Hkv, Dvp, kBlockN)
   Floats k_ref_t_, rows_tmp_;  // (Hrkv, Drp, kBlockN); a tile before transposition
@@ -409,14 +586,21 @@ void backward(const AttentionKLParams& p) {
   check_host_call(p, /*backward=*/true);
   const Geometry geo(p);
   require(p.scratch_bytes >= scratch_bytes(p, geo), "scratch_bytes is smaller than backward_scratch_bytes()");
-  KeyRowLocks key_locks(p);
-  const Schedule schedule(p, geo);
+  const Schedule schedule(p, geo, Schedule::Order::kByUnit);
+  KeyRowTurns turns(p, geo, schedule);
   WorkQueue queue(schedule.size());
   float* scratch = reinterpret_cast<float*>(p.scratch);
   run_threads(worker_count(p, geo), [&](int t) {
-    Backward kernel(p, geo, scratch + t * tile_grad_floats(p, geo), key_locks);
-    int64_t item;
-    while (queue.pop(item)) kernel.run(schedule.block(item));
+    try {
+      Backward kernel(p, geo, scratch + t * kGradSlots * tile_grad_floats(p, geo), turns);
+      int64_t item;
+      while (queue.pop(item)) kernel.run(schedule.block(item), turns.item(schedule, item));
+    } catch (const KeyRowTurns::Abandoned&) {
+      // another worker failed: its error is the one run_threads rethrows
+    } catch (...) {
+      turns.abandon();
+      throw;
+    }
   });
 }
 

@@ -370,24 +370,36 @@ inline bool tile_is_full(const AttentionKLParams& p, const QueryBlock& qb, const
 }
 
 // The order in which work items are handed out. Dense: per batch element, heavy (late, causal)
-// blocks first. With a table: every (unit, block) pair, sorted by its work (rows x keys swept),
-// heaviest first, so that the items left at the end are the small ones.
+// blocks first. With a table, Order::kHeaviestFirst: every (unit, block) pair sorted by its work
+// (rows x keys swept), heaviest first, so that the items left at the end are the small ones;
+// Order::kByUnit: the units by their total work, heaviest first, and each unit's blocks last to
+// first, as in a dense call (the backward's order of additions into dk / dv, backward.cpp, needs a
+// unit's blocks together and in that order).
 class Schedule {
  public:
-  Schedule(const AttentionKLParams& p, const Geometry& geo) : p_(p), geo_(geo) {
+  enum class Order { kHeaviestFirst, kByUnit };
+
+  Schedule(const AttentionKLParams& p, const Geometry& geo, Order order = Order::kHeaviestFirst)
+      : p_(p), geo_(geo) {
     if (!p.seqs) return;
     struct Entry {
       int64_t cost, unit, block;
     };
     std::vector<Entry> entries;
     entries.reserve(static_cast<size_t>(geo.items));
+    std::vector<int64_t> unit_cost(static_cast<size_t>(p.num_seqs), 0);
     for (int64_t s = 0; s < p.num_seqs; ++s) {
       const Unit u = unit_at(p, s);
+      const size_t first = entries.size();
       for (int64_t blk = 0; blk * geo.block_m < u.q_len; ++blk) {
         const QueryBlock qb(u, blk, geo.block_m);
         entries.push_back({qb.rows * std::max<int64_t>(qb.key_end(p), 1), s, blk});
+        unit_cost[static_cast<size_t>(s)] += entries.back().cost;
       }
+      if (order == Order::kByUnit) std::reverse(entries.begin() + static_cast<std::ptrdiff_t>(first), entries.end());
     }
+    if (order == Order::kByUnit)
+      for (Entry& e : entries) e.cost = unit_cost[static_cast<size_t>(e.unit)];
     std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.cost > b.cost; });
     order_.reserve(entries.size());
     for (const Entry& e : entries) order_.push_back({e.unit, e.block});
@@ -395,13 +407,15 @@ class Schedule {
 
   int64_t size() const { return geo_.items; }
 
+  // Item -> (unit, block of the unit).
+  std::pair<int64_t, int64_t> unit_block(int64_t item) const {
+    if (!p_.seqs) return {item / geo_.m_blocks, geo_.m_blocks - 1 - item % geo_.m_blocks};
+    return order_[static_cast<size_t>(item)];
+  }
+
   QueryBlock block(int64_t item) const {
-    if (!p_.seqs) {
-      const int64_t b = item / geo_.m_blocks, blk = geo_.m_blocks - 1 - item % geo_.m_blocks;
-      return QueryBlock(unit_at(p_, b), blk, geo_.block_m);
-    }
-    const auto& e = order_[static_cast<size_t>(item)];
-    return QueryBlock(unit_at(p_, e.first), e.second, geo_.block_m);
+    const auto [unit, blk] = unit_block(item);
+    return QueryBlock(unit_at(p_, unit), blk, geo_.block_m);
   }
 
  private:

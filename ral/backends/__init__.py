@@ -21,12 +21,17 @@ that computes them returns the six outputs followed by outputs.StatsOutputs (ent
 cstats), and its backward reads call.key_segments and call.stats_w (then `gbar` is gbar_total and
 delta already holds the statistics' c_h terms). Every backend computes them (reference, cpu,
 triton, cuda); a new one that does not must say so in unsupported_reason.
+
+Determinism: reference and cpu give the same bits from run to run (cpu: for a given thread count);
+a backend whose sums depend on timing (fp32 atomics: cuda's forward and backward, triton's backward)
+calls alert_not_deterministic, which follows torch.use_deterministic_algorithms.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -41,6 +46,21 @@ _HOW_TO_GET = {
     "cuda": "reinstall ral on a machine with nvcc (CUDA 12+) and without RAL_SKIP_CUDA_BUILD: pip install -e .",
     "triton": "pip install triton (Linux x86_64), and use CUDA tensors, or set TRITON_INTERPRET=1 for CPU tensors",
 }
+
+
+def alert_not_deterministic(what: str) -> None:
+    """PyTorch's rule for a computation without a deterministic implementation, which `what` names:
+    under ``torch.use_deterministic_algorithms(True)`` raise RuntimeError (with ``warn_only=True``,
+    warn instead); otherwise nothing."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{what} adds fp32 partial sums with atomics, so its last bits may change from run to run; "
+               f"torch.use_deterministic_algorithms(True) is set. The cpu backend is deterministic; on a GPU, "
+               f"call torch.use_deterministic_algorithms(True, warn_only=True) to run it with this warning.")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def module(name: str):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import compiled
+from . import alert_not_deterministic, compiled
 from .call import Call
 
 
@@ -62,12 +62,14 @@ def _stream() -> int:
 
 
 def forward(call: Call):
+    alert_not_deterministic("ral's CUDA forward (div, gbar and c_h summed over key splits)")
     call = _widened_placeholders(call)
     with torch.cuda.device(call.q.device):
         return compiled.forward(call, lambda p: compiled._C.cuda_forward(p, _stream()))
 
 
 def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
+    alert_not_deterministic("ral's CUDA backward (dq, dk and dv summed over tiles)")
     call = _widened_placeholders(call)
     with torch.cuda.device(call.q.device):
         return compiled.backward(call, dout, ddiv, delta, stats, ref_stats, gbar,

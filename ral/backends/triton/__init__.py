@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .. import outputs
+from .. import alert_not_deterministic, outputs
 from ..call import Call
 
 from .common import IMPORT_ERROR
@@ -85,5 +85,6 @@ def backward(call: Call, dout, ddiv, delta, stats, ref_stats, gbar):
     ddiv (w) and gbar like div; delta (B,H,Sq) = rowsum(dout*out) + w*cbar/H; stats (B,H,Sq,2);
     ref_stats (B,Hr,Sq,2): the reference statistics the forward used. With policy statistics
     (call.stats_w, call.key_segments) gbar is gbar_total and delta holds their c_h terms too."""
+    alert_not_deterministic("ral's Triton backward (dq, and dk / dv of split or shared keys, summed over tiles)")
     dq, dk, dv = backward_launch(call, dout, ddiv, delta, stats, ref_stats, gbar).run(call.q)
     return outputs.cast_gradients(dq, dk, dv, call.q, call.k, call.v)
