@@ -412,6 +412,7 @@ class Backward : UnitSweep {
 
   // Adds the waiting slots whose rows are free, the older (the other) one first, `current` last.
   void add_waiting_tiles(TileGrads& current) {
+    static_assert(kGradSlots == 2, "the other slot is the older one");
     TileGrads& other = &current == &slots_[0] ? slots_[1] : slots_[0];
     if (other.waiting) add_tile_grads(other, /*block=*/false);
     add_tile_grads(current, /*block=*/false);
