@@ -1,10 +1,11 @@
 """backend="cpu": the tiled, multithreaded C++ kernels of csrc/cpu (see ral.backends for the
 interface), with or without a sequence table (Call.seqs). Extra memory: O(B·H·Sq) row statistics,
 plus a backward scratch of two key tiles' fp32 dK/dV per thread (threads × 2·Hkv·64·(D+Dv) floats,
-added into dk/dv tile by tile, each key row's additions in a fixed order: B·Sk int32 turn counters;
-the results are the same bits from run to run, docs/design.md "Determinism"), and in the forward a score cache of at most SCORE_CACHE_BYTES (at most
-threads × (H+Hr)·BM·(L + L/64) floats, BM <= 128 query rows: pass 1's exponentials and tile maxima
-for heads="mean", the scores for "each"): linear in the key length, never Sq × Sk."""
+added into dk/dv tile by tile, each key row's additions in a fixed order: B·Sk int32 turn counters,
+so the results are the same bits from run to run, docs/design.md "Determinism"), and in the forward
+a score cache of at most SCORE_CACHE_BYTES (at most threads × (H+Hr)·BM·(L + L/64) floats, BM <= 128
+query rows: pass 1's exponentials and tile maxima for heads="mean", the scores for "each"): linear
+in the key length, never Sq × Sk."""
 
 from __future__ import annotations
 
