@@ -45,11 +45,10 @@ int64_t scratch_bytes(const AttentionKLParams& p, const Geometry& geo) {
   return static_cast<int64_t>(sizeof(float)) * worker_count(p, geo) * kGradSlots * tile_grad_floats(p, geo);
 }
 
-// Key rows [0, reach) of its unit that block `blk` sweeps: whole kBlockN tiles up to its key_end,
-// the last one cut at the unit's k_len (Backward::run).
+// Key rows [0, n) of its unit that block `blk` sweeps (Backward::run): its key tiles, the last one
+// cut at the unit's k_len.
 int64_t swept_keys(const AttentionKLParams& p, const Unit& u, int64_t blk, int64_t block_m) {
-  const int64_t key_end = QueryBlock(u, blk, block_m).key_end(p);
-  return std::min(round_up(key_end, kBlockN), u.k_len);
+  return std::min(QueryBlock(u, blk, block_m).key_tiles(p) * kBlockN, u.k_len);
 }
 
 // The order of the additions into dk / dv. Every work item adds into each key row it sweeps exactly
@@ -108,7 +107,7 @@ class KeyRowTurns {
   void abandon() { abandoned_.store(true, std::memory_order_relaxed); }
 
  private:
-  int64_t blocks(const Unit& u) const { return (std::max<int64_t>(u.q_len, 0) + bm_ - 1) / bm_; }
+  int64_t blocks(const Unit& u) const { return unit_blocks(u, bm_); }
 
   // Blocks of unit s that sweep the absolute key row `row`.
   int32_t blocks_sweeping(int64_t s, int64_t row) const {
@@ -224,7 +223,7 @@ class Backward : UnitSweep {
   // added first if it still waits; then whatever is free is added.
   void run(const QueryBlock& qb, const KeyRowTurns::Item& item) {
     load_rows(qb);
-    const int64_t tiles = (qb.key_end(p_) + kBlockN - 1) / kBlockN;
+    const int64_t tiles = qb.key_tiles(p_);
     for (int64_t t = 0, used = 0; t < tiles; ++t) {
       kb_.init(p_, qb, t * kBlockN);
       if (!kb_.any_valid) continue;

@@ -60,6 +60,11 @@ inline Unit unit_at(const AttentionKLParams& p, int64_t s) {
   return {r.batch, r.q_start, r.q_len, r.k_start, r.k_len, r.q_pos};
 }
 
+// Query blocks of `block_m` rows in unit u.
+inline int64_t unit_blocks(const Unit& u, int64_t block_m) {
+  return (std::max<int64_t>(u.q_len, 0) + block_m - 1) / block_m;
+}
+
 // The most keys one unit reads: Sk for a dense call, max_k_len with a table.
 inline int64_t max_unit_keys(const AttentionKLParams& p) { return p.seqs ? p.max_k_len : p.k_len; }
 
@@ -68,7 +73,7 @@ inline int64_t max_unit_keys(const AttentionKLParams& p) { return p.seqs ? p.max
 inline int64_t count_items(const AttentionKLParams& p, int64_t rows) {
   if (!p.seqs) return p.batch * ((p.q_len + rows - 1) / rows);
   int64_t items = 0;
-  for (int64_t s = 0; s < p.num_seqs; ++s) items += (std::max<int64_t>(unit_at(p, s).q_len, 0) + rows - 1) / rows;
+  for (int64_t s = 0; s < p.num_seqs; ++s) items += unit_blocks(unit_at(p, s), rows);
   return items;
 }
 
@@ -284,6 +289,8 @@ struct QueryBlock {
   int64_t key_end(const AttentionKLParams& p) const {
     return p.causal ? std::clamp<int64_t>(last_pos + 1, 0, k_len) : k_len;
   }
+  // Key tiles the block sweeps: kBlockN keys each from the unit's first, up to key_end.
+  int64_t key_tiles(const AttentionKLParams& p) const { return (key_end(p) + kBlockN - 1) / kBlockN; }
 };
 
 // Keys [start, start + kBlockN) of a query block's unit (unit-local positions; absolute row
@@ -391,7 +398,7 @@ class Schedule {
     for (int64_t s = 0; s < p.num_seqs; ++s) {
       const Unit u = unit_at(p, s);
       const size_t first = entries.size();
-      for (int64_t blk = 0; blk * geo.block_m < u.q_len; ++blk) {
+      for (int64_t blk = 0; blk < unit_blocks(u, geo.block_m); ++blk) {
         const QueryBlock qb(u, blk, geo.block_m);
         entries.push_back({qb.rows * std::max<int64_t>(qb.key_end(p), 1), s, blk});
         unit_cost[static_cast<size_t>(s)] += entries.back().cost;
