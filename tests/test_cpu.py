@@ -14,9 +14,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (Problem, SelfPeakedProblem, cast, check, check_far_from_reference, check_nan_stays_in_its_row,  # noqa: E402
-                    check_near_reference, check_out_weights_sum_to_one, check_peaky_self_attention, check_stats, option_grid,
-                    option_id, run, stats_upstream, upstream)
+from oracle import (PEAKED_SHAPES, Problem, SelfPeakedProblem, cast, check, check_far_from_reference,  # noqa: E402
+                    check_half_precision_against_fused, check_nan_stays_in_its_row, check_near_reference,
+                    check_out_weights_sum_to_one, check_peaky_self_attention, check_stats, option_grid, option_id, run,
+                    stats_upstream, upstream)
 
 import ral  # noqa: E402
 from ral.backends import compiled as _compiled  # noqa: E402
@@ -106,6 +107,12 @@ def test_dtypes(dtype, case):
     check(Problem(batch=2, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=dim,
                   v_head_dim=v_dim, dtype=dtype, left_pad=(0, 3) if case % 2 else (), row_mask=case == 2,
                   seed=case, options=opts), "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", PEAKED_SHAPES, ids=str)
+def test_half_precision_peaked_rows_against_fused(dtype, shape):
+    check_half_precision_against_fused("cpu", dtype, shape)
 
 
 def _strided_copy(t):

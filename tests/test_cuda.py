@@ -6,8 +6,8 @@ Needs a CUDA device and ral._C built with nvcc; skips cleanly otherwise.
 import pytest
 import torch
 
-from oracle import (STATS_NAMES, PackedProblem, Problem, cast, check, check_nan_stays_in_its_row, check_packed,
-                    option_grid, option_id)
+from oracle import (PEAKED_SHAPES, STATS_NAMES, PackedProblem, Problem, cast, check, check_half_precision_against_fused,
+                    check_nan_stays_in_its_row, check_packed, option_grid, option_id)
 from oracle import (check_attention_stats, check_dead_rows_give_zero, check_near_reference, check_peaky_self_attention,
                     check_stats)
 
@@ -146,6 +146,13 @@ def test_peaky_self_attention(divergence, heads):
 @pytest.mark.parametrize("heads", ["mean", "each"])
 def test_jsd_near_reference(backend, dtype, heads):
     check_near_reference(backend, heads, dtype, device="cuda", q_len=200)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PEAKED_SHAPES, ids=str)
+def test_half_precision_peaked_rows_against_fused(backend, dtype, shape):
+    check_half_precision_against_fused(backend, dtype, shape, device="cuda")
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])
