@@ -177,6 +177,15 @@ def check(problem: Problem, backend: str, device="cpu", names=NAMES, factor: flo
     return compare(want, torch_same, got, problem.dtype, names, factor, f"{backend} for {problem}")
 
 
+class AccuracyError(AssertionError):
+    """The accuracy rule broken by one output: its `name`, the backend's error `err`, the `bound`,
+    PyTorch's error `err_torch` and the reference's largest finite magnitude `scale`."""
+
+    def __init__(self, message: str, name: str, err: float, bound: float, err_torch: float, scale: float):
+        super().__init__(message)
+        self.name, self.err, self.bound, self.err_torch, self.scale = name, err, bound, err_torch, scale
+
+
 def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=NAMES, factor: float = FACTOR,
             what: str = "backend") -> dict:
     """The accuracy rule on results already computed (dicts of float64 CPU tensors, as `run`
@@ -196,9 +205,10 @@ def compare(want: dict, torch_same: dict, got: dict, dtype: torch.dtype, names=N
         err_torch = _err(torch_same[name], want[name])
         bound = factor * err_torch + FLOOR[dtype] * max(scale, 1e-3)
         errors[name] = (err_backend, err_torch, bound)
-        assert err_backend <= bound, (
-            f"{name}: error {err_backend:.3g} > bound {bound:.3g} "
-            f"(PyTorch {dtype} error {err_torch:.3g}, |ref| max {scale:.3g}): {what}")
+        if not err_backend <= bound:
+            raise AccuracyError(f"{name}: error {err_backend:.3g} > bound {bound:.3g} (PyTorch {dtype} error "
+                                f"{err_torch:.3g}, |ref| max {scale:.3g}): {what}", name, err_backend, bound,
+                                err_torch, scale)
     return errors
 
 

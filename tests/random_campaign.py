@@ -14,8 +14,9 @@ segments (``check_stats`` then), fp32 / fp16 / bf16 (fp32 only for triton, fp16 
 kernels) and, one time in five, a scale of 0.05, 0.5 or 2.0. ``cuda-emu`` runs backend="cuda" on CPU
 tensors through the emulator of tests/cuda_emu, as tests/test_cuda_emulated.py does (its checks of
 cp.async ranges, unwritten shared memory and warp collectives included; ``RAL_EMU_SCHEDULE=random:5``
-in the environment shuffles the warps' interleaving). A failure is not always a bug: benchmarks/RESULTS.md (2026-12-07) sorts
-the kinds seen.
+in the environment shuffles the warps' interleaving). A failure is not always a bug: each is printed
+with its kind (``KINDS``: the kinds benchmarks/RESULTS.md sorted, or "other") and the run ends with a
+count per kind.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from oracle import PackedProblem, Problem, check, check_packed, check_stats, option_grid  # noqa: E402
+from oracle import AccuracyError, PackedProblem, Problem, check, check_packed, check_stats, option_grid  # noqa: E402
 
 OPTIONS = list(option_grid())
 
@@ -76,6 +77,33 @@ def draw(seed: int, backend: str, device: str = "cpu"):
     return problem, lambda: check_packed(problem, backend, device=device)
 
 
+# The kinds of failure seen so far (docs/design.md, "Accuracy"; benchmarks/RESULTS.md sorts them), and "other":
+# what none of them explains, the ones to read first.
+KINDS = {
+    "exact zero": "the reference's largest value is below 1e-6 (a gradient that is 0, e.g. softmax over one key)",
+    "PyTorch non-finite": "PyTorch's own error in the dtype is not finite (fp16 / bf16 overflow)",
+    "dq / dk with v": "mostly delta = rowsum(dO out) on near one-hot rows (docs/design.md, \"Accuracy\")",
+    "div below 1e-6": "an absolute div error below 1e-6 (the stored lse's rounding on supports of one or two keys)",
+    "other": "none of the above: read these first",
+}
+
+
+def kind(err: AssertionError, problem) -> str:
+    """Which of KINDS an assertion of the accuracy rule on `problem` falls under (a hint for sorting,
+    not a verdict)."""
+    if not isinstance(err, AccuracyError):
+        return "other"
+    if err.scale < 1e-6:
+        return "exact zero"
+    if err.err_torch != err.err_torch or err.err_torch == float("inf"):
+        return "PyTorch non-finite"
+    if err.name in ("dq", "dk") and problem.v_head_dim:
+        return "dq / dk with v"
+    if err.name == "div" and err.err < 1e-6:
+        return "div below 1e-6"
+    return "other"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backend", choices=["cpu", "triton", "cuda", "cuda-emu", "reference"])
@@ -89,7 +117,7 @@ def main(argv=None) -> int:
         import test_cuda_emulated as emulated
         emulated.route_cuda_to_emulator(emulated.emu_build.load())
         backend = "cuda"
-    start, seed, done, failed = time.time(), args.first_seed, 0, 0
+    start, seed, done, failed = time.time(), args.first_seed, 0, {name: 0 for name in KINDS}
     while time.time() - start < args.seconds:
         problem, run = draw(seed, backend, device)
         seed += 1
@@ -99,10 +127,14 @@ def main(argv=None) -> int:
         try:
             run()
         except AssertionError as err:
-            failed += 1
-            print(f"FAIL seed={seed - 1}: {str(err).splitlines()[0][:300]}\n  {problem!r}", flush=True)
-    print(f"{done} problems, {failed} failed, seeds {args.first_seed}..{seed - 1}, {time.time() - start:.0f} s")
-    return 1 if failed else 0
+            which = kind(err, problem)
+            failed[which] += 1
+            print(f"FAIL ({which}) seed={seed - 1}: {str(err).splitlines()[0][:300]}\n  {problem!r}", flush=True)
+    print(f"{done} problems, {sum(failed.values())} failed, seeds {args.first_seed}..{seed - 1}, "
+          f"{time.time() - start:.0f} s")
+    for which, count in failed.items():
+        print(f"  {count:6d}  {which}: {KINDS[which]}")
+    return 1 if sum(failed.values()) else 0
 
 
 if __name__ == "__main__":

@@ -185,3 +185,27 @@ def test_spec_gradient_formula_matches_autograd(opts):
     torch.testing.assert_close(dq, scale * ds @ k_rep, rtol=1e-8, atol=1e-10)
     dk_rep = scale * ds.transpose(-1, -2) @ q.detach()
     torch.testing.assert_close(dk, dk_rep.unflatten(1, (k.shape[1], group)).sum(2), rtol=1e-8, atol=1e-10)
+
+
+def test_random_campaign_runs_and_sorts_failures(capsys):
+    """tests/random_campaign.py end to end on the reference backend (its own peer in the dtype, so every
+    problem passes), then its sorting of accuracy failures into KINDS."""
+    import random_campaign as campaign
+    from oracle import AccuracyError
+
+    threads = torch.get_num_threads()
+    try:
+        assert campaign.main(["reference", "--seconds", "1", "--threads", str(threads)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert " 0 failed" in capsys.readouterr().out
+    with_v, without_v = Problem(v_head_dim=16), Problem(v_head_dim=None)
+    cases = [(("dq", 1e-3, 1e-4, 1e-5, 1e-7), with_v, "exact zero"),
+             (("dk", 1e-3, float("nan"), float("nan"), 1.0), with_v, "PyTorch non-finite"),
+             (("dq", 1e-3, 1e-4, 1e-5, 1.0), with_v, "dq / dk with v"),
+             (("dq", 1e-3, 1e-4, 1e-5, 1.0), without_v, "other"),
+             (("div", 3e-7, 1e-7, 1e-8, 1e-3), without_v, "div below 1e-6"),
+             (("out", 1e-3, 1e-4, 1e-5, 1.0), with_v, "other")]
+    for args, problem, want in cases:
+        assert campaign.kind(AccuracyError("", *args), problem) == want, (args, want)
+    assert campaign.kind(AssertionError("NaN pattern"), with_v) == "other"
