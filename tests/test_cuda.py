@@ -6,7 +6,7 @@ Needs a CUDA device and ral._C built with nvcc; skips cleanly otherwise.
 import pytest
 import torch
 
-from oracle import (PEAKED_SHAPES, STATS_NAMES, PackedProblem, Problem, cast, check, check_half_precision_against_fused,
+from oracle import (PEAKED_SHAPES, STATS_NAMES, PackedProblem, Problem, cast, check, check_peaked_rows_against_fused,
                     check_nan_stays_in_its_row, check_packed, option_grid, option_id)
 from oracle import (check_attention_stats, check_dead_rows_give_zero, check_near_reference, check_peaky_self_attention,
                     check_stats)
@@ -151,8 +151,8 @@ def test_jsd_near_reference(backend, dtype, heads):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PEAKED_SHAPES, ids=str)
-def test_half_precision_peaked_rows_against_fused(backend, dtype, shape):
-    check_half_precision_against_fused(backend, dtype, shape, device="cuda")
+def test_peaked_rows_against_fused(backend, dtype, shape):
+    check_peaked_rows_against_fused(backend, dtype, shape, device="cuda")
 
 
 @pytest.mark.parametrize("heads", ["mean", "each"])

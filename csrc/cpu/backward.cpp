@@ -353,11 +353,12 @@ class Backward : UnitSweep {
       load_transposed(p_.v, p_.dtype, p_.kv_heads, p_.v_head_dim, geo_.dvp, qb, kb_, rows_tmp_, 0, v_t_);
     for (int64_t h = 0; h < heads_; ++h) {
       const int64_t kv = h / geo_.group;
-      gemm<false>(s_ + h * plane_, kBlockN, {q_ + h * bm_ * geo_.dp, geo_.dp, 1}, k_t_ + kv * geo_.dp * kBlockN,
-                  kBlockN, qb.rows, kBlockN, p_.head_dim);
+      gemm<false, false, /*kSplitK=*/true>(s_ + h * plane_, kBlockN, {q_ + h * bm_ * geo_.dp, geo_.dp, 1},
+                                           k_t_ + kv * geo_.dp * kBlockN, kBlockN, qb.rows, kBlockN, p_.head_dim);
       if (p_.has_v)
-        gemm<false>(ds_ + h * plane_, kBlockN, {dout_ + h * bm_ * geo_.dvp, geo_.dvp, 1},
-                    v_t_ + kv * geo_.dvp * kBlockN, kBlockN, qb.rows, kBlockN, p_.v_head_dim);
+        gemm<false, false, /*kSplitK=*/true>(ds_ + h * plane_, kBlockN, {dout_ + h * bm_ * geo_.dvp, geo_.dvp, 1},
+                                             v_t_ + kv * geo_.dvp * kBlockN, kBlockN, qb.rows, kBlockN,
+                                             p_.v_head_dim);
       else
         std::fill(ds_ + h * plane_, ds_ + h * plane_ + qb.rows * kBlockN, 0.f);
     }
@@ -365,9 +366,9 @@ class Backward : UnitSweep {
       load_transposed(p_.k_ref, p_.ref_dtype, p_.ref_kv_heads, p_.ref_head_dim, geo_.drp, qb, kb_, rows_tmp_, 0,
                       k_ref_t_);
       for (int64_t h = 0; h < ref_heads_; ++h)
-        gemm<false>(s_ref_ + h * plane_, kBlockN, {q_ref_ + h * bm_ * geo_.drp, geo_.drp, 1},
-                    k_ref_t_ + (h / geo_.ref_group) * geo_.drp * kBlockN, kBlockN, qb.rows, kBlockN,
-                    p_.ref_head_dim);
+        gemm<false, false, /*kSplitK=*/true>(s_ref_ + h * plane_, kBlockN, {q_ref_ + h * bm_ * geo_.drp, geo_.drp, 1},
+                                             k_ref_t_ + (h / geo_.ref_group) * geo_.drp * kBlockN, kBlockN, qb.rows,
+                                             kBlockN, p_.ref_head_dim);
     }
 
     // s_ <- a, ds_ <- dS

@@ -302,8 +302,8 @@ class Forward : UnitSweep {
   void scores(const float* q, const float* k_t, int64_t heads, int64_t group, int64_t dim,
                      int64_t dim_padded, int64_t rows, float* s) {
     for (int64_t h = 0; h < heads; ++h)
-      gemm<false>(s + h * plane_, kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
-                  k_t + (h / group) * dim_padded * kBlockN, kBlockN, rows, kBlockN, dim);
+      gemm<false, false, /*kSplitK=*/true>(s + h * plane_, kBlockN, {q + h * bm_ * dim_padded, dim_padded, 1},
+                                           k_t + (h / group) * dim_padded * kBlockN, kBlockN, rows, kBlockN, dim);
   }
 
   // ---- pass 1: lse_A, lse_P (both models) and out -------------------------------------------
@@ -593,8 +593,9 @@ class Forward : UnitSweep {
   void lane_scores(const float* q, const float* k_t, int64_t heads, int64_t group, int64_t dim, int64_t dim_padded,
                    int64_t r, int64_t c, float* out) const {
     for (int64_t h = 0; h < heads; ++h)
-      micro_gemm<1, 1, false>(out + h * kLanes, kLanes, {q + (h * bm_ + r) * dim_padded, dim_padded, 1},
-                              k_t + (h / group) * dim_padded * kBlockN + c, kBlockN, dim);
+      micro_gemm<1, 1, false, false, /*kSplitK=*/true>(out + h * kLanes, kLanes,
+                                                       {q + (h * bm_ + r) * dim_padded, dim_padded, 1},
+                                                       k_t + (h / group) * dim_padded * kBlockN + c, kBlockN, dim);
   }
 
   // heads="mean", linear route: per row, pi_j = exp(offset) * sum_h w_h e_hj from the tile's
