@@ -37,7 +37,7 @@ struct RowScale {
 // past the k_len steps taken. Always inlined: called out of line, acc would live in memory.
 template <int RM, int NV>
 RAL_VECTOR_INLINE void accumulate_k(vfloat (&acc)[RM][NV], const float*& a_ptr, int64_t a_row, int64_t a_col,
-                         const float* __restrict__& b, int64_t ldb, int64_t k_len) {
+                                    const float* __restrict__& b, int64_t ldb, int64_t k_len) {
   for (int64_t k = 0; k < k_len; ++k, a_ptr += a_col, b += ldb) {
     vfloat b_vec[NV];
 #pragma GCC unroll 4
@@ -51,17 +51,18 @@ RAL_VECTOR_INLINE void accumulate_k(vfloat (&acc)[RM][NV], const float*& a_ptr, 
   }
 }
 
-// With kSplitK, C = A B sums K in two halves, each its own fma chain, added at the end. An fp32
-// chain's rounding grows with its length and its partial sums; a score's rounding is what lse and
-// every exp(s - lse) carry, and a near one-hot row's dS = a (dP - delta) cancels down to the rounding
-// of dP. The kernels form every score (Q K^T: both passes, the lanes recomputed one by one, the
+// Shortest K that micro_gemm's kSplitK sums as two halves; below it, one chain.
+constexpr int64_t kSplitMinK = 16;
+
+// C (RM x NV vectors) = or += A B (RowScale: see above) from one fma chain per element. With
+// kSplitK, C = A B sums K in two halves, each its own chain, added at the end: an fp32 chain's
+// rounding grows with its length and its partial sums; a score's rounding is what lse and every
+// exp(s - lse) carry, and a near one-hot row's dS = a (dP - delta) cancels down to the rounding of
+// dP. The kernels form every score (Q K^T: both passes, the lanes recomputed one by one, the
 // backward) and the backward's dP = dO V^T with kSplitK, so a score has the same bits wherever it is
 // formed. At D = 64 and scores of tens the lse error drops from 5.0e-6 to 2.9e-6 rms, and the fp32
 // gradient errors of near one-hot rows nearly halve (benchmarks/RESULTS.md, twelfth entry). The
 // other products keep one chain.
-// Below kSplitMinK, one chain.
-constexpr int64_t kSplitMinK = 16;
-
 template <int RM, int NV, bool kAccumulate, bool kRowScale = false, bool kSplitK = false>
 inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* __restrict__ b,
                        int64_t ldb, int64_t k_len, RowScale scale = {}) {
@@ -82,8 +83,8 @@ inline void micro_gemm(float* __restrict__ c, int64_t ldc, MatA a, const float* 
         vstore(c + r * ldc + v * kLanes, acc[r][v]);
         acc[r][v] = vfloat{};
       }
-    // The first half's sums now live in C only: without this, GCC keeps them in registers too and
-    // spills them around the second chain (24 of the 32 vector registers are accumulators).
+    // The first half's sums now live in C only: without this barrier GCC keeps them in registers too
+    // and spills them around the second chain (the accumulators fill most of the vector registers).
     asm volatile("" ::: "memory");
     accumulate_k<RM, NV>(acc, a_ptr, a.row, a.col, b, ldb, k_len - k_len / 2);
 #pragma GCC unroll 8
@@ -147,21 +148,11 @@ inline void gemm(float* c, int64_t ldc, MatA a, const float* b, int64_t ldb, int
   const RowScale rest_scale = scale.rows_from(row);
   float* c_rest = c + row * ldc;
   switch (m - row) {
-    case 5:
-      detail::gemm_rows<5, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale);
-      break;
-    case 4:
-      detail::gemm_rows<4, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale);
-      break;
-    case 3:
-      detail::gemm_rows<3, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale);
-      break;
-    case 2:
-      detail::gemm_rows<2, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale);
-      break;
-    case 1:
-      detail::gemm_rows<1, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale);
-      break;
+    case 5: detail::gemm_rows<5, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 4: detail::gemm_rows<4, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 3: detail::gemm_rows<3, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 2: detail::gemm_rows<2, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
+    case 1: detail::gemm_rows<1, kAccumulate, kRowScale, kSplitK>(c_rest, ldc, rest, b, ldb, n, k_len, rest_scale); break;
     default: break;
   }
 }
