@@ -22,6 +22,7 @@ count per kind.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -31,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from oracle import AccuracyError, PackedProblem, Problem, check, check_packed, check_stats, option_grid  # noqa: E402
+from oracle import (AccuracyError, PackedProblem, Problem, check, check_packed, check_stats,  # noqa: E402
+                    option_grid)
 
 OPTIONS = list(option_grid())
 
@@ -77,8 +79,8 @@ def draw(seed: int, backend: str, device: str = "cpu"):
     return problem, lambda: check_packed(problem, backend, device=device)
 
 
-# The kinds of failure seen so far (docs/design.md, "Accuracy"; benchmarks/RESULTS.md sorts them), and "other":
-# what none of them explains, the ones to read first.
+# The kinds of failure seen so far (docs/design.md, "Accuracy"; benchmarks/RESULTS.md sorts them), and
+# "other": what none of them explains, the ones to read first.
 KINDS = {
     "exact zero": "the reference's largest value is below 1e-6 (a gradient that is 0, e.g. softmax over one key)",
     "PyTorch non-finite": "PyTorch's own error in the dtype is not finite (fp16 / bf16 overflow)",
@@ -95,7 +97,7 @@ def kind(err: AssertionError, problem) -> str:
         return "other"
     if err.scale < 1e-6:
         return "exact zero"
-    if err.err_torch != err.err_torch or err.err_torch == float("inf"):
+    if not math.isfinite(err.err_torch):
         return "PyTorch non-finite"
     if err.name in ("dq", "dk") and problem.v_head_dim:
         return "dq / dk with v"
