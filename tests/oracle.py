@@ -407,10 +407,10 @@ PEAKED_SHAPES = ((3, 9, False), (70, 70, True), (1, 130, False))
 
 
 def peaked_row_errors(backend: str, dtype: torch.dtype, q_len: int, k_len: int, causal: bool,
-                      seeds=range(4), device="cpu") -> dict:
+                      seeds=range(4), device="cpu", others=("eager", "peer")) -> dict:
     """Errors of dq, dk, dv from out's gradient alone on near one-hot rows (B = 2, H = 4, D = Dv = 64,
     scale 2.0: scores of tens), in `dtype`, against float64 of the same rounded inputs, pooled over
-    `seeds`: {who: {"dq" | "dk" | "dv": (rms, max-abs)}} for who in
+    `seeds`: {who: {"dq" | "dk" | "dv": (rms, max-abs)}} for who in "backend", "fused" and `others`:
 
     - "backend": `backend` through ral.attention_kl (out only; the divergence gets no gradient);
     - "fused": PyTorch's fused SDPA kernel (SDPBackend.FLASH_ATTENTION) in `dtype`;
@@ -452,8 +452,9 @@ def peaked_row_errors(backend: str, dtype: torch.dtype, q_len: int, k_len: int, 
             want = grads(sdpa, q.double(), k.double(), v.double(), dout)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             fused = grads(sdpa, q, k, v, dout)
+        providers = dict(eager=eager, peer=attention_kl("reference"))
         results = dict(backend=grads(attention_kl(backend), q, k, v, dout), fused=fused,
-                       eager=grads(eager, q, k, v, dout), peer=grads(attention_kl("reference"), q, k, v, dout))
+                       **{who: grads(providers[who], q, k, v, dout) for who in others})
         for who, got in results.items():
             for name, g, w in zip(("dq", "dk", "dv"), got, want):
                 square, count, worst = sums.setdefault(who, {}).get(name, (0.0, 0, 0.0))
@@ -474,7 +475,7 @@ def check_peaked_rows_against_fused(backend: str, dtype: torch.dtype, shape: tup
     import pytest
 
     try:
-        errors = peaked_row_errors(backend, dtype, *shape, device=device)
+        errors = peaked_row_errors(backend, dtype, *shape, device=device, others=())
     except RuntimeError as err:
         if "No available kernel" not in str(err):
             raise
