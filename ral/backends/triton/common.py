@@ -316,7 +316,9 @@ def jsd_logs(t2):
 @triton.jit
 def div_terms(lpi2, lrho2, DIVERGENCE: tl.constexpr):
     """Elementwise f(pi, rho), g = df/dpi and pi*g (natural log) from log2 pi and log2 rho.
-    DIVERGENCE: 0 jsd, 1 kl(pi || rho), 2 reverse_kl = kl(rho || pi)."""
+    DIVERGENCE: 0 jsd, 1 kl(pi || rho), 2 reverse_kl = kl(rho || pi). reverse_kl's g = -rho / pi
+    overflows to -inf where pi is below rho by more than 2^128 (scale 2.0 at D = 128 gets there);
+    no kernel reads it: its products go through times_g, in log space."""
     pi = tl.exp2(lpi2)
     rho = tl.exp2(lrho2)
     if DIVERGENCE == 0:  # jsd: m = (pi + rho) / 2, dp = log(pi / m), dr = log(rho / m)
