@@ -86,6 +86,8 @@ KINDS = {
     "PyTorch non-finite": "PyTorch's own error in the dtype is not finite (fp16 / bf16 overflow)",
     "dq / dk with v": "mostly delta = rowsum(dO out) on near one-hot rows (docs/design.md, \"Accuracy\")",
     "div below 1e-6": "an absolute div error below 1e-6 (the stored lse's rounding on supports of one or two keys)",
+    "stored lse, peaked": "fp32 dq / dk without v at scale >= 2 (scores of tens: exp(s - lse) carries the fp32 lse's "
+                          "rounding; the Triton kernels show it too)",
     "other": "none of the above: read these first",
 }
 
@@ -103,6 +105,9 @@ def kind(err: AssertionError, problem) -> str:
         return "dq / dk with v"
     if err.name == "div" and err.err < 1e-6:
         return "div below 1e-6"
+    if (err.name in ("dq", "dk") and not problem.v_head_dim and problem.dtype == torch.float32
+            and problem.options.get("scale", 0.0) >= 2.0):
+        return "stored lse, peaked"
     return "other"
 
 

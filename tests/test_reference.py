@@ -200,11 +200,16 @@ def test_random_campaign_runs_and_sorts_failures(capsys):
         torch.set_num_threads(threads)
     assert " 0 failed" in capsys.readouterr().out
     with_v, without_v = Problem(v_head_dim=16), Problem(v_head_dim=None)
+    peaked = Problem(v_head_dim=None, options=dict(scale=2.0))
     cases = [(("dq", 1e-3, 1e-4, 1e-5, 1e-7), with_v, "exact zero"),
              (("dk", 1e-3, float("nan"), float("nan"), 1.0), with_v, "PyTorch non-finite"),
              (("dq", 1e-3, 1e-4, 1e-5, 1.0), with_v, "dq / dk with v"),
              (("dq", 1e-3, 1e-4, 1e-5, 1.0), without_v, "other"),
              (("div", 3e-7, 1e-7, 1e-8, 1e-3), without_v, "div below 1e-6"),
+             (("dk", 1e-5, 4e-6, 1e-6, 0.3), peaked, "stored lse, peaked"),
+             (("div", 1e-5, 4e-6, 1e-6, 0.3), peaked, "other"),
+             (("dk", 1e-3, 4e-4, 1e-4, 0.3), Problem(v_head_dim=None, dtype=torch.float16,
+                                                     options=dict(scale=2.0)), "other"),
              (("out", 1e-3, 1e-4, 1e-5, 1.0), with_v, "other")]
     for args, problem, want in cases:
         assert campaign.kind(AccuracyError("", *args), problem) == want, (args, want)
