@@ -442,6 +442,7 @@ def peaked_row_errors(backend: str, dtype: torch.dtype, q_len: int, k_len: int, 
         (fn(q, k, v).double() * dout).sum().backward()
         return q.grad.double(), k.grad.double(), v.grad.double()
 
+    providers = dict(eager=eager, peer=attention_kl("reference"))
     sums: dict = {}
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
@@ -452,7 +453,6 @@ def peaked_row_errors(backend: str, dtype: torch.dtype, q_len: int, k_len: int, 
             want = grads(sdpa, q.double(), k.double(), v.double(), dout)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             fused = grads(sdpa, q, k, v, dout)
-        providers = dict(eager=eager, peer=attention_kl("reference"))
         results = dict(backend=grads(attention_kl(backend), q, k, v, dout), fused=fused,
                        **{who: grads(providers[who], q, k, v, dout) for who in others})
         for who, got in results.items():
