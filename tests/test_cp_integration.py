@@ -35,10 +35,10 @@ VOCAB = 64
 NAMES = ("prompt", "response")
 
 
-def _model(dtype, layers=1):
+def _model(dtype, layers=1, **config):
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config)
     return transformers.Qwen2ForCausalLM(cfg).to(dtype)
 
 
@@ -224,6 +224,26 @@ def test_cp_refuses_bad_calls_on_one_rank(one_rank):
     with pytest.raises(ValueError, match="reference: recorded on a padded batch, the model call is a packed row"), \
             policy.compare(rec.reference):
         model(ids[:1], position_ids=packed)
+
+
+def test_cp_sliding_window_layer(one_rank):
+    """A sliding-window chosen layer under cp_group: refused when the whole sequence (not the shard) is
+    longer than the window; a packed row whose sequences fit runs and gives eager's logits per sequence."""
+    model = _model(torch.float64, use_sliding_window=True, sliding_window=10, max_window_layers=0)
+    policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
+    ids, mask, positions, *_ = _batch()
+    with pytest.raises(ValueError, match=rf"sliding_window=10\) and this call has sequences of {SEQ} keys"), \
+            torch.no_grad(), policy.record():
+        model(ids, attention_mask=mask, position_ids=positions)
+    _, _, packed, *_ = _batch(packed=True)
+    with torch.no_grad(), policy.record() as rec:
+        got = model(ids[:1], position_ids=packed).logits
+    assert rec.reference.packing is not None and max(PACKED) == 10
+    eager = _model(torch.float64, use_sliding_window=True, sliding_window=10, max_window_layers=0)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = torch.cat([eager(part).logits for part in ids[:1].split(PACKED, dim=1)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_cp_asks_the_group_once_per_model_call(one_rank, monkeypatch):

@@ -294,3 +294,73 @@ def test_compare_with_gradient_checkpointing():
             assert m.model.layers[-1].gradient_checkpointing and m.model.layers[0].gradient_checkpointing
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _qwen2_sliding(window: int):
+    """A tiny Qwen2 whose layer 0 attends fully and layer 1 through a sliding window of `window` keys."""
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_sliding_window=True, sliding_window=window, max_window_layers=1)
+    model = transformers.Qwen2ForCausalLM(cfg).double()
+    attn = [layer.self_attn for layer in model.model.layers]
+    assert (attn[0].sliding_window, attn[1].sliding_window) == (None, window)
+    return model
+
+
+def test_sliding_window_layers():
+    """A full-attention chosen layer beside a sliding-window one gives eager's logits (the window stays
+    SDPA's); a sliding-window chosen layer is refused when a sequence is longer than its window and
+    equals eager when none is (dense and packed calls). Float64; the tolerance is the float32 row
+    statistics' rounding that the recorded outputs go through (a window's effect is ~0.1 here)."""
+    torch.manual_seed(0)
+    model = _qwen2_sliding(window=5)
+    eager = _eager(model)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        want = eager(ids).logits
+    policy = AttentionPolicy(copy.deepcopy(model), layers=(0,), backend="reference")
+    with torch.no_grad(), policy.record():
+        got = policy.model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    policy = AttentionPolicy(model, layers=(-1,), backend="reference")
+    with pytest.raises(ValueError, match=r"decoder layer 1 is a sliding-window layer \(sliding_window=5\) and this "
+                                         r"call has sequences of 12 keys"), torch.no_grad(), policy.record():
+        model(ids)
+    with torch.no_grad(), policy.record():
+        got = model(ids[:, :5]).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, eager(ids[:, :5]).logits, rtol=1e-6, atol=1e-6)
+
+    flat = ids[:1]
+    fits, too_long = (4, 5, 3), (4, 8)
+    with torch.no_grad(), policy.record() as rec:
+        got = model(flat, position_ids=torch.cat([torch.arange(n) for n in fits])[None]).logits
+        want = torch.cat([eager(part).logits for part in flat.split(fits, dim=1)], dim=1)
+    assert rec.reference.packing is not None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sequences of 8 keys"), torch.no_grad(), policy.record():
+        model(flat, position_ids=torch.cat([torch.arange(n) for n in too_long])[None])
+
+
+def test_attention_beyond_sdpa_refused():
+    """Score-changing attention arguments reach a chosen layer only as a ValueError, and a model that
+    transformers runs without SDPA (soft-capping, sinks) is refused when the policy is made."""
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, attn_logit_softcapping=5.0)
+    cfg._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="model: Gemma2ForCausalLM has no SDPA attention"):
+        AttentionPolicy(transformers.Gemma2ForCausalLM(cfg))
+
+    from ral.integrations.transformers import ral_attention_forward
+    model = _qwen2()
+    policy = AttentionPolicy(model, backend="reference")
+    module = policy.modules[0]
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    for name, what in (("softcap", "soft-capping"), ("s_aux", "sinks"), ("position_bias", "position bias")):
+        with pytest.raises(ValueError, match=f"decoder layer 1 applies .*{what}"), torch.no_grad(), policy.record():
+            ral_attention_forward(module, q, k, k.clone(), None, scaling=8 ** -0.5, **{name: torch.zeros(())})
+    with torch.no_grad():                             # outside a block the layer is transformers' SDPA, as before
+        out, _ = ral_attention_forward(module, q, k, k.clone(), None, scaling=8 ** -0.5, s_aux=None)
+    assert out.shape == (1, 6, 4, 8)

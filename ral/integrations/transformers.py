@@ -67,7 +67,12 @@ batch-major (T = B * S; with position ids every row starts a sequence).
 Limits. Record / compare calls must be full-sequence passes without a KV cache (no incremental
 decoding) with a 2-D padding mask or packed sequences (not both): other custom 4-D masks (block
 masks) are not seen by the chosen layers, which apply causal + key-padding (or per-sequence)
-masking only. Dropout in the chosen layers is not applied. Generation outside the blocks is
+masking only. Dropout in the chosen layers is not applied. A chosen layer whose attention is more
+than scaled dot products is refused with a ValueError naming it (soft-capping, sinks, a position bias),
+and so is a sliding-window chosen layer on a call with a sequence longer than its window (the op
+attends every earlier key; within the window the two agree); choose a full-attention layer. Other
+layers keep their windows (transformers' SDPA mask). A model transformers cannot run on SDPA
+(``_supports_sdpa`` False) is refused when the policy is made. Generation outside the blocks is
 unaffected (SDPA).
 
 Context parallelism (long sequences over a process group). ``AttentionPolicy(model,
@@ -615,12 +620,38 @@ def _row_mask_full(row_mask: Optional[Tensor], seq_len: int) -> Optional[Tensor]
     return full
 
 
+# Keyword arguments of transformers' attention call that change a layer's scores; the op computes plain
+# scaled dot-product scores, so a chosen layer that gets one of them (not None) is refused.
+_SCORE_KWARGS = {"softcap": "logit soft-capping (Gemma 2)", "s_aux": "attention sinks (gpt-oss)",
+                 "position_bias": "an additive position bias"}
+
+
+def _check_chosen_layer(layer: int, kwargs: dict, longest_keys: int) -> None:
+    """ValueError when the chosen decoder layer ``layer`` attends other than ``attention_kl`` computes:
+    a score-changing keyword argument (``_SCORE_KWARGS``), or a ``sliding_window`` shorter than the
+    longest key sequence of the call (``longest_keys``; with no more keys than the window, every row
+    sees all its keys and the window changes nothing)."""
+    for name, what in _SCORE_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"layers: decoder layer {layer} applies {what} ({name}=...), which "
+                             f"ral.ops.attention_kl does not compute; choose another layer")
+    window = kwargs.get("sliding_window")
+    if window is not None and longest_keys > int(window):
+        raise ValueError(f"layers: decoder layer {layer} is a sliding-window layer (sliding_window={int(window)}) "
+                         f"and this call has sequences of {longest_keys} keys; ral.ops.attention_kl attends every "
+                         f"earlier key, so choose a full-attention layer or keep sequences within the window")
+
+
 class AttentionPolicy:
     """The attention policy of a transformers model's chosen decoder layers (RAL, Eq. 2-3).
 
     Args:
         model: a transformers ``PreTrainedModel`` (decoder-only LM or VLM such as Qwen2.5-VL).
-            It is switched to ``attn_implementation="ral"`` (``set_attn_implementation``).
+            It is switched to ``attn_implementation="ral"`` (``set_attn_implementation``), which runs
+            SDPA outside the chosen layers: a model transformers runs without SDPA (``_supports_sdpa``
+            False: Gemma 2's soft-capping, gpt-oss's sinks) is refused with a ValueError. A model
+            already on an implementation named ``"ral+<name>"`` (``ral.integrations.verl``: the
+            chosen layers here, ``<name>`` everywhere else) keeps it.
         layers: indices of the decoder layers whose attention is the policy; negative counts from
             the end. Default ``(-1,)``: the last layer (the paper).
         divergence, heads, exclude_self, backend: passed to ``ral.ops.attention_kl``
@@ -672,8 +703,14 @@ class AttentionPolicy:
         # segment ids from the call's input ids: only with the default (VLM) names
         self._vision_tokens = vision_tokens if segment_names is None else None
         register()
-        if getattr(getattr(model, "config", None), "_attn_implementation", None) != IMPLEMENTATION:
-            model.set_attn_implementation(IMPLEMENTATION)
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if not str(implementation).startswith(IMPLEMENTATION + "+"):   # "ral+<name>": <name> runs elsewhere
+            if getattr(model, "_supports_sdpa", True) is False:
+                raise ValueError(f"model: {type(model).__name__} has no SDPA attention in transformers (its "
+                                 f"attention needs more than SDPA computes, e.g. sinks or soft-capping); the "
+                                 f"'ral' implementation runs SDPA in every layer it does not compute")
+            if implementation != IMPLEMENTATION:
+                model.set_attn_implementation(IMPLEMENTATION)
         self.model = model
         self.divergence, self.heads, self.exclude_self = divergence, heads, exclude_self
         self.backend, self.record_stats = backend, record_stats
@@ -914,6 +951,7 @@ class AttentionPolicy:
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
+        _check_chosen_layer(self.layers[slot], kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
@@ -1003,6 +1041,7 @@ class AttentionPolicy:
             error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
+        _check_chosen_layer(self.layers[slot], kwargs, seq_len if packing is None else packing.max_seqlen_k)
         rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)

@@ -131,7 +131,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("ral.integrations.verl needs veRL: pip install 'ral[verl]' (verl>=0.9,<0.10)") from exc
 
-from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing
+from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing, _check_chosen_layer
 
 __all__ = ["RALConfig", "RALActor", "attach", "ral_ppo_loss", "reference_bytes_per_token", "SUPPORTED_VERL"]
 
@@ -252,7 +252,7 @@ def _register_implementation(original: str) -> str:
         if hook is not None and hook[0]._mode is not None:
             ulysses = getattr(hook[0], "_ral_ulysses", None)        # set by RALActor under Ulysses sp
             if ulysses is not None:
-                return ulysses(hook[1], module, query, key, value, scaling)
+                return ulysses(hook[1], module, query, key, value, scaling, kwargs)
             return ral_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                          dropout=dropout, **kwargs)
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -361,6 +361,8 @@ class RALActor:
                 "Ulysses all-to-all for these models lives in its own attention forward "
                 "(verl.models.transformers.qwen2_vl.qwen2_vl_attn_forward), which RAL replaces with transformers' "
                 "forward to reach the chosen layer, so the other layers would attend within each rank's slice")
+        if implementation != "ral":
+            model.set_attn_implementation(implementation)     # kept by AttentionPolicy: "ral+<original>"
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
                                       heads="mean", backend=config.backend, stats=config.stats,
                                       segment_names=config.segment_names)
@@ -369,8 +371,6 @@ class RALActor:
         if ulysses:
             self._sp_group = self.engine.ulysses_parallel_group
             self.policy._ral_ulysses = self._attend_ulysses
-        if implementation != "ral":
-            model.set_attn_implementation(implementation)
         self.engine.forward_step = self._forward_step          # the one hook (instance attribute)
         if actor_config is not None:
             worker.set_loss_fn(partial(ral_ppo_loss, config=actor_config, ral=self))
@@ -487,15 +487,16 @@ class RALActor:
                   for layer in reference.layers]
         return AttentionReference(layers, None, self._sp_packing)
 
-    def _attend_ulysses(self, slot: int, module, query: Tensor, key: Tensor, value: Tensor, scaling):
+    def _attend_ulysses(self, slot: int, module, query: Tensor, key: Tensor, value: Tensor, scaling, kwargs: dict):
         """The chosen layer under Ulysses: query (1, H, T_r, D), key / value (1, Hkv, T_r, D), this
-        rank's slice with all heads -> ((1, T_r, H, Dv), None)."""
+        rank's slice with all heads, and the attention call's other keyword arguments -> ((1, T_r, H, Dv), None)."""
         from ral.distributed import GatheredKeys, attention_kl_cp_varlen
         from verl.utils.ulysses import gather_outputs_and_unpad
         policy = self.policy
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if query.dtype != value.dtype or key.dtype != value.dtype:
             query, key = query.to(value.dtype), key.to(value.dtype)
+        _check_chosen_layer(policy.layers[slot], kwargs, self._sp_longest)
         if query.shape[0] != 1:
             raise ValueError(f"ral: under Ulysses the chosen layer expects veRL's packed (1, T/sp) call, got batch "
                              f"{query.shape[0]}")
