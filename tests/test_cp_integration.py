@@ -228,7 +228,7 @@ def test_cp_refuses_bad_calls_on_one_rank(one_rank):
 
 def test_cp_sliding_window_layer(one_rank):
     """A sliding-window chosen layer under cp_group: refused when the whole sequence (not the shard) is
-    longer than the window; a packed row whose sequences fit runs and gives eager's logits per sequence."""
+    longer than the window; a packed row whose sequences fit runs and gives SDPA's logits per sequence."""
     model = _model(torch.float64, use_sliding_window=True, sliding_window=10, max_window_layers=0)
     policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
     ids, mask, positions, *_ = _batch()
@@ -239,11 +239,11 @@ def test_cp_sliding_window_layer(one_rank):
     with torch.no_grad(), policy.record() as rec:
         got = model(ids[:1], position_ids=packed).logits
     assert rec.reference.packing is not None and max(PACKED) == 10
-    eager = _model(torch.float64, use_sliding_window=True, sliding_window=10, max_window_layers=0)
-    eager.set_attn_implementation("eager")
+    sdpa = _model(torch.float64, use_sliding_window=True, sliding_window=10, max_window_layers=0)
+    sdpa.set_attn_implementation("sdpa")
     with torch.no_grad():
-        want = torch.cat([eager(part).logits for part in ids[:1].split(PACKED, dim=1)], dim=1)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        want = torch.cat([sdpa(part).logits for part in ids[:1].split(PACKED, dim=1)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_cp_asks_the_group_once_per_model_call(one_rank, monkeypatch):

@@ -308,20 +308,21 @@ def _qwen2_sliding(window: int):
 
 
 def test_sliding_window_layers():
-    """A full-attention chosen layer beside a sliding-window one gives eager's logits (the window stays
-    SDPA's); a sliding-window chosen layer is refused when a sequence is longer than its window and
-    equals eager when none is (dense and packed calls). Float64; the tolerance is the float32 row
-    statistics' rounding that the recorded outputs go through (a window's effect is ~0.1 here)."""
+    """A full-attention chosen layer beside a sliding-window one gives SDPA's logits (the window stays
+    transformers'); a sliding-window chosen layer is refused when a sequence is longer than its window
+    and equals SDPA when none is (dense and packed calls). Float64 against transformers' "sdpa" (its
+    "eager" rounds the softmax to float32); a window's effect on the logits is ~0.1 here."""
     torch.manual_seed(0)
     model = _qwen2_sliding(window=5)
-    eager = _eager(model)
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
-        want = eager(ids).logits
+        want = sdpa(ids).logits
     policy = AttentionPolicy(copy.deepcopy(model), layers=(0,), backend="reference")
     with torch.no_grad(), policy.record():
         got = policy.model(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
     policy = AttentionPolicy(model, layers=(-1,), backend="reference")
     with pytest.raises(ValueError, match=r"decoder layer 1 is a sliding-window layer \(sliding_window=5\) and this "
@@ -330,15 +331,15 @@ def test_sliding_window_layers():
     with torch.no_grad(), policy.record():
         got = model(ids[:, :5]).logits
     with torch.no_grad():
-        torch.testing.assert_close(got, eager(ids[:, :5]).logits, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, sdpa(ids[:, :5]).logits, rtol=1e-12, atol=1e-12)
 
     flat = ids[:1]
     fits, too_long = (4, 5, 3), (4, 8)
     with torch.no_grad(), policy.record() as rec:
         got = model(flat, position_ids=torch.cat([torch.arange(n) for n in fits])[None]).logits
-        want = torch.cat([eager(part).logits for part in flat.split(fits, dim=1)], dim=1)
+        want = torch.cat([sdpa(part).logits for part in flat.split(fits, dim=1)], dim=1)
     assert rec.reference.packing is not None
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="sequences of 8 keys"), torch.no_grad(), policy.record():
         model(flat, position_ids=torch.cat([torch.arange(n) for n in too_long])[None])
 
@@ -364,3 +365,28 @@ def test_attention_beyond_sdpa_refused():
     with torch.no_grad():                             # outside a block the layer is transformers' SDPA, as before
         out, _ = ral_attention_forward(module, q, k, k.clone(), None, scaling=8 ** -0.5, s_aux=None)
     assert out.shape == (1, 6, 4, 8)
+
+
+def test_custom_masks_refused_in_blocks():
+    """A model call inside record / compare with a mask other than 2-D (a 4-D block mask, masks per
+    layer type) is refused: the chosen layers would attend across the blocks. Outside the blocks
+    the same call is transformers' SDPA with that mask."""
+    model, policy, inputs, rows = _qwen2_with_policy(seed=5)
+    ids = inputs["input_ids"][:1, :8]
+    block = torch.zeros(8, 8, dtype=torch.bool)
+    block[:4, :4] = block[4:, 4:] = True
+    block = (block & torch.ones(8, 8, dtype=torch.bool).tril())[None, None]
+    additive = torch.zeros(block.shape).masked_fill(~block, torch.finfo(torch.float32).min)
+    with torch.no_grad(), policy.record() as rec:
+        model(input_ids=ids)
+    for mask in (additive, {"full_attention": additive}):
+        with pytest.raises(ValueError, match="attention_mask: the chosen layers mask by a 2-D padding mask"), \
+                torch.no_grad(), policy.record():
+            model(input_ids=ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="inside compare got a custom mask"), policy.compare(rec.reference):
+            model(input_ids=ids, attention_mask=mask)
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=additive).logits,
+                                   sdpa(input_ids=ids, attention_mask=additive).logits, rtol=0, atol=0)

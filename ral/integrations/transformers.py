@@ -65,9 +65,9 @@ shape of the input ids, (1, T) for one packed row. A call with B > 1 packed rows
 batch-major (T = B * S; with position ids every row starts a sequence).
 
 Limits. Record / compare calls must be full-sequence passes without a KV cache (no incremental
-decoding) with a 2-D padding mask or packed sequences (not both): other custom 4-D masks (block
-masks) are not seen by the chosen layers, which apply causal + key-padding (or per-sequence)
-masking only. Dropout in the chosen layers is not applied. A chosen layer whose attention is more
+decoding) with a 2-D padding mask or packed sequences (not both): the chosen layers apply causal +
+key-padding (or per-sequence) masking only, so a model call inside a block with any other
+``attention_mask`` (a custom 4-D mask, a mask per layer type) is refused with a ValueError. Dropout in the chosen layers is not applied. A chosen layer whose attention is more
 than scaled dot products is refused with a ValueError naming it (soft-capping, sinks, a position bias),
 and so is a sliding-window chosen layer on a call with a sequence longer than its window (the op
 attends every earlier key; within the window the two agree); choose a full-attention layer. Other
@@ -749,12 +749,16 @@ class AttentionPolicy:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
-        if self._explicit_mask:
-            return None
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
-        self._attention_mask = mask if mask is not None and mask.dim() == 2 else None
+        if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
+            shape = f"shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask: the chosen layers mask by a 2-D padding mask or packed sequences "
+                             f"only; this model call inside {self._mode} got a custom mask ({shape}) that they "
+                             f"would not apply")
+        if not self._explicit_mask:
+            self._attention_mask = mask
         return None
 
     def _key_padding(self, key: Tensor) -> Optional[Tensor]:
