@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ def _setup(tmp_path, name, steps=2, lambda_attn=1.0, **kw):
     model = task.build_model()
     ref = task.build_model()
     ref.load_state_dict(model.state_dict())
-    cfg = TrainConfig(steps=steps, prompts_per_step=2, group_size=4, minibatch_size=4, ppo_epochs=2,
-                      lambda_attn=lambda_attn, seed=3, **kw)
+    cfg = TrainConfig(**{**dict(steps=steps, prompts_per_step=2, group_size=4, minibatch_size=4, ppo_epochs=2,
+                                lambda_attn=lambda_attn, seed=3), **kw})
     return RALTrainer(model, task, cfg, str(tmp_path / name), ref_model=ref)
 
 
@@ -80,6 +81,18 @@ def test_attention_term_has_zero_gradient_at_old_weights():
     attention_policy_loss(cmp.div, torch.tensor([1.0, -1.0, 2.0, 0.5]), torch.ones_like(comp)).backward()
     grads = [q.grad.abs().max() for q in model.parameters() if q.grad is not None]
     assert grads and float(max(grads)) < 1e-5
+
+
+def test_single_update_per_rollout_warns(tmp_path):
+    """lambda_attn > 0 with ppo_epochs = 1 and one minibatch per step (the term's gradient is zero at
+    the old weights, previous test): a warning; several minibatches or epochs: none."""
+    with pytest.warns(UserWarning, match="ppo_epochs = 1 and one minibatch per step"):
+        _setup(tmp_path, "one", ppo_epochs=1, minibatch_size=8)          # 2 prompts x 4 samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _setup(tmp_path, "minibatches", ppo_epochs=1)                    # minibatches of 4 of 8
+        _setup(tmp_path, "epochs", ppo_epochs=2, minibatch_size=8)
+        _setup(tmp_path, "grpo", ppo_epochs=1, minibatch_size=8, lambda_attn=0.0)
 
 
 def test_train_resume_and_interrupt(tmp_path):

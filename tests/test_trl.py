@@ -3,6 +3,7 @@ built in code) with a rule-based reward, on CPU. lambda_attn = 0 must be GRPOTra
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -129,6 +130,23 @@ def test_ral_steps_and_normalisation(tmp_path, loss_type):
         expected = (per_token * mask).sum() / norm
     assert abs(attn - expected.item()) < 1e-6 + 1e-4 * abs(expected.item())
     assert torch.allclose(aggregate_like_trl(trainer, per_token, mask, inputs, "train"), expected)
+
+
+def test_one_step_per_generation_warns_and_adds_nothing(tmp_path):
+    """num_iterations = 1 with steps_per_generation = gradient_accumulation_steps: the trainer warns that
+    the attention term has no gradient, and one step indeed trains GRPO's weights (float tolerance: the
+    chosen layer runs the op instead of SDPA) although lambda_attn = 5; with num_iterations = 2 no warning."""
+    cfg = {"num_iterations": 1, "max_steps": 1}
+    base = train(GRPOTrainer, tmp_path / "grpo", cfg)
+    with pytest.warns(UserWarning, match="num_iterations = 1 and steps_per_generation = gradient_accumulation"):
+        ral = train(RALGRPOTrainer, tmp_path / "ral", cfg, lambda_attn=5.0)
+    assert "ral/attn_loss" in ral.state.log_history[0]
+    for (name, p), (_, q) in zip(base.model.named_parameters(), ral.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        RALGRPOTrainer(model=qwen2(), reward_funcs=count_a, args=config(tmp_path / "two"), train_dataset=dataset(),
+                       processing_class=tokenizer(), lambda_attn=5.0)
 
 
 def test_ral_with_gradient_checkpointing(tmp_path):

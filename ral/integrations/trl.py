@@ -48,7 +48,8 @@ What it adds to ``GRPOTrainer``:
 
 The attention term has zero gradient while the weights still equal the rollout weights (JSD is
 flat at its minimum), so it only acts from the second optimizer step on a generation batch:
-use ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``.
+use ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps`` (the trainer
+warns when ``lambda_attn > 0`` has neither).
 
 Distillation (paper Eq. 5-6). Pass ``teacher_model`` and ``distill=DistillConfig(mu, gamma_attn,
 lambda_rl)``: the teacher scores the student's own completions once per generation batch (its
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -179,6 +181,13 @@ class RALGRPOTrainer(GRPOTrainer):
                              "teacher's (paper Eq. 5-6 has no RAL term)")
         super().__init__(*args, **kwargs)
         self.lambda_attn = float(lambda_attn)
+        if self.lambda_attn > 0 and self.args.num_iterations == 1 \
+                and self.args.steps_per_generation <= self.args.gradient_accumulation_steps:
+            warnings.warn("lambda_attn > 0 with num_iterations = 1 and steps_per_generation = "
+                          "gradient_accumulation_steps: each generation batch gets one optimizer step, taken at "
+                          "the rollout weights, where the attention term's gradient is zero (JSD at its minimum); "
+                          "use num_iterations > 1 or steps_per_generation > gradient_accumulation_steps",
+                          UserWarning, stacklevel=2)
         self.distill = distill
         self._teacher_attn = distill is not None and distill.gamma_attn > 0
         self._teacher_tokens = distill is not None and distill.mu > 0

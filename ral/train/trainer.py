@@ -23,8 +23,9 @@ means over the response rows, averaged over the minibatches, as ``ral/attn_entro
 ``lambda_attn = 0`` is plain GRPO (the same passes run, so both methods cost the same and report
 the same diagnostics). **The attention term has zero gradient while the weights still equal the
 old ones** (JSD is minimal, with zero gradient, at pi = pi_old), so with ``ppo_epochs = 1`` and
-one minibatch it does nothing: RAL needs more than one update per rollout (``ppo_epochs > 1`` or
-several minibatches); the first minibatch of every step only moves the weights through L_RL.
+one minibatch it does nothing (``RALTrainer`` warns): RAL needs more than one update per rollout
+(``ppo_epochs > 1`` or several minibatches); the first minibatch of every step only moves the
+weights through L_RL.
 
 Checkpoints: ``OUT/checkpoint.pt`` is written every ``save_every`` steps to a temporary file
 and renamed over the old one (atomic on POSIX), so an interrupt loses at most the current step.
@@ -48,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -215,6 +217,11 @@ class RALTrainer:
         for name, p in model.named_parameters():
             if any(name.startswith(prefix) for prefix in config.freeze):
                 p.requires_grad_(False)
+        if config.lambda_attn > 0 and config.ppo_epochs == 1 \
+                and config.minibatch_size >= config.prompts_per_step * config.group_size:
+            warnings.warn("lambda_attn > 0 with ppo_epochs = 1 and one minibatch per step: the only update of a "
+                          "rollout is taken at its own weights, where the attention term's gradient is zero",
+                          UserWarning, stacklevel=2)
         self._stats_loss = bool(config.attn_entropy_coef or config.attn_mass_coef)
         self._segment_names = getattr(task, "segment_names", None) if hasattr(task, "key_segments") else None
         if config.attn_mass_coef and self._segment_names is None:
