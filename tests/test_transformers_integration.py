@@ -390,3 +390,30 @@ def test_custom_masks_refused_in_blocks():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=additive).logits,
                                    sdpa(input_ids=ids, attention_mask=additive).logits, rtol=0, atol=0)
+
+
+def test_hybrid_model_indexes_its_softmax_attention_layers():
+    """Qwen3-Next (three gated-delta-net layers, then one softmax-attention layer): ``layers`` counts the
+    softmax-attention layers only, so (-1,) is decoder layer 3, and record gives SDPA's logits."""
+    if not hasattr(transformers, "Qwen3NextForCausalLM"):
+        pytest.skip("this transformers has no Qwen3-Next")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    model = transformers.Qwen3NextForCausalLM(cfg).eval()
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match=r"out of range for the model's 1 softmax-attention decoder layers "
+                                         r"\(decoder layers \[3\]\)"):
+        AttentionPolicy(model, layers=(3,))
+    policy = AttentionPolicy(model, backend="reference")
+    assert [m.layer_idx for m in policy.modules] == [3]
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad(), policy.record() as rec:
+        got = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, sdpa(ids).logits, rtol=1e-5, atol=1e-6)
+    assert len(rec.reference.layers) == 1

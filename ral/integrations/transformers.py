@@ -626,11 +626,12 @@ _SCORE_KWARGS = {"softcap": "logit soft-capping (Gemma 2)", "s_aux": "attention 
                  "position_bias": "an additive position bias"}
 
 
-def _check_chosen_layer(layer: int, kwargs: dict, longest_keys: int) -> None:
-    """ValueError when the chosen decoder layer ``layer`` attends other than ``attention_kl`` computes:
+def _check_chosen_layer(module: nn.Module, kwargs: dict, longest_keys: int) -> None:
+    """ValueError when the chosen attention ``module`` attends other than ``attention_kl`` computes:
     a score-changing keyword argument (``_SCORE_KWARGS``), or a ``sliding_window`` shorter than the
     longest key sequence of the call (``longest_keys``; with no more keys than the window, every row
     sees all its keys and the window changes nothing)."""
+    layer = module.layer_idx
     for name, what in _SCORE_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"layers: decoder layer {layer} applies {what} ({name}=...), which "
@@ -653,7 +654,9 @@ class AttentionPolicy:
             already on an implementation named ``"ral+<name>"`` (``ral.integrations.verl``: the
             chosen layers here, ``<name>`` everywhere else) keeps it.
         layers: indices of the decoder layers whose attention is the policy; negative counts from
-            the end. Default ``(-1,)``: the last layer (the paper).
+            the end. Default ``(-1,)``: the last layer (the paper). They index the layers with softmax
+            attention: in a hybrid model (Qwen3-Next: three linear-attention layers, then one with
+            softmax attention) ``-1`` is the last softmax-attention layer.
         divergence, heads, exclude_self, backend: passed to ``ral.ops.attention_kl``
             (defaults: JSD of the head-averaged, self-excluded, renormalised attention).
         record_stats: in ``record``, compute the layer outputs with the op as well, which also
@@ -721,7 +724,8 @@ class AttentionPolicy:
         idx = []
         for layer in layers:
             if not -n <= layer < n:
-                raise ValueError(f"layers: index {layer} out of range for {n} decoder layers")
+                raise ValueError(f"layers: index {layer} out of range for the model's {n} softmax-attention "
+                                 f"decoder layers (decoder layers {[m.layer_idx for m in modules]})")
             idx.append(layer % n)
         self.layers = tuple(idx)
         self.modules = [modules[i] for i in self.layers]
@@ -955,7 +959,7 @@ class AttentionPolicy:
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
-        _check_chosen_layer(self.layers[slot], kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
+        _check_chosen_layer(module, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
@@ -1045,7 +1049,7 @@ class AttentionPolicy:
             error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
-        _check_chosen_layer(self.layers[slot], kwargs, seq_len if packing is None else packing.max_seqlen_k)
+        _check_chosen_layer(self.modules[slot], kwargs, seq_len if packing is None else packing.max_seqlen_k)
         rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)
