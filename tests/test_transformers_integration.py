@@ -417,3 +417,20 @@ def test_hybrid_model_indexes_its_softmax_attention_layers():
     with torch.no_grad():
         torch.testing.assert_close(got, sdpa(ids).logits, rtol=1e-5, atol=1e-6)
     assert len(rec.reference.layers) == 1
+
+
+def test_kv_cache_calls_refused_in_blocks():
+    """Incremental decoding inside record / compare (generate, or a call with a cache) is refused with a
+    ValueError naming the mode, not recorded or compared on the last token's queries alone."""
+    model, policy, inputs, rows = _qwen2_with_policy(seed=6)
+    ids = inputs["input_ids"][:, -6:]
+    with pytest.raises(ValueError, match=r"record: the chosen layers take full-sequence passes; this model call "
+                                         r"has 1 queries over 7 keys"), torch.no_grad(), policy.record():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        with policy.record() as rec:
+            model(ids)
+    with pytest.raises(ValueError, match="compare: the chosen layers take full-sequence passes"), \
+            policy.compare(rec.reference):
+        model(ids[:, -1:], past_key_values=cache, use_cache=True)

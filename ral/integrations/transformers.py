@@ -64,8 +64,8 @@ the ``Packing``); ``compare`` needs a call packed the same way, and ``Comparison
 shape of the input ids, (1, T) for one packed row. A call with B > 1 packed rows is flattened
 batch-major (T = B * S; with position ids every row starts a sequence).
 
-Limits. Record / compare calls must be full-sequence passes without a KV cache (no incremental
-decoding) with a 2-D padding mask or packed sequences (not both): the chosen layers apply causal +
+Limits. Record / compare calls must be full-sequence passes without a KV cache (incremental
+decoding and ``generate`` inside a block are refused with a ValueError) with a 2-D padding mask or packed sequences (not both): the chosen layers apply causal +
 key-padding (or per-sequence) masking only, so a model call inside a block with any other
 ``attention_mask`` (a custom 4-D mask, a mask per layer type) is refused with a ValueError. Dropout in the chosen layers is not applied. A chosen layer whose attention is more
 than scaled dot products is refused with a ValueError naming it (soft-capping, sinks, a position bias),
@@ -944,6 +944,10 @@ class AttentionPolicy:
     # -- the chosen layers ----------------------------------------------------------------------
     def _attend(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                 scaling: Optional[float], kwargs: dict):
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"{self._mode}: the chosen layers take full-sequence passes; this model call has "
+                             f"{query.shape[2]} queries over {key.shape[2]} keys (a KV cache: incremental decoding, "
+                             f"generate). Generate outside the block, then call the model on the whole sequences")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if query.dtype != value.dtype or key.dtype != value.dtype:
             # under autocast, rotary embeddings leave q/k in fp32 while v is bf16/fp16: compute in
