@@ -212,6 +212,9 @@ def test_cp_refuses_bad_calls_on_one_rank(one_rank):
         model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match=r"reference: recorded \(B, S_r\)"), policy.compare(rec.reference):
         model(ids[:, :-1], attention_mask=mask[:, :-1])
+    with pytest.raises(ValueError, match=r"attention_mask: batch rows \[0, 1\] pad other keys"), \
+            policy.compare(rec.reference):
+        model(ids, attention_mask=torch.ones_like(mask))
     with pytest.raises(ValueError, match="record: under cp_group record one packed call per block"), \
             torch.no_grad(), policy.record():
         model(ids[:1], position_ids=packed)

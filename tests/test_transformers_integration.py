@@ -434,3 +434,25 @@ def test_kv_cache_calls_refused_in_blocks():
     with pytest.raises(ValueError, match="compare: the chosen layers take full-sequence passes"), \
             policy.compare(rec.reference):
         model(ids[:, -1:], past_key_values=cache, use_cache=True)
+
+
+def test_compare_on_other_padding_refused():
+    """compare with a padding mask other than the record call's is refused (the reference's row
+    statistics normalise its attention over the recorded keys only: with more keys its "distribution"
+    would not sum to 1); the same mask gives div 0 at the recorded weights, none takes the reference's."""
+    model, policy, inputs, rows = _qwen2_with_policy(seed=7)
+    mask = inputs["attention_mask"]
+    other = mask.clone()
+    other[1, :] = 1
+    assert not torch.equal(other, mask)
+    with torch.no_grad(), policy.record() as rec:
+        model(**inputs)
+    with pytest.raises(ValueError, match=r"attention_mask: batch rows \[1\] pad other keys than the reference"), \
+            torch.no_grad(), policy.compare(rec.reference, row_mask=rows):
+        model(input_ids=inputs["input_ids"], attention_mask=other)
+    with torch.no_grad(), policy.compare(rec.reference, row_mask=rows) as cmp:
+        model(**inputs)
+    assert float(cmp.div.abs().max()) < 1e-6
+    with torch.no_grad(), policy.compare(rec.reference, row_mask=rows) as cmp:   # the chosen layer: the
+        model(input_ids=inputs["input_ids"])                                      # reference's padding
+    assert bool(torch.isfinite(cmp.div).all())

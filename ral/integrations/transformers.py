@@ -643,6 +643,18 @@ def _check_chosen_layer(module: nn.Module, kwargs: dict, longest_keys: int) -> N
                          f"earlier key, so choose a full-attention layer or keep sequences within the window")
 
 
+def _padding_mismatch(reference: AttentionReference, mask: Tensor) -> Optional[str]:
+    """Why a compare call's (B, S) bool key padding ``mask`` cannot use ``reference`` (recorded over
+    other keys: its row statistics would not normalise the reference attention over these), or None."""
+    recorded = reference.key_padding_mask
+    recorded = torch.ones_like(mask) if recorded is None else recorded.to(device=mask.device, dtype=torch.bool)
+    if recorded.shape != mask.shape or torch.equal(recorded, mask):
+        return None                       # a shape mismatch has its own error
+    rows = (recorded != mask).any(1).nonzero().flatten().tolist()
+    return (f"attention_mask: batch rows {rows} pad other keys than the reference was recorded with; compare on "
+            f"the padding of the record call (or pass none: the reference's is used)")
+
+
 class AttentionPolicy:
     """The attention policy of a transformers model's chosen decoder layers (RAL, Eq. 2-3).
 
@@ -779,7 +791,11 @@ class AttentionPolicy:
                              f"(B, S) = {(key.shape[0], key.shape[2])}{shard}; record/compare need full-sequence "
                              f"calls without a KV cache, on the batch (or packing) that was recorded")
         if self.cp_group is not None:     # every rank passes its shard to the gather, padded or not
-            return mask
+            return mask                   # (_attend_cp checks it against the reference's on every rank)
+        if reference is not None and source == "attention_mask":
+            mismatch = _padding_mismatch(reference, mask)
+            if mismatch is not None:
+                raise ValueError(mismatch)
         return None if bool(mask.all()) else mask
 
     # -- modes --------------------------------------------------------------------------------
@@ -1052,6 +1068,8 @@ class AttentionPolicy:
         if row_mask is not None and tuple(row_mask.shape) != (batch, local):
             error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
+        if error is None and reference is not None and kpm is not None:
+            error = _padding_mismatch(reference, kpm.to(torch.bool))
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
         _check_chosen_layer(self.modules[slot], kwargs, seq_len if packing is None else packing.max_seqlen_k)
         rows = None if row_mask is None else row_mask.to(torch.bool)
