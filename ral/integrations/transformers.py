@@ -621,26 +621,10 @@ def _row_mask_full(row_mask: Optional[Tensor], seq_len: int) -> Optional[Tensor]
 
 
 # Keyword arguments of transformers' attention call that change a layer's scores; the op computes plain
-# scaled dot-product scores, so a chosen layer that gets one of them (not None) is refused.
+# scaled dot-product scores, so a chosen layer that gets one of them (not None) is refused
+# (AttentionPolicy._check_layer).
 _SCORE_KWARGS = {"softcap": "logit soft-capping (Gemma 2)", "s_aux": "attention sinks (gpt-oss)",
                  "position_bias": "an additive position bias"}
-
-
-def _check_chosen_layer(module: nn.Module, kwargs: dict, longest_keys: int) -> None:
-    """ValueError when the chosen attention ``module`` attends other than ``attention_kl`` computes:
-    a score-changing keyword argument (``_SCORE_KWARGS``), or a ``sliding_window`` shorter than the
-    longest key sequence of the call (``longest_keys``; with no more keys than the window, every row
-    sees all its keys and the window changes nothing)."""
-    layer = module.layer_idx
-    for name, what in _SCORE_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"layers: decoder layer {layer} applies {what} ({name}=...), which "
-                             f"ral.ops.attention_kl does not compute; choose another layer")
-    window = kwargs.get("sliding_window")
-    if window is not None and longest_keys > int(window):
-        raise ValueError(f"layers: decoder layer {layer} is a sliding-window layer (sliding_window={int(window)}) "
-                         f"and this call has sequences of {longest_keys} keys; ral.ops.attention_kl attends every "
-                         f"earlier key, so choose a full-attention layer or keep sequences within the window")
 
 
 def _padding_mismatch(reference: AttentionReference, mask: Tensor) -> Optional[str]:
@@ -741,6 +725,7 @@ class AttentionPolicy:
             idx.append(layer % n)
         self.layers = tuple(idx)
         self.modules = [modules[i] for i in self.layers]
+        self._attention_modules = modules
         # decoder layers holding the chosen attention modules (their activation checkpointing is
         # paused during compare: a recomputation after the block would run SDPA, not the op)
         self._holders = [m for m in model.modules() if _is_checkpointing_layer(m) and
@@ -958,6 +943,24 @@ class AttentionPolicy:
                 del module._ral_policy
 
     # -- the chosen layers ----------------------------------------------------------------------
+    def _check_layer(self, slot: int, kwargs: dict, longest_keys: int) -> None:
+        """ValueError when chosen layer ``slot`` attends other than ``attention_kl`` computes: a
+        score-changing keyword argument of the attention call (``_SCORE_KWARGS``), or a
+        ``sliding_window`` shorter than the call's longest key sequence ``longest_keys`` (with no more
+        keys than the window, every row sees all its keys and the window changes nothing)."""
+        layer = self.modules[slot].layer_idx
+        for name, what in _SCORE_KWARGS.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(f"layers: decoder layer {layer} applies {what} ({name}=...), which "
+                                 f"ral.ops.attention_kl does not compute; choose another layer")
+        window = kwargs.get("sliding_window")
+        if window is not None and longest_keys > int(window):
+            full = [i for i, m in enumerate(self._attention_modules) if getattr(m, "sliding_window", None) is None]
+            raise ValueError(f"layers: decoder layer {layer} is a sliding-window layer (sliding_window={int(window)}) "
+                             f"and this call has sequences of {longest_keys} keys; ral.ops.attention_kl attends "
+                             f"every earlier key, so choose a full-attention layer (layers= from {full}) or keep "
+                             f"sequences within the window")
+
     def _attend(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                 scaling: Optional[float], kwargs: dict):
         if query.shape[2] != key.shape[2]:
@@ -979,7 +982,7 @@ class AttentionPolicy:
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
-        _check_chosen_layer(module, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
+        self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
@@ -1071,7 +1074,7 @@ class AttentionPolicy:
         if error is None and reference is not None and kpm is not None:
             error = _padding_mismatch(reference, kpm.to(torch.bool))
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
-        _check_chosen_layer(self.modules[slot], kwargs, seq_len if packing is None else packing.max_seqlen_k)
+        self._check_layer(slot, kwargs, seq_len if packing is None else packing.max_seqlen_k)
         rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)

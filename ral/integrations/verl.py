@@ -131,7 +131,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("ral.integrations.verl needs veRL: pip install 'ral[verl]' (verl>=0.9,<0.10)") from exc
 
-from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing, _check_chosen_layer
+from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing
 
 __all__ = ["RALConfig", "RALActor", "attach", "ral_ppo_loss", "reference_bytes_per_token", "SUPPORTED_VERL"]
 
@@ -496,7 +496,7 @@ class RALActor:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if query.dtype != value.dtype or key.dtype != value.dtype:
             query, key = query.to(value.dtype), key.to(value.dtype)
-        _check_chosen_layer(module, kwargs, self._sp_longest)
+        policy._check_layer(slot, kwargs, self._sp_longest)
         if query.shape[0] != 1:
             raise ValueError(f"ral: under Ulysses the chosen layer expects veRL's packed (1, T/sp) call, got batch "
                              f"{query.shape[0]}")
