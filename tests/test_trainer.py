@@ -166,6 +166,27 @@ def test_cli_train_and_compare(tmp_path):
     assert set(data["methods"]) == {"grpo", "ral"} and png.exists()
 
 
+def test_cli_distill_and_kd(tmp_path):
+    """``ral train --method distill|kd`` (README): a student with other head counts learns from a
+    teacher checkpoint; distill logs the token KL and the attention JSD, kd the token KL alone.
+    A GRPO term (``--lambda-rl``) with groups of one sample is refused before anything runs."""
+    assert main(["train", "--method", "grpo", "--out", str(tmp_path / "warm"), "--steps", "0", "--sft-steps", "3",
+                 "--eval-prompts", "0", "--no-progress"]) == 0
+    teacher = str(tmp_path / "sft-grounding-s0-3.pt")
+    common = ["--teacher", teacher, "--student-heads", "2", "--steps", "2", "--prompts-per-step", "2",
+              "--group-size", "2", "--eval-prompts", "8", "--eval-every", "1", "--no-progress"]
+    for method in ("distill", "kd"):
+        assert main(["train", "--method", method, "--out", str(tmp_path / method)] + common) == 0
+        rows = [json.loads(x) for x in open(tmp_path / method / "metrics.jsonl")]
+        trained = [r for r in rows if "token_kl" in r]
+        assert len(trained) == 2 and all(r["token_kl"] > 0 for r in trained)
+        assert all((r.get("attn_jsd", 0.0) > 0) == (method == "distill") for r in trained), trained
+        assert (tmp_path / method / "student.pt").exists()
+    with pytest.raises(ValueError, match="group_size must be an int >= 2"):
+        main(["train", "--method", "distill", "--out", str(tmp_path / "rl1"), "--teacher", teacher, "--lambda-rl", "1",
+              "--group-size", "1", "--no-progress"])
+
+
 def test_attention_statistics_in_metrics_and_compare(tmp_path):
     """attn_stats: metrics.jsonl gets ral/attn_entropy and ral/attn_mass/{text,image} of the response
     rows; the compare call's mass on the image cells equals the eager maps'; the statistics loss
@@ -213,6 +234,29 @@ def test_attention_statistics_in_metrics_and_compare(tmp_path):
     assert set(final) == {"ral/attn_entropy", "ral/attn_mass/text", "ral/attn_mass/image"}
     logged = [json.loads(x)["ral/attn_mass/image"] for x in open(runs["ral"].metrics_path)]
     assert final["ral/attn_mass/image"]["mean"] == pytest.approx(sum(logged) / len(logged))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("group_size", 1, "group_size must be an int >= 2"), ("ppo_epochs", 0, "ppo_epochs must be an int >= 1"),
+    ("minibatch_size", 0, "minibatch_size must be an int >= 1"), ("prompts_per_step", 0, "prompts_per_step must"),
+    ("steps", 2.0, "steps must be an int"), ("lambda_attn", -1.0, "lambda_attn must be a finite float >= 0"),
+    ("temperature", 0.0, "temperature must be a finite float > 0"), ("lr", float("nan"), "lr must be a finite"),
+    ("epsilon_high", -0.1, "epsilon_high must"), ("attn_mass_coef", float("inf"), "attn_mass_coef must be a finite"),
+    ("backend", "gpu", "backend must be one of"), ("divergence", "js", "divergence must be one of"),
+    ("loss_type", "ppo", "loss_type must be one of")])
+def test_config_refuses_what_cannot_train(tmp_path, field, value, message):
+    """Each value crashed mid-run (minibatch_size 0, prompts_per_step 0), failed only after the warm-up
+    (backend, temperature), or trained to no effect (group_size 1: every advantage 0; ppo_epochs 0) or
+    against RAL's sign (lambda_attn < 0). The CLI checks before the warm-up: nothing is written."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+    flag = {"epsilon_high": "--epsilon-high"}.get(field, "--" + field.replace("_", "-"))
+    if field in ("attn_mass_coef", "steps", "divergence", "loss_type"):
+        return                                     # not a CLI value, or one argparse checks (int, choices)
+    sft = tmp_path / "sft.pt"
+    with pytest.raises(ValueError, match=message):
+        main(["train", "--out", str(tmp_path / "run"), "--sft-checkpoint", str(sft), "--no-progress", flag, str(value)])
+    assert not sft.exists() and not (tmp_path / "run").exists()
 
 
 def test_statistics_loss_needs_segments(tmp_path):

@@ -111,11 +111,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    sft_path, sft = _sft_checkpoint(args, task)
-    print(f"sft checkpoint {sft_path}: {sft.get('eval')}", file=sys.stderr)
-    model, ref_model = task.build_model(), task.build_model()
-    model.load_state_dict(sft["model"])
-    ref_model.load_state_dict(sft["model"])
+    # the config is checked before the warm-up, which takes minutes
     cfg = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                       ppo_epochs=args.ppo_epochs, minibatch_size=args.minibatch_size, lr=args.lr, beta=args.beta,
                       epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
@@ -124,7 +120,13 @@ def cmd_train(args) -> int:
                       divergence=args.divergence, backend=args.backend, seed=args.seed,
                       eval_prompts=args.eval_prompts, eval_every=args.eval_every, attn_stats=args.attn_stats,
                       attn_entropy_coef=args.attn_entropy_coef, attn_mass_coef=args.attn_mass_coef,
-                      extra={"method": args.method, "task": args.task, "sft_checkpoint": sft_path})
+                      extra={"method": args.method, "task": args.task})
+    sft_path, sft = _sft_checkpoint(args, task)
+    print(f"sft checkpoint {sft_path}: {sft.get('eval')}", file=sys.stderr)
+    cfg.extra["sft_checkpoint"] = sft_path
+    model, ref_model = task.build_model(), task.build_model()
+    model.load_state_dict(sft["model"])
+    ref_model.load_state_dict(sft["model"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump({"method": args.method, "task": args.task, "sft": sft.get("eval"),

@@ -18,7 +18,7 @@ from ..integrations.distill import DistillConfig, distill_loss, teacher_pass
 from ..integrations.models import language_model, lm_head_params
 from ..integrations.transformers import AttentionPolicy
 from ..losses import group_advantages, reduce_tokens
-from .trainer import evaluate, sample_groups
+from .trainer import check_float, check_int, evaluate, sample_groups
 
 __all__ = ["train_distill"]
 
@@ -34,6 +34,12 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module, task, cfg:
     Metrics (JSONL in ``out_dir/metrics.jsonl`` when given): reward, accuracy, token_kl, attn_jsd,
     and every ``eval_every`` steps the greedy ``eval_accuracy`` on ``eval_prompts`` fixed prompts.
     """
+    for name, value, least in (("steps", steps, 0), ("prompts_per_step", prompts_per_step, 1),
+                               ("group_size", group_size, 2 if cfg.lambda_rl > 0 else 1),
+                               ("eval_prompts", eval_prompts, 0), ("eval_every", eval_every, 1)):
+        check_int(name, value, least)       # group_size 1 would give the GRPO term advantages of 0
+    check_float("lr", lr, ">= 0")
+    check_float("temperature", temperature, "> 0")
     teacher.eval().requires_grad_(False)
     s_policy = AttentionPolicy(language_model(student), backend=backend) if cfg.gamma_attn > 0 else None
     t_policy = AttentionPolicy(language_model(teacher), backend=backend) if cfg.gamma_attn > 0 else None

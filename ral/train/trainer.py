@@ -47,6 +47,7 @@ diagnostics (entropy and mass on the target of the first response token's attent
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -59,9 +60,12 @@ from torch import Tensor, nn
 
 from tqdm.auto import tqdm
 
+from ..backends import BACKENDS
 from ..integrations.models import language_model
 from ..integrations.transformers import AttentionPolicy, AttentionReference
-from ..losses import attention_policy_loss, attention_stats_loss, group_advantages, grpo_token_loss, masked_token_mean
+from ..losses import (LOSS_TYPES, attention_policy_loss, attention_stats_loss, group_advantages, grpo_token_loss,
+                      masked_token_mean)
+from ..reference import DIVERGENCES
 from .diagnostics import attention_metrics
 
 __all__ = ["TrainConfig", "RALTrainer", "sft_warmup", "evaluate", "completion_mask", "token_logps", "sample_groups",
@@ -101,6 +105,37 @@ class TrainConfig:
     attn_mass_segments: Tuple[int, ...] = (1,)   # segment ids (the grounding task: 1 = image)
     extra: Dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        """ValueError naming the field for a value the trainer cannot run with (or would run with and
+        learn nothing: a group of one sample has every advantage 0, zero epochs no update)."""
+        for name, least in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("ppo_epochs", 1),
+                            ("minibatch_size", 1), ("save_every", 1), ("eval_prompts", 0), ("eval_every", 1)):
+            check_int(name, getattr(self, name), least)
+        for name, bound in (("lr", ">= 0"), ("weight_decay", ">= 0"), ("beta", ">= 0"), ("epsilon_low", ">= 0"),
+                            ("lambda_attn", ">= 0"), ("temperature", "> 0"), ("max_grad_norm", "> 0"),
+                            ("attn_entropy_coef", ""), ("attn_mass_coef", "")):
+            check_float(name, getattr(self, name), bound)
+        if self.epsilon_high is not None:
+            check_float("epsilon_high", self.epsilon_high, ">= 0")
+        for name, choices in (("loss_type", LOSS_TYPES), ("divergence", DIVERGENCES), ("backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+
+def check_int(name: str, value, least: int) -> None:
+    """ValueError unless ``value`` is an int (not a bool) >= ``least``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
+_BOUNDS = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, "": lambda v: True}
+
+
+def check_float(name: str, value, bound: str) -> None:
+    """ValueError unless ``value`` is a finite real number meeting ``bound`` (">= 0", "> 0" or "")."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and _BOUNDS[bound](value)):
+        raise ValueError(f"{name} must be a finite float {bound}".rstrip() + f", got {value!r}")
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to ``path.tmp`` then rename over ``path``: readers see the old or the new file."""

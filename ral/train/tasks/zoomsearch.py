@@ -544,20 +544,22 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     task = ZoomSearchTask(grid=args.grid, fmt=args.format)
-    sft_path, sft = sft_checkpoint(args, task)
-    model, ref_model = task.build_model(), task.build_model()
-    model.load_state_dict(sft["model"])
-    ref_model.load_state_dict(sft["model"])
-    start_eval = evaluate(model, task, args.eval_prompts or 256)
-    print(f"sft checkpoint {sft_path}; greedy eval at grid {args.grid}: {start_eval}", file=sys.stderr)
     on = args.method == "ral" or args.attn_control != "none"
+    # the config is checked before the warm-up, which takes minutes
     cfg = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                       ppo_epochs=args.ppo_epochs, minibatch_size=args.minibatch_size, lr=args.lr, beta=args.beta,
                       epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
                       temperature=args.temperature, lambda_attn=args.lambda_attn if on else 0.0,
                       divergence=args.divergence, backend=args.backend, seed=args.seed,
                       eval_prompts=args.eval_prompts, eval_every=args.eval_every,
-                      extra={"method": args.method, "task": task.name, "sft_checkpoint": sft_path})
+                      extra={"method": args.method, "task": task.name})
+    sft_path, sft = sft_checkpoint(args, task)
+    cfg.extra["sft_checkpoint"] = sft_path
+    model, ref_model = task.build_model(), task.build_model()
+    model.load_state_dict(sft["model"])
+    ref_model.load_state_dict(sft["model"])
+    start_eval = evaluate(model, task, args.eval_prompts or 256)
+    print(f"sft checkpoint {sft_path}; greedy eval at grid {args.grid}: {start_eval}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump({"method": args.method, "task": task.name, "sft": sft.get("eval"), "start_eval": start_eval,
