@@ -99,6 +99,9 @@ def _tiny(fmt, grid=4, seed=0):
 
 
 def test_task_prompts_and_reward():
+    for grid in (0, 3, -4, 32, 8.0):
+        with pytest.raises(ValueError, match="grid must be an even divisor of 16"):
+            ZoomSearchTask(grid=grid)
     for fmt in ("zoom", "direct"):
         task = ZoomSearchTask(grid=8, fmt=fmt)
         p = task.sample(32, torch.Generator().manual_seed(3))

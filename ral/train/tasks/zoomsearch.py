@@ -149,7 +149,7 @@ class ZoomSearchTask:
             cfg = ZoomConfig(**{**asdict(cfg), **overrides})
         if cfg.fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {cfg.fmt!r}")
-        if FRAME % cfg.grid or cfg.grid < 2:
+        if not isinstance(cfg.grid, int) or cfg.grid < 2 or FRAME % cfg.grid:
             raise ValueError(f"grid must be an even divisor of {FRAME}, got {cfg.grid}")
         self.cfg = cfg
         g = torch.Generator().manual_seed(feature_seed)
