@@ -65,10 +65,12 @@ shape of the input ids, (1, T) for one packed row. A call with B > 1 packed rows
 batch-major (T = B * S; with position ids every row starts a sequence).
 
 Limits. Record / compare calls must be full-sequence passes without a KV cache (incremental
-decoding and ``generate`` inside a block are refused with a ValueError) with a 2-D padding mask or packed sequences (not both): the chosen layers apply causal +
-key-padding (or per-sequence) masking only, so a model call inside a block with any other
-``attention_mask`` (a custom 4-D mask, a mask per layer type) is refused with a ValueError. Dropout in the chosen layers is not applied. A chosen layer whose attention is more
-than scaled dot products is refused with a ValueError naming it (soft-capping, sinks, a position bias),
+decoding and ``generate`` inside a block are refused with a ValueError) with a 2-D padding mask or
+packed sequences (not both): the chosen layers apply causal + key-padding (or per-sequence) masking
+only, so a model call inside a block with any other ``attention_mask`` (a custom 4-D mask, a mask
+per layer type) is refused with a ValueError, and so is a compare on other padding than the record
+call's. Dropout in the chosen layers is not applied. A chosen layer whose attention is more than
+scaled dot products is refused with a ValueError naming it (soft-capping, sinks, a position bias),
 and so is a sliding-window chosen layer on a call with a sequence longer than its window (the op
 attends every earlier key; within the window the two agree); choose a full-attention layer. Other
 layers keep their windows (transformers' SDPA mask). A model transformers cannot run on SDPA
