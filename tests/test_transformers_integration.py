@@ -457,3 +457,19 @@ def test_compare_on_other_padding_refused():
     with torch.no_grad(), policy.compare(rec.reference, row_mask=rows) as cmp:   # the chosen layer: the
         model(input_ids=inputs["input_ids"])                                      # reference's padding
     assert bool(torch.isfinite(cmp.div).all())
+
+
+def test_policy_options_checked_when_made():
+    """Options the op would refuse only at the first model call inside a block (in TRL: after the first
+    generation) are refused when the policy is made, naming the option."""
+    model = _qwen2()
+    for kw, error, message in ((dict(divergence="js"), ValueError, "divergence must be one of"),
+                               (dict(heads="all"), ValueError, "heads must be one of"),
+                               (dict(backend="gpu"), ValueError, "backend must be one of"),
+                               (dict(exclude_self=1), TypeError, "exclude_self must be a bool"),
+                               (dict(record_stats="yes"), TypeError, "record_stats must be a bool"),
+                               (dict(layers=-1), TypeError, "layers must be a non-empty sequence of ints"),
+                               (dict(layers=()), TypeError, "layers must be a non-empty sequence of ints")):
+        with pytest.raises(error, match=message):
+            AttentionPolicy(model, **kw)
+    assert AttentionPolicy(model, layers=[0, -1]).layers == (0, 1)

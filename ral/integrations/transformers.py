@@ -694,8 +694,16 @@ class AttentionPolicy:
                  heads: str = "mean", exclude_self: bool = True, backend: str = "auto",
                  record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None,
                  cp_group=None, cp_layout: str = "zigzag"):
-        if not isinstance(stats, bool):
-            raise TypeError(f"stats must be a bool, got {type(stats).__name__}")
+        for name, value in (("stats", stats), ("exclude_self", exclude_self), ("record_stats", record_stats)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        for name, value, choices in (("divergence", divergence, ops.DIVERGENCES), ("heads", heads, ops.HEADS_MODES),
+                                     ("backend", backend, ops.BACKENDS)):
+            if value not in choices:        # checked here, not at the first model call inside a block
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise TypeError(f"layers must be a non-empty sequence of ints (decoder layer indices), got {layers!r}")
         _check_cp(cp_group, cp_layout)
         self.cp_group, self.cp_layout = cp_group, cp_layout
         vision_tokens = _vision_token_ids(model)
