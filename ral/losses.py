@@ -29,6 +29,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     A = (r - mean_group(r)) / (std_group(r) + eps) with ``scale``, else r - mean (Dr. GRPO).
     std is the unbiased one (as in TRL).
     """
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards: expected (B,) with B a multiple of group_size={group_size}, "
                          f"got {tuple(rewards.shape)}")
@@ -83,7 +85,7 @@ def grpo_token_loss(logps: Tensor, old_logps: Optional[Tensor], advantages: Tens
     Args:
         logps: (B, T) log-probs of the sampled tokens under the current policy (differentiable).
         old_logps: (B, T) under the rollout (old) policy; None = ``logps.detach()`` (ratio 1).
-        advantages: (B,) per-completion advantages.
+        advantages: (B,) per-completion advantages, or (B, T) per token.
         mask: (B, T) 1 on real completion tokens.
         ref_logps: (B, T) under the frozen reference model, for the k3 KL penalty ``beta * kl``.
         epsilon_low, epsilon_high: ratio clipped to [1 - epsilon_low, 1 + epsilon_high];
@@ -99,7 +101,7 @@ def grpo_token_loss(logps: Tensor, old_logps: Optional[Tensor], advantages: Tens
         old_logps = logps.detach()
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    adv = advantages.to(logps.dtype)[:, None]
+    adv = _token_advantages(advantages, logps).to(logps.dtype)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     kl = None
     if beta != 0.0:
@@ -124,8 +126,8 @@ def attention_policy_loss(div: Tensor, advantages: Optional[Tensor], response_ma
         div: (B, T) per-token divergence of the attention policy from the reference
             (``AttentionPolicy.compare(...).div``, restricted to the response tokens).
             A (B, S) div over the whole sequence is accepted and right-aligned to the mask's T.
-        advantages: (B,) group-normalised advantages; None = no advantage weighting (1 per
-            token: the on-policy attention-distillation term of Eq. 6).
+        advantages: (B,) group-normalised advantages, or (B, T) per token (veRL's layout); None =
+            no advantage weighting (1 per token: the on-policy attention-distillation term of Eq. 6).
         response_mask: (B, T) 1 on response tokens.
         loss_type: token normalisation, the same choices as the GRPO loss (module doc). The
             paper writes a plain sum over tokens; normalising the same way as L_RL keeps
@@ -134,10 +136,24 @@ def attention_policy_loss(div: Tensor, advantages: Optional[Tensor], response_ma
     A > 0 gives positive weight to the divergence (pulls the attention towards the reference);
     A < 0 pushes it away (bounded by ln 2 per token with JSD).
     """
+    if div.dim() != 2 or response_mask.dim() != 2 or div.shape[0] != response_mask.shape[0]:
+        raise ValueError(f"div (B, S) and response_mask (B, T) must be 2-D with the same B, got "
+                         f"{tuple(div.shape)} and {tuple(response_mask.shape)}")
     per_token = _right_aligned("div", div, response_mask.shape[-1]).float()
     if advantages is not None:
-        per_token = per_token * advantages.float()[:, None]
+        per_token = per_token * _token_advantages(advantages, per_token).float()
     return reduce_tokens(per_token, response_mask, loss_type, max_completion_length, num_items)
+
+
+def _token_advantages(advantages: Tensor, per_token: Tensor) -> Tensor:
+    """(B,) per-completion or (B, T) per-token advantages -> (B, 1) or (B, T), to multiply the
+    (B, T) ``per_token`` values; any other shape (a (B, 1) would broadcast to B x B x T) is refused."""
+    if tuple(advantages.shape) == tuple(per_token.shape[:1]):
+        return advantages[:, None]
+    if tuple(advantages.shape) != tuple(per_token.shape):
+        raise ValueError(f"advantages: expected (B,) = {tuple(per_token.shape[:1])} or (B, T) = "
+                         f"{tuple(per_token.shape)}, got {tuple(advantages.shape)}")
+    return advantages
 
 
 def _right_aligned(name: str, values: Tensor, length: int) -> Tensor:

@@ -48,6 +48,13 @@ def test_grpo_loss_matches_loops(loss_type, beta):
     want = _loops(logps, old, ref, adv, mask, beta, 0.2, 0.28, loss_type, 8 if loss_type == "dr_grpo" else None)
     assert abs(float(res.loss) - want) < 1e-10
     assert (res.kl is None) == (beta == 0)
+    # the same advantages given per token (B, T); a (B, 1) would have broadcast to (B, B, T)
+    per_token = grpo_token_loss(logps, old, adv[:, None].expand(mask.shape), mask, ref_logps=ref, beta=beta,
+                                epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
+                                max_completion_length=8 if loss_type == "dr_grpo" else None)
+    assert abs(float(per_token.loss) - want) < 1e-10
+    with pytest.raises(ValueError, match="advantages: expected"):
+        grpo_token_loss(logps, old, adv[:, None], mask, ref_logps=ref, beta=beta)
 
 
 def test_grpo_gradient_and_ratio_one():
@@ -91,6 +98,8 @@ def test_k3_and_advantages():
     torch.testing.assert_close(group_advantages(r, 3, scale=False)[:3], g1 - g1.mean())
     with pytest.raises(ValueError):
         group_advantages(r, 4)
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        group_advantages(r, 0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
@@ -114,3 +123,13 @@ def test_attention_policy_loss(loss_type):
     dd = d.clone().requires_grad_(True)
     attention_policy_loss(dd, adv, mask, "bnpo").backward()
     assert bool((dd.grad[0, :3] > 0).all()) and bool((dd.grad[1, :1] < 0).all())
+    # per-token advantages (veRL's layout) weigh each token; the (B,) ones broadcast over T
+    per_token = adv[:, None].expand(3, 4) * torch.tensor([1.0, 0.5, 2.0, 1.0])
+    assert float(attention_policy_loss(div, per_token, mask, loss_type)) == pytest.approx(
+        float(attention_policy_loss(div * torch.tensor([1.0, 1.0, 1.0, 0.5, 2.0, 1.0]), adv, mask, loss_type)), rel=1e-6)
+    # shapes that broadcast to something else (advantages (B, 1) made a (B, B, T) product) are refused
+    for bad in (adv[:, None], adv[:2], torch.ones(3, 6)):
+        with pytest.raises(ValueError, match="advantages: expected"):
+            attention_policy_loss(div, bad, mask, loss_type)
+    with pytest.raises(ValueError, match="must be 2-D with the same B"):
+        attention_policy_loss(div[:, None], adv, mask, loss_type)
