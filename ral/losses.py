@@ -53,6 +53,9 @@ def reduce_tokens(per_token: Tensor, mask: Tensor, loss_type: str = "grpo",
     """Reduce a (B, T) per-token loss to a scalar with one of ``LOSS_TYPES`` (see module doc)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if per_token.dim() != 2 or tuple(mask.shape) != tuple(per_token.shape):
+        raise ValueError(f"mask: shape {tuple(mask.shape)} must equal the (B, T) per-token values' "
+                         f"{tuple(per_token.shape)}")
     mask = mask.to(per_token.dtype)
     masked = per_token * mask
     if loss_type == "grpo":

@@ -83,6 +83,9 @@ def test_dapo_uses_num_items():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     assert float(reduce_tokens(per, mask, "dapo", num_items=10)) == pytest.approx((0 + 1 + 3 + 4 + 5) / 10)
     assert float(reduce_tokens(per, mask, "dapo")) == pytest.approx(13 / 5)
+    for bad in (mask[:, :1], mask[:1], mask.flatten()):    # each broadcast against (2, 3) without a word
+        with pytest.raises(ValueError, match=r"mask: shape .* must equal the \(B, T\) per-token values'"):
+            reduce_tokens(per, bad, "grpo")
     with pytest.raises(ValueError):
         reduce_tokens(per, mask, "sum")
 
