@@ -60,6 +60,9 @@ def chunks(seq_len: int, world: int, layout: str = "zigzag") -> List[List[Tuple[
     "zigzag": 2P chunks, rank r holds chunk r then chunk 2P-1-r; "contiguous": P chunks."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, value, least in (("seq_len", seq_len, 0), ("world", world, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     n = 2 * world if layout == "zigzag" else world
     sizes = [seq_len // n + (1 if j < seq_len % n else 0) for j in range(n)]
     starts = [sum(sizes[:j]) for j in range(n)]
@@ -92,14 +95,18 @@ def _rank_world(group) -> Tuple[int, int]:
 
 def shard(x: Tensor, dim: int, group=None, layout: str = "zigzag") -> Tensor:
     """This rank's shard of a whole-sequence tensor along `dim` (its chunks, concatenated)."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim: {dim!r} is not a dimension of a {x.dim()}-D tensor")
     rank, world = _rank_world(group)
     return _take(x, dim, chunks(x.shape[dim], world, layout)[rank])
 
 
 def unshard(x: Tensor, dim: int, seq_len: int, group=None, layout: str = "zigzag") -> Tensor:
     """The whole-sequence tensor from every rank's shard along `dim` (all-gather; differentiable:
-    the gradient of each position goes back to the rank that holds it, summed over ranks)."""
-    return _Gather.apply(x, _Pending(x, dim, chunks(seq_len, _rank_world(group)[1], layout), group))[0]
+    the gradient of each position goes back to the rank that holds it, summed over ranks). ValueError
+    when x does not hold this rank's number of positions of a sequence of seq_len."""
+    _, layout_chunks = _check_shards(group, seq_len, layout, [("x", x, dim)])
+    return _Gather.apply(x, _Pending(x, dim, layout_chunks, group))[0]
 
 
 class _Pending:

@@ -10,12 +10,13 @@ accuracy rule of tests/oracle.py for the cpu kernels in float32.
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import ral
 from oracle import FLOOR, PackedProblem, Problem, _err, cast, packed_upstream, run, stats_upstream, upstream
 from ral import backends
 from ral.distributed import (GatheredKeys, attention_kl_cp, attention_kl_cp_varlen, causal_work, chunks, prefetch_keys,
-                             shard)
+                             shard, unshard)
 from ranks import run_ranks
 
 CASES = {
@@ -245,6 +246,24 @@ def test_chunks_cover_the_sequence_once():
             covered = sorted(pos for rank_chunks in chunks(seq_len, world, layout)
                              for start, length in rank_chunks for pos in range(start, start + length))
             assert covered == list(range(seq_len))
+
+
+def test_chunks_shard_unshard_refuse_bad_arguments(tmp_path):
+    """A world of 0 or a negative length gave [] or negative chunks; shard's dim an IndexError; unshard of a
+    shard of the wrong length padded it into a tensor of seq_len positions without a word."""
+    for seq_len, world, name in ((7, 0, "world"), (-1, 2, "seq_len"), (7, 2.0, "world")):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+            chunks(seq_len, world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(2, 7, 3)
+        torch.testing.assert_close(unshard(shard(x, 1), 1, 7), x)
+        with pytest.raises(ValueError, match="dim: 5 is not a dimension of a 3-D tensor"):
+            shard(x, 5)
+        with pytest.raises(ValueError, match="x: rank 0's shard of a sequence of 9 in layout 'zigzag' has 9 positions"):
+            unshard(x, 1, 9)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_zigzag_balances_causal_work():
