@@ -473,3 +473,43 @@ def test_policy_options_checked_when_made():
         with pytest.raises(error, match=message):
             AttentionPolicy(model, **kw)
     assert AttentionPolicy(model, layers=[0, -1]).layers == (0, 1)
+
+
+def test_model_keeps_its_own_attention_outside_the_chosen_layers():
+    """A model on an implementation other than sdpa / eager (here a registered, counting SDPA standing in
+    for flash_attention_2) is switched to "ral+<it>": its other layers keep calling it, the chosen
+    layer runs the op inside the blocks and the implementation outside them; logits equal SDPA's
+    (float64)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    calls = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("counted_sdpa", counted)
+    AttentionMaskInterface.register("counted_sdpa", sdpa_mask)
+    torch.manual_seed(0)
+    model = _qwen2().double()
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    model.set_attn_implementation("counted_sdpa")
+    policy = AttentionPolicy(model, backend="reference")
+    assert model.config._attn_implementation == "ral+counted_sdpa"
+    inputs, _, rows = _batch("qwen2", torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = sdpa(**inputs).logits
+        with policy.record() as rec:
+            got = model(**inputs).logits
+        assert calls == [0]                           # layer 1, the chosen one, ran the op
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        with policy.compare(rec.reference, row_mask=rows) as cmp:
+            model(**inputs)
+        assert float(cmp.div.abs().max()) < 1e-12 and calls == [0, 0]
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-12, atol=1e-12)
+    assert calls == [0, 0, 0, 1]                      # outside the blocks: both layers
+    AttentionPolicy(model, backend="reference")       # a second policy keeps "ral+counted_sdpa"
+    assert model.config._attn_implementation == "ral+counted_sdpa"
+

@@ -4,7 +4,9 @@
 same 4-D boolean mask as SDPA in ``AttentionMaskInterface``), switches the model to it, and marks
 the chosen decoder layers (default: the last one, as in the paper). Every other layer, every
 vision-tower / encoder attention, and the chosen layers outside a ``record`` / ``compare`` block
-(generation, evaluation) run SDPA unchanged.
+(generation, evaluation) run SDPA unchanged. A model on another implementation X
+(flash_attention_2, flex_attention) is switched to ``"ral+X"`` instead, which runs X wherever
+``"ral"`` would run SDPA (``register``).
 
 Two modes::
 
@@ -125,7 +127,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
@@ -591,10 +594,36 @@ def _causal_call(module: nn.Module, kwargs: dict) -> bool:
     return bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
 
 
-def register() -> None:
-    """Register ``"ral"`` in transformers' attention and mask interfaces (idempotent)."""
+def register(original: Optional[str] = None) -> str:
+    """Register ``"ral"`` in transformers' attention and mask interfaces (idempotent) and return the
+    implementation a model on ``original`` runs with a policy attached.
+
+    ``"ral"`` for None, "sdpa", "eager" or "ral": SDPA outside the chosen layers. For any other
+    implementation X in transformers' registry (flash_attention_2, flex_attention, a custom one),
+    ``"ral+X"``, registered here with X's mask function: the chosen layers run the op while a policy
+    records, compares or observes, and X runs everywhere else, as it did before the policy (so a
+    long-sequence model keeps its flash-attention layers). A ``"ral+X"`` name is returned as it is.
+    """
     AttentionInterface.register(IMPLEMENTATION, ral_attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    if original is None or original in (IMPLEMENTATION, "sdpa", "eager"):
+        return IMPLEMENTATION
+    if original.startswith(IMPLEMENTATION + "+"):
+        return original
+    base = ALL_ATTENTION_FUNCTIONS[original]
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        hook = getattr(module, "_ral_policy", None)
+        if hook is not None and hook[0]._mode is not None:
+            return ral_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                         dropout=dropout, **kwargs)
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    name = f"{IMPLEMENTATION}+{original}"
+    AttentionInterface.register(name, attention)
+    if original in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
 
 
 def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
@@ -646,11 +675,11 @@ class AttentionPolicy:
 
     Args:
         model: a transformers ``PreTrainedModel`` (decoder-only LM or VLM such as Qwen2.5-VL).
-            It is switched to ``attn_implementation="ral"`` (``set_attn_implementation``), which runs
-            SDPA outside the chosen layers: a model transformers runs without SDPA (``_supports_sdpa``
-            False: Gemma 2's soft-capping, gpt-oss's sinks) is refused with a ValueError. A model
-            already on an implementation named ``"ral+<name>"`` (``ral.integrations.verl``: the
-            chosen layers here, ``<name>`` everywhere else) keeps it.
+            It is switched (``set_attn_implementation``) to ``register(its implementation)``: from
+            "sdpa" or "eager" to ``"ral"``, which runs SDPA outside the chosen layers (a model
+            transformers cannot run on SDPA, ``_supports_sdpa`` False: Gemma 2's soft-capping,
+            gpt-oss's sinks, is then refused with a ValueError); from any other X (flash_attention_2,
+            flex_attention) to ``"ral+X"``, which keeps X outside the chosen layers.
         layers: indices of the decoder layers whose attention is the policy; negative counts from
             the end. Default ``(-1,)``: the last layer (the paper). They index the layers with softmax
             attention: in a hybrid model (Qwen3-Next: three linear-attention layers, then one with
@@ -711,15 +740,15 @@ class AttentionPolicy:
         self.stats = stats
         # segment ids from the call's input ids: only with the default (VLM) names
         self._vision_tokens = vision_tokens if segment_names is None else None
-        register()
-        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if not str(implementation).startswith(IMPLEMENTATION + "+"):   # "ral+<name>": <name> runs elsewhere
-            if getattr(model, "_supports_sdpa", True) is False:
-                raise ValueError(f"model: {type(model).__name__} has no SDPA attention in transformers (its "
-                                 f"attention needs more than SDPA computes, e.g. sinks or soft-capping); the "
-                                 f"'ral' implementation runs SDPA in every layer it does not compute")
-            if implementation != IMPLEMENTATION:
-                model.set_attn_implementation(IMPLEMENTATION)
+        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        implementation = register(current)
+        if implementation == IMPLEMENTATION and getattr(model, "_supports_sdpa", True) is False:
+            raise ValueError(f"model: {type(model).__name__} has no SDPA attention in transformers (its "
+                             f"attention needs more than SDPA computes, e.g. sinks or soft-capping), and on "
+                             f"{current!r} the 'ral' implementation would run SDPA in every layer it does not "
+                             f"compute; load it with an implementation that serves it (e.g. flash_attention_2)")
+        if current != implementation:
+            model.set_attn_implementation(implementation)
         self.model = model
         self.divergence, self.heads, self.exclude_self = divergence, heads, exclude_self
         self.backend, self.record_stats = backend, record_stats
@@ -737,7 +766,7 @@ class AttentionPolicy:
         self.modules = [modules[i] for i in self.layers]
         self._attention_modules = modules
         # decoder layers holding the chosen attention modules (their activation checkpointing is
-        # paused during compare: a recomputation after the block would run SDPA, not the op)
+        # paused during compare: a recomputation after the block would not run the op)
         self._holders = [m for m in model.modules() if _is_checkpointing_layer(m) and
                          any(sub is mod for sub in m.modules() for mod in self.modules)]
         for slot, module in enumerate(self.modules):
@@ -745,6 +774,9 @@ class AttentionPolicy:
         self._mode: Optional[str] = None
         self._state = None
         self._prefetched: Dict[int, GatheredKeys] = {}   # compare under cp_group: reference keys in flight
+        # the chosen layers' computation replaced: (slot, module, query, key, value, scaling, kwargs) ->
+        # (out, None); set by ral.integrations.verl under Ulysses sequence parallelism
+        self._layer_override = None
         self._attention_mask: Optional[Tensor] = None
         self._input_ids: Optional[Tensor] = None
         self._explicit_mask = False
@@ -946,7 +978,7 @@ class AttentionPolicy:
                 holder.gradient_checkpointing = True
 
     def remove(self) -> None:
-        """Detach from the model (the model keeps attn_implementation="ral", which acts as SDPA)."""
+        """Detach from the model (it keeps its "ral" / "ral+X" implementation, which then acts as SDPA / X)."""
         self._hook.remove()
         for module in self.modules:
             if getattr(module, "_ral_policy", (None,))[0] is self:
@@ -977,6 +1009,8 @@ class AttentionPolicy:
             raise ValueError(f"{self._mode}: the chosen layers take full-sequence passes; this model call has "
                              f"{query.shape[2]} queries over {key.shape[2]} keys (a KV cache: incremental decoding, "
                              f"generate). Generate outside the block, then call the model on the whole sequences")
+        if self._layer_override is not None:
+            return self._layer_override(slot, module, query, key, value, scaling, kwargs)
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if query.dtype != value.dtype or key.dtype != value.dtype:
             # under autocast, rotary embeddings leave q/k in fp32 while v is bf16/fp16: compute in

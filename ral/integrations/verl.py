@@ -132,6 +132,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("ral.integrations.verl needs veRL: pip install 'ral[verl]' (verl>=0.9,<0.10)") from exc
 
 from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing
+from .transformers import register as register_attention
 
 __all__ = ["RALConfig", "RALActor", "attach", "ral_ppo_loss", "reference_bytes_per_token", "SUPPORTED_VERL"]
 
@@ -232,36 +233,9 @@ def _nested(values: Tensor, lengths: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The attention implementation: the model's own one, except the chosen layers while active.
+# The attention implementation: the model's own one, except the chosen layers while active
+# (ral.integrations.transformers.register: "ral+<original>").
 # ----------------------------------------------------------------------------------------------
-
-def _register_implementation(original: str) -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from .transformers import ral_attention_forward
-
-    name = f"ral+{original}"
-    if original in ("ral", "sdpa", "eager") or original.startswith("ral+"):
-        return "ral"                         # "ral" is SDPA outside the chosen layers already
-    base = ALL_ATTENTION_FUNCTIONS[original]
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        hook = getattr(module, "_ral_policy", None)
-        if hook is not None and hook[0]._mode is not None:
-            ulysses = getattr(hook[0], "_ral_ulysses", None)        # set by RALActor under Ulysses sp
-            if ulysses is not None:
-                return ulysses(hook[1], module, query, key, value, scaling, kwargs)
-            return ral_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                         dropout=dropout, **kwargs)
-        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-    AttentionInterface.register(name, attention)
-    if original in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    return name
-
 
 # veRL's apply_monkey_patch replaces these classes' forward (class-wide, for use_remove_padding or Ulysses)
 # with its own (verl.models.transformers.qwen2_vl.qwen2_vl_attn_forward), which calls flash-attn
@@ -348,7 +322,7 @@ class RALActor:
             raise ValueError("ral: engine pad_to_length is not supported (it appends a padding sequence)")
         model = _hf_model(self.engine.module)
         original = model.config._attn_implementation
-        implementation = _register_implementation(original)
+        implementation = register_attention(original)
         if ulysses and implementation == "ral":
             raise ValueError(
                 f"ral: ulysses_sequence_parallel_size > 1 needs the model on a flash-attention implementation, "
@@ -361,8 +335,6 @@ class RALActor:
                 "Ulysses all-to-all for these models lives in its own attention forward "
                 "(verl.models.transformers.qwen2_vl.qwen2_vl_attn_forward), which RAL replaces with transformers' "
                 "forward to reach the chosen layer, so the other layers would attend within each rank's slice")
-        if implementation != "ral":
-            model.set_attn_implementation(implementation)     # kept by AttentionPolicy: "ral+<original>"
         self.policy = AttentionPolicy(model, layers=tuple(config.layers), divergence=config.divergence,
                                       heads="mean", backend=config.backend, stats=config.stats,
                                       segment_names=config.segment_names)
@@ -370,7 +342,7 @@ class RALActor:
         self._restored = _restore_attention_forwards(model)
         if ulysses:
             self._sp_group = self.engine.ulysses_parallel_group
-            self.policy._ral_ulysses = self._attend_ulysses
+            self.policy._layer_override = self._attend_ulysses
         self.engine.forward_step = self._forward_step          # the one hook (instance attribute)
         if actor_config is not None:
             worker.set_loss_fn(partial(ral_ppo_loss, config=actor_config, ral=self))
