@@ -480,17 +480,8 @@ def test_model_keeps_its_own_attention_outside_the_chosen_layers():
     for flash_attention_2) is switched to "ral+<it>": its other layers keep calling it, the chosen
     layer runs the op inside the blocks and the implementation outside them; logits equal SDPA's
     (float64)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    calls = []
-
-    def counted(module, *args, **kwargs):
-        calls.append(module.layer_idx)
-        return sdpa_attention_forward(module, *args, **kwargs)
-
-    AttentionInterface.register("counted_sdpa", counted)
-    AttentionMaskInterface.register("counted_sdpa", sdpa_mask)
+    from counting_attention import register_counting_sdpa
+    calls = register_counting_sdpa("counted_sdpa")
     torch.manual_seed(0)
     model = _qwen2().double()
     sdpa = copy.deepcopy(model)

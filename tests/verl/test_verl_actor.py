@@ -265,18 +265,9 @@ def test_actor_rollout_ref_worker_from_config(model_path):
 def test_other_layers_keep_the_models_attention(model_path):
     """A model on another attention implementation (on GPU: flash_attention_2) keeps it in every layer
     but the chosen one: here a counting copy of SDPA registered under a new name."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from counting_attention import register_counting_sdpa    # in tests/, on sys.path through its conftest
 
-    calls = []
-
-    def counted(module, *args, **kwargs):
-        calls.append(module.layer_idx)
-        return sdpa_attention_forward(module, *args, **kwargs)
-
-    AttentionInterface.register("counted_sdpa", counted)
-    AttentionMaskInterface.register("counted_sdpa", sdpa_mask)
+    calls = register_counting_sdpa("counted_sdpa")
     terms = []
     for attn in ("sdpa", "counted_sdpa"):
         worker, actor = make_worker(model_path, attn=attn)
