@@ -1024,7 +1024,7 @@ class AttentionPolicy:
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
         reference = self._state[0] if self._mode == "compare" else None
         if packing is None and reference is not None and reference.packing is not None \
-                and query.shape[0] == 1 and kpm is None and query.shape[2] == key.shape[2]:
+                and query.shape[0] == 1 and kpm is None:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
         self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
         if packing is not None:
@@ -1116,7 +1116,7 @@ class AttentionPolicy:
             error = (f"row_mask: under cp_group it is this rank's shard (B, S_r) = {(batch, local)} "
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
         if error is None and reference is not None and kpm is not None:
-            error = _padding_mismatch(reference, kpm.to(torch.bool))
+            error = _padding_mismatch(reference, kpm)
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
         self._check_layer(slot, kwargs, seq_len if packing is None else packing.max_seqlen_k)
         rows = None if row_mask is None else row_mask.to(torch.bool)

@@ -137,6 +137,7 @@ def check_float(name: str, value, bound: str) -> None:
             and _BOUNDS[bound](value)):
         raise ValueError(f"{name} must be a finite float {bound}".rstrip() + f", got {value!r}")
 
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to ``path.tmp`` then rename over ``path``: readers see the old or the new file."""
     tmp = f"{path}.tmp"
