@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from .checks import check_choice, check_int
 from .reference import AttentionKL
 
 __all__ = ["attention_kl_cp", "attention_kl_cp_varlen", "shard", "unshard", "prefetch_keys", "GatheredKeys", "chunks",
@@ -58,11 +59,9 @@ def chunks(seq_len: int, world: int, layout: str = "zigzag") -> List[List[Tuple[
     """Per rank, its chunks as (start, length) in sequence order of the rank's local tensor.
 
     "zigzag": 2P chunks, rank r holds chunk r then chunk 2P-1-r; "contiguous": P chunks."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    for name, value, least in (("seq_len", seq_len, 0), ("world", world, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    check_choice("layout", layout, LAYOUTS)
+    check_int("seq_len", seq_len, 0)
+    check_int("world", world, 1)
     n = 2 * world if layout == "zigzag" else world
     sizes = [seq_len // n + (1 if j < seq_len % n else 0) for j in range(n)]
     starts = [sum(sizes[:j]) for j in range(n)]

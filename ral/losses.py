@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_choice, check_int
+
 __all__ = ["group_advantages", "k3_kl", "grpo_token_loss", "attention_policy_loss", "attention_stats_token_loss",
            "attention_stats_loss", "reduce_tokens", "masked_token_mean", "GRPOLoss", "LOSS_TYPES", "NORMS"]
 
@@ -29,8 +31,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     A = (r - mean_group(r)) / (std_group(r) + eps) with ``scale``, else r - mean (Dr. GRPO).
     std is the unbiased one (as in TRL).
     """
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    check_int("group_size", group_size, 1)
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards: expected (B,) with B a multiple of group_size={group_size}, "
                          f"got {tuple(rewards.shape)}")
@@ -51,8 +52,7 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
 def reduce_tokens(per_token: Tensor, mask: Tensor, loss_type: str = "grpo",
                   max_completion_length: Optional[int] = None, num_items: Optional[float] = None) -> Tensor:
     """Reduce a (B, T) per-token loss to a scalar with one of ``LOSS_TYPES`` (see module doc)."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     if per_token.dim() != 2 or tuple(mask.shape) != tuple(per_token.shape):
         raise ValueError(f"mask: shape {tuple(mask.shape)} must equal the (B, T) per-token values' "
                          f"{tuple(per_token.shape)}")
@@ -232,8 +232,7 @@ NORMS = ("token", "sequence", "sum")
 def masked_token_mean(values: Tensor, mask: Tensor, norm: str = "token") -> Tensor:
     """Reduce per-token values (B, T) over mask (B, T): "token" mean over all masked tokens (bnpo),
     "sequence" mean per row then over the rows that have tokens, "sum" plain sum."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_choice("norm", norm, NORMS)
     if norm == "token":
         return reduce_tokens(values, mask, "bnpo")
     if norm == "sum":

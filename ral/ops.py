@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import backends, reference
 from .backends import BACKENDS, Call, Options, outputs
+from .checks import check_choice, check_flag
 from .reference import DIVERGENCES, HEADS_MODES, AttentionKL
 
 __all__ = ["attention_kl", "attention_kl_varlen", "attention_stats", "AttentionKL", "AttentionStats",
@@ -101,7 +102,7 @@ def attention_stats(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, key_seg
     """
     _tensor("q", q, 4, "(B, H, Sq, D)")
     _tensor("k", k, 4, "(B, Hkv, Sk, D)")
-    _choice("heads", heads, HEADS_MODES)
+    check_choice("heads", heads, HEADS_MODES)
     batch, n_heads, q_len, _ = q.shape
     zero = torch.zeros((), dtype=q.dtype if q.dtype in _ALL_DTYPES else torch.float32, device=q.device)
     q_ref = zero.expand(batch, n_heads if heads == "each" else 1, q_len, 1)
@@ -303,18 +304,6 @@ def _tensor(name: str, t, ndim: int, layout: str, optional: bool = False) -> Non
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
 
-def _choice(name: str, value, choices) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
 def _scale(name: str, value, head_dim: int) -> float:
     if value is None:
         return backends.default_scale(head_dim)
@@ -366,11 +355,11 @@ def _checked_segments(key_segments, num_segments, q: Tensor, k: Tensor) -> Optio
 def _checked_call(q, k, v, q_ref, k_ref, ref_stats, divergence, heads, exclude_self, causal, scale,
                   ref_scale, key_padding_mask, row_mask, backend, key_segments=None, num_segments=None,
                   policy_stats=False) -> Call:
-    _choice("divergence", divergence, DIVERGENCES)
-    _choice("heads", heads, HEADS_MODES)
-    _choice("backend", backend, BACKENDS)
-    _flag("exclude_self", exclude_self)
-    _flag("causal", causal)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("heads", heads, HEADS_MODES)
+    check_choice("backend", backend, BACKENDS)
+    check_flag("exclude_self", exclude_self)
+    check_flag("causal", causal)
     _tensor("q", q, 4, "(B, H, Sq, D)")
     _tensor("k", k, 4, "(B, Hkv, Sk, D)")
     _tensor("v", v, 4, "(B, Hkv, Sk, Dv)", optional=True)

@@ -30,13 +30,13 @@ to capture post-rotary q/k, and is what ``ral train --method distill|kd`` and th
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..checks import check_choice, check_float, check_int
 from ..lm_head import chunked_reverse_kl, chunked_token_logps
 from ..losses import NORMS, masked_token_mean
 from .models import forward_hidden, lm_head_params, next_token_rows
@@ -64,15 +64,10 @@ class DistillConfig:
 
     def __post_init__(self):
         for name in ("lambda_rl", "mu", "gamma_attn"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
-            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
-        if not (self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+            check_float(name, getattr(self, name), ">= 0")
+        check_int("chunk_size", self.chunk_size, 1)
+        check_float("temperature", self.temperature, "> 0")
+        check_choice("norm", self.norm, NORMS)
 
     @classmethod
     def kd(cls, **kw) -> "DistillConfig":

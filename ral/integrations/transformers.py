@@ -132,6 +132,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .. import ops
+from ..checks import check_choice, check_flag
 from ..distributed import LAYOUTS, GatheredKeys, attention_kl_cp, attention_kl_cp_varlen, chunks, prefetch_keys, unshard
 
 __all__ = ["AttentionPolicy", "AttentionReference", "LayerReference", "Comparison", "Packing",
@@ -724,12 +725,10 @@ class AttentionPolicy:
                  record_stats: bool = True, stats: bool = False, segment_names: Optional[Sequence[str]] = None,
                  cp_group=None, cp_layout: str = "zigzag"):
         for name, value in (("stats", stats), ("exclude_self", exclude_self), ("record_stats", record_stats)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+            check_flag(name, value)
         for name, value, choices in (("divergence", divergence, ops.DIVERGENCES), ("heads", heads, ops.HEADS_MODES),
                                      ("backend", backend, ops.BACKENDS)):
-            if value not in choices:        # checked here, not at the first model call inside a block
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+            check_choice(name, value, choices)      # here, not at the first model call inside a block
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers \
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise TypeError(f"layers must be a non-empty sequence of ints (decoder layer indices), got {layers!r}")
@@ -1239,8 +1238,7 @@ class AttentionPolicy:
 
 
 def _check_cp(cp_group, cp_layout: str) -> None:
-    if cp_layout not in LAYOUTS:
-        raise ValueError(f"cp_layout must be one of {LAYOUTS}, got {cp_layout!r}")
+    check_choice("cp_layout", cp_layout, LAYOUTS)
     if cp_group is None:
         return
     if not (dist.is_available() and dist.is_initialized()):

@@ -84,6 +84,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ral.integrations.trl needs TRL: pip install 'ral[trl]' (trl>=1.16,<1.17)") from exc
 
+from ..checks import check_flag, check_float
 from ..lm_head import chunked_reverse_kl
 from ..losses import attention_stats_token_loss, reduce_tokens
 from .distill import DistillConfig
@@ -164,11 +165,11 @@ class RALGRPOTrainer(GRPOTrainer):
                  attn_segment_names: Optional[Sequence[str]] = None,
                  attn_segments: Optional[Callable[[Tensor], Tensor]] = None, attn_entropy_coef: float = 0.0,
                  attn_mass_coef: float = 0.0, attn_mass_segments: Sequence[str] = ("image", "video"), **kwargs):
-        if not (lambda_attn >= 0):
-            raise ValueError(f"lambda_attn must be >= 0, got {lambda_attn!r}")
-        for name, coef in (("attn_entropy_coef", attn_entropy_coef), ("attn_mass_coef", attn_mass_coef)):
-            if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not torch.isfinite(torch.tensor(coef)):
-                raise ValueError(f"{name} must be a finite float, got {coef!r}")
+        check_float("lambda_attn", lambda_attn, ">= 0")
+        check_float("attn_entropy_coef", attn_entropy_coef)
+        check_float("attn_mass_coef", attn_mass_coef)
+        check_flag("attach_policy", attach_policy)
+        check_flag("attn_stats", attn_stats)
         if attn_segments is not None and (not callable(attn_segments) or attn_segment_names is None):
             raise ValueError("attn_segments: must be a callable (input ids -> segment ids) given with "
                              "attn_segment_names")

@@ -131,6 +131,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("ral.integrations.verl needs veRL: pip install 'ral[verl]' (verl>=0.9,<0.10)") from exc
 
+from ..checks import check_float
 from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing
 from .transformers import register as register_attention
 
@@ -306,8 +307,7 @@ class RALActor:
 
     def __init__(self, worker, config: RALConfig, actor_config=None):
         self.worker, self.config = worker, config
-        if not config.lambda_attn >= 0:
-            raise ValueError(f"lambda_attn must be >= 0, got {config.lambda_attn!r}")
+        check_float("lambda_attn", config.lambda_attn, ">= 0")
         self.engine = worker.engine
         self.active = config.lambda_attn > 0
         self.policy: Optional[AttentionPolicy] = None

@@ -14,11 +14,12 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_float, check_int
 from ..integrations.distill import DistillConfig, distill_loss, teacher_pass
 from ..integrations.models import language_model, lm_head_params
 from ..integrations.transformers import AttentionPolicy
 from ..losses import group_advantages, reduce_tokens
-from .trainer import check_float, check_int, evaluate, sample_groups
+from .trainer import evaluate, sample_groups
 
 __all__ = ["train_distill"]
 

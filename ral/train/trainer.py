@@ -47,7 +47,6 @@ diagnostics (entropy and mass on the target of the first response token's attent
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -61,6 +60,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..backends import BACKENDS
+from ..checks import check_choice, check_float, check_int
 from ..integrations.models import language_model
 from ..integrations.transformers import AttentionPolicy, AttentionReference
 from ..losses import (LOSS_TYPES, attention_policy_loss, attention_stats_loss, group_advantages, grpo_token_loss,
@@ -118,24 +118,7 @@ class TrainConfig:
         if self.epsilon_high is not None:
             check_float("epsilon_high", self.epsilon_high, ">= 0")
         for name, choices in (("loss_type", LOSS_TYPES), ("divergence", DIVERGENCES), ("backend", BACKENDS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-
-
-def check_int(name: str, value, least: int) -> None:
-    """ValueError unless ``value`` is an int (not a bool) >= ``least``."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-
-
-_BOUNDS = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, "": lambda v: True}
-
-
-def check_float(name: str, value, bound: str) -> None:
-    """ValueError unless ``value`` is a finite real number meeting ``bound`` (">= 0", "> 0" or "")."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and _BOUNDS[bound](value)):
-        raise ValueError(f"{name} must be a finite float {bound}".rstrip() + f", got {value!r}")
+            check_choice(name, getattr(self, name), choices)
 
 
 def atomic_save(obj, path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...checks import check_choice
 from .grounding import GroundingTask
 from .zoomsearch import ZoomSearchTask
 
@@ -9,8 +10,7 @@ TASKS = {"grounding": GroundingTask, "zoomsearch": ZoomSearchTask}
 
 
 def get_task(name: str, **kwargs):
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {tuple(TASKS)}, got {name!r}")
+    check_choice("task", name, tuple(TASKS))
     return TASKS[name](**kwargs)
 
 

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from tqdm.auto import tqdm
 
+from ...checks import check_choice
 from ...integrations.models import language_model
 from ...integrations.transformers import AttentionPolicy, _sdpa_plain
 from ...losses import attention_policy_loss
@@ -147,8 +148,7 @@ class ZoomSearchTask:
         cfg = cfg or ZoomConfig()
         if overrides:
             cfg = ZoomConfig(**{**asdict(cfg), **overrides})
-        if cfg.fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {cfg.fmt!r}")
+        check_choice("fmt", cfg.fmt, FORMATS)
         if not isinstance(cfg.grid, int) or cfg.grid < 2 or FRAME % cfg.grid:
             raise ValueError(f"grid must be an even divisor of {FRAME}, got {cfg.grid}")
         self.cfg = cfg
@@ -426,8 +426,7 @@ class ZoomTrainer(RALTrainer):
 
     def __init__(self, model, task: ZoomSearchTask, config, out_dir: str, ref_model=None,
                  attn_control: str = "none", ratio_every: int = 5):
-        if attn_control not in CONTROLS:
-            raise ValueError(f"attn_control must be one of {CONTROLS}, got {attn_control!r}")
+        check_choice("attn_control", attn_control, CONTROLS)
         super().__init__(model, task, config, out_dir, ref_model=ref_model)
         self.policy.remove()
         self.policy = _CapturingPolicy(language_model(model), layers=config.attn_layers, divergence=config.divergence,
