@@ -115,6 +115,7 @@ builds the model (the trainer-level worker does).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from types import MethodType
@@ -131,7 +132,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("ral.integrations.verl needs veRL: pip install 'ral[verl]' (verl>=0.9,<0.10)") from exc
 
-from ..checks import check_float
+from ..backends import BACKENDS
+from ..checks import check_choice, check_flag, check_float
+from ..reference import DIVERGENCES
 from .transformers import AttentionPolicy, AttentionReference, LayerReference, Packing
 from .transformers import register as register_attention
 
@@ -155,13 +158,26 @@ class RALConfig:
     stats: bool = False
     segment_names: Optional[Sequence[str]] = None
 
+    def __post_init__(self):
+        check_float("lambda_attn", self.lambda_attn, ">= 0")
+        check_flag("stats", self.stats)
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("backend", self.backend, BACKENDS)
+
     @classmethod
     def from_dict(cls, d) -> "RALConfig":
+        """From veRL's ``actor_rollout_ref.ral`` mapping. A key that is not a field is a ValueError
+        naming it (a misspelt key would otherwise train with the default), and values are checked as
+        given (``stats: "false"`` is not turned into True)."""
         d = dict(d or {})
-        names = d.get("segment_names")
-        return cls(lambda_attn=float(d.get("lambda_attn", 1.0)), layers=tuple(d.get("layers", (-1,))),
-                   divergence=str(d.get("divergence", "jsd")), backend=str(d.get("backend", "auto")),
-                   stats=bool(d.get("stats", False)), segment_names=None if names is None else tuple(names))
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"actor_rollout_ref.ral: unknown key(s) {unknown}; the keys are {fields}")
+        for name in ("layers", "segment_names"):
+            if isinstance(d.get(name), (list, tuple)):
+                d[name] = tuple(d[name])
+        return cls(**d)
 
 
 def reference_bytes_per_token(q_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2, layers: int = 1):
@@ -307,7 +323,6 @@ class RALActor:
 
     def __init__(self, worker, config: RALConfig, actor_config=None):
         self.worker, self.config = worker, config
-        check_float("lambda_attn", config.lambda_attn, ">= 0")
         self.engine = worker.engine
         self.active = config.lambda_attn > 0
         self.policy: Optional[AttentionPolicy] = None

@@ -334,3 +334,19 @@ def test_ulysses_refuses_sdpa(model_path):
     with pytest.raises(ValueError, match="needs the model on a flash-attention implementation, got 'sdpa'"):
         attach(worker, RALConfig(lambda_attn=1.0))
     assert "forward_step" not in vars(engine)
+
+
+def test_config_from_veRL_keys_checked():
+    """``actor_rollout_ref.ral`` as Hydra gives it: a misspelt key trained with every default and
+    ``stats: "false"`` became True; both are errors now, and values are checked where they are made."""
+    assert RALConfig.from_dict({"lambda_attn": 2, "layers": [-1, 0], "stats": True}) == \
+        RALConfig(lambda_attn=2, layers=(-1, 0), stats=True)
+    assert RALConfig.from_dict(None) == RALConfig()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lamda_attn'\]"):
+        RALConfig.from_dict({"lamda_attn": 0.5})
+    with pytest.raises(TypeError, match="stats must be a bool, got str"):
+        RALConfig.from_dict({"stats": "false"})
+    with pytest.raises(ValueError, match="lambda_attn must be a finite float >= 0"):
+        RALConfig(lambda_attn=float("inf"))
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        RALConfig.from_dict({"divergence": "js"})
