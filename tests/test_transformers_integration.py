@@ -469,9 +469,13 @@ def test_policy_options_checked_when_made():
                                (dict(exclude_self=1), TypeError, "exclude_self must be a bool"),
                                (dict(record_stats="yes"), TypeError, "record_stats must be a bool"),
                                (dict(layers=-1), TypeError, "layers must be a non-empty sequence of ints"),
-                               (dict(layers=()), TypeError, "layers must be a non-empty sequence of ints")):
+                               (dict(layers=()), TypeError, "layers must be a non-empty sequence of ints"),
+                               # the same layer twice: accepted, then "the chosen layers did not run" at record
+                               (dict(layers=(-1, 1)), ValueError, r"names softmax-attention layer 1 twice"),
+                               (dict(layers=(2,)), ValueError, "out of range")):
         with pytest.raises(error, match=message):
             AttentionPolicy(model, **kw)
+        assert model.config._attn_implementation == "sdpa"        # a refused policy leaves the model as it was
     assert AttentionPolicy(model, layers=[0, -1]).layers == (0, 1)
 
 

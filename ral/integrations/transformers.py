@@ -739,6 +739,20 @@ class AttentionPolicy:
         self.stats = stats
         # segment ids from the call's input ids: only with the default (VLM) names
         self._vision_tokens = vision_tokens if segment_names is None else None
+        modules = _decoder_attention_modules(model)
+        if not modules:
+            raise ValueError("model: found no causal decoder attention module (with layer_idx)")
+        n = len(modules)
+        idx = []
+        for layer in layers:
+            if not -n <= layer < n:
+                raise ValueError(f"layers: index {layer} out of range for the model's {n} softmax-attention "
+                                 f"decoder layers (decoder layers {[m.layer_idx for m in modules]})")
+            if layer % n in idx:
+                raise ValueError(f"layers: {tuple(layers)} names softmax-attention layer {layer % n} twice "
+                                 f"(of {n}; negative indices count from the end)")
+            idx.append(layer % n)
+        self.layers = tuple(idx)
         current = getattr(getattr(model, "config", None), "_attn_implementation", None)
         implementation = register(current)
         if implementation == IMPLEMENTATION and getattr(model, "_supports_sdpa", True) is False:
@@ -751,17 +765,6 @@ class AttentionPolicy:
         self.model = model
         self.divergence, self.heads, self.exclude_self = divergence, heads, exclude_self
         self.backend, self.record_stats = backend, record_stats
-        modules = _decoder_attention_modules(model)
-        if not modules:
-            raise ValueError("model: found no causal decoder attention module (with layer_idx)")
-        n = len(modules)
-        idx = []
-        for layer in layers:
-            if not -n <= layer < n:
-                raise ValueError(f"layers: index {layer} out of range for the model's {n} softmax-attention "
-                                 f"decoder layers (decoder layers {[m.layer_idx for m in modules]})")
-            idx.append(layer % n)
-        self.layers = tuple(idx)
         self.modules = [modules[i] for i in self.layers]
         self._attention_modules = modules
         # decoder layers holding the chosen attention modules (their activation checkpointing is
