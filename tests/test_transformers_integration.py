@@ -479,6 +479,42 @@ def test_policy_options_checked_when_made():
     assert AttentionPolicy(model, layers=[0, -1]).layers == (0, 1)
 
 
+def test_policies_sharing_a_layer():
+    """Two policies on the same layer (a trainer made twice over one model, a diagnostics policy beside
+    the trainer's): the later one took the layer, and the earlier one's record raised "the chosen layers
+    did not run". Each now runs its own blocks with the same numbers as one policy alone; two blocks open
+    on the layer at once are a ValueError; removing one leaves the other working."""
+    torch.manual_seed(0)
+    model = _qwen2().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs, mask, rows = _batch("qwen2", gen)
+    first, second = AttentionPolicy(model, backend="reference"), AttentionPolicy(model, backend="reference")
+    refs = []
+    for policy in (first, second):
+        with torch.no_grad(), policy.record() as rec:
+            model(**inputs)
+        refs.append(rec.reference)
+    torch.testing.assert_close(refs[0].layers[0].q, refs[1].layers[0].q, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in model.model.layers[-1].self_attn.q_proj.parameters():
+            p.add_(0.05)
+    divs = []
+    for policy, ref in zip((first, second), refs):
+        with torch.no_grad(), policy.compare(ref, row_mask=rows) as cmp:
+            model(**inputs)
+        divs.append(cmp.div)
+    assert divs[0][rows].min() > 0
+    torch.testing.assert_close(divs[0], divs[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"decoder layer 1 is chosen by 2 AttentionPolicy objects whose blocks "
+                                         r"are open at once \(record, observe\)"):
+        with torch.no_grad(), first.record(), second.observe():
+            model(**inputs)
+    first.remove()
+    with torch.no_grad(), second.compare(refs[1], row_mask=rows) as cmp:
+        model(**inputs)
+    torch.testing.assert_close(cmp.div, divs[1], rtol=0, atol=0)
+
+
 def test_model_keeps_its_own_attention_outside_the_chosen_layers():
     """A model on an implementation other than sdpa / eager (here a registered, counting SDPA standing in
     for flash_attention_2) is switched to "ral+<it>": its other layers keep calling it, the chosen

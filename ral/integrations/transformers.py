@@ -577,16 +577,27 @@ def ral_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
     packed sequences that transformers gave no mask (``packed_sequences``; see the module
     docstring), which gets the block-diagonal causal mask.
     """
-    hook = getattr(module, "_ral_policy", None)
-    policy = hook[0] if hook is not None else None
-    if policy is not None and policy._mode is not None:
-        return policy._attend(hook[1], module, query, key, value, scaling, kwargs)
+    hook = _open_policy(module)
+    if hook is not None:
+        return hook[0]._attend(hook[1], module, query, key, value, scaling, kwargs)
     if attention_mask is None and _causal_call(module, kwargs):
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2])
         if packing is not None:
             return _sdpa_packed(module, query, key, value, packing, scaling, dropout, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def _open_policy(module: nn.Module):
+    """(policy, slot) of the ``AttentionPolicy`` whose record / compare / observe block is open on this
+    attention module, or None. A module may be chosen by several policies (each keeps its entry in
+    ``module._ral_policies`` until its ``remove()``); at most one of them may have a block open."""
+    open_ = [hook for hook in getattr(module, "_ral_policies", ()) if hook[0]._mode is not None]
+    if len(open_) > 1:
+        raise ValueError(f"layers: decoder layer {module.layer_idx} is chosen by {len(open_)} AttentionPolicy "
+                         f"objects whose blocks are open at once ({', '.join(h[0]._mode for h in open_)}); "
+                         f"open one at a time")
+    return open_[0] if open_ else None
 
 
 def _causal_call(module: nn.Module, kwargs: dict) -> bool:
@@ -614,8 +625,7 @@ def register(original: Optional[str] = None) -> str:
     base = ALL_ATTENTION_FUNCTIONS[original]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        hook = getattr(module, "_ral_policy", None)
-        if hook is not None and hook[0]._mode is not None:
+        if _open_policy(module) is not None:
             return ral_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                          dropout=dropout, **kwargs)
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -718,6 +728,8 @@ class AttentionPolicy:
 
     Use ``record()`` to cache a reference and ``compare(reference, row_mask=...)`` to get the
     differentiable per-token divergence; see the module docstring. ``remove()`` undoes the hooks.
+    Several policies may choose the same layer of one model (each its own options); one block at a
+    time may be open on it.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] = (-1,), *, divergence: str = "jsd",
@@ -772,7 +784,7 @@ class AttentionPolicy:
         self._holders = [m for m in model.modules() if _is_checkpointing_layer(m) and
                          any(sub is mod for sub in m.modules() for mod in self.modules)]
         for slot, module in enumerate(self.modules):
-            module._ral_policy = (self, slot)
+            module._ral_policies = getattr(module, "_ral_policies", ()) + ((self, slot),)
         self._mode: Optional[str] = None
         self._state = None
         self._prefetched: Dict[int, GatheredKeys] = {}   # compare under cp_group: reference keys in flight
@@ -983,8 +995,7 @@ class AttentionPolicy:
         """Detach from the model (it keeps its "ral" / "ral+X" implementation, which then acts as SDPA / X)."""
         self._hook.remove()
         for module in self.modules:
-            if getattr(module, "_ral_policy", (None,))[0] is self:
-                del module._ral_policy
+            module._ral_policies = tuple(h for h in getattr(module, "_ral_policies", ()) if h[0] is not self)
 
     # -- the chosen layers ----------------------------------------------------------------------
     def _check_layer(self, slot: int, kwargs: dict, longest_keys: int) -> None:
