@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_int
+from .checks import check_choice, check_float, check_int
 
 __all__ = ["group_advantages", "k3_kl", "grpo_token_loss", "attention_policy_loss", "attention_stats_token_loss",
            "attention_stats_loss", "reduce_tokens", "masked_token_mean", "GRPOLoss", "LOSS_TYPES", "NORMS"]
@@ -98,8 +98,16 @@ def grpo_token_loss(logps: Tensor, old_logps: Optional[Tensor], advantages: Tens
     per-token loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(pi, ref),
     r = exp(logps - old_logps).
     """
+    check_float("beta", beta, ">= 0")
+    check_float("epsilon_low", epsilon_low, ">= 0")
     if epsilon_high is None:
         epsilon_high = epsilon_low
+    check_float("epsilon_high", epsilon_high, ">= 0")
+    if logps.dim() != 2:
+        raise ValueError(f"logps: expected (B, T), got {tuple(logps.shape)}")
+    for name, other in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if other is not None and tuple(other.shape) != tuple(logps.shape):
+            raise ValueError(f"{name}: shape {tuple(other.shape)} must equal logps' (B, T) {tuple(logps.shape)}")
     if old_logps is None:
         old_logps = logps.detach()
     ratio = torch.exp(logps - old_logps)

@@ -55,6 +55,14 @@ def test_grpo_loss_matches_loops(loss_type, beta):
     assert abs(float(per_token.loss) - want) < 1e-10
     with pytest.raises(ValueError, match="advantages: expected"):
         grpo_token_loss(logps, old, adv[:, None], mask, ref_logps=ref, beta=beta)
+    # old / reference log-probs of another shape broadcast into a loss of other tokens; negative
+    # clipping bounds or beta trained against the surrogate: refused
+    for kw, message in ((dict(old_logps=old[:, :1]), "old_logps: shape"), (dict(ref_logps=ref[:1]), "ref_logps: shape"),
+                        (dict(epsilon_low=-0.2), "epsilon_low must be a finite float >= 0"),
+                        (dict(epsilon_high=float("nan")), "epsilon_high must be"), (dict(beta=-1.0), "beta must be")):
+        args = {"old_logps": old, "ref_logps": ref, "beta": 0.04, "epsilon_low": 0.2, **kw}
+        with pytest.raises(ValueError, match=message):
+            grpo_token_loss(logps, args.pop("old_logps"), adv, mask, **args)
 
 
 def test_grpo_gradient_and_ratio_one():
