@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .checks import check_float, check_int
+
 __all__ = ["chunked_reverse_kl", "chunked_token_logps", "logits"]
 
 
@@ -108,8 +110,8 @@ def chunked_reverse_kl(h_student: Tensor, w_student: Tensor, h_teacher: Tensor, 
                          f"got {w_teacher.shape[0]}; slice both heads to the shared vocabulary")
     if w_student.shape[1] != h_student.shape[1] or w_teacher.shape[1] != h_teacher.shape[1]:
         raise ValueError("LM head weights must be (V, D) with D the hidden size of their hidden states")
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1)
+    check_float("temperature", temperature, "> 0")
     if h_student.shape[0] == 0:
         return h_student.new_zeros(0, dtype=torch.float32) + 0 * w_student.sum()
     h_teacher = h_teacher.detach().to(w_teacher.dtype)
@@ -127,6 +129,12 @@ def chunked_token_logps(h: Tensor, w: Tensor, targets: Tensor, *, b: Optional[Te
                         temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
     """log p(target) per row (N,) float32 from hidden states (N, D) and an LM head (V, D), in chunks
     recomputed in the backward (``torch.utils.checkpoint``): scratch O(chunk_size x V)."""
+    check_int("chunk_size", chunk_size, 1)
+    check_float("temperature", temperature, "> 0")
+    if h.dim() != 2 or w.dim() != 2 or w.shape[1] != h.shape[1]:
+        raise ValueError(f"h (N, D) and w (V, D) must share D, got {tuple(h.shape)} and {tuple(w.shape)}")
+    if tuple(targets.shape) != tuple(h.shape[:1]):
+        raise ValueError(f"targets: expected (N,) = {tuple(h.shape[:1])}, got {tuple(targets.shape)}")
     parts = []
     for start in range(0, h.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)

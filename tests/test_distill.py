@@ -70,6 +70,19 @@ def test_chunked_reverse_kl_checks():
         chunked_reverse_kl(hs, ws, ht[:-1], wt)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_reverse_kl(hs, ws, ht, wt, chunk_size=0)
+    # temperature 0 gave NaN, a negative one the KL of flipped distributions; chunk_size 0 in the token
+    # log-probs raised range()'s error, targets of another length a shape error deep in gather
+    for kw, message in ((dict(temperature=0.0), "temperature must be a finite float > 0"),
+                        (dict(temperature=-1.0), "temperature must be"), (dict(chunk_size=True), "chunk_size")):
+        with pytest.raises(ValueError, match=message):
+            chunked_reverse_kl(hs, ws, ht, wt, **kw)
+    targets = torch.zeros(hs.shape[0], dtype=torch.long)
+    for kw, message in ((dict(chunk_size=0), "chunk_size must be an int >= 1"),
+                        (dict(temperature=0.0), "temperature must be"),
+                        (dict(targets=targets[:-1]), r"targets: expected \(N,\)")):
+        args = {"targets": targets, **kw}
+        with pytest.raises(ValueError, match=message):
+            chunked_token_logps(hs, ws, args.pop("targets"), **args)
 
 
 class _LargestTensor(TorchDispatchMode):
