@@ -70,7 +70,8 @@ What it does:
 
 The attention term has zero gradient while the weights still equal the rollout weights (JSD is
 flat at its minimum): it acts from the second optimizer step on a batch, so use
-``ppo_mini_batch_size < train_batch_size`` or ``ppo_epochs > 1``.
+``ppo_mini_batch_size < train_batch_size`` or ``ppo_epochs > 1`` (the trainer-level worker warns
+once when an update takes one step: ``RALActor.check_updates``).
 
 Reference size (bytes per token; the reference lives in the batch from the old-log-prob pass to the
 end of the update, on the host / in TransferQueue between stages). Per chosen layer:
@@ -116,6 +117,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from types import MethodType
@@ -330,6 +332,7 @@ class RALActor:
         self._recording = False
         self._old_loss_fn = worker.loss_fn
         self._sp_group = None
+        self._warned_one_update = False
         if not self.active:
             return
         ulysses = bool(getattr(self.engine, "use_ulysses_sp", False))
@@ -379,6 +382,28 @@ class RALActor:
         for module in self._restored:
             module.__dict__.pop("forward", None)
         self.policy = None
+
+    def check_updates(self, data) -> int:
+        """The optimizer steps ``train_mini_batch(data)`` will take on this rank: batch rows over the
+        per-rank mini-batch (veRL's ``mini_batch_size`` / ``num_mini_batch`` fields of ``data``), times
+        ``epochs``. With one step the attention term cannot act (its gradient is zero at the rollout
+        weights, where that step is taken): a UserWarning, once per actor. The trainer-level worker
+        calls this in ``update_actor``; a worker-level loop may call it before ``train_mini_batch``."""
+        mini = tu.get_non_tensor_data(data=data, key="mini_batch_size", default=None)
+        count = tu.get_non_tensor_data(data=data, key="num_mini_batch", default=None)
+        epochs = int(tu.get_non_tensor_data(data=data, key="epochs", default=1))
+        if mini is not None:
+            per_rank = max(1, int(mini) // self.engine.get_data_parallel_size())
+            steps = data.shape[0] // per_rank * epochs
+        else:
+            steps = int(count or 1) * epochs
+        if self.active and steps <= 1 and not self._warned_one_update:
+            self._warned_one_update = True
+            warnings.warn("ral: lambda_attn > 0 with one optimizer step per rollout (ppo_mini_batch_size = the "
+                          "train batch and ppo_epochs = 1): that step is taken at the rollout weights, where the "
+                          "attention term's gradient is zero; use ppo_mini_batch_size < train_batch_size or "
+                          "ppo_epochs > 1", UserWarning, stacklevel=2)
+        return steps
 
     @contextlib.contextmanager
     def recording(self):
@@ -643,6 +668,12 @@ def worker_class():
                 fn = self.loss_fn
                 base = partial(fn.func, **{k: v for k, v in fn.keywords.items() if k != "config"})
                 self.actor.set_loss_fn(partial(ral_ppo_loss, config=fn.keywords["config"], ral=self.ral, base=base))
+
+        @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+        def update_actor(self, data):
+            if self.ral is not None:
+                self.ral.check_updates(data)
+            return super().update_actor(data)
 
         @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
         def compute_log_prob(self, data):

@@ -6,6 +6,7 @@ random Qwen2 made in code. Run in its own venv (see examples/verl/README.md):
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -258,8 +259,22 @@ def test_actor_rollout_ref_worker_from_config(model_path):
     data = batch.clone()
     tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B // 2,
                          mini_batch_size=B // 2, epochs=1, seed=1, dataloader_kwargs={"shuffle": True})
-    metrics = tu.get(worker.update_actor(data), "metrics")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ral: lambda_attn > 0 with one optimizer step")
+        metrics = tu.get(worker.update_actor(data), "metrics")
     assert len(metrics["ral/attn_loss"]) == 2 and abs(float(metrics["ral/attn_loss"][1])) > 0
+
+    # the whole batch as one mini-batch, one epoch: one step at the rollout weights, where the term's
+    # gradient is zero; the worker says so (once)
+    data = batch.clone()
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=True, global_batch_size=B,
+                         mini_batch_size=B, epochs=1, seed=1, dataloader_kwargs={"shuffle": True})
+    with pytest.warns(UserWarning, match="one optimizer step per rollout"):
+        assert worker.ral.check_updates(data) == 1
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert worker.ral.check_updates(data) == 1
+    assert not [w for w in again if "one optimizer step" in str(w.message)]       # once per actor
 
 
 def test_other_layers_keep_the_models_attention(model_path):
