@@ -17,6 +17,8 @@ together (no position ids, shards in another layout) and, on a one-process group
 whole-sequence row masks are checked too.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -247,6 +249,29 @@ def test_cp_sliding_window_layer(one_rank):
     with torch.no_grad():
         want = torch.cat([sdpa(part).logits for part in ids[:1].split(PACKED, dim=1)], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cp_chunked_attention_layer(one_rank):
+    """A chunked-attention chosen layer (Llama 4) under cp_group: refused when the whole call (not the
+    shard) has more key positions than a chunk; within one chunk, SDPA's logits."""
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama 4")
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention_chunk_size=4,
+        num_local_experts=2, num_experts_per_tok=1, moe_layers=[])
+    model = transformers.Llama4ForCausalLM(cfg).double().eval()
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    policy = AttentionPolicy(model, layers=(0,), backend="reference", cp_group=one_rank)
+    ids = torch.randint(0, 64, (2, 12))
+    with pytest.raises(ValueError, match="chunked-attention layer .* this call has 12 key positions"), \
+            torch.no_grad(), policy.record():
+        model(ids, position_ids=torch.arange(12)[None])
+    with torch.no_grad(), policy.record():
+        got = model(ids[:, :4], position_ids=torch.arange(4)[None]).logits
+    torch.testing.assert_close(got, sdpa(ids[:, :4]).logits, rtol=1e-12, atol=1e-12)
 
 
 def test_cp_asks_the_group_once_per_model_call(one_rank, monkeypatch):

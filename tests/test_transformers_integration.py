@@ -345,6 +345,41 @@ def test_sliding_window_layers():
         model(flat, position_ids=torch.cat([torch.arange(n) for n in too_long])[None])
 
 
+def test_chunked_attention_layers():
+    """Llama 4's chunked-attention layers (a query sees only the keys of its own chunk of
+    attention_chunk_size positions; transformers says so in that layer's mask alone): chosen, record
+    gave logits 0.30 off SDPA's at 12 tokens with chunks of 4. Refused when the call has more key
+    positions than a chunk (packed streams counted whole, as transformers cuts its chunks there);
+    within one chunk, and for the full-attention layer beside them, SDPA's logits (float64)."""
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama 4")
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention_chunk_size=4,
+        num_local_experts=2, num_experts_per_tok=1, moe_layers=[])
+    model = transformers.Llama4ForCausalLM(cfg).double().eval()
+    assert model.config.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 64, (2, 12))
+    last = AttentionPolicy(copy.deepcopy(model), backend="reference")
+    with torch.no_grad(), last.record():
+        got = last.model(ids).logits
+    torch.testing.assert_close(got, sdpa(ids).logits, rtol=1e-12, atol=1e-12)
+
+    policy = AttentionPolicy(model, layers=(0,), backend="reference")
+    with pytest.raises(ValueError, match=r"decoder layer 0 is a chunked-attention layer \(attention_chunk_size=4: .*"
+                                         r"this call has 12 key positions.*\(layers= from \[3\]\)"), \
+            torch.no_grad(), policy.record():
+        model(ids)
+    with torch.no_grad(), policy.record():
+        got = model(ids[:, :4]).logits
+    torch.testing.assert_close(got, sdpa(ids[:, :4]).logits, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="this call has 6 key positions"), torch.no_grad(), policy.record():
+        model(ids[:1, :6], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+
+
 def test_attention_beyond_sdpa_refused():
     """Score-changing attention arguments reach a chosen layer only as a ValueError, and a model that
     transformers runs without SDPA (soft-capping, sinks) is refused when the policy is made."""

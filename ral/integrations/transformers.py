@@ -645,6 +645,21 @@ def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def _attention_chunk(module: nn.Module, model: nn.Module) -> Optional[int]:
+    """``attention_chunk_size`` of a chunked-attention decoder layer (``layer_types[i] ==
+    "chunked_attention"``, Llama 4: a query attends only to keys of its own chunk, a rule transformers
+    puts in that layer's mask and nowhere else), else None."""
+    config = getattr(module, "config", None)
+    if config is None:
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(config, "layer_types", None)
+    if not types or module.layer_idx >= len(types) or types[module.layer_idx] != "chunked_attention":
+        return None
+    chunk = getattr(config, "attention_chunk_size", None)
+    return int(chunk) if chunk else None
+
+
 def _is_checkpointing_layer(module: nn.Module) -> bool:
     return isinstance(module, GradientCheckpointingLayer)
 
@@ -998,11 +1013,14 @@ class AttentionPolicy:
             module._ral_policies = tuple(h for h in getattr(module, "_ral_policies", ()) if h[0] is not self)
 
     # -- the chosen layers ----------------------------------------------------------------------
-    def _check_layer(self, slot: int, kwargs: dict, longest_keys: int) -> None:
+    def _check_layer(self, slot: int, kwargs: dict, longest_keys: int, stream_keys: int) -> None:
         """ValueError when chosen layer ``slot`` attends other than ``attention_kl`` computes: a
-        score-changing keyword argument of the attention call (``_SCORE_KWARGS``), or a
+        score-changing keyword argument of the attention call (``_SCORE_KWARGS``); a
         ``sliding_window`` shorter than the call's longest key sequence ``longest_keys`` (with no more
-        keys than the window, every row sees all its keys and the window changes nothing)."""
+        keys than the window, every row sees all its keys and the window changes nothing); or a
+        chunked-attention layer (Llama 4) whose chunk is shorter than the call's key positions
+        ``stream_keys`` (transformers cuts the chunks at the positions of the whole call, packed
+        streams included, so within one chunk nothing is cut)."""
         layer = self.modules[slot].layer_idx
         for name, what in _SCORE_KWARGS.items():
             if kwargs.get(name) is not None:
@@ -1010,11 +1028,22 @@ class AttentionPolicy:
                                  f"ral.ops.attention_kl does not compute; choose another layer")
         window = kwargs.get("sliding_window")
         if window is not None and longest_keys > int(window):
-            full = [i for i, m in enumerate(self._attention_modules) if getattr(m, "sliding_window", None) is None]
             raise ValueError(f"layers: decoder layer {layer} is a sliding-window layer (sliding_window={int(window)}) "
                              f"and this call has sequences of {longest_keys} keys; ral.ops.attention_kl attends "
-                             f"every earlier key, so choose a full-attention layer (layers= from {full}) or keep "
-                             f"sequences within the window")
+                             f"every earlier key, so choose a full-attention layer (layers= from "
+                             f"{self._full_attention_layers()}) or keep sequences within the window")
+        chunk = _attention_chunk(self._attention_modules[self.layers[slot]], self.model)
+        if chunk is not None and stream_keys > chunk:
+            raise ValueError(f"layers: decoder layer {layer} is a chunked-attention layer (attention_chunk_size="
+                             f"{chunk}: each query sees the keys of its own chunk) and this call has {stream_keys} "
+                             f"key positions; ral.ops.attention_kl attends every earlier key, so choose a "
+                             f"full-attention layer (layers= from {self._full_attention_layers()}) or keep calls "
+                             f"within one chunk")
+
+    def _full_attention_layers(self) -> List[int]:
+        """``layers`` indices of the softmax-attention layers with neither a sliding window nor chunks."""
+        return [i for i, m in enumerate(self._attention_modules)
+                if getattr(m, "sliding_window", None) is None and _attention_chunk(m, self.model) is None]
 
     def _attend(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                 scaling: Optional[float], kwargs: dict):
@@ -1039,7 +1068,7 @@ class AttentionPolicy:
         if packing is None and reference is not None and reference.packing is not None \
                 and query.shape[0] == 1 and kpm is None:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
-        self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k)
+        self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k, key.shape[2])
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
         if self._mode == "record":
@@ -1131,7 +1160,7 @@ class AttentionPolicy:
         if error is None and reference is not None and kpm is not None:
             error = _padding_mismatch(reference, kpm)
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
-        self._check_layer(slot, kwargs, seq_len if packing is None else packing.max_seqlen_k)
+        self._check_layer(slot, kwargs, seq_len if packing is None else packing.max_seqlen_k, seq_len)
         rows = None if row_mask is None else row_mask.to(torch.bool)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)

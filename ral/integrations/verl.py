@@ -508,7 +508,7 @@ class RALActor:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if query.dtype != value.dtype or key.dtype != value.dtype:
             query, key = query.to(value.dtype), key.to(value.dtype)
-        policy._check_layer(slot, kwargs, self._sp_longest)
+        policy._check_layer(slot, kwargs, self._sp_longest, self._sp_total + self._sp_pad)
         if query.shape[0] != 1:
             raise ValueError(f"ral: under Ulysses the chosen layer expects veRL's packed (1, T/sp) call, got batch "
                              f"{query.shape[0]}")
