@@ -380,6 +380,62 @@ def test_chunked_attention_layers():
         model(ids[:1, :6], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
 
 
+def _gemma3_vlm():
+    """A tiny Gemma 3 VLM: SigLIP 28 x 28 images (2 x 2 patches -> 4 image tokens, id 260), two text layers."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=512)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_id=260, boi_token_id=261, eoi_token_id=262)
+    return transformers.Gemma3ForConditionalGeneration(cfg).double().eval()
+
+
+def test_bidirectional_layer_masks_refused():
+    """Gemma 3's VLM lets the image tokens of one image attend to each other both ways (token_type_ids;
+    transformers says so only in the layers' masks). A chosen layer gave logits 0.038 off SDPA's at the
+    image rows (last layer) or 9.4e-4 at the text rows after the image (layer 0). The chosen layer's
+    mask is now checked against causal attention over the padding: ValueError; without token_type_ids
+    (causal) and with left padding, SDPA's logits. Float64."""
+    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
+        pytest.skip("this transformers has no Gemma 3")
+    torch.manual_seed(0)
+    model = _gemma3_vlm()
+    model.set_attn_implementation("sdpa")
+    sdpa = copy.deepcopy(model)
+    ids = torch.randint(3, 250, (2, 14))
+    ids[:, 3], ids[:, 4:8], ids[:, 8] = 261, 260, 262
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[0, :2] = 0
+    call = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28, dtype=torch.float64))
+    for layers in ((-1,), (0,)):
+        policy = AttentionPolicy(copy.deepcopy(model), layers=layers, backend="reference")
+        with pytest.raises(ValueError, match=r"attention_mask: the mask transformers built for decoder layer "
+                                             r"\d is not causal attention over the padding \(batch row 0, query 4 "
+                                             r"attends to key 5\)"), torch.no_grad(), policy.record():
+            policy.model(**call, token_type_ids=(ids == 260).long())
+        with torch.no_grad(), policy.record():
+            got = policy.model(**call).logits
+        with torch.no_grad():
+            want = sdpa(**call).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-12, atol=1e-12)
+
+    # an additive (float) mask: 0 where attended, the dtype's minimum elsewhere; anything else is a bias
+    policy = AttentionPolicy(_qwen2(), backend="reference")
+    policy._mask_checked = None
+    kpm = mask.bool()
+    causal = torch.ones(14, 14, dtype=torch.bool).tril()[None, None] & kpm[:, None, None, :]
+    additive = torch.zeros(2, 1, 14, 14).masked_fill(~causal, torch.finfo(torch.float32).min)
+    policy._check_layer_mask(0, additive, kpm, 14, 14)
+    policy._mask_checked = None
+    with pytest.raises(ValueError, match=r"batch row 1, query 3 adds a bias to its score for key 1\)"):
+        policy._check_layer_mask(0, additive.clone().index_put_((torch.tensor(1), torch.tensor(0), torch.tensor(3),
+                                                                 torch.tensor(1)), torch.tensor(-0.5)), kpm, 14, 14)
+    with pytest.raises(ValueError, match=r"batch row 0, query 5 does not attend to key 4\)"):
+        policy._check_layer_mask(0, causal.clone().index_put_((torch.tensor(0), torch.tensor(0), torch.tensor(5),
+                                                               torch.tensor(4)), torch.tensor(False)), kpm, 14, 14)
+
+
 def test_attention_beyond_sdpa_refused():
     """Score-changing attention arguments reach a chosen layer only as a ValueError, and a model that
     transformers runs without SDPA (soft-capping, sinks) is refused when the policy is made."""

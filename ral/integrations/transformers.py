@@ -579,7 +579,7 @@ def ral_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
     """
     hook = _open_policy(module)
     if hook is not None:
-        return hook[0]._attend(hook[1], module, query, key, value, scaling, kwargs)
+        return hook[0]._attend(hook[1], module, query, key, value, scaling, kwargs, attention_mask)
     if attention_mask is None and _causal_call(module, kwargs):
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2])
         if packing is not None:
@@ -643,6 +643,30 @@ def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
              if isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", False)
              and hasattr(m, "scaling")]
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int, rows: int, offset: int):
+    """Query rows ``start .. start + rows`` of a 4-D layer mask (bool, or additive: 0 attended, the
+    dtype's minimum not) against causal attention over the key padding ``kpm`` (B, Sk), query row i at
+    key position i + offset -> (differ, allowed, other): differ (B | 1, heads | 1, r, Sk) True where a
+    real (non-padding) query row is masked otherwise; other: additive values that are neither (a bias)."""
+    block = layer_mask[..., start:start + rows, :]
+    if block.dtype == torch.bool:
+        allowed, other = block, None
+    else:
+        allowed = block == 0
+        other = ~(allowed | (block <= torch.finfo(block.dtype).min / 2))
+    positions = torch.arange(start, start + block.shape[-2], device=block.device) + offset
+    want = (torch.arange(block.shape[-1], device=block.device)[None, :] <= positions[:, None])[None, None]
+    real = torch.ones(1, 1, positions.shape[0], 1, dtype=torch.bool, device=block.device)
+    if kpm is not None:
+        kpm = kpm.to(block.device)
+        want = want & kpm[:, None, None, :]
+        real = kpm[:, positions][:, None, :, None]
+    differ = (allowed != want) & real
+    if other is not None:
+        differ = differ | (other & real)
+    return differ, allowed, other
 
 
 def _attention_chunk(module: nn.Module, model: nn.Module) -> Optional[int]:
@@ -812,11 +836,13 @@ class AttentionPolicy:
         # under cp_group: the group's answer for this model call's layout (_cp_call), kept for its other
         # chosen layers; (position ids, B, S_r, mask given, answer), cleared at each model call
         self._cp_answer: Optional[tuple] = None
+        self._mask_checked: Optional[tuple] = None    # (layer mask, key padding) last found causal
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
     # -- mask capture -----------------------------------------------------------------------
     def _capture_mask(self, module, args, kwargs):
         self._cp_answer = None
+        self._mask_checked = None
         if self._mode is None:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -1002,6 +1028,7 @@ class AttentionPolicy:
             yield
         finally:
             self._mode, self._state, self._explicit_mask, self._input_ids = None, None, False, None
+            self._mask_checked = None
             self._cp_answer = None
             for holder in paused:
                 holder.gradient_checkpointing = True
@@ -1040,13 +1067,44 @@ class AttentionPolicy:
                              f"full-attention layer (layers= from {self._full_attention_layers()}) or keep calls "
                              f"within one chunk")
 
+    def _check_layer_mask(self, slot: int, layer_mask, kpm: Optional[Tensor], q_len: int, k_len: int) -> None:
+        """ValueError when the mask transformers built for chosen layer ``slot`` (B | 1, heads | 1, Sq, Sk),
+        bool or additive, lets a real query row attend other keys than the op does (causal over the
+        key padding ``kpm``): e.g. Gemma 3's bidirectional image blocks (``token_type_ids``), a
+        prefix-LM or a config's bidirectional attention. Rows whose query is padding are not compared.
+        One pass per mask tensor (chosen layers sharing it are checked once), in blocks of rows (no
+        second Sq x Sk tensor)."""
+        if not isinstance(layer_mask, Tensor) or layer_mask.dim() != 4:
+            return
+        if self._mask_checked is not None and self._mask_checked[0] is layer_mask and self._mask_checked[1] is kpm:
+            return                                  # the same mask as the previous chosen layer's
+        batch = layer_mask.shape[0] if kpm is None else kpm.shape[0]
+        step = max(1, (1 << 22) // max(1, batch * k_len))
+        starts = range(0, q_len, step)
+        found = torch.stack([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len)[0].any()
+                             for start in starts])
+        if bool(found.any()):                                                # one device sync per mask
+            start = starts[int(found.int().argmax())]
+            differ, allowed, other = _mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len)
+            b, h, i, j = (int(x) for x in differ.nonzero()[0])
+            first = (b if allowed.shape[0] > 1 else 0, h if allowed.shape[1] > 1 else 0, i, j)
+            what = ("adds a bias to its score for key" if other is not None and bool(other[first])
+                    else "attends to key" if bool(allowed[first]) else "does not attend to key")
+            raise ValueError(
+                f"attention_mask: the mask transformers built for decoder layer {self.modules[slot].layer_idx} is "
+                f"not causal attention over the padding (batch row {b}, query {start + i} {what} {j}), e.g. "
+                f"bidirectional image blocks from token_type_ids (Gemma 3) or a prefix-LM; ral.ops.attention_kl "
+                f"computes causal attention, so it cannot stand in for this layer on this call: choose another "
+                f"layer or call the model without the bidirectional part")
+        self._mask_checked = (layer_mask, kpm)
+
     def _full_attention_layers(self) -> List[int]:
         """``layers`` indices of the softmax-attention layers with neither a sliding window nor chunks."""
         return [i for i, m in enumerate(self._attention_modules)
                 if getattr(m, "sliding_window", None) is None and _attention_chunk(m, self.model) is None]
 
     def _attend(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                scaling: Optional[float], kwargs: dict):
+                scaling: Optional[float], kwargs: dict, layer_mask=None):
         if query.shape[2] != key.shape[2]:
             raise ValueError(f"{self._mode}: the chosen layers take full-sequence passes; this model call has "
                              f"{query.shape[2]} queries over {key.shape[2]} keys (a KV cache: incremental decoding, "
@@ -1071,6 +1129,7 @@ class AttentionPolicy:
         self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k, key.shape[2])
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
+        self._check_layer_mask(slot, layer_mask, kpm, query.shape[2], key.shape[2])
         if self._mode == "record":
             q_ref, k_ref = query.detach(), key.detach()
             if self.record_stats:

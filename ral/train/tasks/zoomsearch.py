@@ -351,13 +351,13 @@ class _CapturingPolicy(AttentionPolicy):
             yield self
         self._attention_mask = None
 
-    def _attend(self, slot, module, query, key, value, scaling, kwargs):
+    def _attend(self, slot, module, query, key, value, scaling, kwargs, layer_mask=None):
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         if self._mode in ("compare", "capture") and slot == len(self.modules) - 1:
             self.captured = (query, key, scale)
         if self._mode == "capture":
             return _sdpa_plain(module, query, key, value, self._key_padding(key), scale).transpose(1, 2).contiguous(), None
-        return super()._attend(slot, module, query, key, value, scaling, kwargs)
+        return super()._attend(slot, module, query, key, value, scaling, kwargs, layer_mask)
 
 
 def target_attention_loss(captured, task: "ZoomSearchTask", prompts: ZoomPrompts,
