@@ -391,12 +391,13 @@ def _gemma3_vlm():
     return transformers.Gemma3ForConditionalGeneration(cfg).double().eval()
 
 
-def test_bidirectional_layer_masks_refused():
+def test_bidirectional_layer_masks():
     """Gemma 3's VLM lets the image tokens of one image attend to each other both ways (token_type_ids;
     transformers says so only in the layers' masks). A chosen layer gave logits 0.038 off SDPA's at the
     image rows (last layer) or 9.4e-4 at the text rows after the image (layer 0). The chosen layer's
-    mask is now checked against causal attention over the padding: ValueError; without token_type_ids
-    (causal) and with left padding, SDPA's logits. Float64."""
+    mask is now compared with causal attention over the padding: the rows where it differs get
+    transformers' SDPA under that mask, so record gives SDPA's logits at every real row, and a policy
+    read at such a row (row_mask) is a ValueError; after the image, compare works as ever. Float64."""
     if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
         pytest.skip("this transformers has no Gemma 3")
     torch.manual_seed(0)
@@ -407,33 +408,49 @@ def test_bidirectional_layer_masks_refused():
     ids[:, 3], ids[:, 4:8], ids[:, 8] = 261, 260, 262
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[0, :2] = 0
-    call = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28, dtype=torch.float64))
+    call = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28, dtype=torch.float64),
+                token_type_ids=(ids == 260).long())
+    with torch.no_grad():
+        want = sdpa(**call).logits
+    after_image = torch.zeros(2, 14, dtype=torch.bool)
+    after_image[:, 9:] = True
     for layers in ((-1,), (0,)):
         policy = AttentionPolicy(copy.deepcopy(model), layers=layers, backend="reference")
-        with pytest.raises(ValueError, match=r"attention_mask: the mask transformers built for decoder layer "
-                                             r"\d is not causal attention over the padding \(batch row 0, query 4 "
-                                             r"attends to key 5\)"), torch.no_grad(), policy.record():
-            policy.model(**call, token_type_ids=(ids == 260).long())
-        with torch.no_grad(), policy.record():
+        with torch.no_grad(), policy.record() as rec:
             got = policy.model(**call).logits
-        with torch.no_grad():
-            want = sdpa(**call).logits
         torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-12, atol=1e-12)
+        with policy.compare(rec.reference, row_mask=after_image) as cmp:
+            got = policy.model(**call).logits[mask.bool()]
+        torch.testing.assert_close(got, want[mask.bool()], rtol=1e-12, atol=1e-12)
+        assert cmp.div.abs().max() < 1e-12 and cmp.div.requires_grad
+        # gradients through the replaced rows: the weights' gradients of the logits equal SDPA's
+        got.sum().backward()
+        sdpa.zero_grad()
+        sdpa(**call).logits[mask.bool()].sum().backward()
+        for (name, p), q in zip(policy.model.named_parameters(), sdpa.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+        for rows, block in ((None, "compare"), (after_image | (ids == 260), "compare"), (None, "observe")):
+            ctx = policy.compare(rec.reference, row_mask=rows) if block == "compare" else policy.observe()
+            with pytest.raises(ValueError, match=r"row_mask: the mask transformers built for decoder layer \d is "
+                                                 r"not causal attention over the padding at 6 query rows .* "
+                                                 r"\(batch row 0, query 4\)"), torch.no_grad(), ctx:
+                policy.model(**call)
 
-    # an additive (float) mask: 0 where attended, the dtype's minimum elsewhere; anything else is a bias
+    # the rows found, on an additive (float) mask: 0 where attended, the dtype's minimum elsewhere; any
+    # other value is a bias; and a hidden earlier key
     policy = AttentionPolicy(_qwen2(), backend="reference")
-    policy._mask_checked = None
     kpm = mask.bool()
     causal = torch.ones(14, 14, dtype=torch.bool).tril()[None, None] & kpm[:, None, None, :]
     additive = torch.zeros(2, 1, 14, 14).masked_fill(~causal, torch.finfo(torch.float32).min)
-    policy._check_layer_mask(0, additive, kpm, 14, 14)
-    policy._mask_checked = None
-    with pytest.raises(ValueError, match=r"batch row 1, query 3 adds a bias to its score for key 1\)"):
-        policy._check_layer_mask(0, additive.clone().index_put_((torch.tensor(1), torch.tensor(0), torch.tensor(3),
-                                                                 torch.tensor(1)), torch.tensor(-0.5)), kpm, 14, 14)
-    with pytest.raises(ValueError, match=r"batch row 0, query 5 does not attend to key 4\)"):
-        policy._check_layer_mask(0, causal.clone().index_put_((torch.tensor(0), torch.tensor(0), torch.tensor(5),
-                                                               torch.tensor(4)), torch.tensor(False)), kpm, 14, 14)
+    assert policy._noncausal_rows(additive, kpm, 14, 14) is None
+    biased = additive.clone()
+    biased[1, 0, 3, 1] = -0.5
+    hidden = causal.clone()
+    hidden[0, 0, 5, 4] = False
+    for bad, row in ((biased, (1, 3)), (hidden, (0, 5))):
+        found = policy._noncausal_rows(bad, kpm, 14, 14)
+        assert found.nonzero().tolist() == [list(row)]
 
 
 def test_attention_beyond_sdpa_refused():

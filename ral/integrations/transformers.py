@@ -645,11 +645,24 @@ def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int, rows: int, offset: int):
+def _with_model_rows(out: Tensor, noncausal: Tensor, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                     layer_mask: Tensor, scale: float) -> Tensor:
+    """``out`` (B, H, Sq, Dv) with its rows in ``noncausal`` (B, Sq) bool replaced by transformers' SDPA
+    under the layer's own mask, computed for those query rows only (the union over the batch: R rows,
+    scores R x Sk): the model's numbers where its mask is not causal (e.g. Gemma 3's image blocks)."""
+    idx = noncausal.any(0).nonzero().squeeze(1).to(query.device)
+    model_rows, _ = sdpa_attention_forward(module, query[:, :, idx], key, value, layer_mask[..., idx, :],
+                                           dropout=0.0, scaling=scale)              # (B, R, H, Dv)
+    take = noncausal[:, idx].to(out.device)[:, None, :, None]
+    patched = torch.where(take, model_rows.transpose(1, 2).to(out.dtype), out[:, :, idx])
+    return out.index_copy(2, idx, patched)
+
+
+def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int, rows: int, offset: int) -> Tensor:
     """Query rows ``start .. start + rows`` of a 4-D layer mask (bool, or additive: 0 attended, the
     dtype's minimum not) against causal attention over the key padding ``kpm`` (B, Sk), query row i at
-    key position i + offset -> (differ, allowed, other): differ (B | 1, heads | 1, r, Sk) True where a
-    real (non-padding) query row is masked otherwise; other: additive values that are neither (a bias)."""
+    key position i + offset -> (B | 1, heads | 1, r, Sk) bool, True where a real (non-padding) query
+    row is masked otherwise or (additive) gets a value that is neither (a bias)."""
     block = layer_mask[..., start:start + rows, :]
     if block.dtype == torch.bool:
         allowed, other = block, None
@@ -666,7 +679,7 @@ def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int,
     differ = (allowed != want) & real
     if other is not None:
         differ = differ | (other & real)
-    return differ, allowed, other
+    return differ
 
 
 def _attention_chunk(module: nn.Module, model: nn.Module) -> Optional[int]:
@@ -1067,36 +1080,37 @@ class AttentionPolicy:
                              f"full-attention layer (layers= from {self._full_attention_layers()}) or keep calls "
                              f"within one chunk")
 
-    def _check_layer_mask(self, slot: int, layer_mask, kpm: Optional[Tensor], q_len: int, k_len: int) -> None:
-        """ValueError when the mask transformers built for chosen layer ``slot`` (B | 1, heads | 1, Sq, Sk),
-        bool or additive, lets a real query row attend other keys than the op does (causal over the
-        key padding ``kpm``): e.g. Gemma 3's bidirectional image blocks (``token_type_ids``), a
-        prefix-LM or a config's bidirectional attention. Rows whose query is padding are not compared.
-        One pass per mask tensor (chosen layers sharing it are checked once), in blocks of rows (no
-        second Sq x Sk tensor)."""
+    def _noncausal_rows(self, layer_mask, kpm: Optional[Tensor], q_len: int, k_len: int) -> Optional[Tensor]:
+        """The real query rows (B, Sq) bool at which the mask transformers built for a chosen layer
+        (4-D: (B | 1, heads | 1, Sq, Sk), bool or additive) is not causal attention over the key
+        padding ``kpm``: e.g. Gemma 3's bidirectional image blocks (``token_type_ids``), a prefix-LM, a
+        bias in an additive mask; None where there are none (or no 4-D mask). Rows whose query is
+        padding are not compared. One pass per mask tensor (chosen layers sharing it are checked
+        once), in blocks of rows (no second Sq x Sk tensor), one device sync."""
         if not isinstance(layer_mask, Tensor) or layer_mask.dim() != 4:
-            return
+            return None
         if self._mask_checked is not None and self._mask_checked[0] is layer_mask and self._mask_checked[1] is kpm:
-            return                                  # the same mask as the previous chosen layer's
+            return self._mask_checked[2]            # the same mask as the previous chosen layer's
         batch = layer_mask.shape[0] if kpm is None else kpm.shape[0]
         step = max(1, (1 << 22) // max(1, batch * k_len))
-        starts = range(0, q_len, step)
-        found = torch.stack([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len)[0].any()
-                             for start in starts])
-        if bool(found.any()):                                                # one device sync per mask
-            start = starts[int(found.int().argmax())]
-            differ, allowed, other = _mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len)
-            b, h, i, j = (int(x) for x in differ.nonzero()[0])
-            first = (b if allowed.shape[0] > 1 else 0, h if allowed.shape[1] > 1 else 0, i, j)
-            what = ("adds a bias to its score for key" if other is not None and bool(other[first])
-                    else "attends to key" if bool(allowed[first]) else "does not attend to key")
+        rows = torch.cat([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len).any(-1).any(1)
+                          .expand(batch, -1) for start in range(0, q_len, step)], dim=1)
+        found = rows if bool(rows.any()) else None
+        self._mask_checked = (layer_mask, kpm, found)
+        return found
+
+    def _check_policy_rows(self, slot: int, noncausal: Tensor, rows: Optional[Tensor]) -> None:
+        """ValueError when a row the policy is read at (``rows`` (B, Sq) bool; None: every row) is one
+        where the layer's mask is not causal: the op's policy there is not the model's attention."""
+        used = noncausal if rows is None else noncausal & rows.to(noncausal.device)
+        if bool(used.any()):
+            b, i = (int(x) for x in used.nonzero()[0])
             raise ValueError(
-                f"attention_mask: the mask transformers built for decoder layer {self.modules[slot].layer_idx} is "
-                f"not causal attention over the padding (batch row {b}, query {start + i} {what} {j}), e.g. "
-                f"bidirectional image blocks from token_type_ids (Gemma 3) or a prefix-LM; ral.ops.attention_kl "
-                f"computes causal attention, so it cannot stand in for this layer on this call: choose another "
-                f"layer or call the model without the bidirectional part")
-        self._mask_checked = (layer_mask, kpm)
+                f"row_mask: the mask transformers built for decoder layer {self.modules[slot].layer_idx} is not "
+                f"causal attention over the padding at {int(noncausal.sum())} query rows (e.g. bidirectional image "
+                f"blocks from token_type_ids, Gemma 3), and the policy is read at one of them (batch row {b}, "
+                f"query {i}); ral.ops.attention_kl's policy is causal, so keep row_mask to the rows after them "
+                f"(the response tokens){' (row_mask=None reads every row)' if rows is None else ''}")
 
     def _full_attention_layers(self) -> List[int]:
         """``layers`` indices of the softmax-attention layers with neither a sliding window nor chunks."""
@@ -1129,7 +1143,17 @@ class AttentionPolicy:
         self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k, key.shape[2])
         if packing is not None:
             return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
-        self._check_layer_mask(slot, layer_mask, kpm, query.shape[2], key.shape[2])
+        noncausal = self._noncausal_rows(layer_mask, kpm, query.shape[2], key.shape[2])
+        out = self._attend_dense(slot, module, query, key, value, scale, kpm, opts, noncausal)
+        if noncausal is not None:
+            out = _with_model_rows(out, noncausal, module, query, key, value, layer_mask, scale)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _attend_dense(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                      kpm: Optional[Tensor], opts: dict, noncausal: Optional[Tensor]) -> Tensor:
+        """The chosen layer on a padded batch: the op in this block's mode -> out (B, H, Sq, Dv). Rows in
+        ``noncausal`` (B, Sq) are the caller's to replace; the policy must not be read there."""
+        reference = self._state[0] if self._mode == "compare" else None
         if self._mode == "record":
             q_ref, k_ref = query.detach(), key.detach()
             if self.record_stats:
@@ -1140,16 +1164,18 @@ class AttentionPolicy:
                 out = _sdpa_plain(module, query, key, value, kpm, scale)
                 stats = None
             self._recorded(slot, LayerReference(q_ref, k_ref, stats, scale), kpm, None)
-            return out.transpose(1, 2).contiguous(), None
+            return out
         _, row_mask, cmp, _ = self._state
         statistics, has_mass = self._statistics(key)
         rows = _row_mask_full(row_mask, query.shape[2])
+        if noncausal is not None:
+            self._check_policy_rows(slot, noncausal, rows)
         if self._mode == "observe":
             opts.pop("divergence")
             res = ops.attention_stats(query, key, value, scale=scale, key_padding_mask=kpm, row_mask=rows,
                                       **statistics, **opts)
             cmp._add(self.layers[slot], None, res.entropy, res.mass if has_mass else None)
-            return res.out.transpose(1, 2).contiguous(), None
+            return res.out
         if reference.packing is not None:
             raise ValueError("reference: recorded on packed sequences, the model call is a padded batch; "
                              "compare on the same packed call")
@@ -1160,7 +1186,7 @@ class AttentionPolicy:
         res = ops.attention_kl(query, key, value, q_ref=ref.q, k_ref=ref.k, ref_stats=ref.stats, scale=scale,
                                ref_scale=ref.scale, key_padding_mask=kpm, row_mask=rows, **statistics, **opts)
         cmp._add(self.layers[slot], res.div, res.entropy, res.mass if has_mass else None)
-        return res.out.transpose(1, 2).contiguous(), None
+        return res.out
 
     def _attend_packed(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                        scale: float, packing: Packing, opts: dict):
