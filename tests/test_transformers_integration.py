@@ -404,16 +404,20 @@ def test_bidirectional_layer_masks():
     model = _gemma3_vlm()
     model.set_attn_implementation("sdpa")
     sdpa = copy.deepcopy(model)
+    # row 0: six padding tokens, then its image at 8..11; row 1: its image at 4..7, so that rows 4, 5 of
+    # the image rows' union are padding in row 0 (fully masked there: they must not bring NaN)
     ids = torch.randint(3, 250, (2, 14))
-    ids[:, 3], ids[:, 4:8], ids[:, 8] = 261, 260, 262
+    ids[0, 7], ids[0, 8:12], ids[0, 12] = 261, 260, 262
+    ids[1, 3], ids[1, 4:8], ids[1, 8] = 261, 260, 262
     mask = torch.ones(2, 14, dtype=torch.long)
-    mask[0, :2] = 0
+    mask[0, :6] = 0
     call = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28, dtype=torch.float64),
                 token_type_ids=(ids == 260).long())
     with torch.no_grad():
         want = sdpa(**call).logits
     after_image = torch.zeros(2, 14, dtype=torch.bool)
-    after_image[:, 9:] = True
+    after_image[0, 13:] = True
+    after_image[1, 9:] = True
     for layers in ((-1,), (0,)):
         policy = AttentionPolicy(copy.deepcopy(model), layers=layers, backend="reference")
         with torch.no_grad(), policy.record() as rec:
@@ -434,7 +438,7 @@ def test_bidirectional_layer_masks():
             ctx = policy.compare(rec.reference, row_mask=rows) if block == "compare" else policy.observe()
             with pytest.raises(ValueError, match=r"row_mask: the mask transformers built for decoder layer \d is "
                                                  r"not causal attention over the padding at 6 query rows .* "
-                                                 r"\(batch row 0, query 4\)"), torch.no_grad(), ctx:
+                                                 r"\(batch row 0, query 8\)"), torch.no_grad(), ctx:
                 policy.model(**call)
 
     # the rows found, on an additive (float) mask: 0 where attended, the dtype's minimum elsewhere; any
@@ -447,8 +451,8 @@ def test_bidirectional_layer_masks():
     biased = additive.clone()
     biased[1, 0, 3, 1] = -0.5
     hidden = causal.clone()
-    hidden[0, 0, 5, 4] = False
-    for bad, row in ((biased, (1, 3)), (hidden, (0, 5))):
+    hidden[0, 0, 9, 8] = False
+    for bad, row in ((biased, (1, 3)), (hidden, (0, 9))):
         found = policy._noncausal_rows(bad, kpm, 14, 14)
         assert found.nonzero().tolist() == [list(row)]
 

@@ -651,10 +651,14 @@ def _with_model_rows(out: Tensor, noncausal: Tensor, module: nn.Module, query: T
     under the layer's own mask, computed for those query rows only (the union over the batch: R rows,
     scores R x Sk): the model's numbers where its mask is not causal (e.g. Gemma 3's image blocks)."""
     idx = noncausal.any(0).nonzero().squeeze(1).to(query.device)
-    model_rows, _ = sdpa_attention_forward(module, query[:, :, idx], key, value, layer_mask[..., idx, :],
-                                           dropout=0.0, scaling=scale)              # (B, R, H, Dv)
-    take = noncausal[:, idx].to(out.device)[:, None, :, None]
-    patched = torch.where(take, model_rows.transpose(1, 2).to(out.dtype), out[:, :, idx])
+    take = noncausal[:, idx].to(query.device)[:, None, :, None]                   # (B, 1, R, 1)
+    # rows of the union that a batch row does not take (padding there, say) attend every key: a finite
+    # output with no gradient, never a fully masked row's NaN
+    sub_mask = layer_mask[..., idx, :]
+    sub_mask = sub_mask | ~take if sub_mask.dtype == torch.bool else sub_mask.masked_fill(~take, 0)
+    model_rows, _ = sdpa_attention_forward(module, query[:, :, idx], key, value, sub_mask, dropout=0.0,
+                                           scaling=scale)                           # (B, R, H, Dv)
+    patched = torch.where(take.to(out.device), model_rows.transpose(1, 2).to(out.dtype), out[:, :, idx])
     return out.index_copy(2, idx, patched)
 
 
