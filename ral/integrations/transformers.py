@@ -73,9 +73,13 @@ only, so a model call inside a block with any other ``attention_mask`` (a custom
 per layer type) is refused with a ValueError, and so is a compare on other padding than the record
 call's. Dropout in the chosen layers is not applied. A chosen layer whose attention is more than
 scaled dot products is refused with a ValueError naming it (soft-capping, sinks, a position bias),
-and so is a sliding-window chosen layer on a call with a sequence longer than its window (the op
-attends every earlier key; within the window the two agree); choose a full-attention layer. Other
-layers keep their windows (transformers' SDPA mask). A model transformers cannot run on SDPA
+and so is a sliding-window chosen layer on a call with a sequence longer than its window, or a
+chunked-attention one (Llama 4) on a call longer than its chunk (the op attends every earlier key;
+within a window or chunk the two agree); choose a full-attention layer. Other layers keep their
+windows and chunks (transformers' SDPA mask). Where the mask transformers builds for a chosen layer
+of a padded batch is not causal at some rows (Gemma 3's bidirectional image blocks from
+``token_type_ids``), those rows get transformers' SDPA under that mask, and the policy must not be
+read there (``row_mask``; a ValueError names the row). A model transformers cannot run on SDPA
 (``_supports_sdpa`` False) is refused when the policy is made. Generation outside the blocks is
 unaffected (SDPA).
 
