@@ -254,14 +254,9 @@ def test_cp_sliding_window_layer(one_rank):
 def test_cp_chunked_attention_layer(one_rank):
     """A chunked-attention chosen layer (Llama 4) under cp_group: refused when the whole call (not the
     shard) has more key positions than a chunk; within one chunk, SDPA's logits."""
-    if not hasattr(transformers, "Llama4ForCausalLM"):
-        pytest.skip("this transformers has no Llama 4")
+    from test_transformers_integration import llama4_chunked
     torch.manual_seed(0)
-    cfg = transformers.Llama4TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention_chunk_size=4,
-        num_local_experts=2, num_experts_per_tok=1, moe_layers=[])
-    model = transformers.Llama4ForCausalLM(cfg).double().eval()
+    model = llama4_chunked(2)
     sdpa = copy.deepcopy(model)
     sdpa.set_attn_implementation("sdpa")
     policy = AttentionPolicy(model, layers=(0,), backend="reference", cp_group=one_rank)

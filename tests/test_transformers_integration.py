@@ -345,20 +345,26 @@ def test_sliding_window_layers():
         model(flat, position_ids=torch.cat([torch.arange(n) for n in too_long])[None])
 
 
+def llama4_chunked(layers: int):
+    """A tiny Llama 4 text model in float64 with chunks of 4 positions: every layer chunked but the
+    last (transformers' default layer types); skips the test on a transformers without Llama 4."""
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama 4")
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention_chunk_size=4,
+        num_local_experts=2, num_experts_per_tok=1, moe_layers=[])
+    return transformers.Llama4ForCausalLM(cfg).double().eval()
+
+
 def test_chunked_attention_layers():
     """Llama 4's chunked-attention layers (a query sees only the keys of its own chunk of
     attention_chunk_size positions; transformers says so in that layer's mask alone): chosen, record
     gave logits 0.30 off SDPA's at 12 tokens with chunks of 4. Refused when the call has more key
     positions than a chunk (packed streams counted whole, as transformers cuts its chunks there);
     within one chunk, and for the full-attention layer beside them, SDPA's logits (float64)."""
-    if not hasattr(transformers, "Llama4ForCausalLM"):
-        pytest.skip("this transformers has no Llama 4")
     torch.manual_seed(0)
-    cfg = transformers.Llama4TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention_chunk_size=4,
-        num_local_experts=2, num_experts_per_tok=1, moe_layers=[])
-    model = transformers.Llama4ForCausalLM(cfg).double().eval()
+    model = llama4_chunked(4)
     assert model.config.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
     sdpa = copy.deepcopy(model)
     sdpa.set_attn_implementation("sdpa")
