@@ -236,13 +236,17 @@ def test_vl_step_logs_attention_statistics_equal_to_eager_maps(tmp_path, monkeyp
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(batch))
     backend = "cpu" if "cpu" in backends.available() else "reference"
     entropy_coef, mass_coef = coefs
-    trainer = RALGRPOTrainer(model=model, reward_funcs=count_a,
-                             args=config(tmp_path, per_device_train_batch_size=2, num_generations=2,
-                                         max_completion_length=4, max_steps=1, num_iterations=1,
-                                         gradient_accumulation_steps=1, loss_type="grpo"),
-                             train_dataset=dataset(), processing_class=tokenizer(), lambda_attn=lambda_attn,
-                             attn_stats=True, attn_backend=backend, attn_entropy_coef=entropy_coef,
-                             attn_mass_coef=mass_coef, attn_mass_segments=("image",))
+    # one step at the rollout weights: the statistics are what is checked (the trainer warns that the
+    # attention term cannot act there)
+    expected = pytest.warns(UserWarning, match="one optimizer step") if lambda_attn > 0 else warnings.catch_warnings()
+    with expected:
+        trainer = RALGRPOTrainer(model=model, reward_funcs=count_a,
+                                 args=config(tmp_path, per_device_train_batch_size=2, num_generations=2,
+                                             max_completion_length=4, max_steps=1, num_iterations=1,
+                                             gradient_accumulation_steps=1, loss_type="grpo"),
+                                 train_dataset=dataset(), processing_class=tokenizer(), lambda_attn=lambda_attn,
+                                 attn_stats=True, attn_backend=backend, attn_entropy_coef=entropy_coef,
+                                 attn_mass_coef=mass_coef, attn_mass_segments=("image",))
     assert trainer.attn_policy.segment_names == ("text", "image", "video")
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
