@@ -269,6 +269,34 @@ def test_cp_chunked_attention_layer(one_rank):
     torch.testing.assert_close(got, sdpa(ids[:, :4]).logits, rtol=1e-12, atol=1e-12)
 
 
+def test_cp_bidirectional_layer_mask_refused(one_rank):
+    """Gemma 3's VLM under cp_group: the image tokens' bidirectional blocks (token_type_ids) show in the
+    model's local mask (a shard keeps its tokens' order) and the call is refused on every rank (context
+    parallelism is causal); without them, SDPA's logits."""
+    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
+        pytest.skip("this transformers has no Gemma 3")
+    from test_transformers_integration import _gemma3_vlm
+    torch.manual_seed(0)
+    model = _gemma3_vlm()
+    model.set_attn_implementation("sdpa")
+    sdpa = copy.deepcopy(model)
+    policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
+    ids = torch.randint(3, 250, (2, 14))
+    ids[:, 3], ids[:, 4:8], ids[:, 8] = 261, 260, 262
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[0, :2] = 0
+    call = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28, dtype=torch.float64),
+                position_ids=torch.arange(14)[None])
+    with pytest.raises(ValueError, match="under cp_group the mask transformers built for decoder layer 1 lets rows "
+                                         "of a shard attend to later keys"), torch.no_grad(), policy.record():
+        model(**call, token_type_ids=(ids == 260).long())
+    with torch.no_grad(), policy.record():
+        got = model(**call).logits
+    with torch.no_grad():
+        want = sdpa(**call).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-12, atol=1e-12)
+
+
 def test_cp_asks_the_group_once_per_model_call(one_rank, monkeypatch):
     """Two chosen layers under cp_group: the call's layout (sequence length, packing) is agreed on by
     the group once per model call, not per layer; the logits and div equal the same policy without

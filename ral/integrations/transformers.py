@@ -79,7 +79,8 @@ within a window or chunk the two agree); choose a full-attention layer. Other la
 windows and chunks (transformers' SDPA mask). Where the mask transformers builds for a chosen layer
 of a padded batch is not causal at some rows (Gemma 3's bidirectional image blocks from
 ``token_type_ids``), those rows get transformers' SDPA under that mask, and the policy must not be
-read there (``row_mask``; a ValueError names the row). A model transformers cannot run on SDPA
+read there (``row_mask``; a ValueError names the row); under ``cp_group`` such a call is refused on
+every rank (context parallelism is causal). A model transformers cannot run on SDPA
 (``_supports_sdpa`` False) is refused when the policy is made. Generation outside the blocks is
 unaffected (SDPA).
 
@@ -666,11 +667,13 @@ def _with_model_rows(out: Tensor, noncausal: Tensor, module: nn.Module, query: T
     return out.index_copy(2, idx, patched)
 
 
-def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int, rows: int, offset: int) -> Tensor:
+def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int, rows: int, offset: int,
+                          later_only: bool = False) -> Tensor:
     """Query rows ``start .. start + rows`` of a 4-D layer mask (bool, or additive: 0 attended, the
     dtype's minimum not) against causal attention over the key padding ``kpm`` (B, Sk), query row i at
     key position i + offset -> (B | 1, heads | 1, r, Sk) bool, True where a real (non-padding) query
-    row is masked otherwise or (additive) gets a value that is neither (a bias)."""
+    row is masked otherwise or (additive) gets a value that is neither (a bias); ``later_only``: True
+    only where it attends a later key (hidden keys and biases not counted)."""
     block = layer_mask[..., start:start + rows, :]
     if block.dtype == torch.bool:
         allowed, other = block, None
@@ -682,8 +685,11 @@ def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int,
     real = torch.ones(1, 1, positions.shape[0], 1, dtype=torch.bool, device=block.device)
     if kpm is not None:
         kpm = kpm.to(block.device)
-        want = want & kpm[:, None, None, :]
         real = kpm[:, positions][:, None, :, None]
+    if later_only:
+        return allowed & ~want & real
+    if kpm is not None:
+        want = want & kpm[:, None, None, :]
     differ = (allowed != want) & real
     if other is not None:
         differ = differ | (other & real)
@@ -1088,23 +1094,26 @@ class AttentionPolicy:
                              f"full-attention layer (layers= from {self._full_attention_layers()}) or keep calls "
                              f"within one chunk")
 
-    def _noncausal_rows(self, layer_mask, kpm: Optional[Tensor], q_len: int, k_len: int) -> Optional[Tensor]:
+    def _noncausal_rows(self, layer_mask, kpm: Optional[Tensor], q_len: int, k_len: int,
+                        later_only: bool = False) -> Optional[Tensor]:
         """The real query rows (B, Sq) bool at which the mask transformers built for a chosen layer
         (4-D: (B | 1, heads | 1, Sq, Sk), bool or additive) is not causal attention over the key
         padding ``kpm``: e.g. Gemma 3's bidirectional image blocks (``token_type_ids``), a prefix-LM, a
         bias in an additive mask; None where there are none (or no 4-D mask). Rows whose query is
-        padding are not compared. One pass per mask tensor (chosen layers sharing it are checked
-        once), in blocks of rows (no second Sq x Sk tensor), one device sync."""
+        padding are not compared; ``later_only``: only rows that attend a later key. One pass per mask
+        tensor (chosen layers sharing it are checked once), in blocks of rows (no second Sq x Sk
+        tensor), one device sync."""
         if not isinstance(layer_mask, Tensor) or layer_mask.dim() != 4:
             return None
-        if self._mask_checked is not None and self._mask_checked[0] is layer_mask and self._mask_checked[1] is kpm:
-            return self._mask_checked[2]            # the same mask as the previous chosen layer's
+        seen = self._mask_checked
+        if seen is not None and seen[0] is layer_mask and seen[1] is kpm and seen[2] == later_only:
+            return seen[3]                          # the same mask as the previous chosen layer's
         batch = layer_mask.shape[0] if kpm is None else kpm.shape[0]
         step = max(1, (1 << 22) // max(1, batch * k_len))
-        rows = torch.cat([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len).any(-1).any(1)
-                          .expand(batch, -1) for start in range(0, q_len, step)], dim=1)
+        rows = torch.cat([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len, later_only)
+                          .any(-1).any(1).expand(batch, -1) for start in range(0, q_len, step)], dim=1)
         found = rows if bool(rows.any()) else None
-        self._mask_checked = (layer_mask, kpm, found)
+        self._mask_checked = (layer_mask, kpm, later_only, found)
         return found
 
     def _check_policy_rows(self, slot: int, noncausal: Tensor, rows: Optional[Tensor]) -> None:
@@ -1142,7 +1151,7 @@ class AttentionPolicy:
         opts = dict(divergence=self.divergence, heads=self.heads, exclude_self=self.exclude_self,
                     causal=True, backend=self.backend)
         if self.cp_group is not None:
-            return self._attend_cp(slot, query, key, value, scale, kpm, kwargs, opts)
+            return self._attend_cp(slot, query, key, value, scale, kpm, kwargs, opts, layer_mask)
         packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], padded=kpm is not None)
         reference = self._state[0] if self._mode == "compare" else None
         if packing is None and reference is not None and reference.packing is not None \
@@ -1239,11 +1248,13 @@ class AttentionPolicy:
         return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), None
 
     def _attend_cp(self, slot: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
-                   kpm: Optional[Tensor], kwargs: dict, opts: dict):
+                   kpm: Optional[Tensor], kwargs: dict, opts: dict, layer_mask=None):
         """The chosen layer on this rank's shard of the sequence (cp_group): ``attention_kl_cp`` on the
         local rows with all heads, keys gathered over the group (a packed row: ``attention_kl_cp_varlen``).
         Record keeps this rank's shard of q, k and stats; compare / observe give the local rows'
-        div / statistics."""
+        div / statistics. The model's local mask (``layer_mask``, built over the shard's own positions)
+        is read for one thing: whether a row attends to a later token of the shard (a shard keeps its
+        tokens' order); if so (Gemma 3's image blocks), every rank refuses the call."""
         batch, local = query.shape[0], query.shape[2]
         reference, row_mask, cmp, _ = self._state if self._mode != "record" else (None, None, None, None)
         error = None
@@ -1252,6 +1263,12 @@ class AttentionPolicy:
                      f"(ral.distributed.shard(row_mask, 1, cp_group, cp_layout)), got {tuple(row_mask.shape)}")
         if error is None and reference is not None and kpm is not None:
             error = _padding_mismatch(reference, kpm)
+        if error is None and self._noncausal_rows(layer_mask, kpm, local, local, later_only=True) is not None:
+            error = (f"attention_mask: under cp_group the mask transformers built for decoder layer "
+                     f"{self.modules[slot].layer_idx} lets rows of a shard attend to later keys (e.g. Gemma 3's "
+                     f"bidirectional image blocks from token_type_ids); context parallelism "
+                     f"computes causal attention only: call the model without the bidirectional part, or "
+                     f"without cp_group")
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
         self._check_layer(slot, kwargs, seq_len if packing is None else packing.max_seqlen_k, seq_len)
         rows = None if row_mask is None else row_mask.to(torch.bool)
