@@ -273,12 +273,9 @@ def test_cp_bidirectional_layer_mask_refused(one_rank):
     """Gemma 3's VLM under cp_group: the image tokens' bidirectional blocks (token_type_ids) show in the
     model's local mask (a shard keeps its tokens' order) and the call is refused on every rank (context
     parallelism is causal); without them, SDPA's logits."""
-    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
-        pytest.skip("this transformers has no Gemma 3")
-    from test_transformers_integration import _gemma3_vlm
+    from test_transformers_integration import gemma3_vlm
     torch.manual_seed(0)
-    model = _gemma3_vlm()
-    model.set_attn_implementation("sdpa")
+    model = gemma3_vlm()
     sdpa = copy.deepcopy(model)
     policy = AttentionPolicy(model, backend="reference", cp_group=one_rank)
     ids = torch.randint(3, 250, (2, 14))

@@ -386,15 +386,20 @@ def test_chunked_attention_layers():
         model(ids[:1, :6], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
 
 
-def _gemma3_vlm():
-    """A tiny Gemma 3 VLM: SigLIP 28 x 28 images (2 x 2 patches -> 4 image tokens, id 260), two text layers."""
+def gemma3_vlm():
+    """A tiny Gemma 3 VLM in float64 on "sdpa": SigLIP 28 x 28 images (2 x 2 patches -> 4 image tokens,
+    id 260), two text layers; skips the test on a transformers without Gemma 3."""
+    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
+        pytest.skip("this transformers has no Gemma 3")
     text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=512)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
     cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                     image_token_id=260, boi_token_id=261, eoi_token_id=262)
-    return transformers.Gemma3ForConditionalGeneration(cfg).double().eval()
+    model = transformers.Gemma3ForConditionalGeneration(cfg).double().eval()
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def test_bidirectional_layer_masks():
@@ -404,11 +409,8 @@ def test_bidirectional_layer_masks():
     mask is now compared with causal attention over the padding: the rows where it differs get
     transformers' SDPA under that mask, so record gives SDPA's logits at every real row, and a policy
     read at such a row (row_mask) is a ValueError; after the image, compare works as ever. Float64."""
-    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
-        pytest.skip("this transformers has no Gemma 3")
     torch.manual_seed(0)
-    model = _gemma3_vlm()
-    model.set_attn_implementation("sdpa")
+    model = gemma3_vlm()
     sdpa = copy.deepcopy(model)
     # row 0: six padding tokens, then its image at 8..11; row 1: its image at 4..7, so that rows 4, 5 of
     # the image rows' union are padding in row 0 (fully masked there: they must not bring NaN)
