@@ -863,7 +863,9 @@ class AttentionPolicy:
         # under cp_group: the group's answer for this model call's layout (_cp_call), kept for its other
         # chosen layers; (position ids, B, S_r, mask given, answer), cleared at each model call
         self._cp_answer: Optional[tuple] = None
-        self._mask_checked: Optional[tuple] = None    # (layer mask, key padding) last found causal
+        # the last layer mask compared with causal attention (_noncausal_rows), cleared at each model
+        # call: (layer mask, key padding, later_only, the rows found or None)
+        self._mask_checked: Optional[tuple] = None
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
     # -- mask capture -----------------------------------------------------------------------
@@ -1086,7 +1088,7 @@ class AttentionPolicy:
                              f"and this call has sequences of {longest_keys} keys; ral.ops.attention_kl attends "
                              f"every earlier key, so choose a full-attention layer (layers= from "
                              f"{self._full_attention_layers()}) or keep sequences within the window")
-        chunk = _attention_chunk(self._attention_modules[self.layers[slot]], self.model)
+        chunk = _attention_chunk(self.modules[slot], self.model)
         if chunk is not None and stream_keys > chunk:
             raise ValueError(f"layers: decoder layer {layer} is a chunked-attention layer (attention_chunk_size="
                              f"{chunk}: each query sees the keys of its own chunk) and this call has {stream_keys} "
