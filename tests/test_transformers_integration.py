@@ -465,6 +465,69 @@ def test_bidirectional_layer_masks():
         assert found.nonzero().tolist() == [list(row)]
 
 
+def test_bidirectional_layer_masks_packed():
+    """The same Gemma 3 image blocks in a packed (padding-free) call: transformers builds the chosen
+    layer a block-diagonal mask with each image bidirectional, and the packed path attended causally
+    per sequence instead (logits 0.050 off). The mask is now compared within each packed sequence:
+    its image rows get transformers' SDPA under it, and the logits equal the two sequences run
+    one by one; the policy is read after the images; the keys of other sequences are not compared
+    (a mask that ignores the packing is causal within each sequence). Float64."""
+    from ral.integrations.transformers import Packing
+    torch.manual_seed(1)
+    model = gemma3_vlm()
+    sdpa = copy.deepcopy(model)
+    ids = torch.randint(3, 250, (2, 14))              # each row: two sequences of 7, an image at 2..5 of each
+    for start in (0, 7):
+        ids[:, start + 1], ids[:, start + 2:start + 6], ids[:, start + 6] = 261, 260, 262
+    pixels = torch.randn(4, 3, 28, 28, dtype=torch.float64)
+    positions = torch.arange(7).repeat(2)[None]
+
+    def packed(rows):
+        return dict(input_ids=ids[:rows], position_ids=positions.expand(rows, -1), use_cache=False,
+                    pixel_values=pixels[:2 * rows], token_type_ids=(ids[:rows] == 260).long())
+
+    with torch.no_grad():                             # the peer: each sequence alone
+        want = torch.cat([torch.cat([sdpa(input_ids=ids[b:b + 1, s:s + 7], pixel_values=pixels[2 * b + s // 7][None],
+                                          token_type_ids=(ids[b:b + 1, s:s + 7] == 260).long()).logits
+                                     for s in (0, 7)], 1) for b in range(2)])
+    after_image = torch.zeros(1, 14, dtype=torch.bool)
+    after_image[0, [6, 13]] = True
+    for layers in ((-1,), (0,)):
+        policy = AttentionPolicy(copy.deepcopy(model), layers=layers, backend="reference")
+        with torch.no_grad(), policy.record() as rec:
+            got = policy.model(**packed(2)).logits    # two packed rows (B = 2, flattened batch-major)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        with torch.no_grad(), policy.record() as rec:
+            policy.model(**packed(1))
+        with policy.compare(rec.reference, row_mask=after_image) as cmp:
+            got = policy.model(**packed(1)).logits
+        torch.testing.assert_close(got, want[:1], rtol=1e-12, atol=1e-12)
+        assert cmp.div.shape == (1, 14) and cmp.div.abs().max() < 1e-12 and cmp.div.requires_grad
+        got.sum().backward()                          # the weights' gradients equal SDPA's on the packed call
+        sdpa.zero_grad()
+        sdpa(**packed(1)).logits.sum().backward()
+        for (name, p), q in zip(policy.model.named_parameters(), sdpa.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+        for ctx in (policy.compare(rec.reference), policy.observe()):
+            with pytest.raises(ValueError, match=r"not causal attention within each packed sequence at 6 query rows "
+                                                 r".* \(batch row 0, query 2\)"), torch.no_grad(), ctx:
+                policy.model(**packed(1))
+
+    # the comparison itself: keys of other sequences are not compared, causal keys within one are
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    packing = Packing(cu, cu, 7, 7)
+    whole_row = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]        # a mask that ignores packing
+    assert policy._noncausal_rows(whole_row, None, 12, 12, packing=packing) is None
+    hidden = whole_row.clone()
+    hidden[0, 0, 8, 6] = False                                                 # a causal key of row 8's sequence
+    bidirectional = whole_row.clone()
+    bidirectional[0, 0, 1, 2] = True                                           # a later key of the same sequence
+    for bad, row in ((hidden, 8), (bidirectional, 1)):
+        found = policy._noncausal_rows(bad, None, 12, 12, packing=packing)
+        assert found.nonzero().tolist() == [[0, row]]
+
+
 def test_attention_beyond_sdpa_refused():
     """Score-changing attention arguments reach a chosen layer only as a ValueError, and a model that
     transformers runs without SDPA (soft-capping, sinks) is refused when the policy is made."""

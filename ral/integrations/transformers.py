@@ -77,10 +77,11 @@ and so is a sliding-window chosen layer on a call with a sequence longer than it
 chunked-attention one (Llama 4) on a call longer than its chunk (the op attends every earlier key;
 within a window or chunk the two agree); choose a full-attention layer. Other layers keep their
 windows and chunks (transformers' SDPA mask). Where the mask transformers builds for a chosen layer
-of a padded batch is not causal at some rows (Gemma 3's bidirectional image blocks from
-``token_type_ids``), those rows get transformers' SDPA under that mask, and the policy must not be
-read there (``row_mask``; a ValueError names the row); under ``cp_group`` such a call is refused on
-every rank (context parallelism is causal). A model transformers cannot run on SDPA
+is not causal at some rows (Gemma 3's bidirectional image blocks from ``token_type_ids``; of a
+packed call: not causal within a row's own sequence, keys of other sequences not compared), those
+rows get transformers' SDPA under that mask (packed: within the row's sequence), and the policy
+must not be read there (``row_mask``; a ValueError names the row); under ``cp_group`` such a call is
+refused on every rank (context parallelism is causal). A model transformers cannot run on SDPA
 (``_supports_sdpa`` False) is refused when the policy is made. Generation outside the blocks is
 unaffected (SDPA).
 
@@ -123,6 +124,7 @@ differ; the i-th chosen layer of the student is compared with the i-th recorded 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -262,18 +264,28 @@ def _block_causal_mask(packing: Packing, total_q: int, total_k: int, device,
                        sliding_window: Optional[int] = None) -> Tensor:
     """(1, 1, Tq, Tk) bool: each row sees the keys of its own sequence, causal bottom-right within it
     (and, with ``sliding_window``, only the last ``sliding_window`` of them, as transformers' mask)."""
+    seq_q, row_pos, seq_k, key_pos = (t[0] for t in _packed_places(packing, 1, total_q, total_k, device))
+    mask = (seq_q[:, None] == seq_k[None, :]) & (key_pos[None, :] <= row_pos[:, None])
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > row_pos[:, None] - sliding_window
+    return mask[None, None]
+
+
+def _packed_places(packing: Packing, batch: int, q_len: int, k_len: int, device) -> Tuple[Tensor, ...]:
+    """Where each token of a packed call sits, its B * S tokens flattened batch-major and viewed as
+    (B, S): (sequence of each query row, its position, sequence of each key, its position), long
+    tensors (B, Sq), (B, Sq), (B, Sk), (B, Sk). Row positions are aligned bottom-right to their
+    sequence's keys, so key j is causal for row i iff it is in i's sequence at a position <= i's."""
     cu_q, cu_k = packing.cu_seqlens_q.to(device, torch.long), packing.cu_seqlens_k.to(device, torch.long)
-    rows = torch.arange(total_q, device=device)
-    keys = torch.arange(total_k, device=device)
+    rows = torch.arange(batch * q_len, device=device)
+    keys = torch.arange(batch * k_len, device=device)
     seq_q = torch.searchsorted(cu_q, rows, right=True) - 1  # a row's sequence (empty sequences are skipped)
     seq_k = torch.searchsorted(cu_k, keys, right=True) - 1
     shift = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # key length - query length per sequence
     row_pos = rows - cu_q[seq_q] + shift[seq_q]
     key_pos = keys - cu_k[seq_k]
-    mask = (seq_q[:, None] == seq_k[None, :]) & (key_pos[None, :] <= row_pos[:, None])
-    if sliding_window is not None:
-        mask &= key_pos[None, :] > row_pos[:, None] - sliding_window
-    return mask[None, None]
+    return (seq_q.view(batch, q_len), row_pos.view(batch, q_len), seq_k.view(batch, k_len),
+            key_pos.view(batch, k_len))
 
 
 def _sdpa_packed(module, query: Tensor, key: Tensor, value: Tensor, packing: Packing, scale, dropout, **kwargs):
@@ -651,15 +663,21 @@ def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def _with_model_rows(out: Tensor, noncausal: Tensor, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                     layer_mask: Tensor, scale: float) -> Tensor:
+                     layer_mask: Tensor, scale: float, packing: Optional[Packing] = None) -> Tensor:
     """``out`` (B, H, Sq, Dv) with its rows in ``noncausal`` (B, Sq) bool replaced by transformers' SDPA
     under the layer's own mask, computed for those query rows only (the union over the batch: R rows,
-    scores R x Sk): the model's numbers where its mask is not causal (e.g. Gemma 3's image blocks)."""
+    scores R x Sk): the model's numbers where its mask is not causal (e.g. Gemma 3's image blocks).
+    A packed call (``packing``): the layer's mask within each row's own sequence only."""
     idx = noncausal.any(0).nonzero().squeeze(1).to(query.device)
     take = noncausal[:, idx].to(query.device)[:, None, :, None]                   # (B, 1, R, 1)
     # rows of the union that a batch row does not take (padding there, say) attend every key: a finite
     # output with no gradient, never a fully masked row's NaN
     sub_mask = layer_mask[..., idx, :]
+    if packing is not None:
+        seq_q, _, seq_k, _ = _packed_places(packing, query.shape[0], query.shape[2], key.shape[2], query.device)
+        own = (seq_q[:, idx, None] == seq_k[:, None, :])[:, None]                   # (B, 1, R, Sk)
+        sub_mask = sub_mask & own if sub_mask.dtype == torch.bool else \
+            torch.where(own, sub_mask, torch.finfo(sub_mask.dtype).min)
     sub_mask = sub_mask | ~take if sub_mask.dtype == torch.bool else sub_mask.masked_fill(~take, 0)
     model_rows, _ = sdpa_attention_forward(module, query[:, :, idx], key, value, sub_mask, dropout=0.0,
                                            scaling=scale)                           # (B, R, H, Dv)
@@ -667,13 +685,39 @@ def _with_model_rows(out: Tensor, noncausal: Tensor, module: nn.Module, query: T
     return out.index_copy(2, idx, patched)
 
 
+def _key_windows(packing: Packing, batch: int, q_len: int, k_len: int, step: int) -> List[Tuple[int, int]]:
+    """For each block of ``step`` query rows of a packed call of ``batch`` rows, the keys (lo, hi) of
+    a row (over every batch row) that hold the sequences of the block's query rows: the only keys the
+    mask check compares (so a packed call costs about sum over sequences of length x block, not S^2)."""
+    cu_q, cu_k = packing.cu_seqlens_q.tolist(), packing.cu_seqlens_k.tolist()
+    windows = []
+    for start in range(0, q_len, step):
+        end = min(start + step, q_len)
+        lo, hi = k_len, 0
+        for b in range(batch):
+            first = bisect.bisect_right(cu_q, b * q_len + start) - 1      # sequences of the block's rows
+            last = bisect.bisect_right(cu_q, b * q_len + end - 1) - 1
+            lo = min(lo, max(0, cu_k[first] - b * k_len))
+            hi = max(hi, min(k_len, cu_k[last + 1] - b * k_len))
+        windows.append((lo, max(lo, hi)))
+    return windows
+
+
 def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int, rows: int, offset: int,
-                          later_only: bool = False) -> Tensor:
+                          later_only: bool = False, places: Optional[Tuple[Tensor, ...]] = None,
+                          keys: Optional[Tuple[int, int]] = None) -> Tensor:
     """Query rows ``start .. start + rows`` of a 4-D layer mask (bool, or additive: 0 attended, the
     dtype's minimum not) against causal attention over the key padding ``kpm`` (B, Sk), query row i at
     key position i + offset -> (B | 1, heads | 1, r, Sk) bool, True where a real (non-padding) query
     row is masked otherwise or (additive) gets a value that is neither (a bias); ``later_only``: True
-    only where it attends a later key (hidden keys and biases not counted)."""
+    only where it attends a later key (hidden keys and biases not counted). A packed call
+    (``places``: ``_packed_places``): causal within each row's own sequence, and only the keys of
+    that sequence compared (the chosen layer attends per sequence whatever the mask says elsewhere),
+    those in ``keys`` = (lo, hi) at most (the last dim is then hi - lo)."""
+    if places is not None:
+        lo, hi = keys if keys is not None else (0, layer_mask.shape[-1])
+        layer_mask = layer_mask[..., lo:hi]
+        places = (places[0], places[1], places[2][:, lo:hi], places[3][:, lo:hi])
     block = layer_mask[..., start:start + rows, :]
     if block.dtype == torch.bool:
         allowed, other = block, None
@@ -683,7 +727,12 @@ def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int,
     positions = torch.arange(start, start + block.shape[-2], device=block.device) + offset
     want = (torch.arange(block.shape[-1], device=block.device)[None, :] <= positions[:, None])[None, None]
     real = torch.ones(1, 1, positions.shape[0], 1, dtype=torch.bool, device=block.device)
-    if kpm is not None:
+    if places is not None:
+        seq_q, pos_q, seq_k, pos_k = (t.to(block.device) for t in places)
+        part = slice(start, start + block.shape[-2])
+        real = (seq_q[:, part, None] == seq_k[:, None, :])[:, None]                   # (B, 1, r, Sk)
+        want = real & (pos_k[:, None, None, :] <= pos_q[:, None, part, None])
+    elif kpm is not None:
         kpm = kpm.to(block.device)
         real = kpm[:, positions][:, None, :, None]
     if later_only:
@@ -864,7 +913,7 @@ class AttentionPolicy:
         # chosen layers; (position ids, B, S_r, mask given, answer), cleared at each model call
         self._cp_answer: Optional[tuple] = None
         # the last layer mask compared with causal attention (_noncausal_rows), cleared at each model
-        # call: (layer mask, key padding, later_only, the rows found or None)
+        # call: (layer mask, key padding, later_only, packing, the rows found or None)
         self._mask_checked: Optional[tuple] = None
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
@@ -1097,28 +1146,37 @@ class AttentionPolicy:
                              f"within one chunk")
 
     def _noncausal_rows(self, layer_mask, kpm: Optional[Tensor], q_len: int, k_len: int,
-                        later_only: bool = False) -> Optional[Tensor]:
+                        later_only: bool = False, packing: Optional[Packing] = None,
+                        batch: int = 1) -> Optional[Tensor]:
         """The real query rows (B, Sq) bool at which the mask transformers built for a chosen layer
         (4-D: (B | 1, heads | 1, Sq, Sk), bool or additive) is not causal attention over the key
         padding ``kpm``: e.g. Gemma 3's bidirectional image blocks (``token_type_ids``), a prefix-LM, a
         bias in an additive mask; None where there are none (or no 4-D mask). Rows whose query is
-        padding are not compared; ``later_only``: only rows that attend a later key. One pass per mask
-        tensor (chosen layers sharing it are checked once), in blocks of rows (no second Sq x Sk
-        tensor), one device sync."""
+        padding are not compared; ``later_only``: only rows that attend a later key. A packed call of
+        ``batch`` rows (``packing``): causal within each sequence, the keys of other sequences not
+        compared. One pass per mask tensor (chosen layers sharing it are checked once), in blocks of
+        rows (no second Sq x Sk tensor), one device sync."""
         if not isinstance(layer_mask, Tensor) or layer_mask.dim() != 4:
             return None
         seen = self._mask_checked
-        if seen is not None and seen[0] is layer_mask and seen[1] is kpm and seen[2] == later_only:
-            return seen[3]                          # the same mask as the previous chosen layer's
-        batch = layer_mask.shape[0] if kpm is None else kpm.shape[0]
+        if seen is not None and seen[0] is layer_mask and seen[1] is kpm and seen[2] == later_only \
+                and seen[3] is packing:
+            return seen[4]                          # the same mask as the previous chosen layer's
+        places = None
+        if packing is not None:
+            places = _packed_places(packing, batch, q_len, k_len, layer_mask.device)
+        else:
+            batch = layer_mask.shape[0] if kpm is None else kpm.shape[0]
         step = max(1, (1 << 22) // max(1, batch * k_len))
-        rows = torch.cat([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len, later_only)
-                          .any(-1).any(1).expand(batch, -1) for start in range(0, q_len, step)], dim=1)
+        starts = range(0, q_len, step)
+        windows = [None] * len(starts) if packing is None else _key_windows(packing, batch, q_len, k_len, step)
+        rows = torch.cat([_mask_block_disagrees(layer_mask, kpm, start, step, k_len - q_len, later_only, places, keys)
+                          .any(-1).any(1).expand(batch, -1) for start, keys in zip(starts, windows)], dim=1)
         found = rows if bool(rows.any()) else None
-        self._mask_checked = (layer_mask, kpm, later_only, found)
+        self._mask_checked = (layer_mask, kpm, later_only, packing, found)
         return found
 
-    def _check_policy_rows(self, slot: int, noncausal: Tensor, rows: Optional[Tensor]) -> None:
+    def _check_policy_rows(self, slot: int, noncausal: Tensor, rows: Optional[Tensor], packed: bool = False) -> None:
         """ValueError when a row the policy is read at (``rows`` (B, Sq) bool; None: every row) is one
         where the layer's mask is not causal: the op's policy there is not the model's attention."""
         used = noncausal if rows is None else noncausal & rows.to(noncausal.device)
@@ -1126,7 +1184,8 @@ class AttentionPolicy:
             b, i = (int(x) for x in used.nonzero()[0])
             raise ValueError(
                 f"row_mask: the mask transformers built for decoder layer {self.modules[slot].layer_idx} is not "
-                f"causal attention over the padding at {int(noncausal.sum())} query rows (e.g. bidirectional image "
+                f"causal attention {'within each packed sequence' if packed else 'over the padding'} at "
+                f"{int(noncausal.sum())} query rows (e.g. bidirectional image "
                 f"blocks from token_type_ids, Gemma 3), and the policy is read at one of them (batch row {b}, "
                 f"query {i}); ral.ops.attention_kl's policy is causal, so keep row_mask to the rows after them "
                 f"(the response tokens){' (row_mask=None reads every row)' if rows is None else ''}")
@@ -1161,11 +1220,17 @@ class AttentionPolicy:
             packing = _one_sequence(query.shape[2], query.device)   # a packed batch of one sequence
         self._check_layer(slot, kwargs, key.shape[2] if packing is None else packing.max_seqlen_k, key.shape[2])
         if packing is not None:
-            return self._attend_packed(slot, module, query, key, value, scale, packing, opts)
-        noncausal = self._noncausal_rows(layer_mask, kpm, query.shape[2], key.shape[2])
-        out = self._attend_dense(slot, module, query, key, value, scale, kpm, opts, noncausal)
+            noncausal = self._noncausal_rows(layer_mask, None, query.shape[2], key.shape[2], packing=packing,
+                                             batch=query.shape[0])
+            out = self._attend_packed(slot, module, query, key, value, scale, packing, opts, noncausal)
+            if noncausal is None:
+                return out, None
+            out = out.transpose(1, 2)                            # (B, H, S, Dv)
+        else:
+            noncausal = self._noncausal_rows(layer_mask, kpm, query.shape[2], key.shape[2])
+            out = self._attend_dense(slot, module, query, key, value, scale, kpm, opts, noncausal)
         if noncausal is not None:
-            out = _with_model_rows(out, noncausal, module, query, key, value, layer_mask, scale)
+            out = _with_model_rows(out, noncausal, module, query, key, value, layer_mask, scale, packing)
         return out.transpose(1, 2).contiguous(), None
 
     def _attend_dense(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scale: float,
@@ -1208,8 +1273,10 @@ class AttentionPolicy:
         return res.out
 
     def _attend_packed(self, slot: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                       scale: float, packing: Packing, opts: dict):
-        """The chosen layer on packed sequences: ``ops.attention_kl_varlen`` over the flattened call."""
+                       scale: float, packing: Packing, opts: dict, noncausal: Optional[Tensor]) -> Tensor:
+        """The chosen layer on packed sequences: ``ops.attention_kl_varlen`` over the flattened call ->
+        out (B, S, H, Dv). Rows in ``noncausal`` (B, S) are the caller's to replace; the policy must
+        not be read there."""
         batch, seq = query.shape[0], query.shape[2]
         varlen = dict(cu_seqlens_q=packing.cu_seqlens_q, cu_seqlens_k=packing.cu_seqlens_k,
                       max_seqlen_q=packing.max_seqlen_q, max_seqlen_k=packing.max_seqlen_k, **opts)
@@ -1224,9 +1291,11 @@ class AttentionPolicy:
                 out, _ = _sdpa_packed(module, query, key, value, packing, scale, 0.0)
                 stats = None
             self._recorded(slot, LayerReference(q_ref, k_ref, stats, scale), None, packing)
-            return out, None
+            return out
         reference, row_mask, cmp, _ = self._state
         rows = _row_mask_full(row_mask, seq)
+        if noncausal is not None:
+            self._check_policy_rows(slot, noncausal, rows, packed=True)
         statistics, has_mass = self._statistics(key)
         if statistics:
             statistics["key_segments"] = statistics["key_segments"].reshape(-1)
@@ -1247,7 +1316,7 @@ class AttentionPolicy:
         cmp._add(self.layers[slot], None if self._mode == "observe" else _unpack_rows(res.div, batch, seq, each),
                  _unpack_rows(res.entropy, batch, seq, each),
                  _unpack_rows(res.mass, batch, seq, each) if has_mass else None)
-        return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous(), None
+        return res.out.reshape(batch, seq, *res.out.shape[1:]).contiguous()
 
     def _attend_cp(self, slot: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
                    kpm: Optional[Tensor], kwargs: dict, opts: dict, layer_mask=None):
