@@ -23,7 +23,7 @@ from ral.integrations.transformers import token_segments  # noqa: E402
 from ral.integrations.trl import RALGRPOTrainer, aggregate_like_trl, checkpointing_config  # noqa: E402
 from ral.losses import attention_stats_token_loss  # noqa: E402
 from test_attention_stats_integration import eager_statistics  # noqa: E402
-from test_transformers_integration import IMAGE_TOKEN, _batch, _eager, _qwen25vl  # noqa: E402
+from test_transformers_integration import IMAGE_TOKEN, _batch, _eager, _paper_div, _qwen25vl, gemma3_vlm  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + list("abcdefghijklmnop")
 
@@ -290,3 +290,79 @@ def test_attention_statistics_options_misuse(tmp_path):
         RALGRPOTrainer(model=qwen2(), lambda_attn=0.0, attn_stats=True, attn_segments=lambda ids: ids, **kw)
     with pytest.raises(ValueError, match="attn_entropy_coef"):
         RALGRPOTrainer(model=qwen2(), lambda_attn=0.0, attn_entropy_coef=float("nan"), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gemma 3's bidirectional image blocks (token_type_ids) through the trainer
+# ----------------------------------------------------------------------------------------------
+
+def _gemma3_generation():
+    """What GRPOTrainer's generation step hands on for two samples of a Gemma 3 VLM: prompt (left
+    padded, one 4-token image each), completion (right padded), token_type_ids over both (TRL extends
+    the processor's with zeros for the completion), pixels, advantages."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 250, (2, 14), generator=gen)
+    ids[0, 3], ids[0, 4:8], ids[0, 8] = 261, 260, 262          # row 0: three padding tokens, then its image
+    ids[1, 1], ids[1, 2:6], ids[1, 6] = 261, 260, 262
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, 13:] = 0
+    return {"prompt_ids": ids[:, :10], "prompt_mask": mask[:, :10], "completion_ids": ids[:, 10:],
+            "completion_mask": mask[:, 10:], "advantages": torch.tensor([0.7, -0.3]),
+            "num_items_in_batch": mask[:, 10:].sum(), "token_type_ids": (ids == 260).long(),
+            "pixel_values": torch.randn(2, 3, 28, 28, generator=gen), "num_images": [1, 1]}
+
+
+def test_gemma3_vlm_image_blocks_in_the_trainer(tmp_path, monkeypatch):
+    """A Gemma 3 VLM under RALGRPOTrainer with decoder layer 0 chosen (its image rows feed the
+    completion logits through layer 1). lambda_attn = 0 with the policy attached trains GRPOTrainer's
+    weights (SGD, float tolerance): the chosen layer's image rows keep the model's bidirectional
+    attention in the trainer's record and compare calls. lambda_attn = 1 trains with the attention
+    term, and its divergence at the completion rows equals the paper's JSD from eager attention maps
+    of the trained and the rollout weights."""
+    batch = _gemma3_generation()
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: copy.deepcopy(batch))
+    torch.manual_seed(0)
+    init = gemma3_vlm().float()
+    backend = "cpu" if "cpu" in backends.available() else "reference"
+
+    def run(cls, name, **kw):
+        args = config(tmp_path / name, per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+                      max_steps=2, gradient_accumulation_steps=1, loss_type="grpo", optim="sgd")
+        trainer = cls(model=copy.deepcopy(init), reward_funcs=count_a, args=args, train_dataset=dataset(),
+                      processing_class=tokenizer(), **kw)
+        trainer.train()
+        return trainer
+
+    base = run(GRPOTrainer, "grpo")
+    ral0 = run(RALGRPOTrainer, "ral0", lambda_attn=0.0, attach_policy=True, attn_layers=(0,), attn_backend=backend)
+    logs = [h for h in ral0.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("ral/attn_div" in h for h in logs)
+    torch.testing.assert_close(torch.tensor(losses(ral0)), torch.tensor(losses(base)), rtol=1e-4, atol=1e-6)
+    start = dict(init.named_parameters())
+    step = max(float((p - start[name]).detach().abs().max()) for name, p in base.model.named_parameters())
+    assert step > 1e-4
+    for (name, p), (_, q) in zip(base.model.named_parameters(), ral0.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-4 * step, msg=name)
+
+    ral1 = run(RALGRPOTrainer, "ral1", lambda_attn=1.0, attn_layers=(0,), attn_backend=backend)
+    logs = [h for h in ral1.state.log_history if "loss" in h]
+    assert logs[1]["ral/attn_div"] > 0
+    inputs = ral1._buffered_inputs[0]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    call = dict(input_ids=ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+                token_type_ids=inputs["token_type_ids"])
+    rows = torch.zeros(ids.shape, dtype=torch.bool)
+    rows[:, -4:] = inputs["completion_mask"].bool()
+    with torch.no_grad(), ral1.attn_policy.compare(ral1._load_reference(inputs, attention_mask), row_mask=rows,
+                                                   attention_mask=attention_mask) as cmp:
+        ral1.model(**call)
+    eager = _eager(init)
+    with torch.no_grad():
+        old = eager(**call, output_attentions=True).attentions[0]
+        eager.load_state_dict(ral1.model.state_dict())
+        new = eager(**call, output_attentions=True).attentions[0]
+    want = torch.where(rows, _paper_div(new, old, attention_mask.bool()), torch.zeros((), dtype=torch.float64))
+    assert float(want.max()) > 1e-6
+    torch.testing.assert_close(cmp.div.double(), want, atol=1e-6, rtol=1e-4)
