@@ -272,7 +272,7 @@ def test_cp_chunked_attention_layer(one_rank):
 def test_cp_bidirectional_layer_mask_refused(one_rank):
     """Gemma 3's VLM under cp_group: the image tokens' bidirectional blocks (token_type_ids) show in the
     model's local mask (a shard keeps its tokens' order) and the call is refused on every rank (context
-    parallelism is causal); without them, SDPA's logits."""
+    parallelism is causal), also on one packed row of two sequences; without them, SDPA's logits."""
     from test_transformers_integration import gemma3_vlm
     torch.manual_seed(0)
     model = gemma3_vlm()
@@ -292,6 +292,13 @@ def test_cp_bidirectional_layer_mask_refused(one_rank):
     with torch.no_grad():
         want = sdpa(**call).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-12, atol=1e-12)
+    # one packed row of two sequences (position ids restart), the images inside them: refused too
+    one = torch.tensor([5, 261, 260, 260, 260, 260, 262])
+    packed = torch.cat([one, one])[None]
+    with pytest.raises(ValueError, match="lets rows of a shard attend to later keys"), torch.no_grad(), \
+            policy.record():
+        model(input_ids=packed, pixel_values=call["pixel_values"], position_ids=torch.arange(7).repeat(2)[None],
+              use_cache=False, token_type_ids=(packed == 260).long())
 
 
 def test_cp_asks_the_group_once_per_model_call(one_rank, monkeypatch):
