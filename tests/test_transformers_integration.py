@@ -527,6 +527,24 @@ def test_bidirectional_layer_masks_packed():
         found = policy._noncausal_rows(bad, None, 12, 12, packing=packing)
         assert found.nonzero().tolist() == [[0, row]]
 
+    # the replaced rows of a packed call: the layer's mask within their own sequence only, even where
+    # the mask (built without the packing) lets them see another sequence; float64 softmax as the oracle
+    from ral.integrations.transformers import _with_model_rows
+    module = AttentionPolicy(_qwen2().double(), backend="reference").modules[0]     # 4 heads over 2 kv heads
+    q, k, v = torch.randn(1, 4, 12, 8, dtype=torch.float64), *torch.randn(2, 1, 2, 12, 8, dtype=torch.float64)
+    block = whole_row.clone()
+    block[0, 0, 6:9, 6:9] = True                                      # a bidirectional block in sequence 1
+    found = policy._noncausal_rows(block, None, 12, 12, packing=packing)
+    assert found.nonzero()[:, 1].tolist() == [6, 7]
+    for mask in (block, torch.zeros(block.shape, dtype=torch.float64).masked_fill(~block, -1e300)):
+        got = _with_model_rows(torch.zeros(1, 4, 12, 8, dtype=torch.float64), found, module, q, k, v, mask, 0.35,
+                               packing)
+        own = block & (torch.arange(12) >= 5)[None, :]                 # rows 6, 7 see keys 5.. only
+        scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.35).masked_fill(~own, float("-inf"))
+        want = scores.softmax(-1) @ v.repeat_interleave(2, 1)
+        torch.testing.assert_close(got[:, :, 6:8], want[:, :, 6:8], rtol=1e-12, atol=1e-12)
+        assert bool((got[:, :, :6] == 0).all() and (got[:, :, 8:] == 0).all())
+
 
 def test_attention_beyond_sdpa_refused():
     """Score-changing attention arguments reach a chosen layer only as a ValueError, and a model that
