@@ -555,6 +555,13 @@ def test_attention_beyond_sdpa_refused():
     cfg._attn_implementation = "eager"
     with pytest.raises(ValueError, match="model: Gemma2ForCausalLM has no SDPA attention"):
         AttentionPolicy(transformers.Gemma2ForCausalLM(cfg))
+    # attention both ways (PaliGemma's language model, an encoder): the error says why
+    cfg = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match=r"no causal decoder attention .*\(model.layers.0.self_attn, ...\) say "
+                                         r"is_causal=False"):
+        AttentionPolicy(transformers.GemmaForCausalLM(cfg))
 
     from ral.integrations.transformers import ral_attention_forward
     model = _qwen2()

@@ -868,7 +868,13 @@ class AttentionPolicy:
         self._vision_tokens = vision_tokens if segment_names is None else None
         modules = _decoder_attention_modules(model)
         if not modules:
-            raise ValueError("model: found no causal decoder attention module (with layer_idx)")
+            bidirectional = [name for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)
+                             and hasattr(m, "scaling") and getattr(m, "is_causal", None) is False]
+            raise ValueError(
+                "model: found no causal decoder attention module (with layer_idx)" + (
+                    f"; its attention layers ({bidirectional[0]}, ...) say is_causal=False: the model attends both "
+                    f"ways (an encoder, a bidirectional prefix such as PaliGemma's, config.use_bidirectional_attention"
+                    f"), and ral's policy is causal self-attention" if bidirectional else ""))
         n = len(modules)
         idx = []
         for layer in layers:
