@@ -170,6 +170,41 @@ def test_ral_matches_eager(kind):
         assert float((got[name] - want[name]).abs().max()) <= 2e-4 * scale + 1e-6, name
 
 
+def test_padding_tokens_are_no_rows():
+    """A right-padded token's query attends the real keys before it, so the op gives it a policy; it is
+    no row of the sequence, and compare / observe read no policy there: div, entropy and mass are 0 at
+    every padding token, with row_mask=None too (before: nonzero at right padding), and at the real
+    tokens equal the eager maps' (float32; one row right-padded, one left-padded)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    base = _qwen2()
+    old = _perturbed(base, gen, sd=0.2)
+    ids = torch.randint(0, 50, (2, 12), generator=gen)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 9:] = 0
+    mask[1, :2] = 0
+    key_mask = mask.bool()
+    with torch.no_grad():
+        want = _paper_div(_eager(base)(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1],
+                          _eager(old)(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1],
+                          key_mask)
+    want = torch.where(key_mask, want, torch.zeros((), dtype=torch.float64))
+    old_policy, policy = AttentionPolicy(old, backend="reference"), AttentionPolicy(base, backend="reference",
+                                                                                     stats=True)
+    with torch.no_grad(), old_policy.record() as rec:
+        old(input_ids=ids, attention_mask=mask)
+    for row_mask in (None, torch.ones(2, 12, dtype=torch.bool)):
+        with torch.no_grad(), policy.compare(rec.reference, row_mask=row_mask) as cmp:
+            base(input_ids=ids, attention_mask=mask)
+        assert float(want[0, 8]) > 1e-4                                  # the last real token of row 0
+        torch.testing.assert_close(cmp.div.double(), want, atol=1e-6, rtol=1e-4)
+        assert bool((cmp.div[~key_mask] == 0).all()) and bool((cmp.entropy[~key_mask] == 0).all())
+    with torch.no_grad(), policy.observe() as obs:
+        base(input_ids=ids, attention_mask=mask)
+    assert bool((obs.entropy[~key_mask] == 0).all())
+    torch.testing.assert_close(obs.entropy, cmp.entropy)               # the same policy's statistics
+
+
 def _qwen2_with_policy(seed: int):
     """A float32 tiny Qwen2 with an AttentionPolicy on its last layer, and a padded batch."""
     torch.manual_seed(0)

@@ -40,7 +40,9 @@ Masks. Padding (left or right) comes from the model's 2-D ``attention_mask``, ca
 model call (or passed explicitly to ``record`` / ``compare``) and handed to the op as
 ``key_padding_mask``. ``row_mask`` marks the rows (tokens) whose divergence counts, usually the
 response tokens: (B, S) over the whole sequence, or (B, C) over its last C positions (TRL's
-``completion_mask`` when ``input_ids = cat(prompt_ids, completion_ids)``).
+``completion_mask`` when ``input_ids = cat(prompt_ids, completion_ids)``). A padding token is never
+a row: its div, entropy and mass are 0 whatever ``row_mask`` says (a right-padded token's query
+would otherwise attend the real keys before it).
 
 Packed sequences (padding-free batches). When a call packs several sequences into one row,
 the chosen layers record and compare per sequence through ``ral.ops.attention_kl_varlen`` and
@@ -592,17 +594,21 @@ def _is_checkpointing_layer(module: nn.Module) -> bool:
     return isinstance(module, GradientCheckpointingLayer)
 
 
-def _row_mask_full(row_mask: Optional[Tensor], seq_len: int) -> Optional[Tensor]:
+def _row_mask_full(row_mask: Optional[Tensor], seq_len: int, kpm: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The rows the policy is read at, (B, seq_len) bool or None (every row): ``row_mask`` (B, S) or
+    right-aligned (B, C) (a completion mask), and with the call's key padding ``kpm`` (B, S) only
+    the real tokens' rows (a padding token is no row: a right-padded one would attend real keys)."""
+    real = None if kpm is None else kpm[:, kpm.shape[1] - seq_len:]
     if row_mask is None:
-        return None
+        return real
     row_mask = row_mask.to(torch.bool)
-    if row_mask.shape[1] == seq_len:
-        return row_mask
     if row_mask.shape[1] > seq_len:
         raise ValueError(f"row_mask: length {row_mask.shape[1]} exceeds the sequence length {seq_len}")
-    full = row_mask.new_zeros(row_mask.shape[0], seq_len)
-    full[:, seq_len - row_mask.shape[1]:] = row_mask     # completion = the last C positions
-    return full
+    full = row_mask
+    if row_mask.shape[1] < seq_len:
+        full = row_mask.new_zeros(row_mask.shape[0], seq_len)
+        full[:, seq_len - row_mask.shape[1]:] = row_mask     # completion = the last C positions
+    return full if real is None else full & real.to(full.device)
 
 
 # Keyword arguments of transformers' attention call that change a layer's scores; the op computes plain
@@ -830,8 +836,8 @@ class AttentionPolicy:
         Args:
             reference: recorded on the same token sequences (same B, S, or the same packing; any model).
             row_mask: (B, S) or (B, C) bool, the rows whose divergence counts (response tokens);
-                (B, C) is right-aligned to the last C positions. None: every row. For packed
-                sequences (B, S) is the input ids' shape, (1, T) for one packed row. Under
+                (B, C) is right-aligned to the last C positions. None: every row. Padding tokens are
+                no rows. For packed sequences (B, S) is the input ids' shape, (1, T) for one packed row. Under
                 ``cp_group``: this rank's shard (B, S_r), and ``.div`` etc. are its rows (B, S_r).
             attention_mask: (B, S) 2-D padding mask; default the one given to the model call,
                 else the reference's.
@@ -1085,7 +1091,7 @@ class AttentionPolicy:
             return out
         _, row_mask, cmp, _ = self._state
         statistics, has_mass = self._statistics(key)
-        rows = _row_mask_full(row_mask, query.shape[2])
+        rows = _row_mask_full(row_mask, query.shape[2], kpm)
         if noncausal is not None:
             self._check_policy_rows(slot, noncausal, rows)
         if self._mode == "observe":
@@ -1176,7 +1182,7 @@ class AttentionPolicy:
                      f"without cp_group")
         seq_len, packing = self._cp_layout(kwargs, batch, local, key.device, kpm, error)
         self._check_layer(slot, kwargs, seq_len if packing is None else packing.max_seqlen_k, seq_len)
-        rows = None if row_mask is None else row_mask.to(torch.bool)
+        rows = _row_mask_full(row_mask, local, kpm)
         statistics, has_mass = self._statistics(key)
         cp = dict(group=self.cp_group, layout=self.cp_layout, **opts)
         if packing is None:
