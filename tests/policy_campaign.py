@@ -11,8 +11,8 @@ or negative indices), divergence, heads, exclude_self, stats, record_stats, key 
 with other heads), and a call: a batch with left / right padding, one without, or one packed row
 (position ids that restart, or the flash-attention ``cu_seq_lens_*`` kwargs), a row mask (B, S) or a
 right-aligned completion mask (B, C). ``record`` on the reference model, then ``compare`` on the
-policy model; the peer is transformers' eager attention of each sequence run alone (padding
-stripped, positions kept): its maps give div, entropy and mass per row (the paper's policy, from
+policy model (one seed in five: ``observe``, the statistics alone); the peer is transformers' eager
+attention of each sequence run alone (padding stripped, positions kept): its maps give div, entropy and mass per row (the paper's policy, from
 the probabilities), its logits the logits, and, one seed in two, the weights' gradients of a random
 linear function of logits and div. Tolerances: 1e-6 in float64 (eager rounds its softmax to float32),
 2e-4 in float32; gradients relative to the largest 1e-4 / 2e-2. A failing seed is printed with its
@@ -94,7 +94,7 @@ def draw_and_check(seed: int):
                 layout=rng.choice(["padded", "packed-positions", "packed-cu", "plain"]),
                 record_stats=rng.random() < 0.7)
     draw.update(other_reference=draw["heads_mode"] == "mean" and rng.random() < 0.3, segments=rng.random() < 0.4,
-                gradients=rng.random() < 0.5, completion_mask=rng.random() < 0.3)
+                gradients=rng.random() < 0.5, completion_mask=rng.random() < 0.3, observe=rng.random() < 0.2)
     each = draw["heads_mode"] == "each"
     if draw["other_reference"]:
         reference_model = _model(rng, *rng.choice([(2, 1), (4, 2), (8, 2)]), n_layers, dtype)
@@ -176,14 +176,20 @@ def draw_and_check(seed: int):
     recorder = AttentionPolicy(reference_model, record_stats=draw["record_stats"], **options)
     policy = AttentionPolicy(model, stats=draw["stats"], **options,
                              **(dict(segment_names=("a", "b", "c")) if segments is not None else {}))
-    with torch.no_grad(), recorder.record() as rec:
-        reference_model(**call)
     segment_arg = {} if segments is None else dict(key_segments=segments)
-    with torch.set_grad_enabled(draw["gradients"]), policy.compare(rec.reference, row_mask=row_mask,
-                                                                   **segment_arg) as cmp:
-        logits = model(**call).logits
-    errors = {"logits": float((logits.detach().double() - want_logits.detach())[real].abs().max()),
-              "div": float((cmp.div.detach().double() - want_div.detach()).abs().max())}
+    if draw["observe"]:                              # the statistics alone, no reference
+        with torch.no_grad(), policy.observe(row_mask=row_mask, **segment_arg) as cmp:
+            logits = model(**call).logits
+        draw["gradients"] = False
+    else:
+        with torch.no_grad(), recorder.record() as rec:
+            reference_model(**call)
+        with torch.set_grad_enabled(draw["gradients"]), policy.compare(rec.reference, row_mask=row_mask,
+                                                                       **segment_arg) as cmp:
+            logits = model(**call).logits
+    errors = {"logits": float((logits.detach().double() - want_logits.detach())[real].abs().max())}
+    if not draw["observe"]:
+        errors["div"] = float((cmp.div.detach().double() - want_div.detach()).abs().max())
     if cmp.entropy is not None:
         errors["entropy"] = float((cmp.entropy.detach().double() - want_entropy).abs().max())
     if segments is not None:
