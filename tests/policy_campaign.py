@@ -10,7 +10,8 @@ or negative indices), divergence, heads, exclude_self, stats, record_stats, key 
 ("reference" in float64, "cpu" in float32), a reference model (the same weights perturbed, or one
 with other heads), and a call: a batch with left / right padding, one without, or one packed row
 (position ids that restart, or the flash-attention ``cu_seq_lens_*`` kwargs), a row mask (B, S) or a
-right-aligned completion mask (B, C). ``record`` on the reference model, then ``compare`` on the
+right-aligned completion mask (B, C), and one seed in four under a ``cp_group`` of this process
+alone (``--no-cp``: none). ``record`` on the reference model, then ``compare`` on the
 policy model (one seed in five: ``observe``, the statistics alone); the peer is transformers' eager
 attention of each sequence run alone (padding stripped, positions kept): its maps give div, entropy and mass per row (the paper's policy, from
 the probabilities), its logits the logits, and, one seed in two, the weights' gradients of a random
@@ -25,9 +26,11 @@ import argparse
 import copy
 import random
 import sys
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 import transformers
 
 from ral.integrations.transformers import AttentionPolicy
@@ -76,8 +79,10 @@ def _map_terms(new, old, keep, divergence: str, heads: str, segments):
     return div, entropy, mass
 
 
-def draw_and_check(seed: int):
-    """One seed: (its draw, {quantity: error}, {quantity: error} over the tolerance)."""
+def draw_and_check(seed: int, cp_group=None):
+    """One seed: (its draw, {quantity: error}, {quantity: error} over the tolerance). With
+    ``cp_group`` (a group of this process alone), one seed in four (not packed by cu_seq_lens, which
+    context parallelism refuses) runs the policy under it, position ids given, the full row mask."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     heads, kv_heads = rng.choice([(4, 2), (4, 4), (4, 1), (2, 1)])
@@ -96,6 +101,8 @@ def draw_and_check(seed: int):
     draw.update(other_reference=draw["heads_mode"] == "mean" and rng.random() < 0.3, segments=rng.random() < 0.4,
                 gradients=rng.random() < 0.5, completion_mask=rng.random() < 0.3, observe=rng.random() < 0.2)
     each = draw["heads_mode"] == "each"
+    draw["cp"] = (cp_group is not None and draw["layout"] != "packed-cu"
+                  and random.Random(seed * 7 + 1).random() < 0.25)        # its own stream: the rest is unchanged
     if draw["other_reference"]:
         reference_model = _model(rng, *rng.choice([(2, 1), (4, 2), (8, 2)]), n_layers, dtype)
     else:
@@ -130,10 +137,12 @@ def draw_and_check(seed: int):
                         max_length_k=max(lengths))
         pieces = [(0, torch.arange(a, b)) for a, b in zip(cu[:-1], cu[1:])]
         shape = (1, sum(lengths))
+    if draw["cp"] and "position_ids" not in call:
+        call["position_ids"] = torch.arange(shape[1])[None].expand(shape[0], -1)
     real = call.get("attention_mask", torch.ones(shape, dtype=torch.long)).bool()
     rows = torch.rand(shape, generator=gen) < 0.7
     row_mask = rows
-    if draw["completion_mask"]:                      # a right-aligned (B, C) completion mask
+    if draw["completion_mask"] and not draw["cp"]:   # a right-aligned (B, C) completion mask
         width = rng.randint(1, shape[1])
         row_mask = rows[:, shape[1] - width:]
         rows = torch.zeros(shape, dtype=torch.bool)
@@ -172,7 +181,8 @@ def draw_and_check(seed: int):
 
     # ral: record on the reference model, compare on the model
     options = dict(layers=layers, divergence=draw["divergence"], heads=draw["heads_mode"],
-                   exclude_self=draw["exclude_self"], backend=backend)
+                   exclude_self=draw["exclude_self"], backend=backend,
+                   cp_group=cp_group if draw["cp"] else None)
     recorder = AttentionPolicy(reference_model, record_stats=draw["record_stats"], **options)
     policy = AttentionPolicy(model, stats=draw["stats"], **options,
                              **(dict(segment_names=("a", "b", "c")) if segments is not None else {}))
@@ -215,11 +225,17 @@ def main(argv=None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=None, help="how many seeds (default: until --seconds)")
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--no-cp", action="store_true", help="no seed under a one-rank cp_group")
     args = parser.parse_args(argv)
+    cp_group = None
+    if not args.no_cp:
+        store = tempfile.NamedTemporaryFile(suffix=".store", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        cp_group = dist.group.WORLD
     start, seed, failing = time.time(), args.first_seed, 0
     while (seed - args.first_seed < args.seeds) if args.seeds is not None else (time.time() - start < args.seconds):
         try:
-            desc, errors, bad = draw_and_check(seed)
+            desc, errors, bad = draw_and_check(seed, cp_group)
         except Exception as exc:                                  # a crash is a finding too
             failing += 1
             print(f"ERROR seed {seed}: {type(exc).__name__}: {exc}", flush=True)

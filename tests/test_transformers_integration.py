@@ -789,20 +789,26 @@ def test_model_keeps_its_own_attention_outside_the_chosen_layers():
 
 
 
-def test_policy_campaign(monkeypatch):
+def test_policy_campaign(monkeypatch, tmp_path):
     """tests/policy_campaign.py (random AttentionPolicy calls against eager maps of each sequence
     alone) on its first 18 seeds: every layout (padded, plain, packed by position ids or by
-    cu_seq_lens), gradients and observe drawn, none failing. It has teeth: with padding tokens read
-    as rows again (the bug it found), seed 14's div and gradients are off."""
+    cu_seq_lens), gradients, observe and a one-rank cp_group drawn, none failing. It has teeth: with
+    padding tokens read as rows again (the bug it found), seed 14's div and gradients are off."""
+    import torch.distributed as dist
+
     import policy_campaign
     draws = []
-    for seed in range(18):
-        draw, errors, bad = policy_campaign.draw_and_check(seed)
-        assert not bad, (draw, errors)
-        draws.append(draw)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for seed in range(18):
+            draw, errors, bad = policy_campaign.draw_and_check(seed, dist.group.WORLD)
+            assert not bad, (draw, errors)
+            draws.append(draw)
+    finally:
+        dist.destroy_process_group()
     assert {d["layout"] for d in draws} == {"padded", "plain", "packed-positions", "packed-cu"}
     assert any(d["gradients"] for d in draws) and any(d["observe"] for d in draws)
-    assert any(d["backend"] == "cpu" for d in draws)
+    assert any(d["backend"] == "cpu" for d in draws) and any(d["cp"] for d in draws)
 
     import ral.integrations.transformers as integration
     full = integration._row_mask_full
