@@ -16,7 +16,7 @@ policy model (one seed in five: ``observe``, the statistics alone); the peer is 
 attention of each sequence run alone (padding stripped, positions kept): its maps give div, entropy and mass per row (the paper's policy, from
 the probabilities), its logits the logits, and, one seed in two, the weights' gradients of a random
 linear function of logits and div. Tolerances: 1e-6 in float64 (eager rounds its softmax to float32),
-2e-4 in float32; gradients relative to the largest 1e-4 / 2e-2. A failing seed is printed with its
+2e-4 in float32; gradients 1e-5 / 2e-3 of the model's largest. A failing seed is printed with its
 draw, so one line reproduces it: ``python tests/policy_campaign.py --first-seed S --seeds 1``.
 """
 
@@ -209,14 +209,14 @@ def draw_and_check(seed: int, cp_group=None):
         w_div = torch.randn(row_shape, generator=gen, dtype=torch.float64)
         ((logits.double() * w_logits).sum() + (cmp.div.double() * w_div).sum()).backward()
         ((want_logits * w_logits).sum() + (want_div * w_div).sum()).backward()
-        worst = 0.0
-        for p, q in zip(model.parameters(), eager.parameters()):
-            got = p.grad if p.grad is not None else torch.zeros_like(p)
-            want = q.grad if q.grad is not None else torch.zeros_like(q)
-            worst = max(worst, float((got - want).abs().max()) / (float(want.abs().max()) + 1e-6))
-        errors["gradients (relative)"] = worst
+        # relative to the model's largest gradient: some are 0 in exact arithmetic (k_proj's bias
+        # shifts a whole row of scores), and the peer's float32 softmax leaves them at ~1e-9
+        got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        want = [q.grad if q.grad is not None else torch.zeros_like(q) for q in eager.parameters()]
+        largest = max(float(w.abs().max()) for w in want) + 1e-12
+        errors["gradients (relative)"] = max(float((g - w).abs().max()) for g, w in zip(got, want)) / largest
     tol = 1e-6 if dtype == torch.float64 else 2e-4
-    bad = {k: v for k, v in errors.items() if not v <= (100 * tol if k.startswith("gradients") else tol)}
+    bad = {k: v for k, v in errors.items() if not v <= (10 * tol if k.startswith("gradients") else tol)}
     return draw, errors, bad
 
 
