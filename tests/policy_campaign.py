@@ -2,22 +2,25 @@
 """Random ``AttentionPolicy`` calls against eager attention maps, for as long as asked: a bug hunt over
 the integration's options, beside the suite's fixed cases (tests/test_transformers_integration.py).
 
-    python tests/policy_campaign.py --seeds 300                 # ~0.6 s a seed on this 2-core host
+    python tests/policy_campaign.py --seeds 300                 # ~50 ms a seed on this 2-core host
     python tests/policy_campaign.py --first-seed 5000 --seconds 600
 
 Each seed draws a tiny random Qwen2 (1-3 layers, MHA / GQA / MQA), chosen layers (a subset, positive
 or negative indices), divergence, heads, exclude_self, stats, record_stats, key segments, backend
 ("reference" in float64, "cpu" in float32), a reference model (the same weights perturbed, or one
 with other heads), and a call: a batch with left / right padding, one without, or one packed row
-(position ids that restart, or the flash-attention ``cu_seq_lens_*`` kwargs), a row mask (B, S) or a
-right-aligned completion mask (B, C), and one seed in four under a ``cp_group`` of this process
-alone (``--no-cp``: none). ``record`` on the reference model, then ``compare`` on the
-policy model (one seed in five: ``observe``, the statistics alone); the peer is transformers' eager
-attention of each sequence run alone (padding stripped, positions kept): its maps give div, entropy and mass per row (the paper's policy, from
-the probabilities), its logits the logits, and, one seed in two, the weights' gradients of a random
-linear function of logits and div. Tolerances: 1e-6 in float64 (eager rounds its softmax to float32),
-2e-4 in float32; gradients 1e-5 / 2e-3 of the model's largest. A failing seed is printed with its
-draw, so one line reproduces it: ``python tests/policy_campaign.py --first-seed S --seeds 1``.
+(position ids that restart, or the flash-attention ``cu_seq_lens_*`` kwargs), with a row mask
+(B, S) or a right-aligned completion mask (B, C). One seed in four runs under a ``cp_group`` of
+this process alone (``--no-cp``: none); one padded / plain batch in five runs a tiny Gemma 3 VLM
+instead, with an image (bidirectional in transformers' mask) in each sequence that has room and
+its rows left out of the row mask. ``record`` on the reference model, then ``compare`` on the
+policy model (one seed in five: ``observe``, the statistics alone). The peer is transformers'
+eager attention of each sequence run alone (padding stripped, positions kept): its maps give div,
+entropy and mass per row (the paper's policy, from the probabilities), its logits the logits, and,
+one seed in two, the weights' gradients of a random linear function of logits and div.
+Tolerances: 1e-6 in float64 (eager rounds its softmax to float32), 2e-4 in float32; gradients
+1e-5 / 2e-3 of the model's largest. A failing seed is printed with its draw, so one line
+reproduces it: ``python tests/policy_campaign.py --first-seed S --seeds 1``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import transformers
 from ral.integrations.transformers import AttentionPolicy
 
 VOCAB = 64
+IMAGE = 260                  # the Gemma 3 VLM's image token
 
 
 def _model(rng: random.Random, heads: int, kv_heads: int, layers: int, dtype: torch.dtype):
@@ -44,6 +48,20 @@ def _model(rng: random.Random, heads: int, kv_heads: int, layers: int, dtype: to
                                    max_position_embeddings=128)
     torch.manual_seed(rng.randrange(10 ** 6))
     model = transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _gemma3_vlm(seed: int, dtype: torch.dtype):
+    """A tiny Gemma 3 VLM (SigLIP 28 x 28 -> 4 image tokens, id 260; boi 261, eoi 262), 2 text layers."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=512)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_id=IMAGE, boi_token_id=IMAGE + 1, eoi_token_id=IMAGE + 2)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).to(dtype).eval()
     model.set_attn_implementation("sdpa")
     return model
 
@@ -103,6 +121,16 @@ def draw_and_check(seed: int, cp_group=None):
     each = draw["heads_mode"] == "each"
     draw["cp"] = (cp_group is not None and draw["layout"] != "packed-cu"
                   and random.Random(seed * 7 + 1).random() < 0.25)        # its own stream: the rest is unchanged
+    # one seed in five of the padded / plain batches (not under cp, which refuses image blocks; not
+    # packed: transformers 5.25 misplaces the image blocks of a packed row's later sequences, so its own
+    # packed call is not the sequences run alone): a Gemma 3 VLM whose images attend both ways
+    vlm_stream = random.Random(seed * 7 + 2)
+    draw["gemma3_vlm"] = (not draw["cp"] and draw["layout"] in ("padded", "plain") and vlm_stream.random() < 0.2
+                          and hasattr(transformers, "Gemma3ForConditionalGeneration"))
+    if draw["gemma3_vlm"]:
+        model, heads, n_layers = _gemma3_vlm(vlm_stream.randrange(10 ** 6), dtype), 4, 2
+        layers = (vlm_stream.choice([0, 1, -1, -2]),) if vlm_stream.random() < 0.7 else (0, 1)
+        draw.update(heads=4, kv_heads=2, n_layers=2, layers=layers, other_reference=False)
     if draw["other_reference"]:
         reference_model = _model(rng, *rng.choice([(2, 1), (4, 2), (8, 2)]), n_layers, dtype)
     else:
@@ -113,12 +141,12 @@ def draw_and_check(seed: int, cp_group=None):
 
     # the call, and where each sequence's tokens sit in it: (batch row, positions)
     if draw["layout"] in ("padded", "plain"):
-        batch, seq = rng.randint(1, 3), rng.randint(3, 16)
+        batch, seq = rng.randint(1, 3), rng.randint(9 if draw["gemma3_vlm"] else 3, 16)
         ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
         mask = torch.ones(batch, seq, dtype=torch.long)
         if draw["layout"] == "padded":
             for b in range(batch):
-                pad = rng.randint(0, seq - 2)
+                pad = rng.randint(0, seq - (8 if draw["gemma3_vlm"] else 2))
                 if rng.random() < 0.5:
                     mask[b, :pad] = 0
                 else:
@@ -137,10 +165,26 @@ def draw_and_check(seed: int, cp_group=None):
                         max_length_k=max(lengths))
         pieces = [(0, torch.arange(a, b)) for a, b in zip(cu[:-1], cu[1:])]
         shape = (1, sum(lengths))
+    vocab = model.config.get_text_config().vocab_size
+    extra = {}                                        # per piece: its pixels and token types (Gemma 3)
+    if draw["gemma3_vlm"]:
+        pixels = []
+        for b, where in pieces:
+            if len(where) >= 7:                       # room for <boi> 4 x <image> <eoi> and a token after
+                at = where[vlm_stream.randrange(len(where) - 6)]
+                ids[b, at:at + 6] = torch.tensor([IMAGE + 1] + [IMAGE] * 4 + [IMAGE + 2])
+                pixels.append(torch.randn(1, 3, 28, 28, generator=gen).to(dtype))
+                extra[(b, int(where[0]))] = pixels[-1]
+        call["token_type_ids"] = (ids == IMAGE).long()
+        draw["images"] = len(pixels)
+        if pixels:
+            call["pixel_values"] = torch.cat(pixels)
     if draw["cp"] and "position_ids" not in call:
         call["position_ids"] = torch.arange(shape[1])[None].expand(shape[0], -1)
     real = call.get("attention_mask", torch.ones(shape, dtype=torch.long)).bool()
     rows = torch.rand(shape, generator=gen) < 0.7
+    if draw["gemma3_vlm"]:
+        rows &= ids != IMAGE                          # the image rows' policy is not the model's attention
     row_mask = rows
     if draw["completion_mask"] and not draw["cp"]:   # a right-aligned (B, C) completion mask
         width = rng.randint(1, shape[1])
@@ -157,11 +201,15 @@ def draw_and_check(seed: int, cp_group=None):
     row_shape = (shape[0], heads, shape[1]) if each else shape
     want_div, want_entropy = (torch.zeros(row_shape, dtype=torch.float64) for _ in range(2))
     want_mass = torch.zeros(row_shape + (3,), dtype=torch.float64)
-    want_logits = torch.zeros(shape + (VOCAB,), dtype=torch.float64)
+    want_logits = torch.zeros(shape + (vocab,), dtype=torch.float64)
     with torch.set_grad_enabled(draw["gradients"]):
         for b, where in pieces:
             positions = where if draw["layout"] in ("padded", "plain") else torch.arange(len(where))
             piece = dict(input_ids=ids[b:b + 1, where], position_ids=positions[None], output_attentions=True)
+            if draw["gemma3_vlm"]:
+                piece["token_type_ids"] = (piece["input_ids"] == IMAGE).long()
+                if (b, int(where[0])) in extra:
+                    piece["pixel_values"] = extra[(b, int(where[0]))]
             out = eager(**piece)
             with torch.no_grad():
                 out_ref = eager_ref(**piece)
@@ -205,7 +253,7 @@ def draw_and_check(seed: int, cp_group=None):
     if segments is not None:
         errors["mass"] = float((cmp.mass.detach().double() - want_mass).abs().max())
     if draw["gradients"]:
-        w_logits = torch.randn(shape + (VOCAB,), generator=gen, dtype=torch.float64) * real[..., None]
+        w_logits = torch.randn(shape + (vocab,), generator=gen, dtype=torch.float64) * real[..., None]
         w_div = torch.randn(row_shape, generator=gen, dtype=torch.float64)
         ((logits.double() * w_logits).sum() + (cmp.div.double() * w_div).sum()).backward()
         ((want_logits * w_logits).sum() + (want_div * w_div).sum()).backward()

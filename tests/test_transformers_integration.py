@@ -506,7 +506,10 @@ def test_bidirectional_layer_masks_packed():
     per sequence instead (logits 0.050 off). The mask is now compared within each packed sequence:
     its image rows get transformers' SDPA under it, and the logits equal the two sequences run
     one by one; the policy is read after the images; the keys of other sequences are not compared
-    (a mask that ignores the packing is causal within each sequence). Float64."""
+    (a mask that ignores the packing is causal within each sequence). Float64. Every sequence has
+    its image at the same positions: transformers 5.25 looks a packed row's image blocks up by
+    position id, so other positions get misplaced blocks in its own mask (and the model, ral's
+    chosen layer included, follows that mask)."""
     from ral.integrations.transformers import Packing
     torch.manual_seed(1)
     model = gemma3_vlm()
@@ -792,8 +795,9 @@ def test_model_keeps_its_own_attention_outside_the_chosen_layers():
 def test_policy_campaign(monkeypatch, tmp_path):
     """tests/policy_campaign.py (random AttentionPolicy calls against eager maps of each sequence
     alone) on its first 18 seeds: every layout (padded, plain, packed by position ids or by
-    cu_seq_lens), gradients, observe and a one-rank cp_group drawn, none failing. It has teeth: with
-    padding tokens read as rows again (the bug it found), seed 14's div and gradients are off."""
+    cu_seq_lens), gradients, observe, a one-rank cp_group and the Gemma 3 VLM drawn, none failing. It
+    has teeth: with padding tokens read as rows again (the bug it found), seed 14's div and gradients
+    are off."""
     import torch.distributed as dist
 
     import policy_campaign
@@ -809,6 +813,7 @@ def test_policy_campaign(monkeypatch, tmp_path):
     assert {d["layout"] for d in draws} == {"padded", "plain", "packed-positions", "packed-cu"}
     assert any(d["gradients"] for d in draws) and any(d["observe"] for d in draws)
     assert any(d["backend"] == "cpu" for d in draws) and any(d["cp"] for d in draws)
+    assert any(d["gemma3_vlm"] and d["images"] for d in draws)
 
     import ral.integrations.transformers as integration
     full = integration._row_mask_full

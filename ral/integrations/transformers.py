@@ -83,7 +83,11 @@ is not causal at some rows (Gemma 3's bidirectional image blocks from ``token_ty
 packed call: not causal within a row's own sequence, keys of other sequences not compared), those
 rows get transformers' SDPA under that mask (packed: within the row's sequence), and the policy
 must not be read there (``row_mask``; a ValueError names the row); under ``cp_group`` such a call is
-refused on every rank (context parallelism is causal). A model transformers cannot run on SDPA
+refused on every rank (context parallelism is causal). The chosen layer follows the model's mask
+as the other layers do, also where transformers builds it wrong: transformers 5.25 looks up a
+packed Gemma 3 row's image blocks by position id, not by index, so a later sequence whose image
+sits at other positions than the first's gets misplaced blocks (its own packed call is then 0.26
+off the sequence run alone); feed Gemma 3 VLMs padded batches. A model transformers cannot run on SDPA
 (``_supports_sdpa`` False) is refused when the policy is made. Generation outside the blocks is
 unaffected (SDPA).
 
