@@ -584,6 +584,39 @@ def test_bidirectional_layer_masks_packed():
         assert bool((got[:, :, :6] == 0).all() and (got[:, :, 8:] == 0).all())
 
 
+def test_packed_gemma3_rows_follow_the_model_mask(capsys):
+    """transformers 5.25 looks a packed Gemma 3 row's image blocks up by position id: a second sequence
+    whose image sits at other positions than the first's gets misplaced blocks, and transformers' own
+    packed call differs from the sequence run alone (printed: 0.258 here). The chosen layer follows the
+    model's mask like every other layer: record's logits equal transformers' packed SDPA, not the
+    sequences alone, and the rows the mask makes non-causal are refused to the policy, its end-of-image
+    token (position 6 of the second sequence) among them."""
+    torch.manual_seed(0)
+    model = gemma3_vlm()
+    sdpa = copy.deepcopy(model)
+    first = torch.tensor([5, 6, 7, 261, 260, 260, 260, 260, 262, 9])       # its image at positions 4..7
+    second = torch.tensor([5, 261, 260, 260, 260, 260, 262, 8, 9])         # its image at positions 2..5
+    ids = torch.cat([first, second])[None]
+    pixels = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    call = dict(input_ids=ids, position_ids=torch.cat([torch.arange(10), torch.arange(9)])[None],
+                pixel_values=pixels, token_type_ids=(ids == 260).long(), use_cache=False)
+    with torch.no_grad():
+        want = sdpa(**call).logits
+        alone = sdpa(input_ids=second[None], pixel_values=pixels[1:], token_type_ids=(second[None] == 260).long()).logits
+    with capsys.disabled():
+        print(f"\ntransformers' packed Gemma 3 call, second sequence against it alone: "
+              f"{float((want[0, 10:] - alone[0]).abs().max()):.3f}")
+    policy = AttentionPolicy(model, layers=(0,), backend="reference")
+    with torch.no_grad(), policy.record() as rec:
+        got = model(**call).logits
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    rows = torch.zeros(1, 19, dtype=torch.bool)
+    rows[0, 16] = True                                                     # the second sequence's <eoi>
+    with pytest.raises(ValueError, match=r"within each packed sequence at 6 query rows .* \(batch row 0, query 16\)"), \
+            torch.no_grad(), policy.compare(rec.reference, row_mask=rows):
+        model(**call)
+
+
 def test_attention_beyond_sdpa_refused():
     """Score-changing attention arguments reach a chosen layer only as a ValueError, and a model that
     transformers runs without SDPA (soft-capping, sinks) is refused when the policy is made."""
