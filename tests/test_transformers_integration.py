@@ -422,19 +422,12 @@ def test_chunked_attention_layers():
 
 
 def gemma3_vlm():
-    """A tiny Gemma 3 VLM in float64 on "sdpa": SigLIP 28 x 28 images (2 x 2 patches -> 4 image tokens,
-    id 260), two text layers; skips the test on a transformers without Gemma 3."""
+    """policy_campaign's tiny Gemma 3 VLM in float64 on "sdpa"; skips the test on a transformers
+    without Gemma 3."""
     if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
         pytest.skip("this transformers has no Gemma 3")
-    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=512)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                    image_token_id=260, boi_token_id=261, eoi_token_id=262)
-    model = transformers.Gemma3ForConditionalGeneration(cfg).double().eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    from policy_campaign import tiny_gemma3_vlm
+    return tiny_gemma3_vlm(torch.float64)
 
 
 def test_bidirectional_layer_masks():

@@ -506,11 +506,15 @@ def register(original: Optional[str] = None) -> str:
     return name
 
 
+def _attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every attention module with a ``layer_idx`` and a ``scaling``, in model order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "scaling")]
+
+
 def _decoder_attention_modules(model: nn.Module) -> List[nn.Module]:
     """Causal self-attention modules with a ``layer_idx`` (decoder layers), in layer order."""
-    found = [m for m in model.modules()
-             if isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", False)
-             and hasattr(m, "scaling")]
+    found = [m for _, m in _attention_modules(model) if getattr(m, "is_causal", False)]
     return sorted(found, key=lambda m: m.layer_idx)
 
 
@@ -548,27 +552,25 @@ def _mask_block_disagrees(layer_mask: Tensor, kpm: Optional[Tensor], start: int,
     (``places``: ``packed_places``): causal within each row's own sequence, and only the keys of
     that sequence compared (the chosen layer attends per sequence whatever the mask says elsewhere),
     those in ``keys`` = (lo, hi) at most (the last dim is then hi - lo)."""
-    if places is not None:
-        lo, hi = keys if keys is not None else (0, layer_mask.shape[-1])
-        layer_mask = layer_mask[..., lo:hi]
-        places = (places[0], places[1], places[2][:, lo:hi], places[3][:, lo:hi])
-    block = layer_mask[..., start:start + rows, :]
+    lo, hi = keys if places is not None and keys is not None else (0, layer_mask.shape[-1])
+    block = layer_mask[..., start:start + rows, lo:hi]
     if block.dtype == torch.bool:
         allowed, other = block, None
     else:
         allowed = block == 0
         other = ~(allowed | (block <= torch.finfo(block.dtype).min / 2))
-    positions = torch.arange(start, start + block.shape[-2], device=block.device) + offset
-    want = (torch.arange(block.shape[-1], device=block.device)[None, :] <= positions[:, None])[None, None]
-    real = torch.ones(1, 1, positions.shape[0], 1, dtype=torch.bool, device=block.device)
     if places is not None:
-        seq_q, pos_q, seq_k, pos_k = (t.to(block.device) for t in places)
+        seq_q, pos_q, seq_k, pos_k = places
         part = slice(start, start + block.shape[-2])
-        real = (seq_q[:, part, None] == seq_k[:, None, :])[:, None]                   # (B, 1, r, Sk)
-        want = real & (pos_k[:, None, None, :] <= pos_q[:, None, part, None])
-    elif kpm is not None:
-        kpm = kpm.to(block.device)
-        real = kpm[:, positions][:, None, :, None]
+        real = (seq_q[:, part, None] == seq_k[:, None, lo:hi])[:, None]              # (B, 1, r, hi - lo)
+        want = real & (pos_k[:, None, None, lo:hi] <= pos_q[:, None, part, None])
+    else:
+        positions = torch.arange(start, start + block.shape[-2], device=block.device) + offset
+        want = (torch.arange(block.shape[-1], device=block.device)[None, :] <= positions[:, None])[None, None]
+        real = torch.ones(1, 1, positions.shape[0], 1, dtype=torch.bool, device=block.device)
+        if kpm is not None:
+            kpm = kpm.to(block.device)
+            real = kpm[:, positions][:, None, :, None]
     if later_only:
         return allowed & ~want & real
     if kpm is not None:
@@ -706,8 +708,7 @@ class AttentionPolicy:
         self._vision_tokens = vision_tokens if segment_names is None else None
         modules = _decoder_attention_modules(model)
         if not modules:
-            bidirectional = [name for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)
-                             and hasattr(m, "scaling") and getattr(m, "is_causal", None) is False]
+            bidirectional = [name for name, m in _attention_modules(model) if getattr(m, "is_causal", None) is False]
             raise ValueError(
                 "model: found no causal decoder attention module (with layer_idx)" + (
                     f"; its attention layers ({bidirectional[0]}, ...) say is_causal=False: the model attends both "
@@ -1067,9 +1068,7 @@ class AttentionPolicy:
             noncausal = self._noncausal_rows(layer_mask, None, query.shape[2], key.shape[2], packing=packing,
                                              batch=query.shape[0])
             out = self._attend_packed(slot, module, query, key, value, scale, packing, opts, noncausal)
-            if noncausal is None:
-                return out, None
-            out = out.transpose(1, 2)                            # (B, H, S, Dv)
+            out = out.transpose(1, 2)                            # (B, H, S, Dv), as the dense path's
         else:
             noncausal = self._noncausal_rows(layer_mask, kpm, query.shape[2], key.shape[2])
             out = self._attend_dense(slot, module, query, key, value, scale, kpm, opts, noncausal)
